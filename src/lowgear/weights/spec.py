@@ -1,0 +1,81 @@
+"""The internal description of a model, independent of the file it came from.
+
+Both readers (GGUF and Hugging Face folders) produce a `ModelSpec` (shapes, rope, tokenizer facts)
+and a `WeightSource` that hands out tensors under canonical names. The model only ever sees these.
+
+Canonical tensor names:
+    embed                       [vocab, hidden]
+    layers.{i}.attn_norm        [hidden]
+    layers.{i}.q / k / v / o    linear weights, [out_features, in_features]
+    layers.{i}.q_bias / k_bias / v_bias   (qwen2)
+    layers.{i}.ffn_norm         [hidden]
+    layers.{i}.gate / up / down linear weights
+    norm                        [hidden]
+    lm_head                     [vocab, hidden] (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, {"type": "linear", "factor": f} or
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict[str, Any] | None = None
+    # "neox": rotate halves (HF layout). "interleaved": rotate adjacent pairs (llama.cpp's layout
+    # for llama/mistral GGUF, whose q/k rows are permuted at conversion).
+    rope_style: str = "neox"
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class PackedTensor:
+    """A quantized weight kept in its file's block layout.
+
+    `data` is uint8 [rows, bytes_per_row]: each row holds in_features / block_size blocks.
+    `qtype` is the GGUF type name ("Q4_0", "Q4_K", ...); `shape` is the logical (rows, cols).
+    """
+
+    qtype: str
+    data: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+class WeightSource(Protocol):
+    """What a reader hands the model: canonical names to tensors (float or packed)."""
+
+    spec: ModelSpec
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> torch.Tensor | PackedTensor: ...
+
+    def nbytes(self, name: str) -> int: ...
