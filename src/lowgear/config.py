@@ -1,0 +1,98 @@
+"""`Config`: the single place for a model's path and every switch, set before the model loads.
+
+Shaped like ExLlamaV2's config so its recipes carry over: `Config(path)` (or `Config()` then
+`config.model_dir = ...; config.prepare()`), then switches such as `config.no_flash_attn = True`.
+Environment variables (lowgear.env) are folded in by `effective_switches()`, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import env
+from .errors import ConfigError, ModelFormatError
+
+BACKEND_NAMES = ("flash_attn", "xformers", "sdpa", "triton", "eager")
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Switches:
+    no_flash_attn: bool
+    no_xformers: bool
+    no_sdpa: bool
+    no_triton: bool
+    attn_backend: str | None
+
+
+class Config:
+    def __init__(self, model_dir: str | os.PathLike | None = None):
+        self.model_dir: str | None = os.fspath(model_dir) if model_dir is not None else None
+        # attention ladder switches
+        self.no_flash_attn = False
+        self.no_xformers = False
+        self.no_sdpa = False
+        self.no_triton = False
+        self.attn_backend: str | None = None
+        # placement and numerics
+        self.devices: list[str] | str | None = None  # indexes, UUIDs, PCI bus ids, or "cpu"
+        self.dtype: str | None = None  # None: chosen per device (float32 CPU, fp16 < sm80, bf16 >= sm80)
+        self.max_seq_len: int | None = None  # None: the model's own limit
+        self.max_input_len = 2048  # prefill chunk size (tokens per step)
+        self.reserve_memory_mb = 512  # kept free per GPU beyond the plan
+        self.spec = None  # ModelSpec, filled by prepare()
+        self._source = None
+        if self.model_dir is not None:
+            self.prepare()
+
+    @property
+    def model_path(self) -> str | None:
+        return self.model_dir
+
+    def prepare(self) -> "Config":
+        """Read the model's header (not its weights) and fill `spec`."""
+        if self.model_dir is None:
+            raise ConfigError("Config has no model path: set config.model_dir or pass a path to Config(...)")
+        if not os.path.exists(self.model_dir):
+            raise ModelFormatError(f"model path {self.model_dir!r} does not exist: give a .gguf file or a Hugging Face model folder")
+        from .weights import open_weights
+
+        self._source = open_weights(self.model_dir)
+        self.spec = self._source.spec
+        if self.max_seq_len is None:
+            self.max_seq_len = self.spec.max_position_embeddings
+        return self
+
+    @property
+    def source(self):
+        if self._source is None:
+            self.prepare()
+        return self._source
+
+    def effective_switches(self) -> Switches:
+        """Config switches OR'ed with their environment variables; validated."""
+        forced = self.attn_backend or env.get("LOWGEAR_ATTN_BACKEND")
+        if forced is not None and forced not in BACKEND_NAMES:
+            raise ConfigError(f"unknown attention backend {forced!r}: choose one of {', '.join(BACKEND_NAMES)}")
+        return Switches(
+            no_flash_attn=self.no_flash_attn or env.flag("LOWGEAR_NO_FLASH_ATTN"),
+            no_xformers=self.no_xformers or env.flag("LOWGEAR_NO_XFORMERS"),
+            no_sdpa=self.no_sdpa or env.flag("LOWGEAR_NO_SDPA"),
+            no_triton=self.no_triton or env.flag("LOWGEAR_NO_TRITON"),
+            attn_backend=forced,
+        )
+
+    def requested_dtype(self) -> str | None:
+        dtype = self.dtype or env.get("LOWGEAR_DTYPE")
+        if dtype is not None and dtype not in DTYPE_NAMES:
+            raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
+        return dtype
+
+    def requested_devices(self) -> list[str] | None:
+        devices = self.devices if self.devices is not None else env.get("LOWGEAR_DEVICES")
+        if devices is None:
+            return None
+        if isinstance(devices, str):
+            return [d.strip() for d in devices.split(",") if d.strip()]
+        return [str(d) for d in devices]
