@@ -1,0 +1,81 @@
+"""`Cache`: the KV memory of a loaded model: per layer, a key and a value page pool on that layer's device.
+
+Layout per layer: [num_pages, page_size, kv_heads, head_dim]. A contiguous cache is the same thing
+with one page of max_seq_len tokens, so every attention rung reads one layout through block tables.
+`max_seq_len` is the cache's total token capacity (shared by all running jobs), as in ExLlamaV2.
+Page bookkeeping (which page belongs to whom) lives in cache.pages; this file owns only tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .pages import PagePool
+
+DEFAULT_PAGE_SIZE = 256
+
+
+class Cache:
+    def __init__(
+        self,
+        model,
+        max_seq_len: int | str | None = None,
+        page_size: int | None = None,
+        lazy: bool = True,
+        contiguous: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
+        self.model = model
+        requested = model.config.max_seq_len if max_seq_len is None else max_seq_len
+        if requested != "auto" and (not isinstance(requested, int) or requested <= 0):
+            raise ConfigError(f"max_seq_len must be a positive number of tokens or 'auto', got {requested!r}")
+        self.requested_seq_len = requested
+        self.contiguous = contiguous
+        self.page_size = page_size or DEFAULT_PAGE_SIZE
+        self.dtype = dtype
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.num_pages = 0
+        self.max_seq_len = 0 if requested == "auto" else requested
+        if not lazy:
+            if not model.loaded:
+                model.load_autosplit(self)
+            elif not self.allocated:
+                self.allocate()
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.k)
+
+    def bytes_per_token_per_layer(self, dtype: torch.dtype) -> int:
+        spec = self.model.spec
+        return 2 * spec.num_kv_heads * spec.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def allocate(self, max_seq_len: int | None = None) -> None:
+        """Allocate the pages on each layer's device, sized for `max_seq_len` tokens in all."""
+        model = self.model
+        if max_seq_len is not None:
+            self.max_seq_len = max_seq_len
+        if self.max_seq_len <= 0:
+            raise ConfigError("the cache has no size: give max_seq_len (tokens) or 'auto' before loading")
+        dtype = self.dtype or model.dtype
+        spec = model.spec
+        if self.contiguous:
+            self.page_size = self.max_seq_len
+        self.num_pages = -(-self.max_seq_len // self.page_size)
+        shape = (self.num_pages, self.page_size, spec.num_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in model.layer_devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in model.layer_devices]
+        self.dtype = dtype
+        self.pool = PagePool(self.num_pages, self.page_size)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -1,0 +1,343 @@
+"""`DynamicGenerator`: a job queue served by one batched forward per step.
+
+Each `iterate()` admits queued jobs while there are batch slots and cache pages (a job reserves
+the pages for its prompt plus max_new_tokens when it starts, so running jobs never run out),
+builds one step mixing decode tokens and prefill chunks (at most `max_chunk_size` tokens), runs the
+model once, samples for every job whose prompt is fully in the cache, and reports per-job text.
+The generator owns scheduling; page bookkeeping is cache.pages' and tensors are the model's.
+Prefix sharing: full pages are keyed by a hash chained over their tokens, so a job whose prompt
+starts like an earlier one's shares those pages instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from ..attention.metadata import build_metadata
+from ..cache.pages import OutOfPages
+from ..cache.prefix import page_key
+from ..errors import ConfigError, ContextLengthError
+from .job import DynamicJob
+from .sampler import SamplerSettings, sample
+from .stops import StopMatcher
+from .textstream import TextStream
+
+
+class DynamicGenerator:
+    def __init__(
+        self,
+        model,
+        cache,
+        tokenizer,
+        paged: bool = True,
+        max_batch_size: int = 16,
+        max_chunk_size: int | None = None,
+        max_q_size: int | None = None,  # accepted for ExLlamaV2 compatibility
+        **_ignored,
+    ):
+        if not model.loaded:
+            raise ConfigError("load the model first: model.load_autosplit(cache) before creating a generator")
+        if not cache.allocated:
+            cache.allocate()
+        if max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.model, self.cache, self.tokenizer = model, cache, tokenizer
+        self.paged = paged
+        self.max_batch_size = max_batch_size if paged else 1
+        self.max_chunk_size = max_chunk_size or model.config.max_input_len
+        self.pool = cache.pool
+        self.page_size = cache.page_size
+        self.queue: deque[DynamicJob] = deque()
+        self.running: list[DynamicJob] = []
+        self.pending_results: list[dict] = []
+        self.tokens_generated = 0
+        self.steps = 0
+        self._token_bytes = {
+            False: tokenizer.token_bytes_table(decode_special_tokens=False),
+            True: None,
+        }
+
+    # ---------------------------------------------------------------- jobs
+    def enqueue(self, job: DynamicJob | list[DynamicJob]) -> None:
+        for j in job if isinstance(job, list) else [job]:
+            need = j.total_tokens_needed
+            if need > self.cache.capacity_tokens:
+                raise ContextLengthError(
+                    f"prompt of {len(j.prompt_ids)} tokens + max_new_tokens {j.max_new_tokens} = {need} tokens, "
+                    f"more than the whole cache holds ({self.cache.capacity_tokens} tokens): shorten the prompt, "
+                    f"ask for fewer new tokens, or build the Cache with a larger max_seq_len"
+                )
+            limit = self.model.config.max_seq_len
+            if limit and need > limit:
+                raise ContextLengthError(
+                    f"prompt of {len(j.prompt_ids)} tokens + max_new_tokens {j.max_new_tokens} = {need} tokens "
+                    f"exceeds the context length {limit}: shorten the prompt or ask for fewer new tokens"
+                )
+            self.queue.append(j)
+
+    def cancel(self, job: DynamicJob) -> None:
+        if job in self.queue:
+            self.queue.remove(job)
+        elif job in self.running:
+            self._release(job)
+            self.running.remove(job)
+        else:
+            return
+        job.finished, job.eos_reason = True, "cancelled"
+        self.pending_results.append(self._result(job, "", [], eos=True))
+
+    def num_remaining_jobs(self) -> int:
+        return len(self.queue) + len(self.running)
+
+    def num_active_jobs(self) -> int:
+        return len(self.running)
+
+    def stats(self) -> dict:
+        return {
+            "queued": len(self.queue),
+            "running": len(self.running),
+            "pages_in_use": self.pool.num_used,
+            "pages_cached": self.pool.num_cached,
+            "pages_total": self.pool.num_pages,
+            "tokens_generated": self.tokens_generated,
+            "steps": self.steps,
+        }
+
+    # ---------------------------------------------------------------- admission
+    def _admit(self) -> None:
+        while self.queue and len(self.running) < self.max_batch_size:
+            job = self.queue[0]
+            if not self._start(job):
+                break  # wait for pages: keep arrival order
+            self.queue.popleft()
+            self.running.append(job)
+
+    def _start(self, job: DynamicJob) -> bool:
+        ps = self.page_size
+        total_pages = -(-job.total_tokens_needed // ps)
+        shared: list[int] = []
+        keys: list[int] = []
+        if self.paged:
+            # Full pages of the prompt, less its last token: that one is always recomputed for its logits.
+            prev = None
+            for p in range((len(job.prompt_ids) - 1) // ps):
+                prev = page_key(prev, job.prompt_ids[p * ps : (p + 1) * ps])
+                keys.append(prev)
+            shared = self.pool.lookup_prefix(keys)
+        try:
+            if shared:
+                self.pool.share(shared)
+            fresh = self.pool.allocate(total_pages - len(shared))
+        except OutOfPages:
+            if shared:
+                self.pool.release(shared)
+            return False
+        job.pages = shared + fresh
+        job.page_keys = keys[: len(shared)]
+        job.computed = len(shared) * ps
+        job.cached_prefix_tokens = job.computed
+        job.rng = None
+        if job.seed is not None:
+            job.rng = torch.Generator(device=self.model.layer_devices[-1]).manual_seed(job.seed)
+        table = self._token_bytes.get(job.decode_special_tokens)
+        if table is None:
+            table = self._token_bytes[True] = self.tokenizer.token_bytes_table(decode_special_tokens=True)
+        job.stream = TextStream(table)
+        job.matcher = StopMatcher(job.stop_strings)
+        return True
+
+    def _release(self, job: DynamicJob) -> None:
+        if job.pages is not None:
+            self.pool.release(job.pages)
+            job.pages = None
+
+    def _register_full_pages(self, job: DynamicJob) -> None:
+        if not self.paged:
+            return
+        ps = self.page_size
+        ids = job.all_ids
+        while (len(job.page_keys) + 1) * ps <= job.computed:
+            p = len(job.page_keys)
+            prev = job.page_keys[-1] if job.page_keys else None
+            key = page_key(prev, ids[p * ps : (p + 1) * ps])
+            self.pool.register(job.pages[p], key)
+            job.page_keys.append(key)
+
+    # ---------------------------------------------------------------- one step
+    def iterate(self) -> list[dict]:
+        """Run one step; return the results (text chunks, finished jobs) it produced."""
+        results, self.pending_results = self.pending_results, []
+        self._admit()
+        if not self.running:
+            return results
+        budget = self.max_chunk_size
+        batch: list[tuple[DynamicJob, int]] = []
+        for job in self.running:  # decode tokens first: a long prompt never stalls running streams
+            if len(job.all_ids) - job.computed == 1:
+                batch.append((job, 1))
+                budget -= 1
+        for job in self.running:
+            pending = len(job.all_ids) - job.computed
+            if pending > 1 and budget > 0:
+                chunk = min(pending, budget)
+                batch.append((job, chunk))
+                budget -= chunk
+        input_ids, q_lens, kv_lens, tables = [], [], [], []
+        for job, n in batch:
+            input_ids.extend(job.all_ids[job.computed : job.computed + n])
+            q_lens.append(n)
+            kv_lens.append(job.computed + n)
+            tables.append(job.pages)
+        device = self.model.layer_devices[0]
+        meta = build_metadata(q_lens, kv_lens, tables, self.page_size, device=device)
+        ids = torch.tensor(input_ids, dtype=torch.long).to(device)
+        logits = self.model.forward(ids, meta, self.cache)  # [B, vocab]
+        self.steps += 1
+
+        rows, jobs = [], []
+        for row, (job, n) in enumerate(batch):
+            job.computed += n
+            self._register_full_pages(job)
+            if job.computed == len(job.all_ids):
+                rows.append(row)
+                jobs.append(job)
+        if jobs:
+            picked = logits[rows] if len(rows) != logits.shape[0] else logits
+            picked = self._suppress_early_stops(picked, jobs)
+            tokens = sample(picked, [j.settings for j in jobs], [j.all_ids for j in jobs], [j.rng for j in jobs]).tolist()
+            for job, token in zip(jobs, tokens):
+                results.append(self._accept(job, token))
+        self.running = [j for j in self.running if not j.finished]
+        return results
+
+    def _suppress_early_stops(self, logits: torch.Tensor, jobs: list[DynamicJob]) -> torch.Tensor:
+        early = [i for i, j in enumerate(jobs) if j.min_new_tokens and len(j.generated) < j.min_new_tokens and j.stop_tokens]
+        if not early:
+            return logits
+        logits = logits.clone()
+        for i in early:
+            logits[i, sorted(jobs[i].stop_tokens)] = float("-inf")
+        return logits
+
+    def _accept(self, job: DynamicJob, token: int) -> dict:
+        job.generated.append(token)
+        self.tokens_generated += 1
+        text, reason = "", None
+        if token in job.stop_tokens:
+            reason = "stop_token"
+            text = self._drain(job)
+        else:
+            emit, stopped = job.matcher.push(job.stream.push(token))
+            text = emit
+            if stopped:
+                reason = "stop_string"
+            elif len(job.generated) >= job.max_new_tokens:
+                reason = "max_new_tokens"
+                text += self._drain(job)
+        job.text += text
+        if reason is not None:
+            job.finished, job.eos_reason = True, reason
+            self._release(job)
+        return self._result(job, text, [token], eos=reason is not None)
+
+    @staticmethod
+    def _drain(job: DynamicJob) -> str:
+        """The text still held by the UTF-8 stream and the stop matcher, at the end of a job."""
+        emit, stopped = job.matcher.push(job.stream.flush())
+        return emit if stopped else emit + job.matcher.flush()
+
+    def _result(self, job: DynamicJob, text: str, token_ids: list[int], eos: bool) -> dict:
+        result = {
+            "job": job,
+            "identifier": job.identifier,
+            "serial": job.serial,
+            "stage": "streaming",
+            "text": text,
+            "token_ids": token_ids,
+            "eos": eos,
+            "new_tokens": len(job.generated),
+            "prompt_tokens": len(job.prompt_ids),
+            "cached_tokens": job.cached_prefix_tokens,
+        }
+        if eos:
+            result["eos_reason"] = job.eos_reason
+            result["full_completion"] = job.text
+        return result
+
+    # ---------------------------------------------------------------- conveniences
+    def generate(
+        self,
+        prompt: str | list[str],
+        max_new_tokens: int = 200,
+        gen_settings: SamplerSettings | list[SamplerSettings] | None = None,
+        stop_conditions=None,
+        seed: int | None = None,
+        add_bos: bool = False,
+        encode_special_tokens: bool = False,
+        decode_special_tokens: bool = False,
+        completion_only: bool = False,
+        min_new_tokens: int = 0,
+        **sampler_kwargs,
+    ) -> str | list[str]:
+        """Generate for one prompt or a list (run together as a batch), ExLlamaV2's keyword arguments."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        jobs = []
+        for i, text in enumerate(prompts):
+            settings = gen_settings[i] if isinstance(gen_settings, list) else gen_settings
+            jobs.append(
+                self._make_job(text, max_new_tokens, settings, stop_conditions, seed, add_bos,
+                               encode_special_tokens, decode_special_tokens, min_new_tokens, sampler_kwargs, identifier=i)
+            )
+        self.enqueue(jobs)
+        while any(not j.finished for j in jobs):
+            self.iterate()
+        outs = [j.text if completion_only else p + j.text for p, j in zip(prompts, jobs)]
+        return outs[0] if isinstance(prompt, str) else outs
+
+    def stream(self, prompt: str, max_new_tokens: int = 200, gen_settings=None, stop_conditions=None, seed=None,
+               add_bos: bool = False, encode_special_tokens: bool = False, decode_special_tokens: bool = False,
+               min_new_tokens: int = 0, **sampler_kwargs):
+        """Yield the completion of one prompt as text chunks, as they are generated."""
+        job = self._make_job(prompt, max_new_tokens, gen_settings, stop_conditions, seed, add_bos,
+                             encode_special_tokens, decode_special_tokens, min_new_tokens, sampler_kwargs)
+        self.enqueue(job)
+        try:
+            while not job.finished:
+                for r in self.iterate():
+                    if r["job"] is job and r["text"]:
+                        yield r["text"]
+        finally:
+            if not job.finished:
+                self.cancel(job)
+
+    def _make_job(self, text, max_new_tokens, settings, stop_conditions, seed, add_bos, encode_special_tokens,
+                  decode_special_tokens, min_new_tokens, sampler_kwargs, identifier=None) -> DynamicJob:
+        if settings is None:
+            settings = SamplerSettings(**sampler_kwargs) if sampler_kwargs else SamplerSettings()
+        elif sampler_kwargs:
+            raise ConfigError("give sampler settings either as gen_settings or as keyword arguments, not both")
+        ids = self.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=encode_special_tokens)
+        if stop_conditions is None:
+            stop_conditions = sorted(self.tokenizer.stop_token_ids)
+        return DynamicJob(ids, max_new_tokens=max_new_tokens, gen_settings=settings, stop_conditions=stop_conditions,
+                          seed=seed, identifier=identifier, decode_special_tokens=decode_special_tokens,
+                          min_new_tokens=min_new_tokens)
+
+    def warmup(self) -> None:
+        """Run a small batch through every path the generator uses (prefill, mixed, decode, sampling)."""
+        ids = list(range(1, 1 + min(8, self.cache.capacity_tokens // 4)))
+        jobs = [DynamicJob(ids[: 3 + i], max_new_tokens=2, gen_settings=SamplerSettings.greedy()) for i in range(min(2, self.max_batch_size))]
+        self.enqueue(jobs)
+        while any(not j.finished for j in jobs):
+            self.iterate()
+
+
+class Generator(DynamicGenerator):
+    """A single stream over a contiguous cache: the simple generator of the seed's recipe."""
+
+    def __init__(self, model, cache, tokenizer, **kwargs):
+        kwargs.setdefault("paged", False)
+        kwargs["max_batch_size"] = 1
+        super().__init__(model, cache, tokenizer, **kwargs)

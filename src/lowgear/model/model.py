@@ -1,0 +1,126 @@
+"""`Model`: builds the Llama-family network from a WeightSource, places it, and runs a step.
+
+The model holds weights and is otherwise stateless: `forward(input_ids, meta, cache)` reads the
+step's metadata and writes/reads the cache it is given. Loading is layer by layer onto the devices
+a placement plan names (one device on a CPU machine); hidden states and metadata move between
+devices at the layer where the plan switches device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention.metadata import StepMetadata
+from ..errors import ConfigError
+from ..weights.spec import ModelSpec, PackedTensor
+from .layers import MLP, Attention, DecoderLayer, RMSNorm
+from .quant_linear import QuantLinear
+from .rope import cos_sin, inv_frequencies
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class Model:
+    def __init__(self, config):
+        self.config = config
+        self.spec: ModelSpec = config.spec if config.spec is not None else config.prepare().spec
+        self.layers: list[DecoderLayer] = []
+        self.layer_devices: list[torch.device] = []
+        self.embed: QuantLinear | None = None
+        self.norm: RMSNorm | None = None
+        self.lm_head: QuantLinear | None = None
+        self.dtype: torch.dtype | None = None
+        self.devices: list = []  # hardware.DeviceInfo per device used
+        self.selections: dict[str, object] = {}  # device label -> attention.select.Selection
+        self.plan = None
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- loading
+    @property
+    def loaded(self) -> bool:
+        return bool(self.layers)
+
+    def load(self, progress: bool = False, device: str | None = None) -> "Model":
+        """Load every layer onto one device (the first requested one, else the best available)."""
+        if device is not None:
+            self.config.devices = [device]
+        from ..cache import Cache
+
+        return self.load_autosplit(Cache(self, max_seq_len=256, lazy=True), progress=progress)
+
+    def load_autosplit(self, cache, progress: bool = False, reserve_mb: int | None = None, device_limits_mb=None) -> "Model":
+        """Plan which layers go on which device (weights + this cache's share), load, allocate the cache."""
+        from ..loading import load_model
+
+        load_model(self, cache, progress=progress, reserve_mb=reserve_mb, device_limits_mb=device_limits_mb)
+        return self
+
+    def build_layer(self, i: int, get, device: torch.device, dtype: torch.dtype) -> DecoderLayer:
+        spec = self.spec
+        pre = f"layers.{i}."
+
+        def linear(name: str) -> QuantLinear:
+            bias = get(pre + name + "_bias") if spec.attention_bias and name in ("q", "k", "v") else None
+            return _to(QuantLinear(get(pre + name), bias), device, dtype)
+
+        def norm(name: str) -> RMSNorm:
+            return RMSNorm(get(pre + name).to(device=device, dtype=torch.float32), spec.rms_norm_eps)
+
+        attn = Attention(spec, linear("q"), linear("k"), linear("v"), linear("o"))
+        mlp = MLP(linear("gate"), linear("up"), linear("down"))
+        return DecoderLayer(norm("attn_norm"), attn, norm("ffn_norm"), mlp)
+
+    def build_ends(self, get, names: set[str], first: torch.device, last: torch.device, dtype: torch.dtype) -> None:
+        self.embed = _to(QuantLinear(get("embed")), first, dtype)
+        self.norm = RMSNorm(get("norm").to(device=last, dtype=torch.float32), self.spec.rms_norm_eps)
+        if "lm_head" in names:
+            self.lm_head = _to(QuantLinear(get("lm_head")), last, dtype)
+        elif first == last:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = _to(QuantLinear(get("embed")), last, dtype)
+
+    def backend_for(self, device: torch.device):
+        return self.selections[_label(device)].backend
+
+    # ---------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: StepMetadata, cache) -> torch.Tensor:
+        """input_ids [T] -> logits [len(meta.logit_indices), vocab] in float32."""
+        if not self.loaded:
+            raise ConfigError("the model is not loaded: call model.load() or model.load_autosplit(cache) first")
+        device = self.layer_devices[0]
+        h = self.embed.lookup(input_ids.to(device)).to(self.dtype)  # [T, hidden]
+        meta_here = meta.to(device)
+        cos, sin = cos_sin(meta_here.positions, self._freqs(device))
+        for i, layer in enumerate(self.layers):
+            if self.layer_devices[i] != device:
+                device = self.layer_devices[i]
+                h, meta_here = h.to(device), meta.to(device)
+                cos, sin = cos_sin(meta_here.positions, self._freqs(device))
+            k_cache, v_cache = cache.layer(i)
+            h = layer(h, cos, sin, meta_here, k_cache, v_cache, self.backend_for(device))
+        h = self.norm(h.index_select(0, meta_here.logit_indices))
+        return self.lm_head(h).float()
+
+    def _freqs(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = inv_frequencies(self.spec).to(device)
+        return self._inv_freq[device]
+
+    def unload(self) -> None:
+        self.layers, self.layer_devices, self.embed, self.norm, self.lm_head = [], [], None, None, None
+        self.selections = {}
+
+
+def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    return module.to(device=device, dtype=dtype)
+
+
+def _label(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else f"cuda:{device.index}"
+
+
+def is_packed(t) -> bool:
+    return isinstance(t, PackedTensor)
