@@ -1,0 +1,71 @@
+"""Triton kernels over packed GGUF weights: decode GEMV and prefill tile dequantization.
+
+The public face is three functions; Triton is imported on first use, so this package imports (and
+`supports` answers False) on machines without it.
+
+    supports(qtype)                                     -> bool
+    packed_matmul(x, qtype, data, out_features, in_features) -> y = x @ dequant(W).T
+    dequantize_tile(qtype, data, row_start, row_stop, dtype) -> dense rows of W
+
+`packed_matmul` runs the GEMV kernel (one launch, no weight copy) for up to MAX_M = 16 activation
+rows; past that it dequantizes bands of rows and calls torch.matmul, which is what prefill wants on
+every GPU (cuBLAS tensor cores even where Triton has none). Kernels need a CUDA tensor, or the Triton
+interpreter (TRITON_INTERPRET=1) for CPU tensors in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_M = 16
+# rows dequantized per band when M > MAX_M: bounds the temporary to ~PREFILL_BAND_ELEMS elements
+PREFILL_BAND_ELEMS = 1 << 24
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(qtype: str) -> bool:
+    """Whether a packed kernel exists for this GGUF type name ("Q4_K", ... or "F16"/"BF16"/"F32")."""
+    if not _triton_available():
+        return False
+    from .gemv import supports as _supports
+
+    return _supports(qtype)
+
+
+def dequantize_tile(qtype: str, data: torch.Tensor, row_start: int, row_stop: int,
+                    dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
+    from .dequant_tile import dequantize_tile as _dequantize_tile
+
+    return _dequantize_tile(qtype, data, row_start, row_stop, dtype, out)
+
+
+def packed_matmul(x: torch.Tensor, qtype: str, data: torch.Tensor, out_features: int,
+                  in_features: int) -> torch.Tensor:
+    """x [..., in_features] @ dequant(data).T -> [..., out_features] in x's dtype."""
+    from .gemv import FLOAT_QTYPES, packed_gemv
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*lead, out_features))
+    if m <= MAX_M:
+        return packed_gemv(x2, qtype, data, out_features, in_features).reshape(*lead, out_features)
+    if qtype in FLOAT_QTYPES:
+        return torch.matmul(x2, data.to(x2.dtype).t()).reshape(*lead, out_features)
+    y = x2.new_empty((m, out_features))
+    band = max(1, min(out_features, PREFILL_BAND_ELEMS // in_features))
+    for r0 in range(0, out_features, band):
+        r1 = min(out_features, r0 + band)
+        tile = dequantize_tile(qtype, data, r0, r1, x2.dtype)
+        y[:, r0:r1] = x2 @ tile.t()
+    return y.reshape(*lead, out_features)
