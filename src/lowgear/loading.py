@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import hardware
 from .attention.select import select_backend
-from .dtypes import choose_dtype
+from .dtypes import common_dtype
 from .placement import plan as plan_placement
 
 
@@ -43,11 +43,7 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     source = config.source
     requested = config.requested_devices()
     devices = hardware.resolve_devices(requested) if requested else hardware.default_devices()
-    dtype = choose_dtype(devices[0], config.requested_dtype())
-    for d in devices[1:]:
-        dtype_d = choose_dtype(d, config.requested_dtype())
-        if dtype_d != dtype:  # a mixed set (t4 + a100) runs in the type every member supports
-            dtype = torch.float16 if torch.float16 in (dtype, dtype_d) else torch.float32
+    dtype = common_dtype(devices, config.requested_dtype())
     per_layer, other = _layer_bytes(source, spec, dtype)
     kv_bytes_per_token_layer = cache.bytes_per_token_per_layer(cache.dtype or dtype)
     reserve = (config.reserve_memory_mb if reserve_mb is None else reserve_mb) * 2**20
