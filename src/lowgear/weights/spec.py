@@ -69,6 +69,15 @@ class PackedTensor:
         return self.data.numel()
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a reader knows about a stored tensor without reading it."""
+
+    qtype: str  # "F32", "F16", "BF16" or a quant format name ("Q4_K", ...)
+    shape: tuple[int, ...]  # logical shape, torch order ([out_features, in_features] for linears)
+    nbytes: int  # bytes as stored
+
+
 class WeightSource(Protocol):
     """What a reader hands the model: canonical names to tensors (float or packed)."""
 
@@ -79,3 +88,5 @@ class WeightSource(Protocol):
     def get(self, name: str) -> torch.Tensor | PackedTensor: ...
 
     def nbytes(self, name: str) -> int: ...
+
+    def info(self, name: str) -> TensorInfo: ...

@@ -1,0 +1,223 @@
+"""Reading a Hugging Face model folder: config.json into a ModelSpec, safetensors under canonical names.
+
+The folder holds config.json and either one `*.safetensors` file or shards listed by
+`model.safetensors.index.json`. Files are opened with safetensors' `safe_open`, which reads the
+header only; each tensor is read when `get` asks for it, so opening a 70B folder costs nothing.
+
+Both config styles are understood: transformers < 5 (`rope_theta`, `rope_scaling`, `torch_dtype`)
+and transformers >= 5 (`rope_parameters`, `dtype`). HF checkpoints keep q/k in the "neox" (rotate
+halves) layout. qwen2 always has q/k/v biases; its sliding window only applies with
+`use_sliding_window`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Any
+
+import torch
+
+from ..errors import ModelFormatError, UnsupportedError
+from .spec import SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "q",
+    "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v",
+    "self_attn.o_proj.weight": "o",
+    "self_attn.q_proj.bias": "q_bias",
+    "self_attn.k_proj.bias": "k_bias",
+    "self_attn.v_proj.bias": "v_bias",
+    "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "ffn_norm",
+    "mlp.gate_proj.weight": "gate",
+    "mlp.up_proj.weight": "up",
+    "mlp.down_proj.weight": "down",
+}
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+_ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+
+
+def canonical_name(hf_name: str) -> str | None:
+    """HF tensor name -> lowgear canonical name, or None for tensors the model does not use."""
+    m = _LAYER_RE.match(hf_name)
+    if m:
+        short = _LAYER_NAMES.get(m.group(2))
+        return None if short is None else f"layers.{m.group(1)}.{short}"
+    return _GLOBAL_NAMES.get(hf_name)
+
+
+def _arch(cfg: dict, folder: str) -> str:
+    arch = cfg.get("model_type")
+    if arch is None:
+        for cls in cfg.get("architectures") or ():
+            arch = _ARCH_BY_CLASS.get(cls, arch)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        shown = arch if arch is not None else (cfg.get("architectures") or "none given")
+        raise UnsupportedError(
+            f"{folder}: architecture {shown!r} is not supported: lowgear runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _rope(cfg: dict, folder: str) -> tuple[float, dict | None]:
+    params = cfg.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind in (None, "default"):
+        return theta, None
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": float(scaling["factor"])}
+    if kind == "llama3":
+        return theta, {
+            "type": "llama3",
+            "factor": float(scaling["factor"]),
+            "low_freq_factor": float(scaling["low_freq_factor"]),
+            "high_freq_factor": float(scaling["high_freq_factor"]),
+            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+        }
+    raise UnsupportedError(f"{folder}: rope scaling {kind!r} is not supported: lowgear handles linear and llama3")
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
+    arch = _arch(cfg, folder)
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        theta, scaling = _rope(cfg, folder)
+        window = cfg.get("sliding_window")
+        if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        bos = _ids(cfg.get("bos_token_id"))
+        return ModelSpec(
+            arch=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rope_style="neox",
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
+            attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            sliding_window=int(window) if window else None,
+            bos_token_id=bos[0] if bos else None,
+            eos_token_ids=_ids(cfg.get("eos_token_id")),
+            name=str(cfg.get("_name_or_path", os.path.basename(os.path.normpath(folder)))),
+            extra={"format": "hf", "path": folder, "torch_dtype": cfg.get("dtype", cfg.get("torch_dtype"))},
+        )
+    except KeyError as e:
+        raise ModelFormatError(f"{folder}/config.json has no {e.args[0]!r}; the config is incomplete; re-download it") from None
+
+
+def _weight_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [p for p in files if not os.path.isfile(os.path.join(folder, p))]
+        if missing:
+            raise ModelFormatError(
+                f"{folder}: model.safetensors.index.json lists {', '.join(missing)}, which are missing; "
+                "download every shard"
+            )
+        return [os.path.join(folder, p) for p in files]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ModelFormatError(
+            f"no *.safetensors in {folder}: lowgear reads safetensors weights (not .bin/.pt); download them "
+            "or convert the checkpoint"
+        )
+    return files
+
+
+class HFSource:
+    """A WeightSource over a Hugging Face model folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = os.fspath(folder)
+        config_path = os.path.join(self.path, "config.json")
+        if not os.path.isfile(config_path):
+            raise ModelFormatError(f"{self.path} has no config.json: give a Hugging Face model folder or a .gguf file")
+        try:
+            with open(config_path) as f:
+                self.config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{config_path} is not valid JSON ({e}); re-download it") from e
+        _arch(self.config, self.path)  # unsupported architectures fail before any weight is opened
+
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, tuple[str, str]] = {}  # canonical -> (file, hf name)
+        for path in _weight_files(self.path):
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise ModelFormatError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
+            self._files[path] = handle
+            for hf_name in handle.keys():
+                canon = canonical_name(hf_name)
+                if canon is not None:
+                    self._where[canon] = (path, hf_name)
+        self.spec = spec_from_config(self.config, self.path, "lm_head" in self._where)
+        missing = [
+            f"layers.{i}.{n}"
+            for i in range(self.spec.num_layers)
+            for n in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
+            if f"layers.{i}.{n}" not in self._where
+        ]
+        missing += [n for n in ("embed", "norm") if n not in self._where]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ModelFormatError(f"{self.path}: weights are missing ({shown}); download every safetensors shard")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _slice(self, name: str):
+        try:
+            path, hf_name = self._where[name]
+        except KeyError:
+            raise KeyError(f"{self.path} has no tensor {name!r}") from None
+        return self._files[path].get_slice(hf_name)
+
+    def info(self, name: str) -> TensorInfo:
+        sl = self._slice(name)
+        dtype = sl.get_dtype()
+        qtype = _ST_DTYPES.get(dtype)
+        if qtype is None:
+            raise UnsupportedError(f"{self.path}: tensor {name!r} is stored as {dtype}; lowgear reads F32, F16 and BF16 safetensors")
+        shape = tuple(int(d) for d in sl.get_shape())
+        n = 1
+        for d in shape:
+            n *= d
+        return TensorInfo(qtype, shape, n * (4 if qtype == "F32" else 2))
+
+    def nbytes(self, name: str) -> int:
+        return self.info(name).nbytes
+
+    def get(self, name: str) -> torch.Tensor:
+        self.info(name)  # dtype check
+        path, hf_name = self._where[name]
+        return self._files[path].get_tensor(hf_name)
