@@ -1,0 +1,261 @@
+"""Paged decode attention (one new token per sequence), flash-decoding style.
+
+Decode is memory-bound: each step reads every sequence's K/V once. With few sequences and long
+contexts, one program per (sequence, kv-head) leaves most SMs idle, so the context is cut into
+`num_splits` chunks (split-K). Program (sequence, kv_head, split) serves *all* query heads of its
+kv-head group, so each K/V row is read once per group, keeps an online softmax over its chunk
+(pages reached through the block table) and writes a partial output plus its log-sum-exp; a small
+reduce kernel then combines the splits by their log-sum-exp weights. With one split the first
+kernel writes the output directly and the reduce is skipped.
+
+The scores and the weighted sum of values are broadcast-multiplies reduced with `tl.sum`, never
+`tl.dot`: the work is GEMV-shaped (a handful of query rows), and without `tl.dot` the kernel
+compiles to the same plain loads and FMAs on sm_70/sm_75 as on newer GPUs. Inputs may be fp16,
+bf16 or fp32; everything is accumulated in fp32 and scores live in the log2 domain (exp2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = False  # set below, from what @triton.jit returned
+
+_LOG2E = 1.4426950408889634
+# "No window" is a window longer than any context, so the kernels need no branch for it.
+NO_WINDOW = 1 << 30
+
+
+@triton.jit
+def _decode_block(
+    q, m_i, l_i, acc, n0, end, table, k_base, v_base,
+    stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE: tl.constexpr,
+):  # fmt: skip
+    """One block of positions n0.. (< end): update the online softmax state (m_i, l_i, acc).
+
+    The kernels run this body from a `for` loop when compiled and from a `while` loop when
+    interpreted: Triton 3.6's interpreter holds scalars as 1-element arrays, which NumPy >= 2.4
+    refuses to turn into the Python ints a runtime-bounded `range` needs.
+    """
+    pos = n0 + offs_n
+    n_ok = pos < end
+    page = tl.load(table + pos // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+    slot = pos % PAGE_SIZE
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(
+        k_base + page[:, None] * stride_kp + slot[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
+    ).to(tl.float32)  # [BLOCK_N, HEAD_DIM_P]
+    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    # Every block holds at least one valid position, so m_new is finite from the first block on.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    v = tl.load(
+        v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
+    ).to(tl.float32)
+    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr,  # [B, H, D]
+    k_cache_ptr,  # [pages, PAGE_SIZE, KVH, D]
+    v_cache_ptr,
+    block_tables_ptr,  # [B, max_pages] int32
+    kv_lens_ptr,  # [B] int32
+    out_ptr,  # [B, H, D], written when DIRECT
+    part_o_ptr,  # [B, H, NUM_SPLITS, D] fp32, written otherwise
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32 (log2 domain)
+    scale_log2,  # softmax scale * log2(e)
+    window,  # sliding window in positions (NO_WINDOW for none)
+    split_tokens,  # positions per split (a multiple of BLOCK_N)
+    stride_qb,
+    stride_qh,
+    stride_kp,
+    stride_kt,
+    stride_kh,
+    stride_vp,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,  # query heads per kv head
+    GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write the normalised output, no partials
+    WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _decode_block)
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    offs_g = tl.arange(0, GROUP_P)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < GROUP
+    d_ok = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+
+    kv_len = tl.load(kv_lens_ptr + seq)
+    # The one query sits at position kv_len - 1; a window keeps keys at positions > kv_len - 1 - window.
+    lo = tl.maximum(kv_len - window, 0)
+    start = lo + split * split_tokens
+    end = tl.minimum(start + split_tokens, kv_len)
+
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    q = q * scale_log2  # [GROUP_P, HEAD_DIM_P]
+
+    m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P], tl.float32)
+    acc = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
+
+    table = block_tables_ptr + seq * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    if WHILE_LOOP:
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _decode_block(
+                q, m_i, l_i, acc, n0, end, table, k_base, v_base,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE,
+            )  # fmt: skip
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _decode_block(
+                q, m_i, l_i, acc, n0, end, table, k_base, v_base,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE,
+            )  # fmt: skip
+
+    has = l_i > 0.0  # False only for a split that lies past the end of a short sequence
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if DIRECT:
+        tl.store(
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=g_ok[:, None] & d_ok[None, :],
+        )
+    else:
+        row = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [GROUP_P]
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_ok)
+
+
+@triton.jit
+def paged_decode_reduce_kernel(
+    part_o_ptr,  # [B, H, NUM_SPLITS, D] fp32
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32, log2 domain
+    out_ptr,  # [B, H, D]
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS_P: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS_P)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < HEAD_DIM
+    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + offs_s, mask=s_ok, other=float("-inf"))
+    # Split 0 always holds the window's first position, so the max is finite.
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # [NUM_SPLITS_P], 0 for empty splits
+    o = tl.load(part_o_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    o = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+INTERPRETED = type(paged_decode_kernel).__name__ == "InterpretedFunction"
+
+
+def block_n_for(group: int, head_dim: int) -> int:
+    """Positions per loop step: keep the [GROUP_P, BLOCK_N, HEAD_DIM_P] product near 16k elements."""
+    budget = 16384 // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim))
+    return max(16, min(64, 1 << (max(budget, 1).bit_length() - 1)))
+
+
+def choose_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, target_programs: int) -> int:
+    """How many splits fill `target_programs` programs without splits shorter than 256 positions."""
+    if batch * kv_heads >= target_programs:
+        return 1
+    wanted = math.ceil(target_programs / (batch * kv_heads))
+    most = max(1, math.ceil(max_kv_len / max(256, block_n)))
+    return max(1, min(wanted, most, 64))
+
+
+def paged_decode(
+    q: torch.Tensor,  # [B, H, D], one query per sequence
+    k_cache: torch.Tensor,  # [pages, page_size, KVH, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_pages] int32
+    kv_lens: torch.Tensor,  # [B] int32, including this step's token
+    scale: float,
+    max_kv_len: int,
+    window: int | None = None,
+    num_splits: int | None = None,
+    target_programs: int = 256,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention for B sequences; `max_kv_len` is a host-side bound on kv_lens (no sync).
+
+    A fixed `num_splits` (and `max_kv_len`) keeps launch shapes fixed, for CUDA-graph capture.
+    """
+    batch, heads, head_dim = q.shape
+    _, page_size, kv_heads, _ = k_cache.shape
+    assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
+    group = heads // kv_heads
+    block_n = block_n_for(group, head_dim)
+    span = min(max_kv_len, window) if window else max_kv_len
+    if num_splits is None:
+        num_splits = choose_splits(batch, kv_heads, span, block_n, target_programs)
+    split_tokens = max(block_n, triton.cdiv(triton.cdiv(max(span, 1), num_splits), block_n) * block_n)
+    if out is None:
+        out = torch.empty_like(q)
+    direct = num_splits == 1
+    if direct:
+        part_o = part_lse = out  # unused
+    else:
+        part_o = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
+    head_dim_p = triton.next_power_of_2(head_dim)
+    paged_decode_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, kv_lens, out, part_o, part_lse,
+        scale * _LOG2E, window or NO_WINDOW, split_tokens,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, GROUP_P=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+        PAGE_SIZE=page_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED,
+        num_warps=4,
+    )  # fmt: skip
+    if not direct:
+        paged_decode_reduce_kernel[(batch, heads)](
+            part_o, part_lse, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            NUM_SPLITS=num_splits, NUM_SPLITS_P=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
+    return out
