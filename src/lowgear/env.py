@@ -33,6 +33,12 @@ def get(name: str) -> str | None:
     return value or None
 
 
+def get_raw(name: str) -> str | None:
+    """The value exactly as set, even when empty (None only when unset): CUDA_VISIBLE_DEVICES="" hides every GPU."""
+    assert name in ENV_VARS, f"undocumented environment variable {name}"
+    return os.environ.get(name)
+
+
 def flag(name: str) -> bool:
     assert name in ENV_VARS, f"undocumented environment variable {name}"
     return _flag(name)
