@@ -1,0 +1,178 @@
+"""The triton rung: lowgear's own paged attention kernels, for GPUs that flash-attn does not serve.
+
+Decode steps (one new token per sequence) go to a split-K decode kernel written without `tl.dot`,
+so it runs at full memory speed on sm_70/sm_75 as on newer GPUs; every other step (prefill,
+chunked prefill, mixed prefill+decode batches) goes to a paged prefill kernel that does use
+`tl.dot`. Triton compiles `tl.dot` to tensor cores only on sm_80+, so below that the prefill half
+of this rung runs on CUDA cores: `prefers_sdpa_prefill_below_sm80` tells the model/selector to send
+prefill to sdpa there and keep this rung for decode.
+
+Triton is imported only inside functions (never at lowgear import time). On the CPU the rung runs
+in Triton's interpreter, and only when TRITON_INTERPRET=1 is set (tests); on a GPU the probe runs
+both kernels once to compile them, then times a second tiny call and checks it against eager.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import env
+from .base import AttentionBackend, Capabilities, ProbeResult
+from .eager import reference_attention
+from .metadata import StepMetadata, build_metadata
+
+MIN_COMPUTE_CAPABILITY = (7, 0)
+# A tiny call that takes longer than this after compiling means a broken or crawling kernel
+# (what `tl.dot` is reported to do on some sm_70 setups), not a slow GPU.
+PROBE_MAX_SECONDS = 2.0
+# Programs a decode launch aims for, per SM, before it stops splitting contexts.
+DECODE_PROGRAMS_PER_SM = 4
+_PROBE_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
+
+
+def _interpret() -> bool:
+    return env.get("TRITON_INTERPRET") == "1"
+
+
+def dtypes_for(compute_capability: tuple[int, int] | None) -> tuple[torch.dtype, ...]:
+    """The dtypes the kernels run in on a device: bf16 needs sm_80+; the interpreter has no bf16."""
+    if compute_capability is None:
+        return (torch.float32, torch.float16)
+    if compute_capability >= (8, 0):
+        return (torch.float16, torch.bfloat16, torch.float32)
+    return (torch.float16, torch.float32)
+
+
+class _CapabilitiesNow:
+    """`capabilities` as a class-level fact that reads TRITON_INTERPRET when asked, not at import."""
+
+    def __get__(self, obj, owner) -> Capabilities:
+        return Capabilities(
+            paged=True,
+            varlen=True,
+            dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            min_compute_capability=MIN_COMPUTE_CAPABILITY,
+            gqa=True,
+            sliding_window=True,
+            cpu=_interpret(),
+            package="triton",
+        )
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    capabilities = _CapabilitiesNow()
+    # The prefill kernel's tl.dot has no tensor cores below sm_80: sdpa is faster there.
+    prefers_sdpa_prefill_below_sm80 = True
+    # The decode kernel uses no tl.dot: same code path on every compute capability.
+    decode_uses_tl_dot = False
+
+    def __init__(self) -> None:
+        self._sm_counts: dict[int, int] = {}  # CUDA index -> SM count, learned from probe()
+
+    def capabilities_for(self, device) -> Capabilities:
+        """The capabilities on one device (a hardware.DeviceInfo): dtypes narrowed to what it runs."""
+        caps = self.capabilities
+        cc = device.compute_capability if device.kind == "cuda" else None
+        return Capabilities(
+            paged=caps.paged,
+            varlen=caps.varlen,
+            dtypes=dtypes_for(cc),
+            min_compute_capability=caps.min_compute_capability,
+            gqa=caps.gqa,
+            sliding_window=caps.sliding_window,
+            cpu=caps.cpu,
+            package=caps.package,
+        )
+
+    def _probe(self, device) -> ProbeResult:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return ProbeResult(False, "triton is not installed")
+        if device.kind == "cpu":
+            if not _interpret():
+                return ProbeResult(False, "Triton needs a CUDA GPU; set TRITON_INTERPRET=1 to run it in the interpreter")
+            return self._timed_probe(device, torch.float32, time_limit=None)
+        if device.simulated:
+            return ProbeResult(False, f"{device.name} is a simulated profile: no kernel can run on it")
+        cc = device.compute_capability
+        if cc is None or cc < MIN_COMPUTE_CAPABILITY:
+            return ProbeResult(False, f"Triton kernels need compute capability 7.0 or newer; {device.name} has {cc}")
+        if _interpret():
+            return ProbeResult(False, "TRITON_INTERPRET=1 is set, so Triton would run on the CPU; unset it to use the GPU")
+        if device.sm_count:
+            self._sm_counts[device.index] = device.sm_count
+        return self._timed_probe(device, torch.float16, time_limit=PROBE_MAX_SECONDS)
+
+    def _timed_probe(self, device, dtype: torch.dtype, time_limit: float | None) -> ProbeResult:
+        """Compile both kernels on a tiny step, then time a second call and check it against eager."""
+        dev = device.torch_device
+        gen = torch.Generator().manual_seed(0)
+        heads, kv_heads, head_dim, page_size = 4, 2, 64, 16
+        k_cache = torch.randn(8, page_size, kv_heads, head_dim, generator=gen).to(dev, dtype)
+        v_cache = torch.randn(8, page_size, kv_heads, head_dim, generator=gen).to(dev, dtype)
+        tables = [[3, 5], [7]]
+        steps = [
+            build_metadata([5, 3], [21, 3], tables, page_size, device=dev),  # prefill kernel
+            build_metadata([1, 1], [22, 4], tables, page_size, device=dev),  # decode kernel
+        ]
+        queries = [torch.randn(m.num_tokens, heads, head_dim, generator=gen).to(dev, dtype) for m in steps]
+        scale = head_dim**-0.5
+
+        def run_all():
+            outs = [self.attend(q, k_cache, v_cache, m, scale, None) for q, m in zip(queries, steps)]
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return outs
+
+        run_all()  # compiles (or, in the interpreter, warms up)
+        start = time.perf_counter()
+        outs = run_all()
+        seconds = time.perf_counter() - start
+        if time_limit is not None and seconds > time_limit:
+            return ProbeResult(
+                False,
+                f"pathologically slow: a tiny call took {seconds:.2f} s after compiling (limit {time_limit:.0f} s)",
+                seconds=seconds,
+            )
+        for name, q, m, out in zip(("prefill", "decode"), queries, steps, outs):
+            ref = reference_attention(q, k_cache, v_cache, m, scale)
+            err = (out.double() - ref).abs().max().item()
+            if not err <= _PROBE_TOLERANCE[dtype]:
+                return ProbeResult(False, f"{name} kernel disagrees with eager (max error {err:.3g})", seconds=seconds)
+        cc = device.compute_capability if device.kind == "cuda" else None
+        mode = "interpreter (CPU)" if device.kind == "cpu" else f"compiled for sm_{cc[0]}{cc[1]}"
+        return ProbeResult(
+            True,
+            f"paged decode + prefill kernels, {mode}",
+            seconds=seconds,
+            details={
+                "dtypes": [str(d).removeprefix("torch.") for d in dtypes_for(cc)],
+                "prefill_prefers_sdpa": cc is not None and cc < (8, 0),
+            },
+        )
+
+    def _target_programs(self, device: torch.device) -> int:
+        if device.type != "cuda":
+            return 8  # the interpreter runs programs one after another: fewer is faster
+        return DECODE_PROGRAMS_PER_SM * self._sm_counts.get(device.index or 0, 64)
+
+    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None) -> torch.Tensor:
+        from .kernels import load
+
+        paged_decode, paged_prefill = load(_interpret())
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if meta.num_tokens == 0:
+            return torch.empty_like(q)
+        if meta.is_decode:
+            return paged_decode.paged_decode(
+                q, k_cache, v_cache, meta.block_tables, meta.kv_lens, scale, meta.max_kv_len,
+                window=window, target_programs=self._target_programs(q.device),
+            )  # fmt: skip
+        return paged_prefill.paged_prefill(
+            q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, scale, meta.max_q_len, window=window
+        )
