@@ -1,0 +1,148 @@
+"""`QuantLinear`: a linear layer (and embedding table) whose weight may stay packed.
+
+Decode is memory-bound, so a quantized weight is kept as its file's packed blocks (a uint8 buffer,
+never a full float copy). The torch path here dequantizes a band of output rows at a time into the
+activation dtype and multiplies — the band bounds the float temporary (`chunk_elements`), and a
+band of rows is also what cuBLAS wants for prefill. A faster kernel plugs in through `self.kernel`
+(None by default): any callable `kernel(x, qtype, data, out_features, in_features) -> y`, e.g.
+`lowgear.quant.kernels.packed_matmul` on a CUDA device; the bias is added here either way.
+
+Float weights are a plain matmul in the module's dtype (`.to(dtype)` converts them). Packed
+weights ignore dtype conversion (they stay uint8) but move with `.to(device)`.
+
+The same module serves the embedding table: `lookup(ids)` unpacks only the rows asked for, so a
+tied lm_head and embedding share one packed buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ModelFormatError
+from ..quant.dequant import dequantize_data
+from ..quant.formats import get_format
+from ..weights.spec import PackedTensor
+
+# Rows dequantized per band bound the float temporary to about this many elements (64 MiB in f32).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+_FLOAT_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+Kernel = Callable[[torch.Tensor, str, torch.Tensor, int, int], torch.Tensor]
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        weight: torch.Tensor | PackedTensor,
+        bias: torch.Tensor | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ):
+        super().__init__()
+        self.chunk_elements = int(chunk_elements)
+        self.kernel: Kernel | None = None  # a packed GEMV/GEMM kernel plugs in here
+        if isinstance(weight, PackedTensor):
+            rows, cols = weight.shape
+            fmt = get_format(weight.qtype)
+            if tuple(weight.data.shape) != (rows, fmt.row_bytes(cols)) or weight.data.dtype != torch.uint8:
+                raise ModelFormatError(
+                    f"packed {weight.qtype} weight of shape {weight.shape} needs uint8 data "
+                    f"[{rows}, {fmt.row_bytes(cols)}], got {weight.data.dtype} {list(weight.data.shape)}: "
+                    "the weight file is corrupt; re-download it"
+                )
+            self._packed_qtype = weight.qtype
+            self.out_features, self.in_features = int(rows), int(cols)
+            self.register_buffer("qweight", weight.data)
+            self.weight = None
+        else:
+            if weight.dim() != 2:
+                raise ModelFormatError(f"a linear weight must be 2-D [out, in], got shape {list(weight.shape)}")
+            self.out_features, self.in_features = (int(d) for d in weight.shape)
+            self.qweight = None
+            self.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ModelFormatError(f"bias shape {list(bias.shape)} does not match {self.out_features} output features")
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            self.bias = None
+
+    @property
+    def packed(self) -> bool:
+        return self.qweight is not None
+
+    @property
+    def qtype(self) -> str:
+        """The quant format name for packed weights, else "F32" / "F16" / "BF16" (the current dtype)."""
+        if self.packed:
+            return self._packed_qtype
+        return _FLOAT_NAMES.get(self.weight.dtype, str(self.weight.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the weight occupies as held (packed or float), bias excluded."""
+        w = self.qweight if self.packed else self.weight
+        return w.numel() * w.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return (self.qweight if self.packed else self.weight).device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype."""
+        if self.packed:
+            if self.kernel is not None:
+                y = self.kernel(x, self.qtype, self.qweight, self.out_features, self.in_features)
+            else:
+                y = self._banded_matmul(x)
+        else:
+            w = self.weight
+            y = torch.matmul(x.to(w.dtype), w.t()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _band_rows(self) -> int:
+        return max(1, min(self.out_features, self.chunk_elements // max(1, self.in_features)))
+
+    def _banded_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        band = self._band_rows()
+        if band >= self.out_features:
+            w = dequantize_data(self.qtype, self.qweight, x.dtype)
+            return torch.matmul(x2, w.t()).reshape(*lead, self.out_features)
+        y = x2.new_empty((x2.shape[0], self.out_features))
+        for r0 in range(0, self.out_features, band):
+            r1 = min(self.out_features, r0 + band)
+            w = dequantize_data(self.qtype, self.qweight[r0:r1], x.dtype)  # [band, in]
+            y[:, r0:r1] = x2 @ w.t()
+        return y.reshape(*lead, self.out_features)
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Embedding lookup: rows `ids` (any shape) -> [*ids.shape, in_features].
+
+        Packed tables unpack only the rows asked for, into `dtype` (float32 by default); float
+        tables return the module's dtype unless `dtype` is given.
+        """
+        ids = ids.to(device=self.device, dtype=torch.long)
+        if self.packed:
+            rows = self.qweight.index_select(0, ids.reshape(-1))
+            out = dequantize_data(self.qtype, rows, dtype or torch.float32)
+        else:
+            out = self.weight.index_select(0, ids.reshape(-1))
+            if dtype is not None:
+                out = out.to(dtype)
+        return out.reshape(*ids.shape, self.in_features)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full float weight [out, in] (a copy for packed weights: for tests and references)."""
+        if self.packed:
+            return dequantize_data(self.qtype, self.qweight, dtype)
+        return self.weight.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, bias={self.bias is not None}"
