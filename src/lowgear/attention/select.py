@@ -1,0 +1,204 @@
+"""Choosing the attention rung for a device: one function over the backends' declared facts and probes.
+
+`select_backend` walks the ladder (flash_attn → xformers → sdpa → triton → eager) and takes the
+first rung that the config leaves on, that the device can do (compute capability, dtype, CPU), and
+whose probe (a tiny real call) succeeds. Every rung gets a `Decision` with a reason, the log that
+`lowgear doctor` prints. On a simulated device nothing can run, so the choice there is made from
+capabilities and package presence alone, and says so. Results are cached per device, dtype and
+switches, so probes run once per process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .. import hardware
+from ..errors import BackendUnavailableError, DeviceError
+from .base import AttentionBackend, ProbeResult
+
+LADDER = ("flash_attn", "xformers", "sdpa", "triton", "eager")
+
+_CLASSES = {
+    "flash_attn": ("lowgear.attention.flash_attn", "FlashAttnBackend"),
+    "xformers": ("lowgear.attention.xformers", "XformersBackend"),
+    "sdpa": ("lowgear.attention.sdpa", "SdpaBackend"),
+    "triton": ("lowgear.attention.triton", "TritonBackend"),
+    "eager": ("lowgear.attention.eager", "EagerBackend"),
+}
+
+_SWITCHES = {
+    "flash_attn": ("no_flash_attn", "LOWGEAR_NO_FLASH_ATTN"),
+    "xformers": ("no_xformers", "LOWGEAR_NO_XFORMERS"),
+    "sdpa": ("no_sdpa", "LOWGEAR_NO_SDPA"),
+    "triton": ("no_triton", "LOWGEAR_NO_TRITON"),
+}
+
+STATUSES = ("chosen", "skipped", "unavailable", "disabled", "not tried")
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    status: str  # one of STATUSES
+    reason: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    backend: AttentionBackend
+    log: tuple[Decision, ...]
+    device: hardware.DeviceInfo
+    dtype: torch.dtype
+    probed: bool  # False on a simulated device: chosen by capability, never run
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def decision(self, name: str) -> Decision:
+        return next(d for d in self.log if d.name == name)
+
+    def table(self) -> str:
+        width = max(len(n) for n in LADDER)
+        return "\n".join(f"{d.name:<{width}}  {d.status:<11}  {d.reason}" for d in self.log)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """A fresh instance of the named rung; its module (and any kernel library) is imported only now."""
+    if name not in _CLASSES:
+        raise BackendUnavailableError(f"unknown attention backend {name!r}: choose one of {', '.join(LADDER)}")
+    module, cls = _CLASSES[name]
+    return getattr(importlib.import_module(module), cls)()
+
+
+def package_present(package: str) -> bool:
+    """Whether `package` could be imported, without importing it."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def capabilities_of(backend: AttentionBackend, device):
+    per_device = getattr(backend, "capabilities_for", None)
+    return per_device(device) if per_device is not None else backend.capabilities
+
+
+def capability_reason(backend: AttentionBackend, device, dtype: torch.dtype) -> str | None:
+    """Why `device` cannot run `backend` in `dtype`, judged from declared capabilities; None when it can."""
+    caps = capabilities_of(backend, device)
+    if device.kind == "cpu":
+        if not caps.cpu:
+            return "needs a CUDA GPU"
+    elif caps.min_compute_capability is not None:
+        have = device.compute_capability or (0, 0)
+        need = caps.min_compute_capability
+        if have < need:
+            return f"needs sm_{need[0]}{need[1]} (device is sm_{have[0]}{have[1]})"
+    if dtype not in caps.dtypes:
+        return f"does not run in {str(dtype).removeprefix('torch.')} on {device.label}"
+    return None
+
+
+def run_probe(backend: AttentionBackend, device, dtype: torch.dtype) -> ProbeResult:
+    """The backend's probe in the dtype it will run (where its probe takes one); never raises."""
+    try:
+        if "dtype" in inspect.signature(backend._probe).parameters:
+            return backend._probe(device, dtype=dtype)
+        return backend.probe(device)
+    except Exception as exc:
+        return ProbeResult(False, f"probe call failed: {type(exc).__name__}: {exc}".strip())
+
+
+def _disabled_reason(name: str, switches) -> str | None:
+    if name not in _SWITCHES or switches is None:
+        return None
+    attr, var = _SWITCHES[name]
+    return f"disabled by config.{attr} / {var}" if getattr(switches, attr, False) else None
+
+
+_CACHE: dict[tuple, Selection] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _default_switches():
+    from ..config import Config
+
+    return Config().effective_switches()
+
+
+def select_backend(device, switches=None, dtype: torch.dtype | None = None) -> Selection:
+    """The first rung of the ladder that runs on `device` (hardware.DeviceInfo) in `dtype`, with the log of every rung."""
+    if switches is None:
+        switches = _default_switches()
+    if dtype is None:
+        from ..dtypes import default_dtype
+
+        dtype = default_dtype(device)
+    key = (device, dtype, switches)
+    if key in _CACHE:
+        return _CACHE[key]
+    if device.kind == "cuda" and not hardware.torch_arch_supported(device):
+        raise DeviceError(f"{device.describe()} cannot be used: {hardware.torch_build_hint(device)}")
+    forced = getattr(switches, "attn_backend", None)
+    log: list[Decision] = []
+    chosen: AttentionBackend | None = None
+    forced_reason = None
+    for name in LADDER:
+        if chosen is not None:
+            log.append(Decision(name, "not tried", f"{chosen.name} was chosen above it"))
+            continue
+        if forced and name != forced:
+            log.append(Decision(name, "not tried", f"attn_backend forces {forced}"))
+            continue
+        decision, backend = _consider(name, device, dtype, switches)
+        log.append(decision)
+        if decision.status == "chosen":
+            chosen = backend
+        elif forced:
+            forced_reason = decision.reason
+    if chosen is None:
+        if forced:
+            raise BackendUnavailableError(
+                f"attention backend {forced!r} is forced (config.attn_backend / LOWGEAR_ATTN_BACKEND) but cannot run on "
+                f"{device.describe()} in {str(dtype).removeprefix('torch.')}: {forced_reason}. "
+                "Unset it to let lowgear pick a rung that works."
+            )
+        table = "; ".join(f"{d.name}: {d.reason}" for d in log)
+        raise BackendUnavailableError(f"no attention rung runs on {device.describe()}: {table}")
+    selection = Selection(chosen, tuple(log), device, dtype, probed=not device.simulated)
+    _CACHE[key] = selection
+    return selection
+
+
+def _consider(name: str, device, dtype: torch.dtype, switches) -> tuple[Decision, AttentionBackend | None]:
+    disabled = _disabled_reason(name, switches)
+    if disabled:
+        return Decision(name, "disabled", disabled), None
+    try:
+        backend = get_backend(name)
+    except Exception as exc:  # a rung whose own module is missing or broken
+        return Decision(name, "unavailable", f"cannot load lowgear.attention.{name}: {type(exc).__name__}: {exc}"), None
+    reason = capability_reason(backend, device, dtype)
+    if reason:
+        return Decision(name, "skipped", reason), None
+    package = capabilities_of(backend, device).package
+    if device.simulated:
+        if package and not package_present(package):
+            return Decision(name, "unavailable", f"{package} is not installed"), None
+        return Decision(name, "chosen", "simulated device: chosen by capability and package presence, not probed"), backend
+    result = run_probe(backend, device, dtype)
+    if not result.available:
+        return Decision(name, "unavailable", result.reason), None
+    return Decision(name, "chosen", result.reason or "probe call ok"), backend

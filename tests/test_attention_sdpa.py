@@ -1,0 +1,107 @@
+"""The sdpa rung against the float64 eager reference: odd lengths, GQA, page boundaries, windows, batching modes."""
+
+import random
+
+import pytest
+import torch
+
+from lowgear.attention.eager import reference_attention
+from lowgear.attention.metadata import build_metadata
+from lowgear.attention.sdpa import SdpaBackend, gather_packed, gather_padded, probe_case
+from lowgear.hardware import cpu_device
+
+
+def make_step(q_lens, kv_lens, kv_heads, group, head_dim, page_size, seed=0, dtype=torch.float32):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n_pages = [-(-kv // page_size) for kv in kv_lens]
+    pool = list(range(sum(n_pages) + 2))
+    rng.shuffle(pool)  # pages scattered, so page boundaries are real
+    tables, at = [], 0
+    for n in n_pages:
+        tables.append(pool[at : at + n])
+        at += n
+    pages = len(pool)
+    k_cache = torch.randn(pages, page_size, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(pages, page_size, kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(sum(q_lens), kv_heads * group, head_dim, generator=gen).to(dtype)
+    meta = build_metadata(q_lens, kv_lens, tables, page_size)
+    return q, k_cache, v_cache, meta
+
+
+CASES = [
+    # q_lens, kv_lens, page_size
+    ([7], [7], 4),  # one prefill, odd, crosses pages
+    ([1, 1, 1], [5, 16, 33], 16),  # decode, unequal, exactly on and past a page boundary
+    ([5, 1, 3], [5, 9, 17], 8),  # mixed prefill chunks and decode
+    ([4, 11], [20, 11], 16),  # a chunk continuing a context + a fresh prompt
+]
+
+
+@pytest.mark.parametrize("batched", ["decode", "always", "never"])
+@pytest.mark.parametrize("q_lens,kv_lens,page_size", CASES)
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_matches_reference(batched, q_lens, kv_lens, page_size, group):
+    q, kc, vc, meta = make_step(q_lens, kv_lens, kv_heads=2, group=group, head_dim=64, page_size=page_size)
+    scale = 64**-0.5
+    out = SdpaBackend(batched=batched).attend(q, kc, vc, meta, scale, None)
+    ref = reference_attention(q, kc, vc, meta, scale)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("window", [None, 1, 3, 9])
+@pytest.mark.parametrize("batched", ["decode", "always", "never"])
+def test_window_and_head_dim(head_dim, window, batched):
+    q, kc, vc, meta = make_step([3, 1, 6], [13, 10, 6], kv_heads=1, group=3, head_dim=head_dim, page_size=4, seed=1)
+    scale = head_dim**-0.5
+    out = SdpaBackend(batched=batched).attend(q, kc, vc, meta, scale, window)
+    ref = reference_attention(q, kc, vc, meta, scale, window)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_gqa_by_repeat_matches_enable_gqa(expand):
+    q, kc, vc, meta = make_step([2, 5], [9, 5], kv_heads=2, group=4, head_dim=64, page_size=4, seed=2)
+    backend = SdpaBackend(batched="always")
+    backend.expand_kv_with_mask = expand
+    out = backend.attend(q, kc, vc, meta, 0.125, None)
+    torch.testing.assert_close(out.double(), reference_attention(q, kc, vc, meta, 0.125), atol=1e-4, rtol=1e-4)
+
+
+def test_half_precision_close():
+    q, kc, vc, meta = make_step([1, 1], [17, 3], kv_heads=2, group=2, head_dim=64, page_size=16, seed=3)
+    scale = 0.125
+    ref = reference_attention(q, kc, vc, meta, scale)
+    out = SdpaBackend().attend(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), meta, scale, None)
+    assert (out.double() - ref).abs().max() < 5e-2
+
+
+def test_gathers_agree():
+    q, kc, vc, meta = make_step([1, 2], [10, 3], kv_heads=2, group=1, head_dim=64, page_size=4)
+    padded = gather_padded(kc, meta)
+    packed, cu = gather_packed(kc, meta)
+    assert padded.shape == (2, 10, 2, 64) and packed.shape == (13, 2, 64)
+    assert cu.tolist() == [0, 10, 13]
+    torch.testing.assert_close(packed[:10], padded[0])
+    torch.testing.assert_close(packed[10:], padded[1, :3])
+
+
+def test_forward_writes_cache_then_attends():
+    q, kc, vc, meta = make_step([3], [3], kv_heads=2, group=2, head_dim=64, page_size=2)
+    k = torch.randn(3, 2, 64)
+    v = torch.randn(3, 2, 64)
+    out = SdpaBackend().forward(q, k, v, kc, vc, meta, 0.125)
+    torch.testing.assert_close(out.double(), reference_attention(q, kc, vc, meta, 0.125), atol=1e-4, rtol=1e-4)
+
+
+def test_probe_on_cpu():
+    result = SdpaBackend().probe(cpu_device())
+    assert result.available, result.reason
+    assert "probe call ok" in result.reason
+
+
+def test_probe_case_reference_is_float64():
+    case = probe_case(torch.device("cpu"), torch.float32)
+    assert case.expected.dtype == torch.float64
+    assert case.check(case.expected.float()) is None
