@@ -1,0 +1,129 @@
+"""Every lowgear Triton kernel of the quant / norm / rope families compiles for Volta and Turing.
+
+Triton >= 3.3 only promises sm_80+, and a change that stops compiling for a T4 (sm_75) or a V100
+(sm_70) would otherwise surface on a user's machine. `triton.compile` with an explicit GPUTarget
+needs no GPU, so this runs everywhere. It runs in a subprocess with TRITON_INTERPRET unset, because
+under the interpreter @triton.jit returns an InterpretedFunction that cannot be compiled.
+The decode GEMV kernels must also contain no tensor-core `mma` on these targets (they use no tl.dot;
+this guards against one creeping in, which Triton would lower to slow FMA loops there).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+TARGETS = [(75, 32), (70, 32)]
+I32, F32 = "i32", "fp32"
+
+
+def _specs():
+    """(name, kernel, signature, constexprs, num_warps, is_gemv) for every kernel, fp16 activations."""
+    from lowgear.model import kernels_norm, kernels_rope
+    from lowgear.quant.kernels import dequant_tile, gemv
+
+    specs = []
+    quant_args = {"x_ptr": "*fp16", "w": "*u8", "wh": "*fp16", "y_ptr": "*fp16", "N": I32, "K": I32,
+                  "bpr": I32, "stride_xm": I32, "stride_ym": I32}
+    for qtype, kernel in gemv.QUANT_KERNELS.items():
+        for m in (1, 4):
+            nb = 1 if gemv.BLOCK_SIZES[qtype] == 256 else 8
+            specs.append((f"gemv_{qtype}_m{m}", kernel, quant_args,
+                          {"M": m, "M_PAD": m, "BLOCK_N": 8, "NB": nb}, 4, True))
+    float_args = {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "N": I32, "K": I32,
+                  "stride_wn": I32, "stride_xm": I32, "stride_ym": I32}
+    specs.append(("gemv_F16", gemv.gemv_float_kernel, float_args,
+                  {"M": 4, "M_PAD": 4, "BLOCK_N": 8, "BLOCK_K": 256}, 4, True))
+    tile_args = {"w": "*u8", "wh": "*fp16", "out": "*fp16", "R": I32, "K": I32, "bpr": I32}
+    for qtype, kernel in dequant_tile.DEQUANT_KERNELS.items():
+        nb = 1 if gemv.BLOCK_SIZES[qtype] == 256 else 8
+        specs.append((f"dequant_{qtype}", kernel, tile_args, {"BLOCK_N": 8, "NB": nb}, 4, False))
+    norm_args = {"x_ptr": "*fp16", "r_ptr": "*fp16", "w_ptr": "*fp16", "out_ptr": "*fp16", "H": I32,
+                 "stride_x": I32, "stride_r": I32, "stride_o": I32, "eps": F32}
+    for res in (False, True):
+        specs.append((f"rms_norm_res{int(res)}", kernels_norm.rms_norm_kernel, norm_args,
+                      {"HAS_RESIDUAL": res, "BLOCK": 4096}, 8, False))
+    rope_args = {"q_ptr": "*fp16", "k_ptr": "*fp16", "pos_ptr": "*i64", "cos_ptr": "*fp32",
+                 "sin_ptr": "*fp32", "HQ": I32, "HK": I32, "stride_qt": I32, "stride_qh": I32,
+                 "stride_kt": I32, "stride_kh": I32, "stride_c": I32}
+    for inter in (False, True):
+        specs.append((f"rope_interleaved{int(inter)}", kernels_rope.rope_kernel, rope_args,
+                      {"HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8, "INTERLEAVED": inter}, 4, False))
+    return specs
+
+
+def compile_all() -> dict:
+    """{target: {kernel: {"ok": bool, "mma": int, "error": str}}}, compiled with the real backend."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    _dot_probe = _dot_probe_source()
+    results = {}
+    for cap, warp in TARGETS:
+        target = GPUTarget("cuda", cap, warp)
+        per = results[f"sm_{cap}"] = {}
+        for name, kernel, args, consts, warps, is_gemv in _specs():
+            signature = {a: args.get(a, "constexpr") for a in kernel.arg_names}
+            # the launcher marks 16-aligned pointers and multiple-of-16 ints; do as it does for a
+            # typical decode call, so vectorization decisions match the real ones
+            attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
+                     if a in args and (args[a].startswith("*") or a in ("K", "bpr", "H"))}
+            try:
+                src = ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
+                ptx = triton.compile(src, target=target, options={"num_warps": warps}).asm["ptx"]
+                per[name] = {"ok": True, "mma": len(re.findall(r"\b(?:wg)?mma\.", ptx)), "gemv": is_gemv}
+            except Exception as exc:  # reported per kernel, so one failure does not hide others
+                per[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "gemv": is_gemv}
+    # the detector itself: a tl.dot kernel for sm_80 must show mma, or the checks above prove nothing
+    src = ASTSource(_dot_probe, {"a": "*fp16", "b": "*fp16", "c": "*fp32"}, attrs={})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": 4}).asm["ptx"]
+    results["probe_sm_80_mma"] = len(re.findall(r"\b(?:wg)?mma\.", ptx))
+    return results
+
+
+def _dot_probe_source():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot_probe(a, b, c):
+        i = tl.arange(0, 32)
+        x = tl.load(a + i[:, None] * 32 + i[None, :])
+        y = tl.load(b + i[:, None] * 32 + i[None, :])
+        tl.store(c + i[:, None] * 32 + i[None, :], tl.dot(x, y))
+
+    return _dot_probe
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = src_dir + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("sm", [f"sm_{cap}" for cap, _ in TARGETS])
+def test_every_kernel_compiles(compiled, sm):
+    failed = {name: r["error"] for name, r in compiled[sm].items() if not r["ok"]}
+    assert not failed, failed
+    assert len(compiled[sm]) >= 20
+
+
+@pytest.mark.parametrize("sm", [f"sm_{cap}" for cap, _ in TARGETS])
+def test_gemv_kernels_have_no_mma(compiled, sm):
+    assert compiled["probe_sm_80_mma"] > 0
+    with_mma = {name: r["mma"] for name, r in compiled[sm].items() if r["gemv"] and r.get("mma")}
+    assert not with_mma, with_mma
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))
