@@ -217,7 +217,7 @@ def build_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
 
 
 def _byte_level_bpe(vocab: GGUFVocab) -> HFTokenizer:
-    if not vocab.merges:
+    if vocab.merges is None:
         raise ModelFormatError("this GGUF's byte-level (gpt2) vocabulary has no tokenizer.ggml.merges: the file is incomplete")
     ids = {}
     for i, t in enumerate(vocab.tokens):
