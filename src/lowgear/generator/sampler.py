@@ -146,13 +146,14 @@ def apply_penalties(
     if not rows:
         return logits
     num_rows, vocab = len(rows), logits.shape[1]
-    flat: list[int] = []
+    parts = []
     for r, b in enumerate(rows):
         rng = settings[b].token_repetition_range
-        history = histories[b] if rng < 0 else histories[b][len(histories[b]) - rng :]
-        flat.extend(r * vocab + t for t in history if 0 <= t < vocab)
+        history = histories[b] if rng < 0 else histories[b][max(len(histories[b]) - rng, 0) :]
+        ids = torch.as_tensor(history, dtype=torch.long).flatten().cpu()
+        parts.append(ids[(ids >= 0) & (ids < vocab)] + r * vocab)
     device = logits.device
-    index = torch.tensor(flat, dtype=torch.long, device=device)
+    index = torch.cat(parts).to(device, non_blocking=True)
     counts = torch.bincount(index, minlength=num_rows * vocab).view(num_rows, vocab).to(logits.dtype)
     seen = counts > 0
 
@@ -245,7 +246,8 @@ def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device
     for b, g in enumerate(generators):
         if g is None:
             continue
-        if g.device != device:
+        same_index = g.device.index is None or device.index is None or g.device.index == device.index
+        if g.device.type != device.type or not same_index:
             raise SamplingError(
                 f"row {b}'s torch.Generator is on {g.device} but the logits are on {device}; "
                 f"create it with torch.Generator(device={str(device)!r})"
