@@ -1,0 +1,116 @@
+"""`lowgear serve`: an OpenAI-compatible HTTP server over one DynamicGenerator.
+
+The CLI calls `add_parser(subparsers)` to register the subcommand and `main(args)` to run it.
+`load_engine` builds the model, cache, tokenizer and generator the way the Python API does and wraps
+them in an `Engine` (engine.py); `create_app` (app.py) puts FastAPI in front of it; uvicorn serves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_BATCH_SIZE = 16
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _seq_len(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {value!r}")
+    if n < 16:
+        raise argparse.ArgumentTypeError("must be at least 16 tokens")
+    return n
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", "-m", required=True, help="a .gguf file or a Hugging Face model folder")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to bind (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help=f"most jobs decoded together in one step (default {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--max-seq-len", type=_seq_len, default="auto",
+                   help="context length per request in tokens, or 'auto' for the model's own (default auto)")
+    p.add_argument("--cache-size", type=_seq_len, default=None,
+                   help="KV cache tokens shared by all running jobs, or 'auto' to fill free memory "
+                        "(default: max-seq-len when it is a number, else auto)")
+    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `serve` on the CLI's subparsers."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                              description=__doc__.splitlines()[0])
+    configure_parser(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def default_model_name(path: str) -> str:
+    name = os.path.basename(os.path.normpath(path))
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+def load_engine(model_path: str, *, max_seq_len="auto", cache_size=None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                model_name: str | None = None, progress: bool = False):
+    """Load a model the way the Python API does and wrap its generator in a (not yet started) Engine."""
+    import lowgear as lg
+
+    from .engine import Engine
+
+    config = lg.Config(model_path)
+    if isinstance(max_seq_len, int):
+        config.max_seq_len = max_seq_len
+    if cache_size is None:
+        cache_size = max_seq_len
+    model = lg.Model(config)
+    cache = lg.Cache(model, max_seq_len=cache_size, page_size=256)
+    model.load_autosplit(cache, progress=progress)
+    tokenizer = lg.Tokenizer(config)
+    generator = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=True,
+                                    max_batch_size=max_batch_size)
+    context = int(config.max_seq_len)
+    cache_tokens = getattr(cache, "max_seq_len", None)
+    if isinstance(cache_tokens, int) and cache_tokens > 0:
+        context = min(context, cache_tokens)
+    return Engine(generator, tokenizer, model_name=model_name or default_model_name(model_path), max_seq_len=context)
+
+
+def main(args=None) -> int:
+    """Run the server until interrupted. `args`: the CLI's Namespace, or argv-style strings."""
+    if args is None or isinstance(args, (list, tuple)):
+        args = configure_parser(argparse.ArgumentParser(prog="lowgear serve")).parse_args(args)
+
+    import uvicorn
+
+    from .app import create_app
+
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"lowgear serve: warning: binding {args.host} without --api-key lets anyone who can reach this "
+              "machine use the model", file=sys.stderr)
+    engine = load_engine(args.model, max_seq_len=args.max_seq_len, cache_size=args.cache_size,
+                         max_batch_size=args.max_batch_size, model_name=args.model_name,
+                         progress=sys.stderr.isatty())
+    engine.start()
+    try:
+        app = create_app(engine, api_key=args.api_key)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"lowgear serve: {engine.model_name} (context {engine.max_seq_len} tokens) on http://{host}:{args.port}",
+              file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=3, access_log=args.log_level == "debug"))
+        server.run()
+    finally:
+        engine.stop()
+    return 0

@@ -1,0 +1,413 @@
+"""The FastAPI app: OpenAI-shaped endpoints over one `Engine`, plus /health, /metrics and the chat page.
+
+A request is validated (openai_types), tokenized here, checked against the context, and submitted as
+one job per choice; the endpoint waits until the generator has accepted every job, so refusals are
+plain 4xx answers, never a broken stream. Streaming answers are server-sent events in OpenAI's chunk
+shapes. Whatever way a response ends (finished, client gone, server error) its jobs are cancelled,
+which frees their pages: `_JobsResponse` guarantees that for streams, `_collect` for whole answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import replace
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ContextLengthError, LowgearError
+from . import metrics
+from .engine import Engine, Event, JobHandle
+from .openai_types import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingSpec,
+    format_validation_error,
+    sampling_spec,
+)
+
+log = logging.getLogger("lowgear.server")
+DISCONNECT_POLL_S = 0.5
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="lowgear", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    created = int(time.time())
+
+    # -- errors in OpenAI's shape ----------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
+        message, param = format_validation_error(errors)
+        return _error_response(APIError(400, message, param=param, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(ContextLengthError)
+    async def _context_error(request: Request, exc: ContextLengthError):
+        return _error_response(APIError(400, str(exc), param="messages", code="context_length_exceeded"))
+
+    @app.exception_handler(LowgearError)
+    async def _lowgear_error(request: Request, exc: LowgearError):
+        return _error_response(APIError(400, str(exc), code="invalid_value"))
+
+    # -- auth -----------------------------------------------------------------------------------
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    async def parse(request: Request, model_cls):
+        check_key(request)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json")
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            return model_cls.model_validate(body)
+        except Exception as exc:  # pydantic.ValidationError
+            errors = exc.errors() if hasattr(exc, "errors") else [{"msg": str(exc)}]
+            message, param = format_validation_error(errors)
+            raise APIError(400, message, param=param, code="invalid_value")
+
+    # -- plain endpoints ------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "error", "message": "the generator loop is not running",
+                                 "last_error": engine.last_error}, status_code=503)
+        return {"status": "ok", "model": engine.model_name}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(engine.stats(), engine.model_name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "lowgear",
+                "max_model_len": engine.max_seq_len}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        check_key(request)
+        if model_id != engine.model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{engine.model_name}'.",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(resources.files("lowgear.server").joinpath("static/index.html").read_text("utf-8"))
+
+    # -- generation -----------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        try:
+            text = engine.tokenizer.apply_chat_template(req.chat_messages(), add_generation_prompt=True)
+        except LowgearError:
+            raise
+        except Exception as exc:
+            raise APIError(400, f"the messages do not fit the model's chat template: {exc}", param="messages")
+        ids = _encode(engine, text, special=True)
+        limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        spec = _spec_for(engine, req, len(ids), req.token_limit, limit_param, "messages")
+        jobs = await _start_jobs(engine, [(ids, spec)] * req.n, req.n)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return _JobsResponse(jobs, _chat_stream(jobs, rid, now, engine.model_name, req.include_usage))
+        texts, reasons, usage = await _collect(request, jobs)
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": None, "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
+        return {"id": rid, "object": "chat.completion", "created": now, "model": engine.model_name,
+                "choices": choices, "usage": usage, "system_fingerprint": None}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        prompts = req.prompts()
+        encoded = [p if isinstance(p, list) else _encode(engine, p, special=False) for p in prompts]
+        vocab = _vocab_size(engine)
+        for p in encoded:
+            if vocab and any(t < 0 or t >= vocab for t in p):
+                raise APIError(400, f"token ids in prompt must be in [0, {vocab})", param="prompt")
+        specs = [_spec_for(engine, req, len(ids), req.token_limit, "max_tokens", "prompt") for ids in encoded]
+        # choice index = prompt index * n + sample index, as OpenAI numbers them
+        jobs = await _start_jobs(engine, [(ids, spec) for ids, spec in zip(encoded, specs) for _ in range(req.n)],
+                                 req.n)
+        echoes = None
+        if req.echo:
+            echoes = [p if isinstance(p, str) else engine.tokenizer.decode(_ids_tensor(p)) for p in prompts]
+            echoes = [e for e in echoes for _ in range(req.n)]
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return _JobsResponse(jobs, _completion_stream(jobs, rid, now, engine.model_name, req.include_usage,
+                                                          echoes))
+        texts, reasons, usage = await _collect(request, jobs)
+        choices = [{"index": i, "text": (echoes[i] if echoes else "") + texts[i], "logprobs": None,
+                    "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
+        return {"id": rid, "object": "text_completion", "created": now, "model": engine.model_name,
+                "choices": choices, "usage": usage, "system_fingerprint": None}
+
+    return app
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _ids_tensor(ids: list[int]):
+    import torch
+
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def _vocab_size(engine: Engine) -> int | None:
+    tok = engine.tokenizer
+    for name in ("vocab_size", "get_vocab_size"):
+        v = getattr(tok, name, None)
+        if callable(v):
+            v = v()
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _encode(engine: Engine, text: str, *, special: bool) -> list[int]:
+    """Chat prompts come from the template, which writes its own special tokens (BOS included);
+    plain prompts get the model's default BOS, as the Python API's generate() with add_bos=that."""
+    add_bos = False if special else _default_add_bos(engine)
+    ids = engine.tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=special)
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    if not ids:
+        raise APIError(400, "the prompt is empty after tokenization", param="prompt")
+    return [int(t) for t in ids]
+
+
+def _default_add_bos(engine: Engine) -> bool:
+    return bool(getattr(engine.tokenizer, "add_bos_default", False))
+
+
+def _spec_for(engine: Engine, req, prompt_len: int, limit: int | None, limit_param: str,
+              prompt_param: str) -> SamplingSpec:
+    ctx = engine.max_seq_len
+    if prompt_len >= ctx:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {prompt_param} "
+                            f"has {prompt_len} tokens, which leaves no room for a completion. Please shorten it.",
+                       param=prompt_param, code="context_length_exceeded")
+    if limit is None:
+        limit = ctx - prompt_len
+    elif prompt_len + limit > ctx:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                            f"{prompt_len + limit} tokens ({prompt_len} in the {prompt_param}, {limit} in the "
+                            f"completion). Please reduce the length of the {prompt_param} or {limit_param}.",
+                       param=limit_param, code="context_length_exceeded")
+    return sampling_spec(req, limit)
+
+
+class _Jobs:
+    """The jobs of one request (n per prompt) and the queue their events arrive on."""
+
+    def __init__(self, sink: asyncio.Queue, n: int):
+        self.sink = sink
+        self.n = n
+        self.handles: list[JobHandle] = []
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+
+async def _start_jobs(engine: Engine, prompts: list[tuple[list[int], SamplingSpec]], n: int) -> _Jobs:
+    """Submit one job per choice; if any is refused, cancel the others and answer the refusal.
+
+    With a seed, choice i samples with seed + i, so the n choices differ and each reproduces.
+    """
+    jobs = _Jobs(asyncio.Queue(), n)
+    try:
+        for i, (ids, spec) in enumerate(prompts):
+            if spec.seed is not None:
+                spec = replace(spec, seed=spec.seed + i % n)
+            jobs.handles.append(await engine.submit(ids, spec, index=i, sink=jobs.sink))
+    except ContextLengthError as exc:
+        jobs.cancel()
+        raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    except LowgearError as exc:
+        jobs.cancel()
+        raise APIError(400, str(exc), code="invalid_value")
+    except RuntimeError as exc:
+        jobs.cancel()
+        raise APIError(503, str(exc), type="server_error", code="unavailable")
+    except BaseException:
+        jobs.cancel()
+        raise
+    return jobs
+
+
+def _usage(jobs: _Jobs, last: dict[int, Event]) -> dict:
+    # the n choices of one prompt count its tokens once, as OpenAI does
+    prompt = sum(h.prompt_tokens for h in jobs.handles if h.index % jobs.n == 0)
+    completion = sum(ev.completion_tokens for ev in last.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _server_error(ev: Event) -> APIError:
+    return APIError(500, f"generation failed: {ev.error or ev.finish_reason}", type="server_error",
+                    code="generation_failed")
+
+
+async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str], dict]:
+    """Wait for every choice to finish; cancel everything if the client goes away meanwhile."""
+    n = len(jobs.handles)
+    texts = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    last: dict[int, Event] = {}
+    pending = n
+    try:
+        next_check = time.monotonic() + DISCONNECT_POLL_S
+        while pending:
+            timeout = max(0.0, next_check - time.monotonic())
+            try:
+                ev = await asyncio.wait_for(jobs.sink.get(), timeout=timeout)
+            except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + DISCONNECT_POLL_S
+                if await request.is_disconnected():
+                    raise APIError(499, "client closed the request", code="client_closed")
+            if ev is None:
+                continue
+            texts[ev.index].append(ev.text)
+            if ev.done:
+                if ev.finish_reason in ("error", "cancelled"):
+                    raise _server_error(ev)
+                reasons[ev.index] = ev.finish_reason
+                last[ev.index] = ev
+                pending -= 1
+    finally:
+        jobs.cancel()
+    return ["".join(t) for t in texts], reasons, _usage(jobs, last)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _events(jobs: _Jobs) -> AsyncIterator[Event]:
+    pending = len(jobs.handles)
+    while pending:
+        ev = await jobs.sink.get()
+        if ev.done:
+            pending -= 1
+        yield ev
+
+
+async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_usage: bool):
+    def chunk(choices: list[dict]) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            body["usage"] = None
+        return _sse(body)
+
+    for h in jobs.handles:
+        yield chunk([{"index": h.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    last: dict[int, Event] = {}
+    async for ev in _events(jobs):
+        if ev.done and ev.finish_reason in ("error", "cancelled"):
+            yield _sse(_server_error(ev).body())
+            return
+        if ev.text:
+            yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}])
+        if ev.done:
+            last[ev.index] = ev
+            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+    if include_usage:
+        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "system_fingerprint": None, "choices": [], "usage": _usage(jobs, last)})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(jobs: _Jobs, rid: str, created: int, model: str, include_usage: bool,
+                             echoes: list[str] | None):
+    def chunk(index: int, text: str, finish: str | None) -> str:
+        body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": None,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return _sse(body)
+
+    if echoes:
+        for h in jobs.handles:
+            yield chunk(h.index, echoes[h.index], None)
+    last: dict[int, Event] = {}
+    async for ev in _events(jobs):
+        if ev.done and ev.finish_reason in ("error", "cancelled"):
+            yield _sse(_server_error(ev).body())
+            return
+        if ev.text or ev.done:
+            last.update({ev.index: ev} if ev.done else {})
+            yield chunk(ev.index, ev.text, ev.finish_reason if ev.done else None)
+    if include_usage:
+        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "system_fingerprint": None, "choices": [], "usage": _usage(jobs, last)})
+    yield "data: [DONE]\n\n"
+
+
+class _JobsResponse(StreamingResponse):
+    """An SSE stream that cancels its jobs however it ends, so a vanished client frees its pages."""
+
+    def __init__(self, jobs: _Jobs, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._jobs = jobs
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._jobs.cancel()
