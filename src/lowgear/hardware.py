@@ -109,11 +109,9 @@ def profile_for_name(name: str) -> str | None:
     low = name.lower()
     best = None
     for key, prof in PROFILES.items():
-        if all(m in low for m in prof.match):
+        if all(re.search(rf"\b{re.escape(m)}\b", low) for m in prof.match):
             if best is None or len(prof.match) > len(PROFILES[best].match):
                 best = key
-    if best == "a100" and "40gb" in low:
-        best = "a100-40gb"
     return best
 
 
