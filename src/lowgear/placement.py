@@ -179,7 +179,7 @@ def plan(
         raise OutOfMemoryError("no devices to place the model on")
     layer_bytes = [int(b) for b in weight_bytes_per_layer]
     embed, head = split_other_bytes(spec, other_bytes)
-    tied = bool(getattr(spec, "tie_word_embeddings", False)) and not (isinstance(other_bytes, Mapping) and "lm_head" in other_bytes)
+    tied = bool(getattr(spec, "tie_word_embeddings", False)) and not (isinstance(other_bytes, Mapping) and other_bytes.get("lm_head"))
     limits = _limits(devices, per_device_limit)
     budgets = [device_budget(d, reserve_bytes, lim) for d, lim in zip(devices, limits)]
     c = int(cache_bytes_per_token_per_layer)
