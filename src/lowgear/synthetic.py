@@ -171,7 +171,7 @@ def _packed_values(rng: np.random.Generator, qtype: str, t: TensorPlan, std: flo
 
 
 def _stored_type(t: TensorPlan, qtype: str) -> str:
-    if t.kind in ("norm", "bias"):
+    if t.kind in ("norm", "bias", "rope_freqs"):
         return "F32"
     fmt = QUANT_FORMATS.get(qtype)
     if fmt is not None and t.shape[-1] % fmt.block_size:
