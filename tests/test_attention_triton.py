@@ -1,0 +1,264 @@
+"""The triton rung's kernels and backend against the float64 reference, in Triton's interpreter.
+
+conftest sets TRITON_INTERPRET=1 on machines without CUDA; the kernels are loaded through
+`kernels.load`, which defines them for the interpreter whatever was imported before. Shapes are
+small (page size 16, a few pages) because the interpreter runs every program in NumPy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lowgear.attention.base import write_kv  # noqa: E402
+from lowgear.attention.eager import EagerBackend, reference_attention  # noqa: E402
+from lowgear.attention.metadata import build_metadata  # noqa: E402
+from lowgear.attention.triton import TritonBackend, dtypes_for  # noqa: E402
+from lowgear.hardware import DeviceInfo, cpu_device  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests run Triton in its interpreter (TRITON_INTERPRET=1)"
+)
+
+# fp32: the kernels accumulate in fp32 and use IEEE dot products, so only summation order differs.
+FP32_TOL = 2e-5
+# fp16: the reference sees the same fp16 inputs (upcast), so what remains is the fp16 rounding of
+# the output (|out| <= ~3 -> half an ulp ~1e-3) and, in prefill, the probabilities rounded to fp16
+# before the P.V dot (relative 2^-11 each, averaging out over a row). The interpreter computes the
+# fp16 dot in NumPy with an fp32 result, as the GPU does with fp32 accumulation.
+FP16_TOL = 4e-3
+
+
+def kernels():
+    from lowgear.attention.kernels import load
+
+    return load(interpret=True)
+
+
+def paged_problem(q_lens, kv_lens, *, kv_heads=2, group=1, head_dim=64, page_size=16, dtype=torch.float32, seed=0):
+    """Random caches with each sequence's pages scattered over the pool, queries and the step's metadata."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = [(kv + page_size - 1) // page_size for kv in kv_lens]
+    pool = sum(counts) + 3  # a few pages nobody owns
+    order = torch.randperm(pool, generator=gen).tolist()
+    tables, i = [], 0
+    for n in counts:
+        tables.append(order[i : i + n])
+        i += n
+    k_cache = torch.randn(pool, page_size, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(pool, page_size, kv_heads, head_dim, generator=gen).to(dtype)
+    meta = build_metadata(list(q_lens), list(kv_lens), tables, page_size)
+    q = torch.randn(meta.num_tokens, kv_heads * group, head_dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, meta
+
+
+def assert_close(out, ref, tol):
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
+
+
+# -- decode kernel ------------------------------------------------------------------------------
+
+# kv lengths around page boundaries (16): k*16 and k*16 +- 1, plus 1 and odd lengths.
+BOUNDARY_KV = [1, 15, 16, 17, 31, 32, 33, 47, 49]
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (8, 128)])
+def test_decode_matches_reference(group, head_dim):
+    q, kc, vc, meta = paged_problem([1] * len(BOUNDARY_KV), BOUNDARY_KV, group=group, head_dim=head_dim)
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, head_dim**-0.5)
+    out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, head_dim**-0.5, meta.max_kv_len, num_splits=1)
+    assert_close(out, ref, FP32_TOL)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+def test_decode_splits_agree(num_splits):
+    """Split-K: uneven splits, and splits that lie wholly past a short sequence's end (empty)."""
+    kv_lens = [1, 16, 70, 95]
+    q, kc, vc, meta = paged_problem([1] * 4, kv_lens, group=2)
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125)
+    out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.125, meta.max_kv_len, num_splits=num_splits)
+    assert_close(out, ref, FP32_TOL)
+
+
+@pytest.mark.parametrize("window,num_splits", [(1, 1), (5, 1), (16, 2), (20, 3), (200, 2)])
+def test_decode_sliding_window(window, num_splits):
+    kv_lens = [3, 17, 48, 81]
+    q, kc, vc, meta = paged_problem([1] * 4, kv_lens, group=3)
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125, window)
+    out = decode.paged_decode(
+        q, kc, vc, meta.block_tables, meta.kv_lens, 0.125, meta.max_kv_len, window=window, num_splits=num_splits
+    )
+    assert_close(out, ref, FP32_TOL)
+    if window < 48:  # the window changes the answer, so the test would catch it being ignored
+        assert (reference_attention(q, kc, vc, meta, 0.125) - ref).abs().max() > 1e-3
+
+
+def test_decode_fp16():
+    q, kc, vc, meta = paged_problem([1] * 5, [1, 16, 17, 40, 63], group=4, dtype=torch.float16)
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125)
+    for splits in (1, 3):
+        out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.125, meta.max_kv_len, num_splits=splits)
+        assert out.dtype == torch.float16
+        assert_close(out, ref, FP16_TOL)
+
+
+def test_decode_choose_splits():
+    decode, _ = kernels()
+    assert decode.choose_splits(batch=64, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512) == 1
+    assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512) == 16
+    assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=300, block_n=16, target_programs=512) == 2
+    assert decode.choose_splits(batch=1, kv_heads=1, max_kv_len=10**6, block_n=16, target_programs=10**4) == 64
+
+
+# -- prefill kernel -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (8, 128)])
+def test_prefill_matches_reference(group, head_dim):
+    """Unequal chunks over cached prefixes: whole prompts, chunks ending at page edges, odd lengths."""
+    q_lens = [1, 7, 16, 33]
+    kv_lens = [1, 23, 32, 49]  # prefixes of 0, 16, 16 and 16 cached positions
+    q, kc, vc, meta = paged_problem(q_lens, kv_lens, kv_heads=1 if group == 8 else 2, group=group, head_dim=head_dim)
+    _, prefill = kernels()
+    ref = reference_attention(q, kc, vc, meta, head_dim**-0.5)
+    out = prefill.paged_prefill(
+        q, kc, vc, meta.block_tables, meta.cu_q_lens, meta.kv_lens, head_dim**-0.5, meta.max_q_len
+    )
+    assert_close(out, ref, FP32_TOL)
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 40])
+def test_prefill_sliding_window(window):
+    q_lens, kv_lens = [9, 40, 2], [9, 57, 35]
+    q, kc, vc, meta = paged_problem(q_lens, kv_lens, group=2)
+    _, prefill = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125, window)
+    out = prefill.paged_prefill(
+        q, kc, vc, meta.block_tables, meta.cu_q_lens, meta.kv_lens, 0.125, meta.max_q_len, window=window
+    )
+    assert_close(out, ref, FP32_TOL)
+
+
+def test_prefill_fp16():
+    q, kc, vc, meta = paged_problem([5, 33], [21, 33], group=4, dtype=torch.float16)
+    _, prefill = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125)
+    out = prefill.paged_prefill(q, kc, vc, meta.block_tables, meta.cu_q_lens, meta.kv_lens, 0.125, meta.max_q_len)
+    assert out.dtype == torch.float16
+    assert_close(out, ref, FP16_TOL)
+
+
+# -- backend ------------------------------------------------------------------------------------
+
+
+def test_backend_attend_mixed_batch():
+    """Prefill chunks and decode tokens in one step all go to the prefill kernel."""
+    q, kc, vc, meta = paged_problem([1, 12, 1, 17], [30, 12, 16, 50], group=3)
+    assert not meta.is_decode
+    out = TritonBackend().attend(q, kc, vc, meta, 0.125, None)
+    assert_close(out, reference_attention(q, kc, vc, meta, 0.125), FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype,window", [(torch.float32, None), (torch.float32, 20), (torch.float16, None)])
+def test_backend_forward_matches_eager(dtype, window):
+    """forward writes the step's K/V into the cache, then attends: a prompt, then two decode steps."""
+    kv_heads, group, head_dim, page_size = 2, 4, 64, 16
+    gen = torch.Generator().manual_seed(1)
+    tables = [[6, 2, 9], [4, 0]]
+    shape = (10, page_size, kv_heads, head_dim)
+    caches = {name: (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for name in ("triton", "eager")}
+    backends = {"triton": TritonBackend(), "eager": EagerBackend()}
+    lens = [0, 0]
+    tol = FP16_TOL if dtype == torch.float16 else FP32_TOL
+    for q_lens in ([37, 20], [1, 1], [1, 1]):
+        lens = [n + q for n, q in zip(lens, q_lens)]
+        meta = build_metadata(q_lens, lens, tables, page_size)
+        t = meta.num_tokens
+        q = torch.randn(t, kv_heads * group, head_dim, generator=gen).to(dtype)
+        k = torch.randn(t, kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(t, kv_heads, head_dim, generator=gen).to(dtype)
+        outs = {name: b.forward(q, k, v, *caches[name], meta, 0.125, window) for name, b in backends.items()}
+        for a, b in zip(caches["triton"], caches["eager"]):
+            assert torch.equal(a, b)
+        assert outs["triton"].dtype == dtype
+        # eager runs in `dtype` too, so compare both with the float64 reference over the same cache
+        ref = reference_attention(q, *caches["eager"], meta, 0.125, window)
+        assert_close(outs["triton"], ref, tol)
+        assert_close(outs["eager"], ref, max(tol, 1e-2 if dtype == torch.float16 else tol))
+
+
+def test_backend_decode_uses_splits_and_matches():
+    """A decode step through the backend with a context long enough to be split."""
+    q, kc, vc, meta = paged_problem([1, 1], [300, 17], kv_heads=1, group=2, head_dim=64)
+    assert meta.is_decode
+    out = TritonBackend().attend(q, kc, vc, meta, 0.125, None)
+    assert_close(out, reference_attention(q, kc, vc, meta, 0.125), FP32_TOL)
+
+
+def test_write_kv_then_read_through_decode():
+    """KV written by write_kv at page edges is what the decode kernel reads."""
+    q, kc, vc, meta = paged_problem([1, 1], [16, 17], group=1)
+    k = torch.randn(2, 2, 64)
+    v = torch.randn(2, 2, 64)
+    write_kv(k, v, kc, vc, meta)
+    out = TritonBackend().attend(q, kc, vc, meta, 0.125, None)
+    assert_close(out, reference_attention(q, kc, vc, meta, 0.125), FP32_TOL)
+
+
+def test_probe_on_cpu_in_interpreter():
+    result = TritonBackend().probe(cpu_device())
+    assert result.available, result.reason
+    assert result.seconds is not None
+    assert TritonBackend.capabilities.cpu and TritonBackend().capabilities.cpu
+
+
+def test_probe_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    result = TritonBackend().probe(cpu_device())
+    assert not result.available
+    assert result.reason == "Triton needs a CUDA GPU; set TRITON_INTERPRET=1 to run it in the interpreter"
+    assert not TritonBackend.capabilities.cpu
+
+
+def test_probe_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    result = TritonBackend().probe(cpu_device())
+    assert (result.available, result.reason) == (False, "triton is not installed")
+
+
+def test_probe_refuses_old_and_simulated_gpus():
+    backend = TritonBackend()
+    p100 = DeviceInfo(index=0, kind="cuda", name="Tesla P100", compute_capability=(6, 0))
+    assert "7.0" in backend.probe(p100).reason and not backend.probe(p100).available
+    t4 = DeviceInfo(index=0, kind="cuda", name="T4", compute_capability=(7, 5), simulated=True)
+    assert not backend.probe(t4).available
+
+
+def test_capabilities_and_dtypes():
+    caps = TritonBackend.capabilities
+    assert (caps.paged, caps.varlen, caps.gqa, caps.sliding_window) == (True, True, True, True)
+    assert caps.min_compute_capability == (7, 0) and caps.package == "triton"
+    assert TritonBackend.prefers_sdpa_prefill_below_sm80
+    assert torch.bfloat16 not in dtypes_for((7, 5))
+    assert torch.bfloat16 in dtypes_for((8, 0))
+    t4 = DeviceInfo(index=0, kind="cuda", name="T4", compute_capability=(7, 5))
+    assert TritonBackend().capabilities_for(t4).dtypes == (torch.float16, torch.float32)
+
+
+def test_import_does_not_import_triton():
+    code = "import sys, lowgear.attention.triton, lowgear.attention.kernels; assert 'triton' not in sys.modules"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
