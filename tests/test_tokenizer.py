@@ -304,7 +304,29 @@ def test_bad_paths_are_clear_errors(tmp_path):
 
 
 def test_accepts_a_config_like_source(tmp_path):
-    class FakeConfig:
-        model_dir = tiny_gpt2_gguf(tmp_path / "t.gguf", "gpt-2")
+    path = tiny_gpt2_gguf(tmp_path / "t.gguf", "gpt-2")
+    fields = gguf.GGUFReader(path).fields
+    asked = []
 
-    assert Tokenizer(FakeConfig()).vocab_size == 263
+    class FakeWeights:  # a weights source that has parsed the header already
+        def metadata(self, key, default=None):
+            asked.append(key)
+            return fields[key].contents() if key in fields else default
+
+    class FakeConfig:
+        model_dir = path
+        source = FakeWeights()
+
+    FakeWeights.path = path
+    tok = Tokenizer(FakeConfig())
+    assert tok.vocab_size == 263 and "tokenizer.ggml.tokens" in asked
+    assert tok.encode_ids(" the") == Tokenizer(path).encode_ids(" the")
+
+
+def test_lowgear_config_route(smol):
+    import lowgear
+
+    tok = Tokenizer(lowgear.Config(SMOL))
+    text = "<|im_start|>user\nx  1 héllo<|im_end|>"
+    assert tok.encode_ids(text, encode_special_tokens=True) == smol.encode_ids(text, encode_special_tokens=True)
+    assert tok.chat_template == smol.chat_template and tok.stop_token_ids == smol.stop_token_ids

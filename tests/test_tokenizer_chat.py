@@ -21,7 +21,9 @@ WITH_SYSTEM = [{"role": "system", "content": "You are terse."}] + CONVERSATION
 
 @pytest.fixture(scope="module")
 def smol():
-    return Tokenizer(SMOL)
+    import lowgear
+
+    return Tokenizer(lowgear.Config(SMOL))  # the user's route; reuses the header the Config parsed
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -134,25 +135,22 @@ class GGUFVocab:
         return self.model == "gpt2"
 
 
-def _value(fields, key, default=None):
-    f = fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def read_gguf_vocab(path: str | os.PathLike, metadata: Callable[[str], Any] | None = None) -> GGUFVocab:
+    """Read the `tokenizer.*` keys of a GGUF file (the header only, not the weights).
 
-
-def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
-    """Read the `tokenizer.*` keys of a GGUF file (the header only, not the weights)."""
-    import gguf
-
+    `metadata(key) -> value or None` reuses a header already parsed (the weights source's); without
+    it the file is opened with gguf's reader.
+    """
     path = os.fspath(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
-        raise ModelFormatError(f"{path!r} is not a readable GGUF file ({e}): check the file is complete") from e
-    fields = reader.fields
-    model = _value(fields, "tokenizer.ggml.model")
-    tokens = _value(fields, "tokenizer.ggml.tokens")
+    if metadata is None:
+        metadata = _open_metadata(path)
+
+    def _value(key, default=None):
+        value = metadata(key)
+        return default if value is None else value
+
+    model = _value("tokenizer.ggml.model")
+    tokens = _value("tokenizer.ggml.tokens")
     if model is None or not tokens:
         raise ModelFormatError(
             f"{path!r} has no tokenizer metadata (tokenizer.ggml.model / tokenizer.ggml.tokens): "
@@ -163,24 +161,24 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
             f"{path!r} uses tokenizer model {model!r}; lowgear supports 'gpt2' (byte-level BPE) and "
             "'llama' (SentencePiece BPE): load the tokenizer from the model's HF folder instead"
         )
-    types = _value(fields, "tokenizer.ggml.token_type")
+    types = _value("tokenizer.ggml.token_type")
     if types is None:
         types = _guess_token_types(tokens, model)
     if len(types) != len(tokens):
         raise ModelFormatError(f"{path!r}: {len(tokens)} tokens but {len(types)} token types: the file is corrupt")
 
     def token_id(key):
-        v = _value(fields, f"tokenizer.ggml.{key}")
+        v = _value(f"tokenizer.ggml.{key}")
         return int(v) if v is not None and 0 <= int(v) < len(tokens) else None
 
-    add_bos = _value(fields, "tokenizer.ggml.add_bos_token")
+    add_bos = _value("tokenizer.ggml.add_bos_token")
     return GGUFVocab(
         model=model,
-        pre=_value(fields, "tokenizer.ggml.pre"),
+        pre=_value("tokenizer.ggml.pre"),
         tokens=list(tokens),
         token_types=[int(t) for t in types],
-        scores=_value(fields, "tokenizer.ggml.scores"),
-        merges=_value(fields, "tokenizer.ggml.merges"),
+        scores=_value("tokenizer.ggml.scores"),
+        merges=_value("tokenizer.ggml.merges"),
         bos_token_id=token_id("bos_token_id"),
         eos_token_id=token_id("eos_token_id"),
         pad_token_id=token_id("padding_token_id"),
@@ -188,10 +186,25 @@ def read_gguf_vocab(path: str | os.PathLike) -> GGUFVocab:
         eot_token_id=token_id("eot_token_id"),
         # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise
         add_bos=bool(add_bos) if add_bos is not None else model == "llama",
-        add_eos=bool(_value(fields, "tokenizer.ggml.add_eos_token", False)),
-        add_space_prefix=bool(_value(fields, "tokenizer.ggml.add_space_prefix", model == "llama")),
-        chat_template=_value(fields, "tokenizer.chat_template"),
+        add_eos=bool(_value("tokenizer.ggml.add_eos_token", False)),
+        add_space_prefix=bool(_value("tokenizer.ggml.add_space_prefix", model == "llama")),
+        chat_template=_value("tokenizer.chat_template"),
     )
+
+
+def _open_metadata(path: str) -> Callable[[str], Any]:
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(path).fields
+    except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
+        raise ModelFormatError(f"{path!r} is not a readable GGUF file ({e}): check the file is complete") from e
+
+    def get(key):
+        f = fields.get(key)
+        return None if f is None else f.contents()
+
+    return get
 
 
 def _guess_token_types(tokens: list[str], model: str) -> list[int]:

@@ -38,6 +38,17 @@ def _source_path(source) -> str:
     return path
 
 
+def _parsed_metadata(source):
+    """A Config's already-opened weights source reads GGUF keys without parsing the header again."""
+    if isinstance(source, (str, os.PathLike)):
+        return None
+    weights = getattr(source, "_source", None) or getattr(source, "source", None)
+    getter = getattr(weights, "metadata", None)
+    if not callable(getter) or os.fspath(getattr(weights, "path", "")) != os.fspath(source.model_dir):
+        return None
+    return lambda key: getter(key, None)
+
+
 class Tokenizer:
     """Tokenizer(config_or_path): a lowgear Config, a .gguf file or a Hugging Face model folder."""
 
@@ -46,7 +57,7 @@ class Tokenizer:
         if os.path.isdir(self.path):
             self._load_hf_folder(self.path)
         else:
-            self._load_gguf(self.path)
+            self._load_gguf(self.path, _parsed_metadata(source))
         # A twin that reads special-token text as plain text: the default for encode(), kept as a
         # second object so no per-call flag flips shared state.
         self._text_tok = HFTokenizer.from_str(self._tok.to_str())
@@ -55,8 +66,8 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading
 
-    def _load_gguf(self, path: str) -> None:
-        vocab = gv.read_gguf_vocab(path)
+    def _load_gguf(self, path: str, metadata=None) -> None:
+        vocab = gv.read_gguf_vocab(path, metadata)
         self._tok = gv.build_tokenizer(vocab)
         self.pieces = vocab.tokens
         self.byte_level = vocab.byte_level
