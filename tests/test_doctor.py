@@ -1,0 +1,142 @@
+"""lowgear doctor: "what will run on this T4 and how much context fits", on simulated machines."""
+
+import argparse
+import json
+
+import pytest
+
+from lowgear import doctor, hardware, placement
+from lowgear.attention import select
+from lowgear.config import Config
+from lowgear.weights.spec import ModelSpec, TensorInfo
+
+LLAMA3_8B = ModelSpec(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                      num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192, name="Llama-3-8B")
+Q4_K_BYTES_PER_256 = 144
+
+
+class StubSource:
+    """A WeightSource with Llama-3-8B's tensors, stored as Q4_K (or F16), without any data."""
+
+    def __init__(self, spec=LLAMA3_8B, qtype="Q4_K"):
+        self.spec = spec
+        h, kv, inter = spec.hidden_size, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
+        shapes = {"embed": (spec.vocab_size, h), "norm": (h,), "lm_head": (spec.vocab_size, h)}
+        for i in range(spec.num_layers):
+            p = f"layers.{i}."
+            shapes.update({p + "attn_norm": (h,), p + "ffn_norm": (h,), p + "q": (h, h), p + "k": (kv, h),
+                           p + "v": (kv, h), p + "o": (h, h), p + "gate": (inter, h), p + "up": (inter, h),
+                           p + "down": (h, inter)})
+        self._info = {}
+        for name, shape in shapes.items():
+            numel = 1
+            for n in shape:
+                numel *= n
+            t = qtype if len(shape) == 2 else "F32"
+            nbytes = numel // 256 * Q4_K_BYTES_PER_256 if t == "Q4_K" else numel * (2 if t == "F16" else 4)
+            self._info[name] = TensorInfo(t, shape, nbytes)
+
+    def names(self):
+        return list(self._info)
+
+    def nbytes(self, name):
+        return self._info[name].nbytes
+
+    def info(self, name):
+        return self._info[name]
+
+    def get(self, name):
+        raise AssertionError("doctor must not read tensor data")
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch):
+    for var in ("LOWGEAR_SIMULATE", "LOWGEAR_NO_FLASH_ATTN", "LOWGEAR_NO_SDPA", "LOWGEAR_ATTN_BACKEND",
+                "LOWGEAR_DEVICES", "LOWGEAR_DTYPE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+        monkeypatch.delenv(var, raising=False)
+    select.clear_cache()
+
+
+def t4_report(monkeypatch, **kw):
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "t4")
+    return doctor.collect(**kw)
+
+
+def test_t4_rung_and_reasons(monkeypatch):
+    report = t4_report(monkeypatch)
+    gpu = report["attention"][0]
+    assert gpu["device"] == "cuda:0" and gpu["dtype"] == "float16" and gpu["chosen"] == "sdpa"
+    flash = next(x for x in gpu["log"] if x["name"] == "flash_attn")
+    assert flash["status"] == "skipped" and flash["reason"] == "needs sm_80 (device is sm_75)"
+    text = doctor.render(report)
+    assert "float16 → sdpa" in text and "needs sm_80 (device is sm_75)" in text
+    assert "SIMULATED" in text and "LOWGEAR_SIMULATE=t4" in text
+    assert len(text.splitlines()) < 40
+
+
+def test_t4_fits_8b_q4_and_says_how_much(monkeypatch):
+    report = t4_report(monkeypatch, config=Config(), source=StubSource())
+    m = report["model"]
+    assert m["quant_types"]["Q4_K"] > 4 * 10**9 and m["dtype"] == "float16"
+    assert m["cache_bytes_per_token"] == 131072 and m["cache_bytes_per_1k_tokens"] == 131072000
+    t4 = hardware.list_devices()[0]
+    per_layer, other, _ = doctor._on_device_bytes(StubSource(), LLAMA3_8B, __import__("torch").float16)
+    expected = placement.plan(LLAMA3_8B, per_layer, other, [t4], 2 * 8 * 128 * 2, "auto", 512 * 2**20).max_seq_len
+    fit = m["fits"][0]
+    assert fit["device"] == "cuda:0" and fit["tokens"] == expected and 50_000 < expected < 100_000
+    assert m["placement"]["max_seq_len"] == 8192 and m["placement_error"] is None
+    ceiling = m["decode_ceiling"]
+    assert 50 < ceiling["tokens_per_s_empty"] < 80  # 320 GB/s over ~4.6 GB
+    assert ceiling["tokens_per_s_full"] < ceiling["tokens_per_s_empty"]
+    text = doctor.render(report)
+    assert f"{expected:,} tokens of cache fit" in text
+    assert "decode ceiling" in text
+
+
+def test_8b_fp16_needs_both_t4(monkeypatch):
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "t4,t4")
+    report = doctor.collect(source=StubSource(qtype="F16"))
+    m = report["model"]
+    assert all(f["error"] and "missing" in f["error"] for f in m["fits"] if f["device"] != "cpu")
+    placed = m["placement"]["devices"]
+    assert [p["device"] for p in placed] == ["cuda:0", "cuda:1"]
+    assert "cuda:1 (Tesla T4): layers" in doctor.render(report)
+
+
+def test_unusable_device_is_explained(monkeypatch):
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "p100,arch=sm_75+sm_80+sm_90")
+    report = doctor.collect()
+    assert not report["devices"][0]["usable"]
+    text = doctor.render(report)
+    assert "UNUSABLE" in text and "cu126" in text
+    assert report["selected_devices"] == ["cpu"]
+
+
+def test_real_synthetic_gguf(monkeypatch, tmp_path):
+    from lowgear import synthetic
+
+    path = synthetic.write_gguf(tmp_path / "tiny.gguf", hidden_size=64, num_layers=2, qtype="Q4_0")
+    report = t4_report(monkeypatch, model_path=str(path))
+    m = report["model"]
+    assert m["format"] == "gguf" and m["arch"] == "llama" and "Q4_0" in m["quant_types"]
+    assert m["fits"][0]["tokens"] > 1_000_000
+
+
+def test_cli_hooks_json(monkeypatch, capsys):
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "t4")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    doctor.add_parser(sub)
+    args = parser.parse_args(["doctor", "--json", "--devices", "0"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["attention"][0]["chosen"] == "sdpa"
+    assert report["selected_devices"] == ["cuda:0"]
+    assert report["env"]["LOWGEAR_SIMULATE"]["value"] == "t4"
+
+
+def test_bad_device_is_an_error_line(monkeypatch):
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "t4")
+    report = doctor.collect(devices=["cuda:3"])
+    assert any("no CUDA device" in e for e in report["errors"])
+    assert "error: no CUDA device" in doctor.render(report)
