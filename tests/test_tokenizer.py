@@ -223,7 +223,9 @@ def test_sentencepiece_pieces_bytes_and_spaces(spm_path):
     pieces = lambda text, **kw: [tok.id_to_piece(i) for i in tok.encode_ids(text, **kw)]  # noqa: E731
     assert pieces("hello world") == ["▁hello", "▁world"]
     assert pieces("é") == ["▁", "<0xC3>", "<0xA9>"]
-    # llama.cpp prepends one space to the text and to every stretch after a special token
+    # llama.cpp (and SentencePiece's add_dummy_prefix) prepends one space to the text and to every
+    # stretch after a special token; transformers' GGUF loader does neither (" hello" -> "▁hello",
+    # "<s>hello" -> "<s>", "he", "llo"), which is why SPM_TEXTS avoids these two cases.
     assert pieces(" hello") == ["▁", "▁hello"]
     assert pieces("<s>hello", encode_special_tokens=True) == ["<s>", "▁hello"]
     assert pieces("<s>hello") == ["▁", "<0x3C>", "s", "<0x3E>", "he", "llo"]
@@ -232,6 +234,16 @@ def test_sentencepiece_pieces_bytes_and_spaces(spm_path):
     assert tok.token_bytes(tok.piece_to_id("<0x0A>")) == b"\n"
     assert tok.token_bytes(1) == b"" and tok.token_bytes(0) == b""
     assert tok.stop_token_ids == {2}
+
+
+def test_sentencepiece_without_space_prefix(tmp_path):
+    tokens, types, scores = spm_vocab()
+    path = write_vocab_gguf(tmp_path / "nospace.gguf", "llama", tokens, types, scores, add_space_prefix=False, add_bos_token=False)
+    tok = Tokenizer(path)
+    assert tok.add_bos_default is False
+    ids = tok.encode_ids("hello world")
+    assert [tok.id_to_piece(i) for i in ids] == ["he", "llo", "▁world"]
+    assert tok.decode(ids) == "hello world"
 
 
 def test_derived_merges_rank_by_score():
