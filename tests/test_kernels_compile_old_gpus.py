@@ -1,0 +1,135 @@
+"""Every attention kernel compiles for Volta (sm_70) and Turing (sm_75), with no GPU present.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs Triton's whole pipeline
+down to PTX and cubin on any machine. It runs in a subprocess with TRITON_INTERPRET removed from
+the environment: under the interpreter `@triton.jit` returns interpreted functions, which cannot be
+compiled. The decode kernel must contain no tensor-core `mma` (it uses no `tl.dot`); the prefill
+kernel compiled for sm_80 must contain some, which shows the check can see them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from lowgear.attention.kernels import paged_decode as D, paged_prefill as P
+assert not D.INTERPRETED and not P.INTERPRETED
+
+INT_PTRS = {"block_tables_ptr", "kv_lens_ptr", "cu_q_lens_ptr"}
+FP32_PTRS = {"part_o_ptr", "part_lse_ptr"}
+
+def signature(kernel, dtype, constexprs):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in INT_PTRS:
+            sig[name] = "*i32"
+        elif name in FP32_PTRS:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + dtype
+        elif name == "scale_log2":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+def decode(group, head_dim, splits):
+    return dict(GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim,
+                PAGE_SIZE=256, BLOCK_N=D.block_n_for(group, head_dim), NUM_SPLITS=splits, DIRECT=splits == 1,
+                WHILE_LOOP=False)
+
+def reduce(head_dim, splits):
+    return dict(HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, NUM_SPLITS=splits, NUM_SPLITS_P=triton.next_power_of_2(splits))
+
+def prefill(group, head_dim, ieee):
+    block_m, block_n = P.blocks_for(head_dim, interpreted=False)
+    return dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_M=block_m,
+                BLOCK_N=block_n, IEEE=ieee, WHILE_LOOP=False)
+
+CASES = []
+for arch in (70, 75):
+    CASES += [
+        ("decode", D.paged_decode_kernel, arch, "fp16", decode(4, 128, 8)),
+        ("decode_direct", D.paged_decode_kernel, arch, "fp16", decode(1, 64, 1)),
+        ("decode_reduce", D.paged_decode_reduce_kernel, arch, "fp16", reduce(128, 8)),
+        ("prefill", P.paged_prefill_kernel, arch, "fp16", prefill(4, 128, False)),
+    ]
+CASES += [
+    ("decode", D.paged_decode_kernel, 75, "fp32", decode(8, 128, 4)),
+    ("prefill", P.paged_prefill_kernel, 75, "fp32", prefill(1, 64, True)),
+    ("prefill", P.paged_prefill_kernel, 80, "fp16", prefill(4, 128, False)),
+]
+results = []
+for name, kernel, arch, dtype, constexprs in CASES:
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    ptx = compiled.asm["ptx"]
+    results.append(dict(name=name, arch=arch, dtype=dtype, mma=len(re.findall(r"\bmma\.", ptx)),
+                        fma=len(re.findall(r"\bfma\.", ptx)), shared=compiled.metadata.shared,
+                        cubin=len(compiled.asm["cubin"])))
+print("RESULTS" + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
+    return json.loads(line[len("RESULTS") :])
+
+
+def find(results, name, arch, dtype="fp16"):
+    return next(r for r in results if (r["name"], r["arch"], r["dtype"]) == (name, arch, dtype))
+
+
+@pytest.mark.parametrize("arch", [70, 75])
+@pytest.mark.parametrize("name", ["decode", "decode_direct", "decode_reduce", "prefill"])
+def test_kernel_compiles_for_old_gpus(compiled, name, arch):
+    r = find(compiled, name, arch)
+    assert r["cubin"] > 0
+    # T4 (sm_75) gives a block at most 64 KiB of shared memory; V100 (sm_70) 96 KiB.
+    assert r["shared"] <= (64 if arch == 75 else 96) * 1024
+
+
+@pytest.mark.parametrize("arch,dtype", [(70, "fp16"), (75, "fp16"), (75, "fp32")])
+def test_decode_kernel_has_no_tensor_core_mma(compiled, arch, dtype):
+    """DESIGN: decode kernels avoid tl.dot, so they are plain loads and FMAs on every GPU."""
+    r = find(compiled, "decode", arch, dtype)
+    assert r["mma"] == 0
+    assert r["fma"] > 0
+    assert find(compiled, "decode_direct", arch if dtype == "fp16" else 75)["mma"] == 0
+
+
+def test_prefill_on_sm80_uses_mma_so_the_check_can_see_it(compiled):
+    assert find(compiled, "prefill", 80)["mma"] > 0
+    # and below sm_80 tl.dot becomes FMAs: why prefill prefers sdpa there
+    assert find(compiled, "prefill", 75)["mma"] == 0
+
+
+def test_fp32_prefill_compiles_with_ieee_dot(compiled):
+    r = find(compiled, "prefill", 75, "fp32")
+    assert r["cubin"] > 0 and r["shared"] <= 64 * 1024
+
+
+def test_no_tl_dot_in_decode_source():
+    source = (SRC / "lowgear/attention/kernels/paged_decode.py").read_text()
+    assert not re.search(r"tl\.dot\(", source)
