@@ -31,11 +31,12 @@ def random_packed(qtype: str, n: int, k: int, device="cuda", seed: int = 0) -> t
 
 
 def bench_gemv(qtype: str, n: int, k: int, m: int = 1, dtype: torch.dtype = torch.float16,
-               iters: int = 200, warmup: int = 20, device: str = "cuda") -> dict:
+               iters: int = 200, warmup: int = 20, device: str = "cuda", graph: bool = True) -> dict:
     """Time packed_matmul on one weight shape; returns us per call and GB/s of weight bytes read.
 
-    Weights are random (speed does not depend on values). For fp16/bf16/fp32 `qtype`s the "packed"
-    bytes are the plain weight. L2 is not flushed: a 4096x4096 Q4 weight (9 MB) fits an H100's
+    With `graph` (default) the calls are captured once in a CUDA graph and replayed, as the decode
+    step is, so the number is the kernel's; graph=False includes the Python launch cost. Weights are
+    random (speed does not depend on values). For F16/BF16/F32 the "packed" bytes are the plain weight. L2 is not flushed: a 4096x4096 Q4 weight (9 MB) fits an H100's
     50 MB L2, so report shapes larger than L2 (or several weights in rotation) as the roofline number.
     """
     float_types = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -44,14 +45,26 @@ def bench_gemv(qtype: str, n: int, k: int, m: int = 1, dtype: torch.dtype = torc
     else:
         data = random_packed(qtype, n, k, device)
     x = torch.randn(m, k, device=device, dtype=dtype)
+    y = packed_matmul(x, qtype, data, n, k)
     for _ in range(warmup):
         packed_matmul(x, qtype, data, n, k)
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        packed_matmul(x, qtype, data, n, k)
-    stop.record()
+    if graph:  # replaying a captured graph times the kernels, not Python's launch overhead
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                y = packed_matmul(x, qtype, data, n, k)
+        g.replay()
+        torch.cuda.synchronize()
+        start.record()
+        g.replay()
+        stop.record()
+    else:
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            packed_matmul(x, qtype, data, n, k)
+        stop.record()
     torch.cuda.synchronize()
     seconds = start.elapsed_time(stop) / 1e3 / iters
     nbytes = data.numel() * data.element_size()
@@ -109,4 +122,18 @@ if __name__ == "__main__":
         for n, k in SHAPES:
             for m in (1, 4, 16):
                 r = bench_gemv(qtype, n, k, m)
-                print(f"{qtype:5s} {n:6d}x{k:<6d} m={m:<3d} {r['us']:9.1f} us {r['GB/s']:8.1f} GB/s")
+                eager = bench_gemv(qtype, n, k, m, graph=False)
+                print(f"{qtype:5s} {n:6d}x{k:<6d} m={m:<3d} {r['us']:9.1f} us {r['GB/s']:8.1f} GB/s"
+                      f"   (eager launches: {eager['us']:7.1f} us)")
+        for n, k in SHAPES[1:2]:  # the prefill alternative for the larger M: tile dequant + cuBLAS
+            data = random_packed(qtype, n, k) if qtype != "F16" else None
+            if data is not None:
+                x = torch.randn(16, k, device="cuda", dtype=torch.float16)
+                x @ dequantize_tile(qtype, data, 0, n, torch.float16).t()  # compile outside the timing
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    x @ dequantize_tile(qtype, data, 0, n, torch.float16).t()
+                stop.record()
+                torch.cuda.synchronize()
+                print(f"{qtype:5s} {n:6d}x{k:<6d} m=16  dequant+matmul {start.elapsed_time(stop) / 20 * 1e3:9.1f} us")
