@@ -145,12 +145,16 @@ _SCALE_FIELDS = {
 }
 
 
+def _random_bytes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n random bytes in one writable allocation (raw 64-bit draws viewed as bytes)."""
+    return rng.bit_generator.random_raw(-(-n // 8)).view(np.uint8)[:n]
+
+
 def random_blocks(rng: np.random.Generator, qtype: str, rows: int, cols: int, std: float = WEIGHT_STD) -> np.ndarray:
     """Random well-formed packed rows uint8 [rows, row_bytes]: random bits, sane finite f16 scales."""
     fmt = QUANT_FORMATS[qtype]
     nblocks = cols // fmt.block_size
-    data = np.frombuffer(rng.bytes(rows * nblocks * fmt.block_bytes), dtype=np.uint8).copy()
-    blocks = data.reshape(rows, nblocks, fmt.block_bytes)
+    blocks = _random_bytes(rng, rows * nblocks * fmt.block_bytes).reshape(rows, nblocks, fmt.block_bytes)
     fields, base = _SCALE_FIELDS[qtype]
     d = (std * base * rng.uniform(0.5, 1.5, (rows, nblocks))).astype(np.float32)
     for offset, mult in fields:
@@ -351,7 +355,7 @@ def write_gguf(
         elif ty in QUANT_FORMATS:
             arr = _packed_values(rng, ty, t, std)
         else:  # a type lowgear cannot read (for error tests): random bytes of the right size
-            arr = np.frombuffer(rng.bytes(stored(t)[2]), dtype=np.uint8).reshape(stored(t)[0])
+            arr = _random_bytes(rng, stored(t)[2]).reshape(stored(t)[0])
         w.write_tensor_data(arr)
         if bar is not None:
             bar.update(arr.nbytes)
@@ -409,7 +413,7 @@ def _write_safetensors(path: str, plan: list[TensorPlan], st_type: str, itemsize
         f.write(blob)
         for t in plan:
             arr = make(t)
-            f.write(np.ascontiguousarray(arr).tobytes())
+            np.ascontiguousarray(arr).tofile(f)
             if bar is not None:
                 bar.update(arr.nbytes)
 
