@@ -1,0 +1,106 @@
+"""`lowgear bench` end to end on the CPU with the tiny preset: the JSON's structure and its arithmetic.
+
+No timed assertions: the figures of a shared CPU are noise. What is checked is that every figure
+carries its device and shape, that roofline and FLOP percentages are computed from this run's own
+measurements, and that each ratio to transformers divides two figures of the same run.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lowgear import bench
+from lowgear.cli import make_parser
+
+
+def _run(tmp_path, *extra):
+    args = make_parser().parse_args(["bench", "--preset", "tiny", "--device", "cpu", "--quick", "--out", str(tmp_path), *extra])
+    assert args.func(args) == 0
+    with open(tmp_path / "bench.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return _run(tmp_path_factory.mktemp("bench"))
+
+
+def test_report_structure(report, tmp_path_factory):
+    assert report["schema"] == 1
+    assert report["device"]["device"] == "cpu"
+    m = report["measured"]
+    assert m["bandwidth_bytes_per_s"] > 0 and m["matmul_flops_per_s"] > 0
+    kinds = {(r["engine"], r["kind"]) for r in report["results"]}
+    assert {("lowgear", "decode"), ("lowgear", "prefill"), ("lowgear", "generate"),
+            ("transformers", "decode"), ("transformers", "prefill")} <= kinds
+    for r in report["results"]:
+        for key in ("device", "shape", "dtype", "batch", "context", "rung", "quant", "ms_per_step"):
+            assert key in r, (key, r)
+    assert {m["quant"] for m in report["models"]} == {"float", "q4_0"}
+    assert report["plot"] in ("bench.png", None)
+
+
+def test_every_rung_accounted_for(report):
+    rungs = {r["rung"] for r in report["rungs"]}
+    assert {"sdpa", "eager", bench.T4_RUNG} <= rungs
+    t4 = [r for r in report["rungs"] if r["rung"] == bench.T4_RUNG and r["available"]]
+    assert t4 and all(r["dtype"] == "float16" for r in t4)
+    ran = {(r["rung"], r["quant"]) for r in report["results"] if r["engine"] == "lowgear"}
+    for entry in report["rungs"]:
+        assert ((entry["rung"], entry["quant"]) in ran) == entry["available"], entry
+    flash = next(r for r in report["rungs"] if r["rung"] == "flash_attn")
+    assert not flash["available"] and flash["reason"]
+
+
+def test_figures_use_this_runs_ceilings(report):
+    bw, peak = report["measured"]["bandwidth_bytes_per_s"], report["measured"]["matmul_flops_per_s"]
+    spec = bench.PRESETS["tiny"]
+    for r in report["results"]:
+        if r["engine"] == "lowgear" and r["kind"] == "decode":
+            elt = 2 if r["dtype"] == "float16" else 4
+            kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elt * r["batch"] * (r["context"] + 1)
+            assert r["kv_bytes_per_step"] == kv
+            assert r["bytes_per_step"] == r["weight_bytes_per_step"] + kv
+            assert math.isclose(r["roofline_ms"], r["bytes_per_step"] / bw * 1e3)
+            assert math.isclose(r["pct_roofline"], 100 * r["roofline_ms"] / r["ms_per_step"])
+            assert math.isclose(r["tokens_per_s"], r["batch"] / (r["ms_per_step"] / 1e3))
+        if r["kind"] == "prefill":
+            assert r["flops"] == bench.prefill_flops(spec, r["context"])
+            assert math.isclose(r["pct_peak_flops"], 100 * r["flops"] / (r["ms_per_step"] / 1e3) / peak)
+        if r["kind"] == "generate":
+            assert r["ttft_ms"] > 0
+
+
+def test_ratios_come_from_the_same_run(report):
+    peers = [r for r in report["results"] if r["engine"] == "transformers"]
+    compared = [r for r in report["results"] if "vs_transformers" in r]
+    assert compared
+    for r in compared:
+        same = [p for p in peers if (p["model"], p["kind"], p["batch"], p["context"]) == (r["model"], r["kind"], r["batch"], r["context"])]
+        best = max(same, key=lambda p: p["tokens_per_s"])
+        vs = r["vs_transformers"]
+        assert vs["tokens_per_s"] == best["tokens_per_s"] and vs["attn"] == best["rung"]
+        assert math.isclose(vs["ratio"], r["tokens_per_s"] / best["tokens_per_s"])
+
+
+def test_weight_bytes_skip_the_embedding_table():
+    spec = bench.PRESETS["llama3-8b"]
+    source = bench.RandomSource(spec, None, torch.device("meta"), torch.float16)
+    total = sum(source.nbytes(n) for n in source.names())
+    assert abs(total / 1e9 - 16.06) < 0.05  # Llama-3-8B in float16
+    packed = bench.RandomSource(spec, "Q4_0", torch.device("meta"), torch.float16)
+    linear = sum(packed.nbytes(n) for n in packed.names() if n.startswith("layers.") and packed.info(n).qtype == "Q4_0")
+    assert packed.info("layers.0.q").nbytes == 4096 * 4096 // 32 * 18
+    assert linear < total / 3
+
+
+def test_plot_only_redraws(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "again.json"
+    path.write_text(json.dumps(report))
+    args = make_parser().parse_args(["bench", "--plot-only", str(path)])
+    assert args.func(args) == 0
+    assert (tmp_path / "again.png").stat().st_size > 0
