@@ -87,7 +87,7 @@ def test_prefix_sharing_allocates_shared_pages_once(tiny_gguf):
     a = prefix + torch.randint(3, 200, (7,), generator=g).tolist()
     b = prefix + torch.randint(3, 200, (11,), generator=g).tolist()
     plain = make(tiny_gguf, "eager", max_seq_len=4096, page_size=256, max_batch_size=1, paged=False)
-    expected = [run(plain, [a])[0], run(plain, [b])[0]]
+    expected = [run(plain, [a], max_new=8)[0], run(plain, [b], max_new=8)[0]]
 
     gen = make(tiny_gguf, "eager", max_seq_len=4096, page_size=256, max_batch_size=2)
     job_a = lg.DynamicJob(a, max_new_tokens=8, gen_settings=lg.Sampler.Settings.greedy())

@@ -7,6 +7,8 @@ one at a time (with a progress bar), so peak host memory stays one layer above t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -16,24 +18,25 @@ from .dtypes import common_dtype
 from .placement import plan as plan_placement
 
 
-def _layer_bytes(source, spec, dtype: torch.dtype) -> tuple[list[int], int]:
-    """Bytes per decoder layer and for everything else, as they will sit on the device."""
+def _layer_bytes(source, spec, dtype: torch.dtype) -> tuple[list[int], dict[str, int]]:
+    """Bytes per decoder layer, and of embed / norm / lm_head, as they will sit on the device."""
     names = source.names()
     elt = torch.empty((), dtype=dtype).element_size()
 
     def size(name: str) -> int:
-        got = source.nbytes(name)
-        info = getattr(source, "float_elements", None)
-        n = info(name) if info is not None else None
-        return n * elt if n is not None else got
+        """Packed weights keep their bytes; float ones take the model dtype's (F16 → float32 on CPU doubles)."""
+        info = source.info(name)
+        if info.qtype not in ("F32", "F16", "BF16"):
+            return info.nbytes
+        return math.prod(info.shape) * elt
 
     per_layer = [0] * spec.num_layers
-    other = 0
+    other: dict[str, int] = {}
     for name in names:
         if name.startswith("layers."):
             per_layer[int(name.split(".")[1])] += size(name)
         else:
-            other += size(name)
+            other[name] = other.get(name, 0) + size(name)
     return per_layer, other
 
 

@@ -1,0 +1,1 @@
+"""Scheduling and sampling: DynamicGenerator, jobs, the sampler, stop strings, streamed text."""
