@@ -112,7 +112,7 @@ def start_model_server(*args: str, timeout: float = 240.0):
     import lowgear
 
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = user_env()
     cmd = [sys.executable, "-c", "import sys, lowgear.server as s; sys.exit(s.main(sys.argv[1:]))",
            "--model", lowgear.default_model_path(), "--port", str(port), "--log-level", "warning", *args]
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lowgear-serve-{port}.log"), "w+")
@@ -132,6 +132,14 @@ def start_model_server(*args: str, timeout: float = 240.0):
     proc.kill()
     log.seek(0)
     raise RuntimeError(f"lowgear serve did not become healthy in {timeout}s:\n{log.read()}")
+
+
+def user_env() -> dict:
+    """The environment a user's shell would have: conftest's TRITON_INTERPRET (for kernel tests) removed,
+    so the server runs the CPU paths a user gets, not Triton's interpreter."""
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    return env
 
 
 def stop_model_server(proc) -> None:
@@ -457,18 +465,33 @@ def real():
     stop_model_server(proc)
 
 
-@pytest.fixture(scope="module")
-def python_api():
-    import lowgear as lg
+PYTHON_API = """
+import json, sys
+import lowgear as lg
+ctx, prompt, chat, n = json.loads(sys.argv[1])
+config = lg.Config(lg.default_model_path())
+config.max_seq_len = ctx
+model = lg.Model(config)
+cache = lg.Cache(model, max_seq_len=ctx, page_size=256)
+model.load_autosplit(cache)
+tok = lg.Tokenizer(config)
+gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, paged=True, max_batch_size=4)
+greedy = lg.Sampler.Settings.greedy()
+plain = gen.generate(prompt=prompt, max_new_tokens=n, gen_settings=greedy, add_bos=tok.add_bos_default,
+                     completion_only=True)
+chat_text = gen.generate(prompt=tok.apply_chat_template(chat, add_generation_prompt=True), max_new_tokens=n,
+                         gen_settings=greedy, encode_special_tokens=True, completion_only=True)
+print(json.dumps([plain, chat_text]))
+"""
 
-    config = lg.Config(lg.default_model_path())
-    config.max_seq_len = CTX
-    model = lg.Model(config)
-    cache = lg.Cache(model, max_seq_len=CTX, page_size=256)
-    model.load_autosplit(cache)
-    tokenizer = lg.Tokenizer(config)
-    generator = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=True, max_batch_size=4)
-    return lg, tokenizer, generator
+
+def python_api_greedy(prompt: str, chat: list[dict], n: int) -> tuple[str, str]:
+    """Greedy completions of a prompt and a chat by the Python API, in a process like the server's."""
+    out = subprocess.run([sys.executable, "-c", PYTHON_API, json.dumps([CTX, prompt, chat, n])], env=user_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    plain, chat_text = json.loads(out.stdout.strip().splitlines()[-1])
+    return plain, chat_text
 
 
 CHAT = [{"role": "user", "content": "Name three colors."}]
@@ -490,18 +513,12 @@ def test_real_chat_and_completion_stream_and_not(real):
     assert "".join(p.choices[0].text for p in parts) == comp.choices[0].text
 
 
-def test_real_greedy_equals_python_api(real, python_api):
-    lg, tokenizer, generator = python_api
-    c = client(real)
+def test_real_greedy_equals_python_api(real):
     prompt = "Once upon a time, in a small village,"
-    served = c.completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0).choices[0].text
-    local = generator.generate(prompt=prompt, max_new_tokens=16, gen_settings=lg.Sampler.Settings.greedy(),
-                               add_bos=tokenizer.add_bos_default, completion_only=True)
+    local, local_chat = python_api_greedy(prompt, CHAT, 12)
+    c = client(real)
+    served = c.completions.create(model="any", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
     assert served == local
-
-    chat_prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
-    local_chat = generator.generate(prompt=chat_prompt, max_new_tokens=12, gen_settings=lg.Sampler.Settings.greedy(),
-                                    encode_special_tokens=True, completion_only=True)
     served_chat = c.chat.completions.create(model="any", messages=CHAT, max_tokens=12, temperature=0)
     assert served_chat.choices[0].message.content == local_chat
 
@@ -540,8 +557,13 @@ def test_real_clear_4xx(real):
         c.chat.completions.create(model="any", messages=CHAT, max_tokens=CTX)
     assert info.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as info:
-        c.chat.completions.create(model="any", messages=CHAT, max_tokens=4, top_k=-1)
+        c.chat.completions.create(model="any", messages=CHAT, max_tokens=4, extra_body={"top_k": -1})
     assert "top_k" in info.value.message
+    # the extensions themselves work: top_k=1 is greedy whatever the temperature
+    greedy = c.completions.create(model="any", prompt="Red, green,", max_tokens=4, temperature=0).choices[0].text
+    top1 = c.completions.create(model="any", prompt="Red, green,", max_tokens=4, temperature=1.5,
+                                extra_body={"top_k": 1, "min_p": 0.1}).choices[0].text
+    assert top1 == greedy
 
 
 def test_real_pages_free_after_requests(real):
