@@ -146,8 +146,14 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def median(self, fn, warmup: int, iters: int) -> float:
-        for _ in range(warmup):
+    def median(self, fn, warmup: int, iters: int, slow_s: float = 1.0) -> float:
+        """Median of `iters` timed calls after `warmup` untimed ones; a call slower than `slow_s` gets 3 timed calls."""
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        if time.perf_counter() - t0 > slow_s:
+            warmup, iters = 1, min(iters, 3)
+        for _ in range(warmup - 1):
             fn()
         self.sync()
         times = []
@@ -183,6 +189,17 @@ def measure_matmul(timer: Timer, dtype: torch.dtype, quick: bool) -> float:
     b = torch.randn(n, n, device=timer.device, dtype=dtype)
     t = timer.median(lambda: torch.matmul(a, b), warmup=2, iters=3 if quick else 10)
     return 2 * n**3 / t
+
+
+def source_bytes(source, dtype: torch.dtype) -> int:
+    """Bytes a WeightSource's tensors will take on the device: packed as stored, float in `dtype`."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    count = getattr(source, "float_elements", None)
+    total = 0
+    for name in source.names():
+        n = count(name) if count is not None else None
+        total += n * elt if n is not None else source.nbytes(name)
+    return total
 
 
 def step_weight_bytes(model, batch: int) -> int:
@@ -355,18 +372,16 @@ class Bench:
         return model, cache
 
     def run_variant(self, v: Variant) -> None:
-        from .loading import _layer_bytes
-
         if v.path:
             from .config import Config
 
             source = Config(v.path).source
         else:
             source = RandomSource(v.spec, QUANTS[v.quant], torch.device("cpu"), v.dtype)
-        per_layer, other = _layer_bytes(source, v.spec, v.dtype)
-        shapes, cache_tokens = self.shapes_that_fit(v, sum(per_layer) + other)
+        weights = source_bytes(source, v.dtype)
+        shapes, cache_tokens = self.shapes_that_fit(v, weights)
         self.say(f"loading {v.spec.name or v.label} ({v.quant}, {_dt(v.dtype)}) on {self.device}: "
-                 f"{_fmt_bytes(sum(per_layer) + other)} of weights, cache of {cache_tokens} tokens")
+                 f"{_fmt_bytes(weights)} of weights, cache of {cache_tokens} tokens")
         t0 = time.perf_counter()
         model, cache = self.load(v, cache_tokens)
         self.models.append({"model": v.label, "quant": v.quant, "dtype": _dt(v.dtype), "spec": _spec_dict(v.spec),
@@ -656,7 +671,10 @@ def _t4_sdpa():
 
 # ---------------------------------------------------------------- output
 def plot(report: dict, path: str) -> str | None:
-    """Decode tokens/s and % of roofline against batch size, one panel pair per model; None without matplotlib."""
+    """Decode tokens/s and % of roofline against batch size, one row per (model, context); None without matplotlib.
+
+    Colour is the rung, line style the weights (solid float, dotted Q4_0); transformers is grey, dashed.
+    """
     try:
         import matplotlib
 
@@ -665,29 +683,33 @@ def plot(report: dict, path: str) -> str | None:
     except ImportError:
         return None
     decode = [r for r in report["results"] if r["kind"] == "decode"]
-    models = list(dict.fromkeys(r["model"] for r in decode)) or ["(no decode figures)"]
-    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
-    for row, model in zip(axes, models):
+    rows = list(dict.fromkeys((r["model"], r["context"]) for r in decode)) or [("(no decode figures)", 0)]
+    rungs = list(dict.fromkeys(r["rung"] for r in decode if r["engine"] == "lowgear"))
+    colors = {rung: plt.get_cmap("tab10")(i % 10) for i, rung in enumerate(rungs)}
+    fig, axes = plt.subplots(len(rows), 2, figsize=(13, 3.8 * len(rows)), squeeze=False)
+    for row, (model, ctx) in zip(axes, rows):
         lines: dict[tuple, list[dict]] = {}
         for r in decode:
-            if r["model"] == model:
-                lines.setdefault((r["engine"], r["quant"], r["rung"], r["context"]), []).append(r)
-        for (engine, quant, rung, ctx), rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
+            if (r["model"], r["context"]) == (model, ctx):
+                lines.setdefault((r["engine"], r["quant"], r["rung"]), []).append(r)
+        for (engine, quant, rung), rs in lines.items():
             rs.sort(key=lambda r: r["batch"])
-            name = f"{'HF ' if engine == 'transformers' else ''}{quant} {rung} ctx {ctx}"
-            style = "--" if engine == "transformers" else "-"
-            row[0].plot([r["batch"] for r in rs], [r["tokens_per_s"] for r in rs], style, marker="o", label=name)
-            if engine == "lowgear":
-                row[1].plot([r["batch"] for r in rs], [r["pct_roofline"] for r in rs], marker="o", label=name)
+            xs = [r["batch"] for r in rs]
+            if engine == "transformers":
+                style = dict(color="grey", ls="--" if rung == "sdpa" else "-.", label=f"transformers {rung} ({rs[0]['dtype']})")
+            else:
+                style = dict(color=colors[rung], ls="-" if quant != "q4_0" else ":", label=f"{rung} {quant}")
+                row[1].plot(xs, [r["pct_roofline"] for r in rs], marker="o", **style)
+            row[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", **style)
         shape = next((r["shape"] for r in decode if r["model"] == model), model)
+        dtype = next((r["dtype"] for r in decode if r["model"] == model and r["engine"] == "lowgear"), "")
         for ax, ylabel in zip(row, ("decode tokens/s (all sequences)", "% of memory roofline")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{shape} on {report['device']['name']}", fontsize=10)
+            ax.set_title(f"{shape}, {dtype}, context {ctx}, on {report['device']['name']}", fontsize=9)
             ax.grid(True, alpha=0.3)
         row[0].set_yscale("log")
-        row[1].axhline(100, color="grey", lw=0.8)
         row[0].legend(fontsize=6, ncol=2)
     m = report["measured"]
     fig.suptitle(f"lowgear bench: copy bandwidth {m['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, "
