@@ -380,6 +380,7 @@ class Bench:
             source = RandomSource(v.spec, QUANTS[v.quant], torch.device("cpu"), v.dtype)
         weights = source_bytes(source, v.dtype)
         shapes, cache_tokens = self.shapes_that_fit(v, weights)
+        self.total -= (len(self.batches) * len(self.contexts) - len(shapes)) * len(v.rungs)
         self.say(f"loading {v.spec.name or v.label} ({v.quant}, {_dt(v.dtype)}) on {self.device}: "
                  f"{_fmt_bytes(weights)} of weights, cache of {cache_tokens} tokens")
         t0 = time.perf_counter()
@@ -447,6 +448,7 @@ class Bench:
         try:
             seconds = self.timer.median(lambda: model.forward(ids, meta, cache), self.warmup, self.iters)
         except torch.OutOfMemoryError as exc:
+            self.done += 1
             return self.skip(what, f"out of memory: {str(exc).splitlines()[0]}")
         weights, kv = step_weight_bytes(model, batch), kv_bytes(v.spec, cache.dtype, batch * (context + 1))
         self.add(what, seconds, batch / seconds, bytes_per_step=weights + kv, weight_bytes_per_step=weights, kv_bytes_per_step=kv)
@@ -462,6 +464,7 @@ class Bench:
         try:
             seconds = self.timer.median(lambda: model.forward(ids, meta, cache), self.warmup, max(2, self.iters // 3))
         except torch.OutOfMemoryError as exc:
+            self.done += 1
             return self.skip(what, f"out of memory: {str(exc).splitlines()[0]}")
         self.add(what, seconds, n / seconds, flops=prefill_flops(v.spec, n))
 
