@@ -187,9 +187,9 @@ INTERPRETED = type(paged_decode_kernel).__name__ == "InterpretedFunction"
 
 
 def block_n_for(group: int, head_dim: int) -> int:
-    """Positions per loop step: keep the [GROUP_P, BLOCK_N, HEAD_DIM_P] product near 16k elements."""
-    budget = 16384 // (triton.next_power_of_2(group) * triton.next_power_of_2(head_dim))
-    return max(16, min(64, 1 << (max(budget, 1).bit_length() - 1)))
+    """Positions per loop step. Measured on an H100 (fp16, head_dim 128, page 256): 16 positions
+    with 2 warps beat 32/64/128 and 4/8 warps for groups of 1 and 4 (2.9 TB/s at group 1)."""
+    return 16
 
 
 def choose_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, target_programs: int) -> int:
@@ -213,6 +213,8 @@ def paged_decode(
     num_splits: int | None = None,
     target_programs: int = 256,
     out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int = 2,
 ) -> torch.Tensor:
     """Decode attention for B sequences; `max_kv_len` is a host-side bound on kv_lens (no sync).
 
@@ -223,7 +225,7 @@ def paged_decode(
     assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     group = heads // kv_heads
-    block_n = block_n_for(group, head_dim)
+    block_n = block_n or block_n_for(group, head_dim)
     span = min(max_kv_len, window) if window else max_kv_len
     if num_splits is None:
         num_splits = choose_splits(batch, kv_heads, span, block_n, target_programs)
@@ -249,7 +251,7 @@ def paged_decode(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED,
-        num_warps=4,
+        num_warps=num_warps,
     )  # fmt: skip
     if not direct:
         paged_decode_reduce_kernel[(batch, heads)](
