@@ -430,6 +430,29 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on():
     engine.stop()
 
 
+def test_a_failing_step_mid_stream_sends_an_error_event():
+    gen, engine, server = fake_server(fail_on_step=3)
+    with server:
+        c = client(server.base)
+        stream = c.completions.create(model="m", prompt="x", max_tokens=5, temperature=0, stream=True)
+        texts = []
+        with pytest.raises(openai.APIError) as info:
+            for chunk in stream:
+                texts.append(chunk.choices[0].text)
+        assert "generation failed" in str(info.value)
+        assert texts == ["alpha ", "beta "]
+        assert get_metrics(server.base)["lowgear_requests_failed_total"] == 1
+    engine.stop()
+
+
+def test_completion_echo(fake):
+    c = client(fake[2].base)
+    out = c.completions.create(model="m", prompt="hello world", max_tokens=1, temperature=0, echo=True)
+    assert out.choices[0].text == "hello worldalpha "
+    parts = list(c.completions.create(model="m", prompt="hello", max_tokens=1, temperature=0, echo=True, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == "helloalpha "
+
+
 def test_engine_bridge_without_http():
     gen = FakeGenerator()
     engine = Engine(gen, FakeTokenizer(), model_name="m", max_seq_len=64, job_factory=FakeJob).start()
