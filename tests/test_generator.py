@@ -17,7 +17,7 @@ def tiny_gguf(tmp_path_factory):
     from lowgear.synthetic import write_gguf
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    write_gguf(path, arch="llama", hidden_size=64, num_layers=2, num_heads=6, num_kv_heads=2,
+    write_gguf(path, arch="llama", hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
                intermediate_size=96, qtype="Q8_0", seed=3)
     return str(path)
 

@@ -100,11 +100,12 @@ def test_smollm2_greedy_32_tokens_match_transformers(smollm2, smollm2_path):
     tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path))
     tokenizer = lg.Tokenizer(model.config)
     gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, max_batch_size=4)
+    jobs, refs = [], []
     for prompt in PROMPTS[:3]:
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ref = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
-        job = lg.DynamicJob(ids, max_new_tokens=32, gen_settings=lg.Sampler.Settings.greedy())
-        gen.enqueue(job)
-        while not job.finished:
-            gen.iterate()
-        assert job.generated == ref, prompt
+        refs.append(hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist())
+        jobs.append(lg.DynamicJob(ids, max_new_tokens=32, gen_settings=lg.Sampler.Settings.greedy()))
+    gen.enqueue(jobs)  # run together: batching must not change a single token
+    while not all(j.finished for j in jobs):
+        gen.iterate()
+    assert [j.generated for j in jobs] == refs

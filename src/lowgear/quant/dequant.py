@@ -31,23 +31,34 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
 
 
+def _nibbles_float(qs: torch.Tensor) -> torch.Tensor:
+    """[..., n] bytes -> [..., 2n] float32, low nibbles then high, written straight into one buffer.
+
+    Same values as `_nibbles(qs).float()` with two fewer passes over the block (no cat, no cast copy):
+    this is the CPU decode path's hot loop.
+    """
+    n = qs.shape[-1]
+    out = torch.empty(*qs.shape[:-1], 2 * n, dtype=torch.float32, device=qs.device)
+    out[..., :n].copy_(qs & 0x0F)
+    out[..., n:].copy_(qs >> 4)
+    return out
+
+
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[..., 0:2])
     q = b[..., 2:34].contiguous().view(torch.int8).float()
-    return d[..., None] * q
+    return q.mul_(d[..., None])
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[..., 0:2])
-    q = _nibbles(b[..., 2:18]).float() - 8.0
-    return d[..., None] * q
+    return _nibbles_float(b[..., 2:18]).sub_(8.0).mul_(d[..., None])
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[..., 0:2])
     m = _f16(b[..., 2:4])
-    q = _nibbles(b[..., 4:20]).float()
-    return d[..., None] * q + m[..., None]
+    return _nibbles_float(b[..., 4:20]).mul_(d[..., None]).add_(m[..., None])
 
 
 def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
