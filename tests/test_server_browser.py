@@ -1,6 +1,6 @@
 """The chat page at / in a real headless browser: type a message, watch the answer stream in.
 
-Debian's chromium and chromedriver through selenium (`.ci/install-browser.sh` installs them). Outside
+Debian's chromium and chromedriver through selenium (`scripts/ensure-browser.sh`, run by `make test`, installs them). Outside
 CI a machine without them skips this test; in CI (CI=true) their absence is a failure.
 """
 
@@ -29,7 +29,7 @@ def _browser_paths() -> tuple[str, str]:
     except ImportError:
         missing.append("selenium (pip install -e '.[test]')")
     if not chromium or not driver:
-        missing.append("chromium + chromedriver (bash .ci/install-browser.sh)")
+        missing.append("chromium + chromedriver (bash scripts/ensure-browser.sh, as root)")
     if missing:
         message = "browser test needs " + " and ".join(missing)
         if os.environ.get("CI"):
