@@ -53,7 +53,7 @@ def _device_facts(d) -> dict:
 
 
 def _attention(d, switches, requested_dtype) -> dict:
-    from .attention.select import select_backend
+    from .attention.select import select_backend, survey
 
     out: dict = {"device": d.label, "dtype": None, "chosen": None, "log": [], "by_dtype": {}, "error": None}
     if not hardware.torch_arch_supported(d):
@@ -78,6 +78,11 @@ def _attention(d, switches, requested_dtype) -> dict:
             out["chosen"] = sel.name
             out["probed"] = sel.probed
             out["log"] = [{"name": x.name, "status": x.status, "reason": x.reason} for x in sel.log]
+            below = {x.name: x for x in survey(d, switches, dt)} if sel.probed else {}
+            for row in out["log"]:
+                if row["status"] == "not tried" and row["name"] in below:
+                    row["status"] = below[row["name"]].status
+                    row["reason"] = below[row["name"]].reason + " (below the chosen rung)"
     return out
 
 

@@ -85,4 +85,5 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
         bar.update(1)
     finally:
         bar.close()
+    model.attach_kernels()
     cache.allocate(plan.max_seq_len)

@@ -39,7 +39,7 @@ _SWITCHES = {
     "triton": ("no_triton", "LOWGEAR_NO_TRITON"),
 }
 
-STATUSES = ("chosen", "skipped", "unavailable", "disabled", "not tried")
+STATUSES = ("chosen", "available", "skipped", "unavailable", "disabled", "not tried")
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,27 @@ def select_backend(device, switches=None, dtype: torch.dtype | None = None) -> S
     selection = Selection(chosen, tuple(log), device, dtype, probed=not device.simulated)
     _CACHE[key] = selection
     return selection
+
+
+def survey(device, switches=None, dtype: torch.dtype | None = None) -> list[Decision]:
+    """Every rung's status on `device`, each probed as if it were the only one (for doctor).
+
+    Unlike select_backend, rungs below the first that works are probed too, so a user sees what
+    would take over if the chosen rung were switched off.
+    """
+    if switches is None:
+        switches = _default_switches()
+    if dtype is None:
+        from ..dtypes import default_dtype
+
+        dtype = default_dtype(device)
+    decisions = []
+    for name in LADDER:
+        decision, _ = _consider(name, device, dtype, switches)
+        if decision.status == "chosen":
+            decision = Decision(name, "available", decision.reason)
+        decisions.append(decision)
+    return decisions
 
 
 def _consider(name: str, device, dtype: torch.dtype, switches) -> tuple[Decision, AttentionBackend | None]:

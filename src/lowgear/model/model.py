@@ -81,6 +81,24 @@ class Model:
         else:
             self.lm_head = _to(QuantLinear(get("embed")), last, dtype)
 
+    def attach_kernels(self) -> int:
+        """Give packed linears on CUDA devices the Triton matmul-with-unpack kernel; returns how many.
+
+        Without Triton (or on the CPU) QuantLinear keeps its torch path: unpack a band, then matmul.
+        """
+        from ..quant import kernels
+
+        capability = {d.label: d.compute_capability for d in self.devices}
+        count = 0
+        modules = [m for layer in self.layers for m in layer.modules()] + [self.lm_head]
+        for m in modules:
+            if isinstance(m, QuantLinear) and m.packed and m.device.type == "cuda" and kernels.supports(m.qtype):
+                cc = capability.get(_label(m.device))
+                if cc is not None and cc >= (7, 0):  # Triton's floor; older cards keep the torch path
+                    m.kernel = kernels.packed_matmul
+                    count += 1
+        return count
+
     def backend_for(self, device: torch.device):
         return self.selections[_label(device)].backend
 
