@@ -35,6 +35,7 @@ class Config:
         self.no_sdpa = False
         self.no_triton = False
         self.attn_backend: str | None = None
+        self.no_cuda_graphs = False  # decode steps eager (as LOWGEAR_NO_CUDA_GRAPHS=1)
         # placement and numerics
         self.devices: list[str] | str | None = None  # indexes, UUIDs, PCI bus ids, or "cpu"
         self.dtype: str | None = None  # None: chosen per device (float32 CPU, fp16 < sm80, bf16 >= sm80)

@@ -26,6 +26,9 @@ class Capabilities:
     sliding_window: bool = True
     cpu: bool = True  # can run on the CPU
     package: str | None = None  # the kernel library it imports, if any
+    # Decode steps can be captured in a CUDA graph: the decode path reads lengths only from device
+    # tensors (never q_lens_host / kv_lens_host), takes max_kv_len as a fixed bound, makes no host sync.
+    capturable: bool = False
 
 
 @dataclass(frozen=True)

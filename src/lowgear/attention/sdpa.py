@@ -85,7 +85,9 @@ def sdpa(q, k, v, scale: float, mask=None, causal: bool = False, expand_kv: bool
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
-    capabilities = Capabilities(min_compute_capability=(5, 0))
+    # Not capturable: the padded decode call is static-shape only at a fixed max_kv_len bound, and at
+    # the cache's capacity that gathers [B, capacity] keys and values per layer and step.
+    capabilities = Capabilities(min_compute_capability=(5, 0), capturable=False)
     probe_device: torch.device | None = None  # tests: run the probe's tensors here instead
 
     def __init__(self, batched: str = "decode"):

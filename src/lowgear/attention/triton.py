@@ -58,6 +58,7 @@ class _CapabilitiesNow:
             sliding_window=True,
             cpu=_interpret(),
             package="triton",
+            capturable=True,
         )
 
 
@@ -85,6 +86,7 @@ class TritonBackend(AttentionBackend):
             sliding_window=caps.sliding_window,
             cpu=caps.cpu,
             package=caps.package,
+            capturable=caps.capturable,
         )
 
     def _probe(self, device) -> ProbeResult:

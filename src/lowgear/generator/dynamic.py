@@ -19,6 +19,7 @@ from ..attention.metadata import build_metadata
 from ..cache.pages import OutOfPages
 from ..cache.prefix import page_key
 from ..errors import ConfigError, ContextLengthError
+from .graphs import DecodeGraphs, DecodeRow, disabled_reason
 from .job import DynamicJob
 from .sampler import SamplerSettings, sample
 from .stops import StopMatcher
@@ -35,6 +36,7 @@ class DynamicGenerator:
         max_batch_size: int = 16,
         max_chunk_size: int | None = None,
         max_q_size: int | None = None,  # accepted for ExLlamaV2 compatibility
+        cuda_graphs: bool = True,  # capture decode steps on CUDA (ignored on the CPU)
         **_ignored,
     ):
         if not model.loaded:
@@ -58,6 +60,13 @@ class DynamicGenerator:
             False: tokenizer.token_bytes_table(decode_special_tokens=False),
             True: None,
         }
+        self.graphs: DecodeGraphs | None = None
+        self.graphs_off_reason = disabled_reason(model, cuda_graphs)
+        if self.graphs_off_reason is None and (not paged or cache.contiguous):
+            self.graphs_off_reason = "a contiguous cache has no spare page for padding rows"
+        if self.graphs_off_reason is None:
+            bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
+            self.graphs = DecodeGraphs(model, cache, self.max_batch_size, bound)
 
     # ---------------------------------------------------------------- jobs
     def enqueue(self, job: DynamicJob | list[DynamicJob]) -> None:
@@ -83,6 +92,8 @@ class DynamicGenerator:
         elif job in self.running:
             self._release(job)
             self.running.remove(job)
+            if not self.running and self.graphs is not None:
+                self.graphs.release_scratch()
         else:
             return
         job.finished, job.eos_reason = True, "cancelled"
@@ -184,16 +195,12 @@ class DynamicGenerator:
                 chunk = min(pending, budget)
                 batch.append((job, chunk))
                 budget -= chunk
-        input_ids, q_lens, kv_lens, tables = [], [], [], []
-        for job, n in batch:
-            input_ids.extend(job.all_ids[job.computed : job.computed + n])
-            q_lens.append(n)
-            kv_lens.append(job.computed + n)
-            tables.append(job.pages)
-        device = self.model.layer_devices[0]
-        meta = build_metadata(q_lens, kv_lens, tables, self.page_size, device=device)
-        ids = torch.tensor(input_ids, dtype=torch.long).to(device)
-        logits = self.model.forward(ids, meta, self.cache)  # [B, vocab]
+        logits = None
+        if self.graphs is not None and all(n == 1 for _, n in batch):
+            decode_rows = [DecodeRow(job.all_ids[job.computed], job.computed + 1, job.pages) for job, _ in batch]
+            logits = self.graphs.run(decode_rows)  # None when no captured bucket fits
+        if logits is None:
+            logits = self._forward_eager(batch)  # [B, vocab]
         self.steps += 1
 
         rows, jobs = [], []
@@ -210,7 +217,21 @@ class DynamicGenerator:
             for job, token in zip(jobs, tokens):
                 results.append(self._accept(job, token))
         self.running = [j for j in self.running if not j.finished]
+        if not self.running and self.graphs is not None:
+            self.graphs.release_scratch()  # an idle generator holds no page
         return results
+
+    def _forward_eager(self, batch: list[tuple[DynamicJob, int]]) -> torch.Tensor:
+        input_ids, q_lens, kv_lens, tables = [], [], [], []
+        for job, n in batch:
+            input_ids.extend(job.all_ids[job.computed : job.computed + n])
+            q_lens.append(n)
+            kv_lens.append(job.computed + n)
+            tables.append(job.pages)
+        device = self.model.layer_devices[0]
+        meta = build_metadata(q_lens, kv_lens, tables, self.page_size, device=device)
+        ids = torch.tensor(input_ids, dtype=torch.long).to(device)
+        return self.model.forward(ids, meta, self.cache)
 
     def _suppress_early_stops(self, logits: torch.Tensor, jobs: list[DynamicJob]) -> torch.Tensor:
         early = [i for i, j in enumerate(jobs) if j.min_new_tokens and len(j.generated) < j.min_new_tokens and j.stop_tokens]
@@ -326,12 +347,17 @@ class DynamicGenerator:
                           min_new_tokens=min_new_tokens)
 
     def warmup(self) -> None:
-        """Run a small batch through every path the generator uses (prefill, mixed, decode, sampling)."""
+        """Run a small batch through every path the generator uses (prefill, mixed, decode, sampling),
+        and capture the decode step of every batch-size bucket where CUDA graphs are on."""
         ids = list(range(1, 1 + min(8, self.cache.capacity_tokens // 4)))
         jobs = [DynamicJob(ids[: 3 + i], max_new_tokens=2, gen_settings=SamplerSettings.greedy()) for i in range(min(2, self.max_batch_size))]
         self.enqueue(jobs)
         while any(not j.finished for j in jobs):
             self.iterate()
+        if self.graphs is not None:
+            self.graphs.capture_all()
+            if not self.running:
+                self.graphs.release_scratch()
 
 
 class Generator(DynamicGenerator):

@@ -1,0 +1,100 @@
+"""Decode step time with and without CUDA graphs, on a random-weight model built as `lowgear bench` does.
+
+    python benchmarks/decode_step_gpu.py [--preset llama3-8b] [--quant float,q4_0] [--batches 1,8,32] [--context 512]
+
+Per (quant, batch): the model's forward alone (eager, CUDA events, median) against the captured
+graph's replay, then whole generator steps (`iterate()`: metadata, forward, sampling) with graphs off
+and on, in tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+import lowgear as lg
+from lowgear.attention.metadata import build_metadata
+from lowgear.bench import PRESETS, Timer, _NullTokenizer, synthetic_config
+from lowgear.generator.graphs import DecodeRow
+
+
+def gen_steps(gen, batch: int, context: int, vocab: int, steps: int) -> float:
+    """Median wall seconds of one all-decode generator step with `batch` jobs at about `context` tokens."""
+    g = torch.Generator().manual_seed(batch)
+    jobs = [lg.DynamicJob(input_ids=torch.randint(3, vocab, (context,), generator=g).tolist(),
+                          max_new_tokens=steps + 8, gen_settings=lg.Sampler.Settings.greedy()) for _ in range(batch)]
+    gen.enqueue(jobs)
+    while any(len(j.generated) == 0 for j in jobs):
+        gen.iterate()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gen.iterate()
+        times.append(time.perf_counter() - t0)
+    for j in jobs:
+        gen.cancel(j)
+    gen.iterate()
+    return statistics.median(times[2:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--quant", default="float,q4_0")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30)
+    a = ap.parse_args()
+    spec = PRESETS[a.preset]
+    dev = torch.device("cuda:0")
+    batches = [int(b) for b in a.batches.split(",")]
+    timer = Timer(dev)
+    page = 256
+    cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page + 2 * page
+    for quant in a.quant.split(","):
+        t0 = time.perf_counter()
+        config = synthetic_config(spec, quant, dev, torch.float16, "0")
+        config.attn_backend = "triton"
+        model = lg.Model(config)
+        cache = lg.Cache(model, max_seq_len=cache_tokens, page_size=page)
+        model.load_autosplit(cache)
+        print(f"{spec.name} {quant}: loaded in {time.perf_counter() - t0:.1f} s, cache {cache_tokens} tokens, "
+              f"backend {model.selections['cuda:0'].backend.name}", flush=True)
+        tok = _NullTokenizer(spec.vocab_size)
+        eager_gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=max(batches), cuda_graphs=False)
+        graph_gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=max(batches))
+        assert graph_gen.graphs is not None, graph_gen.graphs_off_reason
+        t0 = time.perf_counter()
+        graph_gen.warmup()
+        print(f"  warmup + capture of buckets {graph_gen.graphs.buckets}: {time.perf_counter() - t0:.1f} s", flush=True)
+        graphs = graph_gen.graphs
+        for b in batches:
+            per_seq = -(-(a.context + 1) // page)
+            pages = cache.pool.allocate(b * per_seq)
+            tables = [pages[s * per_seq : (s + 1) * per_seq] for s in range(b)]
+            meta = build_metadata([1] * b, [a.context + 1] * b, tables, page, device=dev)
+            ids = torch.randint(0, spec.vocab_size, (b,), device=dev)
+            eager = timer.median(lambda: model.forward(ids, meta, cache), 3, 20)
+            rows = [DecodeRow(5, a.context + 1, t) for t in tables]
+            graphs.run(rows)
+            replay = timer.median(lambda: graphs.run(rows), 3, 20)
+            cache.pool.release(pages)
+            ge = gen_steps(eager_gen, b, a.context, spec.vocab_size, a.steps)
+            gg = gen_steps(graph_gen, b, a.context, spec.vocab_size, a.steps)
+            print(f"  bs {b:3d} ctx {a.context}: forward eager {eager * 1e3:7.2f} ms ({b / eager:8.1f} tok/s)  "
+                  f"graph {replay * 1e3:7.2f} ms ({b / replay:8.1f} tok/s)  x{eager / replay:.2f} | "
+                  f"generator step eager {ge * 1e3:7.2f} ms ({b / ge:8.1f} tok/s)  graph {gg * 1e3:7.2f} ms "
+                  f"({b / gg:8.1f} tok/s)  x{ge / gg:.2f}", flush=True)
+        graphs.release()
+        del model, cache, eager_gen, graph_gen, graphs
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
