@@ -21,6 +21,7 @@ class StopMatcher:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"stop strings must be non-empty strings, got {s!r}; drop it from the stop list")
         self.stop_strings = stops
+        self._by_length = sorted(stops, key=len, reverse=True)
         # Every proper prefix of a stop string: a tail equal to one of these must be held back.
         self._prefixes = {s[:i] for s in stops for i in range(1, len(s))}
         self._longest_prefix = max((len(s) - 1 for s in stops), default=0)
@@ -33,14 +34,14 @@ class StopMatcher:
         if self.stopped:
             return "", True
         buf = self._held + text
-        hit, which = -1, None
-        for s in self.stop_strings:
-            i = buf.find(s)
-            if i >= 0 and (hit < 0 or i < hit):
-                hit, which = i, s
-        if hit >= 0:
-            self.stopped, self.matched, self._held = True, which, ""
-            return buf[:hit], True
+        # The stream stops where a stop string is first *completed* (the earliest end), whatever the
+        # chunking: nothing in the held text completed one, so only ends inside the new text count.
+        # Among stop strings ending at the same place the longest wins (it starts earliest).
+        for end in range(len(self._held) + 1, len(buf) + 1):
+            for stop in self._by_length:
+                if end >= len(stop) and buf.startswith(stop, end - len(stop)):
+                    self.stopped, self.matched, self._held = True, stop, ""
+                    return buf[: end - len(stop)], True
         keep = 0
         for n in range(min(len(buf), self._longest_prefix), 0, -1):
             if buf[-n:] in self._prefixes:
