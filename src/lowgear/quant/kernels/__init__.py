@@ -7,7 +7,7 @@ The public face is three functions; Triton is imported on first use, so this pac
     packed_matmul(x, qtype, data, out_features, in_features) -> y = x @ dequant(W).T
     dequantize_tile(qtype, data, row_start, row_stop, dtype) -> dense rows of W
 
-`packed_matmul` runs the GEMV kernel (one launch, no weight copy) for up to MAX_M = 8 activation
+`packed_matmul` runs the GEMV kernel (one launch, no weight copy) for up to MAX_M = 4 activation
 rows; past that it dequantizes bands of rows and calls torch.matmul, which is what prefill wants on
 every GPU (cuBLAS tensor cores even where Triton has none). Kernels need a CUDA tensor, or the Triton
 interpreter (TRITON_INTERPRET=1) for CPU tensors in tests.
@@ -19,8 +19,10 @@ import torch
 
 # GEMV up to this many activation rows. Measured on an H100 (tests/test_quant_kernels_gpu.py): one row
 # reaches 0.5-1.4 TB/s of packed bytes, 4 rows 0.2-0.6, 16 rows 0.05-0.16 — by 16 rows a dequantized tile
-# through cuBLAS (~4.6 bytes moved per weight) is faster, by 4 rows it is not.
-MAX_M = 8
+# through cuBLAS (~4.6 bytes moved per weight) is faster, by 4 rows it is not. On the 8B shape, Q4_0 at
+# 8 rows took 38 ms a step through the GEMV against 22 ms at 32 rows through tiles (generator/graphs.py's
+# benchmark), so the GEMV stops at 4.
+MAX_M = 4
 # rows dequantized per band when M > MAX_M: bounds the temporary to ~PREFILL_BAND_ELEMS elements
 PREFILL_BAND_ELEMS = 1 << 24
 
