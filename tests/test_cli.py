@@ -38,6 +38,7 @@ def test_chat_keeps_history_and_obeys_commands():
         (["generate", "hi", "-q", "--top-p", "1.5"], "top_p"),
         (["generate", "hi", "-q", "--devices", "7"], "device"),
         (["generate", "hi", "-q", "--max-seq-len", "lots"], "max-seq-len"),
+        (["serve", "--devices", "7", "--port", "0"], "device"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message):

@@ -13,16 +13,31 @@ import sys
 from .errors import LowgearError
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and device")
-    g.add_argument("--model", "-m", default=None, help="a .gguf file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """Device, dtype and attention-ladder switches (shared by generate, chat and serve)."""
+    g = p.add_argument_group("device and attention ladder")
     g.add_argument("--devices", default=None, help="comma list: indexes, UUIDs, PCI bus ids, or 'cpu'")
     g.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
-    g.add_argument("--max-seq-len", default=None, help="cache size in tokens, or 'auto' (largest that fits)")
-    g.add_argument("--page-size", type=int, default=None, help="paged KV cache page size in tokens (default 256)")
     g.add_argument("--attn-backend", default=None, choices=["flash_attn", "xformers", "sdpa", "triton", "eager"])
     for name in ("flash-attn", "xformers", "sdpa", "triton"):
         g.add_argument(f"--no-{name}", action="store_true", help=f"skip the {name.replace('-', '_')} rung")
+
+
+def apply_device_options(config, args) -> None:
+    """Copy add_device_options' switches onto a Config (before the model loads)."""
+    config.no_flash_attn, config.no_xformers = args.no_flash_attn, args.no_xformers
+    config.no_sdpa, config.no_triton = args.no_sdpa, args.no_triton
+    config.attn_backend, config.dtype = args.attn_backend, args.dtype
+    if args.devices:
+        config.devices = args.devices
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and cache")
+    g.add_argument("--model", "-m", default=None, help="a .gguf file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    g.add_argument("--max-seq-len", default=None, help="cache size in tokens, or 'auto' (largest that fits)")
+    g.add_argument("--page-size", type=int, default=None, help="paged KV cache page size in tokens (default 256)")
+    add_device_options(p)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -61,11 +76,7 @@ def build_engine(args, max_batch_size: int = 1, progress: bool = True):
     import lowgear as lg
 
     config = lg.Config(args.model or lg.default_model_path())
-    config.no_flash_attn, config.no_xformers = args.no_flash_attn, args.no_xformers
-    config.no_sdpa, config.no_triton = args.no_sdpa, args.no_triton
-    config.attn_backend, config.dtype = args.attn_backend, args.dtype
-    if args.devices:
-        config.devices = args.devices
+    apply_device_options(config, args)
     max_seq_len = args.max_seq_len
     if max_seq_len is not None and max_seq_len != "auto":
         try:

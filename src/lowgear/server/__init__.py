@@ -50,6 +50,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "page per batch slot); a request's context is never more than the cache")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from ..cli import add_device_options
+
+    add_device_options(p)
     return p
 
 
@@ -68,13 +71,17 @@ def default_model_name(path: str) -> str:
 
 
 def load_engine(model_path: str, *, max_seq_len="auto", cache_size=None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                model_name: str | None = None, progress: bool = False):
+                model_name: str | None = None, progress: bool = False, device_args=None):
     """Load a model the way the Python API does and wrap its generator in a (not yet started) Engine."""
     import lowgear as lg
 
     from .engine import Engine
 
     config = lg.Config(model_path)
+    if device_args is not None:
+        from ..cli import apply_device_options
+
+        apply_device_options(config, device_args)
     if isinstance(max_seq_len, int):
         config.max_seq_len = max_seq_len
     if cache_size is None:
@@ -110,7 +117,7 @@ def main(args=None) -> int:
         args.model = lowgear.default_model_path()
     engine = load_engine(args.model, max_seq_len=args.max_seq_len, cache_size=args.cache_size,
                          max_batch_size=args.max_batch_size, model_name=args.model_name,
-                         progress=sys.stderr.isatty())
+                         progress=sys.stderr.isatty(), device_args=args)
     engine.start()
     try:
         app = create_app(engine, api_key=args.api_key)
