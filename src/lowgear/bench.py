@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -26,8 +25,9 @@ from contextlib import nullcontext
 import torch
 
 from .errors import LowgearError
-from .quant.formats import get_format
-from .weights.spec import ModelSpec, PackedTensor, TensorInfo
+from .bench_models import QUANTS, RandomSource, _NullTokenizer, synthetic_config  # noqa: F401
+from .bench_report import _describe, _flops, _fmt_bytes, _line, plot, summary, write_outputs  # noqa: F401
+from .weights.spec import ModelSpec
 
 GiB = 2**30
 T4_RUNG = "t4-v100"  # the forced rung: float16, no flash_attn, chosen as for an sm_75 device
@@ -45,97 +45,9 @@ PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, None, max_position_embeddings=4096,
                       name="tiny test shape"),
 }
-QUANTS = {"float": None, "q4_0": "Q4_0"}  # bench name -> packed format of the linear layers (None: float, in the run dtype)
 _QUANT_ALIASES = {"fp16": "float", "f16": "float", "q4": "q4_0"}
 
 
-# ---------------------------------------------------------------- the in-memory model
-class RandomSource:
-    """A WeightSource of random tensors of `spec`'s shapes, made on `device` when asked for, one at a time.
-
-    Linear weights are float (std 0.02) or packed in `qtype` blocks (random 4-bit codes, small
-    scales); the embedding table stays float, as the roofline excludes it (one row per token).
-    """
-
-    def __init__(self, spec: ModelSpec, qtype: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
-        self.spec, self.qtype, self.device, self.dtype = spec, qtype, device, dtype
-        self.seed, self._generator = seed, None
-        s, h = spec, spec.hidden_size
-        shapes: dict[str, tuple[int, ...]] = {"embed": (s.vocab_size, h), "norm": (h,)}
-        if not s.tie_word_embeddings:
-            shapes["lm_head"] = (s.vocab_size, h)
-        q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        for i in range(s.num_layers):
-            p = f"layers.{i}."
-            shapes.update({p + "attn_norm": (h,), p + "ffn_norm": (h,), p + "q": (q_out, h), p + "k": (kv_out, h),
-                           p + "v": (kv_out, h), p + "o": (h, q_out), p + "gate": (s.intermediate_size, h),
-                           p + "up": (s.intermediate_size, h), p + "down": (h, s.intermediate_size)})
-            if s.attention_bias:
-                shapes.update({p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (kv_out,)})
-        self.shapes = shapes
-
-    def _packed(self, name: str) -> bool:
-        return self.qtype is not None and len(self.shapes[name]) == 2 and name != "embed"
-
-    def names(self) -> list[str]:
-        return list(self.shapes)
-
-    def info(self, name: str) -> TensorInfo:
-        shape = self.shapes[name]
-        if self._packed(name):
-            return TensorInfo(self.qtype, shape, shape[0] * get_format(self.qtype).row_bytes(shape[1]))
-        return TensorInfo("F16", shape, math.prod(shape) * 2)
-
-    def nbytes(self, name: str) -> int:
-        return self.info(name).nbytes
-
-    def float_elements(self, name: str) -> int | None:
-        return None if self._packed(name) else math.prod(self.shapes[name])
-
-    def get(self, name: str):
-        shape = self.shapes[name]
-        if self._generator is None:
-            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        g, dev = self._generator, self.device
-        if self._packed(name):
-            fmt = get_format(self.qtype)
-            rows, cols = shape
-            blocks = torch.randint(0, 256, (rows, cols // fmt.block_size, fmt.block_bytes), dtype=torch.uint8, device=dev, generator=g)
-            scale = torch.full((1, 1, 1), 0.002, dtype=torch.float16, device=dev).view(torch.uint8)  # [1, 1, 2]
-            blocks[..., 0:2] = scale
-            if fmt.name == "Q4_1":
-                blocks[..., 2:4] = torch.zeros_like(scale)
-            return PackedTensor(self.qtype, blocks.view(rows, -1), shape)
-        if name.endswith("norm"):
-            return torch.ones(shape, dtype=torch.float32, device=dev)
-        return torch.empty(shape, dtype=self.dtype, device=dev).normal_(0.0, 0.02, generator=g)
-
-
-def synthetic_config(spec: ModelSpec, quant: str, device: torch.device, dtype: torch.dtype, label: str):
-    """A lowgear Config whose weights come from a RandomSource (no model file)."""
-    from .config import Config
-
-    config = Config()
-    config.spec, config._source = spec, RandomSource(spec, QUANTS[quant], device, dtype)
-    config.max_seq_len = spec.max_position_embeddings
-    config.devices = [label]
-    config.dtype = str(dtype).removeprefix("torch.")
-    return config
-
-
-class _NullTokenizer:
-    """The little the generator needs of a tokenizer when prompts are token ids and text is not read."""
-
-    stop_token_ids: frozenset = frozenset()
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def token_bytes_table(self, decode_special_tokens: bool = False) -> list[bytes]:
-        return [b"x"] * self.vocab_size
-
-
-# ---------------------------------------------------------------- timing and ceilings
 class Timer:
     """Median time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
 
@@ -240,10 +152,6 @@ def _reset_peak(device: torch.device) -> None:
 
 def _free_bytes(device: torch.device) -> int | None:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------- the run
@@ -632,33 +540,6 @@ def _what(v: Variant, kind: str, batch: int, context: int, rung: str | None = No
             "rung": rung, "kind": kind, "batch": batch, "context": context}
 
 
-def _describe(w: dict) -> str:
-    parts = [w.get("engine", ""), w.get("model", ""), w.get("quant", ""), w.get("rung") or "", w.get("kind", "")]
-    if "batch" in w:
-        parts.append(f"bs={w['batch']} ctx={w['context']}")
-    return " ".join(p for p in parts if p)
-
-
-def _line(r: dict) -> str:
-    head = f"{r['engine']} {r['shape']} {r['quant']} {r['dtype']} {r['rung']} {r['kind']} bs={r['batch']} ctx={r['context']} on {r['device']}: "
-    if r["kind"] == "generate":
-        tps = f"{r['tokens_per_s']:.1f} tok/s decode" if r["tokens_per_s"] else ""
-        return head + f"time to first token {r['ttft_ms']:.1f} ms, {tps}"
-    text = head + f"{r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.2f} ms/step"
-    if "pct_roofline" in r:
-        text += f", {r['pct_roofline']:.0f}% of memory roofline ({r['roofline_ms']:.2f} ms)"
-    if "pct_peak_flops" in r:
-        text += f", {_flops(r['flops_per_s'])} = {r['pct_peak_flops']:.0f}% of measured matmul peak"
-    mem = r.get("memory", {}).get("peak_allocated_bytes")
-    if mem:
-        text += f", peak memory {_fmt_bytes(mem)}"
-    return text
-
-
-def _flops(x: float) -> str:
-    return f"{x / 1e12:.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
-
-
 def _spec_dict(spec: ModelSpec) -> dict:
     d = dataclasses.asdict(spec)
     d.pop("extra", None)
@@ -672,82 +553,6 @@ def _t4_sdpa():
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-# ---------------------------------------------------------------- output
-def plot(report: dict, path: str) -> str | None:
-    """Decode tokens/s and % of roofline against batch size, one row per (model, context); None without matplotlib.
-
-    Colour is the rung, line style the weights (solid float, dotted Q4_0); transformers is grey, dashed.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    decode = [r for r in report["results"] if r["kind"] == "decode"]
-    rows = list(dict.fromkeys((r["model"], r["context"]) for r in decode)) or [("(no decode figures)", 0)]
-    rungs = list(dict.fromkeys(r["rung"] for r in decode if r["engine"] == "lowgear"))
-    colors = {rung: plt.get_cmap("tab10")(i % 10) for i, rung in enumerate(rungs)}
-    fig, axes = plt.subplots(len(rows), 2, figsize=(13, 3.8 * len(rows)), squeeze=False)
-    for row, (model, ctx) in zip(axes, rows):
-        lines: dict[tuple, list[dict]] = {}
-        for r in decode:
-            if (r["model"], r["context"]) == (model, ctx):
-                lines.setdefault((r["engine"], r["quant"], r["rung"]), []).append(r)
-        for (engine, quant, rung), rs in lines.items():
-            rs.sort(key=lambda r: r["batch"])
-            xs = [r["batch"] for r in rs]
-            if engine == "transformers":
-                style = dict(color="grey", ls="--" if rung == "sdpa" else "-.", label=f"transformers {rung} ({rs[0]['dtype']})")
-            else:
-                style = dict(color=colors[rung], ls="-" if quant != "q4_0" else ":", label=f"{rung} {quant}")
-                row[1].plot(xs, [r["pct_roofline"] for r in rs], marker="o", **style)
-            row[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", **style)
-        shape = next((r["shape"] for r in decode if r["model"] == model), model)
-        dtype = next((r["dtype"] for r in decode if r["model"] == model and r["engine"] == "lowgear"), "")
-        for ax, ylabel in zip(row, ("decode tokens/s (all sequences)", "% of memory roofline")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("batch size")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{shape}, {dtype}, context {ctx}, on {report['device']['name']}", fontsize=9)
-            ax.grid(True, alpha=0.3)
-        row[0].set_yscale("log")
-        row[0].legend(fontsize=6, ncol=2)
-    m = report["measured"]
-    fig.suptitle(f"lowgear bench: copy bandwidth {m['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, "
-                 f"{m['matmul_dtype']} matmul {_flops(m['matmul_flops_per_s'])} (measured in this run)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(report: dict, out_dir: str) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, png_path = os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.png")
-    report["plot"] = os.path.basename(png_path) if plot(report, png_path) else None
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {json_path}" + (f" and {png_path}" if report["plot"] else
-          " (no plot: pip install 'lowgear[bench]' for matplotlib, then lowgear bench --plot-only " + json_path + ")"))
-    return report
-
-
-def summary(report: dict) -> str:
-    """A table of the figures, one line each, with the device and shape beside every figure."""
-    lines = [f"device: {report['device']['name']} ({report['device']['device']}), "
-             f"copy bandwidth {report['measured']['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, "
-             f"{report['measured']['matmul_dtype']} matmul {_flops(report['measured']['matmul_flops_per_s'])}"]
-    for r in report["results"]:
-        text = _line(r)
-        if "vs_transformers" in r:
-            text += f", ×{r['vs_transformers']['ratio']:.2f} vs transformers ({r['vs_transformers']['attn']})"
-        lines.append(text)
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="decode/prefill speed vs the memory roofline and vs transformers; JSON + PNG",
                               description=__doc__.split("\n\n")[0])

@@ -1,0 +1,104 @@
+"""`lowgear bench`'s models: an in-memory WeightSource of random tensors of real shapes, made on the
+device one tensor at a time (no file, no download), and the Config / tokenizer stand-ins that let
+the normal loading path (Config → Model → Cache → load_autosplit) run on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .quant.formats import get_format
+from .weights.spec import ModelSpec, PackedTensor, TensorInfo
+
+QUANTS = {"float": None, "q4_0": "Q4_0"}  # bench name -> packed format of the linear layers (None: float, in the run dtype)
+
+
+# ---------------------------------------------------------------- the in-memory model
+class RandomSource:
+    """A WeightSource of random tensors of `spec`'s shapes, made on `device` when asked for, one at a time.
+
+    Linear weights are float (std 0.02) or packed in `qtype` blocks (random 4-bit codes, small
+    scales); the embedding table stays float, as the roofline excludes it (one row per token).
+    """
+
+    def __init__(self, spec: ModelSpec, qtype: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
+        self.spec, self.qtype, self.device, self.dtype = spec, qtype, device, dtype
+        self.seed, self._generator = seed, None
+        s, h = spec, spec.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {"embed": (s.vocab_size, h), "norm": (h,)}
+        if not s.tie_word_embeddings:
+            shapes["lm_head"] = (s.vocab_size, h)
+        q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for i in range(s.num_layers):
+            p = f"layers.{i}."
+            shapes.update({p + "attn_norm": (h,), p + "ffn_norm": (h,), p + "q": (q_out, h), p + "k": (kv_out, h),
+                           p + "v": (kv_out, h), p + "o": (h, q_out), p + "gate": (s.intermediate_size, h),
+                           p + "up": (s.intermediate_size, h), p + "down": (h, s.intermediate_size)})
+            if s.attention_bias:
+                shapes.update({p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (kv_out,)})
+        self.shapes = shapes
+
+    def _packed(self, name: str) -> bool:
+        return self.qtype is not None and len(self.shapes[name]) == 2 and name != "embed"
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def info(self, name: str) -> TensorInfo:
+        shape = self.shapes[name]
+        if self._packed(name):
+            return TensorInfo(self.qtype, shape, shape[0] * get_format(self.qtype).row_bytes(shape[1]))
+        return TensorInfo("F16", shape, math.prod(shape) * 2)
+
+    def nbytes(self, name: str) -> int:
+        return self.info(name).nbytes
+
+    def float_elements(self, name: str) -> int | None:
+        return None if self._packed(name) else math.prod(self.shapes[name])
+
+    def get(self, name: str):
+        shape = self.shapes[name]
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        g, dev = self._generator, self.device
+        if self._packed(name):
+            fmt = get_format(self.qtype)
+            rows, cols = shape
+            blocks = torch.randint(0, 256, (rows, cols // fmt.block_size, fmt.block_bytes), dtype=torch.uint8, device=dev, generator=g)
+            scale = torch.full((1, 1, 1), 0.002, dtype=torch.float16, device=dev).view(torch.uint8)  # [1, 1, 2]
+            blocks[..., 0:2] = scale
+            if fmt.name == "Q4_1":
+                blocks[..., 2:4] = torch.zeros_like(scale)
+            return PackedTensor(self.qtype, blocks.view(rows, -1), shape)
+        if name.endswith("norm"):
+            return torch.ones(shape, dtype=torch.float32, device=dev)
+        return torch.empty(shape, dtype=self.dtype, device=dev).normal_(0.0, 0.02, generator=g)
+
+
+def synthetic_config(spec: ModelSpec, quant: str, device: torch.device, dtype: torch.dtype, label: str):
+    """A lowgear Config whose weights come from a RandomSource (no model file)."""
+    from .config import Config
+
+    config = Config()
+    config.spec, config._source = spec, RandomSource(spec, QUANTS[quant], device, dtype)
+    config.max_seq_len = spec.max_position_embeddings
+    config.devices = [label]
+    config.dtype = str(dtype).removeprefix("torch.")
+    return config
+
+
+class _NullTokenizer:
+    """The little the generator needs of a tokenizer when prompts are token ids and text is not read."""
+
+    stop_token_ids: frozenset = frozenset()
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def token_bytes_table(self, decode_special_tokens: bool = False) -> list[bytes]:
+        return [b"x"] * self.vocab_size
+
+
+# ---------------------------------------------------------------- timing and ceilings
