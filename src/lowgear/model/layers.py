@@ -2,6 +2,10 @@
 
 Layers hold weights and nothing else; the step's metadata and the layer's KV cache come in as
 arguments, and attention goes through whichever backend the ladder chose for the layer's device.
+
+On CUDA the same math runs through the fused Triton kernels (`forward_fused`): each residual add is
+folded into the RMSNorm that follows it, and q/k are rotated in place by one kernel reading a
+per-device cos/sin table at `meta.positions`. The CPU path is the plain torch code below.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from torch import nn
 
 from ..attention.metadata import StepMetadata
 from ..weights.spec import ModelSpec
+from .kernels_norm import rms_norm
+from .kernels_rope import apply_rope_
 from .quant_linear import QuantLinear
 from .rope import apply_rope
 
@@ -44,6 +50,16 @@ class Attention(nn.Module):
         out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
         return self.o(out.reshape(t, self.heads * self.head_dim))
 
+    def forward_fused(self, x, rope_table, meta: StepMetadata, k_cache, v_cache, backend) -> torch.Tensor:
+        """CUDA path: rope_table is (cos, sin) [max_positions, head_dim/2] float32, indexed by meta.positions."""
+        t = x.shape[0]
+        q = self.q(x).view(t, self.heads, self.head_dim)
+        k = self.k(x).view(t, self.kv_heads, self.head_dim)
+        apply_rope_(q, k, meta.positions, rope_table[0], rope_table[1], self.rope_style)
+        v = self.v(x).view(t, self.kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        return self.o(out.reshape(t, self.heads * self.head_dim))
+
 
 class MLP(nn.Module):
     def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear):
@@ -62,3 +78,18 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, meta, k_cache, v_cache, backend) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), cos, sin, meta, k_cache, v_cache, backend)
         return h + self.mlp(self.ffn_norm(h))
+
+    def forward_fused(self, h, pending, rope_table, meta, k_cache, v_cache, backend):
+        """CUDA path: returns (residual stream, this layer's MLP output not yet added to it).
+
+        `pending` is the previous layer's MLP output (None for the first layer): its add into h is
+        fused with this layer's attention norm, as the attention output's add is with the MLP norm.
+        h is updated in place, so it must be a tensor the caller owns.
+        """
+        if pending is None:
+            x = rms_norm(h, self.attn_norm.weight, self.attn_norm.eps)
+        else:
+            x, h = rms_norm(pending, self.attn_norm.weight, self.attn_norm.eps, residual=h)
+        a = self.attn.forward_fused(x, rope_table, meta, k_cache, v_cache, backend)
+        x, h = rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=h)
+        return h, self.mlp(x)

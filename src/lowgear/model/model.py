@@ -14,6 +14,7 @@ from torch import nn
 from ..attention.metadata import StepMetadata
 from ..errors import ConfigError
 from ..weights.spec import ModelSpec, PackedTensor
+from .kernels_norm import rms_norm
 from .layers import MLP, Attention, DecoderLayer, RMSNorm
 from .quant_linear import QuantLinear
 from .rope import cos_sin, inv_frequencies
@@ -35,6 +36,7 @@ class Model:
         self.selections: dict[str, object] = {}  # device label -> attention.select.Selection
         self.plan = None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- loading
     @property
@@ -110,6 +112,8 @@ class Model:
             raise ConfigError("the model is not loaded: call model.load() or model.load_autosplit(cache) first")
         device = self.layer_devices[0]
         h = self.embed.lookup(input_ids.to(device)).to(self.dtype)  # [T, hidden]
+        if device.type == "cuda":
+            return self._forward_fused(h, meta, cache)
         meta_here = meta.to(device)
         cos, sin = cos_sin(meta_here.positions, self._freqs(device))
         for i, layer in enumerate(self.layers):
@@ -122,10 +126,48 @@ class Model:
         h = self.norm(h.index_select(0, meta_here.logit_indices))
         return self.lm_head(h).float()
 
+    def _forward_fused(self, h: torch.Tensor, meta: StepMetadata, cache) -> torch.Tensor:
+        """The CUDA step: fused residual-add + RMSNorm and in-place RoPE (see layers.py).
+
+        Each layer hands back its MLP output unadded; the next layer's norm (or the final one) adds it.
+        """
+        device = self.layer_devices[0]
+        meta_here = meta.to(device)
+        table = self._rope_table(device, cache)
+        pending = None
+        for i, layer in enumerate(self.layers):
+            if self.layer_devices[i] != device:
+                device = self.layer_devices[i]
+                h, pending, meta_here = h.to(device), pending.to(device), meta.to(device)
+                table = self._rope_table(device, cache)
+            k_cache, v_cache = cache.layer(i)
+            h, pending = layer.forward_fused(h, pending, table, meta_here, k_cache, v_cache, self.backend_for(device))
+        rows = meta_here.logit_indices
+        if pending is None:  # no layers
+            h = rms_norm(h.index_select(0, rows), self.norm.weight, self.norm.eps)
+        else:
+            h, _ = rms_norm(pending.index_select(0, rows), self.norm.weight, self.norm.eps,
+                            residual=h.index_select(0, rows))
+        return self.lm_head(h).float()
+
     def _freqs(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
             self._inv_freq[device] = inv_frequencies(self.spec).to(device)
         return self._inv_freq[device]
+
+    def _rope_table(self, device: torch.device, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [positions, head_dim/2] float32 for every position the cache can hold, built once.
+
+        The first (eager) step builds it, before any graph capture; a larger cache rebuilds it.
+        """
+        # positions stay below the cache's capacity (a sequence must fit in it); the kernel does not
+        # bounds-check, so a cache without one gets the model's whole context
+        n = getattr(cache, "capacity_tokens", 0) or self.spec.max_position_embeddings
+        table = self._rope_tables.get(device)
+        if table is None or table[0].shape[0] < n:
+            positions = torch.arange(n, device=device)
+            table = self._rope_tables[device] = cos_sin(positions, self._freqs(device))
+        return table
 
     def unload(self) -> None:
         self.layers, self.layer_devices, self.embed, self.norm, self.lm_head = [], [], None, None, None
