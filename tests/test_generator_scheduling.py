@@ -138,3 +138,35 @@ def test_same_seed_same_tokens_whatever_the_batch():
     a = sample(logits, [sampled] * 3, [[1]] * 3, [torch.Generator().manual_seed(7) for _ in range(3)])
     b = sample(logits[1:2], [sampled], [[1]], [torch.Generator().manual_seed(7)])
     assert a[1] == b[0]
+
+
+class PoisonModel(StubModel):
+    """Logits go NaN for any sequence whose new tokens include POISON (as fp16 overflow would)."""
+
+    POISON = VOCAB - 1
+
+    def forward(self, ids, meta, cache):
+        logits = super().forward(ids, meta, cache)
+        logits[:, self.POISON] = float("-inf")  # healthy rows never sample the poison token
+        bounds = [0, *torch.tensor(meta.q_lens_host).cumsum(0).tolist()]
+        for s in range(meta.batch_size):
+            if (ids[bounds[s] : bounds[s + 1]] == self.POISON).any():
+                logits[s] = float("nan")
+        return logits
+
+
+def test_non_finite_logits_end_that_job_only_with_a_clear_error():
+    gen = make_generator(num_pages=64, max_batch_size=4)
+    gen.model = PoisonModel()
+    healthy = [lg.DynamicJob([5, 6, 7, 8 + i], max_new_tokens=6, gen_settings=lg.Sampler.Settings.greedy()) for i in range(3)]
+    bad = lg.DynamicJob([5, 6, PoisonModel.POISON], max_new_tokens=6)
+    gen.enqueue(healthy[:2] + [bad] + healthy[2:])
+    results = []
+    while gen.num_remaining_jobs():
+        results.extend(gen.iterate())
+    failed = [r for r in results if r["eos"] and r["eos_reason"] == "error"]
+    assert [r["job"] for r in failed] == [bad]
+    assert "non-finite" in failed[0]["error"] and bad.error == failed[0]["error"]
+    assert all(len(j.generated) == 6 and j.eos_reason == "max_new_tokens" for j in healthy)
+    assert gen.pool.num_used == 0
+    gen.pool.check()

@@ -18,6 +18,7 @@ import torch
 from ..attention.metadata import build_metadata
 from ..cache.pages import OutOfPages
 from ..cache.prefix import page_key
+from ..dtypes import NonFiniteError, check_finite
 from ..errors import ConfigError, ContextLengthError
 from .graphs import DecodeGraphs, DecodeRow, disabled_reason
 from .job import DynamicJob
@@ -213,9 +214,13 @@ class DynamicGenerator:
         if jobs:
             picked = logits[rows] if len(rows) != logits.shape[0] else logits
             picked = self._suppress_early_stops(picked, jobs)
-            tokens = sample(picked, [j.settings for j in jobs], [j.all_ids for j in jobs], [j.rng for j in jobs]).tolist()
-            for job, token in zip(jobs, tokens):
-                results.append(self._accept(job, token))
+            # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token); such rows are sampled
+            # as zeros and their jobs ended, and the flags come back in the tokens' one transfer.
+            ok = ~(picked.isnan().any(-1) | picked.isposinf().any(-1) | picked.isneginf().all(-1))
+            safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
+            tokens = sample(safe, [j.settings for j in jobs], [j.all_ids for j in jobs], [j.rng for j in jobs])
+            for i, (job, (token, good)) in enumerate(zip(jobs, torch.stack((tokens, ok.long())).T.tolist())):
+                results.append(self._accept(job, token) if good else self._fail(job, picked[i]))
         self.running = [j for j in self.running if not j.finished]
         if not self.running and self.graphs is not None:
             self.graphs.release_scratch()  # an idle generator holds no page
@@ -241,6 +246,19 @@ class DynamicGenerator:
         for i in early:
             logits[i, sorted(jobs[i].stop_tokens)] = float("-inf")
         return logits
+
+    def _fail(self, job: DynamicJob, logits: torch.Tensor) -> dict:
+        """End one job whose logits are not finite, with the reason; the other jobs go on untouched."""
+        try:
+            check_finite(logits, f"the logits of job {job.serial}")
+            message = f"job {job.serial}: logits not finite"
+        except NonFiniteError as exc:
+            message = str(exc)
+        job.finished, job.eos_reason, job.error = True, "error", message
+        self._release(job)
+        result = self._result(job, "", [], eos=True)
+        result["error"] = message
+        return result
 
     def _accept(self, job: DynamicJob, token: int) -> dict:
         job.generated.append(token)

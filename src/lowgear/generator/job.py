@@ -66,6 +66,7 @@ class DynamicJob:
         self.matcher = None
         self.finished = False
         self.eos_reason: str | None = None
+        self.error: str | None = None  # set when eos_reason is "error" (e.g. fp16 overflow)
         self.cached_prefix_tokens = 0
 
     @property

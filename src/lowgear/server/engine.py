@@ -292,6 +292,10 @@ class Engine:
             reason = result.get("eos_reason") or "stop_token"
             event.done = True
             event.finish_reason = FINISH_REASONS.get(reason, "stop")
+            if reason == "error":  # this job alone failed (e.g. fp16 overflow): say why, the others go on
+                from ..errors import LowgearError
+
+                event.finish_reason, event.error = "error", LowgearError(result.get("error") or "generation failed")
             if result.get("new_tokens") is not None:
                 event.completion_tokens = handle.completion_tokens = int(result["new_tokens"])
             handle.finished = True
