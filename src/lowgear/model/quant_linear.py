@@ -10,6 +10,9 @@ band of rows is also what cuBLAS wants for prefill. A faster kernel plugs in thr
 Float weights are a plain matmul in the module's dtype (`.to(dtype)` converts them). Packed
 weights ignore dtype conversion (they stay uint8) but move with `.to(device)`.
 
+GPTQ layers (`lowgear.quant.gptq.GPTQWeight`) are held as their four stored tensors (buffers
+qweight / qzeros / scales / g_idx); bands come from `dequantize_gptq`. No kernel is attached to them yet.
+
 The same module serves the embedding table: `lookup(ids)` unpacks only the rows asked for, so a
 tied lm_head and embedding share one packed buffer.
 """
@@ -24,6 +27,7 @@ from torch import nn
 from ..errors import ModelFormatError
 from ..quant.dequant import dequantize_data
 from ..quant.formats import get_format
+from ..quant.gptq import GPTQWeight, dequantize_gptq
 from ..weights.spec import PackedTensor
 
 # Rows dequantized per band bound the float temporary to about this many elements (64 MiB in f32).
@@ -37,14 +41,27 @@ Kernel = Callable[[torch.Tensor, str, torch.Tensor, int, int], torch.Tensor]
 class QuantLinear(nn.Module):
     def __init__(
         self,
-        weight: torch.Tensor | PackedTensor,
+        weight: torch.Tensor | PackedTensor | GPTQWeight,
         bias: torch.Tensor | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ):
         super().__init__()
         self.chunk_elements = int(chunk_elements)
         self.kernel: Kernel | None = None  # a packed GEMV/GEMM kernel plugs in here
-        if isinstance(weight, PackedTensor):
+        self._gptq: dict | None = None  # GPTQ facts (bits, group_size, ...) when weight is a GPTQWeight
+        if isinstance(weight, GPTQWeight):
+            weight.validate()
+            self._packed_qtype = weight.qtype
+            self.out_features, self.in_features = weight.shape
+            self._gptq = {"bits": weight.bits, "group_size": weight.group_size, "sym": weight.sym,
+                          "zero_offset": weight.zero_offset}
+            self.register_buffer("qweight", weight.qweight)
+            self.register_buffer("qzeros", weight.qzeros)
+            # fp16 scales kept as their int16 bits so that `.to(dtype)` cannot round them (e.g. to bf16)
+            self.register_buffer("scales", weight.scales.view(torch.int16))
+            self.register_buffer("g_idx", weight.g_idx)
+            self.weight = None
+        elif isinstance(weight, PackedTensor):
             rows, cols = weight.shape
             fmt = get_format(weight.qtype)
             if tuple(weight.data.shape) != (rows, fmt.row_bytes(cols)) or weight.data.dtype != torch.uint8:
@@ -84,6 +101,8 @@ class QuantLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes the weight occupies as held (packed or float), bias excluded."""
+        if self._gptq is not None:
+            return self.gptq_weight().nbytes
         w = self.qweight if self.packed else self.weight
         return w.numel() * w.element_size()
 
@@ -105,6 +124,20 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def gptq_weight(self) -> GPTQWeight:
+        """The held GPTQ tensors (on the module's device) as a GPTQWeight."""
+        return GPTQWeight(self.qweight, self.qzeros, self.scales.view(torch.float16), self.g_idx, **self._gptq)
+
+    def _dequant(self, rows, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `rows` (slice, index tensor or None for all) of the packed weight -> float [n, in]."""
+        if self._gptq is not None:
+            return dequantize_gptq(self.gptq_weight(), rows, dtype)
+        if rows is None:
+            return dequantize_data(self.qtype, self.qweight, dtype)
+        if isinstance(rows, slice):
+            return dequantize_data(self.qtype, self.qweight[rows], dtype)
+        return dequantize_data(self.qtype, self.qweight.index_select(0, rows), dtype)
+
     def _band_rows(self) -> int:
         return max(1, min(self.out_features, self.chunk_elements // max(1, self.in_features)))
 
@@ -113,12 +146,12 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         band = self._band_rows()
         if band >= self.out_features:
-            w = dequantize_data(self.qtype, self.qweight, x.dtype)
+            w = self._dequant(None, x.dtype)
             return torch.matmul(x2, w.t()).reshape(*lead, self.out_features)
         y = x2.new_empty((x2.shape[0], self.out_features))
         for r0 in range(0, self.out_features, band):
             r1 = min(self.out_features, r0 + band)
-            w = dequantize_data(self.qtype, self.qweight[r0:r1], x.dtype)  # [band, in]
+            w = self._dequant(slice(r0, r1), x.dtype)  # [band, in]
             y[:, r0:r1] = x2 @ w.t()
         return y.reshape(*lead, self.out_features)
 
@@ -130,8 +163,7 @@ class QuantLinear(nn.Module):
         """
         ids = ids.to(device=self.device, dtype=torch.long)
         if self.packed:
-            rows = self.qweight.index_select(0, ids.reshape(-1))
-            out = dequantize_data(self.qtype, rows, dtype or torch.float32)
+            out = self._dequant(ids.reshape(-1), dtype or torch.float32)
         else:
             out = self.weight.index_select(0, ids.reshape(-1))
             if dtype is not None:
@@ -141,7 +173,7 @@ class QuantLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full float weight [out, in] (a copy for packed weights: for tests and references)."""
         if self.packed:
-            return dequantize_data(self.qtype, self.qweight, dtype)
+            return self._dequant(None, dtype)
         return self.weight.to(dtype)
 
     def extra_repr(self) -> str:

@@ -8,12 +8,18 @@ Both config styles are understood: transformers < 5 (`rope_theta`, `rope_scaling
 and transformers >= 5 (`rope_parameters`, `dtype`). HF checkpoints keep q/k in the "neox" (rotate
 halves) layout. qwen2 always has q/k/v biases; its sliding window only applies with
 `use_sliding_window`.
+
+GPTQ folders (`quantization_config.quant_method` "gptq" in config.json, or an AutoGPTQ
+`quantize_config.json`) store each linear as `<prefix>.qweight/.qzeros/.scales[/.g_idx]`; `get`
+hands those back as one `GPTQWeight` under the linear's canonical name. Other quant methods are
+refused up front with an UnsupportedError.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 from typing import Any
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelFormatError, UnsupportedError
+from ..quant.gptq import GPTQ_FORMATS, GPTQWeight, check_gptq_bits, gptq_qtype
 from .spec import SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -129,6 +136,37 @@ def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
         raise ModelFormatError(f"{folder}/config.json has no {e.args[0]!r}; the config is incomplete; re-download it") from None
 
 
+_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def gptq_config(cfg: dict, folder: str) -> dict | None:
+    """The GPTQ facts {bits, group_size, sym, zero_offset} of a quantized folder; None if unquantized."""
+    q = cfg.get("quantization_config")
+    side = os.path.join(folder, "quantize_config.json")
+    if q is None and os.path.isfile(side):  # AutoGPTQ's older layout: a separate file, GPTQ implied
+        with open(side) as f:
+            q = {"quant_method": "gptq", **json.load(f)}
+    if q is None:
+        return None
+    method = str(q.get("quant_method", "gptq")).lower()
+    if method != "gptq":
+        raise UnsupportedError(
+            f"{folder}: quantization method {method!r} is not supported: lowgear reads GPTQ (2/3/4/8-bit) "
+            "and unquantized (F32/F16/BF16) Hugging Face folders, and GGUF files"
+        )
+    fmt = str(q.get("checkpoint_format", "gptq")).lower()
+    if fmt not in GPTQ_FORMATS:
+        raise UnsupportedError(
+            f"{folder}: GPTQ checkpoint_format {fmt!r} is not supported: lowgear reads {', '.join(GPTQ_FORMATS)}"
+        )
+    try:
+        bits, group_size = int(q["bits"]), int(q.get("group_size", -1))
+    except (KeyError, TypeError, ValueError):
+        raise ModelFormatError(f"{folder}: quantization_config has no valid 'bits'; the config is incomplete") from None
+    check_gptq_bits(bits, folder)
+    return {"bits": bits, "group_size": group_size, "sym": bool(q.get("sym", True)), "zero_offset": GPTQ_FORMATS[fmt]}
+
+
 def _weight_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -167,9 +205,12 @@ class HFSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelFormatError(f"{config_path} is not valid JSON ({e}); re-download it") from e
         _arch(self.config, self.path)  # unsupported architectures fail before any weight is opened
+        self.gptq = gptq_config(self.config, self.path)
 
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple[str, str]] = {}  # canonical -> (file, hf name)
+        self._file_of: dict[str, str] = {}  # hf name -> file (GPTQ parts may sit in different shards)
+        self._gptq_prefix: dict[str, str] = {}  # canonical -> hf prefix of a GPTQ linear
         for path in _weight_files(self.path):
             try:
                 handle = safe_open(path, framework="pt")
@@ -177,9 +218,16 @@ class HFSource:
                 raise ModelFormatError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
             self._files[path] = handle
             for hf_name in handle.keys():
+                self._file_of[hf_name] = path
                 canon = canonical_name(hf_name)
                 if canon is not None:
                     self._where[canon] = (path, hf_name)
+                elif self.gptq is not None and hf_name.endswith(".qweight"):
+                    prefix = hf_name[: -len(".qweight")]
+                    canon = canonical_name(prefix + ".weight")
+                    if canon is not None:
+                        self._where[canon] = (path, hf_name)
+                        self._gptq_prefix[canon] = prefix
         self.spec = spec_from_config(self.config, self.path, "lm_head" in self._where)
         missing = [
             f"layers.{i}.{n}"
@@ -202,7 +250,28 @@ class HFSource:
             raise KeyError(f"{self.path} has no tensor {name!r}") from None
         return self._files[path].get_slice(hf_name)
 
+    def _gptq_part(self, name: str, part: str):
+        hf_name = f"{self._gptq_prefix[name]}.{part}"
+        path = self._file_of.get(hf_name)
+        if path is None:
+            if part == "g_idx":
+                return None
+            raise ModelFormatError(f"{self.path}: GPTQ tensor {hf_name} is missing; download every safetensors shard")
+        return self._files[path].get_slice(hf_name)
+
+    def _gptq_info(self, name: str) -> TensorInfo:
+        g = self.gptq
+        rows, out = (int(d) for d in self._slice(name).get_shape())
+        nbytes = 0
+        for part in _GPTQ_PARTS:
+            sl = self._gptq_part(name, part)
+            if sl is not None:
+                nbytes += math.prod(sl.get_shape()) * (2 if sl.get_dtype() in ("F16", "BF16") else 4)
+        return TensorInfo(gptq_qtype(g["bits"], g["group_size"]), (out, rows * 32 // g["bits"]), nbytes)
+
     def info(self, name: str) -> TensorInfo:
+        if name in self._gptq_prefix:
+            return self._gptq_info(name)
         sl = self._slice(name)
         dtype = sl.get_dtype()
         qtype = _ST_DTYPES.get(dtype)
@@ -217,7 +286,11 @@ class HFSource:
     def nbytes(self, name: str) -> int:
         return self.info(name).nbytes
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> torch.Tensor | GPTQWeight:
+        if name in self._gptq_prefix:
+            parts = {p: self._gptq_part(name, p) for p in _GPTQ_PARTS}
+            tensors = {p: (sl[:] if sl is not None else None) for p, sl in parts.items()}  # reads each part
+            return GPTQWeight(**tensors, **self.gptq).validate(self._gptq_prefix[name])
         self.info(name)  # dtype check
         path, hf_name = self._where[name]
         return self._files[path].get_tensor(hf_name)

@@ -1,0 +1,149 @@
+"""GPTQ linear weights: what a GPTQ checkpoint stores for one layer, and its torch dequantization.
+
+A GPTQ layer is four tensors (the storage format AutoGPTQ / GPTQModel / transformers write):
+
+    qweight  int32 [in_features * bits / 32, out_features]  codes packed along the input dim
+    qzeros   int32 [groups, out_features * bits / 32]        zero points packed along the output dim
+    scales   fp16  [groups, out_features]
+    g_idx    int32 [in_features] (optional)                  the group of each input row (act-order)
+
+Codes are packed little-end first as one bit stream per column (per row for qzeros): value i sits
+at bits [i*bits, (i+1)*bits), so 3-bit values straddle int32 word boundaries. Without g_idx, input
+row i belongs to group i // group_size (group_size -1: one group). Checkpoint format "gptq" (v1)
+stores zero - 1, "gptq_v2" the zero itself, so
+
+    W[out, in] = (q[in, out] - zero[g_idx[in], out]) * scale[g_idx[in], out]
+
+`dequantize_gptq` builds any band of output rows from the packed tensors alone, so a linear layer
+never holds the full float matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ModelFormatError, UnsupportedError
+
+GPTQ_BITS = (2, 3, 4, 8)
+GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what to add to stored zeros
+
+
+@dataclass
+class GPTQWeight:
+    """One GPTQ linear layer as stored; W is [out_features, in_features]."""
+
+    qweight: torch.Tensor  # int32 [in * bits / 32, out]
+    qzeros: torch.Tensor  # int32 [groups, out * bits / 32]
+    scales: torch.Tensor  # float16 [groups, out]
+    g_idx: torch.Tensor | None  # int32 [in], or None for the plain i // group_size
+    bits: int
+    group_size: int  # -1: one group over all inputs
+    sym: bool = True
+    zero_offset: int = 1  # 1 for checkpoint_format "gptq" (v1), 0 for "gptq_v2"
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * 32 // self.bits
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qweight.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def groups(self) -> int:
+        return gptq_groups(self.in_features, self.group_size)
+
+    @property
+    def qtype(self) -> str:
+        return gptq_qtype(self.bits, self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.qweight, self.qzeros, self.scales] + ([self.g_idx] if self.g_idx is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def validate(self, name: str = "GPTQ weight") -> GPTQWeight:
+        """Raise a clear error unless the four tensors fit each other; returns self."""
+        check_gptq_bits(self.bits, name)
+        if self.qweight.dim() != 2 or self.qweight.dtype != torch.int32 or (self.qweight.shape[0] * 32) % self.bits:
+            raise ModelFormatError(
+                f"{name}.qweight must be int32 [in_features * {self.bits} / 32, out_features], got "
+                f"{self.qweight.dtype} {list(self.qweight.shape)}; the checkpoint is corrupt or not GPTQ"
+            )
+        out = self.out_features
+        expected = {
+            "qzeros": (self.qzeros, torch.int32, [self.groups, out * self.bits // 32]),
+            "scales": (self.scales, torch.float16, [self.groups, out]),
+        }
+        if self.g_idx is not None:
+            expected["g_idx"] = (self.g_idx, torch.int32, [self.in_features])
+        for part, (t, dtype, shape) in expected.items():
+            if list(t.shape) != shape or t.dtype != dtype or (part == "qzeros" and (out * self.bits) % 32):
+                raise ModelFormatError(
+                    f"{name}.{part} must be {dtype} {shape} for a {self.bits}-bit layer of {self.in_features} "
+                    f"inputs and {out} outputs with group_size {self.group_size}, got {t.dtype} {list(t.shape)}; "
+                    "the checkpoint is corrupt or its quantization_config does not match it"
+                )
+        return self
+
+
+def gptq_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size in (-1, 0) or group_size >= in_features else -(-in_features // group_size)
+
+
+def gptq_qtype(bits: int, group_size: int) -> str:
+    """The name lowgear reports: "GPTQ4g128", or "GPTQ4g-1" for one group per column."""
+    return f"GPTQ{bits}g{group_size}"
+
+
+def check_gptq_bits(bits: int, where: str) -> None:
+    if bits not in GPTQ_BITS:
+        raise UnsupportedError(
+            f"{where}: GPTQ with {bits} bits is not supported: lowgear reads {', '.join(map(str, GPTQ_BITS))}-bit GPTQ"
+        )
+
+
+def unpack_bits(words: torch.Tensor, bits: int, index: torch.Tensor) -> torch.Tensor:
+    """Values number `index` [n] of the little-end bit stream along words' last dim -> [..., n] int64."""
+    pos = index.to(device=words.device, dtype=torch.long) * bits
+    word, shift = pos // 32, pos % 32
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # no value straddles two words
+        return (words.index_select(-1, word).long() >> shift) & mask
+    lo = words.index_select(-1, word).long() & 0xFFFFFFFF
+    nxt = (word + 1).clamp(max=words.shape[-1] - 1)
+    hi = words.index_select(-1, nxt).long() & 0xFFFFFFFF
+    return (((hi << 32) | lo) >> shift) & mask
+
+
+def group_index(w: GPTQWeight) -> torch.Tensor:
+    """The group of each input row [in] (long)."""
+    if w.g_idx is not None:
+        return w.g_idx.long()
+    rows = torch.arange(w.in_features, device=w.qweight.device)
+    if w.groups == 1:
+        return torch.zeros_like(rows)
+    return rows // w.group_size
+
+
+def dequantize_gptq(
+    w: GPTQWeight, rows: slice | torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Output rows `rows` (a slice or index tensor; None: all) of W -> float [n_rows, in_features]."""
+    out_ids = torch.arange(w.out_features, device=w.qweight.device)
+    if rows is not None:
+        out_ids = out_ids[rows]
+    in_ids = torch.arange(w.in_features, device=w.qweight.device)
+    q = unpack_bits(w.qweight.index_select(1, out_ids).t(), w.bits, in_ids)  # [n_rows, in]
+    zeros = unpack_bits(w.qzeros, w.bits, out_ids) + w.zero_offset  # [groups, n_rows]
+    scales = w.scales.index_select(1, out_ids)  # [groups, n_rows]
+    g = group_index(w)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    codes = (q - zeros.t().index_select(1, g)).to(work)  # [n_rows, in]
+    return (codes * scales.t().index_select(1, g).to(work)).to(dtype)
