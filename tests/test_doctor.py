@@ -80,7 +80,7 @@ def test_t4_fits_8b_q4_and_says_how_much(monkeypatch):
     assert m["quant_types"]["Q4_K"] > 4 * 10**9 and m["dtype"] == "float16"
     assert m["cache_bytes_per_token"] == 131072 and m["cache_bytes_per_1k_tokens"] == 131072000
     t4 = hardware.list_devices()[0]
-    per_layer, other, _ = doctor._on_device_bytes(StubSource(), LLAMA3_8B, __import__("torch").float16)
+    per_layer, other, _ = placement.device_bytes(StubSource(), LLAMA3_8B, 2)  # float16 elements
     expected = placement.plan(LLAMA3_8B, per_layer, other, [t4], 2 * 8 * 128 * 2, "auto", 512 * 2**20).max_seq_len
     fit = m["fits"][0]
     assert fit["device"] == "cuda:0" and fit["tokens"] == expected and 50_000 < expected < 100_000

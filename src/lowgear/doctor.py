@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 
 import torch
 
@@ -86,33 +85,6 @@ def _attention(d, switches, requested_dtype) -> dict:
     return out
 
 
-def _on_device_bytes(source, spec, dtype: torch.dtype) -> tuple[list[int], dict[str, int], Counter]:
-    """Bytes per layer and for embed / norm / lm_head as they will sit on the device, and bytes per stored type."""
-    elt = dtype_bytes(dtype)
-    per_layer = [0] * spec.num_layers
-    other = {"embed": 0, "norm": 0, "lm_head": 0}
-    qtypes: Counter = Counter()
-    info = getattr(source, "info", None)
-    for name in source.names():
-        stored = source.nbytes(name)
-        size = stored
-        if info is not None:
-            ti = info(name)
-            qtypes[ti.qtype] += stored
-            if ti.qtype in ("F32", "F16", "BF16"):
-                numel = 1
-                for n in ti.shape:
-                    numel *= n
-                size = numel * (4 if name.endswith("norm") else elt)  # norms are kept in float32
-        else:
-            qtypes["?"] += stored
-        if name.startswith("layers."):
-            per_layer[int(name.split(".")[1])] += size
-        else:
-            other[name if name in other else "norm"] += size
-    return per_layer, other, qtypes
-
-
 def _fmt_tokens(n: int) -> str:
     return f"{n:,}"
 
@@ -121,7 +93,7 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len) ->
     spec = source.spec
     usable = [d for d in spec_devices if hardware.torch_arch_supported(d)]
     dtype = common_dtype(usable or [hardware.cpu_device()], requested_dtype)
-    per_layer, other, qtypes = _on_device_bytes(source, spec, dtype)
+    per_layer, other, qtypes = placement.device_bytes(source, spec, dtype_bytes(dtype))
     kv_token = placement.kv_bytes_per_token(spec, dtype_bytes(dtype))
     kv_layer = placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype))
     weights = sum(per_layer) + sum(other.values())

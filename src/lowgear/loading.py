@@ -7,37 +7,13 @@ one at a time (with a progress bar), so peak host memory stays one layer above t
 
 from __future__ import annotations
 
-import math
-
-import torch
 from tqdm import tqdm
 
 from . import hardware
 from .attention.select import select_backend
-from .dtypes import common_dtype
+from .dtypes import common_dtype, dtype_bytes
+from .placement import device_bytes
 from .placement import plan as plan_placement
-
-
-def _layer_bytes(source, spec, dtype: torch.dtype) -> tuple[list[int], dict[str, int]]:
-    """Bytes per decoder layer, and of embed / norm / lm_head, as they will sit on the device."""
-    names = source.names()
-    elt = torch.empty((), dtype=dtype).element_size()
-
-    def size(name: str) -> int:
-        """Packed weights keep their bytes; float ones take the model dtype's (F16 → float32 on CPU doubles)."""
-        info = source.info(name)
-        if info.qtype not in ("F32", "F16", "BF16"):
-            return info.nbytes
-        return math.prod(info.shape) * elt
-
-    per_layer = [0] * spec.num_layers
-    other: dict[str, int] = {}
-    for name in names:
-        if name.startswith("layers."):
-            per_layer[int(name.split(".")[1])] += size(name)
-        else:
-            other[name] = other.get(name, 0) + size(name)
-    return per_layer, other
 
 
 def load_model(model, cache, progress: bool = False, reserve_mb: int | None = None, device_limits_mb=None) -> None:
@@ -47,7 +23,7 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     requested = config.requested_devices()
     devices = hardware.resolve_devices(requested) if requested else hardware.default_devices()
     dtype = common_dtype(devices, config.requested_dtype())
-    per_layer, other = _layer_bytes(source, spec, dtype)
+    per_layer, other, _ = device_bytes(source, spec, dtype_bytes(dtype))
     kv_bytes_per_token_layer = cache.bytes_per_token_per_layer(cache.dtype or dtype)
     reserve = (config.reserve_memory_mb if reserve_mb is None else reserve_mb) * 2**20
     limits = None

@@ -10,6 +10,8 @@ tokens (a whole number of pages) that fit.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -83,6 +85,33 @@ def kv_bytes_per_token(spec, dtype_bytes: int) -> int:
 
 def kv_bytes_per_token_per_layer(spec, dtype_bytes: int) -> int:
     return 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
+
+
+def device_bytes(source, spec, elt: int) -> tuple[list[int], dict[str, int], Counter]:
+    """Bytes per decoder layer and of embed / norm / lm_head as they will sit on the device, and bytes per stored type.
+
+    Packed weights keep their stored bytes; float weights take `elt` bytes an element (the model dtype),
+    except norms, which the model keeps in float32.
+    """
+    per_layer = [0] * spec.num_layers
+    other = {"embed": 0, "norm": 0, "lm_head": 0}
+    qtypes: Counter = Counter()
+    info = getattr(source, "info", None)
+    for name in source.names():
+        stored = source.nbytes(name)
+        size = stored
+        if info is not None:
+            ti = info(name)
+            qtypes[ti.qtype] += stored
+            if ti.qtype in ("F32", "F16", "BF16"):
+                size = math.prod(ti.shape) * (4 if name.endswith("norm") else elt)
+        else:
+            qtypes["?"] += stored
+        if name.startswith("layers."):
+            per_layer[int(name.split(".")[1])] += size
+        else:
+            other[name if name in other else "norm"] += size
+    return per_layer, other, qtypes
 
 
 def split_other_bytes(spec, other) -> tuple[int, int]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import dtype_bytes
 from ..errors import ConfigError
+from ..placement import kv_bytes_per_token_per_layer
 from .pages import PagePool
 
 DEFAULT_PAGE_SIZE = 256
@@ -49,8 +51,7 @@ class Cache:
         return bool(self.k)
 
     def bytes_per_token_per_layer(self, dtype: torch.dtype) -> int:
-        spec = self.model.spec
-        return 2 * spec.num_kv_heads * spec.head_dim * torch.empty((), dtype=dtype).element_size()
+        return kv_bytes_per_token_per_layer(self.model.spec, dtype_bytes(dtype))
 
     def allocate(self, max_seq_len: int | None = None) -> None:
         """Allocate the pages on each layer's device, sized for `max_seq_len` tokens in all."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..attention.metadata import StepMetadata
 from ..errors import ConfigError
-from ..weights.spec import ModelSpec, PackedTensor
+from ..weights.spec import ModelSpec
 from .kernels_norm import rms_norm
 from .layers import MLP, Attention, DecoderLayer, RMSNorm
 from .quant_linear import QuantLinear
@@ -180,7 +180,3 @@ def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modul
 
 def _label(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else f"cuda:{device.index}"
-
-
-def is_packed(t) -> bool:
-    return isinstance(t, PackedTensor)
