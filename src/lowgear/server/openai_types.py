@@ -60,6 +60,16 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+_UNSUPPORTED = {"logprobs": "logprobs are", "tools": "tools are", "suffix": "suffix is"}
+
+
+def _refuse_if_set(cls, v, info):
+    """A field OpenAI defines but this server does not implement: any value but its empty default is a 400."""
+    if v:
+        raise ValueError(f"{_UNSUPPORTED[info.field_name]} not supported by this server")
+    return v
+
+
 class _SamplingFields(_Strict):
     """What both endpoints share: the model, the sampler, stopping, streaming."""
 
@@ -143,19 +153,7 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported by this server")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _check_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported by this server")
-        return v
+    _refuse_unsupported = field_validator("logprobs", "tools")(_refuse_if_set)
 
     @field_validator("response_format")
     @classmethod
@@ -193,19 +191,7 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("token-id prompts must not be empty")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported by this server")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _check_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported by this server")
-        return v
+    _refuse_unsupported = field_validator("logprobs", "suffix")(_refuse_if_set)
 
     @model_validator(mode="after")
     def _check_best_of(self):
