@@ -78,9 +78,9 @@ def test_kernel_hook():
     lin = QuantLinear(w, torch.ones(8))
     calls = []
 
-    def kernel(x, qtype, data, out_features, in_features):
-        calls.append((qtype, out_features, in_features))
-        return x.new_zeros(*x.shape[:-1], out_features)
+    def kernel(x, module):
+        calls.append((module.qtype, module.out_features, module.in_features))
+        return x.new_zeros(*x.shape[:-1], module.out_features)
 
     lin.kernel = kernel
     y = lin(torch.randn(2, 32))

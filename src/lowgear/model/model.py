@@ -94,11 +94,11 @@ class Model:
         count = 0
         modules = [m for layer in self.layers for m in layer.modules()] + [self.lm_head]
         for m in modules:
-            if isinstance(m, QuantLinear) and m.packed and m.device.type == "cuda" and kernels.supports(m.qtype):
+            if isinstance(m, QuantLinear) and m.packed and m.device.type == "cuda":
                 cc = capability.get(_label(m.device))
                 if cc is not None and cc >= (7, 0):  # Triton's floor; older cards keep the torch path
-                    m.kernel = kernels.packed_matmul
-                    count += 1
+                    m.kernel = kernels.kernel_for(m)
+                    count += m.kernel is not None
         return count
 
     def backend_for(self, device: torch.device):

@@ -4,14 +4,14 @@ Decode is memory-bound, so a quantized weight is kept as its file's packed block
 never a full float copy). The torch path here dequantizes a band of output rows at a time into the
 activation dtype and multiplies — the band bounds the float temporary (`chunk_elements`), and a
 band of rows is also what cuBLAS wants for prefill. A faster kernel plugs in through `self.kernel`
-(None by default): any callable `kernel(x, qtype, data, out_features, in_features) -> y`, e.g.
-`lowgear.quant.kernels.packed_matmul` on a CUDA device; the bias is added here either way.
+(None by default): any callable `kernel(x, module) -> y` that reads the module's buffers, e.g. what
+`lowgear.quant.kernels.kernel_for(module)` picks on a CUDA device; the bias is added here either way.
 
 Float weights are a plain matmul in the module's dtype (`.to(dtype)` converts them). Packed
 weights ignore dtype conversion (they stay uint8) but move with `.to(device)`.
 
 GPTQ layers (`lowgear.quant.gptq.GPTQWeight`) are held as their four stored tensors (buffers
-qweight / qzeros / scales / g_idx); bands come from `dequantize_gptq`. No kernel is attached to them yet.
+qweight / qzeros / scales / g_idx); bands come from `dequantize_gptq`.
 
 The same module serves the embedding table: `lookup(ids)` unpacks only the rows asked for, so a
 tied lm_head and embedding share one packed buffer.
@@ -35,7 +35,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 _FLOAT_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
-Kernel = Callable[[torch.Tensor, str, torch.Tensor, int, int], torch.Tensor]
+Kernel = Callable[[torch.Tensor, "QuantLinear"], torch.Tensor]
 
 
 class QuantLinear(nn.Module):
@@ -114,7 +114,7 @@ class QuantLinear(nn.Module):
         """x [..., in_features] -> [..., out_features] in x's dtype."""
         if self.packed:
             if self.kernel is not None:
-                y = self.kernel(x, self.qtype, self.qweight, self.out_features, self.in_features)
+                y = self.kernel(x, self)
             else:
                 y = self._banded_matmul(x)
         else:

@@ -4,6 +4,7 @@ The public face is three functions; Triton is imported on first use, so this pac
 `supports` answers False) on machines without it.
 
     supports(qtype)                                     -> bool
+    kernel_for(module)                                  -> QuantLinear kernel hook, or None
     packed_matmul(x, qtype, data, out_features, in_features) -> y = x @ dequant(W).T
     dequantize_tile(qtype, data, row_start, row_stop, dtype) -> dense rows of W
 
@@ -42,6 +43,17 @@ def supports(qtype: str) -> bool:
     from .gemv import supports as _supports
 
     return _supports(qtype)
+
+
+def kernel_for(module):
+    """The kernel hook (`fn(x, module) -> y`) for a packed QuantLinear, or None to keep its torch path."""
+    if getattr(module, "_gptq", None) is not None or not supports(module.qtype):
+        return None
+    return _gguf_kernel
+
+
+def _gguf_kernel(x: torch.Tensor, module) -> torch.Tensor:
+    return packed_matmul(x, module.qtype, module.qweight, module.out_features, module.in_features)
 
 
 def dequantize_tile(qtype: str, data: torch.Tensor, row_start: int, row_stop: int,
