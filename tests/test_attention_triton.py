@@ -105,6 +105,34 @@ def test_decode_sliding_window(window, num_splits):
         assert (reference_attention(q, kc, vc, meta, 0.125) - ref).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("heads_per_program", [1, 2, 4])
+def test_decode_heads_per_program(heads_per_program):
+    """A kv head's query heads served by one program or cut over several: same answer."""
+    kv_lens = [1, 16, 70, 95]
+    q, kc, vc, meta = paged_problem([1] * 4, kv_lens, group=4)
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125)
+    for splits in (1, 3):
+        out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.125, meta.max_kv_len,
+                                  num_splits=splits, heads_per_program=heads_per_program)
+        assert_close(out, ref, FP32_TOL)
+
+
+@pytest.mark.parametrize("min_split", [16, 32, 256])
+def test_decode_bound_far_above_lengths(min_split):
+    """A CUDA graph's launch: a kv bound far past every real length and many splits; each sequence
+    spreads its own length over the splits (at least min_split each) and the rest stay empty."""
+    kv_lens = [1, 17, 40, 95]
+    q, kc, vc, meta = paged_problem([1] * 4, kv_lens, group=2)
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125)
+    for window in (None, 20):
+        ref = reference_attention(q, kc, vc, meta, 0.125, window)
+        out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.125, 100_000, window=window,
+                                  num_splits=8, min_split=min_split)
+        assert_close(out, ref, FP32_TOL)
+
+
 def test_decode_fp16():
     q, kc, vc, meta = paged_problem([1] * 5, [1, 16, 17, 40, 63], group=4, dtype=torch.float16)
     decode, _ = kernels()

@@ -73,7 +73,8 @@ def paged_decode_kernel(
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32 (log2 domain)
     scale_log2,  # softmax scale * log2(e)
     window,  # sliding window in positions (NO_WINDOW for none)
-    split_tokens,  # positions per split (a multiple of BLOCK_N)
+    min_split,  # fewest positions a split takes (a multiple of BLOCK_N)
+    heads_per_kv,  # query heads per kv head (a multiple of GROUP)
     stride_qb,
     stride_qh,
     stride_kp,
@@ -85,7 +86,7 @@ def paged_decode_kernel(
     stride_bt,
     stride_ob,
     stride_oh,
-    GROUP: tl.constexpr,  # query heads per kv head
+    GROUP: tl.constexpr,  # query heads one program serves (all of one kv head's, or a part of them)
     GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
@@ -96,21 +97,28 @@ def paged_decode_kernel(
     WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _decode_block)
 ):
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    head0 = tl.program_id(1) * GROUP
     split = tl.program_id(2)
+    kv_head = head0 // heads_per_kv
 
     offs_g = tl.arange(0, GROUP_P)
     offs_d = tl.arange(0, HEAD_DIM_P)
     offs_n = tl.arange(0, BLOCK_N)
     g_ok = offs_g < GROUP
     d_ok = offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_g
+    heads = head0 + offs_g
 
     kv_len = tl.load(kv_lens_ptr + seq)
     # The one query sits at position kv_len - 1; a window keeps keys at positions > kv_len - 1 - window.
     lo = tl.maximum(kv_len - window, 0)
-    start = lo + split * split_tokens
-    end = tl.minimum(start + split_tokens, kv_len)
+    # Each sequence cuts its own span into NUM_SPLITS equal runs of whole blocks (at least min_split
+    # long): the launch's NUM_SPLITS is fixed by a bound (in a CUDA graph, the cache's capacity),
+    # but a short sequence's work is still spread over the splits, and the splits it does not need
+    # return at once.
+    per_split = ((kv_len - lo + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    per_split = tl.maximum(per_split, min_split)
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, kv_len)
 
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -151,7 +159,9 @@ def paged_decode_kernel(
         )
     else:
         row = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [GROUP_P]
-        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
+        # An empty split writes only its -inf log-sum-exp; the reduce reads no output for it.
+        o_mask = (g_ok & has)[:, None] & d_ok[None, :]
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g_ok)
 
@@ -178,12 +188,17 @@ def paged_decode_reduce_kernel(
     lse = tl.load(part_lse_ptr + row + offs_s, mask=s_ok, other=float("-inf"))
     # Split 0 always holds the window's first position, so the max is finite.
     w = tl.exp2(lse - tl.max(lse, axis=0))  # [NUM_SPLITS_P], 0 for empty splits
-    o = tl.load(part_o_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    full = s_ok & (lse > float("-inf"))  # empty splits wrote no output
+    o = tl.load(part_o_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=full[:, None] & d_ok[None, :], other=0.0)
     o = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 INTERPRETED = type(paged_decode_kernel).__name__ == "InterpretedFunction"
+
+
+# Fewest positions a split takes: a shorter split costs more in partials and reduce than it saves.
+MIN_SPLIT = 256
 
 
 def block_n_for(group: int, head_dim: int) -> int:
@@ -192,12 +207,16 @@ def block_n_for(group: int, head_dim: int) -> int:
     return 16
 
 
-def choose_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, target_programs: int) -> int:
-    """How many splits fill `target_programs` programs without splits shorter than 256 positions."""
+def choose_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, target_programs: int,
+                  min_split: int = MIN_SPLIT) -> int:
+    """How many splits fill `target_programs` programs without splits shorter than `min_split` positions.
+
+    `kv_heads` counts the programs per sequence (kv heads, times the programs each one's group is cut into).
+    """
     if batch * kv_heads >= target_programs:
         return 1
     wanted = math.ceil(target_programs / (batch * kv_heads))
-    most = max(1, math.ceil(max_kv_len / max(256, block_n)))
+    most = max(1, math.ceil(max_kv_len / max(min_split, block_n)))
     return max(1, min(wanted, most, 64))
 
 
@@ -215,21 +234,28 @@ def paged_decode(
     out: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int = 2,
+    heads_per_program: int | None = None,
+    min_split: int | None = None,
 ) -> torch.Tensor:
     """Decode attention for B sequences; `max_kv_len` is a host-side bound on kv_lens (no sync).
 
-    A fixed `num_splits` (and `max_kv_len`) keeps launch shapes fixed, for CUDA-graph capture.
+    A fixed `num_splits` (and `max_kv_len`) keeps launch shapes fixed, for CUDA-graph capture; the
+    kernel still divides each sequence's real length among the splits. `heads_per_program` (a
+    divisor of the GQA group; default the whole group) cuts a kv head's query heads over programs.
     """
     batch, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
     assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     group = heads // kv_heads
+    per_program = heads_per_program or group
+    assert group % per_program == 0, "heads_per_program must divide the query heads per kv head"
     block_n = block_n or block_n_for(group, head_dim)
+    min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
     span = min(max_kv_len, window) if window else max_kv_len
+    programs = heads // per_program
     if num_splits is None:
-        num_splits = choose_splits(batch, kv_heads, span, block_n, target_programs)
-    split_tokens = max(block_n, triton.cdiv(triton.cdiv(max(span, 1), num_splits), block_n) * block_n)
+        num_splits = choose_splits(batch, programs, span, block_n, target_programs, min_split)
     if out is None:
         out = torch.empty_like(q)
     direct = num_splits == 1
@@ -239,15 +265,15 @@ def paged_decode(
         part_o = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_p = triton.next_power_of_2(head_dim)
-    paged_decode_kernel[(batch, kv_heads, num_splits)](
+    paged_decode_kernel[(batch, programs, num_splits)](
         q, k_cache, v_cache, block_tables, kv_lens, out, part_o, part_lse,
-        scale * _LOG2E, window or NO_WINDOW, split_tokens,
+        scale * _LOG2E, window or NO_WINDOW, min_split, group,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=group, GROUP_P=triton.next_power_of_2(group),
+        GROUP=per_program, GROUP_P=triton.next_power_of_2(per_program),
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED,
