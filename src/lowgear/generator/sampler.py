@@ -194,6 +194,10 @@ def sample(
     if batch == 0:
         return torch.empty(0, dtype=torch.long, device=logits.device)
     device = logits.device
+    if all(s.temperature == 0 or s.top_k == 1 for s in settings) and not any(s.has_penalties for s in settings):
+        # Every row greedy: the argmax is the whole answer (one kernel, no sort, no draw), and it
+        # consumes no random numbers, so nothing later in a seeded stream depends on it.
+        return logits.argmax(dim=-1)
     x = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()  # [B, V]
     apply_penalties(x, settings, histories)
 
