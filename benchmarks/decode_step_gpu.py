@@ -4,7 +4,8 @@
 
 Per (quant, batch): the model's forward alone (eager, CUDA events, median) against the captured
 graph's replay, then whole generator steps (`iterate()`: metadata, forward, sampling) with graphs off
-and on, in tokens/s.
+and on, in tokens/s. Each line ends with the step's memory roofline (weight bytes + KV bytes over a
+measured copy bandwidth) and the graph replay's share of it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 import lowgear as lg
 from lowgear.attention.metadata import build_metadata
-from lowgear.bench import PRESETS, Timer, _NullTokenizer, synthetic_config
+from lowgear.bench import PRESETS, Timer, _NullTokenizer, kv_bytes, measure_bandwidth, step_weight_bytes, synthetic_config
 from lowgear.generator.graphs import DecodeRow
 
 
@@ -54,6 +55,8 @@ def main() -> None:
     dev = torch.device("cuda:0")
     batches = [int(b) for b in a.batches.split(",")]
     timer = Timer(dev)
+    bandwidth = measure_bandwidth(timer, quick=False)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     page = 256
     cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page + 2 * page
     for quant in a.quant.split(","):
@@ -84,12 +87,14 @@ def main() -> None:
             graphs.run(rows)
             replay = timer.median(lambda: graphs.run(rows), 3, 20)
             cache.pool.release(pages)
+            roof = (step_weight_bytes(model, b) + kv_bytes(spec, torch.float16, b * (a.context + 1))) / bandwidth
             ge = gen_steps(eager_gen, b, a.context, spec.vocab_size, a.steps)
             gg = gen_steps(graph_gen, b, a.context, spec.vocab_size, a.steps)
             print(f"  bs {b:3d} ctx {a.context}: forward eager {eager * 1e3:7.2f} ms ({b / eager:8.1f} tok/s)  "
                   f"graph {replay * 1e3:7.2f} ms ({b / replay:8.1f} tok/s)  x{eager / replay:.2f} | "
                   f"generator step eager {ge * 1e3:7.2f} ms ({b / ge:8.1f} tok/s)  graph {gg * 1e3:7.2f} ms "
-                  f"({b / gg:8.1f} tok/s)  x{ge / gg:.2f}", flush=True)
+                  f"({b / gg:8.1f} tok/s)  x{ge / gg:.2f} | roofline {roof * 1e3:6.2f} ms, graph at "
+                  f"{100 * roof / replay:3.0f}%", flush=True)
         graphs.release()
         del model, cache, eager_gen, graph_gen, graphs
         gc.collect()
