@@ -11,7 +11,10 @@ Float weights are a plain matmul in the module's dtype (`.to(dtype)` converts th
 weights ignore dtype conversion (they stay uint8) but move with `.to(device)`.
 
 GPTQ layers (`lowgear.quant.gptq.GPTQWeight`) are held as their four stored tensors (buffers
-qweight / qzeros / scales / g_idx); bands come from `dequantize_gptq`.
+qweight / qzeros / scales / g_idx); bands come from `dequantize_gptq`. EXL2 layers
+(`lowgear.quant.exl2.EXL2Weight`) likewise (buffers qweight = q_weight, q_scale, q_scale_max,
+q_groups, q_invperm); bands come from `dequantize_exl2`. `self._gptq` / `self._exl2` hold each
+format's facts (None for other layers), so a kernel picker can tell the formats apart.
 
 The same module serves the embedding table: `lookup(ids)` unpacks only the rows asked for, so a
 tied lm_head and embedding share one packed buffer.
@@ -19,13 +22,14 @@ tied lm_head and embedding share one packed buffer.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..errors import ModelFormatError
 from ..quant.dequant import dequantize_data
+from ..quant.exl2 import EXL2Weight, dequantize_exl2
 from ..quant.formats import get_format
 from ..quant.gptq import GPTQWeight, dequantize_gptq
 from ..weights.spec import PackedTensor
@@ -41,7 +45,7 @@ Kernel = Callable[[torch.Tensor, "QuantLinear"], torch.Tensor]
 class QuantLinear(nn.Module):
     def __init__(
         self,
-        weight: torch.Tensor | PackedTensor | GPTQWeight,
+        weight: torch.Tensor | PackedTensor | GPTQWeight | EXL2Weight,
         bias: torch.Tensor | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ):
@@ -49,7 +53,23 @@ class QuantLinear(nn.Module):
         self.chunk_elements = int(chunk_elements)
         self.kernel: Kernel | None = None  # a packed GEMV/GEMM kernel plugs in here
         self._gptq: dict | None = None  # GPTQ facts (bits, group_size, ...) when weight is a GPTQWeight
-        if isinstance(weight, GPTQWeight):
+        self._exl2: dict | None = None  # EXL2 facts (bits_per_weight, bits histogram) when weight is an EXL2Weight
+        if isinstance(weight, EXL2Weight):
+            weight.validate()
+            self._packed_qtype = weight.qtype
+            self.out_features, self.in_features = weight.shape
+            self._exl2 = {"bits_per_weight": weight.bits_per_weight, "bits": weight.bits_histogram()}
+            self.register_buffer("qweight", weight.q_weight)
+            self.register_buffer("q_scale", weight.q_scale)
+            # fp16 q_scale_max kept as its int16 bits so that `.to(dtype)` cannot round it
+            self.register_buffer("q_scale_max", weight.q_scale_max.view(torch.int16))
+            self.register_buffer("q_groups", weight.q_groups)
+            inv = weight.q_invperm
+            if inv is None and weight.q_perm is not None:  # hold the inverse, in the stored index dtype
+                inv = weight.invperm().to(weight.q_perm.dtype)
+            self.register_buffer("q_invperm", inv)
+            self.weight = None
+        elif isinstance(weight, GPTQWeight):
             weight.validate()
             self._packed_qtype = weight.qtype
             self.out_features, self.in_features = weight.shape
@@ -103,6 +123,8 @@ class QuantLinear(nn.Module):
         """Bytes the weight occupies as held (packed or float), bias excluded."""
         if self._gptq is not None:
             return self.gptq_weight().nbytes
+        if self._exl2 is not None:
+            return self.exl2_weight().nbytes
         w = self.qweight if self.packed else self.weight
         return w.numel() * w.element_size()
 
@@ -128,10 +150,17 @@ class QuantLinear(nn.Module):
         """The held GPTQ tensors (on the module's device) as a GPTQWeight."""
         return GPTQWeight(self.qweight, self.qzeros, self.scales.view(torch.float16), self.g_idx, **self._gptq)
 
+    def exl2_weight(self) -> EXL2Weight:
+        """The held EXL2 tensors (on the module's device) as an EXL2Weight."""
+        return EXL2Weight(self.qweight, self.q_scale, self.q_scale_max.view(torch.float16), self.q_groups,
+                          self.q_invperm, None, self.out_features)
+
     def _dequant(self, rows, dtype: torch.dtype) -> torch.Tensor:
         """Rows `rows` (slice, index tensor or None for all) of the packed weight -> float [n, in]."""
         if self._gptq is not None:
             return dequantize_gptq(self.gptq_weight(), rows, dtype)
+        if self._exl2 is not None:
+            return dequantize_exl2(self.exl2_weight(), rows, dtype)
         if rows is None:
             return dequantize_data(self.qtype, self.qweight, dtype)
         if isinstance(rows, slice):

@@ -1,0 +1,228 @@
+"""quant/exl2.py, QuantLinear over EXL2 tensors, and EXL2 Hugging Face folders in weights/hf.py.
+
+The EXL2 tensors are written here by a packer of its own, built from the format's description (act-order
+permutation, groups of descending bit width, per-column little-end bit streams, 4-bit scale codes
+with scale = fp16((s+1)^2 * fp16(max/256)), codes centred on 2^(bits-1)); every check is against a
+float64 reference computed in numpy from the integer codes, not from lowgear's unpacking.
+
+When tests/fixtures/exllamav2/ exists (EXL2 folders written by ExLlamaV2's own converter, with the
+weights ExLlamaV2 dequantized), the reader is also checked against those.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowgear.errors import ModelFormatError, UnsupportedError
+from lowgear.model.quant_linear import QuantLinear
+from lowgear.quant.exl2 import EXL2Weight, dequantize_exl2
+
+transformers = pytest.importorskip("transformers")
+
+
+# ------------------------------------------------------------------------------------------ packer
+
+def pack_stream(codes: np.ndarray, bits: int) -> np.ndarray:
+    """ints [rows, cols] -> int32 [rows * bits / 32, cols]: each column one little-end-first bit stream."""
+    rows, cols = codes.shape
+    assert rows * bits % 32 == 0
+    stream = (codes[:, None, :] >> np.arange(bits)[None, :, None]) & 1  # [rows, bits, cols]
+    stream = stream.reshape(rows * bits // 32, 32, cols).astype(np.uint64)
+    return (stream << np.arange(32, dtype=np.uint64)[None, :, None]).sum(axis=1).astype(np.uint32).view(np.int32)
+
+
+def scale_f16(scale_codes: np.ndarray, scale_max: np.ndarray) -> np.ndarray:
+    """fp16((s + 1)^2 * fp16(max / 256)) as float64 [groups, cols]."""
+    smax = (scale_max.astype(np.float64) / 256).astype(np.float16).astype(np.float64)
+    return (((scale_codes + 1) ** 2) * smax[:, None]).astype(np.float16).astype(np.float64)
+
+
+def pack_exl2(q: np.ndarray, groups: list[tuple[int, int]], perm: np.ndarray, scale_codes: np.ndarray,
+              scale_max: np.ndarray, store: str = "invperm", out_features: int | None = None):
+    """Pack codes into EXL2 tensors; returns (tensors, float64 reference W [out, in]).
+
+    q: unsigned codes [in, width] in packed (act-) order, packed row k = input row perm[k];
+    groups: (bits, rows) in packed order; scale_codes: 0..15 [groups, width]; scale_max: fp16 [groups].
+    """
+    n_in, width = q.shape
+    assert sum(r for _, r in groups) == n_in and scale_codes.shape == (len(groups), width)
+    words, q_groups, row, qrow = [], [], 0, 0
+    zero = np.empty(n_in, dtype=np.int64)
+    group_of = np.empty(n_in, dtype=np.int64)
+    for g, (bits, rows) in enumerate(groups):
+        words.append(pack_stream(q[row:row + rows], bits))
+        q_groups += [bits, qrow]
+        zero[row:row + rows] = 1 << (bits - 1)
+        group_of[row:row + rows] = g
+        qrow += rows * bits // 32
+        row += rows
+    nib = scale_codes.reshape(len(groups), width // 8, 8).astype(np.uint64) << (4 * np.arange(8, dtype=np.uint64))
+    q_scale = nib.sum(axis=2).astype(np.uint32).view(np.int32)
+    scales = scale_f16(scale_codes, scale_max.astype(np.float16))  # [groups, width]
+    packed_w = (q - zero[:, None]) * scales[group_of]  # [in (packed order), width]
+    ref = np.empty_like(packed_w)
+    ref[perm] = packed_w  # input row perm[k] <- packed row k
+    tensors = {
+        "q_weight": torch.from_numpy(np.concatenate(words, axis=0)),
+        "q_scale": torch.from_numpy(q_scale),
+        "q_scale_max": torch.tensor(scale_max, dtype=torch.float16),
+        "q_groups": torch.tensor(q_groups, dtype=torch.int16),
+    }
+    if store in ("invperm", "both"):
+        tensors["q_invperm"] = torch.tensor(np.argsort(perm), dtype=torch.int32)
+    if store in ("perm", "both"):
+        tensors["q_perm"] = torch.tensor(perm, dtype=torch.int16)
+    out = width if out_features is None else out_features
+    return tensors, torch.tensor(ref.T[:out].copy())
+
+
+def random_exl2(out, groups, seed=0, store="invperm", act_order=True, pad_to=None):
+    """Random codes and scales in the given group layout -> (EXL2Weight, float64 reference)."""
+    rng = np.random.default_rng(seed)
+    n_in = sum(r for _, r in groups)
+    width = pad_to or out
+    q = np.concatenate([rng.integers(0, 1 << b, size=(r, width)) for b, r in groups])
+    perm = rng.permutation(n_in) if act_order else np.arange(n_in)
+    scale_codes = rng.integers(0, 16, size=(len(groups), width))
+    scale_max = (rng.uniform(0.5, 2.0, size=len(groups)) * 10.0 ** rng.integers(-4, 0, size=len(groups)))
+    t, ref = pack_exl2(q, groups, perm, scale_codes, scale_max.astype(np.float16), store, out)
+    return EXL2Weight(**t, out_features=out), ref
+
+
+def quantize_exl2(w: torch.Tensor, groups: list[tuple[int, int]], seed: int = 0):
+    """Round-to-nearest EXL2 of float W [out, in] (random act-order) -> (tensors, float64 reference)."""
+    rng = np.random.default_rng(seed)
+    n_in = w.shape[1]
+    perm = rng.permutation(n_in)
+    wt = w.double().numpy().T[perm]  # [in (packed order), out]
+    q = np.empty(wt.shape, dtype=np.int64)
+    codes, maxes, row = [], [], 0
+    for bits, rows in groups:
+        block = wt[row:row + rows]
+        base = np.abs(block).max(0) / ((2**bits - 1) / 2) + 1e-12  # the scale each column wants
+        smax = np.float16(base.max())
+        s = np.clip(np.round(np.sqrt(base / np.float64(smax)) * 16), 1, 16).astype(np.int64) - 1
+        scale = scale_f16(s[None], np.array([smax]))[0]
+        q[row:row + rows] = np.clip(np.round(block / scale) + 2 ** (bits - 1), 0, 2**bits - 1)
+        codes.append(s)
+        maxes.append(smax)
+        row += rows
+    return pack_exl2(q, groups, perm, np.stack(codes), np.array(maxes, dtype=np.float16))
+
+
+# ------------------------------------------------------------------------------------------ dequantize
+
+CASES = {  # name: (out, groups as (bits, rows))
+    "2bit": (32, [(2, 32), (2, 16)]),
+    "3bit": (24, [(3, 32), (3, 32)]),
+    "4bit": (40, [(4, 64), (4, 32), (4, 8)]),
+    "5bit": (16, [(5, 32)]),
+    "6bit": (32, [(6, 16), (6, 48)]),
+    "8bit": (48, [(8, 32), (8, 4)]),
+    "mixed": (64, [(8, 32), (6, 32), (5, 32), (4, 64), (3, 32), (2, 16)]),
+    "mixed_odd_groups": (24, [(4, 32), (3, 32), (3, 32), (2, 32), (2, 16)]),  # 5 groups
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("store", ["invperm", "perm"])
+def test_dequantize_matches_integer_reference(case, store):
+    out, groups = CASES[case]
+    w, ref = random_exl2(out, groups, seed=len(case), store=store)
+    n_in = sum(r for _, r in groups)
+    assert w.validate() is w and w.shape == (out, n_in)
+    torch.testing.assert_close(dequantize_exl2(w, dtype=torch.float64), ref, rtol=0, atol=0)
+    torch.testing.assert_close(dequantize_exl2(w, slice(3, 17), torch.float64), ref[3:17], rtol=0, atol=0)
+    idx = torch.tensor([out - 1, 0, 7, 7, 9])
+    torch.testing.assert_close(dequantize_exl2(w, idx, torch.float64), ref[idx], rtol=0, atol=0)
+    # every value is an integer times an fp16, so float32 holds it exactly too
+    torch.testing.assert_close(dequantize_exl2(w).double(), ref, rtol=0, atol=0)
+    torch.testing.assert_close(dequantize_exl2(w, dtype=torch.float16), ref.half(), rtol=0, atol=0)
+
+
+def test_without_act_order_and_with_padded_columns():
+    w, ref = random_exl2(20, [(4, 32), (3, 32)], act_order=False, pad_to=32)
+    assert w.shape == (20, 64) and w.width == 32
+    torch.testing.assert_close(dequantize_exl2(w, dtype=torch.float64), ref, rtol=0, atol=0)
+    identity = EXL2Weight(w.q_weight, w.q_scale, w.q_scale_max, w.q_groups, out_features=20).validate()
+    torch.testing.assert_close(dequantize_exl2(identity, dtype=torch.float64), ref, rtol=0, atol=0)
+
+
+def test_qtype_bits_and_bytes():
+    w, _ = random_exl2(32, [(6, 32), (4, 64), (2, 32)])
+    n_in, groups = 128, 3
+    code_bits = 32 * 6 + 64 * 4 + 32 * 2
+    expect = (code_bits * 32 + groups * (32 * 4 + 48) + n_in * 32) / (n_in * 32)
+    assert w.bits_per_weight == pytest.approx(expect) and w.qtype == f"EXL2_{expect:.2f}bpw"
+    assert w.bits_histogram() == {6: 32, 4: 64, 2: 32}
+    assert w.nbytes == code_bits * 32 // 8 + groups * 32 // 2 + groups * 2 + groups * 4 + n_in * 4
+    w2, _ = random_exl2(32, [(6, 32), (4, 64), (2, 32)], store="both")
+    assert w2.nbytes == w.nbytes  # one permutation is held
+
+
+# ------------------------------------------------------------------------------------------ QuantLinear
+
+@pytest.mark.parametrize("case", ["mixed", "mixed_odd_groups", "3bit"])
+@pytest.mark.parametrize("chunk_rows", [5, 1000])
+def test_quant_linear_forward_matches_float64(case, chunk_rows):
+    out, groups = CASES[case]
+    w, ref = random_exl2(out, groups, seed=3)
+    n_in = ref.shape[1]
+    bias = torch.randn(out)
+    lin = QuantLinear(w, bias, chunk_elements=chunk_rows * n_in)
+    x = torch.randn(3, 2, n_in)
+    expect = x.double() @ ref.T + bias.double()
+    y = lin(x)
+    assert y.shape == (3, 2, out) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-5 * float(ref.abs().max()) * n_in)
+    torch.testing.assert_close(lin(x.double()), expect, rtol=1e-12, atol=1e-12)
+    assert lin.packed and lin.qtype == w.qtype and lin.nbytes == w.nbytes and lin.weight is None
+    assert lin._exl2 is not None and lin._gptq is None
+    torch.testing.assert_close(lin.dequantized(torch.float64), ref, rtol=0, atol=0)
+
+
+def test_quant_linear_keeps_exl2_tensors_through_dtype_moves():
+    w, ref = random_exl2(32, [(5, 32), (3, 32)], seed=4, store="perm")
+    lin = QuantLinear(w).to(torch.bfloat16)  # the fp16 q_scale_max must not be rounded to bf16
+    assert not any(b.is_floating_point() for b in lin.buffers())  # no float copy of the weight
+    assert lin.q_invperm.dtype == torch.int16  # derived from q_perm, held in its dtype
+    torch.testing.assert_close(lin.dequantized(torch.float64), ref, rtol=0, atol=0)
+    rows = lin.lookup(torch.tensor([[3, 1]]), torch.float64)
+    torch.testing.assert_close(rows, ref[[3, 1]].unsqueeze(0), rtol=0, atol=0)
+    from lowgear.quant import kernels
+
+    assert kernels.kernel_for(lin) is None  # no packed kernel for EXL2 yet: the torch path
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def _parts(**change):
+    w, _ = random_exl2(32, [(4, 32), (3, 32)], seed=5)
+    t = {"q_weight": w.q_weight, "q_scale": w.q_scale, "q_scale_max": w.q_scale_max, "q_groups": w.q_groups,
+         "q_invperm": w.q_invperm}
+    t.update(change)
+    return EXL2Weight(**t)
+
+
+def test_validate_names_what_is_wrong():
+    w = _parts()
+    with pytest.raises(ModelFormatError, match=r"lin\.q_weight must be int32"):
+        _parts(q_weight=w.q_weight.float()).validate("lin")
+    with pytest.raises(ModelFormatError, match=r"lin\.q_scale must be torch\.int32 \[2, 4\]"):
+        _parts(q_scale=w.q_scale[:1]).validate("lin")
+    with pytest.raises(ModelFormatError, match=r"lin\.q_scale_max must be torch\.float16 \[2\]"):
+        _parts(q_scale_max=w.q_scale_max.float()).validate("lin")
+    with pytest.raises(ModelFormatError, match=r"lin\.q_invperm must be .* \[64\]"):
+        _parts(q_invperm=w.q_invperm[:63]).validate("lin")
+    with pytest.raises(ModelFormatError, match=r"lin\.q_invperm is not a permutation"):
+        _parts(q_invperm=torch.zeros(64, dtype=torch.int32)).validate("lin")
+    with pytest.raises(ModelFormatError, match=r"lin\.q_groups must be int16"):
+        _parts(q_groups=w.q_groups[:3]).validate("lin")
+    with pytest.raises(ModelFormatError, match=r"lin\.q_groups: group 1 \(3-bit\) spans packed rows"):
+        _parts(q_groups=torch.tensor([4, 0, 3, 5], dtype=torch.int16)).validate("lin")
+    with pytest.raises(UnsupportedError, match=r"lin\.q_groups: group 1 has 7-bit codes.*2, 3, 4, 5, 6, 8"):
+        _parts(q_groups=torch.tensor([4, 0, 7, 4], dtype=torch.int16)).validate("lin")
+    with pytest.raises(ModelFormatError, match=r"40 output features do not fit q_weight's 32 columns"):
+        EXL2Weight(w.q_weight, w.q_scale, w.q_scale_max, w.q_groups, w.q_invperm, out_features=40).validate("lin")
