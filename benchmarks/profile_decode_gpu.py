@@ -172,12 +172,12 @@ def micro_attention(old_path: str | None) -> None:
     variants = [("old", None)] if old else []
     for bn in (16, 32):
         for w in (1, 2, 4):
-            for hpp in (4, 2, 1):
+            for hpp in (4, 1):
                 variants.append((f"bn{bn} w{w} hpp{hpp} min16", dict(block_n=bn, num_warps=w, heads_per_program=hpp, min_split=16)))
     for name in ("bn16 w2 hpp4 min64", "bn16 w2 hpp4 min256", "bn64 w4 hpp4 min64", "bn64 w4 hpp1 min64", "bn32 w2 hpp1 min64"):
         bn, w, hpp, ms = (int(part.lstrip("bnwhpmi")) for part in name.split())
         variants.append((name, dict(block_n=bn, num_warps=w, heads_per_program=hpp, min_split=ms)))
-    for b, ctx in ((1, 512), (8, 512), (32, 512), (64, 1024), (8, 4096)):
+    for b, ctx in ((1, 512), (32, 512), (64, 1024), (8, 4096)):
         per_seq = -(-ctx // PAGE)
         layer_bytes = 2 * b * ctx * kvh * dim * 2
         layers = max(1, min(64, math.ceil(256e6 / layer_bytes)))  # step through more KV than L2 holds
