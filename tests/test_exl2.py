@@ -11,13 +11,18 @@ weights ExLlamaV2 dequantized), the reader is also checked against those.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from helpers import all_logits, hf_logits, load
+from safetensors.torch import save_file
 
 from lowgear.errors import ModelFormatError, UnsupportedError
 from lowgear.model.quant_linear import QuantLinear
 from lowgear.quant.exl2 import EXL2Weight, dequantize_exl2
+from lowgear.weights.hf import HFSource
 
 transformers = pytest.importorskip("transformers")
 
@@ -226,3 +231,126 @@ def test_validate_names_what_is_wrong():
         _parts(q_groups=torch.tensor([4, 0, 7, 4], dtype=torch.int16)).validate("lin")
     with pytest.raises(ModelFormatError, match=r"40 output features do not fit q_weight's 32 columns"):
         EXL2Weight(w.q_weight, w.q_scale, w.q_scale_max, w.q_groups, w.q_invperm, out_features=40).validate("lin")
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+_LINEARS = {  # hf suffix -> group layout over its inputs (hidden 64, intermediate 96)
+    "self_attn.q_proj": [(6, 32), (4, 32)],
+    "self_attn.k_proj": [(8, 32), (3, 32)],
+    "self_attn.v_proj": [(5, 32), (5, 32)],
+    "self_attn.o_proj": [(4, 32), (2, 32)],
+    "mlp.gate_proj": [(4, 64)],
+    "mlp.up_proj": [(3, 32), (3, 32)],
+    "mlp.down_proj": [(5, 32), (4, 32), (2, 32)],
+}
+
+
+def write_exl2_llama(tmp_path, vocab=300, quant_config=True, drop=None):
+    """A tiny llama as an EXL2 folder (fp16 embedding/norms, 8-bit lm_head padded to a multiple of 32), and
+    transformers' model on the dequantized float weights."""
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    tensors = {}
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            prefix = name[: -len(".weight")]
+            layout = next((g for lin, g in _LINEARS.items() if prefix.endswith(lin)), None)
+            if prefix == "lm_head":
+                layout = [(8, 64)]
+            if layout is None:  # embedding and norms: fp16, as ExLlamaV2's converter writes them
+                p.copy_(p.half().float())
+                tensors[name] = p.data.half().clone()
+                continue
+            w = p.data
+            pad = -w.shape[0] % 32
+            parts, ref = quantize_exl2(torch.cat([w, w.new_zeros(pad, w.shape[1])]), layout, seed=len(tensors))
+            p.copy_(ref[: w.shape[0]].float())
+            tensors.update({f"{prefix}.{k}": v for k, v in parts.items()})
+    float_dir = tmp_path / "float"
+    hf.save_pretrained(float_dir, safe_serialization=True)
+    hf = transformers.LlamaForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+
+    folder = tmp_path / "exl2"
+    folder.mkdir()
+    config = cfg.to_dict()
+    if quant_config:
+        config["quantization_config"] = {"quant_method": "exl2", "version": "0.3.2", "bits": 4.0, "head_bits": 8,
+                                         "calibration": {"rows": 115, "length": 2048, "dataset": "(default)"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    if drop is not None:
+        drop(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return hf, folder
+
+
+@pytest.mark.parametrize("quant_config", [True, False])  # older folders have no quantization_config
+def test_tiny_exl2_llama_matches_transformers_on_dequantized_weights(tmp_path, quant_config):
+    hf, folder = write_exl2_llama(tmp_path, quant_config=quant_config)
+    source = HFSource(folder)
+    info = source.info("layers.0.down")
+    w = source.get("layers.0.down")
+    assert isinstance(w, EXL2Weight) and info.nbytes == w.nbytes and info.qtype == w.qtype
+    assert info.shape == w.shape == (64, 96) and info.qtype.startswith("EXL2_")
+    head = source.get("lm_head")
+    assert head.shape == (300, 64) == source.info("lm_head").shape and head.width == 320
+    assert source.info("embed").qtype == "F16"
+    q = source.quantization()
+    assert q["method"] == "EXL2" and q["quantized_linears"] == 15 and q["float_linears"] == 0
+    bpw = {n: source.get(n).bits_per_weight for n in source.names() if n.startswith("layers.") and n[-1] != "m"}
+    assert q["min"] == [min(bpw, key=bpw.get), min(bpw.values())] and q["max"][1] == max(bpw.values())
+    assert min(bpw.values()) < q["bits_per_weight"] < max(bpw.values())
+    assert q["head_bits_per_weight"] == pytest.approx(head.bits_per_weight)
+
+    model, cache = load(folder)
+    assert model.layers[0].mlp.down.qtype == info.qtype and model.lm_head.out_features == 300
+    ids = torch.randint(0, 300, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_missing_or_misshaped_exl2_tensors_name_the_tensor(tmp_path):
+    _, folder = write_exl2_llama(tmp_path / "a", drop=lambda t: t.pop("model.layers.1.mlp.up_proj.q_scale"))
+    source = HFSource(folder)
+    with pytest.raises(ModelFormatError, match=r"model\.layers\.1\.mlp\.up_proj\.q_scale is missing"):
+        source.get("layers.1.up")
+
+    _, folder = write_exl2_llama(tmp_path / "b", drop=lambda t: t.pop("model.layers.0.self_attn.q_proj.q_invperm"))
+    with pytest.raises(ModelFormatError, match=r"q_proj\.q_invperm is missing"):
+        HFSource(folder).get("layers.0.q")
+
+    def bad_max(t):
+        t["model.layers.0.self_attn.o_proj.q_scale_max"] = t["model.layers.0.self_attn.o_proj.q_scale_max"].float()
+
+    _, folder = write_exl2_llama(tmp_path / "c", drop=bad_max)
+    with pytest.raises(ModelFormatError, match=r"o_proj\.q_scale_max must be torch\.float16 \[2\]"):
+        HFSource(folder).get("layers.0.o")
+
+    def bad_bits(t):
+        t["model.layers.0.mlp.gate_proj.q_groups"] = torch.tensor([7, 0], dtype=torch.int16)
+
+    _, folder = write_exl2_llama(tmp_path / "d", drop=bad_bits)
+    with pytest.raises(UnsupportedError, match=r"gate_proj\.q_groups: group 0 has 7-bit codes"):
+        HFSource(folder).get("layers.0.gate")
+
+    def wrong_width(t):
+        for part in ("q_weight", "q_scale"):
+            name = f"model.layers.0.mlp.up_proj.{part}"
+            t[name] = t[name][:, : t[name].shape[1] // 2].clone()
+
+    _, folder = write_exl2_llama(tmp_path / "e", drop=wrong_width)
+    with pytest.raises(ModelFormatError, match=r"up_proj\.q_weight has 48 output columns, but config\.json implies 96"):
+        HFSource(folder).get("layers.0.up")
+
+
+def test_other_quant_methods_are_still_refused(tmp_path):
+    _, folder = write_exl2_llama(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "awq"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedError, match=r"'awq' is not supported.*GPTQ.*EXL2"):
+        HFSource(folder)

@@ -11,8 +11,17 @@ halves) layout. qwen2 always has q/k/v biases; its sliding window only applies w
 
 GPTQ folders (`quantization_config.quant_method` "gptq" in config.json, or an AutoGPTQ
 `quantize_config.json`) store each linear as `<prefix>.qweight/.qzeros/.scales[/.g_idx]`; `get`
-hands those back as one `GPTQWeight` under the linear's canonical name. Other quant methods are
-refused up front with an UnsupportedError.
+hands those back as one `GPTQWeight` under the linear's canonical name.
+
+EXL2 folders (ExLlamaV2's converter) are recognised the way ExLlamaV2 recognises them, by tensor
+names: a linear stored as `<prefix>.q_weight/.q_scale/.q_scale_max/.q_groups/.q_invperm` comes back
+as one `EXL2Weight` (see quant/exl2.py for the format); `quantization_config.quant_method` "exl2"
+is accepted but not required (older folders lack it). Embeddings and norms stay fp16 tensors. ExLlamaV2
+pads a linear's outputs to a multiple of 32; the padding columns are dropped here using config.json's
+shapes. Other quant methods are refused up front with an UnsupportedError.
+
+`quantization()` sums a folder up for `doctor` from tensor headers alone (for EXL2: the average bits
+per weight over the decoder layers' linears, the per-linear range and the head's).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelFormatError, UnsupportedError
+from ..quant.exl2 import EXL2Weight, exl2_bits_per_weight, exl2_qtype
 from ..quant.gptq import GPTQ_FORMATS, GPTQWeight, check_gptq_bits, gptq_qtype
 from .spec import SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
 
@@ -48,6 +58,7 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 _ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+_ST_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
 
 
 def canonical_name(hf_name: str) -> str | None:
@@ -137,10 +148,11 @@ def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
 
 
 _GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+_EXL2_PARTS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "q_perm")
 
 
-def gptq_config(cfg: dict, folder: str) -> dict | None:
-    """The GPTQ facts {bits, group_size, sym, zero_offset} of a quantized folder; None if unquantized."""
+def _quantization_config(cfg: dict, folder: str) -> dict | None:
+    """config.json's quantization_config (or AutoGPTQ's quantize_config.json), with its method checked."""
     q = cfg.get("quantization_config")
     side = os.path.join(folder, "quantize_config.json")
     if q is None and os.path.isfile(side):  # AutoGPTQ's older layout: a separate file, GPTQ implied
@@ -149,11 +161,19 @@ def gptq_config(cfg: dict, folder: str) -> dict | None:
     if q is None:
         return None
     method = str(q.get("quant_method", "gptq")).lower()
-    if method != "gptq":
+    if method not in ("gptq", "exl2"):
         raise UnsupportedError(
-            f"{folder}: quantization method {method!r} is not supported: lowgear reads GPTQ (2/3/4/8-bit) "
-            "and unquantized (F32/F16/BF16) Hugging Face folders, and GGUF files"
+            f"{folder}: quantization method {method!r} is not supported: lowgear reads GPTQ (2/3/4/8-bit), "
+            "EXL2 and unquantized (F32/F16/BF16) Hugging Face folders, and GGUF files"
         )
+    return {**q, "quant_method": method}
+
+
+def gptq_config(cfg: dict, folder: str) -> dict | None:
+    """The GPTQ facts {bits, group_size, sym, zero_offset} of a GPTQ folder; None for any other folder."""
+    q = _quantization_config(cfg, folder)
+    if q is None or q["quant_method"] != "gptq":
+        return None
     fmt = str(q.get("checkpoint_format", "gptq")).lower()
     if fmt not in GPTQ_FORMATS:
         raise UnsupportedError(
@@ -206,11 +226,14 @@ class HFSource:
             raise ModelFormatError(f"{config_path} is not valid JSON ({e}); re-download it") from e
         _arch(self.config, self.path)  # unsupported architectures fail before any weight is opened
         self.gptq = gptq_config(self.config, self.path)
+        q = _quantization_config(self.config, self.path)
+        self.exl2_config = q if q is not None and q["quant_method"] == "exl2" else None
 
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple[str, str]] = {}  # canonical -> (file, hf name)
         self._file_of: dict[str, str] = {}  # hf name -> file (GPTQ parts may sit in different shards)
         self._gptq_prefix: dict[str, str] = {}  # canonical -> hf prefix of a GPTQ linear
+        self._exl2_prefix: dict[str, str] = {}  # canonical -> hf prefix of an EXL2 linear
         for path in _weight_files(self.path):
             try:
                 handle = safe_open(path, framework="pt")
@@ -221,7 +244,14 @@ class HFSource:
                 self._file_of[hf_name] = path
                 canon = canonical_name(hf_name)
                 if canon is not None:
-                    self._where[canon] = (path, hf_name)
+                    if canon not in self._exl2_prefix:  # an EXL2 linear wins over a stray float copy
+                        self._where[canon] = (path, hf_name)
+                elif hf_name.endswith(".q_weight"):  # EXL2, recognised by name as ExLlamaV2 does
+                    prefix = hf_name[: -len(".q_weight")]
+                    canon = canonical_name(prefix + ".weight")
+                    if canon is not None:
+                        self._where[canon] = (path, hf_name)
+                        self._exl2_prefix[canon] = prefix
                 elif self.gptq is not None and hf_name.endswith(".qweight"):
                     prefix = hf_name[: -len(".qweight")]
                     canon = canonical_name(prefix + ".weight")
@@ -269,9 +299,86 @@ class HFSource:
                 nbytes += math.prod(sl.get_shape()) * (2 if sl.get_dtype() in ("F16", "BF16") else 4)
         return TensorInfo(gptq_qtype(g["bits"], g["group_size"]), (out, rows * 32 // g["bits"]), nbytes)
 
+    def _exl2_part(self, name: str, part: str):
+        hf_name = f"{self._exl2_prefix[name]}.{part}"
+        path = self._file_of.get(hf_name)
+        if path is None:
+            if part in ("q_invperm", "q_perm"):
+                return None
+            raise ModelFormatError(f"{self.path}: EXL2 tensor {hf_name} is missing; download every safetensors shard")
+        return self._files[path].get_slice(hf_name)
+
+    def _exl2_slices(self, name: str) -> dict:
+        parts = {p: self._exl2_part(name, p) for p in _EXL2_PARTS}
+        if parts["q_invperm"] is None and parts["q_perm"] is None:
+            raise ModelFormatError(
+                f"{self.path}: EXL2 tensor {self._exl2_prefix[name]}.q_invperm is missing (nor is there a q_perm); "
+                "download every safetensors shard"
+            )
+        return parts
+
+    def _expected_out(self, name: str, width: int) -> int:
+        """The output features config.json implies for linear `name`, given q_weight's (padded) width."""
+        s = self.spec
+        short = name.rsplit(".", 1)[-1]
+        expected = {"q": s.num_heads * s.head_dim, "k": s.num_kv_heads * s.head_dim, "v": s.num_kv_heads * s.head_dim,
+                    "o": s.hidden_size, "down": s.hidden_size, "gate": s.intermediate_size,
+                    "up": s.intermediate_size, "lm_head": s.vocab_size}.get(short, width)
+        if not expected <= width < expected + 32:
+            raise ModelFormatError(
+                f"{self.path}: EXL2 tensor {self._exl2_prefix[name]}.q_weight has {width} output columns, but "
+                f"config.json implies {expected}; the folder's config.json does not belong to its weights"
+            )
+        return expected
+
+    def _exl2_info(self, name: str) -> TensorInfo:
+        parts = self._exl2_slices(name)
+        shapes = {p: [int(d) for d in sl.get_shape()] for p, sl in parts.items() if sl is not None}
+        perm = "q_invperm" if parts["q_invperm"] is not None else "q_perm"
+        (packed_rows, width), groups, n_in = shapes["q_weight"], math.prod(shapes["q_groups"]) // 2, shapes[perm][0]
+        nbytes = sum(math.prod(shapes[p]) * _ST_BYTES.get(parts[p].get_dtype(), 4)
+                     for p in ("q_weight", "q_scale", "q_scale_max", "q_groups", perm))
+        bpw = exl2_bits_per_weight(packed_rows, width, groups, n_in)
+        return TensorInfo(exl2_qtype(bpw), (self._expected_out(name, width), n_in), nbytes)
+
+    def exl2_bits_per_weight(self, name: str) -> float:
+        """ExLlamaV2's bits per weight of EXL2 linear `name`, from its tensor headers."""
+        parts = self._exl2_slices(name)
+        perm = parts["q_invperm"] if parts["q_invperm"] is not None else parts["q_perm"]
+        packed_rows, width = (int(d) for d in parts["q_weight"].get_shape())
+        groups = math.prod(parts["q_groups"].get_shape()) // 2
+        return exl2_bits_per_weight(packed_rows, width, groups, int(perm.get_shape()[0]))
+
+    def quantization(self) -> dict:
+        """The folder's quantization in brief, from headers only: {"method": "EXL2" | "GPTQ" | None, ...}."""
+        if self._exl2_prefix:
+            per = {n: (self.exl2_bits_per_weight(n), math.prod(self.info(n).shape)) for n in self._exl2_prefix}
+            layers = {n: v for n, v in per.items() if n.startswith("layers.")}
+            numel = sum(m for _, m in layers.values())
+            lo = min(layers, key=lambda n: layers[n][0]) if layers else None
+            hi = max(layers, key=lambda n: layers[n][0]) if layers else None
+            q = self.exl2_config or {}
+            return {
+                "method": "EXL2",
+                "bits_per_weight": sum(b * m for b, m in layers.values()) / numel if numel else None,
+                "min": [lo, layers[lo][0]] if lo else None,
+                "max": [hi, layers[hi][0]] if hi else None,
+                "head_bits_per_weight": per["lm_head"][0] if "lm_head" in per else None,
+                "quantized_linears": len(per),
+                "float_linears": sum(1 for n in self._where if _is_linear(n) and n not in per),
+                "converter": {k: q.get(k) for k in ("version", "bits", "head_bits") if k in q},
+            }
+        if self.gptq is not None:
+            fmt = "gptq" if self.gptq["zero_offset"] else "gptq_v2"
+            return {"method": "GPTQ", "bits": self.gptq["bits"], "group_size": self.gptq["group_size"],
+                    "sym": self.gptq["sym"], "checkpoint_format": fmt, "quantized_linears": len(self._gptq_prefix)}
+        return {"method": None}
+
     def info(self, name: str) -> TensorInfo:
         if name in self._gptq_prefix:
             return self._gptq_info(name)
+        if name in self._exl2_prefix:
+            return self._exl2_info(name)
         sl = self._slice(name)
         dtype = sl.get_dtype()
         qtype = _ST_DTYPES.get(dtype)
@@ -286,11 +393,24 @@ class HFSource:
     def nbytes(self, name: str) -> int:
         return self.info(name).nbytes
 
-    def get(self, name: str) -> torch.Tensor | GPTQWeight:
+    def get(self, name: str) -> torch.Tensor | GPTQWeight | EXL2Weight:
+        if name in self._exl2_prefix:
+            tensors = {p: (sl[:] if sl is not None else None) for p, sl in self._exl2_slices(name).items()}
+            width = int(tensors["q_weight"].shape[1]) if tensors["q_weight"].dim() == 2 else 0
+            out = self._expected_out(name, width)
+            return EXL2Weight(**tensors, out_features=out).validate(self._exl2_prefix[name])
         if name in self._gptq_prefix:
             parts = {p: self._gptq_part(name, p) for p in _GPTQ_PARTS}
             tensors = {p: (sl[:] if sl is not None else None) for p, sl in parts.items()}  # reads each part
             return GPTQWeight(**tensors, **self.gptq).validate(self._gptq_prefix[name])
         self.info(name)  # dtype check
         path, hf_name = self._where[name]
-        return self._files[path].get_tensor(hf_name)
+        t = self._files[path].get_tensor(hf_name)
+        linear = name[: -len("_bias")] if name.endswith("_bias") else None
+        if linear in self._exl2_prefix and t.dim() == 1:  # ExLlamaV2 pads a bias with its linear
+            t = t[: self._expected_out(linear, t.shape[0])]
+        return t
+
+
+def _is_linear(name: str) -> bool:
+    return name == "lm_head" or name.rsplit(".", 1)[-1] in ("q", "k", "v", "o", "gate", "up", "down")
