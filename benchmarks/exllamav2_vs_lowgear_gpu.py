@@ -1,0 +1,243 @@
+"""lowgear beside ExLlamaV2 on one 8B-shape GPTQ 4-bit folder, both with flash-attn off (the seed's setting).
+
+    python benchmarks/exllamav2_vs_lowgear_gpu.py --out OUT_DIR [--batches 1,16] [--context 512] [--steps 64]
+
+Writes a Llama-3-8B-shape GPTQ folder (4-bit, group 128, symmetric, no act-order, checkpoint_format
+"gptq"; random codes and scales; float16 embeddings and head), then, one after the other on the same GPU:
+
+- ExLlamaV2 0.3.2 (`config.no_flash_attn = True`, its defaults otherwise): a batch of B prompts of
+  `context` tokens prefilled into an ExLlamaV2Cache(batch_size=B), then `steps` single-token forwards
+  of the whole batch; tokens/s = B / median forward time. This times ExLlamaV2's forward alone (no
+  sampling), which favours it.
+- lowgear: DynamicGenerator with B greedy jobs of the same length (CUDA graphs on, the triton rung,
+  and the ladder's own choice), timed per whole generator step (metadata, forward, sampling).
+
+Memory is torch's peak allocation during each framework's run, weights and cache included. Needs
+exllamav2 importable (it builds its CUDA extension on first import) and lowgear on the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import time
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 4096, 32, 32, 8, 14336, 128256
+GROUP = 128
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def write_gptq_8b(folder: str, tokenizer_dir: str) -> float:
+    """Random 4-bit GPTQ folder of the Llama-3-8B shape; returns the seconds it took."""
+    t0 = time.time()
+    os.makedirs(folder, exist_ok=True)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def linear(prefix: str, out_f: int, in_f: int) -> dict:
+        qweight = torch.randint(-(2**31), 2**31 - 1, (in_f // 8, out_f), generator=g, device=dev, dtype=torch.int32)
+        qzeros = torch.full((in_f // GROUP, out_f // 8), 0x77777777, dtype=torch.int32, device=dev)  # zero 8, stored 7
+        scales = (torch.rand(in_f // GROUP, out_f, generator=g, device=dev) * 0.002 + 0.001).half()
+        g_idx = (torch.arange(in_f, device=dev) // GROUP).int()
+        return {f"{prefix}.qweight": qweight.cpu(), f"{prefix}.qzeros": qzeros.cpu(), f"{prefix}.scales": scales.cpu(),
+                f"{prefix}.g_idx": g_idx.cpu()}
+
+    shards, index = [], {}
+    t = {"model.embed_tokens.weight": (torch.randn(VOCAB, HIDDEN, generator=g, device=dev) * 0.02).half().cpu(),
+         "model.norm.weight": torch.ones(HIDDEN, dtype=torch.float16),
+         "lm_head.weight": (torch.randn(VOCAB, HIDDEN, generator=g, device=dev) * 0.02).half().cpu()}
+    shards.append(t)
+    hd = HIDDEN // HEADS
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        t = {p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.float16),
+             p + "post_attention_layernorm.weight": torch.ones(HIDDEN, dtype=torch.float16)}
+        t |= linear(p + "self_attn.q_proj", HEADS * hd, HIDDEN)
+        t |= linear(p + "self_attn.k_proj", KV_HEADS * hd, HIDDEN)
+        t |= linear(p + "self_attn.v_proj", KV_HEADS * hd, HIDDEN)
+        t |= linear(p + "self_attn.o_proj", HIDDEN, HEADS * hd)
+        t |= linear(p + "mlp.gate_proj", FFN, HIDDEN)
+        t |= linear(p + "mlp.up_proj", FFN, HIDDEN)
+        t |= linear(p + "mlp.down_proj", HIDDEN, FFN)
+        shards.append(t)
+    # 4 files: 33 pieces grouped
+    groups = [shards[i::4] for i in range(4)]
+    for n, grp in enumerate(groups):
+        name = f"model-{n + 1:05d}-of-00004.safetensors"
+        merged = {k: v for d in grp for k, v in d.items()}
+        save_file(merged, os.path.join(folder, name), metadata={"format": "pt"})
+        index.update({k: name for k in merged})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": index}, f)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": FFN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+              "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 8192,
+              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+              "torch_dtype": "float16", "bos_token_id": 0, "eos_token_id": 2,
+              "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False,
+                                      "sym": True, "checkpoint_format": "gptq"}}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, name), folder)
+    return time.time() - t0
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def cuda_median(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times)
+
+
+def exllamav2_step(folder: str, b: int, context: int, steps: int) -> dict:
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    config = ExLlamaV2Config(folder)
+    config.no_flash_attn = True  # the seed's setting
+    config.max_seq_len = context + steps + 16
+    config.max_batch_size = b
+    config.max_input_len = min(2048, context)
+    model = ExLlamaV2(config)
+    cache = ExLlamaV2Cache(model, batch_size=b, max_seq_len=context + steps + 16, lazy=True)
+    model.load_autosplit(cache, progress=False)
+    load_s = time.time() - t0
+    ids = torch.randint(3, VOCAB, (b, context))
+    model.forward(ids[:, :-1], cache, preprocess_only=True)
+    base = cache.current_seq_len
+    tok = ids[:, -1:]
+
+    def step():
+        model.forward(tok, cache)
+        cache.current_seq_len = base  # every timed step at the same context
+
+    sec = cuda_median(step, 3, steps)
+    res = {"step_ms": sec * 1e3, "tok_s": b / sec, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "load_s": load_s}
+    model.unload()
+    return res
+
+
+def run_exllamav2(folder: str, batches: list[int], context: int, steps: int) -> dict:
+    res = {}
+    for b in batches:
+        res[b] = r = exllamav2_step(folder, b, context, steps)
+        gc.collect()
+        log(f"  ExLlamaV2 bs {b:3d} ctx {context}: {r['step_ms']:7.2f} ms/step  {r['tok_s']:8.1f} tok/s  "
+            f"peak {r['peak_gib']:.2f} GiB (load {r['load_s']:.1f} s)")
+    return res
+
+
+def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backend: str | None) -> dict:
+    import lowgear as lg
+    from lowgear.bench_models import _NullTokenizer
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    config = lg.Config(folder)
+    config.no_flash_attn = True
+    config.dtype = "float16"
+    if backend:
+        config.attn_backend = backend
+    model = lg.Model(config)
+    page = 256
+    cache_tokens = max(batches) * (-(-(context + steps + 16) // page) + 1) * page
+    cache = lg.Cache(model, max_seq_len=cache_tokens, page_size=page)
+    model.load_autosplit(cache)
+    load_s = time.time() - t0
+    chosen = model.selections["cuda:0"].backend.name
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=_NullTokenizer(VOCAB), max_batch_size=max(batches))
+    gen.warmup()
+    res = {"backend": chosen, "graphs": gen.graphs is not None, "load_s": load_s}
+    for b in batches:
+        g = torch.Generator().manual_seed(b)
+        jobs = [lg.DynamicJob(input_ids=torch.randint(3, VOCAB, (context,), generator=g).tolist(), max_new_tokens=steps + 8,
+                              gen_settings=lg.Sampler.Settings.greedy()) for _ in range(b)]
+        gen.enqueue(jobs)
+        while any(len(j.generated) == 0 for j in jobs):
+            gen.iterate()
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            gen.iterate()
+            times.append(time.perf_counter() - t1)
+        for j in jobs:
+            gen.cancel(j)
+        gen.iterate()
+        sec = statistics.median(times[2:])
+        res[b] = {"step_ms": sec * 1e3, "tok_s": b / sec}
+        log(f"  lowgear ({chosen}{', graphs' if res['graphs'] else ''}) bs {b:3d} ctx {context}: {sec * 1e3:7.2f} ms/step  "
+            f"{b / sec:8.1f} tok/s")
+    res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    log(f"  lowgear peak {res['peak_gib']:.2f} GiB (load {load_s:.1f} s, cache {cache_tokens} tokens)")
+    if gen.graphs is not None:
+        gen.graphs.release()
+    del gen, model, cache
+    gc.collect()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--folder", default="/tmp/llama3-8b-gptq4")
+    ap.add_argument("--tokenizer", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
+                                                        "exllamav2", "gptq-4bit-g128"))
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=64)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    batches = [int(b) for b in a.batches.split(",")]
+    log(f"GPU {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    if not os.path.exists(os.path.join(a.folder, "config.json")):
+        log(f"writing Llama-3-8B-shape GPTQ 4-bit g{GROUP} folder: {write_gptq_8b(a.folder, a.tokenizer):.0f} s")
+    size = folder_bytes(a.folder)
+    log(f"folder {a.folder}: {size / 1e9:.2f} GB of safetensors")
+    result = {"gpu": torch.cuda.get_device_name(0), "context": a.context, "steps": a.steps, "folder_bytes": size,
+              "shape": "Llama-3-8B (hidden 4096, 32 layers, 32/8 heads, ffn 14336, vocab 128256)",
+              "quant": f"GPTQ 4-bit g{GROUP} sym, no act-order"}
+    import exllamav2
+
+    result["exllamav2_version"] = exllamav2.__version__
+    result["exllamav2"] = run_exllamav2(a.folder, batches, a.context, a.steps)
+    gc.collect()
+    torch.cuda.empty_cache()
+    result["lowgear_triton"] = run_lowgear(a.folder, batches, a.context, a.steps, "triton")
+    result["lowgear_default"] = run_lowgear(a.folder, batches, a.context, a.steps, None)
+    log("\nbatch | ExLlamaV2 tok/s | lowgear tok/s (triton, graphs) | ratio | lowgear default rung tok/s | ratio")
+    for b in batches:
+        e, lt, ld = result["exllamav2"][b]["tok_s"], result["lowgear_triton"][b]["tok_s"], result["lowgear_default"][b]["tok_s"]
+        log(f"{b:5d} | {e:15.1f} | {lt:30.1f} | {lt / e:5.2f}x | {ld:26.1f} | {ld / e:5.2f}x")
+    with open(os.path.join(a.out, "exllamav2_vs_lowgear.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
