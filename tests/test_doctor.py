@@ -120,6 +120,39 @@ def test_real_synthetic_gguf(monkeypatch, tmp_path):
     m = report["model"]
     assert m["format"] == "gguf" and m["arch"] == "llama" and "Q4_0" in m["quant_types"]
     assert m["fits"][0]["tokens"] > 1_000_000
+    assert m["quantization"]["method"] == "GGUF" and m["quantization"]["types"]["Q4_0"] > 0.5
+    assert "quantization: GGUF type mix by bytes: Q4_0" in doctor.render(report)
+
+
+def test_exl2_folder_shows_bits_per_weight_and_the_plan(monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    from test_exl2 import write_exl2_llama
+
+    from lowgear.weights import HFSource
+
+    _, folder = write_exl2_llama(tmp_path)
+    report = t4_report(monkeypatch, model_path=str(folder))
+    m = report["model"]
+    q = m["quantization"]
+    assert m["format"] == "hf" and q["method"] == "EXL2" and 2 < q["min"][1] < q["bits_per_weight"] < q["max"][1] < 9
+    source = HFSource(folder)
+    stored = sum(source.nbytes(n) for n in source.names() if source.info(n).qtype.startswith("EXL2_"))
+    assert m["quant_types"]["EXL2"] == stored and m["quant_types"]["F16"] > 0
+    assert m["placement"] is not None and m["fits"][0]["tokens"] > 0
+    text = doctor.render(report)
+    assert f"EXL2, {q['bits_per_weight']:.2f} bits per weight over the layers" in text
+    assert f"head {q['head_bits_per_weight']:.2f}" in text and "head_bits 8" in text
+    assert "tokens of cache fit" in text
+
+
+def test_gptq_folder_shows_bits_and_group(monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    from test_gptq import write_gptq_llama
+
+    _, folder = write_gptq_llama(tmp_path, bits=4, group_size=32)
+    report = t4_report(monkeypatch, model_path=str(folder))
+    assert report["model"]["quantization"]["bits"] == 4
+    assert "quantization: GPTQ 4-bit, group size 32, asymmetric, format gptq" in doctor.render(report)
 
 
 def test_cli_hooks_json(monkeypatch, capsys):

@@ -2,7 +2,8 @@
 
 `collect` gathers the facts as plain data (the torch build and its arch list, each device, every
 attention rung's decision with its reason, the environment variables in force and, given a model,
-its bytes, cache cost, the tokens that fit per device, the placement and a decode ceiling from the
+its quantization (GGUF type mix, GPTQ bits and group size, EXL2 bits per weight and their per-layer
+range), its bytes, cache cost, the tokens that fit per device, the placement and a decode ceiling from the
 device's bandwidth); `render` prints them; `--json` prints `collect`'s dict. Under LOWGEAR_SIMULATE
 the same report describes a simulated machine, which is how "what would happen on a T4" is answered
 (and tested) without one.
@@ -89,6 +90,30 @@ def _fmt_tokens(n: int) -> str:
     return f"{n:,}"
 
 
+_FLOAT_TYPES = ("F32", "F16", "BF16", "?")
+
+
+def _quantization(source, qtypes, fmt: str | None) -> dict:
+    """The weights' quantization in brief: the reader's own summary (HF folders), else the GGUF type mix."""
+    summary = getattr(source, "quantization", None)
+    q = summary() if callable(summary) else {"method": None}
+    if q.get("method") is None:
+        total = sum(qtypes.values()) or 1
+        packed = {k: v / total for k, v in sorted(qtypes.items(), key=lambda kv: -kv[1]) if k not in _FLOAT_TYPES}
+        if packed:
+            q = {"method": "GGUF" if fmt in ("gguf", None) else fmt, "types": packed}
+    return q
+
+
+def _collapse_exl2(qtypes) -> dict:
+    """EXL2 layers each have their own bits per weight (EXL2_4.13bpw, ...): one "EXL2" entry for the stored line."""
+    out: dict = {}
+    for k, v in qtypes.items():
+        key = "EXL2" if k.startswith("EXL2_") else k
+        out[key] = out.get(key, 0) + v
+    return out
+
+
 def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len) -> dict:
     spec = source.spec
     usable = [d for d in spec_devices if hardware.torch_arch_supported(d)]
@@ -97,15 +122,17 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len) ->
     kv_token = placement.kv_bytes_per_token(spec, dtype_bytes(dtype))
     kv_layer = placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype))
     weights = sum(per_layer) + sum(other.values())
+    fmt = "gguf" if path and os.path.isfile(path) else ("hf" if path else None)
     out: dict = {
         "path": os.fspath(path) if path else None,
-        "format": "gguf" if path and os.path.isfile(path) else ("hf" if path else None),
+        "format": fmt,
         "name": spec.name,
         "arch": spec.arch,
         "layers": spec.num_layers,
         "heads": [spec.num_heads, spec.num_kv_heads, spec.head_dim],
         "context": spec.max_position_embeddings,
-        "quant_types": dict(sorted(qtypes.items(), key=lambda kv: -kv[1])),
+        "quant_types": dict(sorted(_collapse_exl2(qtypes).items(), key=lambda kv: -kv[1])),
+        "quantization": _quantization(source, qtypes, fmt),
         "dtype": dtype_name(dtype),
         "weight_bytes": weights,
         "cache_bytes_per_token": kv_token,
@@ -273,6 +300,9 @@ def render(report: dict) -> str:
         lines.append(f"model {m['name'] or m['path'] or ''} ({m['format'] or 'in memory'}, {m['arch']}, {m['layers']} layers, "
                      f"heads {m['heads'][0]}/{m['heads'][1]}×{m['heads'][2]}, context {_fmt_tokens(m['context'])})")
         lines.append(f"  stored: {quant}")
+        q = _render_quantization(m.get("quantization") or {})
+        if q:
+            lines.append(f"  quantization: {q}")
         lines.append(f"  weights on device in {m['dtype']}: {_gib(m['weight_bytes'])}; KV cache {_gib(m['cache_bytes_per_token'])} "
                      f"per token, {_gib(m['cache_bytes_per_1k_tokens'])} per 1k tokens")
         for f in m["fits"]:
@@ -297,6 +327,33 @@ def render(report: dict) -> str:
     for e in report["errors"]:
         lines.append(f"error: {e}")
     return "\n".join(lines)
+
+
+def _render_quantization(q: dict) -> str:
+    method = q.get("method")
+    if method == "EXL2":
+        if q.get("bits_per_weight") is None:
+            text = "EXL2"
+        else:
+            (lo_name, lo), (hi_name, hi) = q["min"], q["max"]
+            text = (f"EXL2, {q['bits_per_weight']:.2f} bits per weight over the layers "
+                    f"(per linear {lo:.2f} {lo_name} to {hi:.2f} {hi_name})")
+        if q.get("head_bits_per_weight") is not None:
+            text += f", head {q['head_bits_per_weight']:.2f}"
+        conv = q.get("converter") or {}
+        if conv:
+            made = " ".join(f"{k} {v}" for k, v in conv.items())
+            text += f"; converter's settings: {made}"
+        if q.get("float_linears"):
+            text += f"; {q['float_linears']} linears unquantized"
+        return text
+    if method == "GPTQ":
+        group = "one group per column" if q["group_size"] in (-1, 0) else f"group size {q['group_size']}"
+        return f"GPTQ {q['bits']}-bit, {group}, {'symmetric' if q['sym'] else 'asymmetric'}, format {q['checkpoint_format']}"
+    if q.get("types"):
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in q["types"].items())
+        return f"{method} type mix by bytes: {mix}"
+    return ""
 
 
 def add_parser(subparsers) -> None:
