@@ -167,16 +167,17 @@ def micro_attention(old_path: str | None) -> None:
         spec.loader.exec_module(old)
     heads, kvh, dim = 32, 8, 128
     bound = 33280  # the graph's kv bound in decode_step_gpu.py at batch 32
-    target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"decode attention alone (32/8 heads, dim 128, fp16, page {PAGE}); µs per layer and TB/s of KV read")
     variants = [("old", None)] if old else []
-    for bn in (16, 32):
-        for w in (1, 2, 4):
-            for hpp in (4, 1):
-                variants.append((f"bn{bn} w{w} hpp{hpp} min16", dict(block_n=bn, num_warps=w, heads_per_program=hpp, min_split=16)))
-    for name in ("bn16 w2 hpp4 min64", "bn16 w2 hpp4 min256", "bn64 w4 hpp4 min64", "bn64 w4 hpp1 min64", "bn32 w2 hpp1 min64"):
-        bn, w, hpp, ms = (int(part.lstrip("bnwhpmi")) for part in name.split())
-        variants.append((name, dict(block_n=bn, num_warps=w, heads_per_program=hpp, min_split=ms)))
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for name in ("bn16 w2 hpp4 min256 pps4 st3", "bn16 w1 hpp4 min16 pps4 st3", "bn16 w1 hpp4 min16 pps8 st3",
+                 "bn16 w1 hpp4 min16 pps16 st3", "bn16 w1 hpp4 min16 pps32 st3", "bn16 w1 hpp4 min16 pps8 st1",
+                 "bn16 w1 hpp4 min16 pps16 st1", "bn16 w1 hpp4 min16 pps16 st4", "bn32 w1 hpp4 min32 pps8 st3",
+                 "bn32 w1 hpp4 min32 pps16 st3", "bn16 w1 hpp2 min16 pps16 st3", "bn16 w1 hpp1 min16 pps16 st3",
+                 "bn32 w2 hpp4 min32 pps16 st3", "bn16 w1 hpp4 min64 pps16 st3"):
+        bn, w, hpp, ms, pps, st = (int(part.lstrip("bnwhpmist")) for part in name.split())
+        variants.append((name, dict(block_n=bn, num_warps=w, heads_per_program=hpp, min_split=ms,
+                                    target_programs=pps * sms, num_stages=st)))
     for b, ctx in ((1, 512), (32, 512), (64, 1024), (8, 4096)):
         per_seq = -(-ctx // PAGE)
         layer_bytes = 2 * b * ctx * kvh * dim * 2
@@ -191,11 +192,11 @@ def micro_attention(old_path: str | None) -> None:
         results = []
         for name, kw in variants:
             mod = old if kw is None else decode
-            kw = kw or {}
+            kw = kw or {"target_programs": 4 * sms}
             for label, max_kv in (("graph", bound),):
                 def fn():
                     for kc, vc in caches:
-                        mod.paged_decode(q, kc, vc, tables, kv_lens, 0.088, max_kv, out=out, target_programs=target, **kw)
+                        mod.paged_decode(q, kc, vc, tables, kv_lens, 0.088, max_kv, out=out, **kw)
                 try:
                     t = graph_time(fn, reps=2) / layers
                 except Exception as exc:  # a variant that does not compile is reported, not fatal
@@ -203,12 +204,12 @@ def micro_attention(old_path: str | None) -> None:
                     break
                 results.append((t, name, label))
         print(f"  bs {b} ctx {ctx}: {layer_bytes / 1e6:.1f} MB of KV per layer, {layers} layers cycled")
-        shown = [r for r in results if r[1] == "old"] + sorted(r for r in results if r[1] != "old")[:6]
+        shown = [r for r in results if r[1] == "old"] + sorted(r for r in results if r[1] != "old")
         for t, name, label in shown:
             print(f"    {name:28s} {label:5s} {t * 1e6:8.1f} µs  {layer_bytes / t / 1e12:5.2f} TB/s")
-        default = [r for r in results if r[1] == "bn16 w2 hpp4 min256"]
-        for t, name, label in default:
-            print(f"    (current defaults) {label:5s} {t * 1e6:8.1f} µs")
+        t = graph_time(lambda: [decode.paged_decode(q, kc, vc, tables, kv_lens, 0.088, bound, out=out,
+                                                    target_programs=8 * sms) for kc, vc in caches], reps=2) / layers
+        print(f"    (package defaults, 8 programs/SM) {t * 1e6:8.1f} µs  {layer_bytes / t / 1e12:5.2f} TB/s")
         del caches
 
 

@@ -146,8 +146,10 @@ def test_decode_fp16():
 def test_decode_choose_splits():
     decode, _ = kernels()
     assert decode.choose_splits(batch=64, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512) == 1
-    assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512) == 16
-    assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=300, block_n=16, target_programs=512) == 2
+    assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512, min_split=256) == 16
+    assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512) == 64
+    assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=300, block_n=16, target_programs=512, min_split=256) == 2
+    assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=300, block_n=16, target_programs=512, min_split=16) == 19
     assert decode.choose_splits(batch=1, kv_heads=1, max_kv_len=10**6, block_n=16, target_programs=10**4) == 64
 
 

@@ -27,8 +27,10 @@ MIN_COMPUTE_CAPABILITY = (7, 0)
 # A tiny call that takes longer than this after compiling means a broken or crawling kernel
 # (what `tl.dot` is reported to do on some sm_70 setups), not a slow GPU.
 PROBE_MAX_SECONDS = 2.0
-# Programs a decode launch aims for, per SM, before it stops splitting contexts.
-DECODE_PROGRAMS_PER_SM = 4
+# Programs a decode launch aims for, per SM, before it stops splitting contexts. The decode
+# programs are one warp each (kernels/paged_decode.py), so it takes several per SM to keep
+# enough loads in flight.
+DECODE_PROGRAMS_PER_SM = 8
 _PROBE_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
 
 

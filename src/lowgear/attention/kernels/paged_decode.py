@@ -197,13 +197,19 @@ def paged_decode_reduce_kernel(
 INTERPRETED = type(paged_decode_kernel).__name__ == "InterpretedFunction"
 
 
-# Fewest positions a split takes: a shorter split costs more in partials and reduce than it saves.
-MIN_SPLIT = 256
+# Fewest positions a split takes. Splits are cut from each sequence's own length, so a short
+# sequence under a long bound (a CUDA graph's) spreads over many one-block splits: on an H100 that
+# took a 512-position, batch-1 step from 53 µs a layer (256-position splits) to 8 µs.
+MIN_SPLIT = 16
+# Warps per program. Measured on an H100 (fp16, 32/8 heads, head_dim 128, page 256, graph-launched):
+# one warp beat two and four at every batch and context tried (batch 64 x 1k: 150 µs a layer
+# against 275 with two warps): a one-warp program reduces scores and values without crossing warps.
+NUM_WARPS = 1
 
 
 def block_n_for(group: int, head_dim: int) -> int:
-    """Positions per loop step. Measured on an H100 (fp16, head_dim 128, page 256): 16 positions
-    with 2 warps beat 32/64/128 and 4/8 warps for groups of 1 and 4 (2.9 TB/s at group 1)."""
+    """Positions per loop step. Measured on an H100 (fp16, head_dim 128, page 256, one warp): 16
+    was best or within 10% of 32 at batch 1-64 and contexts 512-4k (64 was slower)."""
     return 16
 
 
@@ -233,9 +239,10 @@ def paged_decode(
     target_programs: int = 256,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
-    num_warps: int = 2,
+    num_warps: int | None = None,
     heads_per_program: int | None = None,
     min_split: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention for B sequences; `max_kv_len` is a host-side bound on kv_lens (no sync).
 
@@ -277,7 +284,7 @@ def paged_decode(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED,
-        num_warps=num_warps,
+        num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}),
     )  # fmt: skip
     if not direct:
         paged_decode_reduce_kernel[(batch, heads)](
