@@ -12,6 +12,7 @@ weights ExLlamaV2 dequantized), the reader is also checked against those.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -354,3 +355,35 @@ def test_other_quant_methods_are_still_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedError, match=r"'awq' is not supported.*GPTQ.*EXL2"):
         HFSource(folder)
+
+
+# ------------------------------------------------------------------------------------------ ExLlamaV2's own files
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "exllamav2")
+EXL2_FIXTURES = ["exl2-2.6bpw", "exl2-4.5bpw"]
+
+
+@pytest.mark.parametrize("name", EXL2_FIXTURES)
+def test_reader_reproduces_exllamav2_dequantization_bit_for_bit(name):
+    """Folders written by ExLlamaV2's converter; dq.* is ExLlamaV2's float16 `get_weight_tensor_dq`.
+
+    q_proj and lm_head are W itself. ExLlamaV2 loads an MLP's down_proj with `unmap=True` (mlp.py):
+    it drops down_proj's permutation and permutes gate/up's outputs instead, so its in-memory down_proj
+    keeps the inputs in packed (act-) order: dq.down_proj == W[:, perm]. That is a load-time rearrangement,
+    not the file's meaning (gate/up are permuted to match, so the MLP computes the same function).
+    """
+    folder = os.path.join(FIXTURES, name)
+    if not os.path.isdir(folder):
+        pytest.skip("tests/fixtures/exllamav2 not present")
+    from safetensors.torch import load_file
+
+    source, ref = HFSource(folder), load_file(os.path.join(FIXTURES, "outputs", f"{name}.safetensors"))
+    for key, canon in {"q_proj": "layers.0.q", "down_proj": "layers.0.down", "lm_head": "lm_head"}.items():
+        w = source.get(canon)
+        mine = dequantize_exl2(w, dtype=torch.float64)
+        if key == "down_proj":
+            mine = mine[:, torch.argsort(w.invperm())]
+        assert len(w.bits_histogram()) > 1 or key == "lm_head"  # the converter mixed bit widths here
+        torch.testing.assert_close(mine.half(), ref[f"dq.{key}"], rtol=0, atol=0, msg=lambda m, k=key: f"{name} {k}: {m}")
+        # float64 differs from ExLlamaV2's float16 by its one final rounding only
+        assert ((mine - ref[f"dq.{key}"].double()).abs() <= mine.abs() * 2.0**-11 + 2.0**-25).all()
