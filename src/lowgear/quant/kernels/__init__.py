@@ -1,4 +1,4 @@
-"""Triton kernels over packed GGUF weights: decode GEMV and prefill tile dequantization.
+"""Triton kernels over packed weights (GGUF blocks, GPTQ tensors): decode GEMV and prefill tiles.
 
 The public face is three functions; Triton is imported on first use, so this package imports (and
 `supports` answers False) on machines without it.
@@ -10,8 +10,9 @@ The public face is three functions; Triton is imported on first use, so this pac
 
 `packed_matmul` runs the GEMV kernel (one launch, no weight copy) for up to MAX_M = 4 activation
 rows; past that it dequantizes bands of rows and calls torch.matmul, which is what prefill wants on
-every GPU (cuBLAS tensor cores even where Triton has none). Kernels need a CUDA tensor, or the Triton
-interpreter (TRITON_INTERPRET=1) for CPU tensors in tests.
+every GPU (cuBLAS tensor cores even where Triton has none). GPTQ layers get `gptq.gptq_matmul`
+(split-K GEMV up to gptq.MAX_M rows, dequantize + torch.matmul past it; `gptq.py` says why). Kernels
+need a CUDA tensor, or the Triton interpreter (TRITON_INTERPRET=1) for CPU tensors in tests.
 """
 
 from __future__ import annotations
@@ -46,8 +47,19 @@ def supports(qtype: str) -> bool:
 
 
 def kernel_for(module):
-    """The kernel hook (`fn(x, module) -> y`) for a packed QuantLinear, or None to keep its torch path."""
-    if getattr(module, "_gptq", None) is not None or not supports(module.qtype):
+    """The kernel hook (`fn(x, module) -> y`) for a packed QuantLinear, or None to keep its torch path.
+
+    For GPTQ layers this also runs the one-time preparation (`gptq.prepare`: float zeros, and act-order
+    codes sorted by group), so call it once the module sits on its device.
+    """
+    if getattr(module, "_gptq", None) is not None:
+        if not _triton_available():
+            return None
+        from .gptq import gptq_matmul, prepare
+
+        prepare(module)
+        return gptq_matmul
+    if not supports(module.qtype):
         return None
     return _gguf_kernel
 

@@ -1,0 +1,418 @@
+"""Triton kernels over GPTQ tensors: a split-K decode GEMV and a prefill dequantizer.
+
+GPTQ packs codes along the input dim K, so a qweight row holds PACK consecutive K values of every
+output column and its N words are contiguous. The GEMV (y[M, N] = x[M, K] @ W.T, M <= MAX_M) reads
+that layout as stored: a program owns BLOCK_N columns (one 16-byte load per thread per word row, so
+a warp reads 512 contiguous bytes) and a K-slice of whole tiles; a tile is BLOCK_R row-groups (a
+row-group is one word, or three for 3-bit, = PACK codes) that lie in one quantization group, so the
+group's scale and zero are loaded once per tile and the scale is factored out of the tile's sum.
+
+Codes become floats without `cvt` (a quarter-rate instruction on recent GPUs, which made the unpack
+compute-bound): a code masked in place at bit `off` of a word is OR-ed with the exponent of
+2**(23 - off), which makes the float 2**(23 - off) + code exactly; subtracting 2**(23 - off) + zero
+gives code - zero (ExLlama's / Marlin's fp16 trick, in fp32). Codes above bit 22 come from the word
+shifted right by 16. Per code that is one LOP3, one FSUB and one FMA per activation row.
+
+Split-K: an N = 4096 layer has only 8-16 column blocks, far fewer than the 132 SMs of an H100, so
+the K range is split too. Partial sums go to an fp32 workspace [splits, M, N] and a second tiny
+kernel adds them in split order: results are deterministic (greedy decoding is reproducible, and
+CUDA-graph replays match eager steps), no memset is needed, and the workspace stays in L2.
+`atomic_add` would save that launch but adds a zeroing pass and makes sums order-dependent.
+
+Act-order (g_idx): a checkpoint's groups are scattered over K, which would cost a scale and zero
+gather per code. `sort_act_order` (run once, at `prepare`) sorts K by group and repacks the codes,
+so groups are contiguous again; x's columns are gathered through the permutation inside the
+kernel (or by torch first, `x_perm="torch"`). The module keeps its stored buffers unchanged (its
+torch path and `dequantized()` still read them) and gains `gptq_qweight_sorted` (same shape as
+qweight, codes in sorted-K order) and `gptq_perm` (int32 [K]: sorted row i is input feature
+perm[i]): act-order layers hold their codes twice.
+
+Prefill (M > MAX_M) is compute-bound: `dequantize_t` writes W.T for a band of columns in the
+activation dtype and torch.matmul (cuBLAS, tensor cores on every GPU) does the rest. It reads the
+stored buffers directly (any bits, any g_idx). No kernel here uses tl.dot (sm_70 / sm_75 safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gptq import gptq_groups
+
+# GEMV up to this many activation rows; past it, dequantize + cuBLAS. The GEMV's work grows by one FMA
+# per code per row while the tile path pays ~4 bytes written and read per weight; the GPU benchmark
+# (benchmarks/gptq_gemv_gpu.py) prints both at M = 16 so this can be set from a measurement.
+MAX_M = 16
+# temporary bound for the prefill path: columns per band so that K * band <= this
+PREFILL_BAND_ELEMS = 1 << 24
+# programs to aim for when picking split-K: a few per SM of an H100 (132 SMs); fewer SMs just queue
+TARGET_PROGRAMS = 4 * 132
+
+
+def pack_shape(bits: int) -> tuple[int, int]:
+    """(codes, int32 words) per row-group: 32/bits codes in one word, or 32 codes in 3 words for 3-bit."""
+    return (32, 3) if bits == 3 else (32 // bits, 1)
+
+
+@triton.jit
+def _unpack_at(lo, hi, sh, BITS: tl.constexpr):
+    """Code at bit `sh` of the little-end stream lo, hi (uint32 tensors; hi only where 32 % BITS)."""
+    v = lo >> sh
+    if 32 % BITS != 0:
+        v = v | tl.where(sh > 32 - BITS, hi << ((32 - sh) & 31), 0)
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _word(w0, w1, w2, I: tl.constexpr):
+    if I == 0:
+        r = w0
+    elif I == 1:
+        r = w1
+    else:
+        r = w2
+    return r
+
+
+@triton.jit
+def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
+    """(code J of each row-group) - zero as fp32, through the exponent trick (no int->float cvt)."""
+    P: tl.constexpr = J * BITS
+    WI: tl.constexpr = P // 32
+    S: tl.constexpr = P % 32
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if S + BITS <= 23:  # in place: mantissa bits S .. S+BITS-1
+        src = _word(w0, w1, w2, WI)
+        OFF: tl.constexpr = S
+    elif S + BITS <= 32:  # high bits: from the word shifted down by 16
+        src = _word(w0, w1, w2, WI) >> 16
+        OFF: tl.constexpr = S - 16
+    else:  # 3-bit codes that straddle two words
+        src = (_word(w0, w1, w2, WI) >> S) | (_word(w0, w1, w2, WI + 1) << (32 - S))
+        OFF: tl.constexpr = 0
+    f = ((src & (MASK << OFF)) | ((150 - OFF) << 23)).to(tl.float32, bitcast=True)
+    return f - (zf + (1 << (23 - OFF)))
+
+
+@triton.jit
+def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, out_ptr,
+                     N, ROWS, rows_per_split, group_rows, stride_xm,
+                     M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr):
+    """out[(split,) m, n] = sum over this program's K-slice of x[m, k] * W[n, k]."""
+    PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
+    WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ms = tl.arange(0, M_PAD)
+    mmask = ms < M
+    r_lo = pid_k * rows_per_split
+    r_hi = tl.minimum(r_lo + rows_per_split, ROWS)
+    # tiles are [1, BLOCK_R, BLOCK_N] (a leading axis for the activation rows), so the loads fix
+    # one 3-D layout (4 columns a thread, every tile row in one thread) that all the math reuses
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    s_off = cols[None, None, :]
+    c_ok = cmask[None, None, :]
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rows < r_hi
+        lmask = r_ok[None, :, None] & c_ok
+        wp = qw_ptr + (rows * WORDS).to(tl.int64)[None, :, None] * N + s_off
+        w0 = tl.load(wp, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+        w1 = w0
+        w2 = w0
+        if WORDS == 3:
+            w1 = tl.load(wp + N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(wp + 2 * N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+        g = r0 // group_rows
+        s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
+        zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
+        dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            q = _code_minus_zero(w0, w1, w2, zf, j, BITS)  # [1, BLOCK_R, BLOCK_N]
+            k = rows * PACK + j
+            if HAS_PERM:
+                k = tl.load(perm_ptr + k, mask=r_ok, other=0)
+            # loaded 2-D, then broadcast: a 3-D load would repeat each value in all 4 column slots
+            xj = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :],
+                         mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
+        acc += tl.sum(dot * s, axis=1)
+    offs = ms[:, None] * N + cols[None, :]
+    if PARTIAL:
+        offs += pid_k * M * N
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def gptq_splitk_reduce_kernel(part_ptr, y_ptr, MN, SPLITS, BLOCK: tl.constexpr):
+    """y[i] = sum over s of part[s, i], in split order (deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gptq_dequant_t_kernel(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, col0, band,
+                          group_size, zero_offset, BITS: tl.constexpr, HAS_GIDX: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[k, c] = W[col0 + c, k] for a band of output columns: W.T, ready for x @ out."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = k < K
+    cmask = c < band
+    mask = kmask[:, None] & cmask[None, :]
+    n = col0 + c
+    pos = k * BITS
+    word = pos // 32
+    sh = (pos % 32).to(tl.uint32)[:, None]
+    wp = qw_ptr + word.to(tl.int64)[:, None] * N + n[None, :]
+    lo = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    hi = lo
+    if 32 % BITS != 0:
+        words = (K * BITS) // 32
+        hi = tl.load(wp + N, mask=mask & (word + 1 < words)[:, None], other=0).to(tl.uint32, bitcast=True)
+    q = _unpack_at(lo, hi, sh, BITS)
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + k, mask=kmask, other=0)
+    else:
+        g = k // group_size
+    zwords = (N * BITS) // 32
+    zpos = n * BITS
+    zword = zpos // 32
+    zsh = (zpos % 32).to(tl.uint32)[None, :]
+    zp = qz_ptr + g[:, None] * zwords + zword[None, :]
+    zlo = tl.load(zp, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    zhi = zlo
+    if 32 % BITS != 0:
+        zhi = tl.load(zp + 1, mask=mask & (zword + 1 < zwords)[None, :], other=0).to(tl.uint32, bitcast=True)
+    z = _unpack_at(zlo, zhi, zsh, BITS) + zero_offset
+    s = tl.load(sc_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = (q - z).to(tl.float32) * s
+    tl.store(out_ptr + k.to(tl.int64)[:, None] * band + c[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- load time
+
+
+def gemv_tile_rows(bits: int, group_size: int, in_features: int, target: int = 16) -> int | None:
+    """BLOCK_R: row-groups per GEMV tile (a power of two <= target dividing the group), or None where
+    a group is not a whole number of row-groups (then only the dequantize path serves the layer)."""
+    pack, _ = pack_shape(bits)
+    if in_features % pack:
+        return None
+    if gptq_groups(in_features, group_size) == 1:
+        return target
+    if group_size % pack:
+        return None
+    group_rows = group_size // pack
+    r = 1
+    while r * 2 <= target and group_rows % (r * 2) == 0:
+        r *= 2
+    return r
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int codes [K, N] (K a multiple of the row-group) -> GPTQ qweight int32 [K * bits / 32, N]."""
+    pack, words = pack_shape(bits)
+    k, n = codes.shape
+    c = codes.to(torch.int64).reshape(k // pack, pack, n)
+    out = torch.zeros((k // pack, words, n), dtype=torch.int64, device=codes.device)
+    for j in range(pack):
+        p = j * bits
+        w, s = divmod(p, 32)
+        out[:, w] |= (c[:, j] << s) & 0xFFFFFFFF
+        if s + bits > 32:
+            out[:, w + 1] |= c[:, j] >> (32 - s)
+    out = torch.where(out >= 1 << 31, out - (1 << 32), out)
+    return out.reshape(k // pack * words, n).to(torch.int32)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ qweight int32 [K * bits / 32, N] -> codes int32 [len(rows) or K, N] (rows: input features)."""
+    k = qweight.shape[0] * 32 // bits
+    rows = torch.arange(k, device=qweight.device) if rows is None else rows.to(qweight.device).long()
+    pos = rows * bits
+    word, sh = pos // 32, (pos % 32)[:, None]
+    lo = qweight.index_select(0, word).long() & 0xFFFFFFFF
+    if 32 % bits:
+        nxt = (word + 1).clamp(max=qweight.shape[0] - 1)
+        lo = lo | ((qweight.index_select(0, nxt).long() & 0xFFFFFFFF) << 32)
+    return ((lo >> sh) & ((1 << bits) - 1)).to(torch.int32)
+
+
+def sort_act_order(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
+                   band: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sort K by group: (qweight with rows in sorted order, perm int32 [K]) with sorted row i = input
+    feature perm[i]; None where the sorted groups are not the plain layout k // group_size (a
+    checkpoint with uneven groups: served by the dequantize path). Works in column bands."""
+    k = g_idx.numel()
+    g = g_idx.long()
+    perm = torch.argsort(g, stable=True)
+    plain = torch.arange(k, device=g.device) // (group_size if gptq_groups(k, group_size) > 1 else k)
+    if not torch.equal(g[perm], plain):
+        return None
+    out = torch.empty_like(qweight)
+    for c0 in range(0, qweight.shape[1], band):
+        c1 = min(qweight.shape[1], c0 + band)
+        out[:, c0:c1] = pack_codes(unpack_codes(qweight[:, c0:c1], bits, perm), bits)
+    return out, perm.to(torch.int32)
+
+
+def float_zeros(qzeros: torch.Tensor, bits: int, zero_offset: int) -> torch.Tensor:
+    """qzeros int32 [groups, N * bits / 32] -> zero + offset as fp16 [groups, N] (exact: <= 256).
+
+    The GEMV reads these rather than qzeros: a contiguous load along N keeps every operand of the
+    tile in the weights' register layout (a packed gather did not, and Triton then moved the whole
+    code tile through shared memory). They cost as much memory as the scales.
+    """
+    n = qzeros.shape[1] * 32 // bits
+    z = unpack_codes(qzeros.t().contiguous(), bits)  # [N, groups]
+    return (z.t() + zero_offset).to(torch.float16).contiguous().reshape(-1, n)
+
+
+def prepare(module) -> dict:
+    """Launch facts for a GPTQ QuantLinear (cached on it as `_gptq_kernel`), and its GEMV buffers.
+
+    Registers `gptq_zeros` (`float_zeros`), and `gptq_qweight_sorted` / `gptq_perm` where g_idx
+    scatters the groups (see the module docstring); a g_idx that is already k // group_size is
+    ignored by the GEMV. Layers the GEMV cannot serve get no buffers (block_r None).
+    """
+    facts = getattr(module, "_gptq_kernel", None)
+    if facts is not None:
+        return facts
+    bits, gs = module._gptq["bits"], module._gptq["group_size"]
+    k = module.in_features
+    block_r = gemv_tile_rows(bits, gs, k)
+    sorted_layout = False
+    if block_r is not None and module.g_idx is not None:
+        plain = torch.arange(k, device=module.g_idx.device) // (gs if gptq_groups(k, gs) > 1 else k)
+        if not torch.equal(module.g_idx.long(), plain):
+            res = sort_act_order(module.qweight, module.g_idx, bits, gs)
+            if res is None:
+                block_r = None
+            else:
+                module.register_buffer("gptq_qweight_sorted", res[0])
+                module.register_buffer("gptq_perm", res[1])
+                sorted_layout = True
+    if block_r is not None:
+        module.register_buffer("gptq_zeros", float_zeros(module.qzeros, bits, module._gptq["zero_offset"]))
+    facts = {"block_r": block_r, "sorted": sorted_layout}
+    module._gptq_kernel = facts
+    return facts
+
+
+# ---------------------------------------------------------------- run time
+
+
+def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
+                  num_warps: int | None = None, split: int | None = None) -> dict[str, int]:
+    """BLOCK_N / BLOCK_R / num_warps / split for one shape.
+
+    Each thread loads 16 bytes (4 columns) of every tile row, so BLOCK_N = 128 * num_warps keeps a
+    tile row in one thread and the K reduction in registers. The activation slice [M_PAD, BLOCK_R]
+    must have fewer elements than the program has threads, or Triton routes it through shared memory
+    every code step (checked in the compiled PTX: bar.sync appears), so BLOCK_R shrinks as M grows.
+    Then K is split until about TARGET_PROGRAMS programs run.
+    """
+    m_pad = triton.next_power_of_2(m)
+    num_warps = num_warps or (2 if m_pad <= 2 else 4)
+    block_r = group_block_r
+    while block_r > 1 and m_pad * block_r >= 32 * num_warps:
+        block_r //= 2
+    block_n = 128 * num_warps
+    pack, _ = pack_shape(bits)
+    tiles = triton.cdiv(k // pack, block_r)
+    n_blocks = triton.cdiv(n, block_n)
+    split = max(1, min(tiles, split or TARGET_PROGRAMS // n_blocks))
+    rows_per_split = triton.cdiv(tiles, split) * block_r
+    return {"BLOCK_N": block_n, "BLOCK_R": block_r, "num_warps": num_warps,
+            "split": triton.cdiv(k // pack, rows_per_split), "rows_per_split": rows_per_split}
+
+
+def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+              perm: torch.Tensor | None, bits: int, group_size: int, block_r: int,
+              *, num_warps: int | None = None, split: int | None = None, x_perm: str = "kernel") -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W.T for M <= MAX_M, x with unit stride along K; in x's dtype.
+
+    qweight must have its groups contiguous: stored without act-order, or `sort_act_order`'s output
+    with its perm. zeros are `float_zeros` (fp16 [groups, N], offset included), scales fp16 [groups, N]
+    (an int16 view is accepted); block_r is `gemv_tile_rows`. num_warps / split override
+    `launch_params` (the benchmark sweeps them); x_perm "torch" gathers x's columns before the kernel.
+    """
+    m, k = x.shape
+    n = qweight.shape[1]
+    assert 1 <= m <= MAX_M and x.stride(1) == 1, (tuple(x.shape), x.stride())
+    p = launch_params(n, k, bits, block_r, m, num_warps, split)
+    pack, _ = pack_shape(bits)
+    rows = k // pack
+    group_rows = rows if gptq_groups(k, group_size) == 1 else group_size // pack
+    if perm is not None and x_perm == "torch":
+        x, perm = x.index_select(1, perm.long()), None
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    split = p["split"]
+    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, p["BLOCK_N"]), split)
+    gptq_gemv_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, out,
+                           n, rows, p["rows_per_split"], group_rows, x.stride(0),
+                           M=m, M_PAD=triton.next_power_of_2(m), BITS=bits, BLOCK_R=p["BLOCK_R"],
+                           BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None, PARTIAL=split > 1,
+                           num_warps=p["num_warps"])
+    if split > 1:
+        block = 1024
+        gptq_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, split, BLOCK=block, num_warps=4)
+    return y
+
+
+def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                 bits: int, group_size: int, zero_offset: int, col0: int, col1: int,
+                 dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """W.T [K, col1 - col0] for output columns [col0, col1), from the stored tensors (any g_idx)."""
+    k = qweight.shape[0] * 32 // bits
+    n = qweight.shape[1]
+    band = col1 - col0
+    out = torch.empty((k, band), dtype=dtype, device=qweight.device)
+    if band == 0:
+        return out
+    gs = group_size if gptq_groups(k, group_size) > 1 else k
+    block_k, block_n = 32, 128
+    grid = (triton.cdiv(k, block_k), triton.cdiv(band, block_n))
+    gptq_dequant_t_kernel[grid](qweight, qzeros, scales.view(torch.float16), qweight if g_idx is None else g_idx,
+                                out, n, k, col0, band, gs, zero_offset, BITS=bits, HAS_GIDX=g_idx is not None,
+                                BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def gptq_matmul(x: torch.Tensor, module) -> torch.Tensor:
+    """The QuantLinear hook: x [..., K] -> [..., N] in x's dtype (bias is the module's business)."""
+    facts = prepare(module)
+    g = module._gptq
+    n, k = module.out_features, module.in_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*lead, n))
+    if m <= MAX_M and facts["block_r"] is not None:
+        qweight, perm = module.qweight, None
+        if facts["sorted"]:
+            qweight, perm = module.gptq_qweight_sorted, module.gptq_perm
+        y = gptq_gemv(x2, qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
+                      facts["block_r"])
+        return y.reshape(*lead, n)
+    y = x2.new_empty((m, n))
+    band = max(1, min(n, PREFILL_BAND_ELEMS // k))
+    for c0 in range(0, n, band):
+        c1 = min(n, c0 + band)
+        wt = dequantize_t(module.qweight, module.qzeros, module.scales, module.g_idx, g["bits"],
+                          g["group_size"], g["zero_offset"], c0, c1, x2.dtype)
+        y[:, c0:c1] = x2 @ wt
+    return y.reshape(*lead, n)

@@ -1,0 +1,279 @@
+"""quant/kernels/gptq.py: the GPTQ split-K GEMV and prefill dequantizer against a float64 reference.
+
+GPTQ tensors are built here from random integer codes, zeros and fp16 scales with a local packer
+(tests/test_gptq.py packs the same format from a quantizer), and the reference is W = (q - z) * s in
+float64 from those integers, so it does not share lowgear's unpacking. On machines without CUDA the
+kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); shapes are small for that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lowgear.model.quant_linear import QuantLinear  # noqa: E402
+from lowgear.quant import kernels  # noqa: E402
+from lowgear.quant.gptq import GPTQWeight, dequantize_gptq  # noqa: E402
+from lowgear.quant.kernels import gptq as G  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_numpy_shim():
+    """Triton 3.6's interpreter turns a 1-element array into an int with int(arr), which numpy >= 2.3
+    refuses, so `range(runtime_int)` loops raised TypeError (see tests/test_quant_kernels.py)."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        yield
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+    yield
+    interp._patch_lang_tensor = original
+
+
+def pack_stream(vals: np.ndarray, bits: int) -> np.ndarray:
+    """ints [n, m] -> int32 [n * bits / 32, m]: each column one little-end-first bit stream."""
+    n, m = vals.shape
+    stream = (vals[:, None, :] >> np.arange(bits)[None, :, None]) & 1  # [n, bits, m]
+    stream = stream.reshape(n * bits // 32, 32, m).astype(np.uint64)
+    return (stream << np.arange(32, dtype=np.uint64)[None, :, None]).sum(axis=1).astype(np.uint32).view(np.int32)
+
+
+def make_gptq(bits, n, k, group_size, act_order=False, v2=False, seed=0, uneven=False):
+    """(GPTQWeight, float64 W [n, k]) from random codes; act_order scatters the groups over K."""
+    rng = np.random.default_rng(seed)
+    groups = 1 if group_size == -1 or group_size >= k else -(-k // group_size)
+    g = np.arange(k) // (k if groups == 1 else group_size)
+    if act_order:
+        g = g[rng.permutation(k)]
+    if uneven:  # groups of unequal sizes (not what GPTQ writes, but a g_idx can say it)
+        g = np.sort(rng.integers(0, groups, k))[rng.permutation(k)]
+    q = rng.integers(0, 1 << bits, (k, n))
+    z = rng.integers(0 if v2 else 1, 1 << bits, (groups, n))  # v1 stores z - 1, so z >= 1
+    s = (rng.random((groups, n)) * 0.02 + 0.002).astype(np.float16)
+    ref = ((q - z[g]) * s[g].astype(np.float64)).T
+    stored = z - (0 if v2 else 1)
+    w = GPTQWeight(torch.from_numpy(pack_stream(q, bits)), torch.from_numpy(pack_stream(stored.T, bits).T.copy()),
+                   torch.from_numpy(s), torch.tensor(g, dtype=torch.int32) if (act_order or uneven) else None,
+                   bits, group_size, False, 0 if v2 else 1)
+    return w.validate(), torch.from_numpy(np.ascontiguousarray(ref))
+
+
+def linear(w: GPTQWeight, bias=None) -> QuantLinear:
+    lin = QuantLinear(w, bias).to(DEVICE)
+    lin.kernel = kernels.kernel_for(lin)
+    assert lin.kernel is G.gptq_matmul
+    return lin
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+
+
+def xs(m, k, seed=1, dtype=torch.float32):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# bits, n, k, group size: K not a multiple of the group (the last group short) where GPTQ allows it
+SHAPES = [(4, 96, 160, 32), (4, 264, 160, 64), (4, 96, 160, -1), (2, 64, 160, 32), (2, 96, 192, 64),
+          (8, 48, 96, 32), (8, 40, 160, 64), (3, 96, 224, 64), (3, 64, 128, 32), (3, 32, 96, -1)]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits,n,k,gs", SHAPES)
+def test_gemv_matches_float64(bits, n, k, gs, act_order):
+    w, ref = make_gptq(bits, n, k, gs, act_order, v2=bits % 2 == 0, seed=bits + k)
+    torch.testing.assert_close(dequantize_gptq(w, dtype=torch.float64), ref, rtol=0, atol=0)
+    lin = linear(w)
+    assert lin._gptq_kernel["block_r"] is not None
+    assert lin._gptq_kernel["sorted"] == (act_order and gs != -1)
+    for m in (1, 3):
+        x = xs(m, k, seed=m)
+        y = lin(x.to(DEVICE))
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert rel_err(y, x.double() @ ref.T) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 7, G.MAX_M, G.MAX_M + 1, 40])
+def test_every_row_count_gemv_and_prefill(m):
+    """M <= MAX_M runs the GEMV (tile rows shrink as M grows), past it the dequantize + matmul path."""
+    w, ref = make_gptq(4, 264, 256, 64, act_order=True, v2=False, seed=3)
+    bias = torch.randn(264, generator=torch.Generator().manual_seed(2))
+    lin = linear(w, bias)
+    x = xs(m, 256, seed=m)
+    y = lin(x.reshape(1, m, 256).to(DEVICE))
+    assert y.shape == (1, m, 264)
+    assert rel_err(y[0], x.double() @ ref.T + bias.double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_activations(dtype):
+    w, ref = make_gptq(4, 96, 256, 128, act_order=True, seed=5)
+    lin = linear(w)
+    for m in (1, 2, 20):
+        x = xs(m, 256, dtype=dtype)
+        y = lin(x.to(DEVICE))
+        assert y.dtype == dtype
+        assert rel_err(y, x.double() @ ref.T) < (4e-3 if dtype == torch.float16 else 2e-2)
+
+
+@pytest.mark.parametrize("split,num_warps,x_perm", [(1, None, "kernel"), (3, 4, "torch"), (100, 1, "kernel")])
+def test_launch_overrides_agree(split, num_warps, x_perm):
+    """Split-K off (direct store), uneven splits, other warp counts, x gathered by torch: same result."""
+    w, ref = make_gptq(4, 264, 384, 32, act_order=True, seed=7)
+    lin = linear(w)
+    x = xs(2, 384).to(DEVICE)
+    facts = lin._gptq_kernel
+    y = G.gptq_gemv(x, lin.gptq_qweight_sorted, lin.gptq_zeros, lin.scales, lin.gptq_perm, 4, 32,
+                    facts["block_r"], num_warps=num_warps, split=split, x_perm=x_perm)
+    assert rel_err(y, x.double().cpu() @ ref.T) < 1e-5
+
+
+def test_launch_params_fill_the_gpu_and_keep_x_in_registers():
+    p = G.launch_params(4096, 4096, 4, 16, m=1)
+    assert p["BLOCK_N"] == 128 * p["num_warps"] and p["BLOCK_R"] == 16
+    assert triton_cdiv(4096, p["BLOCK_N"]) * p["split"] >= 132
+    for m in (1, 2, 4, 8, 16):
+        p = G.launch_params(4096, 4096, 4, 16, m=m)
+        assert p["BLOCK_R"] * (1 << (m - 1).bit_length()) < 32 * p["num_warps"]
+    p = G.launch_params(14336, 4096, 4, 16, m=1)
+    assert p["split"] * p["rows_per_split"] >= 4096 // 8 > (p["split"] - 1) * p["rows_per_split"]
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_prepare_leaves_stored_buffers_alone():
+    w, ref = make_gptq(4, 64, 128, 32, act_order=True, seed=9)
+    lin = QuantLinear(w).to(DEVICE)
+    before = {name: buf.clone() for name, buf in lin.named_buffers()}
+    x = xs(3, 128).to(DEVICE)
+    y_torch = lin(x)
+    lin.kernel = kernels.kernel_for(lin)
+    for name, buf in before.items():
+        assert torch.equal(getattr(lin, name), buf), name
+    assert lin.gptq_perm.dtype == torch.int32 and lin.gptq_qweight_sorted.shape == lin.qweight.shape
+    torch.testing.assert_close(lin(x), y_torch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.dequantized(torch.float64).cpu(), ref, rtol=0, atol=0)
+    assert kernels.kernel_for(lin) is G.gptq_matmul and lin._gptq_kernel["sorted"]  # prepared once
+
+
+def test_uneven_groups_use_the_dequantize_path():
+    w, ref = make_gptq(4, 64, 128, 32, uneven=True, seed=11)
+    lin = linear(w)
+    assert lin._gptq_kernel["block_r"] is None and not hasattr(lin, "gptq_zeros")
+    x = xs(1, 128).to(DEVICE)
+    assert rel_err(lin(x), x.double().cpu() @ ref.T) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_unpack_and_sort_roundtrip(bits):
+    w, ref = make_gptq(bits, 32, 128, 32, act_order=True, seed=bits)
+    codes = G.unpack_codes(w.qweight, bits)
+    assert torch.equal(G.pack_codes(codes, bits), w.qweight)
+    qs, perm = G.sort_act_order(w.qweight, w.g_idx, bits, 32, band=8)
+    assert torch.equal(G.unpack_codes(qs, bits), codes[perm.long()])
+    assert torch.equal(w.g_idx[perm.long()].long(), torch.arange(128) // 32)
+    sorted_w = GPTQWeight(qs, w.qzeros, w.scales, None, bits, 32, False, w.zero_offset)
+    torch.testing.assert_close(dequantize_gptq(sorted_w, dtype=torch.float64), ref[:, perm.long()], rtol=0, atol=0)
+
+
+def test_kernel_for_without_triton_keeps_the_torch_path(monkeypatch):
+    w, _ = make_gptq(4, 32, 64, 32)
+    lin = QuantLinear(w)
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    assert kernels.kernel_for(lin) is None
+
+
+# ---------------------------------------------------------------- old GPUs
+
+COMPILE_SCRIPT = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lowgear.quant.kernels import gptq as G
+
+GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
+        "out_ptr": "*fp32", "N": "i32", "ROWS": "i32", "rows_per_split": "i32", "group_rows": "i32",
+        "stride_xm": "i32"}
+DEQ = {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32", "out_ptr": "*fp16",
+       "N": "i32", "K": "i32", "col0": "i32", "band": "i32", "group_size": "i32", "zero_offset": "i32"}
+RED = {"part_ptr": "*fp32", "y_ptr": "*fp16", "MN": "i32", "SPLITS": "i32"}
+
+def gemv(bits, m, perm):
+    p = G.launch_params(4096, 4096, bits, G.gemv_tile_rows(bits, 128, 4096), m)
+    return dict(M=m, M_PAD=triton.next_power_of_2(m), BITS=bits, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"],
+                HAS_PERM=perm, PARTIAL=True), p["num_warps"]
+
+CASES = [(f"gemv_b{b}_m{m}_perm{int(pm)}", G.gptq_gemv_kernel, GEMV, *gemv(b, m, pm), True)
+         for b, m, pm in [(4, 1, False), (4, 4, True), (4, 16, False), (3, 1, True), (8, 2, False), (2, 1, False)]]
+CASES += [(f"dequant_b{b}", G.gptq_dequant_t_kernel, DEQ,
+           dict(BITS=b, HAS_GIDX=b == 3, BLOCK_K=32, BLOCK_N=128), 4, False) for b in (3, 4)]
+CASES += [("reduce", G.gptq_splitk_reduce_kernel, RED, dict(BLOCK=1024), 4, False)]
+
+out = {}
+for cap in (70, 75):
+    for name, kernel, args, consts, warps, is_gemv in CASES:
+        sig = {a: args.get(a, "constexpr") for a in kernel.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
+                 if a in args and (args[a].startswith("*") or a in ("N", "ROWS", "stride_xm", "K"))}
+        try:
+            c = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", cap, 32), options={"num_warps": warps})
+            ptx = c.asm["ptx"]
+            out[f"sm_{cap}/{name}"] = dict(ok=True, gemv=is_gemv, mma=len(re.findall(r"\b(?:wg)?mma\.", ptx)),
+                                           shared=c.metadata.shared, cvt=len(re.findall(r"cvt\.rn\.f32\.[su]32", ptx)),
+                                           v4=len(re.findall(r"ld\.global(?:\.nc)?\.v4", ptx)))
+        except Exception as exc:
+            out[f"sm_{cap}/{name}"] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+print("RESULTS" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
+    return json.loads(line[len("RESULTS"):])
+
+
+def test_gptq_kernels_compile_for_volta_and_turing(compiled):
+    failed = {name: r["error"] for name, r in compiled.items() if not r["ok"]}
+    assert not failed, failed
+    assert len(compiled) == 2 * 9
+
+
+def test_gptq_gemv_stays_in_registers(compiled):
+    """No tensor-core mma, no int->float cvt per code (the exponent trick), 16-byte weight loads, and
+    no shared memory: a layout conversion in the code loop would show up as shared memory."""
+    for name, r in compiled.items():
+        if r["gemv"]:
+            assert r["mma"] == 0 and r["shared"] == 0 and r["v4"] > 0, (name, r)
+            assert r["cvt"] <= 8, (name, r)
+
+
+def test_no_tl_dot_in_gptq_source():
+    assert not re.search(r"tl\.dot\(", open(G.__file__).read())
