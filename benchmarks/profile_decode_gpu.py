@@ -156,7 +156,7 @@ def profile_model(a, spec, quant: str, dev: torch.device, bandwidth: float) -> N
     graphs.release()
 
 
-def micro_attention(old_path: str | None) -> None:
+def micro_attention(old_path: str | None, only_defaults: bool = False) -> None:
     """Decode attention alone, Llama-3-8B heads (32 q / 8 kv, dim 128), fp16, page 256, CUDA-graph timed."""
     dev = torch.device("cuda:0")
     decode, _ = attn_kernels.load(False)
@@ -165,6 +165,8 @@ def micro_attention(old_path: str | None) -> None:
         spec = importlib.util.spec_from_file_location("paged_decode_old", old_path)
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
+    from lowgear.attention.triton import DECODE_PROGRAMS_PER_SM as per_sm
+
     heads, kvh, dim = 32, 8, 128
     bound = 33280  # the graph's kv bound in decode_step_gpu.py at batch 32
     print(f"decode attention alone (32/8 heads, dim 128, fp16, page {PAGE}); µs per layer and TB/s of KV read")
@@ -174,7 +176,7 @@ def micro_attention(old_path: str | None) -> None:
                  "bn16 w1 hpp4 min16 pps16 st3", "bn16 w1 hpp4 min16 pps32 st3", "bn16 w1 hpp4 min16 pps8 st1",
                  "bn16 w1 hpp4 min16 pps16 st1", "bn16 w1 hpp4 min16 pps16 st4", "bn32 w1 hpp4 min32 pps8 st3",
                  "bn32 w1 hpp4 min32 pps16 st3", "bn16 w1 hpp2 min16 pps16 st3", "bn16 w1 hpp1 min16 pps16 st3",
-                 "bn32 w2 hpp4 min32 pps16 st3", "bn16 w1 hpp4 min64 pps16 st3"):
+                 "bn32 w2 hpp4 min32 pps16 st3", "bn16 w1 hpp4 min64 pps16 st3")[: 0 if only_defaults else None]:
         bn, w, hpp, ms, pps, st = (int(part.lstrip("bnwhpmist")) for part in name.split())
         variants.append((name, dict(block_n=bn, num_warps=w, heads_per_program=hpp, min_split=ms,
                                     target_programs=pps * sms, num_stages=st)))
@@ -208,8 +210,8 @@ def micro_attention(old_path: str | None) -> None:
         for t, name, label in shown:
             print(f"    {name:28s} {label:5s} {t * 1e6:8.1f} µs  {layer_bytes / t / 1e12:5.2f} TB/s")
         t = graph_time(lambda: [decode.paged_decode(q, kc, vc, tables, kv_lens, 0.088, bound, out=out,
-                                                    target_programs=8 * sms) for kc, vc in caches], reps=2) / layers
-        print(f"    (package defaults, 8 programs/SM) {t * 1e6:8.1f} µs  {layer_bytes / t / 1e12:5.2f} TB/s")
+                                                    target_programs=per_sm * sms) for kc, vc in caches], reps=2) / layers
+        print(f"    (package defaults, {per_sm} programs/SM) {t * 1e6:8.1f} µs  {layer_bytes / t / 1e12:5.2f} TB/s")
         del caches
 
 
@@ -242,13 +244,15 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--attn-kernel", default=None, help="a paged_decode.py to use instead of the package's")
     ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--micro-defaults-only", action="store_true", help="attention micro-benchmark: old and package defaults only")
     ap.add_argument("--no-model", action="store_true")
     a = ap.parse_args()
     dev = torch.device("cuda:0")
     torch.manual_seed(0)
     if a.micro:
-        micro_attention(a.attn_kernel)
-        micro_gemv()
+        micro_attention(a.attn_kernel, a.micro_defaults_only)
+        if not a.micro_defaults_only:
+            micro_gemv()
     if a.no_model:
         return
     if a.attn_kernel:

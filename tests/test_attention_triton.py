@@ -125,11 +125,10 @@ def test_decode_bound_far_above_lengths(min_split):
     kv_lens = [1, 17, 40, 95]
     q, kc, vc, meta = paged_problem([1] * 4, kv_lens, group=2)
     decode, _ = kernels()
-    ref = reference_attention(q, kc, vc, meta, 0.125)
-    for window in (None, 20):
+    for window, block_n in ((None, 16), (20, 16), (None, 32)):  # 32: blocks span two 16-position pages
         ref = reference_attention(q, kc, vc, meta, 0.125, window)
         out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.125, 100_000, window=window,
-                                  num_splits=8, min_split=min_split)
+                                  num_splits=8, min_split=min_split, block_n=block_n)
         assert_close(out, ref, FP32_TOL)
 
 

@@ -197,7 +197,7 @@ def paged_decode_reduce_kernel(
 INTERPRETED = type(paged_decode_kernel).__name__ == "InterpretedFunction"
 
 
-# Fewest positions a split takes. Splits are cut from each sequence's own length, so a short
+# Fewest positions a split takes (rounded up to whole blocks). Splits are cut from each sequence's own length, so a short
 # sequence under a long bound (a CUDA graph's) spreads over many one-block splits: on an H100 that
 # took a 512-position, batch-1 step from 53 µs a layer (256-position splits) to 8 µs.
 MIN_SPLIT = 16
@@ -207,10 +207,15 @@ MIN_SPLIT = 16
 NUM_WARPS = 1
 
 
-def block_n_for(group: int, head_dim: int) -> int:
-    """Positions per loop step. Measured on an H100 (fp16, head_dim 128, page 256, one warp): 16
-    was best or within 10% of 32 at batch 1-64 and contexts 512-4k (64 was slower)."""
-    return 16
+def block_n_for(group: int, head_dim: int, programs: int = 0) -> int:
+    """Positions per loop step, for a launch of `programs` (sequence, head-group) pairs per split.
+
+    Measured on an H100 (fp16, 32/8 heads, head_dim 128, page 256, one warp, 16 programs/SM, graph-
+    launched): 32 positions were best or within 5% at batch 8-64 and contexts 512-4k (batch 64 x 1k:
+    161 µs a layer, 182 with 16); at batch 1, where a short context is spread over one-block
+    splits, 16 is faster (8 against 11.5 µs at 512 positions).
+    """
+    return 16 if programs < 64 else 32
 
 
 def choose_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, target_programs: int,
@@ -257,10 +262,10 @@ def paged_decode(
     group = heads // kv_heads
     per_program = heads_per_program or group
     assert group % per_program == 0, "heads_per_program must divide the query heads per kv head"
-    block_n = block_n or block_n_for(group, head_dim)
+    programs = heads // per_program
+    block_n = block_n or block_n_for(group, head_dim, batch * programs)
     min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
     span = min(max_kv_len, window) if window else max_kv_len
-    programs = heads // per_program
     if num_splits is None:
         num_splits = choose_splits(batch, programs, span, block_n, target_programs, min_split)
     if out is None:
