@@ -10,7 +10,8 @@ What makes the step static:
   tables, int64), filled through one pinned host->device copy per step and unpacked inside the graph;
 - block tables are padded to a fixed width (the pages of the longest possible sequence), and the
   attention backend gets a fixed `max_kv_len` bound (never the step's real one), so split counts
-  and grids do not change; kv_lens stay on the device and the kernels mask by them;
+  and grids do not change; kv_lens stay on the device and the decode kernel divides each
+  sequence's real length among the splits, so the bound costs only programs that return at once;
 - padding rows decode token 0 at position 0 of a scratch page taken from the pool while graphed
   steps run (kv_len 1, writes land there), so they read and write nothing a job owns. The page id is
   data in the staging buffer, not part of the graph: the generator gives the page back whenever it
