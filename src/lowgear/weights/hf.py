@@ -385,6 +385,9 @@ class HFSource:
         if qtype is None:
             raise UnsupportedError(f"{self.path}: tensor {name!r} is stored as {dtype}; lowgear reads F32, F16 and BF16 safetensors")
         shape = tuple(int(d) for d in sl.get_shape())
+        linear = name[: -len("_bias")] if name.endswith("_bias") else None
+        if linear in self._exl2_prefix and len(shape) == 1:  # ExLlamaV2 pads a bias with its linear
+            shape = (self._expected_out(linear, shape[0]),)
         n = 1
         for d in shape:
             n *= d
