@@ -22,10 +22,14 @@ CUDA-graph replays match eager steps), no memset is needed, and the workspace st
 Act-order (g_idx): a checkpoint's groups are scattered over K, which would cost a scale and zero
 gather per code. `sort_act_order` (run once, at `prepare`) sorts K by group and repacks the codes,
 so groups are contiguous again; x's columns are gathered through the permutation inside the
-kernel (or by torch first, `x_perm="torch"`). The module keeps its stored buffers unchanged (its
-torch path and `dequantized()` still read them) and gains `gptq_qweight_sorted` (same shape as
-qweight, codes in sorted-K order) and `gptq_perm` (int32 [K]: sorted row i is input feature
-perm[i]): act-order layers hold their codes twice.
+kernel (or by torch first, `x_perm="torch"`).
+
+Buffers: `prepare` leaves the module's stored GPTQ buffers unchanged (its torch path and
+`dequantized()` still read them) and adds `gptq_zeros` (fp16 [groups, N], zero + offset: a
+contiguous load, as big as the scales) and, for act-order, `gptq_qweight_sorted` (qweight's shape,
+codes in sorted-K order) and `gptq_perm` (int32 [K]: sorted row i is input feature perm[i]), so
+act-order layers hold their codes twice; sorting in place would need QuantLinear's torch path to
+know the permutation.
 
 Prefill (M > MAX_M) is compute-bound: `dequantize_t` writes W.T for a band of columns in the
 activation dtype and torch.matmul (cuBLAS, tensor cores on every GPU) does the rest. It reads the
@@ -339,7 +343,7 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
 def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
               perm: torch.Tensor | None, bits: int, group_size: int, block_r: int,
               *, num_warps: int | None = None, split: int | None = None, x_perm: str = "kernel") -> torch.Tensor:
-    """y [M, N] = x [M, K] @ W.T for M <= MAX_M, x with unit stride along K; in x's dtype.
+    """y [M, N] = x [M, K] @ W.T (meant for M <= MAX_M), x with unit stride along K; in x's dtype.
 
     qweight must have its groups contiguous: stored without act-order, or `sort_act_order`'s output
     with its perm. zeros are `float_zeros` (fp16 [groups, N], offset included), scales fp16 [groups, N]
@@ -348,7 +352,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     """
     m, k = x.shape
     n = qweight.shape[1]
-    assert 1 <= m <= MAX_M and x.stride(1) == 1, (tuple(x.shape), x.stride())
+    assert m >= 1 and x.stride(1) == 1, (tuple(x.shape), x.stride())
     p = launch_params(n, k, bits, block_r, m, num_warps, split)
     pack, _ = pack_shape(bits)
     rows = k // pack
