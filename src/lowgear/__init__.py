@@ -24,11 +24,22 @@ _EXPORTS = {
     "errors": "lowgear.errors",
     "LowgearError": "lowgear.errors",
 }
+# ExLlamaV2's names for the same objects, so a script written for it runs with only its imports changed
+_ALIASES = {
+    "ExLlamaV2Config": "Config",
+    "ExLlamaV2": "Model",
+    "ExLlamaV2Cache": "Cache",
+    "ExLlamaV2Tokenizer": "Tokenizer",
+    "ExLlamaV2DynamicGenerator": "DynamicGenerator",
+    "ExLlamaV2DynamicJob": "DynamicJob",
+    "ExLlamaV2Sampler": "Sampler",
+}
 
-__all__ = sorted(_EXPORTS)
+__all__ = [*sorted(_EXPORTS), *sorted(_ALIASES)]
 
 
 def __getattr__(name: str):
+    name = _ALIASES.get(name, name)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lowgear' has no attribute {name!r}")

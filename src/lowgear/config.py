@@ -65,6 +65,10 @@ class Config:
             self.max_seq_len = self.spec.max_position_embeddings
         return self
 
+    def arch_compat_overrides(self, quiet: bool = False, warn_only: bool = False) -> None:
+        """ExLlamaV2 scripts call this to switch off features an architecture lacks; lowgear's model
+        code reads those facts from the spec itself, so there is nothing to override."""
+
     @property
     def source(self):
         if self._source is None:

@@ -136,14 +136,25 @@ def dequantize_gptq(
     w: GPTQWeight, rows: slice | torch.Tensor | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Output rows `rows` (a slice or index tensor; None: all) of W -> float [n_rows, in_features]."""
-    out_ids = torch.arange(w.out_features, device=w.qweight.device)
-    if rows is not None:
-        out_ids = out_ids[rows]
-    in_ids = torch.arange(w.in_features, device=w.qweight.device)
-    q = unpack_bits(w.qweight.index_select(1, out_ids).t(), w.bits, in_ids)  # [n_rows, in]
+    dev = w.qweight.device
+    if rows is None:
+        qw, sc = w.qweight, w.scales
+        out_ids = torch.arange(w.out_features, device=dev)
+    else:
+        out_ids = torch.arange(w.out_features, device=dev)[rows]
+        qw, sc = w.qweight.index_select(1, out_ids), w.scales.index_select(1, out_ids)
+    if 32 % w.bits == 0:  # whole values per word: one shift per position in the word
+        per = 32 // w.bits
+        shifts = torch.arange(per, device=dev, dtype=torch.int32) * w.bits
+        q = ((qw.unsqueeze(1) >> shifts[None, :, None]) & ((1 << w.bits) - 1)).reshape(-1, qw.shape[1]).t()
+    else:
+        q = unpack_bits(qw.t(), w.bits, torch.arange(w.in_features, device=dev))  # [n_rows, in]
     zeros = unpack_bits(w.qzeros, w.bits, out_ids) + w.zero_offset  # [groups, n_rows]
-    scales = w.scales.index_select(1, out_ids)  # [groups, n_rows]
-    g = group_index(w)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    codes = (q - zeros.t().index_select(1, g)).to(work)  # [n_rows, in]
-    return (codes * scales.t().index_select(1, g).to(work)).to(dtype)
+    if w.g_idx is None and w.groups > 1 and w.in_features % w.group_size == 0:  # groups are runs of rows
+        g = w.group_size
+        codes = (q.reshape(q.shape[0], -1, g) - zeros.t().unsqueeze(2)).to(work)
+        return (codes * sc.t().unsqueeze(2).to(work)).reshape(q.shape[0], -1).to(dtype)
+    gi = group_index(w)
+    codes = (q - zeros.t().index_select(1, gi)).to(work)  # [n_rows, in]
+    return (codes * sc.t().index_select(1, gi).to(work)).to(dtype)
