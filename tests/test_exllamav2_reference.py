@@ -5,7 +5,10 @@ folders written by ExLlamaV2's own converter (2.6 and 4.5 bits per weight, each 
 inside matrices, 6- and 8-bit heads) and two 4-bit GPTQ folders (act-order with asymmetric zeros;
 in-order symmetric). outputs/NAME.safetensors holds, for each folder, what ExLlamaV2 produced:
 
-- dq.*: its dequantized weights (float16) of layer 0's q_proj and down_proj and of the head;
+- dq.*: its dequantized weights (float16) of layer 0's q_proj and down_proj and of the head. EXL2
+  down_proj is held by ExLlamaV2 with its input columns in stored (activation) order — it loads
+  down_proj "unmapped" and permutes gate/up's outputs to match — so it is compared as W[:, perm];
+
 - logits.i: its float32 logits at every position of three prompts (1, 25 and 72 tokens), run on its
   causal attention path, in float16 on the GPU;
 - hf_logits.i: transformers' float32 logits with every linear replaced by ExLlamaV2's dequantized
@@ -67,6 +70,9 @@ def test_dequantized_weights_equal_exllamav2s(name):
         w = source.get(canonical)
         mine = QuantLinear(w).dequantized(torch.float64) if not isinstance(w, torch.Tensor) else w.double()
         theirs = ref[f"dq.{key}"].double()
+        if key == "down_proj" and name.startswith("exl2"):
+            invperm = load_file(str(FIXTURES / name / "output.safetensors"))["model.layers.0.mlp.down_proj.q_invperm"]
+            mine = mine[:, torch.argsort(invperm.long())]
         assert mine.shape == theirs.shape, key
         torch.testing.assert_close(mine, theirs, rtol=2e-3, atol=1e-5, msg=lambda m, k=key: f"{name} {k}: {m}")
 
