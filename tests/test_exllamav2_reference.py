@@ -24,8 +24,8 @@ Tolerances:
 - lowgear vs ExLlamaV2's own logits: ExLlamaV2 computes in float16. meta.json records, per folder,
   its gap to transformers' float32 forward on its own weights (`noise`); lowgear sits within 1e-2
   of that float32 forward, so it must sit within noise + 1e-2 of ExLlamaV2 (asserted with 1.5x margin).
-- Greedy: identical tokens, at every step where ExLlamaV2's top-2 gap exceeds that tolerance (a closer
-  call is float16 noise, not a decoding difference; the test reports how many steps that excludes).
+- Greedy: identical tokens at every step where ExLlamaV2's top-2 gap exceeds twice that tolerance
+  (a closer call is float16 noise, not a decoding difference); see the test's docstring.
 """
 
 from __future__ import annotations
@@ -103,6 +103,13 @@ def test_logits_match_exllamav2(loaded):
 
 
 def test_greedy_continuations_match_exllamav2(loaded):
+    """Every greedy step ExLlamaV2 took is lowgear's argmax too, wherever the call is not float16 noise.
+
+    lowgear reads the prompt plus ExLlamaV2's 24 tokens in one pass (each step scored on ExLlamaV2's own
+    history), and its own greedy generator must then reproduce ExLlamaV2's run token for token up to the
+    first near-tie (logits may each move by `tol`, so a top-2 gap under 2 * tol can flip honestly).
+    These tiny random models have flat distributions: 60-66 of each folder's 72 steps are clear calls.
+    """
     name, model, cache = loaded
     ref, tol = outputs(name), logit_tolerance(name)
     gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(model.config), max_batch_size=4)
@@ -111,12 +118,14 @@ def test_greedy_continuations_match_exllamav2(loaded):
     gen.enqueue(jobs)
     while gen.num_remaining_jobs():
         gen.iterate()
-    compared = 0
-    for i, job in enumerate(jobs):
+    clear = 0
+    for i, (ids, job) in enumerate(zip(PROMPTS, jobs)):
         theirs, margins = ref[f"greedy.{i}"].tolist(), ref[f"greedy_margin.{i}"].tolist()
-        for step, (a, b, margin) in enumerate(zip(job.generated, theirs, margins)):
-            if margin <= tol:  # a near-tie in ExLlamaV2's float16: past it the two runs may part legitimately
-                break
-            assert a == b, f"{name} prompt {i} step {step}: lowgear {a}, ExLlamaV2 {b} (margin {margin:.3f})"
-            compared += 1
-    assert compared >= 0.75 * len(PROMPTS) * META["new_tokens"], f"{name}: only {compared} greedy steps were clear of near-ties"
+        forced = all_logits(model, cache, ids + theirs[:-1])[len(ids) - 1 :].argmax(-1).tolist()
+        for step, (mine, t, margin) in enumerate(zip(forced, theirs, margins)):
+            if margin > 2 * tol:
+                assert mine == t, f"{name} prompt {i} step {step}: lowgear {mine}, ExLlamaV2 {t} (margin {margin:.3f})"
+                clear += 1
+        tie = next((s for s, m in enumerate(margins) if m <= 2 * tol), len(margins))
+        assert job.generated[:tie] == theirs[:tie], f"{name} prompt {i}: free-running greedy differs before step {tie}"
+    assert clear >= 0.8 * len(PROMPTS) * META["new_tokens"], f"{name}: only {clear} greedy steps were clear calls"
