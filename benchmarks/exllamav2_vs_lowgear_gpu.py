@@ -152,7 +152,8 @@ def run_exllamav2(folder: str, batches: list[int], context: int, steps: int) -> 
     return res
 
 
-def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backend: str | None) -> dict:
+def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backend: str | None,
+                profile: bool = False) -> dict:
     import lowgear as lg
     from lowgear.bench_models import _NullTokenizer
 
@@ -192,6 +193,19 @@ def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backe
         gen.iterate()
         sec = statistics.median(times[2:])
         res[b] = {"step_ms": sec * 1e3, "tok_s": b / sec}
+        if profile and b == batches[0]:
+            gen.enqueue(jobs := [lg.DynamicJob(input_ids=list(range(3, 3 + context)), max_new_tokens=8,
+                                               gen_settings=lg.Sampler.Settings.greedy())])
+            while not jobs[0].generated:
+                gen.iterate()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    gen.iterate()
+                torch.cuda.synchronize()
+            gen.cancel(jobs[0])
+            gen.iterate()
+            log(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=48))
         log(f"  lowgear ({chosen}{', graphs' if res['graphs'] else ''}) bs {b:3d} ctx {context}: {sec * 1e3:7.2f} ms/step  "
             f"{b / sec:8.1f} tok/s")
     res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -212,6 +226,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="profile 3 steps of the default rung's run")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     batches = [int(b) for b in a.batches.split(",")]
@@ -230,7 +245,7 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache()
     result["lowgear_triton"] = run_lowgear(a.folder, batches, a.context, a.steps, "triton")
-    result["lowgear_default"] = run_lowgear(a.folder, batches, a.context, a.steps, None)
+    result["lowgear_default"] = run_lowgear(a.folder, batches, a.context, a.steps, None, profile=a.profile)
     log("\nbatch | ExLlamaV2 tok/s | lowgear tok/s (triton, graphs) | ratio | lowgear default rung tok/s | ratio")
     for b in batches:
         e, lt, ld = result["exllamav2"][b]["tok_s"], result["lowgear_triton"][b]["tok_s"], result["lowgear_default"][b]["tok_s"]
