@@ -36,6 +36,9 @@ class Config:
         self.no_triton = False
         self.attn_backend: str | None = None
         self.no_cuda_graphs = False  # decode steps eager (as LOWGEAR_NO_CUDA_GRAPHS=1)
+        # keep q/k/v and gate/up as separate linears (by default each set that shares a format is
+        # fused into one at load, model/fuse.py); for A/B measurements
+        self.no_fuse = False
         # placement and numerics
         self.devices: list[str] | str | None = None  # indexes, UUIDs, PCI bus ids, or "cpu"
         self.dtype: str | None = None  # None: chosen per device (float32 CPU, fp16 < sm80, bf16 >= sm80)

@@ -6,6 +6,9 @@ arguments, and attention goes through whichever backend the ladder chose for the
 On CUDA the same math runs through the fused Triton kernels (`forward_fused`): each residual add is
 folded into the RMSNorm that follows it, and q/k are rotated in place by one kernel reading a
 per-device cos/sin table at `meta.positions`. The CPU path is the plain torch code below.
+
+Where the weights allow it (model/fuse.py), q/k/v are one linear and gate/up another: one launch
+over the concatenated output rows instead of three (two), split back into views of its output.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from ..attention.metadata import StepMetadata
+from ..errors import ModelFormatError
 from ..weights.spec import ModelSpec
 from .kernels_norm import rms_norm
 from .kernels_rope import apply_rope_
@@ -34,40 +38,78 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, q: QuantLinear, k: QuantLinear, v: QuantLinear, o: QuantLinear):
+    """`qkv` is one fused linear whose output rows are q|k|v (model/fuse.py), or the three linears."""
+
+    def __init__(self, spec: ModelSpec, qkv: QuantLinear | tuple[QuantLinear, QuantLinear, QuantLinear],
+                 o: QuantLinear):
         super().__init__()
-        self.q, self.k, self.v, self.o = q, k, v, o
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.sizes = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+        if isinstance(qkv, QuantLinear):
+            if qkv.out_features != sum(self.sizes):
+                raise ModelFormatError(f"fused q/k/v has {qkv.out_features} outputs, the heads need {sum(self.sizes)}: "
+                                       "the weight file does not match its config")
+            self.qkv, self.q, self.k, self.v = qkv, None, None, None
+        else:
+            self.qkv = None
+            self.q, self.k, self.v = qkv
+        self.o = o
         self.scale = self.head_dim**-0.5
         self.rope_style = spec.rope_style
         self.window = spec.sliding_window
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim].
+
+        Fused, they are views of one [T, q+k+v] output: unit stride along head_dim, token stride
+        q+k+v, which the rope kernel, the cache write and every attention backend take as they are.
+        """
+        t = x.shape[0]
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        return (q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim),
+                v.view(t, self.kv_heads, self.head_dim))
+
     def forward(self, x, cos, sin, meta: StepMetadata, k_cache, v_cache, backend) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rope(self.q(x).view(t, self.heads, self.head_dim), cos, sin, self.rope_style)
-        k = apply_rope(self.k(x).view(t, self.kv_heads, self.head_dim), cos, sin, self.rope_style)
-        v = self.v(x).view(t, self.kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = apply_rope(q, cos, sin, self.rope_style)
+        k = apply_rope(k, cos, sin, self.rope_style)
         out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
         return self.o(out.reshape(t, self.heads * self.head_dim))
 
     def forward_fused(self, x, rope_table, meta: StepMetadata, k_cache, v_cache, backend) -> torch.Tensor:
         """CUDA path: rope_table is (cos, sin) [max_positions, head_dim/2] float32, indexed by meta.positions."""
         t = x.shape[0]
-        q = self.q(x).view(t, self.heads, self.head_dim)
-        k = self.k(x).view(t, self.kv_heads, self.head_dim)
+        q, k, v = self.project(x)
         apply_rope_(q, k, meta.positions, rope_table[0], rope_table[1], self.rope_style)
-        v = self.v(x).view(t, self.kv_heads, self.head_dim)
         out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
         return self.o(out.reshape(t, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear):
+    """SwiGLU; `gate_up` is one fused linear whose output rows are gate|up, or the two linears."""
+
+    def __init__(self, gate_up: QuantLinear | tuple[QuantLinear, QuantLinear], down: QuantLinear):
         super().__init__()
-        self.gate, self.up, self.down = gate, up, down
+        if isinstance(gate_up, QuantLinear):
+            if gate_up.out_features % 2:
+                raise ModelFormatError(f"fused gate/up has an odd number of outputs ({gate_up.out_features}): "
+                                       "the weight file does not match its config")
+            self.gate_up, self.gate, self.up = gate_up, None, None
+        else:
+            self.gate_up = None
+            self.gate, self.up = gate_up
+        self.down = down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return self.down(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

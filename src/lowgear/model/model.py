@@ -14,6 +14,7 @@ from torch import nn
 from ..attention.metadata import StepMetadata
 from ..errors import ConfigError
 from ..weights.spec import ModelSpec
+from .fuse import fuse_linear
 from .kernels_norm import rms_norm
 from .layers import MLP, Attention, DecoderLayer, RMSNorm
 from .quant_linear import QuantLinear
@@ -61,16 +62,33 @@ class Model:
     def build_layer(self, i: int, get, device: torch.device, dtype: torch.dtype) -> DecoderLayer:
         spec = self.spec
         pre = f"layers.{i}."
+        fuse = not getattr(self.config, "no_fuse", False)
+
+        def bias(name: str):
+            return get(pre + name + "_bias") if spec.attention_bias and name in ("q", "k", "v") else None
 
         def linear(name: str) -> QuantLinear:
-            bias = get(pre + name + "_bias") if spec.attention_bias and name in ("q", "k", "v") else None
-            return _to(QuantLinear(get(pre + name), bias), device, dtype)
+            return _to(QuantLinear(get(pre + name), bias(name)), device, dtype)
+
+        def linears(names: tuple[str, ...]):
+            """One fused QuantLinear over `names`' output rows where their formats allow it, else a tuple.
+
+            The parts are concatenated where the source left them (host memory) and the fused
+            weight alone moves to the device, so device memory never holds parts and fused at once.
+            """
+            weights = [get(pre + n) for n in names]
+            biases = [bias(n) for n in names]
+            fused = fuse_linear(weights, biases) if fuse else None
+            if fused is None:
+                return tuple(_to(QuantLinear(w, b), device, dtype) for w, b in zip(weights, biases))
+            del weights, biases
+            return _to(QuantLinear(*fused), device, dtype)
 
         def norm(name: str) -> RMSNorm:
             return RMSNorm(get(pre + name).to(device=device, dtype=torch.float32), spec.rms_norm_eps)
 
-        attn = Attention(spec, linear("q"), linear("k"), linear("v"), linear("o"))
-        mlp = MLP(linear("gate"), linear("up"), linear("down"))
+        attn = Attention(spec, linears(("q", "k", "v")), linear("o"))
+        mlp = MLP(linears(("gate", "up")), linear("down"))
         return DecoderLayer(norm("attn_norm"), attn, norm("ffn_norm"), mlp)
 
     def build_ends(self, get, names: set[str], first: torch.device, last: torch.device, dtype: torch.dtype) -> None:
