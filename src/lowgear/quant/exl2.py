@@ -246,21 +246,31 @@ def scales_exl2(w: EXL2Weight, out_ids: torch.Tensor) -> torch.Tensor:
 def dequantize_exl2(
     w: EXL2Weight, rows: slice | torch.Tensor | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Output rows `rows` (a slice or index tensor; None: all) of W -> float [n_rows, in_features]."""
+    """Output rows `rows` (a slice or index tensor; None: all) of W -> float [n_rows, in_features].
+
+    Works in W.T's layout [in, n] (q_weight's, so every gather copies whole rows) with few passes
+    over it: adjacent packed rows are joined once into 64-bit windows (hi word << 32 | lo word, a
+    pass over the packed rows only), each input row gathers its window and shifts its code out, and
+    the scale rows are gathered per input row. The result is a transposed view. No host sync.
+    """
     device = w.q_weight.device
-    out_ids = torch.arange(int(w.out_features), device=device)
+    out_ids = None
     if rows is not None:
+        out_ids = torch.arange(int(w.out_features), device=device)
         out_ids = out_ids[rows.to(device) if isinstance(rows, torch.Tensor) else rows]
+        q = w.q_weight.index_select(1, out_ids)  # [packed_rows, n]
+    else:
+        q = w.q_weight[:, : int(w.out_features)]
     pos, bits, group = _row_layout(w, device)
     inv = w.invperm()
     if inv is not None:  # index the layout by input row instead of packed row
         inv = inv.to(device)
         pos, bits, group = pos.index_select(0, inv), bits.index_select(0, inv), group.index_select(0, inv)
-    word, shift = pos // 32, pos % 32
-    cols = w.q_weight.index_select(1, out_ids).t()  # [n, packed_rows]
-    lo = cols.index_select(1, word).long() & 0xFFFFFFFF  # [n, in]
-    hi = cols.index_select(1, (word + 1).clamp(max=w.packed_rows - 1)).long()
-    codes = ((((hi << 32) | lo) >> shift) & ((1 << bits) - 1)) - (1 << (bits - 1))
-    scales = scales_exl2(w, out_ids).t().index_select(1, group)  # [n, in]
+    lo = q.long() & 0xFFFFFFFF
+    windows = torch.cat([lo[1:] << 32, lo.new_zeros((1, lo.shape[1]))]) | lo  # [packed_rows, n]
+    shift, mask, zero = (pos % 32)[:, None], ((1 << bits) - 1)[:, None], (1 << (bits - 1))[:, None]
+    codes = ((windows.index_select(0, pos // 32) >> shift) & mask) - zero  # [in, n]
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    return (codes.to(work) * scales.to(work)).to(dtype)
+    ids = out_ids if out_ids is not None else torch.arange(int(w.out_features), device=device)
+    scales = scales_exl2(w, ids).to(work).index_select(0, group)  # [in, n]
+    return (codes.to(work) * scales).to(dtype).t()
