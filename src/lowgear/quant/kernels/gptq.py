@@ -31,9 +31,15 @@ codes in sorted-K order) and `gptq_perm` (int32 [K]: sorted row i is input featu
 act-order layers hold their codes twice; sorting in place would need QuantLinear's torch path to
 know the permutation.
 
-Prefill (M > MAX_M) is compute-bound: `dequantize_t` writes W.T for a band of columns in the
-activation dtype and torch.matmul (cuBLAS, tensor cores on every GPU) does the rest. It reads the
-stored buffers directly (any bits, any g_idx). No kernel here uses tl.dot (sm_70 / sm_75 safe).
+Batched decode (MAX_M < M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on compute
+capability >= 8.0 goes to `gptq_mma.gptq_mma`: the same operands, codes unpacked in registers and
+multiplied with tl.dot (tensor-core mma there). It lives in its own file because tl.dot is what
+sm_70 / sm_75 must not run (Triton lowers it to FMAs); `gptq_matmul` checks the capability.
+
+Prefill (M > MMA_MAX_M, or any M > MAX_M below sm_80) is compute-bound: `dequantize_t` writes W.T
+for a band of columns in the activation dtype and torch.matmul (cuBLAS, tensor cores on every GPU)
+does the rest. It reads the stored buffers directly (any bits, any g_idx). No kernel in this file
+uses tl.dot (sm_70 / sm_75 safe).
 """
 
 from __future__ import annotations
@@ -43,11 +49,18 @@ import triton
 import triton.language as tl
 
 from ..gptq import gptq_groups
+from . import gptq_mma
 
-# GEMV up to this many activation rows; past it, dequantize + cuBLAS. The GEMV's work grows by one FMA
-# per code per row while the tile path pays ~4 bytes written and read per weight; the GPU benchmark
-# (benchmarks/gptq_gemv_gpu.py) prints both at M = 16 so this can be set from a measurement.
-MAX_M = 16
+# GEMV up to this many activation rows; past it the tl.dot kernel (gptq_mma.py, sm_80+) or dequantize +
+# cuBLAS. The GEMV's work grows by one FMA per code per row. Measured on an H100 (Llama-3-8B shapes,
+# 4-bit g128, benchmarks/results/h100-exllamav2/gemv.json, GEMV at its best setting vs dequantize +
+# cuBLAS): at M = 4 the GEMV won 7 of 8 cases (17-57 us against 13-305; lost only (1024, 4096) plain,
+# 16.3 vs 13.4), at M = 16 it lost all 4 plain cases (41-166 us against 13-125) and all were 3-12x off
+# one read of the packed weights. M = 8 was not measured; 8 is the midpoint, to be re-set from the
+# benchmark's M = 8 rows.
+MAX_M = 8
+# GEMV num_warps for every M: the best of the sweep in 23 of the 24 cases of that same gemv.json
+GEMV_NUM_WARPS = 2
 # temporary bound for the prefill path: columns per band so that K * band <= this
 PREFILL_BAND_ELEMS = 1 << 24
 # programs to aim for when picking split-K: a few per SM of an H100 (132 SMs); fewer SMs just queue
@@ -286,7 +299,9 @@ def prepare(module) -> dict:
 
     Registers `gptq_zeros` (`float_zeros`), and `gptq_qweight_sorted` / `gptq_perm` where g_idx
     scatters the groups (see the module docstring); a g_idx that is already k // group_size is
-    ignored by the GEMV. Layers the GEMV cannot serve get no buffers (block_r None).
+    ignored by the GEMV. Layers the GEMV cannot serve get no buffers (block_r None). The facts also
+    hold the tl.dot kernel's BLOCK_K (`gptq_mma.mma_block_k`, None where it cannot serve the layer)
+    and the compute capability of the module's device (None for the CPU).
     """
     facts = getattr(module, "_gptq_kernel", None)
     if facts is not None:
@@ -307,9 +322,23 @@ def prepare(module) -> dict:
                 sorted_layout = True
     if block_r is not None:
         module.register_buffer("gptq_zeros", float_zeros(module.qzeros, bits, module._gptq["zero_offset"]))
-    facts = {"block_r": block_r, "sorted": sorted_layout}
+    mma_block_k = None if block_r is None else gptq_mma.mma_block_k(bits, gs, k)
+    facts = {"block_r": block_r, "sorted": sorted_layout, "mma_block_k": mma_block_k,
+             "capability": device_capability(module.qweight.device)}
     module._gptq_kernel = facts
     return facts
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device as hardware.py reports it; None for the CPU (or a simulation)."""
+    if device.type != "cuda":
+        return None
+    from ... import hardware
+
+    for d in hardware.list_devices():
+        if d.kind == "cuda" and not d.simulated and d.index == device.index:
+            return d.compute_capability
+    return None
 
 
 # ---------------------------------------------------------------- run time
@@ -326,7 +355,7 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
     Then K is split until about TARGET_PROGRAMS programs run.
     """
     m_pad = triton.next_power_of_2(m)
-    num_warps = num_warps or (2 if m_pad <= 2 else 4)
+    num_warps = num_warps or GEMV_NUM_WARPS
     block_r = group_block_r
     while block_r > 1 and m_pad * block_r >= 32 * num_warps:
         block_r //= 2
@@ -393,8 +422,19 @@ def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     return out
 
 
-def gptq_matmul(x: torch.Tensor, module) -> torch.Tensor:
-    """The QuantLinear hook: x [..., K] -> [..., N] in x's dtype (bias is the module's business)."""
+def uses_mma(m: int, dtype: torch.dtype, facts: dict, capability: tuple[int, int] | None) -> bool:
+    """Whether `gptq_matmul` sends M rows to the tl.dot kernel: MAX_M < M <= MMA_MAX_M, fp16 / bf16
+    activations, a layer it can serve, and compute capability >= 8.0 (tensor-core mma; below it
+    Triton's tl.dot is FMAs and dequantize + cuBLAS is faster)."""
+    return (MAX_M < m <= gptq_mma.MMA_MAX_M and dtype in (torch.float16, torch.bfloat16)
+            and facts["mma_block_k"] is not None and capability is not None and tuple(capability) >= (8, 0))
+
+
+def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = None) -> torch.Tensor:
+    """The QuantLinear hook: x [..., K] -> [..., N] in x's dtype (bias is the module's business).
+
+    capability overrides the module device's compute capability (tests on the CPU pass one).
+    """
     facts = prepare(module)
     g = module._gptq
     n, k = module.out_features, module.in_features
@@ -411,6 +451,13 @@ def gptq_matmul(x: torch.Tensor, module) -> torch.Tensor:
             qweight, perm = module.gptq_qweight_sorted, module.gptq_perm
         y = gptq_gemv(x2, qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
                       facts["block_r"])
+        return y.reshape(*lead, n)
+    if uses_mma(m, x2.dtype, facts, facts["capability"] if capability is None else capability):
+        qweight, perm = module.qweight, None
+        if facts["sorted"]:
+            qweight, perm = module.gptq_qweight_sorted, module.gptq_perm
+        y = gptq_mma.gptq_mma(x2, qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
+                              facts["mma_block_k"])
         return y.reshape(*lead, n)
     y = x2.new_empty((m, n))
     band = max(1, min(n, PREFILL_BAND_ELEMS // k))
