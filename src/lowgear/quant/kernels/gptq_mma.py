@@ -69,10 +69,14 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, out_ptr,
             xk = tl.load(perm_ptr + ks, mask=kmask, other=0)
         xt = tl.load(x_ptr + ms[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & kmask[None, :],
                      other=0.0)  # [BLOCK_M, BLOCK_K] in x's dtype
-        wp = qw_ptr + (ks // PACK).to(tl.int64)[:, None] * N + cols[None, :]
-        words = tl.load(wp, mask=kmask[:, None] & cmask[None, :], other=0)  # [BLOCK_K, BLOCK_N] int32
-        sh = ((ks % PACK) * BITS)[:, None]
-        codes = (words >> sh) & MASK  # arithmetic shift: the mask drops the sign bits
+        rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        wp = qw_ptr + rows.to(tl.int64)[:, None, None] * N + cols[None, None, :]
+        # loaded 3-D [BLOCK_R, 1, BLOCK_N] so that the unpacked tile keeps the load's layout (4 columns a
+        # thread): a 2-D load broadcast to 3-D got one column a thread, hence scalar cvt and shared stores
+        words = tl.load(wp, mask=(rows * PACK < k_hi)[:, None, None] & cmask[None, None, :], other=0)
+        sh = tl.arange(0, PACK) * BITS
+        codes = (words >> sh[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]; mask drops sign bits
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PACK + j: input feature k0 + r * PACK + j
         # code as a float without cvt: OR-ed into the mantissa of 2**23, which is then subtracted
         q = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(xt.dtype)
         p = tl.dot(xt, q)  # [BLOCK_M, BLOCK_N] fp32: sum_k x * code, exact codes
