@@ -200,3 +200,22 @@ def test_unusable_torch_build(monkeypatch):
 def test_get_backend_unknown():
     with pytest.raises(BackendUnavailableError):
         select.get_backend("cudnn")
+
+
+@pytest.mark.parametrize("profile", ["t4", "v100", "h100"])
+def test_decode_steps_take_a_capturable_rung_below_sdpa(monkeypatch, profile):
+    sel = select.select_backend(simulated(monkeypatch, profile), NO_SWITCHES)
+    assert sel.name == "sdpa" and sel.backend_for(False).name == "sdpa"
+    assert sel.decode_backend.name == "triton" and sel.backend_for(True).name == "triton"
+    assert "sdpa cannot be captured" in sel.decode_reason
+
+
+def test_decode_rung_respects_switches_forcing_and_the_cpu(monkeypatch):
+    dev = simulated(monkeypatch, "h100")
+    no_triton = select.select_backend(dev, Switches(False, False, False, True, None))
+    assert no_triton.decode_backend.name == "sdpa" and no_triton.decode_reason == ""  # eager is not capturable either
+    select.clear_cache()
+    forced = select.select_backend(dev, Switches(False, False, False, False, "sdpa"))
+    assert forced.decode_backend.name == "sdpa"  # a forced rung runs every step
+    cpu = select.select_backend(hardware.cpu_device(), NO_SWITCHES)
+    assert cpu.decode_backend is cpu.backend  # no graphs on the CPU

@@ -77,6 +77,8 @@ def _attention(d, switches, requested_dtype) -> dict:
         if dt == dtype:
             out["chosen"] = sel.name
             out["probed"] = sel.probed
+            out["decode"] = sel.decode_backend.name
+            out["decode_reason"] = sel.decode_reason
             out["log"] = [{"name": x.name, "status": x.status, "reason": x.reason} for x in sel.log]
             below = {x.name: x for x in survey(d, switches, dt)} if sel.probed else {}
             for row in out["log"]:
@@ -290,6 +292,8 @@ def render(report: dict) -> str:
         lines.append(f"  {a['device']:<8} {a['dtype']} → {a['chosen']}{how}" + (f"   [{others}]" if others else ""))
         if a["error"]:
             lines.append(f"           note: {a['error']}")
+        if a.get("decode_reason"):
+            lines.append(f"           decode steps → {a['decode']}: {a['decode_reason']}")
         for x in a["log"]:
             if x["status"] != "not tried":
                 lines.append(f"           {x['name']:<10} {x['status']:<11} {x['reason']}")

@@ -107,7 +107,7 @@ def disabled_reason(model, requested: bool) -> str | None:
     device = next(iter(devices))
     if device.type != "cuda":
         return "not on a CUDA device"
-    backend = model.backend_for(device)
+    backend = model.backend_for(device, is_decode=True)
     if not getattr(backend.capabilities, "capturable", False):
         return f"the {backend.name} attention backend is not capturable"
     return None

@@ -119,8 +119,9 @@ class Model:
                     count += m.kernel is not None
         return count
 
-    def backend_for(self, device: torch.device):
-        return self.selections[_label(device)].backend
+    def backend_for(self, device: torch.device, is_decode: bool = False):
+        """The attention rung for a step on `device`: the chosen one, or its decode rung for pure decode steps."""
+        return self.selections[_label(device)].backend_for(is_decode)
 
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()
@@ -140,7 +141,7 @@ class Model:
                 h, meta_here = h.to(device), meta.to(device)
                 cos, sin = cos_sin(meta_here.positions, self._freqs(device))
             k_cache, v_cache = cache.layer(i)
-            h = layer(h, cos, sin, meta_here, k_cache, v_cache, self.backend_for(device))
+            h = layer(h, cos, sin, meta_here, k_cache, v_cache, self.backend_for(device, meta.is_decode))
         h = self.norm(h.index_select(0, meta_here.logit_indices))
         return self.lm_head(h).float()
 
@@ -159,7 +160,8 @@ class Model:
                 h, pending, meta_here = h.to(device), pending.to(device), meta.to(device)
                 table = self._rope_table(device, cache)
             k_cache, v_cache = cache.layer(i)
-            h, pending = layer.forward_fused(h, pending, table, meta_here, k_cache, v_cache, self.backend_for(device))
+            h, pending = layer.forward_fused(h, pending, table, meta_here, k_cache, v_cache,
+                                              self.backend_for(device, meta.is_decode))
         rows = meta_here.logit_indices
         if pending is None:  # no layers
             h = rms_norm(h.index_select(0, rows), self.norm.weight, self.norm.eps)
