@@ -263,7 +263,7 @@ class Bench:
                     continue
                 fit.append((b, c))
                 tokens = max(tokens, need)
-        return fit, tokens
+        return fit, tokens + page  # one page more: a graphed step's padding rows write to a scratch page
 
     # ------------------------------------------------------------ lowgear
     def load(self, v: Variant, cache_tokens: int):
@@ -344,22 +344,50 @@ class Bench:
         return selections
 
     def decode(self, model, cache, v: Variant, rung: str, batch: int, context: int) -> None:
+        """One decode step of `batch` sequences at `context`: a captured CUDA graph's replay where the rung
+        can be captured (as the DynamicGenerator runs it), else the eager forward."""
         from .attention.metadata import build_metadata
 
         what = _what(v, "decode", batch, context, rung)
         page = cache.page_size
         per_seq = _pages(context + 1, page)
-        tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(batch)]
+        pages = cache.pool.allocate(batch * per_seq)
+        tables = [pages[s * per_seq : (s + 1) * per_seq] for s in range(batch)]
         meta = build_metadata([1] * batch, [context + 1] * batch, tables, page, device=model.layer_devices[0])
         ids = torch.randint(0, v.spec.vocab_size, (batch,), device=model.layer_devices[0])
+        graphs = self._graphs(model, cache, batch)
         _reset_peak(self.device)
         try:
-            seconds = self.timer.median(lambda: model.forward(ids, meta, cache), self.warmup, self.iters)
+            if graphs is not None:
+                from .generator.graphs import DecodeRow
+
+                rows = [DecodeRow(5, context + 1, t) for t in tables]
+                if graphs.run(rows) is None:  # no bucket or no scratch page: time what the generator would run
+                    graphs.release()
+                    graphs = None
+            if graphs is not None:
+                seconds = self.timer.median(lambda: graphs.run(rows), self.warmup, self.iters)
+            else:
+                seconds = self.timer.median(lambda: model.forward(ids, meta, cache), self.warmup, self.iters)
         except torch.OutOfMemoryError as exc:
             self.done += 1
             return self.skip(what, f"out of memory: {str(exc).splitlines()[0]}")
+        finally:
+            if graphs is not None:
+                graphs.release()
+            cache.pool.release(pages)
         weights, kv = step_weight_bytes(model, batch), kv_bytes(v.spec, cache.dtype, batch * (context + 1))
-        self.add(what, seconds, batch / seconds, bytes_per_step=weights + kv, weight_bytes_per_step=weights, kv_bytes_per_step=kv)
+        self.add(what, seconds, batch / seconds, bytes_per_step=weights + kv, weight_bytes_per_step=weights, kv_bytes_per_step=kv,
+                 cuda_graph=graphs is not None)
+
+    def _graphs(self, model, cache, batch: int):
+        """A DecodeGraphs for this batch, as the generator would build it; None where steps run eagerly."""
+        from .generator.graphs import DecodeGraphs, disabled_reason
+
+        if self.args.no_graphs or disabled_reason(model, True) is not None:
+            return None
+        bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
+        return DecodeGraphs(model, cache, batch, bound)
 
     def prefill_step(self, model, cache, v: Variant, rung: str) -> None:
         from .attention.metadata import build_metadata
@@ -570,6 +598,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--peer-attn", default="sdpa,eager", help="transformers attn_implementation(s) to time (the fastest is the peer)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     p.add_argument("--page-size", type=int, default=256)
+    p.add_argument("--no-graphs", action="store_true", help="time decode steps eagerly (default: CUDA-graph replay where the rung allows)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=15, help="timed steps per figure (the median is reported)")
     p.add_argument("--headroom-gib", type=float, default=4.0, help="GPU memory kept free when sizing caches")
