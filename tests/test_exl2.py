@@ -197,9 +197,11 @@ def test_quant_linear_keeps_exl2_tensors_through_dtype_moves():
     torch.testing.assert_close(lin.dequantized(torch.float64), ref, rtol=0, atol=0)
     rows = lin.lookup(torch.tensor([[3, 1]]), torch.float64)
     torch.testing.assert_close(rows, ref[[3, 1]].unsqueeze(0), rtol=0, atol=0)
+    pytest.importorskip("triton")
     from lowgear.quant import kernels
+    from lowgear.quant.kernels.exl2 import exl2_matmul
 
-    assert kernels.kernel_for(lin) is None  # no packed kernel for EXL2 yet: the torch path
+    assert kernels.kernel_for(lin) is exl2_matmul  # tests/test_quant_kernels_exl2.py checks it
 
 
 # ------------------------------------------------------------------------------------------ errors

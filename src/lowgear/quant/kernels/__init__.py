@@ -1,4 +1,4 @@
-"""Triton kernels over packed weights (GGUF blocks, GPTQ tensors): decode GEMV and prefill tiles.
+"""Triton kernels over packed weights (GGUF blocks, GPTQ and EXL2 tensors): decode GEMV and prefill tiles.
 
 The public face is three functions; Triton is imported on first use, so this package imports (and
 `supports` answers False) on machines without it.
@@ -11,7 +11,8 @@ The public face is three functions; Triton is imported on first use, so this pac
 `packed_matmul` runs the GEMV kernel (one launch, no weight copy) for up to MAX_M = 4 activation
 rows; past that it dequantizes bands of rows and calls torch.matmul, which is what prefill wants on
 every GPU (cuBLAS tensor cores even where Triton has none). GPTQ layers get `gptq.gptq_matmul`
-(split-K GEMV up to gptq.MAX_M rows, dequantize + torch.matmul past it; `gptq.py` says why). Kernels
+(split-K GEMV up to gptq.MAX_M rows, dequantize + torch.matmul past it; `gptq.py` says why), EXL2
+layers `exl2.exl2_matmul` (the same shape of split-K GEMV over groups of mixed bit widths; `exl2.py`). Kernels
 need a CUDA tensor, or the Triton interpreter (TRITON_INTERPRET=1) for CPU tensors in tests.
 """
 
@@ -50,8 +51,16 @@ def kernel_for(module):
     """The kernel hook (`fn(x, module) -> y`) for a packed QuantLinear, or None to keep its torch path.
 
     For GPTQ layers this also runs the one-time preparation (`gptq.prepare`: float zeros, and act-order
-    codes sorted by group), so call it once the module sits on its device.
+    codes sorted by group), and for EXL2 layers `exl2.prepare` (group tables, the permutation, split
+    tables), so call it once the module sits on its device.
     """
+    if getattr(module, "_exl2", None) is not None:
+        if not _triton_available():
+            return None
+        from .exl2 import exl2_matmul, prepare
+
+        prepare(module)
+        return exl2_matmul
     if getattr(module, "_gptq", None) is not None:
         if not _triton_available():
             return None
