@@ -9,25 +9,27 @@ TRITON_INTERPRET=1); shapes are small for that.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from test_exl2 import random_exl2  # noqa: E402
-from test_quant_kernels_gptq import _interpreter_numpy_shim  # noqa: E402, F401
+from test_exl2 import random_exl2
+from test_quant_kernels_gptq import _interpreter_numpy_shim  # noqa: F401
 
-from lowgear.model.quant_linear import QuantLinear  # noqa: E402
-from lowgear.quant import kernels  # noqa: E402
-from lowgear.quant.exl2 import EXL2Weight, dequantize_exl2  # noqa: E402
-from lowgear.quant.kernels import exl2 as E  # noqa: E402
-from lowgear.weights.hf import HFSource  # noqa: E402
+from lowgear.model.quant_linear import QuantLinear
+from lowgear.quant import kernels
+from lowgear.quant.exl2 import EXL2Weight, dequantize_exl2
+from lowgear.quant.kernels import exl2 as E
+from lowgear.weights.hf import HFSource
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "exllamav2")
@@ -156,6 +158,18 @@ def test_prepare_leaves_stored_buffers_alone():
     assert kernels.kernel_for(lin) is E.exl2_matmul and lin._exl2_kernel is facts  # prepared once
 
 
+def test_bfloat16_activations_and_dtype_moves_after_prepare():
+    w, ref = random_exl2(40, [(6, 32), (4, 64), (2, 32)], seed=12)
+    lin = linear(w).to(torch.bfloat16)  # the prepared fp16 smax is held as int16 bits: not rounded
+    assert not any(b.is_floating_point() for b in lin.buffers())
+    for m in (1, E.MAX_M + 1):
+        x = xs(m, 128, seed=m, dtype=torch.bfloat16)
+        y = lin(x.to(DEVICE))
+        assert y.dtype == torch.bfloat16 and rel_err(y, x.double() @ ref.T) < 2e-2
+    x = xs(2, 128)
+    assert rel_err(lin(x.to(DEVICE)), x.double() @ ref.T) < TOL[torch.float32]
+
+
 def test_tile_rows_and_splits():
     assert [E.row_group(b) for b in (2, 3, 4, 5, 6, 8)] == [(16, 1), (32, 3), (8, 1), (32, 5), (16, 3), (4, 1)]
     assert E.tile_row_groups([8, 4, 1], 4) == 1
@@ -167,7 +181,7 @@ def test_tile_rows_and_splits():
     for words in ([5, 5, 5, 3, 3, 2, 2, 2, 1], [1] * 100, [9, 1, 1]):
         for n in (1, 2, 4, 7, 50):
             s = E.split_groups(words, n)
-            assert s[0] == 0 and s[-1] == len(words) and all(a < b for a, b in zip(s, s[1:]))
+            assert s[0] == 0 and s[-1] == len(words) and all(a < b for a, b in itertools.pairwise(s))
             assert len(s) - 1 <= n
 
 
@@ -187,9 +201,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lowgear.quant.kernels import exl2 as E
 
-GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sc_ptr": "*u8", "tab_ptr": "*i32", "smax_ptr": "*fp32",
+GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sc_ptr": "*u8", "tab_ptr": "*i32", "smax_ptr": "*fp16",
         "split_ptr": "*i32", "out_ptr": "*fp32", "N": "i32", "N_OUT": "i32", "stride_xm": "i32"}
-DEQ = {"qw_ptr": "*i32", "sc_ptr": "*u8", "tab_ptr": "*i32", "smax_ptr": "*fp32", "out_ptr": "*fp16",
+DEQ = {"qw_ptr": "*i32", "sc_ptr": "*u8", "tab_ptr": "*i32", "smax_ptr": "*fp16", "out_ptr": "*fp16",
        "N": "i32", "col0": "i32", "band": "i32"}
 RED = {"part_ptr": "*fp32", "y_ptr": "*fp16", "MN": "i32", "SPLITS": "i32"}
 R = {f"R{b}": E.tile_row_groups([4], b) for b in (2, 3, 4, 5, 6, 8)}  # 128-row groups
@@ -225,7 +239,7 @@ def compiled() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], check=False, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
     return json.loads(line[len("RESULTS"):])
@@ -247,7 +261,7 @@ def test_exl2_gemv_stays_in_registers(compiled):
 
 
 def test_no_tl_dot_in_exl2_source():
-    assert not re.search(r"tl\.dot\(", open(E.__file__).read())
+    assert not re.search(r"tl\.dot\(", Path(E.__file__).read_text())
 
 
 # ---------------------------------------------------------------- GPU

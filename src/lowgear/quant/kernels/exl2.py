@@ -37,9 +37,10 @@ dequantized W.T is written in packed row order.
 
 Load time (`prepare`) registers small buffers beside the stored ones, which it leaves unchanged:
 `exl2_groups` (int32 [groups, 4]: bits, first packed row, first packed-order input row, packed
-rows), `exl2_scale_codes` (uint8 [groups, width]), `exl2_smax` (fp32 [groups]: fp16(q_scale_max /
-256)), `exl2_perm` (int32 [K], absent without q_invperm) and `exl2_splits2` / `exl2_splits4`
-(int32: first group of each split, for 2 and 4 warps).
+rows), `exl2_scale_codes` (uint8 [groups, width]), `exl2_smax` (fp16(q_scale_max / 256)
+[groups], held as int16 bits so that `.to(dtype)` cannot round it), `exl2_perm` (int32 [K],
+absent without q_invperm) and `exl2_splits2` / `exl2_splits4` (int32: first group of each
+split, for 2 and 4 warps).
 
 Prefill (M > MAX_M) is compute-bound: `dequantize_t` writes W.T for a band of
 columns in the activation dtype (one program per group and column block, a 64-bit window with a
@@ -181,7 +182,7 @@ def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, out_pt
         word0 = tl.load(tab_ptr + g * 4 + 1)
         k0 = tl.load(tab_ptr + g * 4 + 2)
         n_words = tl.load(tab_ptr + g * 4 + 3)
-        smax = tl.load(smax_ptr + g)
+        smax = tl.load(smax_ptr + g).to(tl.float32)
         if bits == 4:
             acc = _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, stride_xm,
                              cols, cmask, ms, mmask, 4, R4, M_PAD, BLOCK_N)
@@ -218,7 +219,8 @@ def exl2_dequant_t_kernel(qw_ptr, sc_ptr, tab_ptr, smax_ptr, out_ptr, N, col0, b
     word0 = tl.load(tab_ptr + g * 4 + 1)
     k0 = tl.load(tab_ptr + g * 4 + 2)
     rows = tl.load(tab_ptr + g * 4 + 3) * 32 // bits
-    s = _scales(sc_ptr, g, N, tl.load(smax_ptr + g), n[None, :], cmask[None, :])  # [1, BLOCK_N]
+    smax = tl.load(smax_ptr + g).to(tl.float32)
+    s = _scales(sc_ptr, g, N, smax, n[None, :], cmask[None, :])  # [1, BLOCK_N]
     code_mask = ((1 << bits) - 1).to(tl.uint32)
     zero = 1 << (bits - 1)
     for r0 in range(0, rows, BLOCK_K):
@@ -280,8 +282,8 @@ def prepare(module) -> dict:
     shifts = 4 * torch.arange(8, dtype=torch.int32, device=device)
     codes = (module.q_scale[:, :, None] >> shifts) & 15  # [groups, width / 8, 8]: column 8 * w + j
     module.register_buffer("exl2_scale_codes", codes.reshape(len(table), -1).to(torch.uint8))
-    smax = (module.q_scale_max.view(torch.float16).float() / 256).half().float()
-    module.register_buffer("exl2_smax", smax.to(device))
+    smax = (module.q_scale_max.view(torch.float16).float() / 256).half()
+    module.register_buffer("exl2_smax", smax.view(torch.int16).to(device))
     if module.q_invperm is not None:
         inv = module.q_invperm.long()
         inv = inv & 0xFFFF if module.q_invperm.dtype == torch.int16 else inv
@@ -319,8 +321,9 @@ def exl2_gemv(x: torch.Tensor, module, *, num_warps: int | None = None) -> torch
     out = y if split == 1 else torch.empty((split, m, n_out), dtype=torch.float32, device=x.device)
     block_n = 128 * warps
     grid = (triton.cdiv(n_out, block_n), split)
-    exl2_gemv_kernel[grid](x, module.qweight, module.exl2_scale_codes, module.exl2_groups, module.exl2_smax,
-                           getattr(module, f"exl2_splits{warps}"), out, width, n_out, x.stride(0),
+    exl2_gemv_kernel[grid](x, module.qweight, module.exl2_scale_codes, module.exl2_groups,
+                           module.exl2_smax.view(torch.float16), getattr(module, f"exl2_splits{warps}"), out,
+                           width, n_out, x.stride(0),
                            M=m, M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, R2=r[2], R3=r[3], R4=r[4],
                            R5=r[5], R6=r[6], R8=r[8], PARTIAL=split > 1, num_warps=warps)
     if split > 1:
@@ -340,8 +343,9 @@ def dequantize_t(module, col0: int, col1: int, dtype: torch.dtype = torch.float1
         return out
     block_k, block_n = 32, 128
     grid = (module.exl2_groups.shape[0], triton.cdiv(band, block_n))
-    exl2_dequant_t_kernel[grid](module.qweight, module.exl2_scale_codes, module.exl2_groups, module.exl2_smax,
-                                out, width, col0, band, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    exl2_dequant_t_kernel[grid](module.qweight, module.exl2_scale_codes, module.exl2_groups,
+                                module.exl2_smax.view(torch.float16), out, width, col0, band,
+                                BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
     return out
 
 
