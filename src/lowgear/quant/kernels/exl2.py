@@ -172,6 +172,10 @@ def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, out_pt
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N_OUT
+    # loads are masked by the padded width (a multiple of 32), so they stay 16-byte vectors where
+    # out_features is not (a 32001 vocabulary); the store by out_features (for such a layer the
+    # store's own layout costs one shared-memory conversion per program, after the loop)
+    wmask = cols < N
     ms = tl.arange(0, M_PAD)
     mmask = ms < M
     g_lo = tl.load(split_ptr + pid_k)
@@ -185,22 +189,22 @@ def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, out_pt
         smax = tl.load(smax_ptr + g).to(tl.float32)
         if bits == 4:
             acc = _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, stride_xm,
-                             cols, cmask, ms, mmask, 4, R4, M_PAD, BLOCK_N)
+                             cols, wmask, ms, mmask, 4, R4, M_PAD, BLOCK_N)
         elif bits == 2:
             acc = _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, stride_xm,
-                             cols, cmask, ms, mmask, 2, R2, M_PAD, BLOCK_N)
+                             cols, wmask, ms, mmask, 2, R2, M_PAD, BLOCK_N)
         elif bits == 3:
             acc = _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, stride_xm,
-                             cols, cmask, ms, mmask, 3, R3, M_PAD, BLOCK_N)
+                             cols, wmask, ms, mmask, 3, R3, M_PAD, BLOCK_N)
         elif bits == 5:
             acc = _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, stride_xm,
-                             cols, cmask, ms, mmask, 5, R5, M_PAD, BLOCK_N)
+                             cols, wmask, ms, mmask, 5, R5, M_PAD, BLOCK_N)
         elif bits == 6:
             acc = _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, stride_xm,
-                             cols, cmask, ms, mmask, 6, R6, M_PAD, BLOCK_N)
+                             cols, wmask, ms, mmask, 6, R6, M_PAD, BLOCK_N)
         else:
             acc = _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, stride_xm,
-                             cols, cmask, ms, mmask, 8, R8, M_PAD, BLOCK_N)
+                             cols, wmask, ms, mmask, 8, R8, M_PAD, BLOCK_N)
     offs = ms[:, None] * N_OUT + cols[None, :]
     if PARTIAL:
         offs += pid_k * M * N_OUT
