@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import lowgear as lg
@@ -29,3 +31,27 @@ def all_logits(model, cache, ids: list[int]) -> torch.Tensor:
 def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+@contextlib.contextmanager
+def interpreter_index_shim():
+    """Triton 3.6's interpreter turns a 1-element array into an int with int(arr), which numpy >= 2.3
+    refuses for arrays with ndim > 0, so a `range(runtime_int)` loop in a kernel raises TypeError
+    under TRITON_INTERPRET=1. This gives its tensors an __index__ for the duration (the compiled path
+    is unaffected; without triton it does nothing)."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        yield
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+    try:
+        yield
+    finally:
+        interp._patch_lang_tensor = original

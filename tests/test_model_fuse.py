@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import all_logits, load
+from helpers import all_logits, interpreter_index_shim, load
 
 from lowgear.model.fuse import fuse_linear, fuse_weights
 from lowgear.model.quant_linear import QuantLinear
@@ -181,22 +181,8 @@ def test_fuse_gptq_equals_parts(bits, act_order):
 
 @pytest.fixture
 def interpreter_shim():
-    """As tests/test_quant_kernels_gptq.py: Triton 3.6's interpreter calls int(arr) on 1-element arrays,
-    which numpy >= 2.3 refuses, so `range(runtime_int)` loops need an __index__."""
-    try:
-        import triton.runtime.interpreter as interp
-    except ImportError:
+    with interpreter_index_shim():
         yield
-        return
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-    yield
-    interp._patch_lang_tensor = original
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -8,6 +8,7 @@ interpreter (conftest sets TRITON_INTERPRET=1); shapes are small for that reason
 import numpy as np
 import pytest
 import torch
+from helpers import interpreter_index_shim
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("triton")
@@ -30,23 +31,8 @@ QTYPES = list(LAYOUTS)
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_numpy_shim():
-    """Triton 3.6's interpreter turns a 1-element array into an int with int(arr), which numpy >= 2.3
-    refuses for arrays with ndim > 0, so any `range(runtime_int)` loop raised TypeError. Patch the
-    one lambda for these tests (the compiled path is unaffected)."""
-    try:
-        import triton.runtime.interpreter as interp
-    except ImportError:
+    with interpreter_index_shim():
         yield
-        return
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-    yield
-    interp._patch_lang_tensor = original
 
 
 def make_packed(qtype: str, n: int, k: int, seed: int = 0):

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import interpreter_index_shim
 
 pytest.importorskip("triton")
 
@@ -30,22 +31,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_numpy_shim():
-    """Triton 3.6's interpreter turns a 1-element array into an int with int(arr), which numpy >= 2.3
-    refuses, so `range(runtime_int)` loops raised TypeError (see tests/test_quant_kernels.py)."""
-    try:
-        import triton.runtime.interpreter as interp
-    except ImportError:
+    with interpreter_index_shim():
         yield
-        return
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-    yield
-    interp._patch_lang_tensor = original
 
 
 def pack_stream(vals: np.ndarray, bits: int) -> np.ndarray:
