@@ -81,7 +81,7 @@ def run_case(lin: QuantLinear, m: int, copy_bw: float, quick: bool) -> dict:
     n, k = lin.out_features, lin.in_features
     facts = lin._gptq_kernel
     sorted_ = facts["sorted"]
-    qweight = lin.gptq_qweight_sorted if sorted_ else lin.qweight
+    qweight = lin.qweight  # sorted in place by prepare for act-order
     perm = lin.gptq_perm if sorted_ else None
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
 

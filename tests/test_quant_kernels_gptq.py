@@ -128,7 +128,7 @@ def test_launch_overrides_agree(split, num_warps, x_perm):
     lin = linear(w)
     x = xs(2, 384).to(DEVICE)
     facts = lin._gptq_kernel
-    y = G.gptq_gemv(x, lin.gptq_qweight_sorted, lin.gptq_zeros, lin.scales, lin.gptq_perm, 4, 32,
+    y = G.gptq_gemv(x, lin.qweight, lin.gptq_zeros, lin.scales, lin.gptq_perm, 4, 32,
                     facts["block_r"], num_warps=num_warps, split=split, x_perm=x_perm)
     assert rel_err(y, x.double().cpu() @ ref.T) < 1e-5
 
@@ -148,17 +148,26 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
-def test_prepare_leaves_stored_buffers_alone():
+def test_prepare_sorts_act_order_in_place_and_the_torch_path_follows():
+    """The codes are held once: prepare replaces qweight with its sorted-K copy (g_idx dropped, perm kept);
+    QuantLinear's own dequantization (torch path, dequantized(), lookup) puts W's columns back."""
     w, ref = make_gptq(4, 64, 128, 32, act_order=True, seed=9)
     lin = QuantLinear(w).to(DEVICE)
-    before = {name: buf.clone() for name, buf in lin.named_buffers()}
+    before = lin.qweight.clone()
     x = xs(3, 128).to(DEVICE)
     y_torch = lin(x)
     lin.kernel = kernels.kernel_for(lin)
-    for name, buf in before.items():
-        assert torch.equal(getattr(lin, name), buf), name
-    assert lin.gptq_perm.dtype == torch.int32 and lin.gptq_qweight_sorted.shape == lin.qweight.shape
+    assert lin.gptq_perm.dtype == torch.int32 and lin.qweight.shape == before.shape
+    assert lin.g_idx is None and not torch.equal(lin.qweight, before)
+    assert not any(name.endswith("sorted") for name, _ in lin.named_buffers())
     torch.testing.assert_close(lin(x), y_torch, rtol=1e-5, atol=1e-5)
+    for m in (1, 12):  # GEMV and prefill paths on the sorted codes
+        xm = xs(m, 128, seed=m).to(DEVICE)
+        torch.testing.assert_close(lin(xm).double().cpu(), xm.double().cpu() @ ref.t(), rtol=1e-4, atol=1e-4)
+    saved = lin.kernel
+    lin.kernel = None  # the torch path on the sorted buffers
+    torch.testing.assert_close(lin(x), y_torch, rtol=1e-5, atol=1e-5)
+    lin.kernel = saved
     torch.testing.assert_close(lin.dequantized(torch.float64).cpu(), ref, rtol=0, atol=0)
     assert kernels.kernel_for(lin) is G.gptq_matmul and lin._gptq_kernel["sorted"]  # prepared once
 

@@ -96,7 +96,7 @@ def test_launch_overrides_agree(split, block_n, num_warps):
     w, ref = make_gptq(4, 200, 640, 32, act_order=True, seed=7)
     lin = prepared(w)
     x = xs(24, 640, dtype=torch.float16).to(DEVICE)
-    y = MM.gptq_mma(x, lin.gptq_qweight_sorted, lin.gptq_zeros, lin.scales, lin.gptq_perm, 4, 32,
+    y = MM.gptq_mma(x, lin.qweight, lin.gptq_zeros, lin.scales, lin.gptq_perm, 4, 32,
                     lin._gptq_kernel["mma_block_k"], split=split, block_n=block_n, num_warps=num_warps)
     assert rel_err(y, x.double().cpu() @ ref.T) < 1e-3
 
@@ -268,7 +268,7 @@ def test_gpu_8b_shapes_match_torch(n, k, act_order, calls):
         calls.clear()
         y = lin(x)
         assert calls == (["mma"] if cap >= AMPERE else ["prefill"])
-        y_kernel = MM.gptq_mma(x, lin.gptq_qweight_sorted if act_order else lin.qweight, lin.gptq_zeros,
+        y_kernel = MM.gptq_mma(x, lin.qweight, lin.gptq_zeros,
                                lin.scales, lin.gptq_perm if act_order else None, 4, 128,
                                lin._gptq_kernel["mma_block_k"])
         torch.cuda.synchronize()

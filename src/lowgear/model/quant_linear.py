@@ -158,7 +158,13 @@ class QuantLinear(nn.Module):
     def _dequant(self, rows, dtype: torch.dtype) -> torch.Tensor:
         """Rows `rows` (slice, index tensor or None for all) of the packed weight -> float [n, in]."""
         if self._gptq is not None:
-            return dequantize_gptq(self.gptq_weight(), rows, dtype)
+            w = dequantize_gptq(self.gptq_weight(), rows, dtype)
+            perm = getattr(self, "gptq_perm", None)  # a kernel sorted K in place (quant.kernels.gptq.prepare)
+            if perm is None:
+                return w
+            out = torch.empty_like(w)
+            out[:, perm.long()] = w
+            return out
         if self._exl2 is not None:
             return dequantize_exl2(self.exl2_weight(), rows, dtype)
         if rows is None:

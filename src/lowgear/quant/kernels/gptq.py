@@ -24,12 +24,11 @@ gather per code. `sort_act_order` (run once, at `prepare`) sorts K by group and 
 so groups are contiguous again; x's columns are gathered through the permutation inside the
 kernel (or by torch first, `x_perm="torch"`).
 
-Buffers: `prepare` leaves the module's stored GPTQ buffers unchanged (its torch path and
-`dequantized()` still read them) and adds `gptq_zeros` (fp16 [groups, N], zero + offset: a
-contiguous load, as big as the scales) and, for act-order, `gptq_qweight_sorted` (qweight's shape,
-codes in sorted-K order) and `gptq_perm` (int32 [K]: sorted row i is input feature perm[i]), so
-act-order layers hold their codes twice; sorting in place would need QuantLinear's torch path to
-know the permutation.
+Buffers: `prepare` adds `gptq_zeros` (fp16 [groups, N], zero + offset: a contiguous load, as big
+as the scales). For act-order it sorts in place: the module's `qweight` becomes the sorted codes,
+its `g_idx` becomes None (groups are now k // group_size) and `gptq_perm` (int32 [K]: sorted row i
+is input feature perm[i]) is registered, which QuantLinear's torch path reads to put W's columns
+back (`QuantLinear._dequant`). So an act-order layer holds its codes once, as stored.
 
 Batched decode (MAX_M < M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on compute
 capability >= 8.0 goes to `gptq_mma.gptq_mma`: the same operands, codes unpacked in registers and
@@ -297,8 +296,8 @@ def float_zeros(qzeros: torch.Tensor, bits: int, zero_offset: int) -> torch.Tens
 def prepare(module) -> dict:
     """Launch facts for a GPTQ QuantLinear (cached on it as `_gptq_kernel`), and its GEMV buffers.
 
-    Registers `gptq_zeros` (`float_zeros`), and `gptq_qweight_sorted` / `gptq_perm` where g_idx
-    scatters the groups (see the module docstring); a g_idx that is already k // group_size is
+    Registers `gptq_zeros` (`float_zeros`); where g_idx scatters the groups, sorts qweight in place
+    and registers `gptq_perm` (see the module docstring); a g_idx that is already k // group_size is
     ignored by the GEMV. Layers the GEMV cannot serve get no buffers (block_r None). The facts also
     hold the tl.dot kernel's BLOCK_K (`gptq_mma.mma_block_k`, None where it cannot serve the layer)
     and the compute capability of the module's device (None for the CPU).
@@ -317,7 +316,8 @@ def prepare(module) -> dict:
             if res is None:
                 block_r = None
             else:
-                module.register_buffer("gptq_qweight_sorted", res[0])
+                module.qweight = res[0]  # the stored codes, replaced: held once
+                module.g_idx = None
                 module.register_buffer("gptq_perm", res[1])
                 sorted_layout = True
     if block_r is not None:
@@ -445,21 +445,18 @@ def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = No
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))
+    perm = module.gptq_perm if facts["sorted"] else None
     if m <= MAX_M and facts["block_r"] is not None:
-        qweight, perm = module.qweight, None
-        if facts["sorted"]:
-            qweight, perm = module.gptq_qweight_sorted, module.gptq_perm
-        y = gptq_gemv(x2, qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
+        y = gptq_gemv(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
                       facts["block_r"])
         return y.reshape(*lead, n)
     if uses_mma(m, x2.dtype, facts, facts["capability"] if capability is None else capability):
-        qweight, perm = module.qweight, None
-        if facts["sorted"]:
-            qweight, perm = module.gptq_qweight_sorted, module.gptq_perm
-        y = gptq_mma.gptq_mma(x2, qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
+        y = gptq_mma.gptq_mma(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
                               facts["mma_block_k"])
         return y.reshape(*lead, n)
     y = x2.new_empty((m, n))
+    if perm is not None:  # W.T's rows come out in sorted-K order
+        x2 = x2.index_select(1, perm.long())
     band = max(1, min(n, PREFILL_BAND_ELEMS // k))
     for c0 in range(0, n, band):
         c1 = min(n, c0 + band)
