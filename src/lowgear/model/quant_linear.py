@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFormatError
-from ..quant.dequant import dequantize_data
+from ..quant.dequant import band_width, banded_matmul, dequantize_data
 from ..quant.exl2 import EXL2Weight, dequantize_exl2
 from ..quant.formats import get_format
 from ..quant.gptq import GPTQWeight, dequantize_gptq
@@ -174,20 +174,13 @@ class QuantLinear(nn.Module):
         return dequantize_data(self.qtype, self.qweight.index_select(0, rows), dtype)
 
     def _band_rows(self) -> int:
-        return max(1, min(self.out_features, self.chunk_elements // max(1, self.in_features)))
+        return band_width(self.out_features, self.in_features, self.chunk_elements)
 
     def _banded_matmul(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        band = self._band_rows()
-        if band >= self.out_features:
-            w = self._dequant(None, x.dtype)
-            return torch.matmul(x2, w.t()).reshape(*lead, self.out_features)
-        y = x2.new_empty((x2.shape[0], self.out_features))
-        for r0 in range(0, self.out_features, band):
-            r1 = min(self.out_features, r0 + band)
-            w = self._dequant(slice(r0, r1), x.dtype)  # [band, in]
-            y[:, r0:r1] = x2 @ w.t()
+        y = banded_matmul(x2, self.out_features, self.chunk_elements,
+                          lambda r0, r1: self._dequant(slice(r0, r1), x.dtype).t())  # [in, band]
         return y.reshape(*lead, self.out_features)
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -186,3 +186,25 @@ def dequantize_index(packed, row_ids: torch.Tensor, dtype: torch.dtype = torch.f
     flat = row_ids.reshape(-1).to(device=data.device, dtype=torch.long)
     rows = dequantize_data(qtype, data.index_select(0, flat), dtype)
     return rows.reshape(*row_ids.shape, rows.shape[-1])
+
+
+def band_width(n: int, k: int, max_elements: int) -> int:
+    """Output columns per band so that a float [k, band] temporary stays under max_elements (at least 1)."""
+    return max(1, min(n, max_elements // max(1, k)))
+
+
+def banded_matmul(x2: torch.Tensor, n: int, max_elements: int,
+                  weight_t: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x2 [M, K] @ W.T -> [M, n], W.T built a band of output columns at a time.
+
+    `weight_t(c0, c1)` returns W.T[:, c0:c1] ([K, c1 - c0], x2's dtype); bands are as wide as keeps
+    that float temporary under `max_elements`. The prefill / torch path of every packed format.
+    """
+    band = band_width(n, x2.shape[1], max_elements)
+    if band >= n:
+        return x2 @ weight_t(0, n)
+    y = x2.new_empty((x2.shape[0], n))
+    for c0 in range(0, n, band):
+        c1 = min(n, c0 + band)
+        y[:, c0:c1] = x2 @ weight_t(c0, c1)
+    return y

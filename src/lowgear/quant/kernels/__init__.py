@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dequant import banded_matmul
+
 # GEMV up to this many activation rows. Measured on an H100 (tests/test_quant_kernels_gpu.py): one row
 # reaches 0.5-1.4 TB/s of packed bytes, 4 rows 0.2-0.6, 16 rows 0.05-0.16 — by 16 rows a dequantized tile
 # through cuBLAS (~4.6 bytes moved per weight) is faster, by 4 rows it is not. On the 8B shape, Q4_0 at
@@ -100,10 +102,6 @@ def packed_matmul(x: torch.Tensor, qtype: str, data: torch.Tensor, out_features:
         return packed_gemv(x2, qtype, data, out_features, in_features).reshape(*lead, out_features)
     if qtype in FLOAT_QTYPES:
         return torch.matmul(x2, data.to(x2.dtype).t()).reshape(*lead, out_features)
-    y = x2.new_empty((m, out_features))
-    band = max(1, min(out_features, PREFILL_BAND_ELEMS // in_features))
-    for r0 in range(0, out_features, band):
-        r1 = min(out_features, r0 + band)
-        tile = dequantize_tile(qtype, data, r0, r1, x2.dtype)
-        y[:, r0:r1] = x2 @ tile.t()
+    y = banded_matmul(x2, out_features, PREFILL_BAND_ELEMS,
+                      lambda r0, r1: dequantize_tile(qtype, data, r0, r1, x2.dtype).t())
     return y.reshape(*lead, out_features)

@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dequant import banded_matmul
 from ..exl2 import group_table
 from .gptq import gptq_splitk_reduce_kernel
 
@@ -368,9 +369,5 @@ def exl2_matmul(x: torch.Tensor, module) -> torch.Tensor:
         x2 = x2.contiguous()
     if m <= MAX_M:
         return exl2_gemv(x2, module).reshape(*lead, n)
-    y = x2.new_empty((m, n))
-    band = max(1, min(n, PREFILL_BAND_ELEMS // k))
-    for c0 in range(0, n, band):
-        c1 = min(n, c0 + band)
-        y[:, c0:c1] = x2 @ dequantize_t(module, c0, c1, x2.dtype)
+    y = banded_matmul(x2, n, PREFILL_BAND_ELEMS, lambda c0, c1: dequantize_t(module, c0, c1, x2.dtype))
     return y.reshape(*lead, n)

@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dequant import banded_matmul
 from ..gptq import gptq_groups
 from . import gptq_mma
 
@@ -454,13 +455,9 @@ def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = No
         y = gptq_mma.gptq_mma(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
                               facts["mma_block_k"])
         return y.reshape(*lead, n)
-    y = x2.new_empty((m, n))
     if perm is not None:  # W.T's rows come out in sorted-K order
         x2 = x2.index_select(1, perm.long())
-    band = max(1, min(n, PREFILL_BAND_ELEMS // k))
-    for c0 in range(0, n, band):
-        c1 = min(n, c0 + band)
-        wt = dequantize_t(module.qweight, module.qzeros, module.scales, module.g_idx, g["bits"],
-                          g["group_size"], g["zero_offset"], c0, c1, x2.dtype)
-        y[:, c0:c1] = x2 @ wt
+    y = banded_matmul(x2, n, PREFILL_BAND_ELEMS,
+                      lambda c0, c1: dequantize_t(module.qweight, module.qzeros, module.scales, module.g_idx,
+                                                  g["bits"], g["group_size"], g["zero_offset"], c0, c1, x2.dtype))
     return y.reshape(*lead, n)
