@@ -105,10 +105,11 @@ def test_dequantize_matches_integer_reference(bits, out, n_in, gs, act, v2, sym)
 @pytest.mark.parametrize("bits,out,n_in,gs,act,v2,sym", CASES)
 @pytest.mark.parametrize("chunk_rows", [3, 1000])
 def test_quant_linear_forward_matches_float64(bits, out, n_in, gs, act, v2, sym, chunk_rows):
-    w, ref = gptq(torch.randn(out, n_in), bits, gs, act, v2, sym, seed=1)
-    bias = torch.randn(out)
+    g = torch.Generator().manual_seed(bits * 1000 + out + n_in)  # the inputs are fixed, not the global RNG's
+    w, ref = gptq(torch.randn(out, n_in, generator=g), bits, gs, act, v2, sym, seed=1)
+    bias = torch.randn(out, generator=g)
     lin = QuantLinear(w, bias, chunk_elements=chunk_rows * n_in)
-    x = torch.randn(3, 2, n_in)
+    x = torch.randn(3, 2, n_in, generator=g)
     y = lin(x)
     expect = x.double() @ ref.T + bias.double()
     assert y.shape == (3, 2, out) and y.dtype == torch.float32
