@@ -12,35 +12,23 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
 
 import torch
 
 import lowgear as lg
 from lowgear.attention.metadata import build_metadata
-from lowgear.bench import PRESETS, Timer, _NullTokenizer, kv_bytes, measure_bandwidth, step_weight_bytes, synthetic_config
+from lowgear.bench import (
+    PRESETS,
+    Timer,
+    _NullTokenizer,
+    kv_bytes,
+    measure_bandwidth,
+    step_weight_bytes,
+    synthetic_config,
+)
+from lowgear.bench_models import generator_step_seconds
 from lowgear.generator.graphs import DecodeRow
-
-
-def gen_steps(gen, batch: int, context: int, vocab: int, steps: int) -> float:
-    """Median wall seconds of one all-decode generator step with `batch` jobs at about `context` tokens."""
-    g = torch.Generator().manual_seed(batch)
-    jobs = [lg.DynamicJob(input_ids=torch.randint(3, vocab, (context,), generator=g).tolist(),
-                          max_new_tokens=steps + 8, gen_settings=lg.Sampler.Settings.greedy()) for _ in range(batch)]
-    gen.enqueue(jobs)
-    while any(len(j.generated) == 0 for j in jobs):
-        gen.iterate()
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        gen.iterate()
-        times.append(time.perf_counter() - t0)
-    for j in jobs:
-        gen.cancel(j)
-    gen.iterate()
-    return statistics.median(times[2:])
 
 
 def main() -> None:
@@ -88,8 +76,8 @@ def main() -> None:
             replay = timer.median(lambda: graphs.run(rows), 3, 20)
             cache.pool.release(pages)
             roof = (step_weight_bytes(model, b) + kv_bytes(spec, torch.float16, b * (a.context + 1))) / bandwidth
-            ge = gen_steps(eager_gen, b, a.context, spec.vocab_size, a.steps)
-            gg = gen_steps(graph_gen, b, a.context, spec.vocab_size, a.steps)
+            ge = generator_step_seconds(eager_gen, b, a.context, spec.vocab_size, a.steps)
+            gg = generator_step_seconds(graph_gen, b, a.context, spec.vocab_size, a.steps)
             print(f"  bs {b:3d} ctx {a.context}: forward eager {eager * 1e3:7.2f} ms ({b / eager:8.1f} tok/s)  "
                   f"graph {replay * 1e3:7.2f} ms ({b / replay:8.1f} tok/s)  x{eager / replay:.2f} | "
                   f"generator step eager {ge * 1e3:7.2f} ms ({b / ge:8.1f} tok/s)  graph {gg * 1e3:7.2f} ms "

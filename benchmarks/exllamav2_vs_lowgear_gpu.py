@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import time
 
 import torch
@@ -98,23 +97,10 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
 
 
-def cuda_median(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(times)
-
-
 def exllamav2_step(folder: str, b: int, context: int, steps: int) -> dict:
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+
+    from lowgear.bench import Timer
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -137,7 +123,7 @@ def exllamav2_step(folder: str, b: int, context: int, steps: int) -> dict:
         model.forward(tok, cache)
         cache.current_seq_len = base  # every timed step at the same context
 
-    sec = cuda_median(step, 3, steps)
+    sec = Timer(torch.device("cuda")).median(step, 3, steps)
     res = {"step_ms": sec * 1e3, "tok_s": b / sec, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "load_s": load_s}
     model.unload()
     return res
@@ -156,7 +142,7 @@ def run_exllamav2(folder: str, batches: list[int], context: int, steps: int) -> 
 def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backend: str | None,
                 profile: bool = False) -> dict:
     import lowgear as lg
-    from lowgear.bench_models import _NullTokenizer
+    from lowgear.bench_models import _NullTokenizer, generator_step_seconds
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -177,22 +163,7 @@ def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backe
     gen.warmup()
     res = {"backend": chosen, "graphs": gen.graphs is not None, "load_s": load_s}
     for b in batches:
-        g = torch.Generator().manual_seed(b)
-        jobs = [lg.DynamicJob(input_ids=torch.randint(3, VOCAB, (context,), generator=g).tolist(), max_new_tokens=steps + 8,
-                              gen_settings=lg.Sampler.Settings.greedy()) for _ in range(b)]
-        gen.enqueue(jobs)
-        while any(len(j.generated) == 0 for j in jobs):
-            gen.iterate()
-        times = []
-        for _ in range(steps):
-            torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            gen.iterate()
-            times.append(time.perf_counter() - t1)
-        for j in jobs:
-            gen.cancel(j)
-        gen.iterate()
-        sec = statistics.median(times[2:])
+        sec = generator_step_seconds(gen, b, context, VOCAB, steps)
         res[b] = {"step_ms": sec * 1e3, "tok_s": b / sec}
         if profile and b == batches[0]:
             gen.enqueue(jobs := [lg.DynamicJob(input_ids=list(range(3, 3 + context)), max_new_tokens=8,

@@ -104,3 +104,17 @@ def test_plot_only_redraws(report, tmp_path):
     args = make_parser().parse_args(["bench", "--plot-only", str(path)])
     assert args.func(args) == 0
     assert (tmp_path / "again.png").stat().st_size > 0
+
+
+def test_generator_step_seconds_times_decode_steps_and_leaves_the_cache_empty():
+    import lowgear as lg
+    from lowgear.bench_models import _NullTokenizer, generator_step_seconds, synthetic_config
+
+    spec = bench.PRESETS["tiny"]
+    model = lg.Model(synthetic_config(spec, "float", torch.device("cpu"), torch.float32, "cpu"))
+    cache = lg.Cache(model, max_seq_len=512, page_size=16)
+    model.load_autosplit(cache)
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=_NullTokenizer(spec.vocab_size), max_batch_size=4)
+    seconds = generator_step_seconds(gen, batch=3, context=20, vocab=spec.vocab_size, steps=5)
+    assert 0 < seconds < 10
+    assert gen.num_remaining_jobs() == 0 and gen.pool.num_used == 0

@@ -102,3 +102,32 @@ class _NullTokenizer:
 
 
 # ---------------------------------------------------------------- timing and ceilings
+
+
+def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int, seed: int | None = None) -> float:
+    """Median wall seconds of one all-decode DynamicGenerator step with `batch` greedy jobs of `context`
+    random prompt tokens (prefill first, untimed; the first two timed steps dropped; jobs cancelled after)."""
+    import statistics
+    import time
+
+    from .generator.job import DynamicJob
+    from .generator.sampler import Sampler
+
+    g = torch.Generator().manual_seed(batch if seed is None else seed)
+    jobs = [DynamicJob(input_ids=torch.randint(3, vocab, (context,), generator=g).tolist(), max_new_tokens=steps + 8,
+                       gen_settings=Sampler.Settings.greedy()) for _ in range(batch)]
+    gen.enqueue(jobs)
+    while any(len(j.generated) == 0 for j in jobs):
+        gen.iterate()
+    times = []
+    cuda = any(d.type == "cuda" for d in gen.model.layer_devices)
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gen.iterate()
+        times.append(time.perf_counter() - t0)
+    for j in jobs:
+        gen.cancel(j)
+    gen.iterate()
+    return statistics.median(times[2:])
