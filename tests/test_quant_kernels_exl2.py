@@ -23,7 +23,7 @@ import torch
 pytest.importorskip("triton")
 
 from test_exl2 import random_exl2
-from test_quant_kernels_gptq import _interpreter_numpy_shim  # noqa: F401
+from test_quant_kernels_gptq import _interpreter_numpy_shim, rel_err, xs  # noqa: F401
 
 from lowgear.model.quant_linear import QuantLinear
 from lowgear.quant import kernels
@@ -40,14 +40,6 @@ def linear(w: EXL2Weight, bias=None) -> QuantLinear:
     lin.kernel = kernels.kernel_for(lin)
     assert lin.kernel is E.exl2_matmul
     return lin
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double().cpu() - ref).abs().max() / ref.abs().max())
-
-
-def xs(m, k, seed=1, dtype=torch.float32):
-    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
