@@ -55,3 +55,46 @@ def interpreter_index_shim():
         yield
     finally:
         interp._patch_lang_tensor = original
+
+
+LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def write_quantized_llama(tmp_path, folder_name: str, store, quantization_config: dict | None, vocab: int = 300,
+                          drop=None):
+    """A tiny random llama written as a quantized HF folder, and transformers' model on the very weights stored.
+
+    `store(name, p, n)` gets each parameter (norms already perturbed away from 1) and the count of
+    tensors stored so far; it returns the tensors to write for it, and copies into `p` the float
+    weight they decode to. `drop(tensors)` may spoil the dict before it is written (error tests).
+    """
+    import json
+
+    import transformers
+    from safetensors.torch import save_file
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            tensors.update(store(name, p, len(tensors)))
+    float_dir = tmp_path / "float"
+    hf.save_pretrained(float_dir, safe_serialization=True)
+    hf = transformers.LlamaForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+    folder = tmp_path / folder_name
+    folder.mkdir()
+    config = cfg.to_dict()
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config))
+    if drop is not None:
+        drop(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return hf, folder

@@ -17,8 +17,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import all_logits, hf_logits, load
-from safetensors.torch import save_file
+from helpers import all_logits, hf_logits, load, write_quantized_llama
 
 from lowgear.errors import ModelFormatError, UnsupportedError
 from lowgear.model.quant_linear import QuantLinear
@@ -252,44 +251,24 @@ _LINEARS = {  # hf suffix -> group layout over its inputs (hidden 64, intermedia
 def write_exl2_llama(tmp_path, vocab=300, quant_config=True, drop=None):
     """A tiny llama as an EXL2 folder (fp16 embedding/norms, 8-bit lm_head padded to a multiple of 32), and
     transformers' model on the dequantized float weights."""
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    tensors = {}
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            prefix = name[: -len(".weight")]
-            layout = next((g for lin, g in _LINEARS.items() if prefix.endswith(lin)), None)
-            if prefix == "lm_head":
-                layout = [(8, 64)]
-            if layout is None:  # embedding and norms: fp16, as ExLlamaV2's converter writes them
-                p.copy_(p.half().float())
-                tensors[name] = p.data.half().clone()
-                continue
-            w = p.data
-            pad = -w.shape[0] % 32
-            parts, ref = quantize_exl2(torch.cat([w, w.new_zeros(pad, w.shape[1])]), layout, seed=len(tensors))
-            p.copy_(ref[: w.shape[0]].float())
-            tensors.update({f"{prefix}.{k}": v for k, v in parts.items()})
-    float_dir = tmp_path / "float"
-    hf.save_pretrained(float_dir, safe_serialization=True)
-    hf = transformers.LlamaForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
 
-    folder = tmp_path / "exl2"
-    folder.mkdir()
-    config = cfg.to_dict()
-    if quant_config:
-        config["quantization_config"] = {"quant_method": "exl2", "version": "0.3.2", "bits": 4.0, "head_bits": 8,
-                                         "calibration": {"rows": 115, "length": 2048, "dataset": "(default)"}}
-    (folder / "config.json").write_text(json.dumps(config))
-    if drop is not None:
-        drop(tensors)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return hf, folder
+    def store(name, p, n):
+        prefix = name[: -len(".weight")]
+        layout = next((g for lin, g in _LINEARS.items() if prefix.endswith(lin)), None)
+        if prefix == "lm_head":
+            layout = [(8, 64)]
+        if layout is None:  # embedding and norms: fp16, as ExLlamaV2's converter writes them
+            p.copy_(p.half().float())
+            return {name: p.data.half().clone()}
+        w = p.data
+        pad = -w.shape[0] % 32
+        parts, ref = quantize_exl2(torch.cat([w, w.new_zeros(pad, w.shape[1])]), layout, seed=n)
+        p.copy_(ref[: w.shape[0]].float())
+        return {f"{prefix}.{k}": v for k, v in parts.items()}
+
+    quant = {"quant_method": "exl2", "version": "0.3.2", "bits": 4.0, "head_bits": 8,
+             "calibration": {"rows": 115, "length": 2048, "dataset": "(default)"}} if quant_config else None
+    return write_quantized_llama(tmp_path, "exl2", store, quant, vocab=vocab, drop=drop)
 
 
 @pytest.mark.parametrize("quant_config", [True, False])  # older folders have no quantization_config

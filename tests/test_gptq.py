@@ -7,13 +7,10 @@ the unpacked integers, not from lowgear's unpacking.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from helpers import all_logits, hf_logits, load
-from safetensors.torch import save_file
+from helpers import LLAMA_LINEARS, all_logits, hf_logits, load, write_quantized_llama
 
 from lowgear.errors import ModelFormatError, UnsupportedError
 from lowgear.model.quant_linear import QuantLinear
@@ -131,44 +128,20 @@ def test_quant_linear_keeps_gptq_tensors_through_dtype_moves():
 
 # ---------------------------------------------------------------------------------------- folders
 
-_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
 def write_gptq_llama(tmp_path, bits=4, group_size=32, act_order=False, v2=False, quant_extra=None, drop=None):
     """A tiny llama as a GPTQ folder, and transformers' model on the dequantized float weights."""
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    tensors = {}
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            prefix = name[: -len(".weight")]
-            if any(prefix.endswith(lin) for lin in _LINEARS):
-                parts, ref = quantize(p.data, bits, group_size, act_order, v2, seed=len(tensors))
-                p.copy_(ref.float())
-                tensors.update({f"{prefix}.{k}": v for k, v in parts.items()})
-            else:
-                tensors[name] = p.data.clone()
-    float_dir = tmp_path / "float"
-    hf.save_pretrained(float_dir, safe_serialization=True)
-    hf = transformers.LlamaForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
 
-    folder = tmp_path / "gptq"
-    folder.mkdir()
-    config = cfg.to_dict()
-    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
-                                     "desc_act": act_order, "sym": False,
-                                     "checkpoint_format": "gptq_v2" if v2 else "gptq", **(quant_extra or {})}
-    (folder / "config.json").write_text(json.dumps(config))
-    if drop is not None:
-        drop(tensors)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return hf, folder
+    def store(name, p, n):
+        prefix = name[: -len(".weight")]
+        if not any(prefix.endswith(lin) for lin in LLAMA_LINEARS):
+            return {name: p.data.clone()}
+        parts, ref = quantize(p.data, bits, group_size, act_order, v2, seed=n)
+        p.copy_(ref.float())
+        return {f"{prefix}.{k}": v for k, v in parts.items()}
+
+    quant = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order, "sym": False,
+             "checkpoint_format": "gptq_v2" if v2 else "gptq", **(quant_extra or {})}
+    return write_quantized_llama(tmp_path, "gptq", store, quant, drop=drop)
 
 
 @pytest.mark.parametrize("group_size,act_order,v2", [(32, False, False), (-1, False, True), (32, True, False)])
