@@ -194,14 +194,14 @@ from triton.compiler import ASTSource
 from lowgear.quant.kernels import exl2 as E
 
 GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sc_ptr": "*u8", "tab_ptr": "*i32", "smax_ptr": "*fp16",
-        "split_ptr": "*i32", "out_ptr": "*fp32", "N": "i32", "N_OUT": "i32", "stride_xm": "i32"}
+        "split_ptr": "*i32", "y_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "N_OUT": "i32", "stride_xm": "i32"}
 DEQ = {"qw_ptr": "*i32", "sc_ptr": "*u8", "tab_ptr": "*i32", "smax_ptr": "*fp16", "out_ptr": "*fp16",
        "N": "i32", "col0": "i32", "band": "i32"}
 RED = {"part_ptr": "*fp32", "y_ptr": "*fp16", "MN": "i32", "SPLITS": "i32"}
 R = {f"R{b}": E.tile_row_groups([4], b) for b in (2, 3, 4, 5, 6, 8)}  # 128-row groups
 
 def gemv(m):
-    return dict(M=m, M_PAD=triton.next_power_of_2(m), BLOCK_N=128 * E.launch_warps(m), PARTIAL=True, **R)
+    return dict(M=m, M_PAD=triton.next_power_of_2(m), BLOCK_N=128 * E.launch_warps(m), S_CHUNK=4, **R)
 
 CASES = [(f"gemv_m{m}", E.exl2_gemv_kernel, GEMV, gemv(m), E.launch_warps(m), True) for m in (1, 4, E.MAX_M)]
 CASES += [("dequant", E.exl2_dequant_t_kernel, DEQ, dict(BLOCK_K=32, BLOCK_N=128), 4, False)]
@@ -245,10 +245,12 @@ def test_exl2_kernels_compile_for_volta_and_turing(compiled):
 
 def test_exl2_gemv_stays_in_registers(compiled):
     """No tensor-core mma, no int->float cvt per code (the exponent trick), 16-byte weight loads, and
-    no shared memory or barrier: a layout conversion per group or per code would show up as both."""
+    no shared memory or barrier but split-K's finish (`splitk.finish`: one barrier before the tile
+    counter, and the counter's value broadcast through 4 bytes of shared memory with a second): a
+    layout conversion per group or per code would show up as both."""
     for name, r in compiled.items():
         if r["gemv"]:
-            assert r["mma"] == 0 and r["shared"] == 0 and r["bar"] == 0 and r["v4"] > 0, (name, r)
+            assert r["mma"] == 0 and r["shared"] <= 4 and r["bar"] == 2 and r["v4"] > 0, (name, r)
             assert r["cvt"] <= 8, (name, r)
 
 

@@ -208,23 +208,23 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lowgear.quant.kernels import gptq as G
 
+# y as fp32: an fp16 output's store may convert the result's layout once, at the end (shared memory
+# outside the loop), which would hide what the check below is after
 GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
-        "out_ptr": "*fp32", "N": "i32", "ROWS": "i32", "rows_per_split": "i32", "group_rows": "i32",
+        "y_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "ROWS": "i32", "rows_per_split": "i32", "group_rows": "i32",
         "stride_xm": "i32"}
 DEQ = {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32", "out_ptr": "*fp16",
        "N": "i32", "K": "i32", "col0": "i32", "band": "i32", "group_size": "i32", "zero_offset": "i32"}
-RED = {"part_ptr": "*fp32", "y_ptr": "*fp16", "MN": "i32", "SPLITS": "i32"}
 
 def gemv(bits, m, perm):
     p = G.launch_params(4096, 4096, bits, G.gemv_tile_rows(bits, 128, 4096), m)
     return dict(M=m, M_PAD=triton.next_power_of_2(m), BITS=bits, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"],
-                HAS_PERM=perm, PARTIAL=True), p["num_warps"]
+                HAS_PERM=perm, S_CHUNK=4), p["num_warps"]
 
 CASES = [(f"gemv_b{b}_m{m}_perm{int(pm)}", G.gptq_gemv_kernel, GEMV, *gemv(b, m, pm), True)
          for b, m, pm in [(4, 1, False), (4, 4, True), (4, 16, False), (3, 1, True), (8, 2, False), (2, 1, False)]]
 CASES += [(f"dequant_b{b}", G.gptq_dequant_t_kernel, DEQ,
            dict(BITS=b, HAS_GIDX=b == 3, BLOCK_K=32, BLOCK_N=128), 4, False) for b in (3, 4)]
-CASES += [("reduce", G.gptq_splitk_reduce_kernel, RED, dict(BLOCK=1024), 4, False)]
 
 out = {}
 for cap in (70, 75):
@@ -259,15 +259,16 @@ def compiled() -> dict:
 def test_gptq_kernels_compile_for_volta_and_turing(compiled):
     failed = {name: r["error"] for name, r in compiled.items() if not r["ok"]}
     assert not failed, failed
-    assert len(compiled) == 2 * 9
+    assert len(compiled) == 2 * 8
 
 
 def test_gptq_gemv_stays_in_registers(compiled):
     """No tensor-core mma, no int->float cvt per code (the exponent trick), 16-byte weight loads, and
-    no shared memory: a layout conversion in the code loop would show up as shared memory."""
+    no shared memory beyond the split-K counter's broadcast (a few bytes): a layout conversion in the
+    code loop would show up as kilobytes of shared memory."""
     for name, r in compiled.items():
         if r["gemv"]:
-            assert r["mma"] == 0 and r["shared"] == 0 and r["v4"] > 0, (name, r)
+            assert r["mma"] == 0 and r["shared"] <= 16 and r["v4"] > 0, (name, r)
             assert r["cvt"] <= 8, (name, r)
 
 

@@ -182,7 +182,7 @@ from triton.compiler import ASTSource
 from lowgear.quant.kernels import gptq_mma as MM
 
 ARGS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
-        "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "group_size": "i32",
+        "y_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "group_size": "i32",
         "stride_xm": "i32"}
 DIVISIBLE = {"N", "K", "k_per_split", "group_size", "stride_xm"}
 
@@ -194,7 +194,7 @@ def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096):
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
              if a in args and (args[a].startswith("*") or a in DIVISIBLE)}
     consts = dict(BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], HAS_PERM=perm,
-                  PARTIAL=p["split"] > 1)
+                  S_CHUNK=4)
     c = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", cap, 32),
                        options={"num_warps": p["num_warps"], "num_stages": p["num_stages"]})
     ptx = c.asm["ptx"]

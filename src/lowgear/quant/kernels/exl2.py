@@ -16,8 +16,8 @@ with the exponent of 2**(23 - off) is the float 2**(23 - off) + code, and one su
 constant 2**(23 - off) + 2**(bits - 1) centres it; no int->float cvt per code. A program owns
 BLOCK_N = 128 * num_warps columns (one 16-byte load per thread per word row) and a range of whole
 groups; per group it sums codes times x over the group's rows, then multiplies by the group's
-scale. Split-K partial sums go to an fp32 workspace and gptq.py's reduce kernel adds them in split
-order (deterministic, no memset). The split is balanced by packed words (an 8-bit group costs four
+scale. Split-K partial sums go to an fp32 workspace and the last program of each column block adds
+them in split order (`splitk.py`: one launch, deterministic). The split is balanced by packed words (an 8-bit group costs four
 times a 2-bit one), computed at load time for the two launch widths.
 
 Scales. The kernel computes fp16((s + 1)^2 * fp16(q_scale_max / 256)) per group and column from
@@ -58,7 +58,7 @@ import triton.language as tl
 
 from ..dequant import banded_matmul
 from ..exl2 import group_table
-from .gptq import gptq_splitk_reduce_kernel
+from . import splitk
 
 # GEMV up to this many activation rows; past it, dequantize + cuBLAS (unmeasured for EXL2: the
 # GPTQ GEMV, whose per-code work is the same, stays ahead of the tile path well past 8 rows)
@@ -163,12 +163,12 @@ def _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, strid
 
 
 @triton.jit
-def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, out_ptr,
+def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, y_ptr, part_ptr, cnt_ptr,
                      N, N_OUT,  stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr,
-                     R6: tl.constexpr, R8: tl.constexpr, PARTIAL: tl.constexpr):
-    """out[(split,) m, n] = sum over this program's groups of x_perm[m, k] * W[n, perm[k]]."""
+                     R6: tl.constexpr, R8: tl.constexpr, S_CHUNK: tl.constexpr):
+    """y[m, n] = sum over k of x_perm[m, k] * W[n, perm[k]]; this program sums its groups (`splitk.finish`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,10 +206,8 @@ def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, out_pt
         else:
             acc = _group_dot(acc, x_ptr, qw_ptr, sc_ptr, g, word0, k0, n_words, smax, N, stride_xm,
                              cols, wmask, ms, mmask, 8, R8, M_PAD, BLOCK_N)
-    offs = ms[:, None] * N_OUT + cols[None, :]
-    if PARTIAL:
-        offs += pid_k * M * N_OUT
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+    splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N_OUT + cols[None, :],
+                  mmask[:, None] & cmask[None, :], pid_n, pid_k, tl.num_programs(1), M * N_OUT, S_CHUNK)
 
 
 @triton.jit
@@ -323,18 +321,16 @@ def exl2_gemv(x: torch.Tensor, module, *, num_warps: int | None = None) -> torch
     split = facts["splits"][warps]
     r = facts["R"]
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    out = y if split == 1 else torch.empty((split, m, n_out), dtype=torch.float32, device=x.device)
     block_n = 128 * warps
     grid = (triton.cdiv(n_out, block_n), split)
+    m_pad = triton.next_power_of_2(m)
     exl2_gemv_kernel[grid](x, module.qweight, module.exl2_scale_codes, module.exl2_groups,
-                           module.exl2_smax.view(torch.float16), getattr(module, f"exl2_splits{warps}"), out,
+                           module.exl2_smax.view(torch.float16), getattr(module, f"exl2_splits{warps}"), y,
+                           splitk.workspace(split, m, n_out, x.device), splitk.counters(x.device, grid[0]),
                            width, n_out, x.stride(0),
-                           M=m, M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, R2=r[2], R3=r[3], R4=r[4],
-                           R5=r[5], R6=r[6], R8=r[8], PARTIAL=split > 1, num_warps=warps)
-    if split > 1:
-        block = 1024
-        gptq_splitk_reduce_kernel[(triton.cdiv(m * n_out, block),)](out, y, m * n_out, split, BLOCK=block,
-                                                                    num_warps=4)
+                           M=m, M_PAD=m_pad, BLOCK_N=block_n, R2=r[2], R3=r[3], R4=r[4],
+                           R5=r[5], R6=r[6], R8=r[8], S_CHUNK=splitk.chunk(m_pad * block_n // (32 * warps)),
+                           num_warps=warps)
     return y
 
 

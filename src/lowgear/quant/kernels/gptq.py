@@ -14,10 +14,11 @@ gives code - zero (ExLlama's / Marlin's fp16 trick, in fp32). Codes above bit 22
 shifted right by 16. Per code that is one LOP3, one FSUB and one FMA per activation row.
 
 Split-K: an N = 4096 layer has only 8-16 column blocks, far fewer than the 132 SMs of an H100, so
-the K range is split too. Partial sums go to an fp32 workspace [splits, M, N] and a second tiny
-kernel adds them in split order: results are deterministic (greedy decoding is reproducible, and
-CUDA-graph replays match eager steps), no memset is needed, and the workspace stays in L2.
-`atomic_add` would save that launch but adds a zeroing pass and makes sums order-dependent.
+the K range is split too. Partial sums go to an fp32 workspace [splits, M, N] (it stays in L2) and
+the last program of each column block adds them in split order (`splitk.py`): one launch, and
+deterministic results (greedy decoding is reproducible, CUDA-graph replays match eager steps).
+Adding into y with float atomics would make sums order-dependent. (An earlier version used a
+second kernel that walked the splits one dependent load at a time.)
 
 Act-order (g_idx): a checkpoint's groups are scattered over K, which would cost a scale and zero
 gather per code. `sort_act_order` (run once, at `prepare`) sorts K by group and repacks the codes,
@@ -49,7 +50,7 @@ import triton.language as tl
 
 from ..dequant import banded_matmul
 from ..gptq import gptq_groups
-from . import gptq_mma
+from . import gptq_mma, splitk
 
 # GEMV up to this many activation rows; past it the tl.dot kernel (gptq_mma.py, sm_80+) or dequantize +
 # cuBLAS. The GEMV's work grows by one FMA per code per row. Measured on an H100 (Llama-3-8B shapes,
@@ -113,11 +114,11 @@ def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, out_ptr,
+def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr):
-    """out[(split,) m, n] = sum over this program's K-slice of x[m, k] * W[n, k]."""
+                     BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr):
+    """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`)."""
     PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     pid_n = tl.program_id(0)
@@ -158,21 +159,8 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, out_ptr,
                          mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
             dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
         acc += tl.sum(dot * s, axis=1)
-    offs = ms[:, None] * N + cols[None, :]
-    if PARTIAL:
-        offs += pid_k * M * N
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def gptq_splitk_reduce_kernel(part_ptr, y_ptr, MN, SPLITS, BLOCK: tl.constexpr):
-    """y[i] = sum over s of part[s, i], in split order (deterministic)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
+                  pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 
 
 @triton.jit
@@ -391,16 +379,15 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
         x, perm = x.index_select(1, perm.long()), None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = p["split"]
-    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, p["BLOCK_N"]), split)
-    gptq_gemv_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, out,
+    m_pad = triton.next_power_of_2(m)
+    gptq_gemv_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
+                           splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
                            n, rows, p["rows_per_split"], group_rows, x.stride(0),
-                           M=m, M_PAD=triton.next_power_of_2(m), BITS=bits, BLOCK_R=p["BLOCK_R"],
-                           BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None, PARTIAL=split > 1,
+                           M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
+                           BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
+                           S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
                            num_warps=p["num_warps"])
-    if split > 1:
-        block = 1024
-        gptq_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, split, BLOCK=block, num_warps=4)
     return y
 
 

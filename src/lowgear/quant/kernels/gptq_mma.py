@@ -21,7 +21,7 @@ tl.dot is a tensor-core `mma` only on sm_80+; Triton 3.6 lowers it to FMAs for s
 (DESIGN.md), so `gptq.gptq_matmul` routes here only for compute capability >= (8, 0) and fp16 / bf16
 activations, and for bits in MMA_BITS (3-bit codes straddle words: they stay on the GEMV / prefill
 paths). Split-K and the act-order layout are the GEMV's: partial sums go to an fp32 workspace
-[splits, M, N] that `gptq_splitk_reduce_kernel` adds in split order (deterministic), and act-order
+[splits, M, N] that the last program of each tile adds in split order (`splitk.py`), and act-order
 layers use `prepare`'s sorted qweight + perm, x's columns gathered through perm in the kernel.
 """
 
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..gptq import gptq_groups
+from . import splitk
 
 # rows served here past the GEMV; beyond it prefill (dequantize + cuBLAS) is compute-bound and wins
 MMA_MAX_M = 64
@@ -45,11 +46,11 @@ MAX_PARTIAL_FRACTION = 0.25
 
 
 @triton.jit
-def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, out_ptr,
+def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
                     M, N, K, k_per_split, group_size, stride_xm,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    HAS_PERM: tl.constexpr, PARTIAL: tl.constexpr):
-    """out[(split,) m, n] = sum over this program's K-slice of x[m, k] * W[n, k], W = (q - zf) * scale."""
+                    HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr):
+    """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
@@ -85,10 +86,8 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, out_ptr,
         s = tl.load(sc_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
         zf = tl.load(zf_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
         acc += (p - xsum[:, None] * zf[None, :]) * s[None, :]
-    offs = ms[:, None] * N + cols[None, :]
-    if PARTIAL:
-        offs += pid_k * M * N
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+    splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
+                  pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 
 
 def mma_block_k(bits: int, group_size: int, in_features: int, target: int = 128) -> int | None:
@@ -142,8 +141,6 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
     `sort_act_order`'s output with its perm), zeros `float_zeros`, scales fp16 (an int16 view is
     accepted); block_k is `mma_block_k`. The keyword overrides go to `mma_launch_params`.
     """
-    from .gptq import gptq_splitk_reduce_kernel
-
     m, k = x.shape
     n = qweight.shape[1]
     assert x.dtype in (torch.float16, torch.bfloat16) and x.stride(1) == 1, (x.dtype, x.stride())
@@ -152,14 +149,12 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
     gs = k if gptq_groups(k, group_size) == 1 else group_size
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = p["split"]
-    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, p["BLOCK_N"]), split)
-    gptq_mma_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, out,
+    gptq_mma_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
+                          splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
                           m, n, k, p["k_per_split"], gs, x.stride(0),
                           BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
-                          HAS_PERM=perm is not None, PARTIAL=split > 1,
+                          HAS_PERM=perm is not None,
+                          S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
                           num_warps=p["num_warps"], num_stages=p["num_stages"])
-    if split > 1:
-        block = 1024
-        gptq_splitk_reduce_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, split, BLOCK=block, num_warps=4)
     return y
