@@ -242,7 +242,7 @@ def test_write_kv_then_read_through_decode():
     q, kc, vc, meta = paged_problem([1, 1], [16, 17], group=1)
     k = torch.randn(2, 2, 64)
     v = torch.randn(2, 2, 64)
-    write_kv(k, v, kc, vc, meta)
+    write_kv(k, v, kc, vc, meta.slot_mapping)
     out = TritonBackend().attend(q, kc, vc, meta, 0.125, None)
     assert_close(out, reference_attention(q, kc, vc, meta, 0.125), FP32_TOL)
 

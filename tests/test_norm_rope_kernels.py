@@ -102,3 +102,49 @@ def test_kernels_are_what_runs_here():
     from lowgear.model.kernels_norm import use_triton
 
     assert use_triton(torch.empty(1, device=DEVICE))
+
+
+@pytest.mark.parametrize("rot", [8, 4])  # 4 < head_dim / 2: partial rotary, the tail written unrotated
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_rope_writes_rotated_k_and_v_into_cache_slots(rot, cache_dtype):
+    """kv=(v, k_cache, v_cache, slots): q and k rotated in place as without it, and the cache rows at
+    the slots hold rotated k and v (what write_kv would store); every other slot is untouched."""
+    gen = torch.Generator().manual_seed(5)
+    t, hq, hk, d, pages, page = 5, 6, 3, 16, 4, 4  # GQA 6/3, q heads padded to a block of 8
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen)
+    split = lambda x: (x[:, : hq * d].view(t, hq, d), x[:, hq * d:(hq + hk) * d].view(t, hk, d),  # noqa: E731
+                       x[:, (hq + hk) * d:].view(t, hk, d))
+    q, k, v = split(qkv)
+    pos = torch.tensor([0, 9, 3, 4, 12])
+    slots = torch.tensor([3, 4, 15, 8, 0])  # crosses pages, not in order
+    cos64, sin64 = _cache(16, rot)
+    ref_q, ref_k = apply_rope_ref(q.double(), k.double(), pos, cos64, sin64, "neox", torch.float64)
+    kc = torch.randn(pages, page, hk, d, generator=gen).to(cache_dtype)
+    vc = torch.randn(pages, page, hk, d, generator=gen).to(cache_dtype)
+    kc_ref, vc_ref = kc.clone().view(-1, hk, d), vc.clone().view(-1, hk, d)
+    kc_ref[slots], vc_ref[slots] = ref_k.to(cache_dtype), v.to(cache_dtype)
+    qkv_d = qkv.to(DEVICE)
+    qd, kd, vd = split(qkv_d)
+    kcd, vcd = kc.to(DEVICE), vc.to(DEVICE)
+    apply_rope_(qd, kd, pos.to(DEVICE), cos64.float().to(DEVICE), sin64.float().to(DEVICE), "neox",
+                kv=(vd, kcd, vcd, slots.to(DEVICE)))
+    close(qd, ref_q, torch.float32)
+    close(kd, ref_k, torch.float32)
+    close(kcd.view(-1, hk, d), kc_ref, cache_dtype)
+    close(vcd.view(-1, hk, d), vc_ref, cache_dtype)
+    untouched = torch.ones(pages * page, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(kcd.view(-1, hk, d)[untouched.to(DEVICE)].cpu(), kc.view(-1, hk, d)[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("inter", [96, 1500])  # masked tail; two column blocks
+def test_silu_mul(dtype, inter):
+    from lowgear.model.kernels_act import silu_mul
+
+    gen = torch.Generator().manual_seed(6)
+    gate_up = (3 * torch.randn(3, 2 * inter, generator=gen)).to(dtype)
+    g, u = gate_up.double().chunk(2, dim=-1)
+    out = silu_mul(gate_up.to(DEVICE))
+    assert out.shape == (3, inter) and out.dtype == dtype
+    close(out, g * torch.sigmoid(g) * u, dtype)

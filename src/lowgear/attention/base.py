@@ -39,11 +39,13 @@ class ProbeResult:
     details: dict = field(default_factory=dict)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMetadata) -> None:
-    """Scatter new keys/values [T, kv_heads, head_dim] into caches [pages, page_size, kv_heads, head_dim]."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values [T, kv_heads, head_dim] into caches [pages, page_size, kv_heads, head_dim]
+    at the flat slots slot_mapping [T] (a step's `StepMetadata.slot_mapping`)."""
     kvh, hd = k_cache.shape[-2:]
-    k_cache.view(-1, kvh, hd).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kvh, hd).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    k_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def gather_kv(cache: torch.Tensor, table: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -80,7 +82,7 @@ class AttentionBackend:
         scale: float,
         window: int | None = None,
     ) -> torch.Tensor:  # [T, heads, head_dim]
-        write_kv(k, v, k_cache, v_cache, meta)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.attend(q, k_cache, v_cache, meta, scale, window)
 
     def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None) -> torch.Tensor:

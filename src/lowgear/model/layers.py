@@ -19,6 +19,7 @@ from torch import nn
 from ..attention.metadata import StepMetadata
 from ..errors import ModelFormatError
 from ..weights.spec import ModelSpec
+from .kernels_act import silu_mul
 from .kernels_norm import rms_norm
 from .kernels_rope import apply_rope_
 from .quant_linear import QuantLinear
@@ -84,8 +85,10 @@ class Attention(nn.Module):
         """CUDA path: rope_table is (cos, sin) [max_positions, head_dim/2] float32, indexed by meta.positions."""
         t = x.shape[0]
         q, k, v = self.project(x)
-        apply_rope_(q, k, meta.positions, rope_table[0], rope_table[1], self.rope_style)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        # RoPE and the cache write in one kernel; then the backend only attends
+        apply_rope_(q, k, meta.positions, rope_table[0], rope_table[1], self.rope_style,
+                    kv=(v, k_cache, v_cache, meta.slot_mapping))
+        out = backend.attend(q, k_cache, v_cache, meta, self.scale, self.window)
         return self.o(out.reshape(t, self.heads * self.head_dim))
 
 
@@ -111,6 +114,12 @@ class MLP(nn.Module):
             gate, up = self.gate(x), self.up(x)
         return self.down(nn.functional.silu(gate) * up)
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """CUDA path: silu(gate) * up in one kernel where gate|up is one linear."""
+        if self.gate_up is None:
+            return self.forward(x)
+        return self.down(silu_mul(self.gate_up(x)))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, mlp: MLP):
@@ -134,4 +143,4 @@ class DecoderLayer(nn.Module):
             x, h = rms_norm(pending, self.attn_norm.weight, self.attn_norm.eps, residual=h)
         a = self.attn.forward_fused(x, rope_table, meta, k_cache, v_cache, backend)
         x, h = rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=h)
-        return h, self.mlp(x)
+        return h, self.mlp.forward_fused(x)
