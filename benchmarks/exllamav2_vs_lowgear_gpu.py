@@ -170,14 +170,12 @@ def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backe
                                                gen_settings=lg.Sampler.Settings.greedy())])
             while not jobs[0].generated:
                 gen.iterate()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    gen.iterate()
-                torch.cuda.synchronize()
+            from profile_decode_gpu import kernel_table, print_table  # benchmarks/, beside this file
+
+            agg, total = kernel_table(gen.iterate, 3)
             gen.cancel(jobs[0])
             gen.iterate()
-            log(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=48))
+            print_table(f"lowgear bs {b} step, CUDA kernels (torch.profiler)", agg, total, sec * 1e6, 16)
         log(f"  lowgear ({chosen}{', graphs' if res['graphs'] else ''}) bs {b:3d} ctx {context}: {sec * 1e3:7.2f} ms/step  "
             f"{b / sec:8.1f} tok/s")
     res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -50,6 +50,10 @@ def kind_of(name: str) -> str:
     n = name.lower()
     if "paged_decode" in n:
         return "attention"
+    if n.startswith(("gptq_gemv", "exl2_gemv")):
+        return "packed gemv (triton)"
+    if n.startswith("gptq_mma"):
+        return "packed tl.dot (triton)"
     if n.startswith("gemv_") and "float" not in n:
         return "packed gemv (triton)"
     if "gemv_float" in n:
@@ -61,7 +65,7 @@ def kind_of(name: str) -> str:
     if "rms" in n or "norm" in n:
         return "rmsnorm"
     if "rope" in n:
-        return "rope"
+        return "rope + kv write"
     if "index" in n or "scatter" in n:
         return "kv write / index"
     if "memcpy" in n or "memset" in n:

@@ -239,7 +239,10 @@ def test_mma_kernel_on_sm75_has_no_tensor_cores(compiled):
 GPU_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # Llama-3-8B: qkvo / kv / gate-up / down
 
 
-def random_layer(n: int, k: int, act_order: bool, bits: int = 4, gs: int = 128, seed: int = 0) -> QuantLinear:
+def random_layer(n: int, k: int, act_order: bool, bits: int = 4, gs: int = 128,
+                 seed: int = 0) -> tuple[QuantLinear, torch.Tensor]:
+    """A layer with its kernel hook, and W [n, k] float32 dequantized from the stored tensors before
+    `prepare` sorted an act-order layer's codes in place."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     qweight = torch.randint(-(1 << 31), 1 << 31, (k * bits // 32, n), generator=g, device="cuda",
                             dtype=torch.int64).to(torch.int32)
@@ -249,19 +252,20 @@ def random_layer(n: int, k: int, act_order: bool, bits: int = 4, gs: int = 128, 
     g_idx = None
     if act_order:
         g_idx = (torch.arange(k, device="cuda") // gs)[torch.randperm(k, generator=g, device="cuda")].to(torch.int32)
-    lin = QuantLinear(GPTQWeight(qweight, qzeros, scales, g_idx, bits, gs, False, 1))
+    stored = GPTQWeight(qweight, qzeros, scales, g_idx, bits, gs, False, 1)
+    ref = dequantize_gptq(stored, dtype=torch.float32)
+    lin = QuantLinear(stored)
     lin.kernel = kernels.kernel_for(lin)
-    return lin
+    return lin, ref
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("n,k", GPU_SHAPES)
 def test_gpu_8b_shapes_match_torch(n, k, act_order, calls):
-    lin = random_layer(n, k, act_order)
+    lin, w = random_layer(n, k, act_order)
     cap = torch.cuda.get_device_capability()
     assert lin._gptq_kernel["capability"] == cap
-    w = dequantize_gptq(lin.gptq_weight(), dtype=torch.float32)
     for m in (16, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(m))
         ref = x.float() @ w.t()
