@@ -139,8 +139,11 @@ def test_launch_overrides_agree(split, num_warps, x_perm, tile_r, prefetch):
 
 def test_launch_params_fill_the_gpu_and_keep_x_in_registers():
     p = G.launch_params(4096, 4096, 4, 16, m=1)
-    assert p["BLOCK_N"] == 128 * p["num_warps"] and p["BLOCK_R"] == 16
-    assert triton_cdiv(4096, p["BLOCK_N"]) * p["split"] >= 132
+    assert p["BLOCK_N"] == 128 * p["num_warps"] and p["BLOCK_R"] == G.GEMV_TILE_ROWS
+    assert triton_cdiv(4096, p["BLOCK_N"]) * p["split"] >= 132 and p["split"] >= G.MIN_SPLIT
+    assert G.launch_params(4096, 4096, 4, 16, m=1, block_r=16)["BLOCK_R"] == 16  # the override
+    assert G.launch_params(4096, 4096, 4, 2, m=1)["BLOCK_R"] == 2  # never past the group's
+    assert G.launch_params(256, 256, 4, 16, m=1)["split"] == 256 // 8 // G.GEMV_TILE_ROWS  # capped by tiles
     for m in (1, 2, 4, 8, 16):
         p = G.launch_params(4096, 4096, 4, 16, m=m)
         assert p["BLOCK_R"] * (1 << (m - 1).bit_length()) < 32 * p["num_warps"]

@@ -118,17 +118,20 @@ def test_block_k_and_launch_params():
 
 
 @pytest.mark.parametrize("capability", [None, (7, 0), TURING, AMPERE, (8, 9), (9, 0)])
-@pytest.mark.parametrize("m", [1, G.MAX_M, G.MAX_M + 1, 16, MM.MMA_MAX_M, MM.MMA_MAX_M + 1])
+@pytest.mark.parametrize("m", [1, G.MMA_FROM_M - 1, G.MMA_FROM_M, G.MAX_M, G.MAX_M + 1, 16, MM.MMA_MAX_M,
+                               MM.MMA_MAX_M + 1])
 def test_routing_by_rows_and_capability(m, capability, calls):
-    """GEMV up to MAX_M; the tl.dot kernel past it up to MMA_MAX_M only on sm_80+; else dequantize + cuBLAS."""
+    """On sm_80+ the tl.dot kernel from MMA_FROM_M up to MMA_MAX_M rows and the GEMV below; elsewhere
+    the GEMV up to MAX_M; past those dequantize + cuBLAS."""
     w, ref = make_gptq(4, 72, 160, 32, act_order=True, seed=5)
     lin = prepared(w)
     x = xs(m, 160, seed=m, dtype=torch.float16).to(DEVICE)
     y = G.gptq_matmul(x, lin, capability=capability)
-    if m <= G.MAX_M:
-        want = "gemv"
-    elif m <= MM.MMA_MAX_M and capability is not None and capability >= AMPERE:
+    ampere = capability is not None and capability >= AMPERE
+    if ampere and G.MMA_FROM_M <= m <= MM.MMA_MAX_M:
         want = "mma"
+    elif m <= G.MAX_M:
+        want = "gemv"
     else:
         want = "prefill"
     assert calls == [want]

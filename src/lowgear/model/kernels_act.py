@@ -2,9 +2,9 @@
 
 In eager torch `silu(gate) * up` is two kernels and a temporary; in a decode step that is one more
 launch per layer for a few kilobytes of work. `silu_mul` reads the gate|up rows [T, 2I] once and
-writes [T, I], computing in float32 and rounding once (torch rounds silu's output to the activation
-dtype before the multiply, so the two differ by at most that rounding). `silu_mul_ref` is the torch
-path (CPU, tests).
+writes [T, I]. It rounds as the torch expression does (silu in float32, rounded to the activation
+dtype, then the product in float32, rounded), so the CUDA step and the torch path agree to within
+the last bit of float32's exp. `silu_mul_ref` is the torch path (CPU, tests).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ if triton is not None:
         mask = cols < I
         g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * u
+        ty = out_ptr.dtype.element_ty
+        y = (g / (1.0 + tl.exp(-g))).to(ty).to(tl.float32) * u
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

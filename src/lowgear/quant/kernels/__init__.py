@@ -11,7 +11,8 @@ The public face is three functions; Triton is imported on first use, so this pac
 `packed_matmul` runs the GEMV kernel (one launch, no weight copy) for up to MAX_M = 4 activation
 rows; past that it dequantizes bands of rows and calls torch.matmul, which is what prefill wants on
 every GPU (cuBLAS tensor cores even where Triton has none). GPTQ layers get `gptq.gptq_matmul`
-(split-K GEMV up to gptq.MAX_M rows, dequantize + torch.matmul past it; `gptq.py` says why), EXL2
+(split-K GEMV for few rows, a tl.dot kernel for batched decode on sm_80+, dequantize +
+torch.matmul past those; `gptq.py` says where each takes over and why), EXL2
 layers `exl2.exl2_matmul` (the same shape of split-K GEMV over groups of mixed bit widths; `exl2.py`). Kernels
 need a CUDA tensor, or the Triton interpreter (TRITON_INTERPRET=1) for CPU tensors in tests.
 """

@@ -31,12 +31,12 @@ its `g_idx` becomes None (groups are now k // group_size) and `gptq_perm` (int32
 is input feature perm[i]) is registered, which QuantLinear's torch path reads to put W's columns
 back (`QuantLinear._dequant`). So an act-order layer holds its codes once, as stored.
 
-Batched decode (MAX_M < M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on compute
-capability >= 8.0 goes to `gptq_mma.gptq_mma`: the same operands, codes unpacked in registers and
+Batched decode (MMA_FROM_M <= M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on
+compute capability >= 8.0 goes to `gptq_mma.gptq_mma`: the same operands, codes unpacked in registers and
 multiplied with tl.dot (tensor-core mma there). It lives in its own file because tl.dot is what
 sm_70 / sm_75 must not run (Triton lowers it to FMAs); `gptq_matmul` checks the capability.
 
-Prefill (M > MMA_MAX_M, or any M > MAX_M below sm_80) is compute-bound: `dequantize_t` writes W.T
+Prefill (M > MMA_MAX_M, or any M > MAX_M where the tl.dot kernel does not serve) is compute-bound: `dequantize_t` writes W.T
 for a band of columns in the activation dtype and torch.matmul (cuBLAS, tensor cores on every GPU)
 does the rest. It reads the stored buffers directly (any bits, any g_idx). No kernel in this file
 uses tl.dot (sm_70 / sm_75 safe).
@@ -52,16 +52,25 @@ from ..dequant import banded_matmul
 from ..gptq import gptq_groups
 from . import gptq_mma, splitk
 
-# GEMV up to this many activation rows; past it the tl.dot kernel (gptq_mma.py, sm_80+) or dequantize +
-# cuBLAS. The GEMV's work grows by one FMA per code per row. Measured on an H100 (Llama-3-8B shapes,
-# 4-bit g128, benchmarks/results/h100-exllamav2/gemv.json, GEMV at its best setting vs dequantize +
-# cuBLAS): at M = 4 the GEMV won 7 of 8 cases (17-57 us against 13-305; lost only (1024, 4096) plain,
-# 16.3 vs 13.4), at M = 16 it lost all 4 plain cases (41-166 us against 13-125) and all were 3-12x off
-# one read of the packed weights. M = 8 was not measured; 8 is the midpoint, to be re-set from the
-# benchmark's M = 8 rows.
+# GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
+# it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
 MAX_M = 8
-# GEMV num_warps for every M: the best of the sweep in 23 of the 24 cases of that same gemv.json
+# on sm >= 8.0 the tl.dot kernel (gptq_mma.py) takes M from here on. Measured on an H100 (Llama-3-8B
+# shapes, 4-bit g128, benchmarks/results/h100-session3/gemv_m48.log, L2-warm): at M = 8 it beat the
+# GEMV's best launch on all 8 cases (15.8 vs 25.9 us at 4096 x 4096, 47 vs 65 at 14336 x 4096); at
+# M = 4 it won 5 of 8 (lost the 14336 x 4096 ones, 48 vs 36 us), so the GEMV keeps M <= 4.
+MMA_FROM_M = 5
+# GEMV num_warps for every M: the best of the sweep in 23 of the 24 cases of
+# benchmarks/results/h100-exllamav2/gemv.json; with weights read from HBM (gemv_cold.json) 1, 2 and 4
+# warps were within 1-3% of each other at their best tile and split
 GEMV_NUM_WARPS = 2
+# row-groups per tile at most (8 = 64 inputs at 4 bits), and K split into at least MIN_SPLIT parts:
+# the best launches of benchmarks/results/h100-session3/gemv_cold.json (weights from HBM, M = 1) on
+# all four fused 8B shapes used BLOCK_R 8 (4 once, 1% better) and splits of 16-64; against tiles of
+# 16 and a split aiming at TARGET_PROGRAMS alone, 11.6 vs 13.8 us (q|k|v), 9.4 vs 10.2 (o),
+# 34.6 vs 41.4 (gate|up), 21.7 vs 23.8 (down)
+GEMV_TILE_ROWS = 8
+MIN_SPLIT = 32
 # GEMV: load the next tile while unpacking this one (see gptq_gemv_kernel); the benchmark sweeps it
 PREFETCH = False
 # temporary bound for the prefill path: columns per band so that K * band <= this
@@ -373,21 +382,21 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
     tile row in one thread and the K reduction in registers. The activation slice [M_PAD, BLOCK_R]
     must have fewer elements than the program has threads, or Triton routes it through shared memory
     every code step (checked in the compiled PTX: bar.sync appears), so BLOCK_R shrinks as M grows.
-    Then K is split until about TARGET_PROGRAMS programs run. block_r (at most the group's) and
-    prefetch override the defaults (the benchmark sweeps them).
+    Tiles hold at most GEMV_TILE_ROWS row-groups. Then K is split until about TARGET_PROGRAMS
+    programs run, and into at least MIN_SPLIT parts. block_r (at most the group's) and prefetch
+    override the defaults (the benchmarks sweep them).
     """
     m_pad = triton.next_power_of_2(m)
     num_warps = num_warps or GEMV_NUM_WARPS
     br = group_block_r
     while br > 1 and m_pad * br >= 32 * num_warps:
         br //= 2
-    if block_r is not None:
-        br = max(1, min(br, block_r))
+    br = max(1, min(br, GEMV_TILE_ROWS if block_r is None else block_r))
     block_n = 128 * num_warps
     pack, _ = pack_shape(bits)
     tiles = triton.cdiv(k // pack, br)
     n_blocks = triton.cdiv(n, block_n)
-    split = max(1, min(tiles, split or TARGET_PROGRAMS // n_blocks))
+    split = max(1, min(tiles, split or max(MIN_SPLIT, TARGET_PROGRAMS // n_blocks)))
     rows_per_split = triton.cdiv(tiles, split) * br
     return {"BLOCK_N": block_n, "BLOCK_R": br, "num_warps": num_warps,
             "split": triton.cdiv(k // pack, rows_per_split), "rows_per_split": rows_per_split,
@@ -448,10 +457,10 @@ def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
 
 
 def uses_mma(m: int, dtype: torch.dtype, facts: dict, capability: tuple[int, int] | None) -> bool:
-    """Whether `gptq_matmul` sends M rows to the tl.dot kernel: MAX_M < M <= MMA_MAX_M, fp16 / bf16
-    activations, a layer it can serve, and compute capability >= 8.0 (tensor-core mma; below it
-    Triton's tl.dot is FMAs and dequantize + cuBLAS is faster)."""
-    return (MAX_M < m <= gptq_mma.MMA_MAX_M and dtype in (torch.float16, torch.bfloat16)
+    """Whether `gptq_matmul` sends M rows to the tl.dot kernel: MMA_FROM_M <= M <= MMA_MAX_M, fp16 /
+    bf16 activations, a layer it can serve, and compute capability >= 8.0 (tensor-core mma; below it
+    Triton's tl.dot is FMAs, and the GEMV or dequantize + cuBLAS is faster)."""
+    return (MMA_FROM_M <= m <= gptq_mma.MMA_MAX_M and dtype in (torch.float16, torch.bfloat16)
             and facts["mma_block_k"] is not None and capability is not None and tuple(capability) >= (8, 0))
 
 
@@ -471,11 +480,12 @@ def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = No
     if m == 0:
         return x.new_empty((*lead, n))
     perm = module.gptq_perm if facts["sorted"] else None
-    if m <= MAX_M and facts["block_r"] is not None:
+    mma = uses_mma(m, x2.dtype, facts, facts["capability"] if capability is None else capability)
+    if m <= MAX_M and facts["block_r"] is not None and not mma:
         y = gptq_gemv(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
                       facts["block_r"])
         return y.reshape(*lead, n)
-    if uses_mma(m, x2.dtype, facts, facts["capability"] if capability is None else capability):
+    if mma:
         y = gptq_mma.gptq_mma(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
                               facts["mma_block_k"])
         return y.reshape(*lead, n)
