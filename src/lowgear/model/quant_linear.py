@@ -146,6 +146,18 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def hold_as_gptq(self, w: GPTQWeight) -> None:
+        """Hold `w`, the same weight in GPTQ form (quant/repack.py), in place of the packed GGUF rows:
+        every path of the module then reads it as a GPTQ layer; `qtype` still names the file's type."""
+        w.validate()
+        assert self._gptq is None and self._exl2 is None and self.packed and w.shape == (self.out_features,
+                                                                                       self.in_features)
+        self._gptq = {"bits": w.bits, "group_size": w.group_size, "sym": w.sym, "zero_offset": w.zero_offset}
+        self.qweight = w.qweight
+        self.register_buffer("qzeros", w.qzeros)
+        self.register_buffer("scales", w.scales.view(torch.int16))
+        self.register_buffer("g_idx", None)
+
     def gptq_weight(self) -> GPTQWeight:
         """The held GPTQ tensors (on the module's device) as a GPTQWeight."""
         return GPTQWeight(self.qweight, self.qzeros, self.scales.view(torch.float16), self.g_idx, **self._gptq)

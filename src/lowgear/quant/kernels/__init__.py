@@ -29,6 +29,10 @@ from ..dequant import banded_matmul
 # 8 rows took 38 ms a step through the GEMV against 22 ms at 32 rows through tiles (generator/graphs.py's
 # benchmark), so the GEMV stops at 4.
 MAX_M = 4
+# GGUF types that run as GPTQ layers (quant/repack.py, exact): the GPTQ GEMV reads 16-byte vectors where
+# the block GEMV below reads 2-byte ones. On an H100 (Llama-3-8B shape, batch 1) Q4_0 took 7.90 ms a
+# step on the block GEMV (benchmarks/results/h100-cuda-graphs/decode_graphs_v3.txt)
+REPACK_AS_GPTQ = ("Q4_0", "Q8_0")
 # rows dequantized per band when M > MAX_M: bounds the temporary to ~PREFILL_BAND_ELEMS elements
 PREFILL_BAND_ELEMS = 1 << 24
 
@@ -53,9 +57,11 @@ def supports(qtype: str) -> bool:
 def kernel_for(module):
     """The kernel hook (`fn(x, module) -> y`) for a packed QuantLinear, or None to keep its torch path.
 
-    For GPTQ layers this also runs the one-time preparation (`gptq.prepare`: float zeros, and act-order
-    codes sorted by group), and for EXL2 layers `exl2.prepare` (group tables, the permutation, split
-    tables), so call it once the module sits on its device.
+    Q4_0 and Q8_0 layers are first converted in place to the equal GPTQ tensors (`quant/repack.py`)
+    and then served as GPTQ layers. For GPTQ layers this also runs the one-time preparation
+    (`gptq.prepare`: float zeros, and act-order codes sorted by group), and for EXL2 layers
+    `exl2.prepare` (group tables, the permutation, split tables), so call it once the module sits on
+    its device.
     """
     if getattr(module, "_exl2", None) is not None:
         if not _triton_available():
@@ -64,6 +70,12 @@ def kernel_for(module):
 
         prepare(module)
         return exl2_matmul
+    if (getattr(module, "_gptq", None) is None and module.packed and module.qtype in REPACK_AS_GPTQ
+            and _triton_available()):
+        from ..repack import can_hold, gguf_to_gptq
+
+        if can_hold(module.qtype, module.out_features, module.in_features):
+            module.hold_as_gptq(gguf_to_gptq(module.qtype, module.qweight, module.in_features))
     if getattr(module, "_gptq", None) is not None:
         if not _triton_available():
             return None
