@@ -13,6 +13,8 @@ import torch
 
 from lowgear import bench
 from lowgear.cli import make_parser
+from lowgear.model.quant_linear import QuantLinear
+from lowgear.quant.gptq import GPTQWeight, dequantize_gptq
 
 
 def _run(tmp_path, *extra):
@@ -118,3 +120,19 @@ def test_generator_step_seconds_times_decode_steps_and_leaves_the_cache_empty():
     seconds = generator_step_seconds(gen, batch=3, context=20, vocab=spec.vocab_size, steps=5)
     assert 0 < seconds < 10
     assert gen.num_remaining_jobs() == 0 and gen.pool.num_used == 0
+
+
+def test_gptq4_source_builds_gptq_layers_whose_bytes_match_info():
+    """--quant gptq4: GPTQ tensors of the preset's shapes (4-bit, groups of 128), as many bytes as
+    info() says, loaded as GPTQ QuantLinears that run (torch path on the CPU)."""
+    spec = bench.PRESETS["llama3-8b"]
+    source = bench.RandomSource(spec, bench.QUANTS["gptq4"], torch.device("meta"), torch.float16)
+    assert source.info("layers.0.q").nbytes == 4096 * 4096 // 2 + 32 * 4096 * 2 + 32 * 4096 // 2
+    tiny = bench.PRESETS["tiny"]
+    src = bench.RandomSource(tiny, bench.QUANTS["gptq4"], torch.device("cpu"), torch.float32)
+    w = src.get("layers.0.gate")
+    assert isinstance(w, GPTQWeight) and (w.bits, w.group_size, w.g_idx) == (4, 128, None)
+    assert w.nbytes == src.info("layers.0.gate").nbytes
+    lin = QuantLinear(w)
+    x = torch.randn(2, lin.in_features)
+    torch.testing.assert_close(lin(x), x @ dequantize_gptq(w).t(), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,6 @@
 """`lowgear bench`: how close lowgear runs to the hardware, beside transformers, in one run.
 
-It builds models of real shapes (Llama-3-8B, Llama-3.2-1B, Qwen2-0.5B; float16 or Q4_0-packed) from
+It builds models of real shapes (Llama-3-8B, Llama-3.2-1B, Qwen2-0.5B; float16, Q4_0-packed or GPTQ 4-bit) from
 an in-memory source of random tensors (`RandomSource`, generated directly on the device: no file,
 no download), or loads `--model`. For each attention rung (every rung that works on the device,
 plus a forced "what a T4/V100 gets" rung) it times the model's decode step at fixed batch sizes
@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import torch
 
 from .errors import LowgearError
-from .bench_models import QUANTS, RandomSource, _NullTokenizer, synthetic_config  # noqa: F401
+from .bench_models import DEFAULT_QUANTS, QUANTS, RandomSource, _NullTokenizer, synthetic_config  # noqa: F401
 from .bench_report import _describe, _flops, _fmt_bytes, _line, plot, summary, write_outputs  # noqa: F401
 from .weights.spec import ModelSpec
 
@@ -232,7 +232,7 @@ class Bench:
             for p in presets:
                 if p not in PRESETS:
                     raise LowgearError(f"unknown preset {p!r}: choose from {', '.join(PRESETS)}")
-            quants = [_QUANT_ALIASES.get(q.lower(), q.lower()) for q in _names(a.quant)] or list(QUANTS)
+            quants = [_QUANT_ALIASES.get(q.lower(), q.lower()) for q in _names(a.quant)] or list(DEFAULT_QUANTS)
             for q in quants:
                 if q not in QUANTS:
                     raise LowgearError(f"unknown --quant {q!r}: choose from {', '.join(QUANTS)}")
@@ -587,7 +587,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", action="append", help=f"model shape(s), comma list: {', '.join(PRESETS)} "
                    "(default llama3.2-1b on a GPU, tiny on the CPU)")
     p.add_argument("--model", "-m", default=None, help="a .gguf file or HF folder instead of a synthetic preset")
-    p.add_argument("--quant", default=None, help=f"synthetic weight formats, comma list: {', '.join(QUANTS)} (fp16 is an alias of float; default both)")
+    p.add_argument("--quant", default=None, help=f"synthetic weight formats, comma list: {', '.join(QUANTS)} (fp16 is an alias of float; default "
+                   f"{','.join(DEFAULT_QUANTS)})")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the first GPU, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="activation dtype (default float16 on a GPU, float32 on the CPU)")

@@ -10,17 +10,23 @@ import math
 import torch
 
 from .quant.formats import get_format
+from .quant.gptq import GPTQWeight, gptq_groups
 from .weights.spec import ModelSpec, PackedTensor, TensorInfo
 
-QUANTS = {"float": None, "q4_0": "Q4_0"}  # bench name -> packed format of the linear layers (None: float, in the run dtype)
+# bench name -> packed format of the linear layers (None: float, in the run dtype); gptq4 is a GPTQ
+# folder's layout (4-bit, groups of 128 along K, no act-order), as ExLlamaV2 users hold their models
+QUANTS = {"float": None, "q4_0": "Q4_0", "gptq4": "GPTQ4g128"}
+DEFAULT_QUANTS = ("float", "q4_0")
+GPTQ_BITS, GPTQ_GROUP = 4, 128
 
 
 # ---------------------------------------------------------------- the in-memory model
 class RandomSource:
     """A WeightSource of random tensors of `spec`'s shapes, made on `device` when asked for, one at a time.
 
-    Linear weights are float (std 0.02) or packed in `qtype` blocks (random 4-bit codes, small
-    scales); the embedding table stays float, as the roofline excludes it (one row per token).
+    Linear weights are float (std 0.02), packed in `qtype` blocks (random 4-bit codes, small
+    scales), or GPTQ tensors (random codes and zero points, small scales); the embedding table stays
+    float, as the roofline excludes it (one row per token).
     """
 
     def __init__(self, spec: ModelSpec, qtype: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -48,6 +54,10 @@ class RandomSource:
 
     def info(self, name: str) -> TensorInfo:
         shape = self.shapes[name]
+        if self._packed(name) and self.qtype == QUANTS["gptq4"]:
+            n, k = shape
+            groups = gptq_groups(k, GPTQ_GROUP)
+            return TensorInfo(self.qtype, shape, k * n * GPTQ_BITS // 8 + groups * n * 2 + groups * n * GPTQ_BITS // 8)
         if self._packed(name):
             return TensorInfo(self.qtype, shape, shape[0] * get_format(self.qtype).row_bytes(shape[1]))
         return TensorInfo("F16", shape, math.prod(shape) * 2)
@@ -63,6 +73,14 @@ class RandomSource:
         if self._generator is None:
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
         g, dev = self._generator, self.device
+        if self._packed(name) and self.qtype == QUANTS["gptq4"]:
+            n, k = shape
+            groups = gptq_groups(k, GPTQ_GROUP)
+            words = lambda *sh: torch.randint(-(1 << 31), 1 << 31, sh, dtype=torch.int64, device=dev,  # noqa: E731
+                                              generator=g).to(torch.int32)
+            scales = torch.full((groups, n), 0.002, dtype=torch.float16, device=dev)
+            return GPTQWeight(words(k * GPTQ_BITS // 32, n), words(groups, n * GPTQ_BITS // 32), scales, None,
+                              GPTQ_BITS, GPTQ_GROUP, False, 1)
         if self._packed(name):
             fmt = get_format(self.qtype)
             rows, cols = shape

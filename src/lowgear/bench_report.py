@@ -43,7 +43,7 @@ def _flops(x: float) -> str:
 def plot(report: dict, path: str) -> str | None:
     """Decode tokens/s and % of roofline against batch size, one row per (model, context); None without matplotlib.
 
-    Colour is the rung, line style the weights (solid float, dotted Q4_0); transformers is grey, dashed.
+    Colour is the rung, line style the weights (solid float, dotted packed); transformers is grey, dashed.
     """
     try:
         import matplotlib
@@ -68,7 +68,7 @@ def plot(report: dict, path: str) -> str | None:
             if engine == "transformers":
                 style = dict(color="grey", ls="--" if rung == "sdpa" else "-.", label=f"transformers {rung} ({rs[0]['dtype']})")
             else:
-                style = dict(color=colors[rung], ls="-" if quant != "q4_0" else ":", label=f"{rung} {quant}")
+                style = dict(color=colors[rung], ls="-" if quant == "float" else ":", label=f"{rung} {quant}")
                 row[1].plot(xs, [r["pct_roofline"] for r in rs], marker="o", **style)
             row[0].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", **style)
         shape = next((r["shape"] for r in decode if r["model"] == model), model)
