@@ -1,31 +1,28 @@
 #!/usr/bin/env bash
-# One GPU run of what a CPU cannot check: the GPU-marked tests of the kernels and the graphed
-# generator, lowgear beside ExLlamaV2 0.3.2 on an 8B-shape GPTQ folder (needs exllamav2 importable),
-# and `lowgear bench`'s graphed decode on the 8B fp16 shape. Each part has a time limit so the whole
-# run fits one device slot; what finished is in OUT_DIR either way.
+# One GPU run of what a CPU cannot check: the kernels and the graphed generator on CUDA (the
+# GPU-marked tests, and the interpreter-tested kernel tests run on the GPU), the GPTQ GEMV with its
+# weights read from HBM, and lowgear beside ExLlamaV2 0.3.2 on an 8B-shape GPTQ folder (needs
+# exllamav2 importable) with a kernel profile of lowgear's step. Each part has a time limit so the
+# whole run fits one device slot; what finished is in OUT_DIR either way. `lowgear bench` is
+# benchmarks/run_gpu_bench.sh.
 #
 #   bash benchmarks/run_gpu_checks.sh OUT_DIR
 set -uo pipefail
 OUT="${1:?usage: bash benchmarks/run_gpu_checks.sh OUT_DIR}"
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
-timeout "${T_TESTS:-110}" python3 -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_quant_kernels_gptq.py tests/test_quant_kernels_gptq_mma.py tests/test_quant_kernels_exl2.py \
-    tests/test_gpu_end_to_end.py tests/test_generator_graphs_gpu.py tests/test_attention_triton_gpu.py \
-    > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
+timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -rf \
+    tests/test_quant_kernels_gptq_mma.py tests/test_quant_kernels_exl2.py tests/test_gpu_end_to_end.py \
+    tests/test_generator_graphs_gpu.py tests/test_attention_triton_gpu.py > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?"; tail -6 "$OUT/gpu_tests.log"
 # tests that run on whatever device is there (the kernels on CUDA here, in the interpreter in CI)
-timeout "${T_TESTS2:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels_splitk.py \
-    tests/test_norm_rope_kernels.py tests/test_model_fused_step.py > "$OUT/cuda_tests.log" 2>&1
-echo "cuda tests rc=$?"; tail -8 "$OUT/cuda_tests.log"
-timeout "${T_GEMV:-100}" python3 benchmarks/gptq_gemv_gpu.py --quick --ms 1,8 --out "$OUT/gemv.json" \
-    > "$OUT/gemv.log" 2>&1
-echo "gemv rc=$?"; tail -20 "$OUT/gemv.log"
+timeout "${T_TESTS2:-120}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_quant_kernels_splitk.py \
+    tests/test_norm_rope_kernels.py tests/test_model_fused_step.py tests/test_quant_repack.py \
+    tests/test_quant_kernels_gptq.py > "$OUT/cuda_tests.log" 2>&1
+echo "cuda tests rc=$?"; tail -4 "$OUT/cuda_tests.log"
+timeout "${T_GEMV:-60}" python3 benchmarks/gemv_cold_gpu.py --quick --out "$OUT/gemv_cold.json" > "$OUT/gemv_cold.log" 2>&1
+echo "gemv rc=$?"; cat "$OUT/gemv_cold.log"
 timeout "${T_SPEED:-150}" python3 benchmarks/exllamav2_vs_lowgear_gpu.py --out "$OUT" --steps 16 --profile \
     > "$OUT/exllamav2_vs_lowgear.log" 2>&1
-echo "exllamav2 vs lowgear rc=$?"; grep -v "^\s*$" "$OUT/exllamav2_vs_lowgear.log" | tail -60
-timeout "${T_BENCH:-45}" python3 -m lowgear.cli bench --preset llama3-8b --quant float --dtype float16 \
-    --batch 1,64 --context 512,1024 --prefill 512 --rungs triton --no-peer --warmup 2 --iters 8 --out "$OUT" \
-    > "$OUT/bench.log" 2>&1
-echo "bench rc=$?"; tail -15 "$OUT/bench.log"
+echo "exllamav2 vs lowgear rc=$?"; grep -v "^\s*$" "$OUT/exllamav2_vs_lowgear.log" | grep -v "UserWarning\|_warn_once" | tail -30
