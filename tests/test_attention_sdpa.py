@@ -105,3 +105,23 @@ def test_probe_case_reference_is_float64():
     case = probe_case(torch.device("cpu"), torch.float32)
     assert case.expected.dtype == torch.float64
     assert case.check(case.expected.float()) is None
+
+
+@pytest.mark.parametrize("cc,flash_on,expand", [((7, 5), True, True), ((7, 0), True, True), ((8, 0), True, False),
+                                                ((9, 0), False, True)])
+def test_gqa_prefill_repeats_kv_heads_where_sdpa_has_no_flash_kernel(cc, flash_on, expand, monkeypatch):
+    """A causal GQA prefill on a GPU without torch's flash kernel (sm < 8.0, or flash switched off)
+    repeats the kv heads instead of passing enable_gqa, which only flash and math take: the
+    memory-efficient kernel then serves it instead of math's full score matrix."""
+    from lowgear import hardware
+
+    gpu = hardware.DeviceInfo(index=0, kind="cuda", name="Test GPU", compute_capability=cc,
+                              total_memory=16 * 2**30, torch_arch_list=("sm_70", "sm_75", "sm_80", "sm_90"))
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: flash_on)
+    backend = SdpaBackend()
+    backend.probe_device = torch.device("cpu")
+    assert backend.probe(gpu).available
+    cuda0 = torch.device("cuda", 0)
+    assert backend._expand(False, cuda0) is expand
+    assert backend._expand(True, cuda0) is True  # a mask: always repeated on CUDA (memory-efficient takes masks)
+    assert backend._expand(False, torch.device("cpu")) is False

@@ -423,8 +423,12 @@ class Bench:
                 if gen.iterate() and first is None:
                     first = time.perf_counter()
             end = time.perf_counter()
-        decode_tps = (self.new_tokens - 1) / (end - first) if self.new_tokens > 1 else None
-        self.add(what, first - t0, decode_tps, ttft_ms=(first - t0) * 1e3, new_tokens=self.new_tokens)
+        if job.eos_reason == "error":  # e.g. float16 overflow in random weights: no speed to report
+            self.skip(what, f"the job ended with an error: {job.error}")
+            return
+        n = len(job.generated)
+        decode_tps = (n - 1) / (end - first) if n > 1 else None
+        self.add(what, first - t0, decode_tps, ttft_ms=(first - t0) * 1e3, new_tokens=n)
 
     # ------------------------------------------------------------ the peer
     def run_peer(self, spec: ModelSpec, label: str) -> None:

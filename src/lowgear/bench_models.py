@@ -78,7 +78,8 @@ class RandomSource:
             groups = gptq_groups(k, GPTQ_GROUP)
             words = lambda *sh: torch.randint(-(1 << 31), 1 << 31, sh, dtype=torch.int64, device=dev,  # noqa: E731
                                               generator=g).to(torch.int32)
-            scales = torch.full((groups, n), 0.002, dtype=torch.float16, device=dev)
+            # (code - zero) spans -15 .. 15 here (random zero points), twice Q4_0's -8 .. 7: half its scale
+            scales = torch.full((groups, n), 0.001, dtype=torch.float16, device=dev)
             return GPTQWeight(words(k * GPTQ_BITS // 32, n), words(groups, n * GPTQ_BITS // 32), scales, None,
                               GPTQ_BITS, GPTQ_GROUP, False, 1)
         if self._packed(name):

@@ -96,6 +96,12 @@ class SdpaBackend(AttentionBackend):
         # The memory-efficient kernel takes masks but not enable_gqa on some torch versions, so on
         # CUDA with a mask the kv heads are repeated to keep that kernel usable.
         self.expand_kv_with_mask = False
+        # torch devices whose sdpa has no flash kernel (compute capability < 8.0, from the probe's
+        # DeviceInfo): there enable_gqa would send a causal prefill to the math kernel, which
+        # materializes every [q, k] score (measured on an H100 limited to a T4's kernels: a 2048-token
+        # prefill of the 8B shape took 167 ms against 55 on the triton rung), so kv heads are repeated
+        # and the memory-efficient kernel serves it
+        self._no_flash: set[torch.device] = set()
 
     def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window):
         use_batched = self.batched == "always" or (self.batched == "decode" and meta.is_decode)
@@ -104,7 +110,9 @@ class SdpaBackend(AttentionBackend):
         return self._attend_each(q, k_cache, v_cache, meta, scale, window)
 
     def _expand(self, has_mask: bool, device: torch.device) -> bool:
-        return has_mask and (self.expand_kv_with_mask or device.type == "cuda")
+        if device.type != "cuda":
+            return has_mask and self.expand_kv_with_mask
+        return has_mask or device in self._no_flash or not torch.backends.cuda.flash_sdp_enabled()
 
     def _attend_padded(self, q, k_cache, v_cache, meta, scale, window):
         B, T = meta.batch_size, q.shape[0]
@@ -133,7 +141,7 @@ class SdpaBackend(AttentionBackend):
             v = gather_kv(v_cache, meta.block_tables[s], kv_len).to(q.dtype).transpose(0, 1)[None]
             qs = q[start : start + q_len].transpose(0, 1)[None]  # [1, H, q_len, D]
             if q_len == kv_len and (window is None or window >= kv_len):
-                o = sdpa(qs, k, v, scale, causal=True)
+                o = sdpa(qs, k, v, scale, causal=True, expand_kv=self._expand(False, q.device))
             else:
                 mask = causal_mask(q_len, kv_len, window, q.device)
                 o = sdpa(qs, k, v, scale, mask, expand_kv=self._expand(True, q.device))
@@ -143,6 +151,8 @@ class SdpaBackend(AttentionBackend):
 
     def _probe(self, device, dtype: torch.dtype | None = None) -> ProbeResult:
         dev = self.probe_device or device.torch_device
+        if device.kind == "cuda" and (device.compute_capability or (0, 0)) < (8, 0):
+            self._no_flash.add(torch.device(device.torch_device))
         dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.float16)
         case = probe_case(dev, dtype)
         for path in (self._attend_each, self._attend_padded):
