@@ -63,7 +63,8 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
-def run_shape(name: str, n: int, k: int, budget: int, copy_bw: float, quick: bool, rep_ms: int) -> dict:
+def run_shape(name: str, n: int, k: int, budget: int, copy_bw: float, quick: bool, rep_ms: int,
+              sweep: dict | None = None) -> dict:
     first = layer(n, k, 0)
     nbytes = sum(t.numel() * t.element_size() for t in (first.qweight, first.scales, first.gptq_zeros))
     copies = max(2, -(-budget // nbytes))
@@ -78,8 +79,13 @@ def run_shape(name: str, n: int, k: int, budget: int, copy_bw: float, quick: boo
     warps = (1, 2, 4) if not quick else (2, 4)
     splits = (None, 4, 8, 16, 32) if not quick else (None, 8, 16)
     tiles = (16, 8, 4) if not quick else (16, 8)
+    prefetch = (False, True)
+    if sweep:
+        warps, splits, tiles, prefetch = (sweep.get(key, dflt) for key, dflt in
+                                          (("warps", warps), ("splits", splits), ("tiles", tiles),
+                                           ("prefetch", prefetch)))
     rows = []
-    for nw, sp, tr, pf in itertools.product(warps, splits, tiles, (False, True)):
+    for nw, sp, tr, pf in itertools.product(warps, splits, tiles, prefetch):
         kw = dict(num_warps=nw, split=sp, tile_r=tr, prefetch=pf)
         p = G.launch_params(n, k, 4, block_r, 1, nw, sp, tr, pf)
         err = float((call(first, **kw).float() - ref).abs().max() / ref.abs().max())
@@ -115,7 +121,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-mb", type=int, default=256, help="bytes of copies per case (> 2x the L2)")
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--warps", default=None, help="comma list (default 1,2,4)")
+    ap.add_argument("--splits", default=None, help="comma list; 0 for the default split")
+    ap.add_argument("--tiles", default=None, help="comma list of BLOCK_R caps (default 16,8,4)")
+    ap.add_argument("--prefetch", default=None, help="comma list of 0/1 (default 0,1)")
     a = ap.parse_args()
+    ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
+    sweep = {}
+    if a.warps:
+        sweep["warps"] = ints(a.warps)
+    if a.splits:
+        sweep["splits"] = tuple(x or None for x in ints(a.splits))
+    if a.tiles:
+        sweep["tiles"] = ints(a.tiles)
+    if a.prefetch:
+        sweep["prefetch"] = tuple(bool(x) for x in ints(a.prefetch))
     rep_ms = 25
     if a.cpu_smoke:
         DEVICE, SHAPES, a.budget_mb, rep_ms = "cpu", {"tiny": (256, 256)}, 1, 1
@@ -123,7 +143,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"{name}: copy {copy_bw / 1e9:.0f} GB/s; GPTQ 4-bit g128 GEMV, M = 1, weights from HBM", flush=True)
     t0 = time.perf_counter()
-    results = [run_shape(s, n, k, a.budget_mb << 20, copy_bw, a.quick or a.cpu_smoke, rep_ms)
+    results = [run_shape(s, n, k, a.budget_mb << 20, copy_bw, a.quick or a.cpu_smoke, rep_ms, sweep)
                for s, (n, k) in SHAPES.items()]
     print(f"{time.perf_counter() - t0:.0f} s")
     if a.out:
