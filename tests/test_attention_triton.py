@@ -142,6 +142,37 @@ def test_decode_fp16():
         assert_close(out, ref, FP16_TOL)
 
 
+@pytest.mark.parametrize("group,head_dim,window", [(4, 64, None), (3, 64, 20), (8, 128, None), (1, 64, None)])
+def test_decode_dot_form_fp16(group, head_dim, window):
+    """The tl.dot form (what sm_80+ GPUs run for fp16 / bf16): GQA groups padded to 16 rows, blocks
+    of 64 positions over 16-position pages, odd and page-boundary lengths, unequal batches, splits,
+    a graph-style bound far past the lengths, and a window."""
+    kv_lens = [1, 15, 16, 17, 33, 70, 95]
+    q, kc, vc, meta = paged_problem([1] * len(kv_lens), kv_lens, group=group, head_dim=head_dim, dtype=torch.float16)
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, head_dim**-0.5, window)
+    for splits, bound in ((1, meta.max_kv_len), (3, meta.max_kv_len), (8, 100_000)):
+        out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, head_dim**-0.5, bound, window=window,
+                                  num_splits=splits, use_dot=True)
+        assert out.dtype == torch.float16
+        assert_close(out, ref, FP16_TOL)
+
+
+@pytest.mark.parametrize("cc,dot", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_backend_takes_the_dot_form_only_from_sm80(cc, dot, monkeypatch):
+    """Below sm_80 Triton lowers tl.dot to FMAs (DESIGN.md), so only sm_80+ decode takes the dot form."""
+    import lowgear.attention.triton as T
+    from lowgear.attention.base import ProbeResult
+
+    monkeypatch.setattr(T, "_interpret", lambda: False)
+    backend = TritonBackend()
+    monkeypatch.setattr(backend, "_timed_probe", lambda device, dtype, time_limit: ProbeResult(True, "ok"))
+    gpu = DeviceInfo(index=0, kind="cuda", name="Test GPU", compute_capability=cc, total_memory=16 * 2**30,
+                     torch_arch_list=("sm_70", "sm_75", "sm_80", "sm_90"))
+    assert backend.probe(gpu).available
+    assert (0 in backend._dot_devices) is dot
+
+
 def test_decode_choose_splits():
     decode, _ = kernels()
     assert decode.choose_splits(batch=64, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512) == 1

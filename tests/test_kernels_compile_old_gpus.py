@@ -49,10 +49,10 @@ def signature(kernel, dtype, constexprs):
             sig[name] = "i32"
     return sig
 
-def decode(group, head_dim, splits):
-    return dict(GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=head_dim, HEAD_DIM_P=head_dim,
-                PAGE_SIZE=256, BLOCK_N=D.block_n_for(group, head_dim), NUM_SPLITS=splits, DIRECT=splits == 1,
-                WHILE_LOOP=False)
+def decode(group, head_dim, splits, dot=False):
+    return dict(GROUP=group, GROUP_P=max(16 if dot else 1, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N if dot else D.block_n_for(group, head_dim),
+                NUM_SPLITS=splits, DIRECT=splits == 1, WHILE_LOOP=False, DOT=dot)
 
 def reduce(head_dim, splits):
     return dict(HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, NUM_SPLITS=splits, NUM_SPLITS_P=triton.next_power_of_2(splits))
@@ -74,6 +74,8 @@ CASES += [
     ("decode", D.paged_decode_kernel, 75, "fp32", decode(8, 128, 4)),
     ("prefill", P.paged_prefill_kernel, 75, "fp32", prefill(1, 64, True)),
     ("prefill", P.paged_prefill_kernel, 80, "fp16", prefill(4, 128, False)),
+    ("decode_dot", D.paged_decode_kernel, 80, "fp16", decode(4, 128, 8, dot=True)),
+    ("decode_dot", D.paged_decode_kernel, 90, "fp16", decode(4, 128, 1, dot=True)),
 ]
 results = []
 for name, kernel, arch, dtype, constexprs in CASES:
@@ -130,6 +132,9 @@ def test_fp32_prefill_compiles_with_ieee_dot(compiled):
     assert r["cubin"] > 0 and r["shared"] <= 64 * 1024
 
 
-def test_no_tl_dot_in_decode_source():
-    source = (SRC / "lowgear/attention/kernels/paged_decode.py").read_text()
-    assert not re.search(r"tl\.dot\(", source)
+def test_decode_dot_form_is_tensor_core_mma_on_sm80(compiled):
+    """The decode kernel's tl.dot form (DOT=True) is what the triton rung runs on sm_80+ for fp16 /
+    bf16 (attention/triton.py routes it there only); old GPUs compile the FMA form checked above."""
+    for arch in (80, 90):
+        r = find(compiled, "decode_dot", arch)
+        assert r["mma"] > 0 and r["shared"] <= 96 * 1024, r

@@ -1,7 +1,8 @@
 """The triton rung: lowgear's own paged attention kernels, for GPUs that flash-attn does not serve.
 
 Decode steps (one new token per sequence) go to a split-K decode kernel written without `tl.dot`,
-so it runs at full memory speed on sm_70/sm_75 as on newer GPUs; every other step (prefill,
+so it runs at full memory speed on sm_70/sm_75 as on newer GPUs (on sm_80+, for fp16 / bf16, the
+same kernel's tl.dot form, which puts a kv head's query heads through tensor cores); every other step (prefill,
 chunked prefill, mixed prefill+decode batches) goes to a paged prefill kernel that does use
 `tl.dot`. Triton compiles `tl.dot` to tensor cores only on sm_80+, so below that the prefill half
 of this rung runs on CUDA cores: `prefers_sdpa_prefill_below_sm80` tells the model/selector to send
@@ -71,11 +72,13 @@ class TritonBackend(AttentionBackend):
     capabilities = _CapabilitiesNow()
     # The prefill kernel's tl.dot has no tensor cores below sm_80: sdpa is faster there.
     prefers_sdpa_prefill_below_sm80 = True
-    # The decode kernel uses no tl.dot: same code path on every compute capability.
-    decode_uses_tl_dot = False
+    # The decode kernel's FMA form (no tl.dot) runs on every compute capability; on sm_80+ fp16 / bf16
+    # decode takes its tl.dot form (tensor cores there; below sm_80 Triton lowers tl.dot to FMAs).
+    decode_dot_from = (8, 0)
 
     def __init__(self) -> None:
         self._sm_counts: dict[int, int] = {}  # CUDA index -> SM count, learned from probe()
+        self._dot_devices: set[int] = set()  # CUDA indices whose decode takes the tl.dot form
 
     def capabilities_for(self, device) -> Capabilities:
         """The capabilities on one device (a hardware.DeviceInfo): dtypes narrowed to what it runs."""
@@ -111,6 +114,8 @@ class TritonBackend(AttentionBackend):
             return ProbeResult(False, "TRITON_INTERPRET=1 is set, so Triton would run on the CPU; unset it to use the GPU")
         if device.sm_count:
             self._sm_counts[device.index] = device.sm_count
+        if cc >= self.decode_dot_from:
+            self._dot_devices.add(device.index)
         return self._timed_probe(device, torch.float16, time_limit=PROBE_MAX_SECONDS)
 
     def _timed_probe(self, device, dtype: torch.dtype, time_limit: float | None) -> ProbeResult:
@@ -175,9 +180,11 @@ class TritonBackend(AttentionBackend):
         if meta.num_tokens == 0:
             return torch.empty_like(q)
         if meta.is_decode:
+            use_dot = (q.device.type == "cuda" and (q.device.index or 0) in self._dot_devices
+                       and k_cache.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] >= 16)
             return paged_decode.paged_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.kv_lens, scale, meta.max_kv_len,
-                window=window, target_programs=self._target_programs(q.device),
+                window=window, target_programs=self._target_programs(q.device), use_dot=use_dot,
             )  # fmt: skip
         return paged_prefill.paged_prefill(
             q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, scale, meta.max_q_len, window=window

@@ -8,10 +8,15 @@ kv-head group, so each K/V row is read once per group, keeps an online softmax o
 reduce kernel then combines the splits by their log-sum-exp weights. With one split the first
 kernel writes the output directly and the reduce is skipped.
 
-The scores and the weighted sum of values are broadcast-multiplies reduced with `tl.sum`, never
-`tl.dot`: the work is GEMV-shaped (a handful of query rows), and without `tl.dot` the kernel
-compiles to the same plain loads and FMAs on sm_70/sm_75 as on newer GPUs. Inputs may be fp16,
-bf16 or fp32; everything is accumulated in fp32 and scores live in the log2 domain (exp2).
+The scores and the weighted sum of values are broadcast-multiplies reduced with `tl.sum` (the FMA
+form): the work is GEMV-shaped (a handful of query rows), and without `tl.dot` the kernel compiles
+to the same plain loads and FMAs on sm_70/sm_75 as on newer GPUs. That form spreads head_dim over
+a warp's lanes, so each score is a cross-lane sum. On sm_80+ with fp16 / bf16 caches the triton rung
+runs the DOT form instead: a kv head's query heads (padded to 16 rows) times the block's keys, and
+the probabilities times its values, both through tl.dot (tensor cores), blocks of DOT_BLOCK_N
+positions, DOT_NUM_WARPS warps a program; the online softmax, the splits and the reduce are the
+same. Inputs may be fp16, bf16 or fp32; everything is accumulated in fp32 and scores live in the
+log2 domain (exp2).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ NO_WINDOW = 1 << 30
 def _decode_block(
     q, m_i, l_i, acc, n0, end, table, k_base, v_base,
     stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     """One block of positions n0.. (< end): update the online softmax state (m_i, l_i, acc).
 
@@ -47,8 +53,11 @@ def _decode_block(
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(
         k_base + page[:, None] * stride_kp + slot[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
-    ).to(tl.float32)  # [BLOCK_N, HEAD_DIM_P]
-    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
+    )  # [BLOCK_N, HEAD_DIM_P]
+    if DOT:  # q in the cache dtype, GROUP_P >= 16 rows (the heads past GROUP are zeros)
+        s = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] fp32
+    else:
+        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
     s = tl.where(n_ok[None, :], s, float("-inf"))
     # Every block holds at least one valid position, so m_new is finite from the first block on.
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -56,8 +65,11 @@ def _decode_block(
     p = tl.exp2(s - m_new[:, None])
     v = tl.load(
         v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
-    ).to(tl.float32)
-    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    )
+    if DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    else:
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
 
@@ -95,6 +107,7 @@ def paged_decode_kernel(
     NUM_SPLITS: tl.constexpr,
     DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write the normalised output, no partials
     WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _decode_block)
+    DOT: tl.constexpr,  # scores and values through tl.dot (tensor cores, sm_80+; GROUP_P >= 16)
 ):
     seq = tl.program_id(0)
     head0 = tl.program_id(1) * GROUP
@@ -126,6 +139,8 @@ def paged_decode_kernel(
         other=0.0,
     ).to(tl.float32)
     q = q * scale_log2  # [GROUP_P, HEAD_DIM_P]
+    if DOT:
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
@@ -139,14 +154,14 @@ def paged_decode_kernel(
         while n0 < end:
             m_i, l_i, acc = _decode_block(
                 q, m_i, l_i, acc, n0, end, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, DOT,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _decode_block(
                 q, m_i, l_i, acc, n0, end, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, DOT,
             )  # fmt: skip
 
     has = l_i > 0.0  # False only for a split that lies past the end of a short sequence
@@ -207,6 +222,14 @@ MIN_SPLIT = 16
 NUM_WARPS = 1
 
 
+# The tl.dot form (sm_80+, fp16 / bf16): positions per loop step and warps per program. The one-warp
+# FMA form spreads head_dim over the lanes, so every score is a cross-lane sum; at batch 64 and 1k
+# positions it read K/V at about 1.7 TB/s on an H100. These two are first guesses, to be set from
+# a sweep.
+DOT_BLOCK_N = 64
+DOT_NUM_WARPS = 4
+
+
 def block_n_for(group: int, head_dim: int, programs: int = 0) -> int:
     """Positions per loop step, for a launch of `programs` (sequence, head-group) pairs per split.
 
@@ -248,12 +271,15 @@ def paged_decode(
     heads_per_program: int | None = None,
     min_split: int | None = None,
     num_stages: int | None = None,
+    use_dot: bool = False,
 ) -> torch.Tensor:
     """Decode attention for B sequences; `max_kv_len` is a host-side bound on kv_lens (no sync).
 
     A fixed `num_splits` (and `max_kv_len`) keeps launch shapes fixed, for CUDA-graph capture; the
     kernel still divides each sequence's real length among the splits. `heads_per_program` (a
     divisor of the GQA group; default the whole group) cuts a kv head's query heads over programs.
+    `use_dot` (fp16 / bf16 caches, for sm_80+: see DOT_* below) runs scores and values through
+    tl.dot with a kv head's query heads as the rows of the product.
     """
     batch, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
@@ -263,6 +289,11 @@ def paged_decode(
     per_program = heads_per_program or group
     assert group % per_program == 0, "heads_per_program must divide the query heads per kv head"
     programs = heads // per_program
+    if use_dot:
+        assert k_cache.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16, (k_cache.dtype, head_dim)
+        block_n = block_n or DOT_BLOCK_N
+        num_warps = num_warps or DOT_NUM_WARPS
+        target_programs = max(1, target_programs // DOT_NUM_WARPS)  # programs of several warps each
     block_n = block_n or block_n_for(group, head_dim, batch * programs)
     min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
     span = min(max_kv_len, window) if window else max_kv_len
@@ -285,10 +316,10 @@ def paged_decode(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=per_program, GROUP_P=triton.next_power_of_2(per_program),
+        GROUP=per_program, GROUP_P=max(16 if use_dot else 1, triton.next_power_of_2(per_program)),
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED,
+        NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED, DOT=use_dot,
         num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}),
     )  # fmt: skip
     if not direct:
