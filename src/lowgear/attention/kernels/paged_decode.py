@@ -293,7 +293,7 @@ def paged_decode(
         assert k_cache.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16, (k_cache.dtype, head_dim)
         block_n = block_n or DOT_BLOCK_N
         num_warps = num_warps or DOT_NUM_WARPS
-        target_programs = max(1, target_programs // DOT_NUM_WARPS)  # programs of several warps each
+        target_programs = max(1, target_programs // num_warps)  # programs of several warps each
     block_n = block_n or block_n_for(group, head_dim, batch * programs)
     min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
     span = min(max_kv_len, window) if window else max_kv_len

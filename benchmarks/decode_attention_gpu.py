@@ -1,0 +1,83 @@
+"""Paged decode attention alone on the GPU: the FMA form against the tl.dot form, over launch choices.
+
+    python benchmarks/decode_attention_gpu.py [--out OUT.json]
+
+Llama-3-8B attention shape (32 query heads, 8 kv heads, head_dim 128, fp16, 256-position pages),
+one layer's decode for batch x context, launched as the CUDA graph launches it: the kv bound is a
+cache capacity far above the real lengths (65,536 positions), the split count from the rung's
+target programs (16 one-warp programs per SM, a quarter as many for the dot form's 4-warp ones).
+Timed as CUDA-graph replays of 8 layers' worth of calls over 8 distinct caches (so K/V come from
+HBM, not L2); reported per layer, and as TB/s of K/V bytes read. Each variant's output is checked
+against the FMA form's first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton.testing
+
+from lowgear.attention.kernels import load
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 256
+CASES = [(1, 512), (1, 4096), (16, 1024), (64, 1024), (64, 4096)]
+BOUND = 65536
+LAYERS = 8
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    decode, _ = load(interpret=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = []
+    t0 = time.perf_counter()
+    for batch, ctx in CASES:
+        pages_per_seq = -(-ctx // PAGE)
+        pool = batch * pages_per_seq
+        g = torch.Generator(device="cuda").manual_seed(0)
+        caches = [(torch.randn(pool, PAGE, KV_HEADS, HEAD_DIM, device="cuda", generator=g).half(),
+                   torch.randn(pool, PAGE, KV_HEADS, HEAD_DIM, device="cuda", generator=g).half())
+                  for _ in range(LAYERS)]
+        tables = torch.randperm(pool, device="cuda", generator=g).int().view(batch, pages_per_seq)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", generator=g).half()
+        kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+
+        def run(**kw):
+            return [decode.paged_decode(q, kc, vc, tables, lens, HEAD_DIM**-0.5, BOUND, **kw) for kc, vc in caches]
+
+        ref = run(target_programs=16 * sms)[0].float()
+        variants = [("fma", dict(target_programs=16 * sms))]
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for per_sm in (2, 4, 8):
+                    variants.append((f"dot bn{bn} w{warps} {per_sm}/SM",
+                                     dict(use_dot=True, block_n=bn, num_warps=warps, target_programs=per_sm * sms * warps)))
+        for name, kw in variants:
+            err = float((run(**kw)[0].float() - ref).abs().max())
+            us = triton.testing.do_bench_cudagraph(lambda kw=kw: run(**kw), rep=30, return_mode="median") * 1e3 / LAYERS
+            results.append({"batch": batch, "context": ctx, "variant": name, "us_per_layer": us,
+                            "TBps": kv_bytes / us / 1e6, "max_abs_diff_vs_fma": err})
+        best = min((r for r in results if (r["batch"], r["context"]) == (batch, ctx) and r["variant"] != "fma"),
+                   key=lambda r: r["us_per_layer"])
+        fma = next(r for r in results if (r["batch"], r["context"], r["variant"]) == (batch, ctx, "fma"))
+        default = next(r for r in results if (r["batch"], r["context"]) == (batch, ctx)
+                       and r["variant"] == f"dot bn{decode.DOT_BLOCK_N} w{decode.DOT_NUM_WARPS} 4/SM")
+        print(f"bs {batch:3d} ctx {ctx:5d}: fma {fma['us_per_layer']:7.1f} us ({fma['TBps']:.2f} TB/s) | dot default "
+              f"{default['us_per_layer']:7.1f} us ({default['TBps']:.2f}) | best {best['variant']}: "
+              f"{best['us_per_layer']:7.1f} us ({best['TBps']:.2f} TB/s), max diff {best['max_abs_diff_vs_fma']:.1e}",
+              flush=True)
+        del caches
+    print(f"{time.perf_counter() - t0:.0f} s")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
