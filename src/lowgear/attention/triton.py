@@ -166,10 +166,10 @@ class TritonBackend(AttentionBackend):
             },
         )
 
-    def _target_programs(self, device: torch.device) -> int:
+    def _target_programs(self, device: torch.device, per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
         if device.type != "cuda":
             return 8  # the interpreter runs programs one after another: fewer is faster
-        return DECODE_PROGRAMS_PER_SM * self._sm_counts.get(device.index or 0, 64)
+        return per_sm * self._sm_counts.get(device.index or 0, 64)
 
     def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None) -> torch.Tensor:
         from .kernels import load
@@ -184,7 +184,9 @@ class TritonBackend(AttentionBackend):
                        and k_cache.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] >= 16)
             return paged_decode.paged_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.kv_lens, scale, meta.max_kv_len,
-                window=window, target_programs=self._target_programs(q.device), use_dot=use_dot,
+                window=window, use_dot=use_dot,
+                target_programs=self._target_programs(
+                    q.device, paged_decode.DOT_PROGRAMS_PER_SM if use_dot else DECODE_PROGRAMS_PER_SM),
             )  # fmt: skip
         return paged_prefill.paged_prefill(
             q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, scale, meta.max_q_len, window=window

@@ -222,12 +222,15 @@ MIN_SPLIT = 16
 NUM_WARPS = 1
 
 
-# The tl.dot form (sm_80+, fp16 / bf16): positions per loop step and warps per program. The one-warp
-# FMA form spreads head_dim over the lanes, so every score is a cross-lane sum; at batch 64 and 1k
-# positions it read K/V at about 1.7 TB/s on an H100. These two are first guesses, to be set from
-# a sweep.
+# The tl.dot form (sm_80+, fp16 / bf16): positions per loop step, warps per program, and programs per
+# SM a launch aims for. Swept on an H100 (benchmarks/results/h100-session3/decode_attention.log:
+# Llama-3-8B attention, fp16, 256-position pages, graph-style bound, K/V from HBM): 64 positions,
+# 4 warps, 2 programs per SM had the lowest sum over batch 1-64 and contexts 512-4k (500 us a
+# layer summed, 4 per SM: 513); at batch 64 x 1k it read K/V at 2.9 TB/s, where the one-warp FMA
+# form (every score a cross-lane sum over head_dim) read 1.76 (152 us a layer against 93).
 DOT_BLOCK_N = 64
 DOT_NUM_WARPS = 4
+DOT_PROGRAMS_PER_SM = 2
 
 
 def block_n_for(group: int, head_dim: int, programs: int = 0) -> int:
@@ -293,7 +296,6 @@ def paged_decode(
         assert k_cache.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16, (k_cache.dtype, head_dim)
         block_n = block_n or DOT_BLOCK_N
         num_warps = num_warps or DOT_NUM_WARPS
-        target_programs = max(1, target_programs // num_warps)  # programs of several warps each
     block_n = block_n or block_n_for(group, head_dim, batch * programs)
     min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
     span = min(max_kv_len, window) if window else max_kv_len
