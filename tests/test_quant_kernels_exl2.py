@@ -246,11 +246,12 @@ def test_exl2_kernels_compile_for_volta_and_turing(compiled):
 def test_exl2_gemv_stays_in_registers(compiled):
     """No tensor-core mma, no int->float cvt per code (the exponent trick), 16-byte weight loads, and
     no shared memory or barrier but split-K's finish (`splitk.finish`: one barrier before the tile
-    counter, and the counter's value broadcast through 4 bytes of shared memory with a second): a
-    layout conversion per group or per code would show up as both."""
+    counter, and the counter's value broadcast through 4 bytes of shared memory with one or two more,
+    2 in all with Triton 3.6, 3 with 3.9): a layout conversion per group or per code would need
+    kilobytes of shared memory."""
     for name, r in compiled.items():
         if r["gemv"]:
-            assert r["mma"] == 0 and r["shared"] <= 4 and r["bar"] == 2 and r["v4"] > 0, (name, r)
+            assert r["mma"] == 0 and r["shared"] <= 4 and r["bar"] <= 3 and r["v4"] > 0, (name, r)
             assert r["cvt"] <= 8, (name, r)
 
 

@@ -57,7 +57,9 @@ def finish(acc, y_ptr, part_ptr, cnt_ptr, offs, mask, tile, pid_k, n_split, MN,
             total = tl.zeros_like(acc)
             for s0 in range(0, n_split, S_CHUNK):  # S_CHUNK loads in flight at a time, added in order
                 for j in tl.static_range(S_CHUNK):
-                    ok = mask & (s0 + j < n_split)
+                    # the split bound as a tensor like mask (Triton 3.9's interpreter turns a scalar
+                    # bool and-ed into a mask into an int32 mask, which its loads refuse)
+                    ok = mask & ((offs * 0 + s0 + j) < n_split)
                     total += tl.load(part_ptr + (s0 + j) * MN + offs, mask=ok, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
