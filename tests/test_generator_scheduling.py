@@ -145,21 +145,31 @@ class PoisonModel(StubModel):
 
     POISON = VOCAB - 1
 
+    def __init__(self, fill: str = "nan"):
+        super().__init__()
+        self.fill = fill
+
     def forward(self, ids, meta, cache):
         logits = super().forward(ids, meta, cache)
         logits[:, self.POISON] = float("-inf")  # healthy rows never sample the poison token
         bounds = [0, *torch.tensor(meta.q_lens_host).cumsum(0).tolist()]
         for s in range(meta.batch_size):
             if (ids[bounds[s] : bounds[s + 1]] == self.POISON).any():
-                logits[s] = float("nan")
+                if self.fill == "+inf":
+                    logits[s, 3] = float("inf")
+                else:
+                    logits[s] = float(self.fill)  # "nan", or "-inf": every token masked
         return logits
 
 
-def test_non_finite_logits_end_that_job_only_with_a_clear_error():
+@pytest.mark.parametrize("fill", ["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("bad_greedy", [False, True])  # True: an all-greedy batch (argmax from the max reduction)
+def test_non_finite_logits_end_that_job_only_with_a_clear_error(fill, bad_greedy):
     gen = make_generator(num_pages=64, max_batch_size=4)
-    gen.model = PoisonModel()
+    gen.model = PoisonModel(fill)
     healthy = [lg.DynamicJob([5, 6, 7, 8 + i], max_new_tokens=6, gen_settings=lg.Sampler.Settings.greedy()) for i in range(3)]
-    bad = lg.DynamicJob([5, 6, PoisonModel.POISON], max_new_tokens=6)
+    bad = lg.DynamicJob([5, 6, PoisonModel.POISON], max_new_tokens=6,
+                        gen_settings=lg.Sampler.Settings.greedy() if bad_greedy else None)
     gen.enqueue(healthy[:2] + [bad] + healthy[2:])
     results = []
     while gen.num_remaining_jobs():

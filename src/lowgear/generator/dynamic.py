@@ -22,7 +22,7 @@ from ..dtypes import NonFiniteError, check_finite
 from ..errors import ConfigError, ContextLengthError
 from .graphs import DecodeGraphs, DecodeRow, disabled_reason
 from .job import DynamicJob
-from .sampler import SamplerSettings, sample
+from .sampler import SamplerSettings, all_greedy, sample
 from .stops import StopMatcher
 from .textstream import TextStream
 
@@ -214,11 +214,18 @@ class DynamicGenerator:
         if jobs:
             picked = logits[rows] if len(rows) != logits.shape[0] else logits
             picked = self._suppress_early_stops(picked, jobs)
-            # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token); such rows are sampled
-            # as zeros and their jobs ended, and the flags come back in the tokens' one transfer.
-            ok = ~(picked.isnan().any(-1) | picked.isposinf().any(-1) | picked.isneginf().all(-1))
-            safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
-            tokens = sample(safe, [j.settings for j in jobs], [j.all_ids for j in jobs], [j.rng for j in jobs])
+            # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token): a row's max is then
+            # not finite (max propagates NaN), as it is when every logit is -inf. One reduction gives
+            # the flags and, for greedy batches, the tokens; other batches sample rows made safe (zeros
+            # where a row failed). Failed rows' jobs end; the flags come back in the tokens' transfer.
+            top, best = picked.max(-1)
+            ok = torch.isfinite(top)
+            settings = [j.settings for j in jobs]
+            if all_greedy(settings):
+                tokens = best
+            else:
+                safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
+                tokens = sample(safe, settings, [j.all_ids for j in jobs], [j.rng for j in jobs])
             for i, (job, (token, good)) in enumerate(zip(jobs, torch.stack((tokens, ok.long())).T.tolist())):
                 results.append(self._accept(job, token) if good else self._fail(job, picked[i]))
         self.running = [j for j in self.running if not j.finished]

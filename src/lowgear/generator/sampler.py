@@ -168,6 +168,11 @@ def apply_penalties(
     return logits
 
 
+def all_greedy(settings: Sequence[SamplerSettings]) -> bool:
+    """Whether every row's pick is its argmax: greedy (temperature 0 or top_k 1) with no penalties."""
+    return all(s.temperature == 0 or s.top_k == 1 for s in settings) and not any(s.has_penalties for s in settings)
+
+
 def sample(
     logits: torch.Tensor,
     settings: Sequence[SamplerSettings],
@@ -194,7 +199,7 @@ def sample(
     if batch == 0:
         return torch.empty(0, dtype=torch.long, device=logits.device)
     device = logits.device
-    if all(s.temperature == 0 or s.top_k == 1 for s in settings) and not any(s.has_penalties for s in settings):
+    if all_greedy(settings):
         # Every row greedy: the argmax is the whole answer (one kernel, no sort, no draw), and it
         # consumes no random numbers, so nothing later in a seeded stream depends on it.
         return logits.argmax(dim=-1)
