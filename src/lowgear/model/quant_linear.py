@@ -73,13 +73,7 @@ class QuantLinear(nn.Module):
             weight.validate()
             self._packed_qtype = weight.qtype
             self.out_features, self.in_features = weight.shape
-            self._gptq = {"bits": weight.bits, "group_size": weight.group_size, "sym": weight.sym,
-                          "zero_offset": weight.zero_offset}
-            self.register_buffer("qweight", weight.qweight)
-            self.register_buffer("qzeros", weight.qzeros)
-            # fp16 scales kept as their int16 bits so that `.to(dtype)` cannot round them (e.g. to bf16)
-            self.register_buffer("scales", weight.scales.view(torch.int16))
-            self.register_buffer("g_idx", weight.g_idx)
+            self._hold_gptq(weight)
             self.weight = None
         elif isinstance(weight, PackedTensor):
             rows, cols = weight.shape
@@ -146,17 +140,21 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def _hold_gptq(self, w: GPTQWeight) -> None:
+        self._gptq = {"bits": w.bits, "group_size": w.group_size, "sym": w.sym, "zero_offset": w.zero_offset}
+        self.register_buffer("qweight", w.qweight)
+        self.register_buffer("qzeros", w.qzeros)
+        # fp16 scales kept as their int16 bits so that `.to(dtype)` cannot round them (e.g. to bf16)
+        self.register_buffer("scales", w.scales.view(torch.int16))
+        self.register_buffer("g_idx", w.g_idx)
+
     def hold_as_gptq(self, w: GPTQWeight) -> None:
         """Hold `w`, the same weight in GPTQ form (quant/repack.py), in place of the packed GGUF rows:
         every path of the module then reads it as a GPTQ layer; `qtype` still names the file's type."""
         w.validate()
         assert self._gptq is None and self._exl2 is None and self.packed and w.shape == (self.out_features,
                                                                                        self.in_features)
-        self._gptq = {"bits": w.bits, "group_size": w.group_size, "sym": w.sym, "zero_offset": w.zero_offset}
-        self.qweight = w.qweight
-        self.register_buffer("qzeros", w.qzeros)
-        self.register_buffer("scales", w.scales.view(torch.int16))
-        self.register_buffer("g_idx", None)
+        self._hold_gptq(w)
 
     def gptq_weight(self) -> GPTQWeight:
         """The held GPTQ tensors (on the module's device) as a GPTQWeight."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import repack
 from ..dequant import banded_matmul
 
 # GEMV up to this many activation rows. Measured on an H100 (tests/test_quant_kernels_gpu.py): one row
@@ -29,10 +30,6 @@ from ..dequant import banded_matmul
 # 8 rows took 38 ms a step through the GEMV against 22 ms at 32 rows through tiles (generator/graphs.py's
 # benchmark), so the GEMV stops at 4.
 MAX_M = 4
-# GGUF types that run as GPTQ layers (quant/repack.py, exact): the GPTQ GEMV reads 16-byte vectors where
-# the block GEMV below reads 2-byte ones. On an H100 (Llama-3-8B shape, batch 1) Q4_0 took 7.90 ms a
-# step on the block GEMV (benchmarks/results/h100-cuda-graphs/decode_graphs_v3.txt)
-REPACK_AS_GPTQ = ("Q4_0", "Q8_0")
 # rows dequantized per band when M > MAX_M: bounds the temporary to ~PREFILL_BAND_ELEMS elements
 PREFILL_BAND_ELEMS = 1 << 24
 
@@ -70,12 +67,13 @@ def kernel_for(module):
 
         prepare(module)
         return exl2_matmul
-    if (getattr(module, "_gptq", None) is None and module.packed and module.qtype in REPACK_AS_GPTQ
-            and _triton_available()):
-        from ..repack import can_hold, gguf_to_gptq
-
-        if can_hold(module.qtype, module.out_features, module.in_features):
-            module.hold_as_gptq(gguf_to_gptq(module.qtype, module.qweight, module.in_features))
+    # GGUF types with an exact GPTQ form (quant/repack.py) run as GPTQ layers: the GPTQ GEMV reads
+    # 16-byte vectors where the block GEMV reads 2-byte ones. On an H100 (Llama-3-8B shape, batch 1)
+    # Q4_0 took 7.90 ms a step on the block GEMV (benchmarks/results/h100-cuda-graphs/decode_graphs_v3.txt),
+    # 3.76 ms as GPTQ (benchmarks/results/h100-session3/final/bench.log)
+    if (getattr(module, "_gptq", None) is None and module.packed and _triton_available()
+            and repack.can_hold(module.qtype, module.out_features, module.in_features)):
+        module.hold_as_gptq(repack.gguf_to_gptq(module.qtype, module.qweight, module.in_features))
     if getattr(module, "_gptq", None) is not None:
         if not _triton_available():
             return None
