@@ -8,9 +8,10 @@ L2 and the figures flatter the kernel. Here each case owns enough copies of its 
 that a CUDA graph of one GEMV per copy reads every byte from HBM once per replay; time per GEMV =
 replay time / copies. Shapes are the fused Llama-3-8B linears at 4-bit g128 (q|k|v 6144x4096,
 o 4096x4096, gate|up 28672x4096, down 4096x14336), M = 1. Swept: num_warps x split-K x tile rows
-(BLOCK_R) x prefetch; reported as GB/s and % of a device-to-device copy measured in the same run,
+(BLOCK_R); reported as GB/s and % of a device-to-device copy measured in the same run,
 beside cuBLAS on the float16 weights (also cold). Every configuration's output is checked against
-the layer's torch dequantize + matmul first.
+the layer's torch dequantize + matmul first. (The runs recorded in benchmarks/results/h100-session3/
+also swept a next-tile register prefetch, since taken out of the kernel: `prefetch` in their JSON.)
 """
 
 from __future__ import annotations
@@ -79,15 +80,13 @@ def run_shape(name: str, n: int, k: int, budget: int, copy_bw: float, quick: boo
     warps = (1, 2, 4) if not quick else (2, 4)
     splits = (None, 4, 8, 16, 32) if not quick else (None, 8, 16)
     tiles = (16, 8, 4) if not quick else (16, 8)
-    prefetch = (False, True)
     if sweep:
-        warps, splits, tiles, prefetch = (sweep.get(key, dflt) for key, dflt in
-                                          (("warps", warps), ("splits", splits), ("tiles", tiles),
-                                           ("prefetch", prefetch)))
+        warps, splits, tiles = (sweep.get(key, dflt) for key, dflt in
+                                (("warps", warps), ("splits", splits), ("tiles", tiles)))
     rows = []
-    for nw, sp, tr, pf in itertools.product(warps, splits, tiles, prefetch):
-        kw = dict(num_warps=nw, split=sp, tile_r=tr, prefetch=pf)
-        p = G.launch_params(n, k, 4, block_r, 1, nw, sp, tr, pf)
+    for nw, sp, tr in itertools.product(warps, splits, tiles):
+        kw = dict(num_warps=nw, split=sp, tile_r=tr)
+        p = G.launch_params(n, k, 4, block_r, 1, nw, sp, tr)
         err = float((call(first, **kw).float() - ref).abs().max() / ref.abs().max())
         if err > 2e-3:
             rows.append({**kw, "split": p["split"], "error": f"rel err {err:.2e}"})
@@ -109,7 +108,7 @@ def run_shape(name: str, n: int, k: int, budget: int, copy_bw: float, quick: boo
     print(f"{name:8s} {n:6d}x{k:<6d} {nbytes / 1e6:6.1f} MB | default {t_default:7.1f} us "
           f"{out['default']['GBps']:6.0f} GB/s {out['default']['pct_copy']:4.0f}% | best {best['us']:7.1f} us "
           f"{best['GBps']:6.0f} GB/s {best['pct_copy']:4.0f}%  warps {best['num_warps']} split {best['split']} "
-          f"BLOCK_R {best['BLOCK_R']} prefetch {int(best['prefetch'])} | cuBLAS fp16 {t_fp16:7.1f} us "
+          f"BLOCK_R {best['BLOCK_R']} | cuBLAS fp16 {t_fp16:7.1f} us "
           f"{out['cublas_fp16_GBps']:6.0f} GB/s", flush=True)
     return out
 
@@ -124,7 +123,6 @@ def main() -> None:
     ap.add_argument("--warps", default=None, help="comma list (default 1,2,4)")
     ap.add_argument("--splits", default=None, help="comma list; 0 for the default split")
     ap.add_argument("--tiles", default=None, help="comma list of BLOCK_R caps (default 16,8,4)")
-    ap.add_argument("--prefetch", default=None, help="comma list of 0/1 (default 0,1)")
     a = ap.parse_args()
     ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
     sweep = {}
@@ -134,8 +132,6 @@ def main() -> None:
         sweep["splits"] = tuple(x or None for x in ints(a.splits))
     if a.tiles:
         sweep["tiles"] = ints(a.tiles)
-    if a.prefetch:
-        sweep["prefetch"] = tuple(bool(x) for x in ints(a.prefetch))
     rep_ms = 25
     if a.cpu_smoke:
         DEVICE, SHAPES, a.budget_mb, rep_ms = "cpu", {"tiny": (256, 256)}, 1, 1

@@ -68,11 +68,11 @@ GEMV_NUM_WARPS = 2
 # the best launches of benchmarks/results/h100-session3/gemv_cold.json (weights from HBM, M = 1) on
 # all four fused 8B shapes used BLOCK_R 8 (4 once, 1% better) and splits of 16-64; against tiles of
 # 16 and a split aiming at TARGET_PROGRAMS alone, 11.6 vs 13.8 us (q|k|v), 9.4 vs 10.2 (o),
-# 34.6 vs 41.4 (gate|up), 21.7 vs 23.8 (down)
+# 34.6 vs 41.4 (gate|up), 21.7 vs 23.8 (down). Loading the next tile before unpacking this one (a
+# register prefetch) was slower in 154 of that sweep's 159 pairs (at most 3.6% faster in the other 5,
+# none of them a best launch), and was dropped.
 GEMV_TILE_ROWS = 8
 MIN_SPLIT = 32
-# GEMV: load the next tile while unpacking this one (see gptq_gemv_kernel); the benchmark sweeps it
-PREFETCH = False
 # temporary bound for the prefill path: columns per band so that K * band <= this
 PREFILL_BAND_ELEMS = 1 << 24
 # programs to aim for when picking split-K: a few per SM of an H100 (132 SMs); fewer SMs just queue
@@ -125,40 +125,11 @@ def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _tile_words(qw_ptr, r0, r_hi, N, s_off, c_ok, BLOCK_R: tl.constexpr, WORDS: tl.constexpr):
-    """The tile of row-groups r0 .. r0 + BLOCK_R (those below r_hi): its words [1, BLOCK_R, BLOCK_N]."""
-    rows = r0 + tl.arange(0, BLOCK_R)
-    lmask = (rows < r_hi)[None, :, None] & c_ok
-    wp = qw_ptr + (rows * WORDS).to(tl.int64)[None, :, None] * N + s_off
-    w0 = tl.load(wp, mask=lmask, other=0).to(tl.uint32, bitcast=True)
-    w1 = w0
-    w2 = w0
-    if WORDS == 3:
-        w1 = tl.load(wp + N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
-        w2 = tl.load(wp + 2 * N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
-    return w0, w1, w2
-
-
-@triton.jit
-def _tile_scales(sc_ptr, zf_ptr, g, N, s_off, c_ok):
-    """Group g's scales and float zeros [1, 1, BLOCK_N] in fp32."""
-    s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
-    zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
-    return s, zf
-
-
-@triton.jit
 def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, PREFETCH: tl.constexpr,
-                     S_CHUNK: tl.constexpr):
-    """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`).
-
-    PREFETCH loads the next tile's words and scales before the current tile's math (registers
-    carried over the loop), so a program with several tiles keeps its loads in flight while it
-    unpacks; without it each tile's loads wait for the previous tile's math.
-    """
+                     BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr):
+    """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`)."""
     PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     pid_n = tl.program_id(0)
@@ -174,20 +145,20 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
     s_off = cols[None, None, :]
     c_ok = cmask[None, None, :]
-    if PREFETCH:
-        n0, n1, n2 = _tile_words(qw_ptr, r_lo, r_hi, N, s_off, c_ok, BLOCK_R, WORDS)
-        ns, nz = _tile_scales(sc_ptr, zf_ptr, r_lo // group_rows, N, s_off, c_ok)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         r_ok = rows < r_hi
-        if PREFETCH:
-            w0, w1, w2, s, zf = n0, n1, n2, ns, nz
-            nxt = r0 + BLOCK_R  # past r_hi the loads are fully masked: no memory traffic
-            n0, n1, n2 = _tile_words(qw_ptr, nxt, r_hi, N, s_off, c_ok, BLOCK_R, WORDS)
-            ns, nz = _tile_scales(sc_ptr, zf_ptr, tl.minimum(nxt, r_hi - 1) // group_rows, N, s_off, c_ok)
-        else:
-            w0, w1, w2 = _tile_words(qw_ptr, r0, r_hi, N, s_off, c_ok, BLOCK_R, WORDS)
-            s, zf = _tile_scales(sc_ptr, zf_ptr, r0 // group_rows, N, s_off, c_ok)
+        lmask = r_ok[None, :, None] & c_ok
+        wp = qw_ptr + (rows * WORDS).to(tl.int64)[None, :, None] * N + s_off
+        w0 = tl.load(wp, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+        w1 = w0
+        w2 = w0
+        if WORDS == 3:
+            w1 = tl.load(wp + N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(wp + 2 * N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+        g = r0 // group_rows
+        s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
+        zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
         dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PACK):
             q = _code_minus_zero(w0, w1, w2, zf, j, BITS)  # [1, BLOCK_R, BLOCK_N]
@@ -374,17 +345,17 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
-                  num_warps: int | None = None, split: int | None = None, block_r: int | None = None,
-                  prefetch: bool | None = None) -> dict[str, int]:
-    """BLOCK_N / BLOCK_R / num_warps / split / PREFETCH for one shape.
+                  num_warps: int | None = None, split: int | None = None,
+                  block_r: int | None = None) -> dict[str, int]:
+    """BLOCK_N / BLOCK_R / num_warps / split for one shape.
 
     Each thread loads 16 bytes (4 columns) of every tile row, so BLOCK_N = 128 * num_warps keeps a
     tile row in one thread and the K reduction in registers. The activation slice [M_PAD, BLOCK_R]
     must have fewer elements than the program has threads, or Triton routes it through shared memory
     every code step (checked in the compiled PTX: bar.sync appears), so BLOCK_R shrinks as M grows.
     Tiles hold at most GEMV_TILE_ROWS row-groups. Then K is split until about TARGET_PROGRAMS
-    programs run, and into at least MIN_SPLIT parts. block_r (at most the group's) and prefetch
-    override the defaults (the benchmarks sweep them).
+    programs run, and into at least MIN_SPLIT parts. block_r (at most the group's) overrides the
+    tile cap (the benchmarks sweep it).
     """
     m_pad = triton.next_power_of_2(m)
     num_warps = num_warps or GEMV_NUM_WARPS
@@ -399,25 +370,24 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
     split = max(1, min(tiles, split or max(MIN_SPLIT, TARGET_PROGRAMS // n_blocks)))
     rows_per_split = triton.cdiv(tiles, split) * br
     return {"BLOCK_N": block_n, "BLOCK_R": br, "num_warps": num_warps,
-            "split": triton.cdiv(k // pack, rows_per_split), "rows_per_split": rows_per_split,
-            "PREFETCH": PREFETCH if prefetch is None else prefetch}
+            "split": triton.cdiv(k // pack, rows_per_split), "rows_per_split": rows_per_split}
 
 
 def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
               perm: torch.Tensor | None, bits: int, group_size: int, block_r: int,
               *, num_warps: int | None = None, split: int | None = None, x_perm: str = "kernel",
-              tile_r: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+              tile_r: int | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T (meant for M <= MAX_M), x with unit stride along K; in x's dtype.
 
     qweight must have its groups contiguous: stored without act-order, or `sort_act_order`'s output
     with its perm. zeros are `float_zeros` (fp16 [groups, N], offset included), scales fp16 [groups, N]
-    (an int16 view is accepted); block_r is `gemv_tile_rows`. num_warps / split / tile_r / prefetch
-    override `launch_params` (the benchmark sweeps them); x_perm "torch" gathers x's columns first.
+    (an int16 view is accepted); block_r is `gemv_tile_rows`. num_warps / split / tile_r override
+    `launch_params` (the benchmarks sweep them); x_perm "torch" gathers x's columns first.
     """
     m, k = x.shape
     n = qweight.shape[1]
     assert m >= 1 and x.stride(1) == 1, (tuple(x.shape), x.stride())
-    p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r, prefetch)
+    p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r)
     pack, _ = pack_shape(bits)
     rows = k // pack
     group_rows = rows if gptq_groups(k, group_size) == 1 else group_size // pack
@@ -431,7 +401,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
                            splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
                            n, rows, p["rows_per_split"], group_rows, x.stride(0),
                            M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
-                           BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None, PREFETCH=p["PREFETCH"],
+                           BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
                            num_warps=p["num_warps"])
     return y
