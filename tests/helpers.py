@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -98,3 +103,19 @@ def write_quantized_llama(tmp_path, folder_name: str, store, quantization_config
         drop(tensors)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return hf, folder
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def compiled_results(script: str, timeout: int = 600):
+    """Run `script` (Python source that compiles kernels with `triton.compile` for explicit targets and
+    prints "RESULTS" + JSON) in a subprocess without TRITON_INTERPRET, whose interpreter would stand in
+    for the compiler, and with lowgear's src on the path; returns the JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))  # noqa: E741
+    return json.loads(line[len("RESULTS"):])

@@ -10,15 +10,14 @@ TRITON_INTERPRET=1); shapes are small for that.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import compiled_results
 
 pytest.importorskip("triton")
 
@@ -228,13 +227,7 @@ print("RESULTS" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], check=False, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
-    return json.loads(line[len("RESULTS"):])
+    return compiled_results(COMPILE_SCRIPT, timeout=900)
 
 
 def test_exl2_kernels_compile_for_volta_and_turing(compiled):

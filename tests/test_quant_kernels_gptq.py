@@ -8,16 +8,13 @@ kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); shapes a
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import interpreter_index_shim
+from helpers import compiled_results, interpreter_index_shim
 
 pytest.importorskip("triton")
 
@@ -253,13 +250,7 @@ print("RESULTS" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
-    return json.loads(line[len("RESULTS"):])
+    return compiled_results(COMPILE_SCRIPT, timeout=600)
 
 
 def test_gptq_kernels_compile_for_volta_and_turing(compiled):

@@ -11,15 +11,12 @@ where Triton gives FMAs: why the routing stops at 8.0). The gpu test runs the Ll
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import compiled_results
 
 pytest.importorskip("triton")
 
@@ -213,14 +210,7 @@ print("RESULTS" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
-    return json.loads(line[len("RESULTS"):])
+    return compiled_results(COMPILE_SCRIPT, timeout=600)
 
 
 def test_mma_kernel_uses_tensor_cores_on_sm80_and_sm90(compiled):
