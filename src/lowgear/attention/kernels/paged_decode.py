@@ -281,7 +281,7 @@ def paged_decode(
     A fixed `num_splits` (and `max_kv_len`) keeps launch shapes fixed, for CUDA-graph capture; the
     kernel still divides each sequence's real length among the splits. `heads_per_program` (a
     divisor of the GQA group; default the whole group) cuts a kv head's query heads over programs.
-    `use_dot` (fp16 / bf16 caches, for sm_80+: see DOT_* below) runs scores and values through
+    `use_dot` (fp16 / bf16 caches, for sm_80+: see DOT_BLOCK_N and beside it) runs scores and values through
     tl.dot with a kv head's query heads as the rows of the product.
     """
     batch, heads, head_dim = q.shape
