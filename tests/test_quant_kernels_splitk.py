@@ -52,3 +52,12 @@ def test_counters_grow_and_stay_zero():
     b = splitk.counters(dev, splitk.MIN_COUNTERS + 5)
     assert b.numel() >= splitk.MIN_COUNTERS + 5 and int(b.abs().sum()) == 0
     assert splitk.counters(dev, 3) is b
+
+
+def test_counters_are_not_allocated_during_graph_capture(monkeypatch):
+    """An allocation inside CUDA-graph capture would come from the graph's private pool: refused with
+    a message saying what to do (the generator always runs a step eagerly before it captures)."""
+    monkeypatch.setattr(splitk, "_COUNTERS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="before CUDA-graph capture.*eagerly first"):
+        splitk.counters(torch.device("cuda", 0), 8)
