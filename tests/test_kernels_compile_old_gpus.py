@@ -46,10 +46,11 @@ def signature(kernel, dtype, constexprs):
 def decode(group, head_dim, splits, dot=False):
     return dict(GROUP=group, GROUP_P=max(16 if dot else 1, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N if dot else D.block_n_for(group, head_dim),
-                NUM_SPLITS=splits, DIRECT=splits == 1, WHILE_LOOP=False, DOT=dot)
+                NUM_SPLITS=splits, DIRECT=splits == 1, WHILE_LOOP=False, DOT=dot, PDL=False)
 
 def reduce(head_dim, splits):
-    return dict(HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, NUM_SPLITS=splits, NUM_SPLITS_P=triton.next_power_of_2(splits))
+    return dict(HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, NUM_SPLITS=splits, NUM_SPLITS_P=triton.next_power_of_2(splits),
+                PDL=False)
 
 def prefill(group, head_dim, ieee):
     block_m, block_n = P.blocks_for(head_dim, interpreted=False)

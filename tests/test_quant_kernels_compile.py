@@ -22,7 +22,7 @@ I32, F32 = "i32", "fp32"
 
 def _specs():
     """(name, kernel, signature, constexprs, num_warps, is_gemv) for every kernel, fp16 activations."""
-    from lowgear.model import kernels_norm, kernels_rope
+    from lowgear.model import kernels_act, kernels_norm, kernels_rope
     from lowgear.quant.kernels import dequant_tile, gemv
 
     specs = []
@@ -45,13 +45,17 @@ def _specs():
                  "stride_x": I32, "stride_r": I32, "stride_o": I32, "eps": F32}
     for res in (False, True):
         specs.append((f"rms_norm_res{int(res)}", kernels_norm.rms_norm_kernel, norm_args,
-                      {"HAS_RESIDUAL": res, "BLOCK": 4096}, 8, False))
+                      {"HAS_RESIDUAL": res, "BLOCK": 4096, "PDL": False}, 8, False))
     rope_args = {"q_ptr": "*fp16", "k_ptr": "*fp16", "pos_ptr": "*i64", "cos_ptr": "*fp32",
                  "sin_ptr": "*fp32", "HQ": I32, "HK": I32, "stride_qt": I32, "stride_qh": I32,
-                 "stride_kt": I32, "stride_kh": I32, "stride_c": I32}
+                 "stride_kt": I32, "stride_kh": I32, "stride_c": I32, "v_ptr": "*fp16", "kc_ptr": "*fp16",
+                 "vc_ptr": "*fp16", "slot_ptr": "*i64", "stride_vt": I32, "stride_vh": I32}
     for inter in (False, True):
         specs.append((f"rope_interleaved{int(inter)}", kernels_rope.rope_kernel, rope_args,
-                      {"HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8, "INTERLEAVED": inter}, 4, False))
+                      {"HALF": 64, "D": 128, "BLOCK_HQ": 32, "BLOCK_HK": 8, "INTERLEAVED": inter,
+                       "TO_CACHE": True, "PDL": False}, 4, False))
+    silu_args = {"x_ptr": "*fp16", "out_ptr": "*fp16", "I": I32, "stride_x": I32, "stride_o": I32}
+    specs.append(("silu_mul", kernels_act.silu_mul_kernel, silu_args, {"BLOCK": 1024, "PDL": False}, 4, False))
     return specs
 
 

@@ -200,7 +200,7 @@ RED = {"part_ptr": "*fp32", "y_ptr": "*fp16", "MN": "i32", "SPLITS": "i32"}
 R = {f"R{b}": E.tile_row_groups([4], b) for b in (2, 3, 4, 5, 6, 8)}  # 128-row groups
 
 def gemv(m):
-    return dict(M=m, M_PAD=triton.next_power_of_2(m), BLOCK_N=128 * E.launch_warps(m), S_CHUNK=4, **R)
+    return dict(M=m, M_PAD=triton.next_power_of_2(m), BLOCK_N=128 * E.launch_warps(m), S_CHUNK=4, PDL=False, **R)
 
 CASES = [(f"gemv_m{m}", E.exl2_gemv_kernel, GEMV, gemv(m), E.launch_warps(m), True) for m in (1, 4, E.MAX_M)]
 CASES += [("dequant", E.exl2_dequant_t_kernel, DEQ, dict(BLOCK_K=32, BLOCK_N=128), 4, False)]

@@ -222,7 +222,7 @@ DEQ = {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32"
 def gemv(bits, m, perm):
     p = G.launch_params(4096, 4096, bits, G.gemv_tile_rows(bits, 128, 4096), m)
     return dict(M=m, M_PAD=triton.next_power_of_2(m), BITS=bits, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"],
-                HAS_PERM=perm, S_CHUNK=4), p["num_warps"]
+                HAS_PERM=perm, S_CHUNK=4, PDL=False), p["num_warps"]
 
 CASES = [(f"gemv_b{b}_m{m}_perm{int(pm)}", G.gptq_gemv_kernel, GEMV, *gemv(b, m, pm), True)
          for b, m, pm in [(4, 1, False), (4, 4, True), (4, 16, False), (3, 1, True), (8, 2, False), (2, 1, False)]]

@@ -20,6 +20,7 @@ from helpers import compiled_results
 
 pytest.importorskip("triton")
 
+from lowgear import hardware  # noqa: E402
 from lowgear.model.quant_linear import QuantLinear  # noqa: E402
 from lowgear.quant import kernels  # noqa: E402
 from lowgear.quant.gptq import GPTQWeight, dequantize_gptq  # noqa: E402
@@ -155,7 +156,7 @@ def test_module_hook_uses_the_device_capability(calls):
     """Through QuantLinear's hook (no capability passed) the module's device decides: none on the CPU."""
     w, ref = make_gptq(4, 72, 160, 32, seed=10)
     lin = prepared(w, "cpu")
-    assert lin._gptq_kernel["capability"] is None and G.device_capability(torch.device("cpu")) is None
+    assert lin._gptq_kernel["capability"] is None and hardware.compute_capability(torch.device("cpu")) is None
     lin.kernel = G.gptq_matmul
     x = xs(16, 160, dtype=torch.float16)
     assert rel_err(lin(x), x.double() @ ref.T) < 1e-3
@@ -194,7 +195,7 @@ def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096):
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
              if a in args and (args[a].startswith("*") or a in DIVISIBLE)}
     consts = dict(BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], HAS_PERM=perm,
-                  S_CHUNK=4)
+                  S_CHUNK=4, PDL=False)
     c = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", cap, 32),
                        options={"num_warps": p["num_warps"], "num_stages": p["num_stages"]})
     ptx = c.asm["ptx"]

@@ -331,6 +331,16 @@ def list_devices(refresh: bool = False) -> list[DeviceInfo]:
     return list(_CACHE[key])
 
 
+def compute_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a torch CUDA device (None for the CPU, or where the device is simulated)."""
+    if device.type != "cuda":
+        return None
+    for d in list_devices():
+        if d.kind == "cuda" and not d.simulated and d.index == device.index:
+            return d.compute_capability
+    return None
+
+
 def torch_arch_list(device: DeviceInfo | None = None) -> tuple[str, ...]:
     """The arch list of the torch build in use (a simulated device's declared one)."""
     if device is not None and device.torch_arch_list is not None:

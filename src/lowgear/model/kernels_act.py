@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from .. import pdl
 from .kernels_norm import triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+    def silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl.wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
@@ -45,5 +47,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     if x2.shape[0]:
         silu_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, inter, x2.stride(0), out.stride(0),
-                                                                 BLOCK=block, num_warps=4)
+                                                                 BLOCK=block, num_warps=4,
+                                                                 **pdl.launch(gate_up.device))
     return out.view(*gate_up.shape[:-1], inter)

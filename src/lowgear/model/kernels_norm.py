@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import env
+from .. import env, pdl
 
 try:
     import triton
@@ -35,7 +35,8 @@ if triton is not None:
 
     @triton.jit
     def rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, H, stride_x, stride_r, stride_o, eps,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl.wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -78,6 +79,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if x2.shape[0]:
         rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, hidden, x2.stride(0), r2.stride(0),
                                         out.stride(0), eps, HAS_RESIDUAL=residual is not None,
-                                        BLOCK=block, num_warps=warps)
+                                        BLOCK=block, num_warps=warps, **pdl.launch(x.device))
     out = out.view(x.shape)
     return out if residual is None else (out, residual)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.base import write_kv
+from .. import pdl
 from .kernels_norm import triton, use_triton
 
 if triton is not None:
@@ -84,7 +85,8 @@ if triton is not None:
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
                     v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_vt, stride_vh,
                     HALF: tl.constexpr, D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                    INTERLEAVED: tl.constexpr, TO_CACHE: tl.constexpr):
+                    INTERLEAVED: tl.constexpr, TO_CACHE: tl.constexpr, PDL: tl.constexpr):
+        pdl.wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         i = tl.arange(0, HALF)
@@ -140,5 +142,6 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_c
                           v, k_cache, v_cache, slots, v.stride(0), v.stride(1),
                           HALF=half, D=d, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
                           BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-                          INTERLEAVED=style == "interleaved", TO_CACHE=kv is not None, num_warps=4)
+                          INTERLEAVED=style == "interleaved", TO_CACHE=kv is not None, num_warps=4,
+                          **pdl.launch(q.device))
     return q, k

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import pdl
+
 INTERPRETED = False  # set below, from what @triton.jit returned
 
 _LOG2E = 1.4426950408889634
@@ -108,7 +110,9 @@ def paged_decode_kernel(
     DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write the normalised output, no partials
     WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _decode_block)
     DOT: tl.constexpr,  # scores and values through tl.dot (tensor cores, sm_80+; GROUP_P >= 16)
+    PDL: tl.constexpr,  # programmatic dependent launch (pdl.py)
 ):
+    pdl.wait(PDL)
     seq = tl.program_id(0)
     head0 = tl.program_id(1) * GROUP
     split = tl.program_id(2)
@@ -192,7 +196,9 @@ def paged_decode_reduce_kernel(
     HEAD_DIM_P: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     NUM_SPLITS_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS_P)
@@ -310,6 +316,7 @@ def paged_decode(
         part_o = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_p = triton.next_power_of_2(head_dim)
+    launch = pdl.launch(q.device)
     paged_decode_kernel[(batch, programs, num_splits)](
         q, k_cache, v_cache, block_tables, kv_lens, out, part_o, part_lse,
         scale * _LOG2E, window or NO_WINDOW, min_split, group,
@@ -322,13 +329,13 @@ def paged_decode(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED, DOT=use_dot,
-        num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}),
+        num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}), **launch,
     )  # fmt: skip
     if not direct:
         paged_decode_reduce_kernel[(batch, heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
             NUM_SPLITS=num_splits, NUM_SPLITS_P=triton.next_power_of_2(num_splits),
-            num_warps=4,
+            num_warps=4, **launch,
         )  # fmt: skip
     return out

@@ -58,6 +58,7 @@ import triton.language as tl
 
 from ..dequant import banded_matmul
 from ..exl2 import group_table
+from ... import pdl
 from . import splitk
 
 # GEMV up to this many activation rows; past it, dequantize + cuBLAS (unmeasured for EXL2: the
@@ -167,7 +168,7 @@ def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, y_ptr,
                      N, N_OUT,  stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr,
-                     R6: tl.constexpr, R8: tl.constexpr, S_CHUNK: tl.constexpr):
+                     R6: tl.constexpr, R8: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """y[m, n] = sum over k of x_perm[m, k] * W[n, perm[k]]; this program sums its groups (`splitk.finish`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -182,6 +183,7 @@ def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, y_ptr,
     g_lo = tl.load(split_ptr + pid_k)
     g_hi = tl.load(split_ptr + pid_k + 1)
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    pdl.wait(PDL)
     for g in range(g_lo, g_hi):
         bits = tl.load(tab_ptr + g * 4)
         word0 = tl.load(tab_ptr + g * 4 + 1)
@@ -330,7 +332,7 @@ def exl2_gemv(x: torch.Tensor, module, *, num_warps: int | None = None) -> torch
                            width, n_out, x.stride(0),
                            M=m, M_PAD=m_pad, BLOCK_N=block_n, R2=r[2], R3=r[3], R4=r[4],
                            R5=r[5], R6=r[6], R8=r[8], S_CHUNK=splitk.chunk(m_pad * block_n // (32 * warps)),
-                           num_warps=warps)
+                           num_warps=warps, **pdl.launch(x.device))
     return y
 
 

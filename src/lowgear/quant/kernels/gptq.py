@@ -48,8 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import hardware
 from ..dequant import banded_matmul
 from ..gptq import gptq_groups
+from ... import pdl
 from . import gptq_mma, splitk
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
@@ -128,7 +130,8 @@ def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
 def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr):
+                     BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
+                     PDL: tl.constexpr):
     """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`)."""
     PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
@@ -159,6 +162,7 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
         g = r0 // group_rows
         s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
         zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
+        pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's output
         dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PACK):
             q = _code_minus_zero(w0, w1, w2, zf, j, BITS)  # [1, BLOCK_R, BLOCK_N]
@@ -170,6 +174,7 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                          mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
             dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
         acc += tl.sum(dot * s, axis=1)
+    pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
                   pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 
@@ -324,21 +329,9 @@ def prepare(module) -> dict:
         module.register_buffer("gptq_zeros", float_zeros(module.qzeros, bits, module._gptq["zero_offset"]))
     mma_block_k = None if block_r is None else gptq_mma.mma_block_k(bits, gs, k)
     facts = {"block_r": block_r, "sorted": sorted_layout, "mma_block_k": mma_block_k,
-             "capability": device_capability(module.qweight.device)}
+             "capability": hardware.compute_capability(module.qweight.device)}
     module._gptq_kernel = facts
     return facts
-
-
-def device_capability(device: torch.device) -> tuple[int, int] | None:
-    """Compute capability of a CUDA device as hardware.py reports it; None for the CPU (or a simulation)."""
-    if device.type != "cuda":
-        return None
-    from ... import hardware
-
-    for d in hardware.list_devices():
-        if d.kind == "cuda" and not d.simulated and d.index == device.index:
-            return d.compute_capability
-    return None
 
 
 # ---------------------------------------------------------------- run time
@@ -403,7 +396,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
                            M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
-                           num_warps=p["num_warps"])
+                           num_warps=p["num_warps"], **pdl.launch(x.device))
     return y
 
 

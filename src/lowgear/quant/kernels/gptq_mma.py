@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..gptq import gptq_groups
+from ... import pdl
 from . import splitk
 
 # rows served here past the GEMV; beyond it prefill (dequantize + cuBLAS) is compute-bound and wins
@@ -49,7 +50,7 @@ MAX_PARTIAL_FRACTION = 0.25
 def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
                     M, N, K, k_per_split, group_size, stride_xm,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr):
+                    HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -65,16 +66,17 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < k_hi
-        xk = ks
-        if HAS_PERM:
-            xk = tl.load(perm_ptr + ks, mask=kmask, other=0)
-        xt = tl.load(x_ptr + ms[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & kmask[None, :],
-                     other=0.0)  # [BLOCK_M, BLOCK_K] in x's dtype
         rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         wp = qw_ptr + rows.to(tl.int64)[:, None, None] * N + cols[None, None, :]
         # loaded 3-D [BLOCK_R, 1, BLOCK_N] so that the unpacked tile keeps the load's layout (4 columns a
         # thread): a 2-D load broadcast to 3-D got one column a thread, hence scalar cvt and shared stores
         words = tl.load(wp, mask=(rows * PACK < k_hi)[:, None, None] & cmask[None, None, :], other=0)
+        pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's output
+        xk = ks
+        if HAS_PERM:
+            xk = tl.load(perm_ptr + ks, mask=kmask, other=0)
+        xt = tl.load(x_ptr + ms[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & kmask[None, :],
+                     other=0.0)  # [BLOCK_M, BLOCK_K] in x's dtype
         sh = tl.arange(0, PACK) * BITS
         codes = (words >> sh[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]; mask drops sign bits
         codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PACK + j: input feature k0 + r * PACK + j
@@ -86,6 +88,7 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
         s = tl.load(sc_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
         zf = tl.load(zf_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
         acc += (p - xsum[:, None] * zf[None, :]) * s[None, :]
+    pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
                   pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 
@@ -156,5 +159,5 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
                           BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
                           HAS_PERM=perm is not None,
                           S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
-                          num_warps=p["num_warps"], num_stages=p["num_stages"])
+                          num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(x.device))
     return y

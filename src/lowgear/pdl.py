@@ -1,0 +1,60 @@
+"""Programmatic dependent launch (PDL): a decode kernel starts while the one before it finishes.
+
+A batch-1 decode step is ~300 short kernels in a row (an 8B model: 9 a layer). Launched the plain
+way, each waits for the previous one to finish and flush before its first program is even placed
+on an SM, and its last programs run alone while the rest of the GPU idles: on an H100 that ramp and
+drain cost several microseconds a kernel, as much as a small GEMV's whole read. On sm_90+ a kernel
+launched with the programmatic-serialization attribute (`launch_pdl`) may be placed as soon as
+every program of the kernel before it has signalled `griddepcontrol.launch_dependents`; it must then
+run `griddepcontrol.wait` (which returns once that kernel has completed and its writes are visible)
+before it reads anything an earlier kernel wrote, or writes anything an earlier kernel may still
+read. Work before the wait may only touch memory no kernel of the step writes: the weights.
+
+Every kernel of the CUDA decode step calls `wait` at the point where it first needs the previous
+kernel's output (the GEMVs issue their first weight loads before it) and signals its dependents
+right after, so at most one kernel runs ahead. Kernels take the choice as a constexpr (`PDL`):
+compiled without it, for sm < 90 or the interpreter, they hold no griddepcontrol instruction.
+LOWGEAR_NO_PDL=1 turns it off (the benchmarks measure both ways).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import env, hardware
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # no triton, or one without griddepcontrol: PDL stays off
+    triton = None
+
+_ENABLED: dict[int, bool] = {}
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` are compiled with the wait and launched with `launch_pdl`."""
+    if triton is None or device.type != "cuda" or env.flag("LOWGEAR_NO_PDL") or env.flag("TRITON_INTERPRET"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ENABLED:
+        cc = hardware.compute_capability(torch.device("cuda", index))
+        _ENABLED[index] = cc is not None and tuple(cc) >= (9, 0)
+    return _ENABLED[index]
+
+
+def launch(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch: the `PDL` constexpr and Triton's `launch_pdl` option."""
+    on = enabled(device)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
+if triton is not None:
+
+    @triton.jit
+    def wait(PDL: tl.constexpr):
+        """Wait for the kernel before this one, then let the next one be placed (no-op unless PDL)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()

@@ -1,0 +1,111 @@
+"""Programmatic dependent launch: when it is on, and what the kernels compiled with it contain.
+
+The decision is tested with the capability lookup substituted; the kernels are compiled for sm_90
+with no GPU present (as the old-GPU compile tests do) and their PTX read: with PDL each holds
+griddepcontrol.wait and .launch_dependents, without it none (sm_70 / sm_75 cannot assemble them),
+and the GEMV issues its first weight load before the wait, which is where its time is won. On the
+H100 every GPU test runs with PDL on (benchmarks/run_gpu_checks.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import compiled_results
+
+from lowgear import env, hardware, pdl
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    monkeypatch.setattr(pdl, "_ENABLED", {})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("LOWGEAR_NO_PDL", raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("cc,want", [((9, 0), True), ((10, 0), True), ((8, 9), False), ((7, 5), False),
+                                     ((7, 0), False), (None, False)])
+def test_on_from_sm90_only(fresh, cc, want):
+    fresh.setattr(hardware, "compute_capability", lambda device: cc)
+    assert pdl.enabled(torch.device("cuda", 0)) is want
+    assert pdl.launch(torch.device("cuda", 0)) == ({"PDL": True, "launch_pdl": True} if want else {"PDL": False})
+
+
+def test_off_on_the_cpu_under_the_interpreter_and_by_env(fresh):
+    fresh.setattr(hardware, "compute_capability", lambda device: (9, 0))
+    assert not pdl.enabled(torch.device("cpu"))
+    fresh.setenv("LOWGEAR_NO_PDL", "1")
+    assert not pdl.enabled(torch.device("cuda", 0))
+    fresh.delenv("LOWGEAR_NO_PDL")
+    fresh.setenv("TRITON_INTERPRET", "1")
+    assert not pdl.enabled(torch.device("cuda", 0))
+    assert "LOWGEAR_NO_PDL" in env.ENV_VARS
+
+
+SCRIPT = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lowgear.attention.kernels import paged_decode as D
+from lowgear.model import kernels_act, kernels_norm
+from lowgear.quant.kernels import gptq as G
+
+GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
+        "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "ROWS": "i32",
+        "rows_per_split": "i32", "group_rows": "i32", "stride_xm": "i32"}
+NORM = {"x_ptr": "*fp16", "r_ptr": "*fp16", "w_ptr": "*fp32", "out_ptr": "*fp16", "H": "i32", "stride_x": "i32",
+        "stride_r": "i32", "stride_o": "i32", "eps": "fp32"}
+SILU = {"x_ptr": "*fp16", "out_ptr": "*fp16", "I": "i32", "stride_x": "i32", "stride_o": "i32"}
+DEC = {"q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "block_tables_ptr": "*i32",
+       "kv_lens_ptr": "*i32", "out_ptr": "*fp16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
+       "scale_log2": "fp32"}
+
+def gemv(pdl):
+    p = G.launch_params(4096, 4096, 4, G.gemv_tile_rows(4, 128, 4096), 1)
+    return dict(M=1, M_PAD=1, BITS=4, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"], HAS_PERM=False, S_CHUNK=4, PDL=pdl)
+
+def decode(pdl):
+    return dict(GROUP=4, GROUP_P=16, HEAD_DIM=128, HEAD_DIM_P=128, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N,
+                NUM_SPLITS=4, DIRECT=False, WHILE_LOOP=False, DOT=True, PDL=pdl)
+
+CASES = [("gemv", G.gptq_gemv_kernel, GEMV, gemv), ("rms_norm", kernels_norm.rms_norm_kernel, NORM,
+          lambda pdl: dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl)),
+         ("silu_mul", kernels_act.silu_mul_kernel, SILU, lambda pdl: dict(BLOCK=1024, PDL=pdl)),
+         ("decode", D.paged_decode_kernel, DEC, decode)]
+out = {}
+for name, kernel, args, consts in CASES:
+    for flag in (False, True):
+        sig = {a: args.get(a, "i32") if a not in consts(flag) else "constexpr" for a in kernel.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if sig[a].startswith("*") or a in ("N", "ROWS", "stride_xm", "H", "I")}
+        c = triton.compile(ASTSource(kernel, sig, constexprs=consts(flag), attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "gemv" else 4})
+        ptx = c.asm["ptx"]
+        lines = ptx.splitlines()
+        first = lambda pat: next((i for i, l in enumerate(lines) if re.search(pat, l)), None)
+        out[f"{name}/{int(flag)}"] = dict(wait=len(re.findall(r"griddepcontrol\.wait", ptx)),
+                                          launch=len(re.findall(r"griddepcontrol\.launch_dependents", ptx)),
+                                          first_wait=first(r"griddepcontrol\.wait"),
+                                          first_v4=first(r"ld\.global(?:\.nc)?\.v4"))
+print("RESULTS" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    return compiled_results(SCRIPT, timeout=600)
+
+
+@pytest.mark.parametrize("name", ["gemv", "rms_norm", "silu_mul", "decode"])
+def test_kernels_hold_griddepcontrol_only_with_pdl(compiled, name):
+    on, off = compiled[f"{name}/1"], compiled[f"{name}/0"]
+    assert on["wait"] >= 1 and on["launch"] >= 1, on
+    assert off["wait"] == 0 and off["launch"] == 0, off
+
+
+def test_gemv_loads_weights_before_it_waits(compiled):
+    on = compiled["gemv/1"]
+    assert on["first_v4"] is not None and on["first_v4"] < on["first_wait"], on
