@@ -66,7 +66,7 @@ DEC = {"q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "block_
 
 def gemv(pdl):
     p = G.launch_params(4096, 4096, 4, G.gemv_tile_rows(4, 128, 4096), 1)
-    return dict(M=1, M_PAD=1, BITS=4, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"], HAS_PERM=False, S_CHUNK=4, PDL=pdl)
+    return dict(M=1, M_PAD=1, BITS=4, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"], HAS_PERM=False, S_CHUNK=4, PDL=pdl, F16X2=False)
 
 def decode(pdl):
     return dict(GROUP=4, GROUP_P=16, HEAD_DIM=128, HEAD_DIM_P=128, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N,

@@ -219,13 +219,14 @@ GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16"
 DEQ = {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32", "out_ptr": "*fp16",
        "N": "i32", "K": "i32", "col0": "i32", "band": "i32", "group_size": "i32", "zero_offset": "i32"}
 
-def gemv(bits, m, perm):
+def gemv(bits, m, perm, half2=False):
     p = G.launch_params(4096, 4096, bits, G.gemv_tile_rows(bits, 128, 4096), m)
     return dict(M=m, M_PAD=triton.next_power_of_2(m), BITS=bits, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"],
-                HAS_PERM=perm, S_CHUNK=4, PDL=False), p["num_warps"]
+                HAS_PERM=perm, S_CHUNK=4, PDL=False, F16X2=half2), p["num_warps"]
 
 CASES = [(f"gemv_b{b}_m{m}_perm{int(pm)}", G.gptq_gemv_kernel, GEMV, *gemv(b, m, pm), True)
          for b, m, pm in [(4, 1, False), (4, 4, True), (4, 16, False), (3, 1, True), (8, 2, False), (2, 1, False)]]
+CASES += [(f"gemv_half2_m{m}", G.gptq_gemv_kernel, GEMV, *gemv(4, m, False, True), True) for m in (1, 4)]
 CASES += [(f"dequant_b{b}", G.gptq_dequant_t_kernel, DEQ,
            dict(BITS=b, HAS_GIDX=b == 3, BLOCK_K=32, BLOCK_N=128), 4, False) for b in (3, 4)]
 
@@ -241,7 +242,8 @@ for cap in (70, 75):
             ptx = c.asm["ptx"]
             out[f"sm_{cap}/{name}"] = dict(ok=True, gemv=is_gemv, mma=len(re.findall(r"\b(?:wg)?mma\.", ptx)),
                                            shared=c.metadata.shared, cvt=len(re.findall(r"cvt\.rn\.f32\.[su]32", ptx)),
-                                           v4=len(re.findall(r"ld\.global(?:\.nc)?\.v4", ptx)))
+                                           v4=len(re.findall(r"ld\.global(?:\.nc)?\.v4", ptx)),
+                                           f16x2=len(re.findall(r"fma\.rn\.f16x2", ptx)))
         except Exception as exc:
             out[f"sm_{cap}/{name}"] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
 print("RESULTS" + json.dumps(out))
@@ -256,7 +258,7 @@ def compiled() -> dict:
 def test_gptq_kernels_compile_for_volta_and_turing(compiled):
     failed = {name: r["error"] for name, r in compiled.items() if not r["ok"]}
     assert not failed, failed
-    assert len(compiled) == 2 * 8
+    assert len(compiled) == 2 * 10
 
 
 def test_gptq_gemv_stays_in_registers(compiled):
@@ -267,6 +269,9 @@ def test_gptq_gemv_stays_in_registers(compiled):
         if r["gemv"]:
             assert r["mma"] == 0 and r["shared"] <= 16 and r["v4"] > 0, (name, r)
             assert r["cvt"] <= 8, (name, r)
+    # the packed-half2 form assembled (ptxas ran for sm_70 / sm_75): its f16x2 math is in the PTX
+    for cap in (70, 75):
+        assert compiled[f"sm_{cap}/gemv_half2_m1"]["f16x2"] > 0 and compiled[f"sm_{cap}/gemv_b4_m1_perm0"]["f16x2"] == 0
 
 
 def test_no_tl_dot_in_gptq_source():

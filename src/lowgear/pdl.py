@@ -10,11 +10,16 @@ run `griddepcontrol.wait` (which returns once that kernel has completed and its 
 before it reads anything an earlier kernel wrote, or writes anything an earlier kernel may still
 read. Work before the wait may only touch memory no kernel of the step writes: the weights.
 
-Every kernel of the CUDA decode step calls `wait` at the point where it first needs the previous
-kernel's output (the GEMVs issue their first weight loads before it) and signals its dependents
-right after, so at most one kernel runs ahead. Kernels take the choice as a constexpr (`PDL`):
-compiled without it, for sm < 90 or the interpreter, they hold no griddepcontrol instruction.
-LOWGEAR_NO_PDL=1 turns it off (the benchmarks measure both ways).
+Every kernel of the CUDA decode step calls `wait` where it first needs an earlier kernel's output
+(the GEMVs after issuing their first weight loads, the others at their start). The split-K GEMVs
+also `release` their dependents once their main loop is done, so the next kernel is placed and
+starts its own weight loads while the GEMV's last programs add the partials; the other kernels
+release at exit. Releasing right after the wait instead (the next kernel resident for the whole
+of this one) was measured slightly faster (3.14 against 3.16 ms, 8B GPTQ batch 1) but gave wrong
+tokens in a CUDA-graphed batch-8 decode on the H100 (benchmarks/results/h100-session4/); releasing
+after the main loop, or only at exit, gave the same tokens as plain launches. Kernels take the choice
+as a constexpr (`PDL`): compiled without it, for sm < 90 or the interpreter, they hold no
+griddepcontrol instruction. LOWGEAR_NO_PDL=1 turns it off (the benchmarks measure both ways).
 """
 
 from __future__ import annotations
@@ -54,7 +59,12 @@ if triton is not None:
 
     @triton.jit
     def wait(PDL: tl.constexpr):
-        """Wait for the kernel before this one, then let the next one be placed (no-op unless PDL)."""
+        """Block until the kernel before this one has completed and its writes are visible (no-op unless PDL)."""
         if PDL:
             gdc_wait()
+
+    @triton.jit
+    def release(PDL: tl.constexpr):
+        """Let the next kernel be placed once every program got here (or exited; no-op unless PDL)."""
+        if PDL:
             gdc_launch_dependents()

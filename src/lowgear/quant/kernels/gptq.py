@@ -52,7 +52,7 @@ from ... import hardware
 from ..dequant import banded_matmul
 from ..gptq import gptq_groups
 from ... import pdl
-from . import gptq_mma, splitk
+from . import f16x2, gptq_mma, splitk
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
 # it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
@@ -131,7 +131,7 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, F16X2: tl.constexpr):
     """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`)."""
     PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
@@ -163,18 +163,29 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
         s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
         zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's output
-        dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            q = _code_minus_zero(w0, w1, w2, zf, j, BITS)  # [1, BLOCK_R, BLOCK_N]
-            k = rows * PACK + j
-            if HAS_PERM:
-                k = tl.load(perm_ptr + k, mask=r_ok, other=0)
-            # loaded 2-D, then broadcast: a 3-D load would repeat each value in all 4 column slots
-            xj = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :],
-                         mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-            dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
+        if F16X2:  # 4-bit, fp16 x, no perm: packed half2 math (f16x2.py); x read as words of two
+            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            xo = ms[:, None] * (stride_xm // 2) + rows[None, :] * 4  # [M_PAD, BLOCK_R]
+            xm = mmask[:, None] & r_ok[None, :]
+            x04, x15, x26, x37 = f16x2.pairs(tl.load(x32 + xo, mask=xm, other=0), tl.load(x32 + xo + 1, mask=xm, other=0),
+                                             tl.load(x32 + xo + 2, mask=xm, other=0), tl.load(x32 + xo + 3, mask=xm, other=0))
+            part = f16x2.dot8(w0.to(tl.int32, bitcast=True), x04[:, :, None], x15[:, :, None], x26[:, :, None],
+                              x37[:, :, None], f16x2.splat(zf + 1024.0), f16x2.splat(-(zf + 64.0)))
+            dot = tl.sum(part, axis=1, keep_dims=True)  # [M_PAD, 1, BLOCK_N]
+        else:
+            dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                q = _code_minus_zero(w0, w1, w2, zf, j, BITS)  # [1, BLOCK_R, BLOCK_N]
+                k = rows * PACK + j
+                if HAS_PERM:
+                    k = tl.load(perm_ptr + k, mask=r_ok, other=0)
+                # loaded 2-D, then broadcast: a 3-D load would repeat each value in all 4 column slots
+                xj = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :],
+                             mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
         acc += tl.sum(dot * s, axis=1)
     pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
+    pdl.release(PDL)
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
                   pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 
@@ -369,13 +380,14 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
 def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
               perm: torch.Tensor | None, bits: int, group_size: int, block_r: int,
               *, num_warps: int | None = None, split: int | None = None, x_perm: str = "kernel",
-              tile_r: int | None = None) -> torch.Tensor:
+              tile_r: int | None = None, half2: bool | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T (meant for M <= MAX_M), x with unit stride along K; in x's dtype.
 
     qweight must have its groups contiguous: stored without act-order, or `sort_act_order`'s output
     with its perm. zeros are `float_zeros` (fp16 [groups, N], offset included), scales fp16 [groups, N]
     (an int16 view is accepted); block_r is `gemv_tile_rows`. num_warps / split / tile_r override
-    `launch_params` (the benchmarks sweep them); x_perm "torch" gathers x's columns first.
+    `launch_params` (the benchmarks sweep them); x_perm "torch" gathers x's columns first. half2
+    (default: wherever `uses_half2` allows) picks the packed-half2 unpack (f16x2.py).
     """
     m, k = x.shape
     n = qweight.shape[1]
@@ -390,14 +402,24 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     split = p["split"]
     grid = (triton.cdiv(n, p["BLOCK_N"]), split)
     m_pad = triton.next_power_of_2(m)
+    can = uses_half2(x, bits, perm)
+    assert not half2 or can, "the half2 unpack needs 4-bit codes, fp16 x on CUDA in 4-byte words, no perm"
     gptq_gemv_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
                            splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
                            n, rows, p["rows_per_split"], group_rows, x.stride(0),
                            M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
-                           num_warps=p["num_warps"], **pdl.launch(x.device))
+                           num_warps=p["num_warps"], F16X2=can if half2 is None else half2,
+                           **pdl.launch(x.device))
     return y
+
+
+def uses_half2(x: torch.Tensor, bits: int, perm: torch.Tensor | None) -> bool:
+    """Whether the GEMV can take the packed-half2 unpack: 4-bit codes, fp16 activations on CUDA (not the
+    interpreter: it is inline PTX) whose rows start on 4-byte boundaries, and no act-order gather."""
+    return (bits == 4 and x.dtype == torch.float16 and x.is_cuda and perm is None
+            and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0)
 
 
 def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,

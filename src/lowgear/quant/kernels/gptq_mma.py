@@ -89,6 +89,7 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
         zf = tl.load(zf_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
         acc += (p - xsum[:, None] * zf[None, :]) * s[None, :]
     pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
+    pdl.release(PDL)
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
                   pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 

@@ -1,0 +1,75 @@
+"""The packed-half2 4-bit unpack (quant/kernels/f16x2.py): its arithmetic on the CPU, the kernel on the GPU.
+
+The PTX cannot run in the interpreter, so the CPU tests check `dot8_reference` (the same steps in
+numpy float16) against float64: the exponent trick gives code - zero exactly for every code, lane
+and zero point, and the half2 dot product stays within fp16 rounding of the exact sum. The GPU test
+runs the GEMV with the half2 unpack against float64 on Llama-3-8B shapes and against the fp32 unpack.
+The old-GPU compile test (test_quant_kernels_gptq.py) assembles it for sm_70 / sm_75.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowgear.quant.kernels import f16x2
+
+
+def _pack(codes: np.ndarray) -> np.ndarray:
+    """codes [..., 8] in 0..15 -> uint32 words, code j at bits 4j."""
+    shifts = (4 * np.arange(8)).astype(np.uint32)
+    return np.bitwise_or.reduce(codes.astype(np.uint32) << shifts, axis=-1).astype(np.uint32)
+
+
+@pytest.mark.parametrize("zero", [0.0, 1.0, 8.0, 9.0, 15.0, 16.0])
+def test_code_minus_zero_is_exact_for_every_code_and_lane(zero):
+    codes = np.stack([np.roll(np.arange(16), s)[:8] for s in range(16)])  # every code in every lane
+    words = _pack(codes)
+    for j in range(8):
+        x = np.zeros((16, 8), dtype=np.float16)
+        x[:, j] = 1.0
+        got = f16x2.dot8_reference(words, x, np.full(16, zero))
+        np.testing.assert_array_equal(got, (codes[:, j] - zero).astype(np.float32))
+
+
+def test_dot8_is_the_dot_product_within_fp16_rounding():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(4096, 8))
+    zero = rng.integers(0, 17, size=4096).astype(np.float64)
+    x = (rng.standard_normal((4096, 8)) * rng.choice([0.05, 1.0, 30.0], size=(4096, 1))).astype(np.float16)
+    got = f16x2.dot8_reference(_pack(codes), x, zero)
+    terms = (codes - zero[:, None]) * x.astype(np.float64)
+    want = terms.sum(-1)
+    # two lanes of four terms, each term and partial sum rounded to fp16 once: a few ulps of 2**-11
+    bound = 6 * 2.0**-11 * np.abs(terms).sum(-1)
+    assert np.all(np.abs(got - want) <= bound + 1e-7)
+    assert np.abs(got - want).max() > 0  # rounding does happen: the bound is what is being tested
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1000, 640)])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_half2_gemv_matches_float64_on_the_gpu(n, k, m):
+    from test_quant_kernels_gptq import make_gptq
+
+    from lowgear.model.quant_linear import QuantLinear
+    from lowgear.quant.gptq import dequantize_gptq
+    from lowgear.quant.kernels import gptq as G
+
+    torch.manual_seed(n + k + m)
+    w, _ = make_gptq(4, n, k, 128)
+    ref_w = dequantize_gptq(w, dtype=torch.float64)  # [N, K]
+    lin = QuantLinear(w).to("cuda")
+    facts = G.prepare(lin)
+    x = torch.randn(m, k, device="cuda").half()
+    want = x.double() @ ref_w.cuda().T
+    args = (x, lin.qweight, lin.gptq_zeros, lin.scales, None, 4, 128, facts["block_r"])
+    assert G.uses_half2(x, 4, None)
+    fast = G.gptq_gemv(*args, half2=True).double()
+    plain = G.gptq_gemv(*args, half2=False).double()
+    scale = want.abs().max()
+    # the fp32 unpack is the reference kernel; half2 adds fp16 partial sums of 4 terms
+    assert (plain - want).abs().max() <= 2e-3 * scale
+    assert (fast - want).abs().max() <= 4e-3 * scale
+    assert (fast - want).norm() <= 2.5 * (plain - want).norm() + 1e-3 * scale
