@@ -86,7 +86,7 @@ def run_shape(name: str, n: int, k: int, budget: int, copy_bw: float, quick: boo
     rows = []
     for nw, sp, tr in itertools.product(warps, splits, tiles):
         kw = dict(num_warps=nw, split=sp, tile_r=tr)
-        p = G.launch_params(n, k, 4, block_r, 1, nw, sp, tr)
+        p = G.launch_params(n, k, 4, block_r, 1, nw, sp, tr, G.uses_half2(x, 4, None))
         err = float((call(first, **kw).float() - ref).abs().max() / ref.abs().max())
         if err > 2e-3:
             rows.append({**kw, "split": p["split"], "error": f"rel err {err:.2e}"})
@@ -96,7 +96,7 @@ def run_shape(name: str, n: int, k: int, budget: int, copy_bw: float, quick: boo
                      "pct_copy": 100 * nbytes / (us * 1e-6) / copy_bw})
     ok = [r for r in rows if "us" in r]
     best = min(ok, key=lambda r: r["us"])
-    default = G.launch_params(n, k, 4, block_r, 1)
+    default = G.launch_params(n, k, 4, block_r, 1, half2=G.uses_half2(x, 4, None))
     t_default = timed([lambda lin=lin: call(lin) for lin in lins], rep_ms)
     w16 = [lin.dequantized(torch.float16) for lin in lins[: max(2, -(-budget // (n * k * 2)))]]
     t_fp16 = timed([lambda w=w: x @ w.t() for w in w16], rep_ms)

@@ -75,6 +75,12 @@ GEMV_NUM_WARPS = 2
 # none of them a best launch), and was dropped.
 GEMV_TILE_ROWS = 8
 MIN_SPLIT = 32
+# the same for the packed-half2 unpack (f16x2.py), whose tiles cost half the instructions: its sweep
+# (benchmarks/results/h100-session4/gemv_cold_half2.log, weights from HBM, M = 1) was best or within
+# 2% at 16-row tiles with splits of 16-32 on q|k|v, o and down (8.9 / 6.8 / 15.9 us against 10.7 /
+# 9.1 / 17.2 at 8-row tiles split 32) and at 16 rows split 8 on gate|up (27.6 against 30.3)
+HALF2_TILE_ROWS = 16
+HALF2_MIN_SPLIT = 8
 # temporary bound for the prefill path: columns per band so that K * band <= this
 PREFILL_BAND_ELEMS = 1 << 24
 # programs to aim for when picking split-K: a few per SM of an H100 (132 SMs); fewer SMs just queue
@@ -350,7 +356,7 @@ def prepare(module) -> dict:
 
 def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
                   num_warps: int | None = None, split: int | None = None,
-                  block_r: int | None = None) -> dict[str, int]:
+                  block_r: int | None = None, half2: bool = False) -> dict[str, int]:
     """BLOCK_N / BLOCK_R / num_warps / split for one shape.
 
     Each thread loads 16 bytes (4 columns) of every tile row, so BLOCK_N = 128 * num_warps keeps a
@@ -358,20 +364,21 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
     must have fewer elements than the program has threads, or Triton routes it through shared memory
     every code step (checked in the compiled PTX: bar.sync appears), so BLOCK_R shrinks as M grows.
     Tiles hold at most GEMV_TILE_ROWS row-groups. Then K is split until about TARGET_PROGRAMS
-    programs run, and into at least MIN_SPLIT parts. block_r (at most the group's) overrides the
-    tile cap (the benchmarks sweep it).
+    programs run, and into at least MIN_SPLIT parts (HALF2_TILE_ROWS / HALF2_MIN_SPLIT for the half2
+    unpack). block_r (at most the group's) overrides the tile cap (the benchmarks sweep it).
     """
     m_pad = triton.next_power_of_2(m)
     num_warps = num_warps or GEMV_NUM_WARPS
     br = group_block_r
     while br > 1 and m_pad * br >= 32 * num_warps:
         br //= 2
-    br = max(1, min(br, GEMV_TILE_ROWS if block_r is None else block_r))
+    cap = (HALF2_TILE_ROWS if half2 else GEMV_TILE_ROWS) if block_r is None else block_r
+    br = max(1, min(br, cap))
     block_n = 128 * num_warps
     pack, _ = pack_shape(bits)
     tiles = triton.cdiv(k // pack, br)
     n_blocks = triton.cdiv(n, block_n)
-    split = max(1, min(tiles, split or max(MIN_SPLIT, TARGET_PROGRAMS // n_blocks)))
+    split = max(1, min(tiles, split or max(HALF2_MIN_SPLIT if half2 else MIN_SPLIT, TARGET_PROGRAMS // n_blocks)))
     rows_per_split = triton.cdiv(tiles, split) * br
     return {"BLOCK_N": block_n, "BLOCK_R": br, "num_warps": num_warps,
             "split": triton.cdiv(k // pack, rows_per_split), "rows_per_split": rows_per_split}
@@ -392,7 +399,10 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     m, k = x.shape
     n = qweight.shape[1]
     assert m >= 1 and x.stride(1) == 1, (tuple(x.shape), x.stride())
-    p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r)
+    can = uses_half2(x, bits, None if x_perm == "torch" else perm)
+    assert not half2 or can, "the half2 unpack needs 4-bit codes, fp16 x on CUDA in 4-byte words, no perm"
+    half2 = can if half2 is None else half2
+    p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r, half2)
     pack, _ = pack_shape(bits)
     rows = k // pack
     group_rows = rows if gptq_groups(k, group_size) == 1 else group_size // pack
@@ -402,15 +412,13 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     split = p["split"]
     grid = (triton.cdiv(n, p["BLOCK_N"]), split)
     m_pad = triton.next_power_of_2(m)
-    can = uses_half2(x, bits, perm)
-    assert not half2 or can, "the half2 unpack needs 4-bit codes, fp16 x on CUDA in 4-byte words, no perm"
     gptq_gemv_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
                            splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
                            n, rows, p["rows_per_split"], group_rows, x.stride(0),
                            M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
-                           num_warps=p["num_warps"], F16X2=can if half2 is None else half2,
+                           num_warps=p["num_warps"], F16X2=half2,
                            **pdl.launch(x.device))
     return y
 
