@@ -14,7 +14,8 @@ from .quant.gptq import GPTQWeight, gptq_groups
 from .weights.spec import ModelSpec, PackedTensor, TensorInfo
 
 # bench name -> packed format of the linear layers (None: float, in the run dtype); gptq4 is a GPTQ
-# folder's layout (4-bit, groups of 128 along K, no act-order), as ExLlamaV2 users hold their models
+# folder's layout (4-bit, groups of 128 along K, no act-order, lm_head left in float16), as ExLlamaV2
+# users hold their models
 QUANTS = {"float": None, "q4_0": "Q4_0", "gptq4": "GPTQ4g128"}
 DEFAULT_QUANTS = ("float", "q4_0")
 GPTQ_BITS, GPTQ_GROUP = 4, 128
@@ -25,8 +26,8 @@ class RandomSource:
     """A WeightSource of random tensors of `spec`'s shapes, made on `device` when asked for, one at a time.
 
     Linear weights are float (std 0.02), packed in `qtype` blocks (random 4-bit codes, small
-    scales), or GPTQ tensors (random codes and zero points, small scales); the embedding table stays
-    float, as the roofline excludes it (one row per token).
+    scales), or GPTQ tensors (random codes and zero points, small scales; lm_head float, as in GPTQ
+    folders); the embedding table stays float, as the roofline excludes it (one row per token).
     """
 
     def __init__(self, spec: ModelSpec, qtype: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -47,6 +48,8 @@ class RandomSource:
         self.shapes = shapes
 
     def _packed(self, name: str) -> bool:
+        if self.qtype == QUANTS["gptq4"] and name == "lm_head":
+            return False  # GPTQ checkpoints keep the output head in float16
         return self.qtype is not None and len(self.shapes[name]) == 2 and name != "embed"
 
     def names(self) -> list[str]:

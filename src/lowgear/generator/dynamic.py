@@ -12,6 +12,7 @@ starts like an earlier one's shares those pages instead of recomputing them.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +28,19 @@ from .stops import StopMatcher
 from .textstream import TextStream
 
 
+@dataclass
+class _Step:
+    """A launched step: its (job, tokens computed) rows, the jobs it makes a token for, their logits
+    and the chosen tokens and finite flags on the device (None where no job makes a token)."""
+
+    batch: list
+    jobs: list
+    picked: torch.Tensor | None
+    tokens: torch.Tensor | None
+    ok: torch.Tensor | None
+    greedy: bool
+
+
 class DynamicGenerator:
     def __init__(
         self,
@@ -38,6 +52,7 @@ class DynamicGenerator:
         max_chunk_size: int | None = None,
         max_q_size: int | None = None,  # accepted for ExLlamaV2 compatibility
         cuda_graphs: bool = True,  # capture decode steps on CUDA (ignored on the CPU)
+        run_ahead: bool = True,  # launch a known next decode step before reading this one's tokens
         **_ignored,
     ):
         if not model.loaded:
@@ -57,6 +72,9 @@ class DynamicGenerator:
         self.pending_results: list[dict] = []
         self.tokens_generated = 0
         self.steps = 0
+        self.steps_ahead = 0
+        self.run_ahead = run_ahead
+        self._ahead: _Step | None = None  # a launched step whose tokens are not booked yet
         self._token_bytes = {
             False: tokenizer.token_bytes_table(decode_special_tokens=False),
             True: None,
@@ -93,8 +111,10 @@ class DynamicGenerator:
         elif job in self.running:
             self._release(job)
             self.running.remove(job)
-            if not self.running and self.graphs is not None:
-                self.graphs.release_scratch()
+            if not self.running:
+                self._ahead = None  # its rows are all ended jobs'
+                if self.graphs is not None:
+                    self.graphs.release_scratch()
         else:
             return
         job.finished, job.eos_reason = True, "cancelled"
@@ -115,6 +135,7 @@ class DynamicGenerator:
             "pages_total": self.pool.num_pages,
             "tokens_generated": self.tokens_generated,
             "steps": self.steps,
+            "steps_ahead": self.steps_ahead,
         }
 
     # ---------------------------------------------------------------- admission
@@ -179,11 +200,34 @@ class DynamicGenerator:
 
     # ---------------------------------------------------------------- one step
     def iterate(self) -> list[dict]:
-        """Run one step; return the results (text chunks, finished jobs) it produced."""
+        """Run one step; return the results (text chunks, finished jobs) it produced.
+
+        A step's tokens reach the host only when it is finished. Where the next step is certain to
+        be the same jobs decoding one token each (greedy, no queue, nothing the host must still decide
+        about their logits), it is launched first, fed the tokens on the device (`_run_ahead`): the
+        host then reads and checks this step's tokens while the GPU runs the next one. A job that
+        this step ends (stop token, stop string, cancel) has its row of that step ignored, and a job
+        queued meanwhile is admitted one call later than it would be otherwise.
+        """
         results, self.pending_results = self.pending_results, []
-        self._admit()
-        if not self.running:
-            return results
+        step, self._ahead = self._ahead, None
+        if step is None:
+            self._admit()
+            if not self.running:
+                return results
+            step = self._launch(self._plan())
+        if self._can_run_ahead(step):
+            self._ahead = self._run_ahead(step)
+        results += self._finish(step)
+        self.running = [j for j in self.running if not j.finished]
+        if self._ahead is not None and all(j.finished for j in self._ahead.jobs):
+            self._ahead = None
+        if not self.running and self.graphs is not None:
+            self.graphs.release_scratch()  # an idle generator holds no page
+        return results
+
+    def _plan(self) -> list[tuple[DynamicJob, int]]:
+        """(job, tokens to compute) for this step: decode tokens first, then prefill chunks in the budget."""
         budget = self.max_chunk_size
         batch: list[tuple[DynamicJob, int]] = []
         for job in self.running:  # decode tokens first: a long prompt never stalls running streams
@@ -196,54 +240,88 @@ class DynamicGenerator:
                 chunk = min(pending, budget)
                 batch.append((job, chunk))
                 budget -= chunk
+        return batch
+
+    def _launch(self, batch: list[tuple[DynamicJob, int]]) -> _Step:
+        """Queue the step's forward and its token choice on the device; nothing waits for the GPU."""
         logits = None
         if self.graphs is not None and all(n == 1 for _, n in batch):
             decode_rows = [DecodeRow(job.all_ids[job.computed], job.computed + 1, job.pages) for job, _ in batch]
             logits = self.graphs.run(decode_rows)  # None when no captured bucket fits
         if logits is None:
-            logits = self._forward_eager(batch)  # [B, vocab]
+            input_ids: list[int] = []
+            for job, n in batch:
+                input_ids.extend(job.all_ids[job.computed : job.computed + n])
+            logits = self._forward_eager(batch, torch.tensor(input_ids, dtype=torch.long), [n for _, n in batch])
         self.steps += 1
+        rows = [row for row, (job, n) in enumerate(batch) if job.computed + n == len(job.all_ids)]
+        return self._choose(batch, [batch[r][0] for r in rows], logits[rows] if len(rows) != logits.shape[0] else logits)
 
-        rows, jobs = [], []
-        for row, (job, n) in enumerate(batch):
-            job.computed += n
-            self._register_full_pages(job)
-            if job.computed == len(job.all_ids):
-                rows.append(row)
-                jobs.append(job)
-        if jobs:
-            picked = logits[rows] if len(rows) != logits.shape[0] else logits
+    def _run_ahead(self, step: _Step) -> _Step:
+        """Launch the next decode step of `step`'s jobs, its input tokens `step`'s (still on the device)."""
+        batch = [(job, 1) for job in step.jobs]
+        logits = None
+        if self.graphs is not None:
+            logits = self.graphs.run([DecodeRow(0, job.computed + 2, job.pages) for job in step.jobs], ids=step.tokens)
+        if logits is None:
+            logits = self._forward_eager(batch, step.tokens, [1] * len(batch), ahead=1)
+        self.steps += 1
+        self.steps_ahead += 1
+        return self._choose(batch, step.jobs, logits, suppress=False)  # none under min_new_tokens
+
+    def _choose(self, batch, jobs: list[DynamicJob], picked: torch.Tensor, suppress: bool = True) -> _Step:
+        """The tokens of the jobs whose logits `picked` holds, as device tensors (see `_finish`)."""
+        if not jobs:
+            return _Step(batch, jobs, picked, None, None, True)
+        if suppress:
             picked = self._suppress_early_stops(picked, jobs)
-            # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token): a row's max is then
-            # not finite (max propagates NaN), as it is when every logit is -inf. One reduction gives
-            # the flags and, for greedy batches, the tokens; other batches sample rows made safe (zeros
-            # where a row failed). Failed rows' jobs end; the flags come back in the tokens' transfer.
-            top, best = picked.max(-1)
-            ok = torch.isfinite(top)
-            settings = [j.settings for j in jobs]
-            if all_greedy(settings):
-                tokens = best
-            else:
-                safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
-                tokens = sample(safe, settings, [j.all_ids for j in jobs], [j.rng for j in jobs])
-            for i, (job, (token, good)) in enumerate(zip(jobs, torch.stack((tokens, ok.long())).T.tolist())):
-                results.append(self._accept(job, token) if good else self._fail(job, picked[i]))
-        self.running = [j for j in self.running if not j.finished]
-        if not self.running and self.graphs is not None:
-            self.graphs.release_scratch()  # an idle generator holds no page
+        # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token): a row's max is then
+        # not finite (max propagates NaN), as it is when every logit is -inf. One reduction gives
+        # the flags and, for greedy batches, the tokens; other batches sample rows made safe (zeros
+        # where a row failed). Failed rows' jobs end; the flags come back in the tokens' transfer.
+        top, best = picked.max(-1)
+        ok = torch.isfinite(top)
+        settings = [j.settings for j in jobs]
+        greedy = all_greedy(settings)
+        if greedy:
+            tokens = best
+        else:
+            safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
+            tokens = sample(safe, settings, [j.all_ids for j in jobs], [j.rng for j in jobs])
+        return _Step(batch, jobs, picked, tokens, ok, greedy)
+
+    def _can_run_ahead(self, step: _Step) -> bool:
+        """Whether the step after `step` is already known: the same running jobs, one greedy token each,
+        none at its last token or still under min_new_tokens, and no queued job to admit first."""
+        if not (self.run_ahead and step.jobs and step.greedy and not self.queue):
+            return False
+        if len(step.batch) != len(step.jobs) or {id(j) for j in step.jobs} != {id(j) for j in self.running}:
+            return False
+        return all(n == 1 for _, n in step.batch) and all(
+            len(j.generated) + 2 <= j.max_new_tokens and len(j.generated) + 1 >= j.min_new_tokens for j in step.jobs)
+
+    def _finish(self, step: _Step) -> list[dict]:
+        """Book the step's tokens into its jobs (waiting for the GPU here) and report them."""
+        results = []
+        for job, n in step.batch:
+            if not job.finished:  # a row of a run-ahead step whose job ended meanwhile is ignored
+                job.computed += n
+                self._register_full_pages(job)
+        if not step.jobs:
+            return results
+        values = torch.stack((step.tokens, step.ok.long())).T.tolist()
+        for i, (job, (token, good)) in enumerate(zip(step.jobs, values)):
+            if not job.finished:
+                results.append(self._accept(job, token) if good else self._fail(job, step.picked[i]))
         return results
 
-    def _forward_eager(self, batch: list[tuple[DynamicJob, int]]) -> torch.Tensor:
-        input_ids, q_lens, kv_lens, tables = [], [], [], []
-        for job, n in batch:
-            input_ids.extend(job.all_ids[job.computed : job.computed + n])
-            q_lens.append(n)
-            kv_lens.append(job.computed + n)
-            tables.append(job.pages)
+    def _forward_eager(self, batch: list[tuple[DynamicJob, int]], ids: torch.Tensor, q_lens: list[int],
+                       ahead: int = 0) -> torch.Tensor:
+        """Logits of the batch's last tokens; `ahead` positions past what the jobs have computed."""
+        kv_lens = [job.computed + ahead + n for (job, _), n in zip(batch, q_lens)]
         device = self.model.layer_devices[0]
-        meta = build_metadata(q_lens, kv_lens, tables, self.page_size, device=device)
-        ids = torch.tensor(input_ids, dtype=torch.long).to(device)
-        return self.model.forward(ids, meta, self.cache)
+        meta = build_metadata(q_lens, kv_lens, [job.pages for job, _ in batch], self.page_size, device=device)
+        return self.model.forward(ids.to(device), meta, self.cache)
 
     def _suppress_early_stops(self, logits: torch.Tensor, jobs: list[DynamicJob]) -> torch.Tensor:
         early = [i for i, j in enumerate(jobs) if j.min_new_tokens and len(j.generated) < j.min_new_tokens and j.stop_tokens]

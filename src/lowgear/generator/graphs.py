@@ -66,7 +66,14 @@ class DecodeStaging:
 
     def __init__(self, rows: int, width: int, page_size: int, pin: bool = False):
         self.rows, self.width, self.page_size = rows, width, page_size
-        self.host = torch.zeros(rows * (4 + width), dtype=torch.int64, pin_memory=pin)
+        # two buffers, used in turn: a step launched ahead (DynamicGenerator.iterate) fills one while
+        # the copy of the step before it may still be reading the other
+        self._hosts = [torch.zeros(rows * (4 + width), dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.host = self._hosts[0]
+
+    def flip(self) -> None:
+        """Make the other host buffer the one `fill` writes (its last copy was waited for since)."""
+        self.host = self._hosts[1] if self.host is self._hosts[0] else self._hosts[0]
 
     def sections(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """ids, positions, slots, kv_lens [rows] and tables [rows, width], as views of `buf`."""
@@ -213,14 +220,22 @@ class DecodeGraphs:
         for b in sorted(self.buckets, reverse=True):  # largest first: smaller ones reuse its pool
             self.capture(b)
 
-    def run(self, rows: list[DecodeRow]) -> torch.Tensor | None:
-        """Logits [len(rows), vocab] of one decode step, from the bucket's graph (None: no bucket fits)."""
+    def run(self, rows: list[DecodeRow], ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits [len(rows), vocab] of one decode step, from the bucket's graph (None: no bucket fits).
+
+        ids (int64 [len(rows)] on the device) replaces the rows' tokens: a step launched before the
+        host has read the tokens it decodes. The logits are the graph's output buffer, overwritten
+        by the next replay of the bucket.
+        """
         b = bucket_for(len(rows), self.buckets)
         if b is None or any(r.kv_len > self.max_kv_len for r in rows) or not self._take_scratch():
             return None
         if b not in self._graphs:
             self.capture(b)
+        self.staging.flip()
         self.staging.fill(rows, b, self.scratch_page)
         self._dev_buf.copy_(self.staging.host, non_blocking=True)
+        if ids is not None:
+            self._dev_buf[: len(rows)].copy_(ids)
         self._graphs[b].replay()
         return self._logits[b][: len(rows)]
