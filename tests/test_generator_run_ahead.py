@@ -9,9 +9,21 @@ run_ahead=False (the sequential path, itself checked against prompts run alone i
 from __future__ import annotations
 
 import pytest
-from test_generator import make, prompts, tiny_gguf  # noqa: F401 (a fixture)
+from test_generator import prompts, tiny_gguf  # noqa: F401 (a fixture)
 
 import lowgear as lg
+
+
+def make(path, rung, **gen_kwargs):
+    """On the CPU, where a row's logits do not depend on the batch it is in: a step run ahead can hold
+    a row for a job that has just ended, and on a GPU that batch-size change may move other rows'
+    logits by rounding (tested at near ties in test_gpu_end_to_end.py)."""
+    config = lg.Config(path)
+    config.attn_backend, config.devices = rung, ["cpu"]
+    model = lg.Model(config)
+    cache = lg.Cache(model, max_seq_len=2048, page_size=16)
+    model.load_autosplit(cache)
+    return lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(config), **gen_kwargs)
 
 
 def _jobs(ids, max_new, stops=None, min_new=0):

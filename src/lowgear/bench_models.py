@@ -127,9 +127,10 @@ class _NullTokenizer:
 
 
 def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int, seed: int | None = None) -> float:
-    """Median wall seconds of one all-decode DynamicGenerator step with `batch` greedy jobs of `context`
-    random prompt tokens (prefill first, untimed; the first two timed steps dropped; jobs cancelled after)."""
-    import statistics
+    """Mean wall seconds per all-decode DynamicGenerator step with `batch` greedy jobs of `context` random
+    prompt tokens, over `steps` consecutive iterate() calls (prefill and two steps first, untimed; jobs
+    cancelled after). Steady state, as a caller streaming tokens sees it: a step the generator runs ahead
+    overlaps the host's work on the step before, so a sync between calls would hide or double-count it."""
     import time
 
     from .generator.job import DynamicJob
@@ -141,15 +142,18 @@ def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int
     gen.enqueue(jobs)
     while any(len(j.generated) == 0 for j in jobs):
         gen.iterate()
-    times = []
     cuda = any(d.type == "cuda" for d in gen.model.layer_devices)
-    for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    for _ in range(2):
         gen.iterate()
-        times.append(time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        gen.iterate()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / steps
     for j in jobs:
         gen.cancel(j)
     gen.iterate()
-    return statistics.median(times[2:])
+    return seconds

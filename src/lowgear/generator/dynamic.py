@@ -30,8 +30,9 @@ from .textstream import TextStream
 
 @dataclass
 class _Step:
-    """A launched step: its (job, tokens computed) rows, the jobs it makes a token for, their logits
-    and the chosen tokens and finite flags on the device (None where no job makes a token)."""
+    """A launched step: its (job, tokens computed) rows, the jobs it makes a token for, their logits,
+    the chosen tokens and finite flags on the device and on their way to the host (None where no job
+    makes a token)."""
 
     batch: list
     jobs: list
@@ -39,6 +40,8 @@ class _Step:
     tokens: torch.Tensor | None
     ok: torch.Tensor | None
     greedy: bool
+    host: torch.Tensor | None  # [2, jobs]: tokens and finite flags, (being) copied to the host
+    ready: object  # the CUDA event after that copy (None on the CPU)
 
 
 class DynamicGenerator:
@@ -272,7 +275,7 @@ class DynamicGenerator:
     def _choose(self, batch, jobs: list[DynamicJob], picked: torch.Tensor, suppress: bool = True) -> _Step:
         """The tokens of the jobs whose logits `picked` holds, as device tensors (see `_finish`)."""
         if not jobs:
-            return _Step(batch, jobs, picked, None, None, True)
+            return _Step(batch, jobs, picked, None, None, True, None, None)
         if suppress:
             picked = self._suppress_early_stops(picked, jobs)
         # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token): a row's max is then
@@ -288,7 +291,17 @@ class DynamicGenerator:
         else:
             safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
             tokens = sample(safe, settings, [j.all_ids for j in jobs], [j.rng for j in jobs])
-        return _Step(batch, jobs, picked, tokens, ok, greedy)
+        # tokens and flags start for the host now, before a step run ahead is queued behind them
+        both = torch.stack((tokens, ok.long()))
+        event = None
+        if both.is_cuda:
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = both
+        return _Step(batch, jobs, picked, tokens, ok, greedy, host, event)
 
     def _can_run_ahead(self, step: _Step) -> bool:
         """Whether the step after `step` is already known: the same running jobs, one greedy token each,
@@ -309,7 +322,9 @@ class DynamicGenerator:
                 self._register_full_pages(job)
         if not step.jobs:
             return results
-        values = torch.stack((step.tokens, step.ok.long())).T.tolist()
+        if step.ready is not None:
+            step.ready.synchronize()  # this step's copy only, not a step queued after it
+        values = step.host.T.tolist()
         for i, (job, (token, good)) in enumerate(zip(step.jobs, values)):
             if not job.finished:
                 results.append(self._accept(job, token) if good else self._fail(job, step.picked[i]))
