@@ -8,7 +8,10 @@ run_ahead=False (the sequential path, itself checked against prompts run alone i
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 from test_generator import prompts, tiny_gguf  # noqa: F401 (a fixture)
 
 import lowgear as lg
@@ -53,6 +56,9 @@ def _drive(gen, jobs, cancel_at=None, arrive=()):
 
 @pytest.mark.parametrize("rung", ["eager", "triton"])
 def test_run_ahead_changes_nothing_a_caller_sees(tiny_gguf, rung):
+    if rung == "triton" and torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("the triton rung runs on the CPU only in the interpreter (CI); on a GPU machine the "
+                    "graphed generator tests cover it")
     ids = prompts(5)
     base = make(tiny_gguf, rung, run_ahead=False, max_batch_size=4)
     plain = _jobs(ids, 12)
