@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -rf \
-    tests/test_quant_kernels_gptq_mma.py tests/test_quant_kernels_exl2.py tests/test_gpu_end_to_end.py \
+    tests/test_quant_kernels_gptq_mma.py tests/test_quant_kernels_exl2.py tests/test_quant_kernels_f16x2.py tests/test_gpu_end_to_end.py \
     tests/test_generator_graphs_gpu.py tests/test_attention_triton_gpu.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -6 "$OUT/gpu_tests.log"
 # tests that run on whatever device is there (the kernels on CUDA here, in the interpreter in CI)
