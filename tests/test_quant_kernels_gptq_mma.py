@@ -195,13 +195,14 @@ def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096):
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
              if a in args and (args[a].startswith("*") or a in DIVISIBLE)}
     consts = dict(BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], HAS_PERM=perm,
-                  S_CHUNK=4, PDL=False)
+                  S_CHUNK=4, PDL=False, FP16_MAGIC=xdtype == "fp16" or bits <= 4)
     c = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", cap, 32),
                        options={"num_warps": p["num_warps"], "num_stages": p["num_stages"]})
     ptx = c.asm["ptx"]
     return dict(cap=cap, bits=bits, m=m, perm=perm, dtype=xdtype, shared=c.metadata.shared,
                 mma=len(re.findall(r"\b(?:wg)?mma\.", ptx)), fma=len(re.findall(r"\bfma\.", ptx)),
-                cvt_int=len(re.findall(r"cvt\.rn\.f(?:16|32)\.[su]32", ptx)))
+                cvt_int=len(re.findall(r"cvt\.rn\.f(?:16|32)\.[su]32", ptx)),
+                cvt_down=len(re.findall(r"cvt\.rn\.b?f16(?:x2)?\.f32", ptx)))
 
 out = [case(80, 4, 16, False), case(80, 4, 64, True), case(80, 8, 33, False), case(80, 4, 16, True, "bf16"),
        case(90, 4, 16, False), case(90, 4, 64, False), case(75, 4, 16, False)]
@@ -220,6 +221,9 @@ def test_mma_kernel_uses_tensor_cores_on_sm80_and_sm90(compiled):
     for r in compiled:
         if r["cap"] >= 80:
             assert r["mma"] > 0 and r["cvt_int"] == 0 and r["shared"] <= 96 * 1024, r
+            # and straight into x's 16-bit float (no fp32 -> fp16 conversion per code: the fp32 form
+            # of the exponent trick had 16-32 of them in these kernels)
+            assert r["cvt_down"] == 0, r
 
 
 def test_mma_kernel_on_sm75_has_no_tensor_cores(compiled):

@@ -50,7 +50,8 @@ MAX_PARTIAL_FRACTION = 0.25
 def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
                     M, N, K, k_per_split, group_size, stride_xm,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                    HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr,
+                    FP16_MAGIC: tl.constexpr):
     """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -80,8 +81,13 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
         sh = tl.arange(0, PACK) * BITS
         codes = (words >> sh[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]; mask drops sign bits
         codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PACK + j: input feature k0 + r * PACK + j
-        # code as a float without cvt: OR-ed into the mantissa of 2**23, which is then subtracted
-        q = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(xt.dtype)
+        if FP16_MAGIC:  # the code as x's 16-bit float directly: OR-ed into the mantissa of 1024 (fp16) or
+            # 128 (bf16, codes < 16 only), bit-cast, and that base subtracted: exact, no conversion
+            MAGIC: tl.constexpr = 0x6400 if x_ptr.dtype.element_ty == tl.float16 else 0x4300
+            BASE: tl.constexpr = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
+            q = (codes | MAGIC).to(tl.int16).to(xt.dtype, bitcast=True) - BASE
+        else:  # OR-ed into the mantissa of 2**23 in fp32, subtracted, then converted to x's dtype
+            q = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(xt.dtype)
         p = tl.dot(xt, q)  # [BLOCK_M, BLOCK_N] fp32: sum_k x * code, exact codes
         xsum = tl.sum(xt.to(tl.float32), axis=1)  # [BLOCK_M]
         g = k0 // group_size
@@ -160,5 +166,6 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
                           BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
                           HAS_PERM=perm is not None,
                           S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
+                          FP16_MAGIC=x.dtype == torch.float16 or bits <= 4,
                           num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(x.device))
     return y
