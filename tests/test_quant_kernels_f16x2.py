@@ -47,10 +47,25 @@ def test_dot8_is_the_dot_product_within_fp16_rounding():
     assert np.abs(got - want).max() > 0  # rounding does happen: the bound is what is being tested
 
 
+def test_dot8_does_not_overflow_at_the_largest_activations():
+    """(code - zero) reaches 16 in magnitude and four products share a lane: unscaled, any |x| past
+    ~1000 would overflow fp16 (LLMs' massive activations reach thousands); `pairs` scales x by 2**-6."""
+    rng = np.random.default_rng(1)
+    codes = np.where(rng.random((512, 8)) < 0.5, 0, 15)
+    zero = np.where(rng.random(512) < 0.5, 16.0, 0.0)
+    x = (rng.choice([-1.0, 1.0], size=(512, 8)) * rng.choice([1000.0, 8000.0, 65504.0], size=(512, 1))).astype(np.float16)
+    x = np.where(((codes - zero[:, None]) * x.astype(np.float64)) >= 0, np.abs(x), -np.abs(x)).astype(np.float16)
+    got = f16x2.dot8_reference(_pack(codes), x, zero)
+    terms = (codes - zero[:, None]) * x.astype(np.float64)
+    assert np.all(np.isfinite(got))
+    assert np.all(np.abs(got - terms.sum(-1)) <= 6 * 2.0**-11 * np.abs(terms).sum(-1))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1000, 640)])
+@pytest.mark.parametrize("n,k,x_scale", [(6144, 4096, 1.0), (4096, 4096, 1.0), (28672, 4096, 1.0), (4096, 14336, 1.0),
+                                         (1000, 640, 1.0), (4096, 14336, 3000.0)])
 @pytest.mark.parametrize("m", [1, 2, 4])
-def test_half2_gemv_matches_float64_on_the_gpu(n, k, m):
+def test_half2_gemv_matches_float64_on_the_gpu(n, k, x_scale, m):
     from test_quant_kernels_gptq import make_gptq
 
     from lowgear.model.quant_linear import QuantLinear
@@ -62,12 +77,13 @@ def test_half2_gemv_matches_float64_on_the_gpu(n, k, m):
     ref_w = dequantize_gptq(w, dtype=torch.float64)  # [N, K]
     lin = QuantLinear(w).to("cuda")
     facts = G.prepare(lin)
-    x = torch.randn(m, k, device="cuda").half()
+    x = (torch.randn(m, k, device="cuda") * x_scale).clamp(-60000, 60000).half()  # 3000: massive activations
     want = x.double() @ ref_w.cuda().T
     args = (x, lin.qweight, lin.gptq_zeros, lin.scales, None, 4, 128, facts["block_r"])
     assert G.uses_half2(x, 4, None)
     fast = G.gptq_gemv(*args, half2=True).double()
     plain = G.gptq_gemv(*args, half2=False).double()
+    assert torch.isfinite(fast).all()
     scale = want.abs().max()
     # the fp32 unpack is the reference kernel; half2 adds fp16 partial sums of 4 terms
     assert (plain - want).abs().max() <= 2e-3 * scale

@@ -29,11 +29,24 @@ import triton
 import triton.language as tl
 
 _PAIRS_ASM = tl.constexpr("""
+{
+.reg .b32 scale;
+mov.b32 scale, 0x24002400;
 prmt.b32 $0, $4, $6, 0x5410;
 prmt.b32 $1, $4, $6, 0x7632;
 prmt.b32 $2, $5, $7, 0x5410;
 prmt.b32 $3, $5, $7, 0x7632;
+mul.rn.f16x2 $0, $0, scale;
+mul.rn.f16x2 $1, $1, scale;
+mul.rn.f16x2 $2, $2, scale;
+mul.rn.f16x2 $3, $3, scale;
+}
 """)
+# `pairs` scales x by 2**-6 (exact for normal fp16 values), so a lane's four products of (code - zero),
+# at most 16 in magnitude, times x stay below 65504 for every finite fp16 x: without it activations
+# past ~1000 (LLMs' "massive activations" reach thousands) would overflow the fp16 sums. The caller
+# multiplies the fp32 result by X_SCALE.
+X_SCALE = tl.constexpr(64.0)
 
 _DOT8_ASM = tl.constexpr("""
 {
@@ -64,7 +77,8 @@ add.f32 $0, flo, fhi;
 
 @triton.jit
 def pairs(xw0, xw1, xw2, xw3):
-    """Words (x0|x1), (x2|x3), (x4|x5), (x6|x7) -> half2 pairs (x0|x4), (x1|x5), (x2|x6), (x3|x7)."""
+    """Words (x0|x1), (x2|x3), (x4|x5), (x6|x7) -> half2 pairs (x0|x4), (x1|x5), (x2|x6), (x3|x7),
+    each value times 2**-6 (see X_SCALE)."""
     return tl.inline_asm_elementwise(_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r", [xw0, xw1, xw2, xw3],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
@@ -78,13 +92,15 @@ def splat(v):
 
 @triton.jit
 def dot8(w, x04, x15, x26, x37, z1024, z64_neg):
-    """sum over j of (code j of w - z) * x_j as fp32; z1024 = splat(1024 + z), z64_neg = splat(-(64 + z))."""
+    """sum over j of (code j of w - z) * x_j as fp32 for `pairs`' x (so X_SCALE times too small);
+    z1024 = splat(1024 + z), z64_neg = splat(-(64 + z))."""
     return tl.inline_asm_elementwise(_DOT8_ASM, "=f,r,r,r,r,r,r,r", [w, x04, x15, x26, x37, z1024, z64_neg],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 
 def dot8_reference(words: np.ndarray, x: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """`dot8` in numpy, step by step: words uint32 [...], x float16 [..., 8], zero [...] -> float32 [...].
+    """`pairs` then `dot8` (times X_SCALE) in numpy, step by step: words uint32 [...], x float16 [..., 8],
+    zero [...] -> float32 [...].
 
     Each f16x2 operation is done per lane in float16 (numpy rounds every op, as the PTX does; the
     FMAs are done in float32 and rounded once, as fma.rn is).
@@ -101,6 +117,7 @@ def dot8_reference(words: np.ndarray, x: np.ndarray, zero: np.ndarray) -> np.nda
         return v.astype(np.float16).astype(np.float32)
 
     lanes = []
+    x = (x.astype(np.float32) * np.float32(2.0**-6)).astype(np.float16)  # `pairs`' scaling
     for src in (w, w >> np.uint32(8)):
         lo_codes = half((src & np.uint32(0x000F000F)) | np.uint32(0x64006400))
         hi_codes = half((src & np.uint32(0x00F000F0)) | np.uint32(0x64006400))
@@ -111,4 +128,4 @@ def dot8_reference(words: np.ndarray, x: np.ndarray, zero: np.ndarray) -> np.nda
     acc = [f16(lanes[0][0] * xf[..., 0]), f16(lanes[0][1] * xf[..., 4])]
     for i in (1, 2, 3):
         acc = [f16(lanes[i][0] * xf[..., i] + acc[0]), f16(lanes[i][1] * xf[..., i + 4] + acc[1])]
-    return (acc[0] + acc[1]).astype(np.float32)
+    return ((acc[0] + acc[1]) * np.float32(64.0)).astype(np.float32)

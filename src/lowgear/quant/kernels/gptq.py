@@ -177,7 +177,7 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                                              tl.load(x32 + xo + 2, mask=xm, other=0), tl.load(x32 + xo + 3, mask=xm, other=0))
             part = f16x2.dot8(w0.to(tl.int32, bitcast=True), x04[:, :, None], x15[:, :, None], x26[:, :, None],
                               x37[:, :, None], f16x2.splat(zf + 1024.0), f16x2.splat(-(zf + 64.0)))
-            dot = tl.sum(part, axis=1, keep_dims=True)  # [M_PAD, 1, BLOCK_N]
+            dot = tl.sum(part, axis=1, keep_dims=True) * f16x2.X_SCALE  # [M_PAD, 1, BLOCK_N]
         else:
             dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(PACK):
