@@ -46,6 +46,19 @@ def test_off_on_the_cpu_under_the_interpreter_and_by_env(fresh):
     assert "LOWGEAR_NO_PDL" in env.ENV_VARS
 
 
+def test_doctor_says_how_decode_kernels_launch(fresh):
+    from lowgear import doctor
+
+    fresh.setenv("LOWGEAR_SIMULATE", "h100,t4")
+    report = doctor.collect()
+    text = doctor.render(report)
+    launches = [d["kernel_launch"] for d in report["devices"] if d["kind"] == "cuda"]
+    assert launches[0].startswith("programmatic dependent launch") and "needs sm_90+" in launches[1]
+    assert "decode kernels: programmatic dependent launch" in text
+    fresh.setenv("LOWGEAR_NO_PDL", "1")
+    assert "LOWGEAR_NO_PDL=1" in doctor.collect()["devices"][0]["kernel_launch"]
+
+
 SCRIPT = r"""
 import json, re
 import triton

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from . import env, hardware, placement
+from . import env, hardware, pdl, placement
 from .dtypes import choose_dtype, common_dtype, dtype_bytes, dtype_name
 from .errors import LowgearError
 
@@ -49,6 +49,7 @@ def _device_facts(d) -> dict:
         "simulated": d.simulated,
         "usable": usable,
         "problem": None if usable else hardware.torch_build_hint(d),
+        "kernel_launch": pdl.decision(d.compute_capability)[1] if d.kind == "cuda" else None,
     }
 
 
@@ -281,6 +282,8 @@ def render(report: dict) -> str:
         lines.append(f"           {d['uuid']}  pci {d['pci_bus_id']}  {smi}".rstrip())
         if not d["usable"]:
             lines.append(f"           UNUSABLE: {d['problem']}")
+        elif d.get("kernel_launch"):
+            lines.append(f"           decode kernels: {d['kernel_launch']}")
     lines.append("")
     lines.append("attention ladder")
     for a in report["attention"]:

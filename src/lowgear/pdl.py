@@ -38,14 +38,24 @@ except ImportError:  # no triton, or one without griddepcontrol: PDL stays off
 _ENABLED: dict[int, bool] = {}
 
 
+def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
+    """(on, why) for a CUDA device of this compute capability: what `lowgear doctor` prints."""
+    if env.flag("LOWGEAR_NO_PDL"):
+        return False, "plain launches (LOWGEAR_NO_PDL=1)"
+    if capability is None or tuple(capability) < (9, 0):
+        return False, "plain launches (programmatic dependent launch needs sm_90+)"
+    if triton is None:
+        return False, "plain launches (this Triton has no griddepcontrol)"
+    return True, "programmatic dependent launch (each kernel placed while the one before it finishes)"
+
+
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` are compiled with the wait and launched with `launch_pdl`."""
     if triton is None or device.type != "cuda" or env.flag("LOWGEAR_NO_PDL") or env.flag("TRITON_INTERPRET"):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _ENABLED:
-        cc = hardware.compute_capability(torch.device("cuda", index))
-        _ENABLED[index] = cc is not None and tuple(cc) >= (9, 0)
+        _ENABLED[index] = decision(hardware.compute_capability(torch.device("cuda", index)))[0]
     return _ENABLED[index]
 
 
