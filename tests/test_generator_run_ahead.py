@@ -3,30 +3,17 @@ reads this step's tokens. It must change nothing a caller sees: the same tokens,
 and results per iterate() call as a generator that never runs ahead, through stop tokens, cancels
 and min_new_tokens, with every page given back; a job that arrives while a step is ahead starts one
 call later, and still gets the same tokens. Reference: the same generator with
-run_ahead=False (the sequential path, itself checked against prompts run alone in test_generator.py).
+run_ahead=False (the sequential path, itself checked against prompts run alone in test_generator.py),
+both on the CPU (test_generator.make), where a row's logits do not depend on the batch it is in: a
+step run ahead can still hold the row of a job that has just ended.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
-from test_generator import prompts, tiny_gguf  # noqa: F401 (a fixture)
+from test_generator import make, prompts, tiny_gguf  # noqa: F401 (a fixture)
 
 import lowgear as lg
-
-
-def make(path, rung, **gen_kwargs):
-    """On the CPU, where a row's logits do not depend on the batch it is in: a step run ahead can hold
-    a row for a job that has just ended, and on a GPU that batch-size change may move other rows'
-    logits by rounding (tested at near ties in test_gpu_end_to_end.py)."""
-    config = lg.Config(path)
-    config.attn_backend, config.devices = rung, ["cpu"]
-    model = lg.Model(config)
-    cache = lg.Cache(model, max_seq_len=2048, page_size=16)
-    model.load_autosplit(cache)
-    return lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(config), **gen_kwargs)
 
 
 def _jobs(ids, max_new, stops=None, min_new=0):
@@ -56,9 +43,6 @@ def _drive(gen, jobs, cancel_at=None, arrive=()):
 
 @pytest.mark.parametrize("rung", ["eager", "triton"])
 def test_run_ahead_changes_nothing_a_caller_sees(tiny_gguf, rung):
-    if rung == "triton" and torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
-        pytest.skip("the triton rung runs on the CPU only in the interpreter (CI); on a GPU machine the "
-                    "graphed generator tests cover it")
     ids = prompts(5)
     base = make(tiny_gguf, rung, run_ahead=False, max_batch_size=4)
     plain = _jobs(ids, 12)
