@@ -11,7 +11,9 @@ Writes a Llama-3-8B-shape GPTQ folder (4-bit, group 128, symmetric, no act-order
   sampling), which favours it.
 - lowgear, with its own choices (the ladder's rung for prefill, a capturable rung and CUDA graphs
   for decode): DynamicGenerator with B greedy jobs of the same length, timed per whole generator
-  step (metadata, forward, sampling).
+  step (metadata, forward, sampling): the mean over `steps` consecutive iterate() calls, as a caller
+  streaming tokens sees it (the generator runs a known next step ahead, so a sync between calls would
+  misplace that step's time; bench_models.generator_step_seconds).
 
 Memory is torch's peak allocation during each framework's run, weights and cache included. Needs
 exllamav2 importable (it builds its CUDA extension on first import) and lowgear on the path.
