@@ -11,6 +11,7 @@ step run ahead can still hold the row of a job that has just ended.
 from __future__ import annotations
 
 import pytest
+import torch
 from test_generator import make, prompts, tiny_gguf  # noqa: F401 (a fixture)
 
 import lowgear as lg
@@ -71,3 +72,22 @@ def test_no_run_ahead_for_sampled_jobs(tiny_gguf):
             for p in prompts(3)]
     _drive(gen, jobs)
     assert gen.steps_ahead == 0 and all(len(j.generated) == 8 for j in jobs)
+
+
+def test_a_step_run_ahead_that_runs_out_of_memory_loses_nothing(tiny_gguf, monkeypatch):
+    ids = prompts(3)
+    want_jobs, got_jobs = _jobs(ids, 10), _jobs(ids, 10)
+    want = _drive(make(tiny_gguf, "eager", run_ahead=False, max_batch_size=4), want_jobs)
+    gen = make(tiny_gguf, "eager", max_batch_size=4)
+    real, calls = gen._run_ahead, []
+
+    def flaky(step):
+        calls.append(1)
+        if len(calls) in (2, 3):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(step)
+
+    monkeypatch.setattr(gen, "_run_ahead", flaky)
+    assert _drive(gen, got_jobs) == want
+    assert [j.generated for j in got_jobs] == [j.generated for j in want_jobs]
+    assert len(calls) > 3 and gen.steps_ahead == len(calls) - 2

@@ -220,7 +220,10 @@ class DynamicGenerator:
                 return results
             step = self._launch(self._plan())
         if self._can_run_ahead(step):
-            self._ahead = self._run_ahead(step)
+            try:
+                self._ahead = self._run_ahead(step)
+            except torch.OutOfMemoryError:  # (an eager fallback needs more memory than a graph replay)
+                self._ahead = None  # this step's tokens still count; the next call plans its step as usual
         results += self._finish(step)
         self.running = [j for j in self.running if not j.finished]
         if self._ahead is not None and all(j.finished for j in self._ahead.jobs):
