@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 @pytest.fixture
 def fresh(monkeypatch):
-    monkeypatch.setattr(pdl, "_ENABLED", {})
+    monkeypatch.setattr(pdl, "_CAPABILITY", {})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("LOWGEAR_NO_PDL", raising=False)
     return monkeypatch

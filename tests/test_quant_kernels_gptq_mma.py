@@ -20,13 +20,14 @@ from helpers import compiled_results
 
 pytest.importorskip("triton")
 
+from test_quant_kernels_gptq import _interpreter_numpy_shim, make_gptq, rel_err, xs  # noqa: E402, F401
+
 from lowgear import hardware  # noqa: E402
 from lowgear.model.quant_linear import QuantLinear  # noqa: E402
 from lowgear.quant import kernels  # noqa: E402
 from lowgear.quant.gptq import GPTQWeight, dequantize_gptq  # noqa: E402
 from lowgear.quant.kernels import gptq as G  # noqa: E402
 from lowgear.quant.kernels import gptq_mma as MM  # noqa: E402
-from test_quant_kernels_gptq import _interpreter_numpy_shim, make_gptq, rel_err, xs  # noqa: E402, F401
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AMPERE, TURING = (8, 0), (7, 5)

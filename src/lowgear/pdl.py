@@ -35,7 +35,7 @@ try:
 except ImportError:  # no triton, or one without griddepcontrol: PDL stays off
     triton = None
 
-_ENABLED: dict[int, bool] = {}
+_CAPABILITY: dict[int, tuple[int, int] | None] = {}  # per CUDA index, looked up once
 
 
 def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
@@ -51,12 +51,12 @@ def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` are compiled with the wait and launched with `launch_pdl`."""
-    if triton is None or device.type != "cuda" or env.flag("LOWGEAR_NO_PDL") or env.flag("TRITON_INTERPRET"):
+    if device.type != "cuda" or env.flag("TRITON_INTERPRET"):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _ENABLED:
-        _ENABLED[index] = decision(hardware.compute_capability(torch.device("cuda", index)))[0]
-    return _ENABLED[index]
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = hardware.compute_capability(torch.device("cuda", index))
+    return decision(_CAPABILITY[index])[0]
 
 
 def launch(device: torch.device) -> dict:

@@ -258,7 +258,7 @@ class DynamicGenerator:
             input_ids: list[int] = []
             for job, n in batch:
                 input_ids.extend(job.all_ids[job.computed : job.computed + n])
-            logits = self._forward_eager(batch, torch.tensor(input_ids, dtype=torch.long), [n for _, n in batch])
+            logits = self._forward_eager(batch, torch.tensor(input_ids, dtype=torch.long))
         self.steps += 1
         rows = [row for row, (job, n) in enumerate(batch) if job.computed + n == len(job.all_ids)]
         return self._choose(batch, [batch[r][0] for r in rows], logits[rows] if len(rows) != logits.shape[0] else logits)
@@ -270,7 +270,7 @@ class DynamicGenerator:
         if self.graphs is not None:
             logits = self.graphs.run([DecodeRow(0, job.computed + 2, job.pages) for job in step.jobs], ids=step.tokens)
         if logits is None:
-            logits = self._forward_eager(batch, step.tokens, [1] * len(batch), ahead=1)
+            logits = self._forward_eager(batch, step.tokens, ahead=1)
         self.steps += 1
         self.steps_ahead += 1
         return self._choose(batch, step.jobs, logits, suppress=False)  # none under min_new_tokens
@@ -333,10 +333,10 @@ class DynamicGenerator:
                 results.append(self._accept(job, token) if good else self._fail(job, step.picked[i]))
         return results
 
-    def _forward_eager(self, batch: list[tuple[DynamicJob, int]], ids: torch.Tensor, q_lens: list[int],
-                       ahead: int = 0) -> torch.Tensor:
+    def _forward_eager(self, batch: list[tuple[DynamicJob, int]], ids: torch.Tensor, ahead: int = 0) -> torch.Tensor:
         """Logits of the batch's last tokens; `ahead` positions past what the jobs have computed."""
-        kv_lens = [job.computed + ahead + n for (job, _), n in zip(batch, q_lens)]
+        q_lens = [n for _, n in batch]
+        kv_lens = [job.computed + ahead + n for job, n in batch]
         device = self.model.layer_devices[0]
         meta = build_metadata(q_lens, kv_lens, [job.pages for job, _ in batch], self.page_size, device=device)
         return self.model.forward(ids.to(device), meta, self.cache)

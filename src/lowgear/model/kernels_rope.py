@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.base import write_kv
 from .. import pdl
+from ..attention.base import write_kv
 from .kernels_norm import triton, use_triton
 
 if triton is not None:

@@ -11,7 +11,9 @@ Codes become floats without `cvt` (a quarter-rate instruction on recent GPUs, wh
 compute-bound): a code masked in place at bit `off` of a word is OR-ed with the exponent of
 2**(23 - off), which makes the float 2**(23 - off) + code exactly; subtracting 2**(23 - off) + zero
 gives code - zero (ExLlama's / Marlin's fp16 trick, in fp32). Codes above bit 22 come from the word
-shifted right by 16. Per code that is one LOP3, one FSUB and one FMA per activation row.
+shifted right by 16. Per code that is one LOP3, one FSUB and one FMA per activation row. For 4-bit
+codes and fp16 activations the GEMV takes the same trick in packed half2 instead (`f16x2.py`: about
+two instructions a code, fp16 sums of four products added in fp32).
 
 Split-K: an N = 4096 layer has only 8-16 column blocks, far fewer than the 132 SMs of an H100, so
 the K range is split too. Partial sums go to an fp32 workspace [splits, M, N] (it stays in L2) and
@@ -48,10 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import hardware
+from ... import hardware, pdl
 from ..dequant import banded_matmul
 from ..gptq import gptq_groups
-from ... import pdl
 from . import f16x2, gptq_mma, splitk
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gptq import gptq_groups
 from ... import pdl
+from ..gptq import gptq_groups
 from . import splitk
 
 # rows served here past the GEMV; beyond it prefill (dequantize + cuBLAS) is compute-bound and wins
