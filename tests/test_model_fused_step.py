@@ -80,15 +80,10 @@ def test_fused_glue_step_equals_plain_step(q4_models, monkeypatch, index_shim):
     from lowgear.quant.kernels import gptq as G
 
     (fm, fc), (pm, pc) = q4_models
-    for layer in fm.layers:
-        for m in layer.modules():
-            if isinstance(m, QuantLinear) and m.packed:
-                m.kernel = kernels.kernel_for(m)
-                m.fusion = kernels.fusion_for(m)
-    for layer in pm.layers:  # the reference: torch's dequantize-and-matmul (on CUDA too), unfused glue
-        for m in layer.modules():
-            if isinstance(m, QuantLinear):
-                m.kernel, m.fusion = None, None
+    for m in (m for layer in fm.layers for m in layer.modules()):
+        if isinstance(m, QuantLinear) and m.packed:
+            m.kernel = kernels.kernel_for(m)
+            m.fusion = kernels.fusion_for(m)
     calls = []
     real_norm = L.rms_norm
     monkeypatch.setattr(L, "rms_norm", lambda *a, **k: calls.append(1) or real_norm(*a, **k))
@@ -100,13 +95,12 @@ def test_fused_glue_step_equals_plain_step(q4_models, monkeypatch, index_shim):
         calls.clear()
         rows = sum(q_lens)
         a = _step(fm, fc, True, ids, q_lens, kv_lens, tables)
-        norms = len(calls)
         b = _step(pm, pc, False, ids, q_lens, kv_lens, tables)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         fused = rows <= G.MAX_M
         assert fm.layers[0].fuses(torch.zeros(rows, 64)) == fused
         # fused: only the first layer's attention norm is a kernel of its own; unfused: two a layer
-        assert norms == (1 if fused else 2 * len(fm.layers))
+        assert len(calls) == (1 if fused else 2 * len(fm.layers))
     for i in range(len(fm.layers)):
         for x, y in zip(fc.layer(i), pc.layer(i)):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

@@ -70,8 +70,7 @@ from lowgear.quant.kernels import gptq as G
 
 GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
         "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "ROWS": "i32",
-        "rows_per_split": "i32", "group_rows": "i32", "stride_xm": "i32", "xbuf_ptr": "*fp16", "xw_ptr": "*fp32",
-        "xs_ptr": "*fp32", "ss_ptr": "*fp32", "eps": "fp32"}
+        "rows_per_split": "i32", "group_rows": "i32", "stride_xm": "i32"}
 NORM = {"x_ptr": "*fp16", "r_ptr": "*fp16", "w_ptr": "*fp32", "out_ptr": "*fp16", "H": "i32", "stride_x": "i32",
         "stride_r": "i32", "stride_o": "i32", "eps": "fp32"}
 SILU = {"x_ptr": "*fp16", "out_ptr": "*fp16", "I": "i32", "stride_x": "i32", "stride_o": "i32"}
@@ -81,8 +80,7 @@ DEC = {"q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "block_
 
 def gemv(pdl):
     p = G.launch_params(4096, 4096, 4, G.gemv_tile_rows(4, 128, 4096), 1)
-    return dict(M=1, M_PAD=1, BITS=4, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"], HAS_PERM=False, S_CHUNK=4, PDL=pdl, F16X2=False,
-                X_MODE=0, SS_P=1, RESIDUAL=False)
+    return dict(M=1, M_PAD=1, BITS=4, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"], HAS_PERM=False, S_CHUNK=4, PDL=pdl, F16X2=False)
 
 def decode(pdl):
     return dict(GROUP=4, GROUP_P=16, HEAD_DIM=128, HEAD_DIM_P=128, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N,

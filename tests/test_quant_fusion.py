@@ -145,12 +145,37 @@ def test_chain_norm_glu_residual():
     torch.testing.assert_close(ss.sum(0), sum_squares(h)[0], rtol=1e-3, atol=1e-3)
 
 
-def test_fuses_only_gemv_rows():
+def test_fuses_gemv_and_mma_rows_only():
     module, _ = layer(4, 64, 128, 32, False)
-    assert module.fuses(1, DTYPE) and module.fuses(4, DTYPE)
-    assert not module.fuses(G.MAX_M + 1, DTYPE)
-    # where the tl.dot kernel takes the rows (sm_80+, 5 rows and up), the GEMV's fusions do not apply
-    assert not G.fusable(module, 8, torch.float16, capability=(9, 0))
-    assert G.fusable(module, 8, torch.float16, capability=(7, 5))
+    assert module.fuses(1, DTYPE) and module.fuses(G.MAX_M, DTYPE)
+    assert not module.fuses(G.MAX_M + 1, DTYPE) or DEVICE == "cuda"
+    # on sm_80+ the tl.dot kernel's rows fuse too (up to its MMA_MAX_M); past them dequantize + cuBLAS does not
+    assert G.fusable(module, 16, torch.float16, capability=(9, 0))
+    assert not G.fusable(module, 16, torch.float16, capability=(7, 5))
+    assert not G.fusable(module, G.gptq_mma.MMA_MAX_M + 1, torch.float16, capability=(9, 0))
     module.bias = torch.nn.Parameter(torch.zeros(64, device=DEVICE), requires_grad=False)
     assert module.fuses(1, DTYPE) and not module.fuses(1, DTYPE, residual=True)
+
+
+@pytest.mark.parametrize("bits,m", [(4, 6), (8, 16)])
+def test_mma_kernel_fusions(bits, m):
+    """The tl.dot kernel (batched decode on sm_80+; interpreted here) with the three fusions, in float16."""
+    n, k = 80, 128
+    module, ref = layer(bits, n, k, 32, False, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16)
+    norm_in = NormIn(h, parts(h, 3), (torch.rand(k, generator=gen) + 0.5).to(DEVICE), 1e-5)
+    glu_in = GluIn(torch.randn(m, 2 * k, generator=gen).to(DEVICE, torch.float16))
+    for x_in in (norm_in, glu_in):
+        x = reference_x(x_in)
+        want = y_ref(x, ref)
+        got = G.gptq_fused(module, x_in, capability=(9, 0))
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2e-2 * want.abs().max().item(), (type(x_in).__name__, err)
+    res = (torch.randn(m, n, generator=gen) * 4).to(DEVICE, torch.float16)
+    h0 = res.clone()
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.float16)
+    _, ss = G.gptq_fused(module, x, residual=res, capability=(9, 0))
+    want = h0.double() + y_ref(x, ref)
+    assert (res.double() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+    torch.testing.assert_close(ss.sum(0), sum_squares(res)[0], rtol=1e-3, atol=1e-2)

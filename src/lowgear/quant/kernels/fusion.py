@@ -1,9 +1,8 @@
 """The Triton side of `quant/fusion.py`: a GEMV's input read as RMSNorm(h) or silu(gate) * up.
 
-`stage_x` makes a program's K-slice of x in the fusion's form once, spread over its threads, into a
-buffer the program then reads as a plain x (`row_scale`: the parts of each row's sum of squares
-into the norm's 1 / rms; `x_values`: activations at given offsets in the fusion's form, rounded to
-the activation dtype as the unfused kernels round them, kernels_norm.py and kernels_act.py).
+`row_scale` turns the parts of each row's sum of squares into the norm's 1 / rms (once a tile: a
+few dozen floats from L1), `x_values` reads activations at given offsets in the fusion's form,
+rounded to the activation dtype as the unfused kernels round them (kernels_norm.py, kernels_act.py).
 `x_launch` is the host side: the tensor, strides and constexprs a kernel launch passes for an input
 that is a plain x, a `NormIn` or a `GluIn`. The output side (h += y, the tiles' sums of squares)
 is `splitk.finish`'s RESIDUAL.
@@ -48,34 +47,6 @@ def x_values(x_ptr, offs, k, kmask, mask, rstd, xw_ptr, up_off, X_MODE: tl.const
         u = tl.load(x_ptr + up_off + offs, mask=mask, other=0.0).to(tl.float32)
         v = ((v / (1.0 + tl.exp(-v))).to(ty).to(tl.float32) * u).to(ty).to(tl.float32)
     return v
-
-
-@triton.jit
-def stage_x(x_ptr, xbuf_ptr, perm_ptr, xw_ptr, xs_ptr, n_xs, eps, up_off, stride_xm, k_lo, k_hi, M, K,
-            X_MODE: tl.constexpr, HAS_PERM: tl.constexpr, SS_P: tl.constexpr, M_PAD: tl.constexpr,
-            CHUNK: tl.constexpr):
-    """Write x[:, k_lo:k_hi] in the fusion's form to xbuf [M, K] (x's dtype), spread over the program's
-    threads, then a barrier: the program's main loop reads xbuf as a plain x.
-
-    Computed where the main loop would read it, every thread would make every value of its tiles
-    (the GEMV keeps a tile's K in each thread), which on an H100 made a batch-1 step 30% slower than
-    the unfused kernels. Programs of other column blocks stage the same slice: they write the same
-    bits, so their stores may cross. With HAS_PERM, k runs over the sorted order (`gptq.sort_act_order`)
-    and xbuf holds x already gathered, so the main loop reads it without the permutation.
-    """
-    ms = tl.arange(0, M_PAD)
-    mmask = ms < M
-    rstd = row_scale(xs_ptr, n_xs, ms, mmask, M, K, eps, X_MODE, SS_P, M_PAD)
-    for c0 in range(k_lo, k_hi, CHUNK):
-        k = c0 + tl.arange(0, CHUNK)
-        kmask = k < k_hi
-        src = k
-        if HAS_PERM:
-            src = tl.load(perm_ptr + k, mask=kmask, other=0)
-        mask = mmask[:, None] & kmask[None, :]
-        v = x_values(x_ptr, ms[:, None] * stride_xm + src[None, :], src, kmask, mask, rstd, xw_ptr, up_off, X_MODE)
-        tl.store(xbuf_ptr + ms[:, None] * K + k[None, :], v.to(xbuf_ptr.dtype.element_ty), mask=mask)
-    tl.debug_barrier()
 
 
 def x_launch(x_in: torch.Tensor | NormIn | GluIn, in_features: int) -> dict:

@@ -136,7 +136,7 @@ def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
-                     xbuf_ptr, xw_ptr, xs_ptr, ss_ptr, n_xs, eps, up_off,
+                     xw_ptr, xs_ptr, ss_ptr, n_xs, eps, up_off,
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
@@ -144,10 +144,7 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                      RESIDUAL: tl.constexpr):
     """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`).
 
-    X_MODE / RESIDUAL: x made from RMSNorm(h) or silu(gate) * up (staged into xbuf [M, K] by
-    `fusion.stage_x`, then read as a plain x), y added into h (quant/fusion.py)."""
-    # a staged x is read from xbuf, already in sorted-K order
-    XR_PERM: tl.constexpr = HAS_PERM and X_MODE == 0
+    X_MODE / RESIDUAL: x read as RMSNorm(h) or silu(gate) * up, y added into h (fusion.py)."""
     PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     pid_n = tl.program_id(0)
@@ -178,21 +175,21 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
         s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
         zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's output
-        if X_MODE != 0:
-            xr_ptr = xbuf_ptr
-            stride_r = ROWS * PACK
-            if r0 == r_lo:
-                fusion.stage_x(x_ptr, xbuf_ptr, perm_ptr, xw_ptr, xs_ptr, n_xs, eps, up_off, stride_xm, r_lo * PACK,
-                               r_hi * PACK, M, ROWS * PACK, X_MODE, HAS_PERM, SS_P, M_PAD, BLOCK_R * PACK)
-        else:
-            xr_ptr = x_ptr
-            stride_r = stride_xm
+        rstd = fusion.row_scale(xs_ptr, n_xs, ms, mmask, M, ROWS * PACK, eps, X_MODE, SS_P, M_PAD)
         xm = mmask[:, None] & r_ok[None, :]
-        if F16X2:  # 4-bit, fp16 x, no perm: packed half2 math (f16x2.py); x read as words of two
-            x32 = xr_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            xo = ms[:, None] * (stride_r // 2) + rows[None, :] * 4  # [M_PAD, BLOCK_R]
-            x04, x15, x26, x37 = f16x2.pairs(tl.load(x32 + xo, mask=xm, other=0), tl.load(x32 + xo + 1, mask=xm, other=0),
-                                             tl.load(x32 + xo + 2, mask=xm, other=0), tl.load(x32 + xo + 3, mask=xm, other=0))
+        if F16X2:  # 4-bit, fp16 x, no perm: packed half2 math (f16x2.py)
+            if X_MODE == 0:  # x read as words of two
+                x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+                xo = ms[:, None] * (stride_xm // 2) + rows[None, :] * 4  # [M_PAD, BLOCK_R]
+                x04, x15, x26, x37 = f16x2.pairs(tl.load(x32 + xo, mask=xm, other=0),
+                                                 tl.load(x32 + xo + 1, mask=xm, other=0),
+                                                 tl.load(x32 + xo + 2, mask=xm, other=0),
+                                                 tl.load(x32 + xo + 3, mask=xm, other=0))
+            else:  # computed per value, then paired as `pairs` pairs them
+                x04 = _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, 0, X_MODE)
+                x15 = _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, 1, X_MODE)
+                x26 = _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, 2, X_MODE)
+                x37 = _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, 3, X_MODE)
             part = f16x2.dot8(w0.to(tl.int32, bitcast=True), x04[:, :, None], x15[:, :, None], x26[:, :, None],
                               x37[:, :, None], f16x2.splat(zf + 1024.0), f16x2.splat(-(zf + 64.0)))
             dot = tl.sum(part, axis=1, keep_dims=True) * f16x2.X_SCALE  # [M_PAD, 1, BLOCK_N]
@@ -201,16 +198,27 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
             for j in tl.static_range(PACK):
                 q = _code_minus_zero(w0, w1, w2, zf, j, BITS)  # [1, BLOCK_R, BLOCK_N]
                 k = rows * PACK + j
-                if XR_PERM:
+                if HAS_PERM:
                     k = tl.load(perm_ptr + k, mask=r_ok, other=0)
                 # loaded 2-D, then broadcast: a 3-D load would repeat each value in all 4 column slots
-                xj = tl.load(xr_ptr + ms[:, None] * stride_r + k[None, :], mask=xm, other=0.0).to(tl.float32)
+                xj = fusion.x_values(x_ptr, ms[:, None] * stride_xm + k[None, :], k, r_ok, xm, rstd, xw_ptr,
+                                     up_off, X_MODE)
                 dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
         acc += tl.sum(dot * s, axis=1)
     pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
     pdl.release(PDL)
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
                   pid_n, pid_k, tl.num_programs(1), M * N, ss_ptr, pid_n * M + ms, mmask, S_CHUNK, RESIDUAL)
+
+
+@triton.jit
+def _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, C: tl.constexpr, X_MODE: tl.constexpr):
+    """The half2 word (x_C | x_C+4) of each row-group, x computed by the fusion (fusion.x_values)."""
+    k = rows * 8 + C
+    base = ms[:, None] * stride_xm + k[None, :]
+    lo = fusion.x_values(x_ptr, base, k, r_ok, xm, rstd, xw_ptr, up_off, X_MODE)
+    hi = fusion.x_values(x_ptr, base + 4, k + 4, r_ok, xm, rstd, xw_ptr, up_off, X_MODE)
+    return f16x2.pack_pair(lo, hi)
 
 
 @triton.jit
@@ -426,9 +434,7 @@ def gptq_gemv(x: torch.Tensor | NormIn | GluIn, qweight: torch.Tensor, zeros: to
     xt = a["x"]
     m = xt.shape[0]
     assert m >= 1
-    staged = a["X_MODE"] != fusion.PLAIN
-    xbuf = torch.empty((m, k), dtype=xt.dtype, device=xt.device) if staged else xt
-    can = uses_half2(xbuf, bits, None if staged else perm)
+    can = uses_half2(xt, bits, perm, words=a["X_MODE"] == fusion.PLAIN)
     assert not half2 or can, "the half2 unpack needs 4-bit codes, fp16 x on CUDA in 4-byte words, no perm"
     half2 = can if half2 is None else half2
     p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r, half2)
@@ -447,7 +453,7 @@ def gptq_gemv(x: torch.Tensor | NormIn | GluIn, qweight: torch.Tensor, zeros: to
     m_pad = triton.next_power_of_2(m)
     gptq_gemv_kernel[grid](xt, qweight, zeros, scales.view(torch.float16), xt if perm is None else perm, y,
                            splitk.workspace(split, m, n, xt.device), splitk.counters(xt.device, grid[0]),
-                           xbuf, a["xw"], a["xs"], ss, a["n_xs"], a["eps"], a["up_off"],
+                           a["xw"], a["xs"], ss, a["n_xs"], a["eps"], a["up_off"],
                            n, rows, p["rows_per_split"], group_rows, a["stride_xm"],
                            M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
@@ -457,11 +463,12 @@ def gptq_gemv(x: torch.Tensor | NormIn | GluIn, qweight: torch.Tensor, zeros: to
     return y if residual is None else (y, ss)
 
 
-def uses_half2(x: torch.Tensor, bits: int, perm: torch.Tensor | None) -> bool:
+def uses_half2(x: torch.Tensor, bits: int, perm: torch.Tensor | None, words: bool = True) -> bool:
     """Whether the GEMV can take the packed-half2 unpack: 4-bit codes, fp16 activations on CUDA (not the
-    interpreter: it is inline PTX) whose rows start on 4-byte boundaries, and no act-order gather."""
+    interpreter: it is inline PTX), no act-order gather, and where x is read as words of two (`words`,
+    a plain x) rows that start on 4-byte boundaries."""
     return (bits == 4 and x.dtype == torch.float16 and x.is_cuda and perm is None
-            and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0)
+            and (not words or (x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0)))
 
 
 def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
@@ -492,22 +499,25 @@ def uses_mma(m: int, dtype: torch.dtype, facts: dict, capability: tuple[int, int
 
 
 def fusable(module, m: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> bool:
-    """Whether `gptq_fused` serves M rows: the GEMV's rows (not the tl.dot kernel's or dequantize's).
+    """Whether `gptq_fused` serves M rows: where the GEMV or the tl.dot kernel would (not dequantize).
 
-    The tl.dot kernel is left out: its programs would each stage all of their K (at M = 64 K is not
-    split), and at those batches the glue kernels are a small part of the step. capability
-    overrides the module device's (tests on the CPU pass one)."""
+    capability overrides the module device's (tests on the CPU pass one)."""
     facts = prepare(module)
     cap = facts["capability"] if capability is None else capability
-    return 1 <= m <= MAX_M and facts["block_r"] is not None and not uses_mma(m, dtype, facts, cap)
+    return m >= 1 and (uses_mma(m, dtype, facts, cap) or (m <= MAX_M and facts["block_r"] is not None))
 
 
-def gptq_fused(module, x: torch.Tensor | NormIn | GluIn, residual: torch.Tensor | None = None):
-    """The GEMV with quant/fusion.py's input forms and residual output, for rows where `fusable` holds:
-    y [M, N], or (h, ss) with `residual` (see gptq_gemv). The module's bias is not added."""
+def gptq_fused(module, x: torch.Tensor | NormIn | GluIn, residual: torch.Tensor | None = None,
+               capability: tuple[int, int] | None = None):
+    """The GEMV or tl.dot kernel with quant/fusion.py's input forms and residual output, for rows where
+    `fusable` holds: y [M, N], or (h, ss) with `residual` (see gptq_gemv). The bias is not added."""
     facts = prepare(module)
     g = module._gptq
     perm = module.gptq_perm if facts["sorted"] else None
+    rows = x.shape[0] if isinstance(x, torch.Tensor) else x.rows
+    if uses_mma(rows, x.dtype, facts, facts["capability"] if capability is None else capability):
+        return gptq_mma.gptq_mma(x, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"],
+                                 g["group_size"], facts["mma_block_k"], residual=residual)
     return gptq_gemv(x, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
                      facts["block_r"], residual=residual)
 
