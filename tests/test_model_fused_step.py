@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import interpreter_index_shim, load
+from helpers import load
 
 from lowgear.attention.metadata import build_metadata
 from lowgear.synthetic import write_hf
@@ -52,55 +52,3 @@ def test_fused_step_equals_plain_step(models):
     for i in range(len(fm.layers)):
         for x, y in zip(fc.layer(i), pc.layer(i)):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def q4_models(tmp_path_factory):
-    from lowgear.synthetic import write_gguf
-
-    path = write_gguf(tmp_path_factory.mktemp("fused_q4") / "m.gguf", hidden_size=64, num_layers=3, num_heads=4,
-                      num_kv_heads=2, intermediate_size=96, qtype="Q4_0", seed=11)
-    return load(path, max_seq_len=64, page_size=4, dtype="float32"), load(path, max_seq_len=64, page_size=4,
-                                                                            dtype="float32")
-
-
-@pytest.fixture
-def index_shim():
-    with interpreter_index_shim():
-        yield
-
-
-def test_fused_glue_step_equals_plain_step(q4_models, monkeypatch, index_shim):
-    """A Q4_0 model held as GPTQ, its GEMVs given quant/fusion.py's forms: steps of up to MAX_M rows run
-    each layer as q|k|v(NormIn), o(+= h), gate|up(NormIn), down(GluIn, += h); a longer prompt runs the
-    unfused kernels; logits and caches equal the plain torch path's (which dequantizes Q4_0 itself)."""
-    from lowgear.model import layers as L
-    from lowgear.model.quant_linear import QuantLinear
-    from lowgear.quant import kernels
-    from lowgear.quant.kernels import gptq as G
-
-    (fm, fc), (pm, pc) = q4_models
-    for m in (m for layer in fm.layers for m in layer.modules()):
-        if isinstance(m, QuantLinear) and m.packed:
-            m.kernel = kernels.kernel_for(m)
-            m.fusion = kernels.fusion_for(m)
-    calls = []
-    real_norm = L.rms_norm
-    monkeypatch.setattr(L, "rms_norm", lambda *a, **k: calls.append(1) or real_norm(*a, **k))
-    steps = [(list(range(3, 3 + G.MAX_M + 2)), [G.MAX_M + 2], [G.MAX_M + 2], [[0, 1, 2]]),  # too many rows: unfused
-             ([8], [1], [G.MAX_M + 3], [[0, 1, 2]]),
-             ([61], [1], [G.MAX_M + 4], [[0, 1, 2, 3]]),
-             ([13, 77, 2, 4], [1, 3], [G.MAX_M + 5, 3], [[0, 1, 2, 3], [5]])]
-    for ids, q_lens, kv_lens, tables in steps:
-        calls.clear()
-        rows = sum(q_lens)
-        a = _step(fm, fc, True, ids, q_lens, kv_lens, tables)
-        b = _step(pm, pc, False, ids, q_lens, kv_lens, tables)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        fused = rows <= G.MAX_M
-        assert fm.layers[0].fuses(torch.zeros(rows, 64)) == fused
-        # fused: only the first layer's attention norm is a kernel of its own; unfused: two a layer
-        assert len(calls) == (1 if fused else 2 * len(fm.layers))
-    for i in range(len(fm.layers)):
-        for x, y in zip(fc.layer(i), pc.layer(i)):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

@@ -9,9 +9,6 @@ per-device cos/sin table at `meta.positions`. The CPU path is the plain torch co
 
 Where the weights allow it (model/fuse.py), q/k/v are one linear and gate/up another: one launch
 over the concatenated output rows instead of three (two), split back into views of its output.
-Where those linears' packed GEMVs can also do the glue (quant/fusion.py: a decode step's few rows of
-a GPTQ-held model), the norms, residual adds and silu * up move into them, and a layer is six
-launches: q|k|v, RoPE, attention, o, gate|up, down.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from torch import nn
 
 from ..attention.metadata import StepMetadata
 from ..errors import ModelFormatError
-from ..quant.fusion import GluIn, NormIn, SumSquares
 from ..weights.spec import ModelSpec
 from .kernels_act import silu_mul
 from .kernels_norm import rms_norm
@@ -63,20 +59,16 @@ class Attention(nn.Module):
         self.rope_style = spec.rope_style
         self.window = spec.sliding_window
 
-    def project(self, x: torch.Tensor | NormIn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, hidden] (or a NormIn for a fused GEMV) -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim].
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim].
 
         Fused, they are views of one [T, q+k+v] output: unit stride along head_dim, token stride
         q+k+v, which the rope kernel, the cache write and every attention backend take as they are.
         """
-        if isinstance(x, NormIn):
-            t = x.rows
-            q, k, v = self.qkv.fused(x).split(self.sizes, dim=-1)
-        elif self.qkv is not None:
-            t = x.shape[0]
+        t = x.shape[0]
+        if self.qkv is not None:
             q, k, v = self.qkv(x).split(self.sizes, dim=-1)
         else:
-            t = x.shape[0]
             q, k, v = self.q(x), self.k(x), self.v(x)
         return (q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim),
                 v.view(t, self.kv_heads, self.head_dim))
@@ -89,20 +81,15 @@ class Attention(nn.Module):
         out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
         return self.o(out.reshape(t, self.heads * self.head_dim))
 
-    def forward_fused(self, x, rope_table, meta: StepMetadata, k_cache, v_cache, backend, residual=None):
-        """CUDA path: rope_table is (cos, sin) [max_positions, head_dim/2] float32, indexed by meta.positions.
-
-        With `residual` (h, where `o` fuses) the output is added into h by o's GEMV, which returns
-        the new h's row sums of squares (quant/fusion.py)."""
+    def forward_fused(self, x, rope_table, meta: StepMetadata, k_cache, v_cache, backend) -> torch.Tensor:
+        """CUDA path: rope_table is (cos, sin) [max_positions, head_dim/2] float32, indexed by meta.positions."""
+        t = x.shape[0]
         q, k, v = self.project(x)
-        t = q.shape[0]
         # RoPE and the cache write in one kernel; then the backend only attends
         apply_rope_(q, k, meta.positions, rope_table[0], rope_table[1], self.rope_style,
                     kv=(v, k_cache, v_cache, meta.slot_mapping))
-        out = backend.attend(q, k_cache, v_cache, meta, self.scale, self.window).reshape(t, self.heads * self.head_dim)
-        if residual is not None:
-            return self.o.fused(out, residual=residual)[1]
-        return self.o(out)
+        out = backend.attend(q, k_cache, v_cache, meta, self.scale, self.window)
+        return self.o(out.reshape(t, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -144,38 +131,16 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.ffn_norm(h))
 
     def forward_fused(self, h, pending, rope_table, meta, k_cache, v_cache, backend):
-        """CUDA path: returns (residual stream, what the next layer's norm needs of this one).
+        """CUDA path: returns (residual stream, this layer's MLP output not yet added to it).
 
-        `pending` is the previous layer's MLP output not yet added to h (its add is fused with this
-        layer's attention norm, as the attention output's add is with the MLP norm), or None where
-        h is complete (the first layer), or a `SumSquares`: h is complete and that is its rows'
-        sum of squares. Where this layer's packed GEMVs take quant/fusion.py's forms (`fuses`), the
-        norms read h inside the q|k|v and gate|up GEMVs, o and down add into h, down reads
-        silu(gate) * up itself, and a SumSquares is handed on; else the MLP output is.
+        `pending` is the previous layer's MLP output (None for the first layer): its add into h is
+        fused with this layer's attention norm, as the attention output's add is with the MLP norm.
         h is updated in place, so it must be a tensor the caller owns.
         """
-        norm = self.attn_norm
-        fuse = self.fuses(h)
-        if isinstance(pending, torch.Tensor):
-            x, h = rms_norm(pending, norm.weight, norm.eps, residual=h)
-        elif isinstance(pending, SumSquares) and fuse:
-            x = NormIn(h, pending.ss, norm.weight, norm.eps)
+        if pending is None:
+            x = rms_norm(h, self.attn_norm.weight, self.attn_norm.eps)
         else:
-            x = rms_norm(h, norm.weight, norm.eps)
-        if not fuse:
-            a = self.attn.forward_fused(x, rope_table, meta, k_cache, v_cache, backend)
-            x, h = rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=h)
-            return h, self.mlp.forward_fused(x)
-        ss = self.attn.forward_fused(x, rope_table, meta, k_cache, v_cache, backend, residual=h)
-        gate_up = self.mlp.gate_up.fused(NormIn(h, ss, self.ffn_norm.weight, self.ffn_norm.eps))
-        return h, SumSquares(self.mlp.down.fused(GluIn(gate_up), residual=h)[1])
-
-    def fuses(self, h: torch.Tensor) -> bool:
-        """Whether every matmul of this layer takes quant/fusion.py's forms for h's rows (fused q|k|v
-        and gate|up, o and down without bias) and h can be added into in place."""
-        a, m = self.attn, self.mlp
-        if a.qkv is None or m.gate_up is None or not h.is_contiguous():
-            return False
-        rows, dtype = h.shape[0], h.dtype
-        return (a.qkv.fuses(rows, dtype) and a.o.fuses(rows, dtype, residual=True)
-                and m.gate_up.fuses(rows, dtype) and m.down.fuses(rows, dtype, residual=True))
+            x, h = rms_norm(pending, self.attn_norm.weight, self.attn_norm.eps, residual=h)
+        a = self.attn.forward_fused(x, rope_table, meta, k_cache, v_cache, backend)
+        x, h = rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=h)
+        return h, self.mlp.forward_fused(x)

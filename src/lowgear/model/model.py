@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import env
 from ..attention.metadata import StepMetadata
 from ..errors import ConfigError
 from ..weights.spec import ModelSpec
@@ -106,12 +105,10 @@ class Model:
         """Give packed linears on CUDA devices the Triton matmul-with-unpack kernel; returns how many.
 
         Without Triton (or on the CPU) QuantLinear keeps its torch path: unpack a band, then matmul.
-        Kernels that take quant/fusion.py's forms also get `fusion` (not with LOWGEAR_NO_GEMV_FUSION=1).
         """
         from ..quant import kernels
 
         capability = {d.label: d.compute_capability for d in self.devices}
-        fusion_on = not env.flag("LOWGEAR_NO_GEMV_FUSION")
         count = 0
         modules = [m for layer in self.layers for m in layer.modules()] + [self.lm_head]
         for m in modules:
@@ -119,7 +116,6 @@ class Model:
                 cc = capability.get(_label(m.device))
                 if cc is not None and cc >= (7, 0):  # Triton's floor; older cards keep the torch path
                     m.kernel = kernels.kernel_for(m)
-                    m.fusion = kernels.fusion_for(m) if m.kernel is not None and fusion_on else None
                     count += m.kernel is not None
         return count
 
@@ -152,8 +148,7 @@ class Model:
     def _forward_fused(self, h: torch.Tensor, meta: StepMetadata, cache) -> torch.Tensor:
         """The CUDA step: fused residual-add + RMSNorm and in-place RoPE (see layers.py).
 
-        Each layer hands back its MLP output unadded, and the next layer's norm (or the final one) adds
-        it; or, where its GEMVs fused the glue (layers.py), h complete and its rows' sums of squares.
+        Each layer hands back its MLP output unadded; the next layer's norm (or the final one) adds it.
         """
         device = self.layer_devices[0]
         meta_here = meta.to(device)
@@ -162,15 +157,13 @@ class Model:
         for i, layer in enumerate(self.layers):
             if self.layer_devices[i] != device:
                 device = self.layer_devices[i]
-                # a SumSquares hand-over stays behind: h is complete, and the next norm reads it whole
-                pending = pending.to(device) if isinstance(pending, torch.Tensor) else None
-                h, meta_here = h.to(device), meta.to(device)
+                h, pending, meta_here = h.to(device), pending.to(device), meta.to(device)
                 table = self._rope_table(device, cache)
             k_cache, v_cache = cache.layer(i)
             h, pending = layer.forward_fused(h, pending, table, meta_here, k_cache, v_cache,
                                               self.backend_for(device, meta.is_decode))
         rows = meta_here.logit_indices
-        if not isinstance(pending, torch.Tensor):  # no layers, or the last one added into h
+        if pending is None:  # no layers
             h = rms_norm(h.index_select(0, rows), self.norm.weight, self.norm.eps)
         else:
             h, _ = rms_norm(pending.index_select(0, rows), self.norm.weight, self.norm.eps,

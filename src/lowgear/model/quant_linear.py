@@ -52,9 +52,6 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.chunk_elements = int(chunk_elements)
         self.kernel: Kernel | None = None  # a packed GEMV/GEMM kernel plugs in here
-        # (fusable(module, rows, dtype), fused(module, x, residual)) of a kernel that takes
-        # quant/fusion.py's input forms and residual output (see `fused`), else None
-        self.fusion: tuple[Callable, Callable] | None = None
         self._gptq: dict | None = None  # GPTQ facts (bits, group_size, ...) when weight is a GPTQWeight
         self._exl2: dict | None = None  # EXL2 facts (bits_per_weight, bits histogram) when weight is an EXL2Weight
         if isinstance(weight, EXL2Weight):
@@ -142,19 +139,6 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
-
-    def fuses(self, rows: int, dtype: torch.dtype, residual: bool = False) -> bool:
-        """Whether `fused` serves `rows` activation rows of `dtype` (with `residual`: and has no bias to add)."""
-        return (self.fusion is not None and self.fusion[0](self, rows, dtype)
-                and not (residual and self.bias is not None))
-
-    def fused(self, x, residual: torch.Tensor | None = None):
-        """The kernel with its input as quant/fusion.py's NormIn / GluIn (or a plain x [M, in]): y [M, out];
-        with `residual` (h [M, out]) y is added into h in place and (h, ss) returned. Only where `fuses`."""
-        out = self.fusion[1](self, x, residual)
-        if self.bias is not None and residual is None:
-            out = out + self.bias.to(out.dtype)
-        return out
 
     def _hold_gptq(self, w: GPTQWeight) -> None:
         self._gptq = {"bits": w.bits, "group_size": w.group_size, "sym": w.sym, "zero_offset": w.zero_offset}

@@ -86,16 +86,6 @@ def kernel_for(module):
     return _gguf_kernel
 
 
-def fusion_for(module):
-    """(fusable, fused) for a layer whose kernel reads quant/fusion.py's input forms and adds into a
-    residual (GPTQ layers, and the GGUF types held as GPTQ), else None; call after `kernel_for`."""
-    if getattr(module, "_gptq", None) is None or not _triton_available():
-        return None
-    from .gptq import fusable, gptq_fused
-
-    return fusable, gptq_fused
-
-
 def _gguf_kernel(x: torch.Tensor, module) -> torch.Tensor:
     return packed_matmul(x, module.qtype, module.qweight, module.out_features, module.in_features)
 

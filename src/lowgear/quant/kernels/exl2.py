@@ -210,8 +210,7 @@ def exl2_gemv_kernel(x_ptr, qw_ptr, sc_ptr, tab_ptr, smax_ptr, split_ptr, y_ptr,
                              cols, wmask, ms, mmask, 8, R8, M_PAD, BLOCK_N)
     pdl.release(PDL)
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N_OUT + cols[None, :],
-                  mmask[:, None] & cmask[None, :], pid_n, pid_k, tl.num_programs(1), M * N_OUT,
-                  y_ptr, ms, mmask, S_CHUNK, False)
+                  mmask[:, None] & cmask[None, :], pid_n, pid_k, tl.num_programs(1), M * N_OUT, S_CHUNK)
 
 
 @triton.jit

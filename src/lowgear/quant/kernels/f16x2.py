@@ -16,8 +16,7 @@ the same fp16 trick. The cost in accuracy is the fp16 rounding of four-term part
 units of 2**-11 relative to the word's partial sum, which the caller adds in fp32 and scales).
 
 Activations come in as 32-bit words holding two fp16 each (x0x1, x2x3, x4x5, x6x7 of a row-group);
-`pairs` regroups them with byte permutes, once per row-group rather than per column (`pack_pair`
-builds the same words from fp32 values, for inputs a fused GEMV computes: quant/fusion.py). Every
+`pairs` regroups them with byte permutes, once per row-group rather than per column. Every
 instruction used (lop3, prmt, f16x2 add/mul/fma) exists from sm_53 on, so T4 and V100 run it too.
 The interpreter cannot run PTX: callers keep their fp32 path for it (and for bf16 activations), and
 `dot8_reference` restates the same steps in numpy for the CPU tests.
@@ -82,14 +81,6 @@ def pairs(xw0, xw1, xw2, xw3):
     each value times 2**-6 (see X_SCALE)."""
     return tl.inline_asm_elementwise(_PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r", [xw0, xw1, xw2, xw3],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-
-
-@triton.jit
-def pack_pair(a, b):
-    """fp32 values a, b (already rounded to fp16) -> the half2 word (a | b), each times 2**-6 as `pairs` gives."""
-    lo = (a * 0.015625).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi = (b * 0.015625).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return lo | (hi << 16)
 
 
 @triton.jit

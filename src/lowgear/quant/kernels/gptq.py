@@ -53,8 +53,7 @@ import triton.language as tl
 from ... import hardware, pdl
 from ..dequant import banded_matmul
 from ..gptq import gptq_groups
-from ..fusion import GluIn, NormIn
-from . import f16x2, fusion, gptq_mma, splitk
+from . import f16x2, gptq_mma, splitk
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
 # it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
@@ -136,15 +135,11 @@ def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
-                     xw_ptr, xs_ptr, ss_ptr, n_xs, eps, up_off,
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
-                     PDL: tl.constexpr, F16X2: tl.constexpr, X_MODE: tl.constexpr, SS_P: tl.constexpr,
-                     RESIDUAL: tl.constexpr):
-    """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`).
-
-    X_MODE / RESIDUAL: x read as RMSNorm(h) or silu(gate) * up, y added into h (fusion.py)."""
+                     PDL: tl.constexpr, F16X2: tl.constexpr):
+    """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`)."""
     PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     pid_n = tl.program_id(0)
@@ -175,21 +170,12 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
         s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
         zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's output
-        rstd = fusion.row_scale(xs_ptr, n_xs, ms, mmask, M, ROWS * PACK, eps, X_MODE, SS_P, M_PAD)
-        xm = mmask[:, None] & r_ok[None, :]
-        if F16X2:  # 4-bit, fp16 x, no perm: packed half2 math (f16x2.py)
-            if X_MODE == 0:  # x read as words of two
-                x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-                xo = ms[:, None] * (stride_xm // 2) + rows[None, :] * 4  # [M_PAD, BLOCK_R]
-                x04, x15, x26, x37 = f16x2.pairs(tl.load(x32 + xo, mask=xm, other=0),
-                                                 tl.load(x32 + xo + 1, mask=xm, other=0),
-                                                 tl.load(x32 + xo + 2, mask=xm, other=0),
-                                                 tl.load(x32 + xo + 3, mask=xm, other=0))
-            else:  # computed per value, then paired as `pairs` pairs them
-                x04 = _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, 0, X_MODE)
-                x15 = _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, 1, X_MODE)
-                x26 = _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, 2, X_MODE)
-                x37 = _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, 3, X_MODE)
+        if F16X2:  # 4-bit, fp16 x, no perm: packed half2 math (f16x2.py); x read as words of two
+            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            xo = ms[:, None] * (stride_xm // 2) + rows[None, :] * 4  # [M_PAD, BLOCK_R]
+            xm = mmask[:, None] & r_ok[None, :]
+            x04, x15, x26, x37 = f16x2.pairs(tl.load(x32 + xo, mask=xm, other=0), tl.load(x32 + xo + 1, mask=xm, other=0),
+                                             tl.load(x32 + xo + 2, mask=xm, other=0), tl.load(x32 + xo + 3, mask=xm, other=0))
             part = f16x2.dot8(w0.to(tl.int32, bitcast=True), x04[:, :, None], x15[:, :, None], x26[:, :, None],
                               x37[:, :, None], f16x2.splat(zf + 1024.0), f16x2.splat(-(zf + 64.0)))
             dot = tl.sum(part, axis=1, keep_dims=True) * f16x2.X_SCALE  # [M_PAD, 1, BLOCK_N]
@@ -201,24 +187,14 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                 if HAS_PERM:
                     k = tl.load(perm_ptr + k, mask=r_ok, other=0)
                 # loaded 2-D, then broadcast: a 3-D load would repeat each value in all 4 column slots
-                xj = fusion.x_values(x_ptr, ms[:, None] * stride_xm + k[None, :], k, r_ok, xm, rstd, xw_ptr,
-                                     up_off, X_MODE)
+                xj = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :],
+                             mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
                 dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
         acc += tl.sum(dot * s, axis=1)
     pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
     pdl.release(PDL)
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
-                  pid_n, pid_k, tl.num_programs(1), M * N, ss_ptr, pid_n * M + ms, mmask, S_CHUNK, RESIDUAL)
-
-
-@triton.jit
-def _fused_pair(x_ptr, ms, rows, r_ok, xm, stride_xm, rstd, xw_ptr, up_off, C: tl.constexpr, X_MODE: tl.constexpr):
-    """The half2 word (x_C | x_C+4) of each row-group, x computed by the fusion (fusion.x_values)."""
-    k = rows * 8 + C
-    base = ms[:, None] * stride_xm + k[None, :]
-    lo = fusion.x_values(x_ptr, base, k, r_ok, xm, rstd, xw_ptr, up_off, X_MODE)
-    hi = fusion.x_values(x_ptr, base + 4, k + 4, r_ok, xm, rstd, xw_ptr, up_off, X_MODE)
-    return f16x2.pack_pair(lo, hi)
+                  pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 
 
 @triton.jit
@@ -409,10 +385,10 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
             "split": triton.cdiv(k // pack, rows_per_split), "rows_per_split": rows_per_split}
 
 
-def gptq_gemv(x: torch.Tensor | NormIn | GluIn, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
               perm: torch.Tensor | None, bits: int, group_size: int, block_r: int,
               *, num_warps: int | None = None, split: int | None = None, x_perm: str = "kernel",
-              tile_r: int | None = None, half2: bool | None = None, residual: torch.Tensor | None = None):
+              tile_r: int | None = None, half2: bool | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T (meant for M <= MAX_M), x with unit stride along K; in x's dtype.
 
     qweight must have its groups contiguous: stored without act-order, or `sort_act_order`'s output
@@ -420,55 +396,39 @@ def gptq_gemv(x: torch.Tensor | NormIn | GluIn, qweight: torch.Tensor, zeros: to
     (an int16 view is accepted); block_r is `gemv_tile_rows`. num_warps / split / tile_r override
     `launch_params` (the benchmarks sweep them); x_perm "torch" gathers x's columns first. half2
     (default: wherever `uses_half2` allows) picks the packed-half2 unpack (f16x2.py).
-
-    x may be a `NormIn` or `GluIn` (quant/fusion.py), read through the fusion; with `residual`
-    (h [M, N], contiguous) y is added into h in place and (h, ss) is returned, ss the new h's row
-    sums of squares over column tiles [tiles, M] fp32.
     """
-    k = qweight.shape[0] * 32 // bits
+    m, k = x.shape
     n = qweight.shape[1]
-    if perm is not None and x_perm == "torch":
-        assert isinstance(x, torch.Tensor), "x_perm='torch' gathers a plain x"
-        x, perm = x.index_select(1, perm.long()), None
-    a = fusion.x_launch(x, k)
-    xt = a["x"]
-    m = xt.shape[0]
-    assert m >= 1
-    can = uses_half2(xt, bits, perm, words=a["X_MODE"] == fusion.PLAIN)
+    assert m >= 1 and x.stride(1) == 1, (tuple(x.shape), x.stride())
+    can = uses_half2(x, bits, None if x_perm == "torch" else perm)
     assert not half2 or can, "the half2 unpack needs 4-bit codes, fp16 x on CUDA in 4-byte words, no perm"
     half2 = can if half2 is None else half2
     p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r, half2)
     pack, _ = pack_shape(bits)
     rows = k // pack
     group_rows = rows if gptq_groups(k, group_size) == 1 else group_size // pack
+    if perm is not None and x_perm == "torch":
+        x, perm = x.index_select(1, perm.long()), None
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = p["split"]
     grid = (triton.cdiv(n, p["BLOCK_N"]), split)
-    if residual is None:
-        y = torch.empty((m, n), dtype=xt.dtype, device=xt.device)
-        ss = y
-    else:
-        assert residual.shape == (m, n) and residual.is_contiguous() and residual.dtype == xt.dtype
-        y = residual
-        ss = torch.empty((grid[0], m), dtype=torch.float32, device=xt.device)
     m_pad = triton.next_power_of_2(m)
-    gptq_gemv_kernel[grid](xt, qweight, zeros, scales.view(torch.float16), xt if perm is None else perm, y,
-                           splitk.workspace(split, m, n, xt.device), splitk.counters(xt.device, grid[0]),
-                           a["xw"], a["xs"], ss, a["n_xs"], a["eps"], a["up_off"],
-                           n, rows, p["rows_per_split"], group_rows, a["stride_xm"],
+    gptq_gemv_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
+                           splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
+                           n, rows, p["rows_per_split"], group_rows, x.stride(0),
                            M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
-                           num_warps=p["num_warps"], F16X2=half2, X_MODE=a["X_MODE"], SS_P=a["SS_P"],
-                           RESIDUAL=residual is not None, **pdl.launch(xt.device))
-    return y if residual is None else (y, ss)
+                           num_warps=p["num_warps"], F16X2=half2,
+                           **pdl.launch(x.device))
+    return y
 
 
-def uses_half2(x: torch.Tensor, bits: int, perm: torch.Tensor | None, words: bool = True) -> bool:
+def uses_half2(x: torch.Tensor, bits: int, perm: torch.Tensor | None) -> bool:
     """Whether the GEMV can take the packed-half2 unpack: 4-bit codes, fp16 activations on CUDA (not the
-    interpreter: it is inline PTX), no act-order gather, and where x is read as words of two (`words`,
-    a plain x) rows that start on 4-byte boundaries."""
+    interpreter: it is inline PTX) whose rows start on 4-byte boundaries, and no act-order gather."""
     return (bits == 4 and x.dtype == torch.float16 and x.is_cuda and perm is None
-            and (not words or (x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0)))
+            and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0)
 
 
 def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
@@ -496,30 +456,6 @@ def uses_mma(m: int, dtype: torch.dtype, facts: dict, capability: tuple[int, int
     Triton's tl.dot is FMAs, and the GEMV or dequantize + cuBLAS is faster)."""
     return (MMA_FROM_M <= m <= gptq_mma.MMA_MAX_M and dtype in (torch.float16, torch.bfloat16)
             and facts["mma_block_k"] is not None and capability is not None and tuple(capability) >= (8, 0))
-
-
-def fusable(module, m: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> bool:
-    """Whether `gptq_fused` serves M rows: where the GEMV or the tl.dot kernel would (not dequantize).
-
-    capability overrides the module device's (tests on the CPU pass one)."""
-    facts = prepare(module)
-    cap = facts["capability"] if capability is None else capability
-    return m >= 1 and (uses_mma(m, dtype, facts, cap) or (m <= MAX_M and facts["block_r"] is not None))
-
-
-def gptq_fused(module, x: torch.Tensor | NormIn | GluIn, residual: torch.Tensor | None = None,
-               capability: tuple[int, int] | None = None):
-    """The GEMV or tl.dot kernel with quant/fusion.py's input forms and residual output, for rows where
-    `fusable` holds: y [M, N], or (h, ss) with `residual` (see gptq_gemv). The bias is not added."""
-    facts = prepare(module)
-    g = module._gptq
-    perm = module.gptq_perm if facts["sorted"] else None
-    rows = x.shape[0] if isinstance(x, torch.Tensor) else x.rows
-    if uses_mma(rows, x.dtype, facts, facts["capability"] if capability is None else capability):
-        return gptq_mma.gptq_mma(x, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"],
-                                 g["group_size"], facts["mma_block_k"], residual=residual)
-    return gptq_gemv(x, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
-                     facts["block_r"], residual=residual)
 
 
 def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ... import pdl
 from ..gptq import gptq_groups
-from . import fusion, splitk
+from . import splitk
 
 # rows served here past the GEMV; beyond it prefill (dequantize + cuBLAS) is compute-bound and wins
 MMA_MAX_M = 64
@@ -48,14 +48,11 @@ MAX_PARTIAL_FRACTION = 0.25
 
 @triton.jit
 def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
-                    xw_ptr, xs_ptr, ss_ptr, n_xs, eps, up_off,
                     M, N, K, k_per_split, group_size, stride_xm,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr,
-                    FP16_MAGIC: tl.constexpr, X_MODE: tl.constexpr, SS_P: tl.constexpr, RESIDUAL: tl.constexpr):
-    """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice.
-
-    X_MODE / RESIDUAL: x read as RMSNorm(h) or silu(gate) * up, y added into h (fusion.py)."""
+                    FP16_MAGIC: tl.constexpr):
+    """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
@@ -79,13 +76,8 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
         xk = ks
         if HAS_PERM:
             xk = tl.load(perm_ptr + ks, mask=kmask, other=0)
-        xo = ms[:, None] * stride_xm + xk[None, :]
-        if X_MODE == 0:
-            xt = tl.load(x_ptr + xo, mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K], x's dtype
-        else:
-            rstd = fusion.row_scale(xs_ptr, n_xs, ms, mmask, M, K, eps, X_MODE, SS_P, BLOCK_M)
-            xt = fusion.x_values(x_ptr, xo, xk, kmask, mmask[:, None] & kmask[None, :], rstd, xw_ptr, up_off,
-                                 X_MODE).to(x_ptr.dtype.element_ty)
+        xt = tl.load(x_ptr + ms[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & kmask[None, :],
+                     other=0.0)  # [BLOCK_M, BLOCK_K] in x's dtype
         sh = tl.arange(0, PACK) * BITS
         codes = (words >> sh[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]; mask drops sign bits
         codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PACK + j: input feature k0 + r * PACK + j
@@ -105,7 +97,7 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
     pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
     pdl.release(PDL)
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
-                  pid_n, pid_k, tl.num_programs(1), M * N, ss_ptr, pid_n * M + ms, mmask, S_CHUNK, RESIDUAL)
+                  pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 
 
 def mma_block_k(bits: int, group_size: int, in_features: int, target: int = 128) -> int | None:
@@ -149,43 +141,31 @@ def mma_launch_params(n: int, k: int, m: int, bits: int, block_k: int, *, block_
             "k_per_split": k_per_split, "num_warps": num_warps or 4, "num_stages": num_stages or 3}
 
 
-def gptq_mma(x, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
              perm: torch.Tensor | None, bits: int, group_size: int, block_k: int, *,
              block_n: int | None = None, split: int | None = None, num_warps: int | None = None,
-             num_stages: int | None = None, residual: torch.Tensor | None = None):
+             num_stages: int | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T for fp16 / bf16 x with unit stride along K (meant for M <= MMA_MAX_M).
 
     The operands are the GEMV's (`gptq.gptq_gemv`): qweight with contiguous groups (stored, or
     `sort_act_order`'s output with its perm), zeros `float_zeros`, scales fp16 (an int16 view is
-    accepted); block_k is `mma_block_k`. The keyword overrides go to `mma_launch_params`. x may be
-    a NormIn / GluIn, and `residual` takes y into h, as in `gptq.gptq_gemv`.
+    accepted); block_k is `mma_block_k`. The keyword overrides go to `mma_launch_params`.
     """
+    m, k = x.shape
     n = qweight.shape[1]
-    k = qweight.shape[0] * 32 // bits
-    a = fusion.x_launch(x, k)
-    xt = a["x"]
-    m = xt.shape[0]
-    assert xt.dtype in (torch.float16, torch.bfloat16), xt.dtype
+    assert x.dtype in (torch.float16, torch.bfloat16) and x.stride(1) == 1, (x.dtype, x.stride())
     p = mma_launch_params(n, k, m, bits, block_k, block_n=block_n, split=split, num_warps=num_warps,
                           num_stages=num_stages)
     gs = k if gptq_groups(k, group_size) == 1 else group_size
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = p["split"]
     grid = (triton.cdiv(n, p["BLOCK_N"]), split)
-    if residual is None:
-        y = torch.empty((m, n), dtype=xt.dtype, device=xt.device)
-        ss = y
-    else:
-        assert residual.shape == (m, n) and residual.is_contiguous() and residual.dtype == xt.dtype
-        y = residual
-        ss = torch.empty((grid[0], m), dtype=torch.float32, device=xt.device)
-    gptq_mma_kernel[grid](xt, qweight, zeros, scales.view(torch.float16), xt if perm is None else perm, y,
-                          splitk.workspace(split, m, n, xt.device), splitk.counters(xt.device, grid[0]),
-                          a["xw"], a["xs"], ss, a["n_xs"], a["eps"], a["up_off"],
-                          m, n, k, p["k_per_split"], gs, a["stride_xm"],
+    gptq_mma_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
+                          splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
+                          m, n, k, p["k_per_split"], gs, x.stride(0),
                           BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
                           HAS_PERM=perm is not None,
                           S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
-                          FP16_MAGIC=xt.dtype == torch.float16 or bits <= 4, X_MODE=a["X_MODE"], SS_P=a["SS_P"],
-                          RESIDUAL=residual is not None,
-                          num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(xt.device))
-    return y if residual is None else (y, ss)
+                          FP16_MAGIC=x.dtype == torch.float16 or bits <= 4,
+                          num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(x.device))
+    return y

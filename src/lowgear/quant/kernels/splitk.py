@@ -9,12 +9,6 @@ GEMV has 4 of them per layer). The sum runs in split order whichever program is 
 are deterministic (greedy decoding is reproducible, graph replays equal eager steps); the last
 program also puts its counter back to 0, so the counters need zeroing only once, when allocated.
 
-With RESIDUAL the output is not stored: it is added into a residual stream h [M, N] in place (y
-rounded to h's dtype first, then the sum rounded, as a separate add would) and each tile also stores
-its rows' sum of squares of the new h over its columns (`ss` [tiles, M] fp32), from which the next
-GEMV's RMSNorm prologue (`fusion.x_values`) gets each row's scale: the decode step's residual adds
-and norms then need no kernels of their own (quant/fusion.py).
-
 Ordering: every thread's partial store comes before the barrier, the barrier before one thread's
 acq_rel atomic (release, cumulative over the CTA's writes it has seen through the barrier); the
 last program's partial loads come after its acquire and bypass L1 (`.cg`). Counters live in one
@@ -46,30 +40,15 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 @triton.jit
-def _store(total, y_ptr, offs, mask, ss_ptr, ss_offs, ss_mask, RESIDUAL: tl.constexpr):
-    if RESIDUAL:  # y_ptr is the residual stream h: h += y, and the tile's sums of squares of the new h
-        ty = y_ptr.dtype.element_ty
-        h = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + total.to(ty).to(tl.float32)
-        h = h.to(ty)
-        tl.store(y_ptr + offs, h, mask=mask)
-        hf = h.to(tl.float32)
-        tl.store(ss_ptr + ss_offs, tl.sum(hf * hf, axis=1), mask=ss_mask)
-    else:
-        tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def finish(acc, y_ptr, part_ptr, cnt_ptr, offs, mask, tile, pid_k, n_split, MN,
-           ss_ptr, ss_offs, ss_mask, S_CHUNK: tl.constexpr, RESIDUAL: tl.constexpr):
+           S_CHUNK: tl.constexpr):
     """Write a program's tile result: y directly when n_split == 1, else through the partials.
 
-    acc: this program's fp32 sums [M_PAD, BLOCK_N], offs/mask: their element offsets in a [M, N]
-    output (also the offsets inside one split's [M, N] partial), tile: the output tile's counter
-    index. With RESIDUAL, y_ptr is h and ss_offs / ss_mask [M_PAD] place the tile's row sums of
-    squares (see the module docstring); without it the ss arguments are unused.
+    acc: this program's fp32 sums, offs/mask: their element offsets in a [M, N] output (also the
+    offsets inside one split's [M, N] partial), tile: the output tile's counter index.
     """
     if n_split == 1:
-        _store(acc, y_ptr, offs, mask, ss_ptr, ss_offs, ss_mask, RESIDUAL)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(part_ptr + pid_k * MN + offs, acc, mask=mask)
         tl.debug_barrier()
@@ -82,7 +61,7 @@ def finish(acc, y_ptr, part_ptr, cnt_ptr, offs, mask, tile, pid_k, n_split, MN,
                     # bool and-ed into a mask into an int32 mask, which its loads refuse)
                     ok = mask & ((offs * 0 + s0 + j) < n_split)
                     total += tl.load(part_ptr + (s0 + j) * MN + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            _store(total, y_ptr, offs, mask, ss_ptr, ss_offs, ss_mask, RESIDUAL)
+            tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
