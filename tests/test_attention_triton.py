@@ -158,6 +158,53 @@ def test_decode_dot_form_fp16(group, head_dim, window):
         assert_close(out, ref, FP16_TOL)
 
 
+# (group, head_dim, dtype, window, split_d): GQA groups of 1-8 (3 pads to 4 rows), head_dim 80 pads
+# to 128 (the masked lanes), fp16 and fp32 caches (fp32 loads 4 elements a thread, fp16 8), lanes
+# across head_dim from 2 to 8.
+SPLIT_D_CASES = [
+    (1, 64, torch.float32, None, 4),
+    (3, 64, torch.float32, 20, 8),
+    (8, 128, torch.float32, None, 4),
+    (2, 80, torch.float32, None, 4),
+    (4, 128, torch.float16, None, 4),
+    (4, 128, torch.float16, 5, 8),
+    (4, 64, torch.float16, None, 2),
+]
+
+
+@pytest.mark.parametrize("group,head_dim,dtype,window,split_d", SPLIT_D_CASES)
+def test_decode_split_d_form(group, head_dim, dtype, window, split_d):
+    """The split-D FMA form (paged_decode's split_d) against the reference and against the whole-warp
+    FMA form, which it must equal but for fp32 summation order: odd and page-boundary lengths,
+    unequal batches, direct and split launches, a graph-style bound far past the lengths; blocks of
+    16 positions (at most two 16-position pages: the two scalar table reads; a window starts blocks
+    mid-page, so they straddle two) and of 32 (a table read per position)."""
+    kv_lens = [1, 15, 16, 17, 31, 32, 33, 47, 49, 70, 95]
+    q, kc, vc, meta = paged_problem([1] * len(kv_lens), kv_lens, group=group, head_dim=head_dim, dtype=dtype)
+    decode, _ = kernels()
+    scale = head_dim**-0.5
+    ref = reference_attention(q, kc, vc, meta, scale, window)
+    for splits, bound, block_n in ((1, meta.max_kv_len, 16), (3, meta.max_kv_len, 32), (8, 100_000, 16)):
+        args = (q, kc, vc, meta.block_tables, meta.kv_lens, scale, bound)
+        kw = {"window": window, "num_splits": splits, "block_n": block_n}
+        out = decode.paged_decode(*args, **kw, split_d=split_d)
+        assert out.dtype == dtype
+        assert_close(out, ref, FP16_TOL if dtype == torch.float16 else FP32_TOL)
+        whole_warp = decode.paged_decode(*args, **kw, split_d=0)
+        # fp32: summation order only; fp16: at most one rounding step of the fp16 output apart
+        limit = 1e-6 if dtype == torch.float32 else 2.0**-10 * whole_warp.abs().max().item()
+        assert (out.double() - whole_warp.double()).abs().max().item() <= limit
+
+
+def test_decode_split_d_clamps_to_head_dim():
+    """split_d wider than head_dim allows (16 lanes of 8 fp16 over head_dim 64) takes 8 lanes."""
+    q, kc, vc, meta = paged_problem([1, 1], [17, 40], group=2, head_dim=64, dtype=torch.float16)
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125)
+    out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.125, meta.max_kv_len, split_d=16)
+    assert_close(out, ref, FP16_TOL)
+
+
 @pytest.mark.parametrize("cc,dot", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
 def test_backend_takes_the_dot_form_only_from_sm80(cc, dot, monkeypatch):
     """Below sm_80 Triton lowers tl.dot to FMAs (DESIGN.md), so only sm_80+ decode takes the dot form."""

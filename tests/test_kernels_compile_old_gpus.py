@@ -43,10 +43,20 @@ def signature(kernel, dtype, constexprs):
             sig[name] = "i32"
     return sig
 
-def decode(group, head_dim, splits, dot=False):
+def decode(group, head_dim, splits, dot=False, split_d=None, d_vec=8):
+    # the constexprs paged_decode passes: by default the FMA form it launches (split_d FMA_SPLIT_D)
+    split_d = 0 if dot else D.FMA_SPLIT_D if split_d is None else split_d
+    block_n = D.DOT_BLOCK_N if dot else D.FMA_BLOCK_N if split_d else D.block_n_for(group, head_dim)
     return dict(GROUP=group, GROUP_P=max(16 if dot else 1, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N if dot else D.block_n_for(group, head_dim),
-                NUM_SPLITS=splits, DIRECT=splits == 1, WHILE_LOOP=False, DOT=dot, PDL=False)
+                HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_N=block_n, NUM_SPLITS=splits, DIRECT=splits == 1,
+                WHILE_LOOP=False, DOT=dot, PDL=False, SPLIT_D=split_d, D_VEC=d_vec)
+
+def aligned(kernel, sig):
+    # What a launch specializes for fp16 head_dim-128 caches: 16-byte aligned pointers and strides
+    # divisible by 16 elements (the block table's row stride need not be). Without it a thread loads
+    # one element at a time and Triton's coalescing lays the split-D form's keys out differently.
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if sig[name].startswith("*") or (name.startswith("stride") and name != "stride_bt")}
 
 def reduce(head_dim, splits):
     return dict(HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, NUM_SPLITS=splits, NUM_SPLITS_P=triton.next_power_of_2(splits),
@@ -65,8 +75,14 @@ for arch in (70, 75):
         ("decode_reduce", D.paged_decode_reduce_kernel, arch, "fp16", reduce(128, 8)),
         ("prefill", P.paged_prefill_kernel, arch, "fp16", prefill(4, 128, False)),
     ]
+    # the whole-warp FMA form and the split-D form as paged_decode launches them, to count shuffles
+    CASES += [
+        ("decode_aligned", D.paged_decode_kernel, arch, "fp16", decode(4, 128, 8, split_d=0)),
+        ("decode_split4", D.paged_decode_kernel, arch, "fp16", decode(4, 128, 8, split_d=4)),
+        ("decode_split8", D.paged_decode_kernel, arch, "fp16", decode(4, 128, 8, split_d=8)),
+    ]
 CASES += [
-    ("decode", D.paged_decode_kernel, 75, "fp32", decode(8, 128, 4)),
+    ("decode", D.paged_decode_kernel, 75, "fp32", decode(8, 128, 4, d_vec=4)),
     ("prefill", P.paged_prefill_kernel, 75, "fp32", prefill(1, 64, True)),
     ("prefill", P.paged_prefill_kernel, 80, "fp16", prefill(4, 128, False)),
     ("decode_dot", D.paged_decode_kernel, 80, "fp16", decode(4, 128, 8, dot=True)),
@@ -74,12 +90,16 @@ CASES += [
 ]
 results = []
 for name, kernel, arch, dtype, constexprs in CASES:
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    sig = signature(kernel, dtype, constexprs)
+    as_launched = name in ("decode_aligned", "decode_split4", "decode_split8")  # aligned, one warp (NUM_WARPS)
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
+                                    attrs=aligned(kernel, sig) if as_launched else None)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": D.NUM_WARPS} if as_launched else {})
     ptx = compiled.asm["ptx"]
     results.append(dict(name=name, arch=arch, dtype=dtype, mma=len(re.findall(r"\bmma\.", ptx)),
-                        fma=len(re.findall(r"\bfma\.", ptx)), shared=compiled.metadata.shared,
-                        cubin=len(compiled.asm["cubin"])))
+                        fma=len(re.findall(r"\bfma\.", ptx)), shfl=len(re.findall(r"\bshfl\.sync", ptx)),
+                        shared=compiled.metadata.shared, cubin=len(compiled.asm["cubin"])))
 print("RESULTS" + json.dumps(results))
 """
 
@@ -128,3 +148,16 @@ def test_decode_dot_form_is_tensor_core_mma_on_sm80(compiled):
     for arch in (80, 90):
         r = find(compiled, "decode_dot", arch)
         assert r["mma"] > 0 and r["shared"] <= 96 * 1024, r
+
+
+@pytest.mark.parametrize("arch", [70, 75])
+@pytest.mark.parametrize("split_d", [4, 8])
+def test_split_d_form_compiles_without_mma_and_with_fewer_shuffles(compiled, arch, split_d):
+    """The split-D FMA form (paged_decode's split_d) on V100 / T4: plain FMAs, shared memory within
+    their limits, and fewer warp shuffles than the whole-warp FMA form, which sums every score over
+    all 32 lanes (_decode_block's docstring): the point of the form."""
+    r, whole = find(compiled, f"decode_split{split_d}", arch), find(compiled, "decode_aligned", arch)
+    assert r["cubin"] > 0 and r["mma"] == 0 and r["fma"] > 0, r
+    assert r["shared"] <= (64 if arch == 75 else 96) * 1024, r
+    assert whole["mma"] == 0 and whole["shfl"] > 0, whole
+    assert r["shfl"] < whole["shfl"] / 2, (r, whole)

@@ -28,12 +28,6 @@ MIN_COMPUTE_CAPABILITY = (7, 0)
 # A tiny call that takes longer than this after compiling means a broken or crawling kernel
 # (what `tl.dot` is reported to do on some sm_70 setups), not a slow GPU.
 PROBE_MAX_SECONDS = 2.0
-# Programs a decode launch aims for, per SM, before it stops splitting contexts. The decode
-# programs are one warp each (kernels/paged_decode.py), so it takes several per SM to keep
-# enough loads in flight: on an H100, 16 per SM was best or near it over batch 1-64 and contexts
-# 512-4k (4 per SM: 337 µs a layer summed over four such shapes, 8: 340, 16 with 32-position
-# blocks: 295).
-DECODE_PROGRAMS_PER_SM = 16
 _PROBE_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
 
 
@@ -166,7 +160,9 @@ class TritonBackend(AttentionBackend):
             },
         )
 
-    def _target_programs(self, device: torch.device, per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
+    def _target_programs(self, device: torch.device, per_sm: int) -> int:
+        """Programs a decode launch aims for before it stops splitting contexts (per SM: each form's
+        own, kernels/paged_decode.py's DOT_PROGRAMS_PER_SM and FMA_PROGRAMS_PER_SM)."""
         if device.type != "cuda":
             return 8  # the interpreter runs programs one after another: fewer is faster
         return per_sm * self._sm_counts.get(device.index or 0, 64)
@@ -186,7 +182,7 @@ class TritonBackend(AttentionBackend):
                 q, k_cache, v_cache, meta.block_tables, meta.kv_lens, scale, meta.max_kv_len,
                 window=window, use_dot=use_dot,
                 target_programs=self._target_programs(
-                    q.device, paged_decode.DOT_PROGRAMS_PER_SM if use_dot else DECODE_PROGRAMS_PER_SM),
+                    q.device, paged_decode.DOT_PROGRAMS_PER_SM if use_dot else paged_decode.FMA_PROGRAMS_PER_SM),
             )  # fmt: skip
         return paged_prefill.paged_prefill(
             q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, scale, meta.max_q_len, window=window

@@ -11,12 +11,14 @@ kernel writes the output directly and the reduce is skipped.
 The scores and the weighted sum of values are broadcast-multiplies reduced with `tl.sum` (the FMA
 form): the work is GEMV-shaped (a handful of query rows), and without `tl.dot` the kernel compiles
 to the same plain loads and FMAs on sm_70/sm_75 as on newer GPUs. That form spreads head_dim over
-a warp's lanes, so each score is a cross-lane sum. On sm_80+ with fp16 / bf16 caches the triton rung
-runs the DOT form instead: a kv head's query heads (padded to 16 rows) times the block's keys, and
-the probabilities times its values, both through tl.dot (tensor cores), blocks of DOT_BLOCK_N
-positions, DOT_NUM_WARPS warps a program; the online softmax, the splits and the reduce are the
-same. Inputs may be fp16, bf16 or fp32; everything is accumulated in fp32 and scores live in the
-log2 domain (exp2).
+a warp's lanes, so each score is a cross-lane sum. The split-D FMA form (paged_decode's split_d)
+gives head_dim only a few lanes and the rest of the warp positions, so a score is summed mostly in
+a thread (_decode_block says how its layouts are obtained). On sm_80+ with fp16 / bf16 caches the
+triton rung runs the DOT form instead: a kv head's query heads (padded to 16 rows) times the
+block's keys, and the probabilities times its values, both through tl.dot (tensor cores), blocks
+of DOT_BLOCK_N positions, DOT_NUM_WARPS warps a program; the online softmax, the splits and the
+reduce are the same. Inputs may be fp16, bf16 or fp32; everything is accumulated in fp32 and scores
+live in the log2 domain (exp2).
 """
 
 from __future__ import annotations
@@ -39,39 +41,90 @@ NO_WINDOW = 1 << 30
 @triton.jit
 def _decode_block(
     q, m_i, l_i, acc, n0, end, table, k_base, v_base,
-    stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE: tl.constexpr,
-    DOT: tl.constexpr,
+    stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT: tl.constexpr, SPLIT_D: tl.constexpr,
 ):  # fmt: skip
     """One block of positions n0.. (< end): update the online softmax state (m_i, l_i, acc).
 
     The kernels run this body from a `for` loop when compiled and from a `while` loop when
     interpreted: Triton 3.6's interpreter holds scalars as 1-element arrays, which NumPy >= 2.4
     refuses to turn into the Python ints a runtime-bounded `range` needs.
+
+    The split-D FMA form (SPLIT_D > 0) takes q as [GROUP_P, SPLIT_D, D_HI, D_VEC] and loads the keys
+    straight into the rank of the score product, [1, SPLIT_D, BLOCK_N, D_HI, D_VEC] (offs_dk / dk_ok:
+    each element's head_dim index (hi * SPLIT_D + lo) * D_VEC + e, and its mask). Both shapes are
+    chosen for what Triton does with them. Coalescing gives a thread D_VEC contiguous elements (16
+    bytes) and, in Triton 3.6, the lanes to the other dims in index order, so SPLIT_D lanes cover
+    adjacent 16-byte chunks of a row (a warp's load reads whole 32-byte sectors), the rest of the
+    warp takes positions and D_HI stays in-thread. The load's layout then reaches the product
+    unchanged, because broadcasts pass a layout on and expand_dims of a non-sliced layout does not:
+    had the keys been expanded to rank 5, or q been loaded at rank 5, q's layout (lanes on the query
+    heads) or Triton's default (lanes on D_VEC) would have won and moved the keys through shared
+    memory. The score sums D_VEC and D_HI in
+    the thread, then SPLIT_D lanes (log2(SPLIT_D) shuffle rounds). The values are loaded as
+    [1, BLOCK_N, HEAD_DIM_P] for the same reason: their load layout (16 lanes across head_dim, 2
+    across positions) becomes the P.V product's, whose sum over positions is then in-thread but for
+    one round; left to propagation, the product took the scores' layout (lanes across positions).
     """
     pos = n0 + offs_n
     n_ok = pos < end
-    page = tl.load(table + pos // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-    slot = pos % PAGE_SIZE
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(
-        k_base + page[:, None] * stride_kp + slot[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
-    )  # [BLOCK_N, HEAD_DIM_P]
-    if DOT:  # q in the cache dtype, GROUP_P >= 16 rows (the heads past GROUP are zeros)
-        s = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] fp32
+    if SPLIT_D > 0:
+        if PAGE_SIZE >= BLOCK_N:
+            # The block lies in at most two pages: two scalar table reads and a select per position,
+            # where a lookup per position costs each thread a load and 64-bit arithmetic per row
+            # (sm_90, split_d 4, 16-position blocks: 1190 instructions a loop step against 1149;
+            # on an H100, batch 64 x 1k at 16 programs/SM, 129 us a layer against 120).
+            first = n0 // PAGE_SIZE
+            page0 = tl.load(table + first).to(tl.int64)
+            page1 = tl.load(table + first + 1, mask=(first + 1) * PAGE_SIZE < end, other=0).to(tl.int64)
+            in1 = pos >= (first + 1) * PAGE_SIZE
+            slot = pos - first * PAGE_SIZE - tl.where(in1, PAGE_SIZE, 0)
+            k_page = k_base + page0 * stride_kp
+            v_page = v_base + page0 * stride_vp
+            k_row = tl.where(in1, (page1 - page0) * stride_kp, 0) + slot * stride_kt
+            v_row = tl.where(in1, (page1 - page0) * stride_vp, 0) + slot * stride_vt
+        else:
+            page = tl.load(table + pos // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+            slot = pos % PAGE_SIZE
+            k_page = k_base
+            v_page = v_base
+            k_row = page * stride_kp + slot * stride_kt
+            v_row = page * stride_vp + slot * stride_vt
+        k = tl.load(k_page + k_row[None, None, :, None, None] + offs_dk, mask=n_ok[None, None, :, None, None] & dk_ok,
+                    other=0.0)  # [1, SPLIT_D, BLOCK_N, D_HI, D_VEC]
+        s = tl.sum(q[:, :, None, :, :] * k.to(tl.float32), axis=4)  # [GROUP_P, SPLIT_D, BLOCK_N, D_HI], in-thread
+        s = tl.sum(tl.sum(s, axis=3), axis=1)  # [GROUP_P, BLOCK_N]: in-thread, then across the SPLIT_D lanes
     else:
-        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
+        page = tl.load(table + pos // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = pos % PAGE_SIZE
+        k = tl.load(
+            k_base + page[:, None] * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # [BLOCK_N, HEAD_DIM_P]
+        if DOT:  # q in the cache dtype, GROUP_P >= 16 rows (the heads past GROUP are zeros)
+            s = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] fp32
+        else:
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
     s = tl.where(n_ok[None, :], s, float("-inf"))
     # Every block holds at least one valid position, so m_new is finite from the first block on.
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    v = tl.load(
-        v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
-    )
-    if DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    if SPLIT_D > 0:
+        v = tl.load(
+            v_page + v_row[None, :, None] + offs_d[None, None, :], mask=n_ok[None, :, None] & d_ok[None, None, :],
+            other=0.0,
+        )  # [1, BLOCK_N, HEAD_DIM_P]
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=1)
     else:
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        v = tl.load(
+            v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_d[None, :],
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        if DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
 
@@ -111,7 +164,11 @@ def paged_decode_kernel(
     WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _decode_block)
     DOT: tl.constexpr,  # scores and values through tl.dot (tensor cores, sm_80+; GROUP_P >= 16)
     PDL: tl.constexpr,  # programmatic dependent launch (pdl.py)
+    SPLIT_D: tl.constexpr,  # FMA form: lanes across head_dim in a score (0: all 32; see paged_decode)
+    D_VEC: tl.constexpr,  # with SPLIT_D: contiguous head_dim elements a thread loads (16 bytes)
 ):
+    """Decode attention for (sequence, head group, split) program_id (0, 1, 2): the FMA form with
+    SPLIT_D > 0, else the DOT form or the FMA form that spreads head_dim over the whole warp."""
     pdl.wait(PDL)
     seq = tl.program_id(0)
     head0 = tl.program_id(1) * GROUP
@@ -137,12 +194,27 @@ def paged_decode_kernel(
     start = lo + split * per_split
     end = tl.minimum(start + per_split, kv_len)
 
-    q = tl.load(
-        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=g_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    q = q * scale_log2  # [GROUP_P, HEAD_DIM_P]
+    if SPLIT_D > 0:
+        # head_dim index d = (hi * SPLIT_D + lo) * D_VEC + e of [SPLIT_D, D_HI, D_VEC] (lo, hi, e)
+        D_HI: tl.constexpr = HEAD_DIM_P // (SPLIT_D * D_VEC)
+        offs_dq = (tl.arange(0, SPLIT_D)[:, None, None] + tl.arange(0, D_HI)[None, :, None] * SPLIT_D) * D_VEC
+        offs_dq += tl.arange(0, D_VEC)[None, None, :]
+        q = tl.load(
+            q_ptr + seq * stride_qb + heads[:, None, None, None] * stride_qh + offs_dq[None, :, :, :],
+            mask=g_ok[:, None, None, None] & (offs_dq < HEAD_DIM)[None, :, :, :],
+            other=0.0,
+        ).to(tl.float32)  # [GROUP_P, SPLIT_D, D_HI, D_VEC]
+        offs_dk = offs_dq[None, :, None, :, :]  # [1, SPLIT_D, 1, D_HI, D_VEC]: the keys' tile
+        dk_ok = offs_dk < HEAD_DIM
+    else:
+        offs_dk = offs_d
+        dk_ok = d_ok
+        q = tl.load(
+            q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [GROUP_P, HEAD_DIM_P]
+    q = q * scale_log2
     if DOT:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
@@ -158,14 +230,16 @@ def paged_decode_kernel(
         while n0 < end:
             m_i, l_i, acc = _decode_block(
                 q, m_i, l_i, acc, n0, end, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, DOT,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok,
+                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _decode_block(
                 q, m_i, l_i, acc, n0, end, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, DOT,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok,
+                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D,
             )  # fmt: skip
 
     has = l_i > 0.0  # False only for a split that lies past the end of a short sequence
@@ -239,8 +313,21 @@ DOT_NUM_WARPS = 4
 DOT_PROGRAMS_PER_SM = 2
 
 
+# The FMA form's launch (`paged_decode`'s split_d; what sm_70 / sm_75 and fp32 caches run): lanes
+# across head_dim in a score, positions per loop step, one-warp programs per SM a launch aims for.
+# Measured on an H100 (benchmarks/results/h100-session5/decode_attention_split_d.json and the sweep
+# beside it: Llama-3-8B attention, fp16, 256-position pages): split_d 4 with 16-position blocks was
+# the best FMA launch at batch 64 x 1k (102 us a layer at 4 programs/SM, 120 at 16), batch 16 x 1k
+# (31.7 at 8/SM) and batch 1 x 4k (14.1 at 4/SM), against 151 / 41.6 / 20.4 for the whole-warp form
+# at its 16/SM. Programs hold ~255 registers, so an SM runs 8: at 4/SM batch 64 is one wave.
+FMA_SPLIT_D = 4
+FMA_BLOCK_N = 16
+FMA_PROGRAMS_PER_SM = 4
+
+
 def block_n_for(group: int, head_dim: int, programs: int = 0) -> int:
-    """Positions per loop step, for a launch of `programs` (sequence, head-group) pairs per split.
+    """Positions per loop step of the whole-warp FMA form (split_d 0), for a launch of `programs`
+    (sequence, head-group) pairs per split.
 
     Measured on an H100 (fp16, 32/8 heads, head_dim 128, page 256, one warp, 16 programs/SM, graph-
     launched): 32 positions were best or within 5% at batch 8-64 and contexts 512-4k (batch 64 x 1k:
@@ -281,6 +368,7 @@ def paged_decode(
     min_split: int | None = None,
     num_stages: int | None = None,
     use_dot: bool = False,
+    split_d: int | None = None,
 ) -> torch.Tensor:
     """Decode attention for B sequences; `max_kv_len` is a host-side bound on kv_lens (no sync).
 
@@ -289,6 +377,14 @@ def paged_decode(
     divisor of the GQA group; default the whole group) cuts a kv head's query heads over programs.
     `use_dot` (fp16 / bf16 caches, for sm_80+: see DOT_BLOCK_N and beside it) runs scores and values through
     tl.dot with a kv head's query heads as the rows of the product.
+
+    `split_d` (the FMA form only; default FMA_SPLIT_D, a power of two up to 32, or 0) is how many
+    lanes share head_dim in a score (paged_decode_kernel's SPLIT_D): each thread loads 16 contiguous
+    bytes of a key row and the warp's other lanes take further positions, so a score is summed
+    mostly in-thread and then over log2(split_d) shuffle rounds. 0 runs the whole-warp form, which
+    takes five rounds on every score and leaves every lane holding every score. Each thread holds
+    GROUP_P * head_dim / split_d query values (fp32), hence 4 or 8 for head_dim 128. Its launch
+    wants its own programs per SM (FMA_PROGRAMS_PER_SM, for the caller's `target_programs`).
     """
     batch, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
@@ -302,7 +398,12 @@ def paged_decode(
         assert k_cache.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16, (k_cache.dtype, head_dim)
         block_n = block_n or DOT_BLOCK_N
         num_warps = num_warps or DOT_NUM_WARPS
-    block_n = block_n or block_n_for(group, head_dim, batch * programs)
+    if use_dot:
+        split_d = 0
+    elif split_d is None:
+        split_d = FMA_SPLIT_D
+    assert split_d & (split_d - 1) == 0 and split_d <= 32, split_d
+    block_n = block_n or (FMA_BLOCK_N if split_d else block_n_for(group, head_dim, batch * programs))
     min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
     span = min(max_kv_len, window) if window else max_kv_len
     if num_splits is None:
@@ -317,6 +418,8 @@ def paged_decode(
         part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_p = triton.next_power_of_2(head_dim)
     launch = pdl.launch(q.device)
+    d_vec = min(16 // k_cache.element_size(), head_dim_p)
+    split_consts = {"SPLIT_D": min(split_d, head_dim_p // d_vec) if split_d else 0, "D_VEC": d_vec}
     paged_decode_kernel[(batch, programs, num_splits)](
         q, k_cache, v_cache, block_tables, kv_lens, out, part_o, part_lse,
         scale * _LOG2E, window or NO_WINDOW, min_split, group,
@@ -329,7 +432,8 @@ def paged_decode(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED, DOT=use_dot,
-        num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}), **launch,
+        num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}), **split_consts,
+        **launch,
     )  # fmt: skip
     if not direct:
         paged_decode_reduce_kernel[(batch, heads)](
