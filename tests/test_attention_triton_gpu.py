@@ -82,6 +82,21 @@ def test_decode_splits_on_gpu(num_splits):
     check(out, ref, torch.float16)
 
 
+@pytest.mark.parametrize("split_d", [0, 4, 8])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (24, 8), (32, 4)])
+def test_decode_fma_forms_on_gpu(heads, kv_heads, split_d):
+    """The FMA forms (what sm_70 / sm_75 run; the default split_d and the whole-warp form) compiled for
+    this GPU, GQA ratios 1/3/8, a graph-style bound far past the lengths."""
+    from lowgear.attention.kernels import load
+
+    decode, _ = load(interpret=False)
+    q, kc, vc, meta = problem([1] * 5, [1, 17, 512, 777, 4000], heads=heads, kv_heads=kv_heads)
+    ref = reference_attention(q, kc, vc, meta, 0.088)
+    out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.088, 65536, split_d=split_d,
+                              target_programs=decode.FMA_PROGRAMS_PER_SM * 132)
+    check(out, ref, torch.float16)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (24, 8), (32, 4)])
 def test_decode_gqa_ratios_on_gpu(heads, kv_heads):
     q, kc, vc, meta = problem([1] * 4, [17, 512, 777, 4000], heads=heads, kv_heads=kv_heads)
