@@ -69,27 +69,6 @@ def test_gqa_by_repeat_matches_enable_gqa(expand):
     torch.testing.assert_close(out.double(), reference_attention(q, kc, vc, meta, 0.125), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("q_lens,kv_lens", [([7], [7]), ([2], [9]), ([2, 5], [9, 5])])
-def test_per_sequence_calls_with_kv_heads_repeated_in_the_gather(q_lens, kv_lens, monkeypatch):
-    """The per-sequence path as a GPU without torch's flash kernel runs it (kv heads repeated by
-    gather_kv itself); a one-sequence step returns its call's output directly."""
-    q, kc, vc, meta = make_step(q_lens, kv_lens, kv_heads=2, group=3, head_dim=32, page_size=4, seed=4)
-    backend = SdpaBackend(batched="never")
-    monkeypatch.setattr(backend, "_expand", lambda has_mask, device: True)
-    out = backend.attend(q, kc, vc, meta, 0.2, None)
-    assert out.shape == q.shape and out.is_contiguous()
-    torch.testing.assert_close(out.double(), reference_attention(q, kc, vc, meta, 0.2), atol=1e-4, rtol=1e-4)
-
-
-def test_gather_kv_repeats_heads():
-    from lowgear.attention.base import gather_kv
-
-    _, kc, _, meta = make_step([1], [10], kv_heads=2, group=1, head_dim=8, page_size=4, seed=5)
-    plain = gather_kv(kc, meta.block_tables[0], 10)
-    assert plain.shape == (10, 2, 8)
-    torch.testing.assert_close(gather_kv(kc, meta.block_tables[0], 10, heads=6), plain.repeat_interleave(3, dim=1))
-
-
 def test_half_precision_close():
     q, kc, vc, meta = make_step([1, 1], [17, 3], kv_heads=2, group=2, head_dim=64, page_size=16, seed=3)
     scale = 0.125

@@ -48,20 +48,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, table: torch.Tensor, kv_len: int, heads: int | None = None) -> torch.Tensor:
-    """One sequence's cached keys or values, [kv_len, kv_heads, head_dim], gathered from its pages.
-
-    With `heads` (a multiple of kv_heads) each kv head comes out repeated for its query heads,
-    [kv_len, heads, head_dim], in the same one gather (for kernels that take no GQA)."""
-    page_size, kv_heads = cache.shape[1], cache.shape[2]
+def gather_kv(cache: torch.Tensor, table: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """One sequence's cached keys or values, [kv_len, kv_heads, head_dim], gathered from its pages."""
+    page_size = cache.shape[1]
     n_pages = (kv_len + page_size - 1) // page_size
-    pages = table[:n_pages].long()
-    if heads is None or heads == kv_heads:
-        return cache.index_select(0, pages).flatten(0, 1)[:kv_len]
-    dev = cache.device
-    slot = torch.arange(page_size, device=dev)
-    head = torch.arange(heads, device=dev) // (heads // kv_heads)
-    return cache[pages[:, None, None], slot[None, :, None], head[None, None, :]].flatten(0, 1)[:kv_len]
+    return cache.index_select(0, table[:n_pages].long()).flatten(0, 1)[:kv_len]
 
 
 class AttentionBackend:

@@ -134,23 +134,17 @@ class SdpaBackend(AttentionBackend):
         return out.reshape(T, heads, hd) if meta.is_decode else out[seq, row]
 
     def _attend_each(self, q, k_cache, v_cache, meta, scale, window):
-        """One sdpa call per sequence; a step of one sequence returns that call's output as it is
-        (the memory-efficient kernel writes [q_len, H, D] rows: no copy into a step-wide buffer)."""
-        out = None if meta.batch_size == 1 else torch.empty_like(q)
+        out = torch.empty_like(q)
         start = 0
         for s, (q_len, kv_len) in enumerate(zip(meta.q_lens_host, meta.kv_lens_host)):
-            causal = q_len == kv_len and (window is None or window >= kv_len)
-            # kv heads repeated for the query heads in the gather itself, where the kernel takes no GQA
-            heads = q.shape[1] if self._expand(not causal, q.device) else None
-            k = gather_kv(k_cache, meta.block_tables[s], kv_len, heads).to(q.dtype).transpose(0, 1)[None]
-            v = gather_kv(v_cache, meta.block_tables[s], kv_len, heads).to(q.dtype).transpose(0, 1)[None]
+            k = gather_kv(k_cache, meta.block_tables[s], kv_len).to(q.dtype).transpose(0, 1)[None]
+            v = gather_kv(v_cache, meta.block_tables[s], kv_len).to(q.dtype).transpose(0, 1)[None]
             qs = q[start : start + q_len].transpose(0, 1)[None]  # [1, H, q_len, D]
-            if causal:
-                o = sdpa(qs, k, v, scale, causal=True)
+            if q_len == kv_len and (window is None or window >= kv_len):
+                o = sdpa(qs, k, v, scale, causal=True, expand_kv=self._expand(False, q.device))
             else:
-                o = sdpa(qs, k, v, scale, causal_mask(q_len, kv_len, window, q.device))
-            if out is None:
-                return o[0].transpose(0, 1).contiguous()
+                mask = causal_mask(q_len, kv_len, window, q.device)
+                o = sdpa(qs, k, v, scale, mask, expand_kv=self._expand(True, q.device))
             out[start : start + q_len] = o[0].transpose(0, 1)
             start += q_len
         return out
