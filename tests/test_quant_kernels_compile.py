@@ -37,6 +37,15 @@ def _specs():
                   "stride_wn": I32, "stride_xm": I32, "stride_ym": I32}
     specs.append(("gemv_F16", gemv.gemv_float_kernel, float_args,
                   {"M": 4, "M_PAD": 4, "BLOCK_N": 8, "BLOCK_K": 256}, 4, True))
+    from lowgear.quant.kernels import float_gemv
+
+    split_args = {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32",
+                  "N": I32, "K": I32, "k_per_split": I32, "stride_xm": I32, "stride_wn": I32}
+    for m in (1, 4):
+        p = float_gemv.launch_params(4096, 4096, m)
+        specs.append((f"float_gemv_m{m}", float_gemv.float_gemv_kernel, split_args,
+                      {"M": m, "M_PAD": m, "BLOCK_N": p["BLOCK_N"], "BLOCK_K": p["BLOCK_K"], "S_CHUNK": 4,
+                       "PDL": False}, p["num_warps"], True))
     tile_args = {"w": "*u8", "wh": "*fp16", "out": "*fp16", "R": I32, "K": I32, "bpr": I32}
     for qtype, kernel in dequant_tile.DEQUANT_KERNELS.items():
         nb = 1 if gemv.BLOCK_SIZES[qtype] == 256 else 8

@@ -102,7 +102,8 @@ class Model:
             self.lm_head = _to(QuantLinear(get("embed")), last, dtype)
 
     def attach_kernels(self) -> int:
-        """Give packed linears on CUDA devices the Triton matmul-with-unpack kernel; returns how many.
+        """Give packed linears on CUDA devices the Triton matmul-with-unpack kernel, and float16 /
+        bfloat16 ones the decode GEMV (quant/kernels/float_gemv.py); returns how many.
 
         Without Triton (or on the CPU) QuantLinear keeps its torch path: unpack a band, then matmul.
         """
@@ -112,10 +113,10 @@ class Model:
         count = 0
         modules = [m for layer in self.layers for m in layer.modules()] + [self.lm_head]
         for m in modules:
-            if isinstance(m, QuantLinear) and m.packed and m.device.type == "cuda":
+            if isinstance(m, QuantLinear) and m.device.type == "cuda":
                 cc = capability.get(_label(m.device))
                 if cc is not None and cc >= (7, 0):  # Triton's floor; older cards keep the torch path
-                    m.kernel = kernels.kernel_for(m)
+                    m.kernel = kernels.kernel_for(m) if m.packed else kernels.float_kernel_for(m)
                     count += m.kernel is not None
         return count
 

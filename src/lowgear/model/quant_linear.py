@@ -5,7 +5,8 @@ never a full float copy). The torch path here dequantizes a band of output rows 
 activation dtype and multiplies — the band bounds the float temporary (`chunk_elements`), and a
 band of rows is also what cuBLAS wants for prefill. A faster kernel plugs in through `self.kernel`
 (None by default): any callable `kernel(x, module) -> y` that reads the module's buffers, e.g. what
-`lowgear.quant.kernels.kernel_for(module)` picks on a CUDA device; the bias is added here either way.
+`lowgear.quant.kernels.kernel_for(module)` picks on a CUDA device (for float16 / bfloat16 weights
+`float_kernel_for`: a GEMV for decode rows, cuBLAS past them); the bias is added here either way.
 
 Float weights are a plain matmul in the module's dtype (`.to(dtype)` converts them). Packed
 weights ignore dtype conversion (they stay uint8) but move with `.to(device)`.
@@ -128,11 +129,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
-        if self.packed:
-            if self.kernel is not None:
-                y = self.kernel(x, self)
-            else:
-                y = self._banded_matmul(x)
+        if self.kernel is not None:
+            y = self.kernel(x, self)
+        elif self.packed:
+            y = self._banded_matmul(x)
         else:
             w = self.weight
             y = torch.matmul(x.to(w.dtype), w.t()).to(x.dtype)

@@ -5,6 +5,7 @@ The public face is three functions; Triton is imported on first use, so this pac
 
     supports(qtype)                                     -> bool
     kernel_for(module)                                  -> QuantLinear kernel hook, or None
+    float_kernel_for(module)                            -> the same for float16 / bfloat16 weights
     packed_matmul(x, qtype, data, out_features, in_features) -> y = x @ dequant(W).T
     dequantize_tile(qtype, data, row_start, row_stop, dtype) -> dense rows of W
 
@@ -84,6 +85,16 @@ def kernel_for(module):
     if not supports(module.qtype):
         return None
     return _gguf_kernel
+
+
+def float_kernel_for(module):
+    """The kernel hook for a float16 / bfloat16 QuantLinear (`float_gemv.float_matmul`: a split-K GEMV
+    for decode rows, cuBLAS past them), or None (float32, or no Triton)."""
+    if module.packed or module.weight.dtype not in (torch.float16, torch.bfloat16) or not _triton_available():
+        return None
+    from .float_gemv import float_matmul
+
+    return float_matmul
 
 
 def _gguf_kernel(x: torch.Tensor, module) -> torch.Tensor:
