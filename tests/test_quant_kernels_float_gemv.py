@@ -3,8 +3,8 @@
 On machines without CUDA the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1),
 on small shapes; on a GPU the same cases run compiled. Shapes include N that is not a multiple of
 the row block, K that is not a multiple of BLOCK_K, 1-4 rows (3 pads to 4), forced K-splits (the
-last program of a row block adds the partials), and the QuantLinear routing: the GEMV for decode
-rows, cuBLAS / torch past them and for float32.
+last program of a row block adds the partials), and the QuantLinear routing: the GEMV for one
+row (where it was measured faster), cuBLAS / torch past it and for float32.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_quant_linear_routes_decode_rows_to_the_gemv(monkeypatch):
     for rows in (1, 3, 5):
         y = lin(x[:rows])
         assert (y.float() - want[:rows]).abs().max().item() < 2e-2
-    assert calls == [1, 3]  # 5 rows: past MAX_M, torch's matmul
+    assert calls == [1]  # 3 and 5 rows: torch's matmul (cuBLAS on a GPU)
     y3 = lin(x[:3].reshape(3, 1, 128))  # leading dims kept
     assert y3.shape == (3, 1, 24)
     assert kernels.float_kernel_for(QuantLinear(w.float())) is None  # float32 keeps torch's matmul

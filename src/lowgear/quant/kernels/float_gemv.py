@@ -25,8 +25,12 @@ import triton.language as tl
 from ... import pdl
 from . import splitk
 
-# rows served here; past it cuBLAS (whose tensor-core GEMMs win once the rows are enough to reuse w)
+# rows the kernel takes at most, and rows `float_matmul` gives it: measured on an H100 (Llama-3-8B
+# shape, float16, CUDA-graph decode, benchmarks/results/h100-session5/float_gemv/): batch 1 took
+# 6.04 ms a step against 6.33 through cuBLAS, batch 4 9.42 against 6.46 (its row blocks shrink to
+# 4 rows to keep the accumulator in registers, and cuBLAS's tensor-core GEMM reuses w over the rows)
 MAX_M = 4
+ROUTED_M = 1
 BLOCK_K = 256
 # programs to aim for when picking split-K: a few per SM of an H100 (132 SMs)
 TARGET_PROGRAMS = 4 * 132
@@ -99,11 +103,11 @@ def float_gemv(x: torch.Tensor, w: torch.Tensor, *, split: int | None = None, bl
 
 
 def float_matmul(x: torch.Tensor, module) -> torch.Tensor:
-    """The QuantLinear hook for float weights: the GEMV for up to MAX_M rows of float16 / bfloat16,
+    """The QuantLinear hook for float weights: the GEMV for up to ROUTED_M rows of float16 / bfloat16,
     cuBLAS otherwise (the bias is the module's business)."""
     w = module.weight
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.shape[1])
-    if 1 <= x2.shape[0] <= MAX_M and x2.dtype == w.dtype and w.stride(1) == 1:
+    if 1 <= x2.shape[0] <= ROUTED_M and x2.dtype == w.dtype and w.stride(1) == 1:
         return float_gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w).reshape(*lead, w.shape[0])
     return torch.matmul(x.to(w.dtype), w.t()).to(x.dtype)
