@@ -1,8 +1,9 @@
 """The triton rung: lowgear's own paged attention kernels, for GPUs that flash-attn does not serve.
 
-Decode steps (one new token per sequence) go to a split-K decode kernel written without `tl.dot`,
-so it runs at full memory speed on sm_70/sm_75 as on newer GPUs (on sm_80+, for fp16 / bf16, the
-same kernel's tl.dot form, which puts a kv head's query heads through tensor cores); every other step (prefill,
+Decode steps (one new token per sequence) go to a split-K decode kernel whose FMA form (split-D:
+head_dim over a few lanes, positions over the rest of the warp) needs no `tl.dot`, so it runs near
+memory speed on sm_70/sm_75 as on newer GPUs (on sm_80+, for fp16 / bf16, the same kernel's tl.dot
+form, which puts a kv head's query heads through tensor cores); every other step (prefill,
 chunked prefill, mixed prefill+decode batches) goes to a paged prefill kernel that does use
 `tl.dot`. Triton compiles `tl.dot` to tensor cores only on sm_80+, so below that the prefill half
 of this rung runs on CUDA cores: `prefers_sdpa_prefill_below_sm80` tells the model/selector to send
