@@ -169,7 +169,7 @@ def micro_attention(old_path: str | None, only_defaults: bool = False) -> None:
         spec = importlib.util.spec_from_file_location("paged_decode_old", old_path)
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
-    per_sm = decode.FMA_PROGRAMS_PER_SM
+    per_sm = decode.fma_form()[1]
 
     heads, kvh, dim = 32, 8, 128
     bound = 33280  # the graph's kv bound in decode_step_gpu.py at batch 32

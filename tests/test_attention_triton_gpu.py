@@ -93,7 +93,7 @@ def test_decode_fma_forms_on_gpu(heads, kv_heads, split_d):
     q, kc, vc, meta = problem([1] * 5, [1, 17, 512, 777, 4000], heads=heads, kv_heads=kv_heads)
     ref = reference_attention(q, kc, vc, meta, 0.088)
     out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.088, 65536, split_d=split_d,
-                              target_programs=decode.FMA_PROGRAMS_PER_SM * 132)
+                              target_programs=decode.fma_form()[1] * 132)
     check(out, ref, torch.float16)
 
 

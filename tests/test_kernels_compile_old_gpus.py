@@ -44,8 +44,8 @@ def signature(kernel, dtype, constexprs):
     return sig
 
 def decode(group, head_dim, splits, dot=False, split_d=None, d_vec=8):
-    # the constexprs paged_decode passes: by default the FMA form it launches (split_d FMA_SPLIT_D)
-    split_d = 0 if dot else D.FMA_SPLIT_D if split_d is None else split_d
+    # the constexprs paged_decode passes: by default the FMA form it launches with this Triton
+    split_d = 0 if dot else D.fma_form()[0] if split_d is None else split_d
     block_n = D.DOT_BLOCK_N if dot else D.FMA_BLOCK_N if split_d else D.block_n_for(group, head_dim)
     return dict(GROUP=group, GROUP_P=max(16 if dot else 1, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_N=block_n, NUM_SPLITS=splits, DIRECT=splits == 1,
@@ -109,6 +109,18 @@ def compiled() -> list[dict]:
     return compiled_results(SCRIPT, timeout=300)
 
 
+def triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
+def fma_form() -> tuple[int, int]:
+    from lowgear.attention.kernels import paged_decode
+
+    return paged_decode.fma_form()
+
+
 def find(results, name, arch, dtype="fp16"):
     return next(r for r in results if (r["name"], r["arch"], r["dtype"]) == (name, arch, dtype))
 
@@ -160,4 +172,9 @@ def test_split_d_form_compiles_without_mma_and_with_fewer_shuffles(compiled, arc
     assert r["cubin"] > 0 and r["mma"] == 0 and r["fma"] > 0, r
     assert r["shared"] <= (64 if arch == 75 else 96) * 1024, r
     assert whole["mma"] == 0 and whole["shfl"] > 0, whole
-    assert r["shfl"] < whole["shfl"] / 2, (r, whole)
+    # where paged_decode launches the split-D form by default (D.fma_form, by Triton version) it must
+    # have fewer than half the shuffles; a Triton that lays it out worse must keep the whole-warp form
+    fewer = r["shfl"] < whole["shfl"] / 2
+    assert fewer or fma_form()[0] == 0, (r, whole)
+    if triton_version() == (3, 6):  # the version the form was measured with: it is the default there
+        assert fewer and fma_form()[0] == 4, (r, whole)

@@ -66,7 +66,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lowgear.attention.kernels import paged_decode as D
 from lowgear.model import kernels_act, kernels_norm
-from lowgear.quant.kernels import gptq as G
+from lowgear.quant.kernels import float_gemv as F, gptq as G
 
 GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
         "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "ROWS": "i32",
@@ -82,6 +82,13 @@ def gemv(pdl):
     p = G.launch_params(4096, 4096, 4, G.gemv_tile_rows(4, 128, 4096), 1)
     return dict(M=1, M_PAD=1, BITS=4, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"], HAS_PERM=False, S_CHUNK=4, PDL=pdl, F16X2=False)
 
+FGEMV = {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32",
+         "K": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32"}
+
+def float_gemv(pdl):
+    p = F.launch_params(4096, 4096, 1)
+    return dict(M=1, M_PAD=1, BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], S_CHUNK=4, PDL=pdl)
+
 def decode(pdl):
     return dict(GROUP=4, GROUP_P=16, HEAD_DIM=128, HEAD_DIM_P=128, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N,
                 NUM_SPLITS=4, DIRECT=False, WHILE_LOOP=False, DOT=True, PDL=pdl, SPLIT_D=0, D_VEC=8)
@@ -89,12 +96,12 @@ def decode(pdl):
 CASES = [("gemv", G.gptq_gemv_kernel, GEMV, gemv), ("rms_norm", kernels_norm.rms_norm_kernel, NORM,
           lambda pdl: dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl)),
          ("silu_mul", kernels_act.silu_mul_kernel, SILU, lambda pdl: dict(BLOCK=1024, PDL=pdl)),
-         ("decode", D.paged_decode_kernel, DEC, decode)]
+         ("decode", D.paged_decode_kernel, DEC, decode), ("float_gemv", F.float_gemv_kernel, FGEMV, float_gemv)]
 out = {}
 for name, kernel, args, consts in CASES:
     for flag in (False, True):
         sig = {a: args.get(a, "i32") if a not in consts(flag) else "constexpr" for a in kernel.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if sig[a].startswith("*") or a in ("N", "ROWS", "stride_xm", "H", "I")}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if sig[a].startswith("*") or a in ("N", "ROWS", "stride_xm", "H", "I", "K", "stride_wn", "k_per_split")}
         c = triton.compile(ASTSource(kernel, sig, constexprs=consts(flag), attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "gemv" else 4})
         ptx = c.asm["ptx"]
@@ -115,16 +122,17 @@ def compiled() -> dict:
     return compiled_results(SCRIPT, timeout=600)
 
 
-@pytest.mark.parametrize("name", ["gemv", "rms_norm", "silu_mul", "decode"])
+@pytest.mark.parametrize("name", ["gemv", "rms_norm", "silu_mul", "decode", "float_gemv"])
 def test_kernels_hold_griddepcontrol_only_with_pdl(compiled, name):
     on, off = compiled[f"{name}/1"], compiled[f"{name}/0"]
     assert on["wait"] >= 1, on
-    # the split-K GEMV releases its dependents after its main loop; the others at exit (no instruction)
-    assert (on["launch"] >= 1) == (name == "gemv"), on
+    # the split-K GEMVs release their dependents after their main loop; the others at exit (no instruction)
+    assert (on["launch"] >= 1) == (name in ("gemv", "float_gemv")), on
     assert off["wait"] == 0 and off["launch"] == 0, off
 
 
-def test_gemv_loads_weights_before_it_waits(compiled):
-    on = compiled["gemv/1"]
+@pytest.mark.parametrize("name", ["gemv", "float_gemv"])
+def test_gemv_loads_weights_before_it_waits(compiled, name):
+    on = compiled[f"{name}/1"]
     assert on["first_v4"] is not None and on["first_v4"] < on["first_wait"], on
     assert on["first_launch"] > on["last_fma"], on  # released after the main loop, not at the wait

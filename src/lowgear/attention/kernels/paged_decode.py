@@ -315,14 +315,29 @@ DOT_PROGRAMS_PER_SM = 2
 
 # The FMA form's launch (`paged_decode`'s split_d; what sm_70 / sm_75 and fp32 caches run): lanes
 # across head_dim in a score, positions per loop step, one-warp programs per SM a launch aims for.
-# Measured on an H100 (benchmarks/results/h100-session5/decode_attention_split_d.json and the sweep
-# beside it: Llama-3-8B attention, fp16, 256-position pages): split_d 4 with 16-position blocks was
-# the best FMA launch at batch 64 x 1k (102 us a layer at 4 programs/SM, 120 at 16), batch 16 x 1k
-# (31.7 at 8/SM) and batch 1 x 4k (14.1 at 4/SM), against 151 / 41.6 / 20.4 for the whole-warp form
-# at its 16/SM. Programs hold ~255 registers, so an SM runs 8: at 4/SM batch 64 is one wave.
+# Measured on an H100 (benchmarks/results/h100-session5/decode_attention_split_d.log: Llama-3-8B
+# attention, fp16, 256-position pages): split_d 4 with 16-position blocks was the best FMA launch at
+# batch 64 x 1k (102.6 us a layer at 4 programs/SM, 120 at 16), batch 16 x 1k (37.8 at 4/SM, 31.7
+# at 8) and batch 1 x 4k (14.7), against 151 / 41.9 / 20.3 for the whole-warp form at its 16/SM.
+# Programs hold ~255 registers, so an SM runs 8: at 4/SM batch 64 is one wave.
 FMA_SPLIT_D = 4
 FMA_BLOCK_N = 16
 FMA_PROGRAMS_PER_SM = 4
+# the whole-warp form's (split_d 0): 16 one-warp programs per SM, blocks from `block_n_for`
+WHOLE_WARP_PROGRAMS_PER_SM = 16
+# Triton versions whose layouts the split-D form was checked on (its shapes steer Triton's coalescing,
+# _decode_block): with 3.6 the sm_75 PTX has 104 shuffles a loop step against 356 for the whole-warp
+# form; Triton 3.9 gives the key tile one element a thread instead and 1,280 shuffles
+# (tests/test_kernels_compile_old_gpus.py), so there the whole-warp form stays the default.
+SPLIT_D_TRITON_VERSIONS = ((3, 6),)
+
+
+def fma_form() -> tuple[int, int]:
+    """(split_d, programs per SM) of the FMA form `paged_decode` launches by default with this Triton."""
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    if version in SPLIT_D_TRITON_VERSIONS:
+        return FMA_SPLIT_D, FMA_PROGRAMS_PER_SM
+    return 0, WHOLE_WARP_PROGRAMS_PER_SM
 
 
 def block_n_for(group: int, head_dim: int, programs: int = 0) -> int:
@@ -378,13 +393,13 @@ def paged_decode(
     `use_dot` (fp16 / bf16 caches, for sm_80+: see DOT_BLOCK_N and beside it) runs scores and values through
     tl.dot with a kv head's query heads as the rows of the product.
 
-    `split_d` (the FMA form only; default FMA_SPLIT_D, a power of two up to 32, or 0) is how many
+    `split_d` (the FMA form only; default `fma_form()`'s, a power of two up to 32, or 0) is how many
     lanes share head_dim in a score (paged_decode_kernel's SPLIT_D): each thread loads 16 contiguous
     bytes of a key row and the warp's other lanes take further positions, so a score is summed
     mostly in-thread and then over log2(split_d) shuffle rounds. 0 runs the whole-warp form, which
     takes five rounds on every score and leaves every lane holding every score. Each thread holds
     GROUP_P * head_dim / split_d query values (fp32), hence 4 or 8 for head_dim 128. Its launch
-    wants its own programs per SM (FMA_PROGRAMS_PER_SM, for the caller's `target_programs`).
+    wants its own programs per SM (`fma_form()`'s, for the caller's `target_programs`).
     """
     batch, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
@@ -401,7 +416,7 @@ def paged_decode(
     if use_dot:
         split_d = 0
     elif split_d is None:
-        split_d = FMA_SPLIT_D
+        split_d = fma_form()[0]
     assert split_d & (split_d - 1) == 0 and split_d <= 32, split_d
     block_n = block_n or (FMA_BLOCK_N if split_d else block_n_for(group, head_dim, batch * programs))
     min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
