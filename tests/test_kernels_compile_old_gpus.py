@@ -109,16 +109,10 @@ def compiled() -> list[dict]:
     return compiled_results(SCRIPT, timeout=300)
 
 
-def triton_version() -> tuple[int, int]:
-    import triton
-
-    return tuple(int(v) for v in triton.__version__.split(".")[:2])
-
-
-def fma_form() -> tuple[int, int]:
+def paged_decode():
     from lowgear.attention.kernels import paged_decode
 
-    return paged_decode.fma_form()
+    return paged_decode
 
 
 def find(results, name, arch, dtype="fp16"):
@@ -175,6 +169,7 @@ def test_split_d_form_compiles_without_mma_and_with_fewer_shuffles(compiled, arc
     # where paged_decode launches the split-D form by default (D.fma_form, by Triton version) it must
     # have fewer than half the shuffles; a Triton that lays it out worse must keep the whole-warp form
     fewer = r["shfl"] < whole["shfl"] / 2
-    assert fewer or fma_form()[0] == 0, (r, whole)
-    if triton_version() == (3, 6):  # the version the form was measured with: it is the default there
-        assert fewer and fma_form()[0] == 4, (r, whole)
+    D = paged_decode()
+    assert fewer or D.fma_form()[0] == 0, (r, whole)
+    if D.triton_version() == (3, 6):  # the version the form was measured with: it is the default there
+        assert fewer and D.fma_form()[0] == 4, (r, whole)

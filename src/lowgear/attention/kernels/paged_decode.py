@@ -23,6 +23,7 @@ live in the log2 domain (exp2).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -323,7 +324,9 @@ DOT_PROGRAMS_PER_SM = 2
 FMA_SPLIT_D = 4
 FMA_BLOCK_N = 16
 FMA_PROGRAMS_PER_SM = 4
-# the whole-warp form's (split_d 0): 16 one-warp programs per SM, blocks from `block_n_for`
+# the whole-warp form's (split_d 0), blocks from `block_n_for`: on an H100, 16 one-warp programs per SM
+# were best or near it over batch 1-64 and contexts 512-4k (4 per SM: 337 us a layer summed over
+# four such shapes, 8: 340, 16 with 32-position blocks: 295)
 WHOLE_WARP_PROGRAMS_PER_SM = 16
 # Triton versions whose layouts the split-D form was checked on (its shapes steer Triton's coalescing,
 # _decode_block): with 3.6 the sm_75 PTX has 104 shuffles a loop step against 356 for the whole-warp
@@ -332,10 +335,15 @@ WHOLE_WARP_PROGRAMS_PER_SM = 16
 SPLIT_D_TRITON_VERSIONS = ((3, 6),)
 
 
+@functools.cache
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton in use (read once: every decode launch asks `fma_form`)."""
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
 def fma_form() -> tuple[int, int]:
     """(split_d, programs per SM) of the FMA form `paged_decode` launches by default with this Triton."""
-    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
-    if version in SPLIT_D_TRITON_VERSIONS:
+    if triton_version() in SPLIT_D_TRITON_VERSIONS:
         return FMA_SPLIT_D, FMA_PROGRAMS_PER_SM
     return 0, WHOLE_WARP_PROGRAMS_PER_SM
 
@@ -413,7 +421,6 @@ def paged_decode(
         assert k_cache.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16, (k_cache.dtype, head_dim)
         block_n = block_n or DOT_BLOCK_N
         num_warps = num_warps or DOT_NUM_WARPS
-    if use_dot:
         split_d = 0
     elif split_d is None:
         split_d = fma_form()[0]
