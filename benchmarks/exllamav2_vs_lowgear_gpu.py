@@ -131,6 +131,39 @@ def exllamav2_step(folder: str, b: int, context: int, steps: int) -> dict:
     return res
 
 
+def exllamav2_generator_step(folder: str, context: int, steps: int) -> dict:
+    """ExLlamaV2's own DynamicGenerator with the seed's recipe (no_flash_attn, paged=False,
+    max_batch_size=1): one greedy job, the mean over `steps` consecutive iterate() calls once its
+    prompt is in, as a caller streaming tokens sees it. (Unpaged, it takes one job at a time, so this
+    is also what the seed's users get per token at any number of queued jobs.)"""
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+    torch.cuda.empty_cache()
+    config = ExLlamaV2Config(folder)
+    config.no_flash_attn = True
+    config.max_seq_len = -(-(context + 2 * steps + 64) // 256) * 256  # its cache wants whole 256-token pages
+    model = ExLlamaV2(config)
+    cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
+    model.load_autosplit(cache, progress=False)
+    tokenizer = ExLlamaV2Tokenizer(config)
+    gen = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=False, max_batch_size=1)
+    job = ExLlamaV2DynamicJob(input_ids=torch.randint(3, 500, (1, context)), max_new_tokens=2 * steps + 16,
+                              gen_settings=ExLlamaV2Sampler.Settings.greedy(), stop_conditions=[])
+    gen.enqueue(job)
+    for _ in range(8):  # the prompt, then a few decode steps
+        gen.iterate()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        gen.iterate()
+    torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / steps
+    gen.cancel(job)
+    model.unload()
+    return {"step_ms": sec * 1e3, "tok_s": 1 / sec}
+
+
 def run_exllamav2(folder: str, batches: list[int], context: int, steps: int) -> dict:
     res = {}
     for b in batches:
@@ -200,6 +233,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="profile 3 steps of lowgear's run")
     ap.add_argument("--forced-triton", action="store_true", help="also run lowgear with attn_backend='triton'")
+    ap.add_argument("--exllamav2-generator", action="store_true",
+                    help="also time ExLlamaV2's DynamicGenerator with the seed's recipe (batch 1)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     batches = [int(b) for b in a.batches.split(",")]
@@ -216,6 +251,15 @@ def main() -> None:
     result["exllamav2_version"] = exllamav2.__version__
     result["exllamav2"] = run_exllamav2(a.folder, batches, a.context, a.steps)
     gc.collect()
+    if a.exllamav2_generator:
+        try:
+            r = result["exllamav2_generator"] = exllamav2_generator_step(a.folder, a.context, a.steps)
+            log(f"  ExLlamaV2 DynamicGenerator (paged=False, max_batch_size=1) ctx {a.context}: "
+                f"{r['step_ms']:7.2f} ms/step  {r['tok_s']:8.1f} tok/s")
+        except Exception as e:  # a reference that cannot run is reported, the rest still runs
+            result["exllamav2_generator"] = {"error": repr(e)}
+            log(f"  ExLlamaV2 DynamicGenerator: failed: {e!r}")
+        gc.collect()
     torch.cuda.empty_cache()
     result["lowgear_default"] = run_lowgear(a.folder, batches, a.context, a.steps, None, profile=a.profile)
     if a.forced_triton:
@@ -225,6 +269,11 @@ def main() -> None:
         e, ld = result["exllamav2"][b], result["lowgear_default"][b]
         log(f"{b:5d} | {e['tok_s']:10.1f}, {e['peak_gib']:.2f} | {ld['tok_s']:10.1f}, {result['lowgear_default']['peak_gib']:.2f} "
             f"| {ld['tok_s'] / e['tok_s']:5.2f}x")
+    eg = result.get("exllamav2_generator", {})
+    if "tok_s" in eg:
+        lg1 = result["lowgear_default"].get(1) or result["lowgear_default"][batches[0]]
+        log(f"generator against generator, batch 1: ExLlamaV2 {eg['tok_s']:.1f} tok/s, lowgear {lg1['tok_s']:.1f} tok/s "
+            f"| {lg1['tok_s'] / eg['tok_s']:5.2f}x")
     with open(os.path.join(a.out, "exllamav2_vs_lowgear.json"), "w") as f:
         json.dump(result, f, indent=1)
 

@@ -32,7 +32,7 @@ def test_cpu_always_listed(monkeypatch):
     "profile,cc,bandwidth",
     [("t4", (7, 5), 320e9), ("v100", (7, 0), 900e9), ("v100-32gb", (7, 0), 900e9), ("a10", (8, 6), 600e9),
      ("l4", (8, 9), 300e9), ("a100", (8, 0), 2039e9), ("a100-40gb", (8, 0), 1555e9), ("h100", (9, 0), 3350e9),
-     ("p100", (6, 0), 732e9)],
+     ("h200", (9, 0), 4800e9), ("p100", (6, 0), 732e9)],
 )
 def test_profiles(monkeypatch, profile, cc, bandwidth):
     gpu = sim(monkeypatch, profile)[0]

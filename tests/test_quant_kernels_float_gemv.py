@@ -62,10 +62,16 @@ def test_gemv_bfloat16():
 def test_launch_params_split_k_until_enough_programs():
     p = F.launch_params(4096, 4096, 1)
     assert p["BLOCK_N"] * p["BLOCK_K"] // (32 * p["num_warps"]) == 32  # accumulator per thread
-    assert (4096 // p["BLOCK_N"]) * p["split"] >= F.TARGET_PROGRAMS // 2
-    assert F.launch_params(128256, 4096, 1)["split"] == 1  # an lm_head has rows enough
+    assert p["BLOCK_K"] == F.BLOCK_K and p["split"] == 1  # 512 row blocks: enough programs unsplit
+    small = F.launch_params(2048, 2048, 1)  # too few row blocks: K is split to fill the GPU
+    assert small["split"] > 1 and (2048 // small["BLOCK_N"]) * small["split"] >= F.TARGET_PROGRAMS
+    head = F.launch_params(128256, 4096, 1)  # a vocabulary-sized head: rows enough, shorter K slices
+    assert head["split"] == 1 and head["BLOCK_K"] == F.BLOCK_K_MANY_ROWS
+    assert head["BLOCK_N"] * head["BLOCK_K"] // (32 * head["num_warps"]) == 32
     big = F.launch_params(4096, 14336, 4)
     assert big["k_per_split"] % big["BLOCK_K"] == 0 and big["split"] * big["k_per_split"] >= 14336
+    short = F.launch_params(96, 128, 1)  # K under one slice: the slice shrinks to K
+    assert short["BLOCK_K"] == 128 and short["split"] == 1
 
 
 def test_quant_linear_routes_decode_rows_to_the_gemv(monkeypatch):

@@ -31,10 +31,17 @@ from . import splitk
 # 4 rows to keep the accumulator in registers, and cuBLAS's tensor-core GEMM reuses w over the rows)
 MAX_M = 4
 ROUTED_M = 1
-BLOCK_K = 256
-# programs to aim for when picking split-K: a few per SM of an H100 (132 SMs)
-TARGET_PROGRAMS = 4 * 132
-
+# Launch rule from a cold sweep on an H200 (benchmarks/float_gemv_cold_gpu.py, weights read from HBM,
+# M = 1; benchmarks/results/h200-session6/float_gemv_cold.log): K slices of 512 with 8-row blocks and
+# no K-split gave q|k|v 14.3 us against 16.7 with the earlier 256-wide slices split 2-3 ways, o 10.9
+# against 12.5, down 31.8 against 31.6; every K-split was slower once 512+ row blocks were running.
+# Layers with thousands of row blocks gained nothing from the wider slice (gate|up 56.3 against 56.5)
+# or lost (a 128256 x 4096 head: 246 against 239 us), so they keep 256-wide slices of 16 rows.
+BLOCK_K = 512
+BLOCK_K_MANY_ROWS = 256
+MANY_ROW_BLOCKS = 16 * 132  # row blocks (at BLOCK_K) past which the 256-wide slice is used
+# K is split only until about this many programs run (two per SM of an H100 / H200)
+TARGET_PROGRAMS = 2 * 132
 
 @triton.jit
 def float_gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, N, K, k_per_split, stride_xm, stride_wn,
@@ -67,13 +74,20 @@ def float_gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, N, K, k_per_split,
 
 
 def launch_params(n: int, k: int, m: int, split: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None) -> dict[str, int]:
-    """BLOCK_N / BLOCK_K / split / num_warps: BLOCK_N keeps the accumulator near 32 fp32 a thread at
-    4 warps (M_PAD x BLOCK_N x BLOCK_K / 128), and K is split until about TARGET_PROGRAMS run."""
+                  num_warps: int | None = None, block_k: int | None = None) -> dict[str, int]:
+    """BLOCK_N / BLOCK_K / split / num_warps: BLOCK_N keeps the accumulator near 32 fp32 a thread
+    (M_PAD x BLOCK_N x BLOCK_K / threads), BLOCK_K is 512 unless the layer has MANY_ROW_BLOCKS row
+    blocks even so (then 256), and K is split until about TARGET_PROGRAMS run."""
     m_pad = triton.next_power_of_2(m)
-    block_k = min(BLOCK_K, triton.next_power_of_2(k))
     num_warps = num_warps or 4
-    block_n = block_n or max(1, 32 * 32 * num_warps // (m_pad * block_k))
+
+    def rows_for(bk: int) -> int:
+        return block_n or max(1, 32 * 32 * num_warps // (m_pad * bk))
+
+    if block_k is None:
+        block_k = BLOCK_K_MANY_ROWS if triton.cdiv(n, rows_for(BLOCK_K)) > MANY_ROW_BLOCKS else BLOCK_K
+    block_k = min(block_k, triton.next_power_of_2(k))
+    block_n = rows_for(block_k)
     n_blocks = triton.cdiv(n, block_n)
     tiles = triton.cdiv(k, block_k)
     split = max(1, min(tiles, split or triton.cdiv(TARGET_PROGRAMS, n_blocks)))
@@ -83,13 +97,13 @@ def launch_params(n: int, k: int, m: int, split: int | None = None, block_n: int
 
 
 def float_gemv(x: torch.Tensor, w: torch.Tensor, *, split: int | None = None, block_n: int | None = None,
-               num_warps: int | None = None) -> torch.Tensor:
+               num_warps: int | None = None, block_k: int | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ w.T for M <= MAX_M, w [N, K] with unit stride along K; in x's dtype.
     The keyword overrides go to `launch_params` (the benchmarks sweep them)."""
     m, k = x.shape
     n = w.shape[0]
     assert 1 <= m <= MAX_M and w.shape[1] == k and w.stride(1) == 1 and x.stride(1) == 1, (x.shape, w.shape)
-    p = launch_params(n, k, m, split, block_n, num_warps)
+    p = launch_params(n, k, m, split, block_n, num_warps, block_k)
     grid = (triton.cdiv(n, p["BLOCK_N"]), p["split"])
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     m_pad = triton.next_power_of_2(m)
