@@ -17,7 +17,7 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	bash scripts/ensure-browser.sh
-	$(VENV)/bin/python -m pytest -q -rs -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -rs -p no:cacheprovider --durations=15
 
 clean:
 	rm -rf $(VENV)
