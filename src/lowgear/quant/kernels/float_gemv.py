@@ -37,11 +37,14 @@ ROUTED_M = 1
 # against 12.5, down 31.8 against 31.6; every K-split was slower once 512+ row blocks were running.
 # Layers with thousands of row blocks gained nothing from the wider slice (gate|up 56.3 against 56.5)
 # or lost (a 128256 x 4096 head: 246 against 239 us), so they keep 256-wide slices of 16 rows.
+# In the whole graphed float16 step (batch 1) the rule was within run-to-run spread, 4.40-4.49 ms
+# against 4.45-4.55 (float_gemv_ab/ there): with PDL the next kernel already overlaps a GEMV's ramp.
 BLOCK_K = 512
 BLOCK_K_MANY_ROWS = 256
 MANY_ROW_BLOCKS = 16 * 132  # row blocks (at BLOCK_K) past which the 256-wide slice is used
 # K is split only until about this many programs run (two per SM of an H100 / H200)
 TARGET_PROGRAMS = 2 * 132
+
 
 @triton.jit
 def float_gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, N, K, k_per_split, stride_xm, stride_wn,
