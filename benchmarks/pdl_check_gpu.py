@@ -2,50 +2,32 @@
 
 Runs a small synthetic Q4_0 model (GPTQ kernels after repacking, triton rung, float16) through the
 CUDA-graphed DynamicGenerator at batch 2, 4 and 8, greedy, and compares its tokens with the same
-generator under LOWGEAR_NO_PDL-style plain launches. `--release` picks where kernels signal
-`griddepcontrol.launch_dependents`: "late" (lowgear's: the split-K GEMVs after their main loop, the
-rest at exit), "exit" (all at exit) or "early" (every kernel right after its wait: the next kernel is
-resident for the whole of this one). On the H100 of benchmarks/results/h100-session4/pdl/ "early"
-gave other tokens at batch 8 and the other two the plain launches' tokens.
+generator under plain launches, for each release mode of pdl.py (LOWGEAR_PDL_RELEASE: "loop", the
+split-K GEMVs after their main loop and the rest at exit; "wait", every kernel right after its wait;
+"start", every kernel just before its wait) and L2 prefetch budget (LOWGEAR_PDL_PREFETCH_MB). Batch 8
+runs the tl.dot kernel (gptq_mma.py): on the H100 of benchmarks/results/h100-session4/pdl/ a release
+right after the wait gave other tokens there, while its pipelined loop read x before its wait.
 
-    python benchmarks/pdl_check_gpu.py --release late
+    python benchmarks/pdl_check_gpu.py --modes loop:0,wait:0,start:0,start:64
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
-import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 import lowgear as lg
-from lowgear import pdl
 from lowgear.synthetic import write_gguf
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--release", choices=("late", "exit", "early"), default="late")
+    ap.add_argument("--modes", default="loop:0,wait:0,start:0,start:64", help="release:prefetch MB, comma-separated")
     ap.add_argument("--path", default="/tmp/pdl_check.gguf")
     a = ap.parse_args()
-    if a.release == "exit":
-        @triton.jit
-        def release(PDL: tl.constexpr):
-            pass
-        pdl.release = release
-    elif a.release == "early":
-        @triton.jit
-        def wait(PDL: tl.constexpr):
-            if PDL:
-                gdc_wait()
-                gdc_launch_dependents()
-        pdl.wait = wait
-    on = {"value": False}
-    plain_launch = pdl.launch
-    pdl.launch = lambda device: plain_launch(device) if on["value"] else {"PDL": False}
 
     write_gguf(a.path, arch="llama", hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
                intermediate_size=1024, qtype="Q4_0", seed=5)
@@ -68,11 +50,17 @@ def main() -> None:
         gen.graphs.release()
         return [j.generated for j in jobs]
 
+    os.environ["LOWGEAR_NO_PDL"] = "1"
     want = {n: run(n) for n in (2, 4, 8)}
-    on["value"] = True
-    got = {n: run(n) == want[n] for n in (2, 4, 8)}
-    print(f"release {a.release}: tokens equal to plain launches at batch 2/4/8: {got}")
-    sys.exit(0 if all(got.values()) else 1)
+    del os.environ["LOWGEAR_NO_PDL"]
+    ok = True
+    for mode in a.modes.split(","):
+        release, mb = mode.split(":")
+        os.environ["LOWGEAR_PDL_RELEASE"], os.environ["LOWGEAR_PDL_PREFETCH_MB"] = release, mb
+        got = {n: run(n) == want[n] for n in (2, 4, 8)}
+        print(f"release {release}, prefetch {mb} MB: tokens equal to plain launches at batch 2/4/8: {got}", flush=True)
+        ok &= all(got.values())
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 The decision is tested with the capability lookup substituted; the kernels are compiled for sm_90
 with no GPU present (as the old-GPU compile tests do) and their PTX read: with PDL each holds
-griddepcontrol.wait and .launch_dependents, without it none (sm_70 / sm_75 cannot assemble them),
-and the GEMV issues its first weight load before the wait, which is where its time is won. On the
-H100 every GPU test runs with PDL on (benchmarks/run_gpu_checks.sh). The GEMV releases the next
-kernel only after its main loop: a release right after the wait gave wrong tokens on the H100.
+griddepcontrol.wait (and .launch_dependents where its release mode puts one), without it none
+(sm_70 / sm_75 cannot assemble them); the GEMVs issue their first weight load and their L2
+prefetches before the wait, which is where their time is won; and no kernel copies anything
+(cp.async, the software pipeliner's hoisted loads) before its wait: that is what made an early
+release give other tokens on the H100 (pdl.py). On the H100 / H200 every GPU test runs with PDL on
+(benchmarks/run_gpu_checks.sh).
 """
 
 from __future__ import annotations
@@ -32,7 +34,33 @@ def fresh(monkeypatch):
 def test_on_from_sm90_only(fresh, cc, want):
     fresh.setattr(hardware, "compute_capability", lambda device: cc)
     assert pdl.enabled(torch.device("cuda", 0)) is want
-    assert pdl.launch(torch.device("cuda", 0)) == ({"PDL": True, "launch_pdl": True} if want else {"PDL": False})
+    assert pdl.launch(torch.device("cuda", 0)) == ({"PDL": pdl.LOOP, "launch_pdl": True} if want else {"PDL": 0})
+
+
+def test_release_mode_and_prefetch_budget_from_the_environment(fresh):
+    fresh.setattr(hardware, "compute_capability", lambda device: (9, 0))
+    fresh.delenv("LOWGEAR_PDL_RELEASE", raising=False)
+    fresh.delenv("LOWGEAR_PDL_PREFETCH_MB", raising=False)
+    assert pdl.release_mode() == pdl.RELEASE_MODES[pdl.DEFAULT_RELEASE]
+    for name, mode in (("wait", pdl.WAIT), ("START", pdl.START), ("loop", pdl.LOOP)):
+        fresh.setenv("LOWGEAR_PDL_RELEASE", name)
+        assert pdl.launch(torch.device("cuda", 0)) == {"PDL": mode, "launch_pdl": True}
+    fresh.setenv("LOWGEAR_PDL_RELEASE", "sometimes")
+    with pytest.raises(ValueError, match="LOWGEAR_PDL_RELEASE='sometimes' is not one of loop, wait, start"):
+        pdl.launch(torch.device("cuda", 0))
+    fresh.delenv("LOWGEAR_PDL_RELEASE")
+    fresh.setenv("LOWGEAR_PDL_PREFETCH_MB", "1.5")
+    assert pdl.prefetch_bytes() == 3 << 19
+    on, off = {"PDL": pdl.LOOP}, {"PDL": 0}
+    # 1.5 MB over 96 programs of 4 KiB steps: 4 steps each, capped by the steps a program has
+    assert pdl.prefetch_steps(on, 96, 4096, 10) == 4 and pdl.prefetch_steps(on, 96, 4096, 3) == 3
+    assert pdl.prefetch_steps(off, 96, 4096, 10) == 0
+    fresh.setenv("LOWGEAR_PDL_PREFETCH_MB", "0")
+    assert pdl.prefetch_steps(on, 96, 4096, 10) == 0
+    for bad in ("-1", "lots"):
+        fresh.setenv("LOWGEAR_PDL_PREFETCH_MB", bad)
+        with pytest.raises(ValueError, match="is not a size in MB"):
+            pdl.prefetch_bytes()
 
 
 def test_off_on_the_cpu_under_the_interpreter_and_by_env(fresh):
@@ -66,7 +94,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lowgear.attention.kernels import paged_decode as D
 from lowgear.model import kernels_act, kernels_norm
-from lowgear.quant.kernels import float_gemv as F, gptq as G
+from lowgear.quant.kernels import float_gemv as F, gptq as G, gptq_mma as MM
 
 GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
         "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "ROWS": "i32",
@@ -89,6 +117,14 @@ def float_gemv(pdl):
     p = F.launch_params(4096, 4096, 1)
     return dict(M=1, M_PAD=1, BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], S_CHUNK=4, PDL=pdl)
 
+MMA = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
+       "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+
+def mma(pdl):
+    p = MM.mma_launch_params(4096, 4096, 16, 4, 128)
+    return dict(BITS=4, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], HAS_PERM=False, S_CHUNK=4,
+                PDL=pdl, FP16_MAGIC=True)
+
 def decode(pdl):
     return dict(GROUP=4, GROUP_P=16, HEAD_DIM=128, HEAD_DIM_P=128, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N,
                 NUM_SPLITS=4, DIRECT=False, WHILE_LOOP=False, DOT=True, PDL=pdl, SPLIT_D=0, D_VEC=8)
@@ -96,23 +132,36 @@ def decode(pdl):
 CASES = [("gemv", G.gptq_gemv_kernel, GEMV, gemv), ("rms_norm", kernels_norm.rms_norm_kernel, NORM,
           lambda pdl: dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl)),
          ("silu_mul", kernels_act.silu_mul_kernel, SILU, lambda pdl: dict(BLOCK=1024, PDL=pdl)),
-         ("decode", D.paged_decode_kernel, DEC, decode), ("float_gemv", F.float_gemv_kernel, FGEMV, float_gemv)]
+         ("decode", D.paged_decode_kernel, DEC, decode), ("float_gemv", F.float_gemv_kernel, FGEMV, float_gemv),
+         ("mma", MM.gptq_mma_kernel, MMA, mma)]
+MODES = {"gemv": (0, 1, 2, 3), "mma": (0, 1, 2)}
 out = {}
 for name, kernel, args, consts in CASES:
-    for flag in (False, True):
+    for flag in MODES.get(name, (0, 1)):
         sig = {a: args.get(a, "i32") if a not in consts(flag) else "constexpr" for a in kernel.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if sig[a].startswith("*") or a in ("N", "ROWS", "stride_xm", "H", "I", "K", "stride_wn", "k_per_split")}
+        options = {"num_warps": 2 if name == "gemv" else 4}
+        if name == "mma":
+            options["num_stages"] = 3  # as gptq_mma launches it: a pipelined loop
         c = triton.compile(ASTSource(kernel, sig, constexprs=consts(flag), attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "gemv" else 4})
+                           target=GPUTarget("cuda", 90, 32), options=options)
         ptx = c.asm["ptx"]
         lines = ptx.splitlines()
         first = lambda pat: next((i for i, l in enumerate(lines) if re.search(pat, l)), None)
+        fw = first(r"griddepcontrol\.wait")
         out[f"{name}/{int(flag)}"] = dict(wait=len(re.findall(r"griddepcontrol\.wait", ptx)),
                                           launch=len(re.findall(r"griddepcontrol\.launch_dependents", ptx)),
-                                          first_wait=first(r"griddepcontrol\.wait"),
+                                          first_wait=fw,
                                           first_launch=first(r"griddepcontrol\.launch_dependents"),
                                           last_fma=max((i for i, l in enumerate(lines) if "fma.rn" in l), default=None),
-                                          first_v4=first(r"ld\.global(?:\.nc)?\.v4"))
+                                          first_v4=first(r"ld\.global(?:\.nc)?\.v4"),
+                                          # the loop that holds the first tensor-core instruction
+                                          dot_loop=max((i for i, l in enumerate(lines[:first(r"\bw?gmma|\bmma\.") or 0])
+                                                        if "Loop Header" in l), default=None),
+                                          first_prefetch=first(r"prefetch\.global\.L2"),
+                                          prefetch=len(re.findall(r"prefetch\.global\.L2", ptx)),
+                                          copies_before_wait=sum(bool(re.search(r"cp\.async|ld\.shared", l))
+                                                                 for l in lines[:fw or 0]))
 print("RESULTS" + json.dumps(out))
 """
 
@@ -122,17 +171,40 @@ def compiled() -> dict:
     return compiled_results(SCRIPT, timeout=600)
 
 
-@pytest.mark.parametrize("name", ["gemv", "rms_norm", "silu_mul", "decode", "float_gemv"])
+@pytest.mark.parametrize("name", ["gemv", "rms_norm", "silu_mul", "decode", "float_gemv", "mma"])
 def test_kernels_hold_griddepcontrol_only_with_pdl(compiled, name):
     on, off = compiled[f"{name}/1"], compiled[f"{name}/0"]
     assert on["wait"] >= 1, on
-    # the split-K GEMVs release their dependents after their main loop; the others at exit (no instruction)
-    assert (on["launch"] >= 1) == (name in ("gemv", "float_gemv")), on
-    assert off["wait"] == 0 and off["launch"] == 0, off
+    # LOOP mode: the split-K GEMVs release their dependents after their main loop; the others at exit
+    assert (on["launch"] >= 1) == (name in ("gemv", "float_gemv", "mma")), on
+    assert off["wait"] == 0 and off["launch"] == 0 and off["prefetch"] == 0, off
+
+
+@pytest.mark.parametrize("key", ["gemv/1", "gemv/2", "gemv/3", "rms_norm/1", "silu_mul/1", "decode/1", "float_gemv/1",
+                                 "mma/1", "mma/2"])
+def test_nothing_is_copied_before_the_wait(compiled, key):
+    """The previous kernel's output is read only after the wait, also by pipelined (hoisted) loads."""
+    assert compiled[key]["copies_before_wait"] == 0, compiled[key]
+
+
+def test_pipelined_kernel_waits_before_its_loop(compiled):
+    for key in ("mma/1", "mma/2"):
+        on = compiled[key]
+        assert on["dot_loop"] is not None and on["first_wait"] < on["dot_loop"], on
 
 
 @pytest.mark.parametrize("name", ["gemv", "float_gemv"])
 def test_gemv_loads_weights_before_it_waits(compiled, name):
     on = compiled[f"{name}/1"]
     assert on["first_v4"] is not None and on["first_v4"] < on["first_wait"], on
+    assert on["first_prefetch"] is not None and on["first_prefetch"] < on["first_wait"], on
     assert on["first_launch"] > on["last_fma"], on  # released after the main loop, not at the wait
+
+
+def test_release_modes_put_the_release_at_the_wait(compiled):
+    for key in ("gemv/2", "mma/2"):  # WAIT: right after it (the instruction after)
+        on = compiled[key]
+        assert on["first_launch"] > on["first_wait"] and on["first_launch"] < on["last_fma"], on
+    on = compiled["gemv/3"]  # START: just before it
+    assert on["first_launch"] < on["first_wait"], on
+    assert compiled["mma/1"]["first_prefetch"] < compiled["mma/1"]["first_wait"]

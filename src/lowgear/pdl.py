@@ -11,15 +11,26 @@ before it reads anything an earlier kernel wrote, or writes anything an earlier 
 read. Work before the wait may only touch memory no kernel of the step writes: the weights.
 
 Every kernel of the CUDA decode step calls `wait` where it first needs an earlier kernel's output
-(the GEMVs after issuing their first weight loads, the others at their start). The split-K GEMVs
-also `release` their dependents once their main loop is done, so the next kernel is placed and
-starts its own weight loads while the GEMV's last programs add the partials; the other kernels
-release at exit. Releasing right after the wait instead (the next kernel resident for the whole
-of this one) was measured slightly faster (3.14 against 3.16 ms, 8B GPTQ batch 1) but gave wrong
-tokens in a CUDA-graphed batch-8 decode on the H100 (benchmarks/results/h100-session4/); releasing
-after the main loop, or only at exit, gave the same tokens as plain launches. Kernels take the choice
-as a constexpr (`PDL`): compiled without it, for sm < 90 or the interpreter, they hold no
-griddepcontrol instruction. LOWGEAR_NO_PDL=1 turns it off (the benchmarks measure both ways).
+(the GEMVs after issuing their first weight loads and L2 prefetches, the others at their start).
+Where a kernel lets the next one in is the launch's `PDL` constexpr (0: a plain launch, compiled
+without any griddepcontrol instruction, as sm < 90 and the interpreter need):
+
+    LOOP  (1)  the split-K GEMVs after their main loop, the other kernels at exit
+    WAIT  (2)  every kernel right after its wait: the next kernel is resident for all of this one
+    START (3)  every kernel just before its wait: kernels are placed as soon as the one before is resident
+
+Every mode is safe by construction: a kernel's wait returns only once the kernel before it has
+completed, and that kernel completed only after its own wait, so an earlier kernel's writes are
+visible to every later one. What the early modes add is time: a GEMV placed early spends it issuing
+L2 prefetches of its weight slice (`prefetch_l2`, `prefetch_bytes`), so the weight stream does not
+stop at the glue kernels between matmuls. One rule the kernels must keep for this: nothing an
+earlier kernel wrote may be read before the wait, including by the loads that Triton's software
+pipeliner hoists out of a loop into its prologue (cp.async before the loop): a pipelined (tl.dot)
+kernel waits before its loop (gptq_mma.py), and tests/test_pdl.py reads every kernel's PTX for it.
+That hoisting was why releasing right after the wait gave other tokens at batch 8 on the H100 of
+benchmarks/results/h100-session4/: gptq_mma's first two x tiles were copied before its wait under
+Triton 3.6. LOWGEAR_PDL_RELEASE picks the mode (default `DEFAULT_RELEASE`), LOWGEAR_NO_PDL=1 turns
+PDL off (the benchmarks measure both ways).
 """
 
 from __future__ import annotations
@@ -37,6 +48,42 @@ except ImportError:  # no triton, or one without griddepcontrol: PDL stays off
 
 _CAPABILITY: dict[int, tuple[int, int] | None] = {}  # per CUDA index, looked up once
 
+LOOP, WAIT, START = 1, 2, 3
+RELEASE_MODES = {"loop": LOOP, "wait": WAIT, "start": START}
+DEFAULT_RELEASE = "loop"
+# weight bytes a GEMV launch prefetches into L2 before its wait, at most (LOWGEAR_PDL_PREFETCH_MB)
+DEFAULT_PREFETCH_MB = 0
+LINE = 128  # bytes one prefetch brings into L2
+
+
+def release_mode() -> int:
+    """The `PDL` constexpr of an sm_90+ launch: LOWGEAR_PDL_RELEASE's mode, else DEFAULT_RELEASE's."""
+    name = (env.get("LOWGEAR_PDL_RELEASE") or DEFAULT_RELEASE).lower()
+    if name not in RELEASE_MODES:
+        raise ValueError(f"LOWGEAR_PDL_RELEASE={name!r} is not one of {', '.join(RELEASE_MODES)}: "
+                         "unset it for the default")
+    return RELEASE_MODES[name]
+
+
+def prefetch_bytes() -> int:
+    """Weight bytes one GEMV launch may prefetch into L2 before its wait (0: none)."""
+    value = env.get("LOWGEAR_PDL_PREFETCH_MB")
+    try:
+        mb = float(value) if value is not None else DEFAULT_PREFETCH_MB
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ValueError(f"LOWGEAR_PDL_PREFETCH_MB={value!r} is not a size in MB (0 turns the prefetch off)")
+    return int(mb * (1 << 20))
+
+
+def prefetch_steps(launch_kw: dict, programs: int, step_bytes: int, steps: int) -> int:
+    """How many of a program's `steps` weight steps (`step_bytes` each, the first one loaded anyway)
+    it prefetches before its wait: the launch's share of `prefetch_bytes`, 0 for a plain launch."""
+    if not launch_kw["PDL"]:
+        return 0
+    return max(0, min(steps, prefetch_bytes() // max(1, programs * step_bytes)))
+
 
 def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
     """(on, why) for a CUDA device of this compute capability: what `lowgear doctor` prints."""
@@ -46,7 +93,10 @@ def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
         return False, "plain launches (programmatic dependent launch needs sm_90+)"
     if triton is None:
         return False, "plain launches (this Triton has no griddepcontrol)"
-    return True, "programmatic dependent launch (each kernel placed while the one before it finishes)"
+    mode = (env.get("LOWGEAR_PDL_RELEASE") or DEFAULT_RELEASE).lower()
+    mb = prefetch_bytes() / (1 << 20)
+    return True, (f"programmatic dependent launch (each kernel placed while the one before it finishes; "
+                  f"release: {mode}, L2 prefetch {mb:g} MB a GEMV)")
 
 
 def enabled(device: torch.device) -> bool:
@@ -60,21 +110,33 @@ def enabled(device: torch.device) -> bool:
 
 
 def launch(device: torch.device) -> dict:
-    """Keyword arguments for a kernel launch: the `PDL` constexpr and Triton's `launch_pdl` option."""
-    on = enabled(device)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    """Keyword arguments for a kernel launch: the `PDL` constexpr (0, or the release mode) and
+    Triton's `launch_pdl` option."""
+    return {"PDL": release_mode(), "launch_pdl": True} if enabled(device) else {"PDL": 0}
 
 
 if triton is not None:
 
     @triton.jit
     def wait(PDL: tl.constexpr):
-        """Block until the kernel before this one has completed and its writes are visible (no-op unless PDL)."""
+        """Block until the kernel before this one has completed and its writes are visible (no-op
+        unless PDL); in the WAIT and START modes this also lets the next kernel be placed."""
+        if PDL == 3:  # START
+            gdc_launch_dependents()
         if PDL:
             gdc_wait()
+        if PDL == 2:  # WAIT
+            gdc_launch_dependents()
 
     @triton.jit
     def release(PDL: tl.constexpr):
-        """Let the next kernel be placed once every program got here (or exited; no-op unless PDL)."""
-        if PDL:
+        """LOOP mode: let the next kernel be placed once every program got here (or exited)."""
+        if PDL == 1:  # LOOP
             gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_l2(ptrs, PDL: tl.constexpr):
+        """Ask L2 for the 128-byte lines holding `ptrs` (no registers, no wait; no-op unless PDL)."""
+        if PDL:
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)

@@ -1,0 +1,122 @@
+"""A/B of pdl.py's release modes and L2 prefetch budgets inside whole graphed decode steps (sm_90+).
+
+    python benchmarks/pdl_release_ab_gpu.py --quant gptq4,float --configs off,loop:0,wait:0,start:0,start:16 \
+        --batches 1,8 --context 512 --rounds 2
+
+One Llama-3-8B-shape model per quant (random weights made on the GPU, as `lowgear bench` does), triton
+rung, float16. Each config is `release:prefetch MB` (LOWGEAR_PDL_RELEASE / LOWGEAR_PDL_PREFETCH_MB) or
+`off` (LOWGEAR_NO_PDL=1, plain launches); configs run in turn, `--rounds` times over, each on a fresh
+CUDA-graphed generator, so drift shows as spread between rounds rather than as a difference between
+configs. Per (config, batch) it prints the mean step time over `--steps` steps, its share of the memory
+roofline (weight + KV bytes over a measured copy bandwidth), and whether the greedy tokens equal those
+of the first config (every config runs the same arithmetic, so they must).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+
+import lowgear as lg
+from lowgear.bench import PRESETS, Timer, _NullTokenizer, kv_bytes, measure_bandwidth, step_weight_bytes, synthetic_config
+from lowgear.generator.job import DynamicJob
+from lowgear.generator.sampler import Sampler
+
+
+def set_config(config: str) -> None:
+    for name in ("LOWGEAR_NO_PDL", "LOWGEAR_PDL_RELEASE", "LOWGEAR_PDL_PREFETCH_MB"):
+        os.environ.pop(name, None)
+    if config == "off":
+        os.environ["LOWGEAR_NO_PDL"] = "1"
+    else:
+        release, mb = config.split(":")
+        os.environ["LOWGEAR_PDL_RELEASE"], os.environ["LOWGEAR_PDL_PREFETCH_MB"] = release, mb
+
+
+def timed_steps(gen, batch: int, context: int, vocab: int, steps: int) -> tuple[float, list[list[int]]]:
+    """Mean seconds of `steps` all-decode iterate() calls at `batch` greedy jobs, and their tokens."""
+    g = torch.Generator().manual_seed(batch)
+    jobs = [DynamicJob(input_ids=torch.randint(3, vocab, (context,), generator=g).tolist(), max_new_tokens=steps + 8,
+                       gen_settings=Sampler.Settings.greedy()) for _ in range(batch)]
+    gen.enqueue(jobs)
+    while any(len(j.generated) == 0 for j in jobs):
+        gen.iterate()
+    for _ in range(2):
+        gen.iterate()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        gen.iterate()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / steps
+    tokens = [list(j.generated) for j in jobs]
+    for j in jobs:
+        gen.cancel(j)
+    gen.iterate()
+    return seconds, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--quant", default="gptq4,float")
+    ap.add_argument("--configs", default="off,loop:0,wait:0,start:0,wait:16,start:16")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON file for the results")
+    a = ap.parse_args()
+    spec = PRESETS[a.preset]
+    dev = torch.device("cuda:0")
+    batches = [int(b) for b in a.batches.split(",")]
+    configs = a.configs.split(",")
+    bandwidth = measure_bandwidth(Timer(dev), quick=False)
+    print(f"{torch.cuda.get_device_name(dev)}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, {spec.name}, "
+          f"context {a.context}, {a.steps} steps a timing", flush=True)
+    page = 256
+    cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page + 2 * page
+    results = []
+    for quant in a.quant.split(","):
+        t0 = time.perf_counter()
+        config = synthetic_config(spec, quant, dev, torch.float16, "0")
+        config.attn_backend = "triton"
+        model = lg.Model(config)
+        cache = lg.Cache(model, max_seq_len=cache_tokens, page_size=page)
+        model.load_autosplit(cache)
+        print(f"{quant}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+        tok = _NullTokenizer(spec.vocab_size)
+        first: dict[int, list[list[int]]] = {}
+        for rnd in range(a.rounds):
+            for cfg in configs:
+                set_config(cfg)
+                t0 = time.perf_counter()
+                gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=max(batches))
+                gen.warmup()
+                for b in batches:
+                    sec, tokens = timed_steps(gen, b, a.context, spec.vocab_size, a.steps)
+                    roof = (step_weight_bytes(model, b) + kv_bytes(spec, torch.float16, b * a.context)) / bandwidth
+                    same = first.setdefault(b, tokens) == tokens
+                    results.append({"quant": quant, "config": cfg, "round": rnd, "batch": b, "ms": sec * 1e3,
+                                    "roofline": roof / sec, "tokens_equal_first": same})
+                    print(f"{quant:6s} round {rnd} {cfg:10s} bs={b:3d}: {sec * 1e3:7.3f} ms/step  "
+                          f"{100 * roof / sec:5.1f}% roofline  tokens {'same' if same else 'DIFFER'}"
+                          f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                gen.graphs.release()
+                del gen
+        del model, cache
+        gc.collect()
+        torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "bandwidth": bandwidth, "preset": spec.name,
+                       "context": a.context, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
