@@ -26,7 +26,8 @@ if [ -n "${EXLLAMAV2_EXT:-}" ] && [ -f "$EXLLAMAV2_EXT" ]; then
   esac
 fi
 build_pid=
-if python3 -c "import exllamav2" 2>/dev/null && ! python3 -c "import exllamav2_ext" 2>/dev/null; then
+# (the extension links against torch's libraries: it imports only after torch)
+if python3 -c "import exllamav2" 2>/dev/null && ! python3 -c "import torch, exllamav2_ext" 2>/dev/null; then
   ( MAX_JOBS="${MAX_JOBS:-$(nproc)}" python3 -c "import exllamav2.ext" > "$OUT/exllamav2_build.log" 2>&1
     so=$(find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name 'exllamav2_ext*.so' | head -1)
     if [ -n "$so" ]; then xz -T0 -3 -c "$so" > "$OUT/exllamav2_ext.so.xz"; fi ) &

@@ -3,8 +3,8 @@
 The decision is tested with the capability lookup substituted; the kernels are compiled for sm_90
 with no GPU present (as the old-GPU compile tests do) and their PTX read: with PDL each holds
 griddepcontrol.wait (and .launch_dependents where its release mode puts one), without it none
-(sm_70 / sm_75 cannot assemble them); the GEMVs issue their first weight load and their L2
-prefetches before the wait, which is where their time is won; and no kernel copies anything
+(sm_70 / sm_75 cannot assemble them); the GEMVs issue their first weight load before the wait,
+which is where their time is won; and no kernel copies anything
 (cp.async, the software pipeliner's hoisted loads) before its wait: that is what made an early
 release give other tokens on the H100 (pdl.py). On the H100 / H200 every GPU test runs with PDL on
 (benchmarks/run_gpu_checks.sh).
@@ -17,6 +17,7 @@ import torch
 from helpers import compiled_results
 
 from lowgear import env, hardware, pdl
+from lowgear.errors import ConfigError
 
 pytest.importorskip("triton")
 
@@ -25,7 +26,8 @@ pytest.importorskip("triton")
 def fresh(monkeypatch):
     monkeypatch.setattr(pdl, "_CAPABILITY", {})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("LOWGEAR_NO_PDL", raising=False)
+    for name in ("LOWGEAR_NO_PDL", "LOWGEAR_PDL_RELEASE"):
+        monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
 
@@ -34,33 +36,22 @@ def fresh(monkeypatch):
 def test_on_from_sm90_only(fresh, cc, want):
     fresh.setattr(hardware, "compute_capability", lambda device: cc)
     assert pdl.enabled(torch.device("cuda", 0)) is want
-    assert pdl.launch(torch.device("cuda", 0)) == ({"PDL": pdl.LOOP, "launch_pdl": True} if want else {"PDL": 0})
+    default = pdl.RELEASE_MODES[pdl.DEFAULT_RELEASE]
+    assert pdl.launch(torch.device("cuda", 0)) == ({"PDL": default, "launch_pdl": True} if want else {"PDL": 0})
 
 
-def test_release_mode_and_prefetch_budget_from_the_environment(fresh):
+def test_release_mode_from_the_environment(fresh):
     fresh.setattr(hardware, "compute_capability", lambda device: (9, 0))
-    fresh.delenv("LOWGEAR_PDL_RELEASE", raising=False)
-    fresh.delenv("LOWGEAR_PDL_PREFETCH_MB", raising=False)
     assert pdl.release_mode() == pdl.RELEASE_MODES[pdl.DEFAULT_RELEASE]
     for name, mode in (("wait", pdl.WAIT), ("START", pdl.START), ("loop", pdl.LOOP)):
         fresh.setenv("LOWGEAR_PDL_RELEASE", name)
         assert pdl.launch(torch.device("cuda", 0)) == {"PDL": mode, "launch_pdl": True}
     fresh.setenv("LOWGEAR_PDL_RELEASE", "sometimes")
-    with pytest.raises(ValueError, match="LOWGEAR_PDL_RELEASE='sometimes' is not one of loop, wait, start"):
+    with pytest.raises(ConfigError, match="LOWGEAR_PDL_RELEASE='sometimes' is not one of loop, wait, start"):
         pdl.launch(torch.device("cuda", 0))
-    fresh.delenv("LOWGEAR_PDL_RELEASE")
-    fresh.setenv("LOWGEAR_PDL_PREFETCH_MB", "1.5")
-    assert pdl.prefetch_bytes() == 3 << 19
-    on, off = {"PDL": pdl.LOOP}, {"PDL": 0}
-    # 1.5 MB over 96 programs of 4 KiB steps: 4 steps each, capped by the steps a program has
-    assert pdl.prefetch_steps(on, 96, 4096, 10) == 4 and pdl.prefetch_steps(on, 96, 4096, 3) == 3
-    assert pdl.prefetch_steps(off, 96, 4096, 10) == 0
-    fresh.setenv("LOWGEAR_PDL_PREFETCH_MB", "0")
-    assert pdl.prefetch_steps(on, 96, 4096, 10) == 0
-    for bad in ("-1", "lots"):
-        fresh.setenv("LOWGEAR_PDL_PREFETCH_MB", bad)
-        with pytest.raises(ValueError, match="is not a size in MB"):
-            pdl.prefetch_bytes()
+    with pytest.raises(ConfigError, match="is not one of"):
+        pdl.decision((9, 0))
+    assert not pdl.decision((8, 0))[0]  # below sm_90 the mode is never read
 
 
 def test_off_on_the_cpu_under_the_interpreter_and_by_env(fresh):
@@ -197,7 +188,6 @@ def test_pipelined_kernel_waits_before_its_loop(compiled):
 def test_gemv_loads_weights_before_it_waits(compiled, name):
     on = compiled[f"{name}/1"]
     assert on["first_v4"] is not None and on["first_v4"] < on["first_wait"], on
-    assert on["first_prefetch"] is not None and on["first_prefetch"] < on["first_wait"], on
     assert on["first_launch"] > on["last_fma"], on  # released after the main loop, not at the wait
 
 
@@ -207,4 +197,5 @@ def test_release_modes_put_the_release_at_the_wait(compiled):
         assert on["first_launch"] > on["first_wait"] and on["first_launch"] < on["last_fma"], on
     on = compiled["gemv/3"]  # START: just before it
     assert on["first_launch"] < on["first_wait"], on
+    # the tl.dot kernel waits before its loop, so its first tile's codes are asked of L2 before it
     assert compiled["mma/1"]["first_prefetch"] < compiled["mma/1"]["first_wait"]

@@ -40,7 +40,7 @@ def _specs():
     from lowgear.quant.kernels import float_gemv
 
     split_args = {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32",
-                  "N": I32, "K": I32, "k_per_split": I32, "stride_xm": I32, "stride_wn": I32, "pf_k": I32}
+                  "N": I32, "K": I32, "k_per_split": I32, "stride_xm": I32, "stride_wn": I32}
     for m in (1, 4):
         p = float_gemv.launch_params(4096, 4096, m)
         specs.append((f"float_gemv_m{m}", float_gemv.float_gemv_kernel, split_args,

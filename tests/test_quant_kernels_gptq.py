@@ -215,7 +215,7 @@ from lowgear.quant.kernels import gptq as G
 # outside the loop), which would hide what the check below is after
 GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
         "y_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "ROWS": "i32", "rows_per_split": "i32", "group_rows": "i32",
-        "stride_xm": "i32", "pf_rows": "i32"}
+        "stride_xm": "i32"}
 DEQ = {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "gidx_ptr": "*i32", "out_ptr": "*fp16",
        "N": "i32", "K": "i32", "col0": "i32", "band": "i32", "group_size": "i32", "zero_offset": "i32"}
 

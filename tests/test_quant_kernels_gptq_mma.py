@@ -185,7 +185,7 @@ from lowgear.quant.kernels import gptq_mma as MM
 
 ARGS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
         "y_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "group_size": "i32",
-        "stride_xm": "i32", "pf_k": "i32"}
+        "stride_xm": "i32"}
 DIVISIBLE = {"N", "K", "k_per_split", "group_size", "stride_xm"}
 
 def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096):

@@ -11,7 +11,7 @@ before it reads anything an earlier kernel wrote, or writes anything an earlier 
 read. Work before the wait may only touch memory no kernel of the step writes: the weights.
 
 Every kernel of the CUDA decode step calls `wait` where it first needs an earlier kernel's output
-(the GEMVs after issuing their first weight loads and L2 prefetches, the others at their start).
+(the GEMVs after issuing their first weight loads, the others at their start).
 Where a kernel lets the next one in is the launch's `PDL` constexpr (0: a plain launch, compiled
 without any griddepcontrol instruction, as sm < 90 and the interpreter need):
 
@@ -21,16 +21,21 @@ without any griddepcontrol instruction, as sm < 90 and the interpreter need):
 
 Every mode is safe by construction: a kernel's wait returns only once the kernel before it has
 completed, and that kernel completed only after its own wait, so an earlier kernel's writes are
-visible to every later one. What the early modes add is time: a GEMV placed early spends it issuing
-L2 prefetches of its weight slice (`prefetch_l2`, `prefetch_bytes`), so the weight stream does not
-stop at the glue kernels between matmuls. One rule the kernels must keep for this: nothing an
-earlier kernel wrote may be read before the wait, including by the loads that Triton's software
-pipeliner hoists out of a loop into its prologue (cp.async before the loop): a pipelined (tl.dot)
-kernel waits before its loop (gptq_mma.py), and tests/test_pdl.py reads every kernel's PTX for it.
-That hoisting was why releasing right after the wait gave other tokens at batch 8 on the H100 of
-benchmarks/results/h100-session4/: gptq_mma's first two x tiles were copied before its wait under
-Triton 3.6. LOWGEAR_PDL_RELEASE picks the mode (default `DEFAULT_RELEASE`), LOWGEAR_NO_PDL=1 turns
-PDL off (the benchmarks measure both ways).
+visible to every later one. One rule the kernels must keep for it: nothing an earlier kernel wrote
+may be read before the wait, including by the loads that Triton's software pipeliner hoists out of a
+loop into its prologue (cp.async before the loop): a pipelined (tl.dot) kernel waits before its loop
+(gptq_mma.py), and tests/test_pdl.py reads every kernel's PTX for it. That hoisting was why releasing
+right after the wait gave other tokens at batch 8 on the H100 of benchmarks/results/h100-session4/:
+gptq_mma's first two x tiles were copied before its wait under Triton 3.6. With it fixed, every
+mode gives the plain launches' tokens (benchmarks/pdl_check_gpu.py, H200).
+
+The default stays LOOP, from an H200 A/B in whole graphed Llama-3-8B steps (context 512,
+benchmarks/results/h200-session7/): WAIT took GPTQ 4-bit batch 1 from 2.61 to 2.56 ms and float16
+batch 1 from 4.44 to 4.37, but batch 16 (the tl.dot kernel) from 8.30 to 8.71, and START was slower
+everywhere (2.76 ms at batch 1). Letting a GEMV placed early prefetch its weight slice into L2 before
+its wait (so the weight stream would not stop at the glue kernels) was slower too: 16 MB a GEMV gave
+2.71 ms (WAIT) and 2.89 (START) at batch 1, and was dropped. LOWGEAR_PDL_RELEASE picks the mode,
+LOWGEAR_NO_PDL=1 turns PDL off (the benchmarks measure both ways).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from . import env, hardware
+from .errors import ConfigError
 
 try:
     import triton
@@ -51,38 +57,15 @@ _CAPABILITY: dict[int, tuple[int, int] | None] = {}  # per CUDA index, looked up
 LOOP, WAIT, START = 1, 2, 3
 RELEASE_MODES = {"loop": LOOP, "wait": WAIT, "start": START}
 DEFAULT_RELEASE = "loop"
-# weight bytes a GEMV launch prefetches into L2 before its wait, at most (LOWGEAR_PDL_PREFETCH_MB)
-DEFAULT_PREFETCH_MB = 0
-LINE = 128  # bytes one prefetch brings into L2
 
 
 def release_mode() -> int:
     """The `PDL` constexpr of an sm_90+ launch: LOWGEAR_PDL_RELEASE's mode, else DEFAULT_RELEASE's."""
     name = (env.get("LOWGEAR_PDL_RELEASE") or DEFAULT_RELEASE).lower()
     if name not in RELEASE_MODES:
-        raise ValueError(f"LOWGEAR_PDL_RELEASE={name!r} is not one of {', '.join(RELEASE_MODES)}: "
-                         "unset it for the default")
+        raise ConfigError(f"LOWGEAR_PDL_RELEASE={name!r} is not one of {', '.join(RELEASE_MODES)}: "
+                          "unset it for the default")
     return RELEASE_MODES[name]
-
-
-def prefetch_bytes() -> int:
-    """Weight bytes one GEMV launch may prefetch into L2 before its wait (0: none)."""
-    value = env.get("LOWGEAR_PDL_PREFETCH_MB")
-    try:
-        mb = float(value) if value is not None else DEFAULT_PREFETCH_MB
-    except ValueError:
-        mb = -1
-    if mb < 0:
-        raise ValueError(f"LOWGEAR_PDL_PREFETCH_MB={value!r} is not a size in MB (0 turns the prefetch off)")
-    return int(mb * (1 << 20))
-
-
-def prefetch_steps(launch_kw: dict, programs: int, step_bytes: int, steps: int) -> int:
-    """How many of a program's `steps` weight steps (`step_bytes` each, the first one loaded anyway)
-    it prefetches before its wait: the launch's share of `prefetch_bytes`, 0 for a plain launch."""
-    if not launch_kw["PDL"]:
-        return 0
-    return max(0, min(steps, prefetch_bytes() // max(1, programs * step_bytes)))
 
 
 def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
@@ -93,10 +76,9 @@ def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
         return False, "plain launches (programmatic dependent launch needs sm_90+)"
     if triton is None:
         return False, "plain launches (this Triton has no griddepcontrol)"
+    release_mode()  # an unknown mode is an error here too (doctor shows it)
     mode = (env.get("LOWGEAR_PDL_RELEASE") or DEFAULT_RELEASE).lower()
-    mb = prefetch_bytes() / (1 << 20)
-    return True, (f"programmatic dependent launch (each kernel placed while the one before it finishes; "
-                  f"release: {mode}, L2 prefetch {mb:g} MB a GEMV)")
+    return True, f"programmatic dependent launch (each kernel placed while the one before it finishes; release: {mode})"
 
 
 def enabled(device: torch.device) -> bool:

@@ -47,7 +47,7 @@ TARGET_PROGRAMS = 2 * 132
 
 
 @triton.jit
-def float_gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, N, K, k_per_split, stride_xm, stride_wn, pf_k,
+def float_gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, N, K, k_per_split, stride_xm, stride_wn,
                       M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       S_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """y[m, n] = sum over k of x[m, k] * w[n, k]; this program sums its K-slice (`splitk.finish`)."""
@@ -62,12 +62,6 @@ def float_gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, N, K, k_per_split,
     k_hi = tl.minimum(k_lo + k_per_split, K)
     w_base = w_ptr + rows.to(tl.int64)[None, :, None] * stride_wn  # [1, BLOCK_N, 1]
     acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    # the K slices after the first, up to pf_k, asked of L2 before the wait (pdl.py)
-    LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
-    NL: tl.constexpr = BLOCK_K // LINE if BLOCK_K > LINE else 1
-    p_base = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_wn
-    for p0 in range(k_lo + BLOCK_K, tl.minimum(k_lo + pf_k, k_hi), BLOCK_K):
-        pdl.prefetch_l2(p_base + tl.minimum(p0 + tl.arange(0, NL) * LINE, k_hi - 1)[None, :], PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + ks
         kmask = k < k_hi
@@ -116,16 +110,12 @@ def float_gemv(x: torch.Tensor, w: torch.Tensor, *, split: int | None = None, bl
     grid = (triton.cdiv(n, p["BLOCK_N"]), p["split"])
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     m_pad = triton.next_power_of_2(m)
-    launch = pdl.launch(x.device)
-    bk = p["BLOCK_K"]
-    pf_k = bk * (1 + pdl.prefetch_steps(launch, grid[0] * grid[1], p["BLOCK_N"] * bk * w.element_size(),
-                                        p["k_per_split"] // bk - 1))
     float_gemv_kernel[grid](x, w, y, splitk.workspace(grid[1], m, n, x.device),
                             splitk.counters(x.device, grid[0] if grid[1] > 1 else 1),
-                            n, k, p["k_per_split"], x.stride(0), w.stride(0), pf_k,
+                            n, k, p["k_per_split"], x.stride(0), w.stride(0),
                             M=m, M_PAD=m_pad, BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
                             S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
-                            num_warps=p["num_warps"], **launch)
+                            num_warps=p["num_warps"], **pdl.launch(x.device))
     return y
 
 

@@ -135,7 +135,7 @@ def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
-                     N, ROWS, rows_per_split, group_rows, stride_xm, pf_rows,
+                     N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
                      PDL: tl.constexpr, F16X2: tl.constexpr):
@@ -155,13 +155,6 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
     s_off = cols[None, None, :]
     c_ok = cmask[None, None, :]
-    # the row-groups after the first tile, up to pf_rows, asked of L2 before the wait (pdl.py)
-    NL: tl.constexpr = BLOCK_N // 32 if BLOCK_N > 32 else 1
-    lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, NL) * 32, N - 1)  # a word per 128 bytes
-    for p0 in range(r_lo + BLOCK_R, tl.minimum(r_lo + pf_rows, r_hi), BLOCK_R):
-        prow = tl.minimum(p0 + tl.arange(0, BLOCK_R), r_hi - 1) * WORDS
-        for w in tl.static_range(WORDS):
-            pdl.prefetch_l2(qw_ptr + (prow + w).to(tl.int64)[:, None] * N + lines[None, :], PDL)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         r_ok = rows < r_hi
@@ -420,18 +413,14 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     split = p["split"]
     grid = (triton.cdiv(n, p["BLOCK_N"]), split)
     m_pad = triton.next_power_of_2(m)
-    launch = pdl.launch(x.device)
-    _, words = pack_shape(bits)
-    br = p["BLOCK_R"]
-    pf_rows = br * (1 + pdl.prefetch_steps(launch, grid[0] * split, br * words * p["BLOCK_N"] * 4,
-                                           p["rows_per_split"] // br - 1))
     gptq_gemv_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
                            splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
-                           n, rows, p["rows_per_split"], group_rows, x.stride(0), pf_rows,
+                           n, rows, p["rows_per_split"], group_rows, x.stride(0),
                            M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
-                           num_warps=p["num_warps"], F16X2=half2, **launch)
+                           num_warps=p["num_warps"], F16X2=half2,
+                           **pdl.launch(x.device))
     return y
 
 

@@ -48,7 +48,7 @@ MAX_PARTIAL_FRACTION = 0.25
 
 @triton.jit
 def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
-                    M, N, K, k_per_split, group_size, stride_xm, pf_k,
+                    M, N, K, k_per_split, group_size, stride_xm,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr,
                     FP16_MAGIC: tl.constexpr):
@@ -64,15 +64,14 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # this program's first pf_k inputs' codes asked of L2, then the wait before the loop: the software
-    # pipeliner copies the first tiles of x (and the codes) before the loop, so a wait inside it would
-    # come after reads of the previous kernel's output (pdl.py; tests/test_pdl.py checks the PTX)
+    # the first tile's codes asked of L2, then the wait before the loop: the software pipeliner copies
+    # the first tiles of x (and the codes) before the loop, so a wait inside it would come after reads
+    # of the previous kernel's output (pdl.py; tests/test_pdl.py checks the PTX)
     NL: tl.constexpr = BLOCK_N // 32 if BLOCK_N > 32 else 1
     NR: tl.constexpr = BLOCK_K // PACK if BLOCK_K > PACK else 1
     lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, NL) * 32, N - 1)  # a word per 128 bytes
-    for p0 in range(k_lo, tl.minimum(k_lo + pf_k, k_hi), BLOCK_K):
-        prow = tl.minimum(p0 // PACK + tl.arange(0, NR), (k_hi - 1) // PACK)
-        pdl.prefetch_l2(qw_ptr + prow.to(tl.int64)[:, None] * N + lines[None, :], PDL)
+    prow = tl.minimum(k_lo // PACK + tl.arange(0, NR), (K - 1) // PACK)
+    pdl.prefetch_l2(qw_ptr + prow.to(tl.int64)[:, None] * N + lines[None, :], PDL)
     pdl.wait(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -168,16 +167,12 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = p["split"]
     grid = (triton.cdiv(n, p["BLOCK_N"]), split)
-    launch = pdl.launch(x.device)
-    bk = p["BLOCK_K"]
-    pf_k = bk * (1 + pdl.prefetch_steps(launch, grid[0] * split, bk * bits // 8 * p["BLOCK_N"],
-                                        p["k_per_split"] // bk - 1)) if launch["PDL"] else 0
     gptq_mma_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
                           splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
-                          m, n, k, p["k_per_split"], gs, x.stride(0), pf_k,
+                          m, n, k, p["k_per_split"], gs, x.stride(0),
                           BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
                           HAS_PERM=perm is not None,
                           S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
                           FP16_MAGIC=x.dtype == torch.float16 or bits <= 4,
-                          num_warps=p["num_warps"], num_stages=p["num_stages"], **launch)
+                          num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(x.device))
     return y
