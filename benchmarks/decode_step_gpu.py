@@ -25,9 +25,8 @@ from lowgear.bench import (
     kv_bytes,
     measure_bandwidth,
     step_weight_bytes,
-    synthetic_config,
 )
-from lowgear.bench_models import generator_step_seconds
+from lowgear.bench_models import generator_step_seconds, synthetic_model
 from lowgear.generator.graphs import DecodeRow
 
 
@@ -49,11 +48,7 @@ def main() -> None:
     cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page + 2 * page
     for quant in a.quant.split(","):
         t0 = time.perf_counter()
-        config = synthetic_config(spec, quant, dev, torch.float16, "0")
-        config.attn_backend = "triton"
-        model = lg.Model(config)
-        cache = lg.Cache(model, max_seq_len=cache_tokens, page_size=page)
-        model.load_autosplit(cache)
+        model, cache = synthetic_model(spec, quant, dev, cache_tokens, page)
         print(f"{spec.name} {quant}: loaded in {time.perf_counter() - t0:.1f} s, cache {cache_tokens} tokens, "
               f"backend {model.selections['cuda:0'].backend.name}", flush=True)
         tok = _NullTokenizer(spec.vocab_size)

@@ -4,9 +4,9 @@ Runs a small synthetic Q4_0 model (GPTQ kernels after repacking, triton rung, fl
 CUDA-graphed DynamicGenerator at batch 2, 4 and 8, greedy, and compares its tokens with the same
 generator under plain launches, for each release mode of pdl.py (LOWGEAR_PDL_RELEASE: "loop", the
 split-K GEMVs after their main loop and the rest at exit; "wait", every kernel right after its wait;
-"start", every kernel just before its wait). Batch 8
-runs the tl.dot kernel (gptq_mma.py): on the H100 of benchmarks/results/h100-session4/pdl/ a release
-right after the wait gave other tokens there, while its pipelined loop read x before its wait.
+"start", every kernel just before its wait). Batch 8 runs the tl.dot kernel (gptq_mma.py): on the H100 of
+benchmarks/results/h100-session4/pdl/ a release right after the wait gave other tokens there, while
+its pipelined loop read x before its wait.
 
     python benchmarks/pdl_check_gpu.py --modes loop,wait,start
 

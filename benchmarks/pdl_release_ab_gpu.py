@@ -26,9 +26,8 @@ import time
 import torch
 
 import lowgear as lg
-from lowgear.bench import PRESETS, Timer, _NullTokenizer, kv_bytes, measure_bandwidth, step_weight_bytes, synthetic_config
-from lowgear.generator.job import DynamicJob
-from lowgear.generator.sampler import Sampler
+from lowgear.bench import PRESETS, Timer, _NullTokenizer, kv_bytes, measure_bandwidth, step_weight_bytes
+from lowgear.bench_models import generator_step_seconds, synthetic_model
 
 
 def set_config(config: str) -> None:
@@ -38,29 +37,6 @@ def set_config(config: str) -> None:
         os.environ["LOWGEAR_NO_PDL"] = "1"
     else:
         os.environ["LOWGEAR_PDL_RELEASE"] = config
-
-
-def timed_steps(gen, batch: int, context: int, vocab: int, steps: int) -> tuple[float, list[list[int]]]:
-    """Mean seconds of `steps` all-decode iterate() calls at `batch` greedy jobs, and their tokens."""
-    g = torch.Generator().manual_seed(batch)
-    jobs = [DynamicJob(input_ids=torch.randint(3, vocab, (context,), generator=g).tolist(), max_new_tokens=steps + 8,
-                       gen_settings=Sampler.Settings.greedy()) for _ in range(batch)]
-    gen.enqueue(jobs)
-    while any(len(j.generated) == 0 for j in jobs):
-        gen.iterate()
-    for _ in range(2):
-        gen.iterate()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        gen.iterate()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / steps
-    tokens = [list(j.generated) for j in jobs]
-    for j in jobs:
-        gen.cancel(j)
-    gen.iterate()
-    return seconds, tokens
 
 
 def main() -> None:
@@ -86,11 +62,7 @@ def main() -> None:
     results = []
     for quant in a.quant.split(","):
         t0 = time.perf_counter()
-        config = synthetic_config(spec, quant, dev, torch.float16, "0")
-        config.attn_backend = "triton"
-        model = lg.Model(config)
-        cache = lg.Cache(model, max_seq_len=cache_tokens, page_size=page)
-        model.load_autosplit(cache)
+        model, cache = synthetic_model(spec, quant, dev, cache_tokens, page)
         print(f"{quant}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         tok = _NullTokenizer(spec.vocab_size)
         # every config prefills its prompts in full: a prompt found in the prefix cache would prefill
@@ -104,7 +76,8 @@ def main() -> None:
                 gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=max(batches))
                 gen.warmup()
                 for b in batches:
-                    sec, tokens = timed_steps(gen, b, a.context, spec.vocab_size, a.steps)
+                    tokens: list = []
+                    sec = generator_step_seconds(gen, b, a.context, spec.vocab_size, a.steps, tokens_out=tokens)
                     roof = (step_weight_bytes(model, b) + kv_bytes(spec, torch.float16, b * a.context)) / bandwidth
                     same = first.setdefault(b, tokens) == tokens
                     results.append({"quant": quant, "config": cfg, "round": rnd, "batch": b, "ms": sec * 1e3,

@@ -23,10 +23,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import lowgear as lg
 from lowgear.attention import kernels as attn_kernels
 from lowgear.attention.metadata import build_metadata
-from lowgear.bench import PRESETS, Timer, kv_bytes, measure_bandwidth, step_weight_bytes, synthetic_config
+from lowgear.bench import PRESETS, Timer, kv_bytes, measure_bandwidth, step_weight_bytes
+from lowgear.bench_models import synthetic_model
 from lowgear.generator.graphs import DecodeGraphs, DecodeRow
 
 PAGE = 256
@@ -129,11 +129,7 @@ def profile_model(a, spec, quant: str, dev: torch.device, bandwidth: float) -> N
     batches = [int(b) for b in a.batches.split(",")]
     timer = Timer(dev)
     cache_tokens = max(batches) * (-(-(a.context + 48) // PAGE) + 1) * PAGE + 2 * PAGE
-    config = synthetic_config(spec, quant, dev, torch.float16, "0")
-    config.attn_backend = "triton"
-    model = lg.Model(config)
-    cache = lg.Cache(model, max_seq_len=cache_tokens, page_size=PAGE)
-    model.load_autosplit(cache)
+    model, cache = synthetic_model(spec, quant, dev, cache_tokens, PAGE)
     graphs = DecodeGraphs(model, cache, max(batches), cache.capacity_tokens)
     print(f"{spec.name} {quant}: cache {cache_tokens} tokens (graph kv bound), bandwidth {bandwidth / 1e12:.2f} TB/s",
           flush=True)

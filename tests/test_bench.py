@@ -117,9 +117,13 @@ def test_generator_step_seconds_times_decode_steps_and_leaves_the_cache_empty():
     cache = lg.Cache(model, max_seq_len=512, page_size=16)
     model.load_autosplit(cache)
     gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=_NullTokenizer(spec.vocab_size), max_batch_size=4)
-    seconds = generator_step_seconds(gen, batch=3, context=20, vocab=spec.vocab_size, steps=5)
+    tokens: list = []
+    seconds = generator_step_seconds(gen, batch=3, context=20, vocab=spec.vocab_size, steps=5, tokens_out=tokens)
     assert 0 < seconds < 10
     assert gen.num_remaining_jobs() == 0 and gen.pool.num_used == 0
+    # a token from the prefill, two untimed steps and the five timed ones, for each of the 3 jobs
+    assert len(tokens) == 3 and all(len(t) >= 8 for t in tokens), tokens
+    assert all(0 <= x < spec.vocab_size for t in tokens for x in t)
 
 
 def test_gptq4_source_builds_gptq_layers_whose_bytes_match_info():

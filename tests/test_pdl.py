@@ -182,6 +182,8 @@ def test_pipelined_kernel_waits_before_its_loop(compiled):
     for key in ("mma/1", "mma/2"):
         on = compiled[key]
         assert on["dot_loop"] is not None and on["first_wait"] < on["dot_loop"], on
+        # so its first tile's codes are asked of L2 before the wait instead of loaded
+        assert on["first_prefetch"] is not None and on["first_prefetch"] < on["first_wait"], on
 
 
 @pytest.mark.parametrize("name", ["gemv", "float_gemv"])
@@ -197,5 +199,3 @@ def test_release_modes_put_the_release_at_the_wait(compiled):
         assert on["first_launch"] > on["first_wait"] and on["first_launch"] < on["last_fma"], on
     on = compiled["gemv/3"]  # START: just before it
     assert on["first_launch"] < on["first_wait"], on
-    # the tl.dot kernel waits before its loop, so its first tile's codes are asked of L2 before it
-    assert compiled["mma/1"]["first_prefetch"] < compiled["mma/1"]["first_wait"]

@@ -111,6 +111,21 @@ def synthetic_config(spec: ModelSpec, quant: str, device: torch.device, dtype: t
     return config
 
 
+def synthetic_model(spec: ModelSpec, quant: str, device: torch.device, cache_tokens: int, page_size: int,
+                    backend: str = "triton", dtype: torch.dtype = torch.float16, label: str = "0"):
+    """(model, cache): a random-weight model of `spec` on one device with a paged cache of `cache_tokens`
+    tokens, attention on `backend` (what the GPU benchmark scripts time)."""
+    from .cache.kv import Cache
+    from .model.model import Model
+
+    config = synthetic_config(spec, quant, device, dtype, label)
+    config.attn_backend = backend
+    model = Model(config)
+    cache = Cache(model, max_seq_len=cache_tokens, page_size=page_size)
+    model.load_autosplit(cache)
+    return model, cache
+
+
 class _NullTokenizer:
     """The little the generator needs of a tokenizer when prompts are token ids and text is not read."""
 
@@ -126,11 +141,13 @@ class _NullTokenizer:
 # ---------------------------------------------------------------- timing and ceilings
 
 
-def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int, seed: int | None = None) -> float:
+def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int, seed: int | None = None,
+                           tokens_out: list | None = None) -> float:
     """Mean wall seconds per all-decode DynamicGenerator step with `batch` greedy jobs of `context` random
     prompt tokens, over `steps` consecutive iterate() calls (prefill and two steps first, untimed; jobs
     cancelled after). Steady state, as a caller streaming tokens sees it: a step the generator runs ahead
-    overlaps the host's work on the step before, so a sync between calls would hide or double-count it."""
+    overlaps the host's work on the step before, so a sync between calls would hide or double-count it.
+    `tokens_out`, if given, receives each job's generated tokens (a list per job) before the cancel."""
     import time
 
     from .generator.job import DynamicJob
@@ -153,6 +170,8 @@ def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / steps
+    if tokens_out is not None:
+        tokens_out.extend(list(j.generated) for j in jobs)
     for j in jobs:
         gen.cancel(j)
     gen.iterate()

@@ -59,13 +59,18 @@ RELEASE_MODES = {"loop": LOOP, "wait": WAIT, "start": START}
 DEFAULT_RELEASE = "loop"
 
 
-def release_mode() -> int:
-    """The `PDL` constexpr of an sm_90+ launch: LOWGEAR_PDL_RELEASE's mode, else DEFAULT_RELEASE's."""
+def release_name() -> str:
+    """LOWGEAR_PDL_RELEASE's mode name, else DEFAULT_RELEASE (an unknown name is a ConfigError)."""
     name = (env.get("LOWGEAR_PDL_RELEASE") or DEFAULT_RELEASE).lower()
     if name not in RELEASE_MODES:
         raise ConfigError(f"LOWGEAR_PDL_RELEASE={name!r} is not one of {', '.join(RELEASE_MODES)}: "
                           "unset it for the default")
-    return RELEASE_MODES[name]
+    return name
+
+
+def release_mode() -> int:
+    """The `PDL` constexpr of an sm_90+ launch: the mode `release_name` names."""
+    return RELEASE_MODES[release_name()]
 
 
 def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
@@ -76,9 +81,8 @@ def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
         return False, "plain launches (programmatic dependent launch needs sm_90+)"
     if triton is None:
         return False, "plain launches (this Triton has no griddepcontrol)"
-    release_mode()  # an unknown mode is an error here too (doctor shows it)
-    mode = (env.get("LOWGEAR_PDL_RELEASE") or DEFAULT_RELEASE).lower()
-    return True, f"programmatic dependent launch (each kernel placed while the one before it finishes; release: {mode})"
+    return True, ("programmatic dependent launch (each kernel placed while the one before it finishes; "
+                  f"release: {release_name()})")
 
 
 def enabled(device: torch.device) -> bool:
