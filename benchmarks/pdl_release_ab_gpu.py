@@ -1,6 +1,6 @@
 """A/B of pdl.py's release modes inside whole graphed decode steps (sm_90+).
 
-    python benchmarks/pdl_release_ab_gpu.py --quant gptq4,float --configs off,loop,wait,start --batches 1,16 --rounds 2
+    python benchmarks/pdl_release_ab_gpu.py --quant gptq4,float --configs off,auto,loop,wait --batches 1,16 --rounds 2
 
 One Llama-3-8B-shape model per quant (random weights made on the GPU, as `lowgear bench` does), triton
 rung, float16. Each config is a release mode (LOWGEAR_PDL_RELEASE) or `off` (LOWGEAR_NO_PDL=1, plain
@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--quant", default="gptq4,float")
-    ap.add_argument("--configs", default="off,loop,wait,start")
+    ap.add_argument("--configs", default="off,auto,loop,wait")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=48)

@@ -125,3 +125,46 @@ def test_gqa_prefill_repeats_kv_heads_where_sdpa_has_no_flash_kernel(cc, flash_o
     assert backend._expand(False, cuda0) is expand
     assert backend._expand(True, cuda0) is True  # a mask: always repeated on CUDA (memory-efficient takes masks)
     assert backend._expand(False, torch.device("cpu")) is False
+
+
+def test_without_cudnn_leaves_out_cudnn_alone_and_restores():
+    """torch's cuDNN attention builds a graph per new length (sdpa.py): the rung's CUDA calls leave it
+    out, keep whatever else is enabled as it is, and put everything back after."""
+    from lowgear.attention.sdpa import without_cudnn
+
+    b = torch.backends.cuda
+    before = (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled())
+    assert before[0], "torch enables cuDNN attention by default"
+    with without_cudnn(torch.device("cpu")):
+        assert b.cudnn_sdp_enabled()  # nothing changes off CUDA
+    with without_cudnn(torch.device("cuda", 0)):
+        assert (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(),
+                b.math_sdp_enabled()) == (False,) + before[1:]
+    assert (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()) == before
+    b.enable_flash_sdp(False)  # a family the user switched off stays off inside
+    try:
+        with without_cudnn(torch.device("cuda", 0)):
+            assert not b.cudnn_sdp_enabled() and not b.flash_sdp_enabled() and b.mem_efficient_sdp_enabled()
+    finally:
+        b.enable_flash_sdp(before[1])
+
+
+@pytest.mark.parametrize("batched", ["decode", "always", "never"])
+def test_every_call_of_the_rung_runs_without_cudnn(batched, monkeypatch):
+    import lowgear.attention.sdpa as S
+
+    seen = []
+    real_sdpa, real_ctx = S.F.scaled_dot_product_attention, S.without_cudnn
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(S.F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(S, "without_cudnn", lambda device: real_ctx(torch.device("cuda", 0)))  # as if on CUDA
+    for q_lens, kv_lens, page in CASES[1:3]:
+        q, kc, vc, meta = make_step(q_lens, kv_lens, 2, 3, 16, page)
+        out = SdpaBackend(batched).attend(q, kc, vc, meta, 0.25, None)
+        ref = reference_attention(q.double(), kc.double(), vc.double(), meta, 0.25, None)
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()

@@ -36,18 +36,27 @@ def fresh(monkeypatch):
 def test_on_from_sm90_only(fresh, cc, want):
     fresh.setattr(hardware, "compute_capability", lambda device: cc)
     assert pdl.enabled(torch.device("cuda", 0)) is want
-    default = pdl.RELEASE_MODES[pdl.DEFAULT_RELEASE]
-    assert pdl.launch(torch.device("cuda", 0)) == ({"PDL": default, "launch_pdl": True} if want else {"PDL": 0})
+    assert pdl.launch(torch.device("cuda", 0), 1) == ({"PDL": pdl.WAIT, "launch_pdl": True} if want else {"PDL": 0})
+
+
+def test_auto_release_waits_at_one_row_and_loops_above(fresh):
+    """The default: WAIT for a one-row (batch-1 decode) launch, LOOP for more rows or an unknown count."""
+    fresh.setattr(hardware, "compute_capability", lambda device: (9, 0))
+    assert pdl.DEFAULT_RELEASE == pdl.AUTO
+    dev = torch.device("cuda", 0)
+    assert [pdl.launch(dev, rows)["PDL"] for rows in (1, 2, 8, 64, None)] == [pdl.WAIT] + [pdl.LOOP] * 4
+    fresh.setenv("LOWGEAR_PDL_RELEASE", "auto")
+    assert pdl.release_mode(1) == pdl.WAIT and pdl.release_mode(16) == pdl.LOOP
 
 
 def test_release_mode_from_the_environment(fresh):
     fresh.setattr(hardware, "compute_capability", lambda device: (9, 0))
-    assert pdl.release_mode() == pdl.RELEASE_MODES[pdl.DEFAULT_RELEASE]
     for name, mode in (("wait", pdl.WAIT), ("START", pdl.START), ("loop", pdl.LOOP)):
         fresh.setenv("LOWGEAR_PDL_RELEASE", name)
-        assert pdl.launch(torch.device("cuda", 0)) == {"PDL": mode, "launch_pdl": True}
+        for rows in (1, 16):  # a named mode holds at every row count
+            assert pdl.launch(torch.device("cuda", 0), rows) == {"PDL": mode, "launch_pdl": True}
     fresh.setenv("LOWGEAR_PDL_RELEASE", "sometimes")
-    with pytest.raises(ConfigError, match="LOWGEAR_PDL_RELEASE='sometimes' is not one of loop, wait, start"):
+    with pytest.raises(ConfigError, match="LOWGEAR_PDL_RELEASE='sometimes' is not one of auto, loop, wait, start"):
         pdl.launch(torch.device("cuda", 0))
     with pytest.raises(ConfigError, match="is not one of"):
         pdl.decision((9, 0))
@@ -125,10 +134,10 @@ CASES = [("gemv", G.gptq_gemv_kernel, GEMV, gemv), ("rms_norm", kernels_norm.rms
          ("silu_mul", kernels_act.silu_mul_kernel, SILU, lambda pdl: dict(BLOCK=1024, PDL=pdl)),
          ("decode", D.paged_decode_kernel, DEC, decode), ("float_gemv", F.float_gemv_kernel, FGEMV, float_gemv),
          ("mma", MM.gptq_mma_kernel, MMA, mma)]
-MODES = {"gemv": (0, 1, 2, 3), "mma": (0, 1, 2)}
+MODES = {"gemv": (0, 1, 2, 3)}  # the others: off, LOOP, WAIT (auto's two)
 out = {}
 for name, kernel, args, consts in CASES:
-    for flag in MODES.get(name, (0, 1)):
+    for flag in MODES.get(name, (0, 1, 2)):
         sig = {a: args.get(a, "i32") if a not in consts(flag) else "constexpr" for a in kernel.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if sig[a].startswith("*") or a in ("N", "ROWS", "stride_xm", "H", "I", "K", "stride_wn", "k_per_split")}
         options = {"num_warps": 2 if name == "gemv" else 4}
@@ -171,8 +180,8 @@ def test_kernels_hold_griddepcontrol_only_with_pdl(compiled, name):
     assert off["wait"] == 0 and off["launch"] == 0 and off["prefetch"] == 0, off
 
 
-@pytest.mark.parametrize("key", ["gemv/1", "gemv/2", "gemv/3", "rms_norm/1", "silu_mul/1", "decode/1", "float_gemv/1",
-                                 "mma/1", "mma/2"])
+@pytest.mark.parametrize("key", ["gemv/3"] + [f"{name}/{mode}" for name in ("gemv", "rms_norm", "silu_mul", "decode",
+                                                                               "float_gemv", "mma") for mode in (1, 2)])
 def test_nothing_is_copied_before_the_wait(compiled, key):
     """The previous kernel's output is read only after the wait, also by pipelined (hoisted) loads."""
     assert compiled[key]["copies_before_wait"] == 0, compiled[key]
@@ -197,5 +206,10 @@ def test_release_modes_put_the_release_at_the_wait(compiled):
     for key in ("gemv/2", "mma/2"):  # WAIT: right after it (the instruction after)
         on = compiled[key]
         assert on["first_launch"] > on["first_wait"] and on["first_launch"] < on["last_fma"], on
+    for key in ("rms_norm/2", "silu_mul/2", "decode/2", "float_gemv/2"):  # auto's batch-1 launches
+        on = compiled[key]
+        assert on["wait"] >= 1 and on["launch"] >= 1 and on["first_launch"] > on["first_wait"], on
+        if on["last_fma"] is not None and on["last_fma"] > on["first_wait"]:
+            assert on["first_launch"] < on["last_fma"], on  # before the work, not at exit
     on = compiled["gemv/3"]  # START: just before it
     assert on["first_launch"] < on["first_wait"], on

@@ -94,3 +94,25 @@ def test_lowgear_tokenizer_reads_it(tmp_path, kind):
     tok = Tokenizer(path)
     text = tok.decode(tok.encode("the cat sat"))
     assert (text[0] if isinstance(text, list) else text) == "the cat sat"
+
+
+def test_byte_vocab_with_a_large_regular_part(tmp_path):
+    """A Llama-3-sized vocabulary: 128000 ordinary BPE tokens, then 256 specials; a real tokenizer
+    library loads it, and text (any bytes) round-trips through it."""
+    from tokenizers import Tokenizer
+
+    v = syn.byte_vocab(128256, regular=128000)
+    assert len(v.tokens) == 128256 == len(set(v.tokens)) and v.token_types.count(1) == 128000
+    assert v.token_types[:128000] == [1] * 128000 and set(v.token_types[128000:]) <= {3, 5}
+    assert v.bos_id >= 128000 and v.tokens[v.bos_id] == "<|im_start|>"
+    assert {len(t) for t in v.tokens[256 + len(syn._MERGES):128000]} == {2, 3}
+    known = set(v.tokens[:128000])
+    for merge in v.merges[::97]:
+        a, b = merge.split(" ")
+        assert a in known and b in known and a + b in known
+    syn.write_hf_tokenizer(tmp_path, v)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.get_vocab_size() == 128256
+    text = "the quick brown fox, ünïcödé ✓ 123\n" + bytes(range(32, 127)).decode()
+    ids = tok.encode(text).ids
+    assert len(ids) < 0.6 * len(text.encode()) and tok.decode(ids) == text  # merged, and exact

@@ -29,13 +29,14 @@ right after the wait gave other tokens at batch 8 on the H100 of benchmarks/resu
 gptq_mma's first two x tiles were copied before its wait under Triton 3.6. With it fixed, every
 mode gives the plain launches' tokens (benchmarks/pdl_check_gpu.py, H200).
 
-The default stays LOOP, from an H200 A/B in whole graphed Llama-3-8B steps (context 512,
-benchmarks/results/h200-session7/): WAIT took GPTQ 4-bit batch 1 from 2.61 to 2.56 ms and float16
-batch 1 from 4.44 to 4.37, but batch 16 (the tl.dot kernel) from 8.30 to 8.71, and START was slower
-everywhere (2.76 ms at batch 1). Letting a GEMV placed early prefetch its weight slice into L2 before
+The default, `auto`, is WAIT for a launch over one token row and LOOP for more, from an H200 A/B in
+whole graphed Llama-3-8B steps (context 512, benchmarks/results/h200-session7/): WAIT took GPTQ
+4-bit batch 1 from 2.61 to 2.56 ms and float16 batch 1 from 4.44 to 4.37, but batch 8 from 7.74 to
+7.82 and batch 16 (the tl.dot kernel) from 8.30 to 8.71; START was slower everywhere (2.76 ms at
+batch 1). Modes may differ from one kernel of a step to the next: the argument above is per kernel. Letting a GEMV placed early prefetch its weight slice into L2 before
 its wait (so the weight stream would not stop at the glue kernels) was slower too: 16 MB a GEMV gave
-2.71 ms (WAIT) and 2.89 (START) at batch 1, and was dropped. LOWGEAR_PDL_RELEASE picks the mode,
-LOWGEAR_NO_PDL=1 turns PDL off (the benchmarks measure both ways).
+2.71 ms (WAIT) and 2.89 (START) at batch 1, and was dropped. LOWGEAR_PDL_RELEASE picks the mode
+(auto, loop, wait, start), LOWGEAR_NO_PDL=1 turns PDL off (the benchmarks measure both ways).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ except ImportError:  # no triton, or one without griddepcontrol: PDL stays off
 _CAPABILITY: dict[int, tuple[int, int] | None] = {}  # per CUDA index, looked up once
 
 LOOP, WAIT, START = 1, 2, 3
-RELEASE_MODES = {"loop": LOOP, "wait": WAIT, "start": START}
-DEFAULT_RELEASE = "loop"
+AUTO = "auto"  # WAIT at one token row, LOOP above (`release_mode`)
+RELEASE_MODES = {AUTO: None, "loop": LOOP, "wait": WAIT, "start": START}
+DEFAULT_RELEASE = AUTO
 
 
 def release_name() -> str:
@@ -68,9 +70,13 @@ def release_name() -> str:
     return name
 
 
-def release_mode() -> int:
-    """The `PDL` constexpr of an sm_90+ launch: the mode `release_name` names."""
-    return RELEASE_MODES[release_name()]
+def release_mode(rows: int | None = None) -> int:
+    """The `PDL` constexpr of an sm_90+ launch over `rows` token rows (None: unknown, taken as many):
+    the mode `release_name` names, `auto` resolved by the row count."""
+    mode = RELEASE_MODES[release_name()]
+    if mode is None:
+        return WAIT if rows == 1 else LOOP
+    return mode
 
 
 def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
@@ -95,10 +101,10 @@ def enabled(device: torch.device) -> bool:
     return decision(_CAPABILITY[index])[0]
 
 
-def launch(device: torch.device) -> dict:
-    """Keyword arguments for a kernel launch: the `PDL` constexpr (0, or the release mode) and
-    Triton's `launch_pdl` option."""
-    return {"PDL": release_mode(), "launch_pdl": True} if enabled(device) else {"PDL": 0}
+def launch(device: torch.device, rows: int | None = None) -> dict:
+    """Keyword arguments for a kernel launch over `rows` token rows (the decode batch): the `PDL`
+    constexpr (0, or the release mode) and Triton's `launch_pdl` option."""
+    return {"PDL": release_mode(rows), "launch_pdl": True} if enabled(device) else {"PDL": 0}
 
 
 if triton is not None:

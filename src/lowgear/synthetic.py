@@ -22,6 +22,7 @@ This module does not import transformers (`lowgear bench` uses it at runtime).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -71,13 +72,30 @@ class ByteVocab:
     pad_id: int
 
 
-def byte_vocab(min_size: int = 0) -> ByteVocab:
-    """256 byte tokens (id = byte value), merged tokens, ChatML specials, padded to min_size."""
+def byte_vocab(min_size: int = 0, regular: int = 0) -> ByteVocab:
+    """256 byte tokens (id = byte value), merged tokens, ChatML specials, padded to min_size.
+
+    `regular` fills the ordinary (BPE) part up to that many tokens before the specials, as a real
+    large vocabulary is (Llama 3: 128000 ordinary, 256 special): with two-byte merges of the byte
+    alphabet in order, then three-byte ones (a two-byte token and a byte). Left at 0, the padding
+    is reserved special tokens, which a tokenizer library keeps in a separate, slower table.
+    """
     tokens = byte_alphabet()
     merges = []
     for a, b in _MERGES:
         merges.append(f"{a} {b}")
         tokens.append(a + b)
+    if regular > len(tokens):
+        seen, alphabet = set(tokens), tokens[:256]
+        pairs = [(a, b) for a in alphabet for b in alphabet]
+        triples = ((a + b, c) for a, b in pairs for c in alphabet)
+        for a, b in itertools.chain(pairs, triples):
+            if len(tokens) >= regular:
+                break
+            if a + b not in seen:
+                seen.add(a + b)
+                merges.append(f"{a} {b}")
+                tokens.append(a + b)
     types = [1] * len(tokens)
     specials = {}
     for s in SPECIAL_TOKENS:
@@ -551,10 +569,15 @@ def write_hf(
         bar.close()
 
     if vocab is not None:
-        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
-            json.dump(hf_tokenizer_json(vocab), f, ensure_ascii=False)
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": vocab.tokens[vocab.bos_id], "eos_token": vocab.tokens[vocab.eos_id],
-                       "pad_token": vocab.tokens[vocab.pad_id], "chat_template": CHATML_TEMPLATE,
-                       "add_bos_token": False}, f, indent=2)
+        write_hf_tokenizer(folder, vocab)
     return folder
+
+
+def write_hf_tokenizer(folder: str | os.PathLike, vocab: ByteVocab) -> None:
+    """tokenizer.json and tokenizer_config.json for `vocab` in a Hugging Face folder."""
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        json.dump(hf_tokenizer_json(vocab), f, ensure_ascii=False)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": vocab.tokens[vocab.bos_id], "eos_token": vocab.tokens[vocab.eos_id],
+                   "pad_token": vocab.tokens[vocab.pad_id], "chat_template": CHATML_TEMPLATE,
+                   "add_bos_token": False}, f, indent=2)

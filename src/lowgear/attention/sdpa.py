@@ -6,17 +6,27 @@ sequence's pages gathered into a padded [B, max_kv] block with a key-padding mas
 steps call sdpa once per sequence, where q_len == kv_len lets it use `is_causal` (its fastest
 kernels) and anything else gets an explicit bottom-right causal mask.
 
+Its calls leave torch's cuDNN attention out (`without_cudnn`). Where torch picks cuDNN (Hopper),
+each query / key length it has not seen builds a cuDNN graph before it runs, and a server meets a
+new prompt length with nearly every request. On an H200 (torch 2.11, Llama-3-8B shape, GPTQ 4-bit,
+benchmarks/sdpa_new_lengths_gpu.py) a prompt of a new length took 464 ms to its first token against
+85 ms for one of a length seen before; torch's flash and memory-efficient kernels serve every call
+this rung makes, with no such cost. (ExLlamaV2 without flash-attn attends through sdpa too: there
+every decode step has a new key length, and its step went from 11 to 87 ms with cuDNN on.)
+
 The gathering helpers here (`gather_padded`, `gather_packed`) and the probe's tiny case
 (`probe_case`) are shared by the other gather-based rungs (flash_attn's varlen path, xformers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import AttentionBackend, Capabilities, ProbeResult, gather_kv
 from .eager import causal_mask, reference_attention
@@ -70,6 +80,18 @@ def padded_mask(meta: StepMetadata, window: int | None, device) -> torch.Tensor:
     return mask[:, None]
 
 
+def without_cudnn(device: torch.device):
+    """A context in which sdpa may use every kernel family torch has enabled except cuDNN (on CUDA,
+    where cuDNN is enabled; elsewhere nothing changes)."""
+    b = torch.backends.cuda
+    if device.type != "cuda" or not b.cudnn_sdp_enabled():
+        return contextlib.nullcontext()
+    allowed = [kind for kind, on in ((SDPBackend.FLASH_ATTENTION, b.flash_sdp_enabled()),
+                                     (SDPBackend.EFFICIENT_ATTENTION, b.mem_efficient_sdp_enabled()),
+                                     (SDPBackend.MATH, b.math_sdp_enabled())) if on]
+    return sdpa_kernel(allowed) if allowed else contextlib.nullcontext()
+
+
 def sdpa(q, k, v, scale: float, mask=None, causal: bool = False, expand_kv: bool = False) -> torch.Tensor:
     """q [B, H, Q, D], k/v [B, KVH, K, D] -> [B, H, Q, D]; GQA by enable_gqa where torch has it, else by repeating kv heads."""
     group = q.shape[1] // k.shape[1]
@@ -105,9 +127,10 @@ class SdpaBackend(AttentionBackend):
 
     def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window):
         use_batched = self.batched == "always" or (self.batched == "decode" and meta.is_decode)
-        if use_batched and meta.batch_size > 0:
-            return self._attend_padded(q, k_cache, v_cache, meta, scale, window)
-        return self._attend_each(q, k_cache, v_cache, meta, scale, window)
+        with without_cudnn(q.device):
+            if use_batched and meta.batch_size > 0:
+                return self._attend_padded(q, k_cache, v_cache, meta, scale, window)
+            return self._attend_each(q, k_cache, v_cache, meta, scale, window)
 
     def _expand(self, has_mask: bool, device: torch.device) -> bool:
         if device.type != "cuda":
@@ -156,7 +179,9 @@ class SdpaBackend(AttentionBackend):
         dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.float16)
         case = probe_case(dev, dtype)
         for path in (self._attend_each, self._attend_padded):
-            err = case.check(path(case.q, case.k_cache, case.v_cache, case.meta, case.scale, None))
+            with without_cudnn(dev):
+                out = path(case.q, case.k_cache, case.v_cache, case.meta, case.scale, None)
+            err = case.check(out)
             if err:
                 return ProbeResult(False, f"probe gave wrong results ({path.__name__.strip('_')}): {err}")
         return ProbeResult(True, f"probe call ok; {_kernel_families(device, dev)}", details={"kernels": _kernel_families(device, dev)})
@@ -173,11 +198,10 @@ def _kernel_families(device, dev: torch.device) -> str:
         fams.append("flash")
     if b.mem_efficient_sdp_enabled():
         fams.append("memory-efficient")
-    if getattr(b, "cudnn_sdp_enabled", lambda: False)() and cc >= (8, 0):
-        fams.append("cudnn")
     if b.math_sdp_enabled():
         fams.append("math")
-    return "sdpa kernels: " + ", ".join(fams or ["none enabled"])
+    skipped = " (cuDNN left out: a graph per new length)" if b.cudnn_sdp_enabled() and cc >= (8, 0) else ""
+    return "sdpa kernels: " + ", ".join(fams or ["none enabled"]) + skipped
 
 
 @dataclass

@@ -48,5 +48,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         silu_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, inter, x2.stride(0), out.stride(0),
                                                                  BLOCK=block, num_warps=4,
-                                                                 **pdl.launch(gate_up.device))
+                                                                 **pdl.launch(gate_up.device, x2.shape[0]))
     return out.view(*gate_up.shape[:-1], inter)

@@ -79,6 +79,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if x2.shape[0]:
         rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, hidden, x2.stride(0), r2.stride(0),
                                         out.stride(0), eps, HAS_RESIDUAL=residual is not None,
-                                        BLOCK=block, num_warps=warps, **pdl.launch(x.device))
+                                        BLOCK=block, num_warps=warps, **pdl.launch(x.device, x2.shape[0]))
     out = out.view(x.shape)
     return out if residual is None else (out, residual)

@@ -143,5 +143,5 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_c
                           HALF=half, D=d, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
                           BLOCK_HK=triton.next_power_of_2(k.shape[1]),
                           INTERLEAVED=style == "interleaved", TO_CACHE=kv is not None, num_warps=4,
-                          **pdl.launch(q.device))
+                          **pdl.launch(q.device, t))
     return q, k

@@ -439,7 +439,7 @@ def paged_decode(
         part_o = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_p = triton.next_power_of_2(head_dim)
-    launch = pdl.launch(q.device)
+    launch = pdl.launch(q.device, batch)
     d_vec = min(16 // k_cache.element_size(), head_dim_p)
     split_consts = {"SPLIT_D": min(split_d, head_dim_p // d_vec) if split_d else 0, "D_VEC": d_vec}
     paged_decode_kernel[(batch, programs, num_splits)](

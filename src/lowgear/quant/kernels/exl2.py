@@ -333,7 +333,7 @@ def exl2_gemv(x: torch.Tensor, module, *, num_warps: int | None = None) -> torch
                            width, n_out, x.stride(0),
                            M=m, M_PAD=m_pad, BLOCK_N=block_n, R2=r[2], R3=r[3], R4=r[4],
                            R5=r[5], R6=r[6], R8=r[8], S_CHUNK=splitk.chunk(m_pad * block_n // (32 * warps)),
-                           num_warps=warps, **pdl.launch(x.device))
+                           num_warps=warps, **pdl.launch(x.device, m))
     return y
 
 

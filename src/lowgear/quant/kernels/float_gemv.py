@@ -115,7 +115,7 @@ def float_gemv(x: torch.Tensor, w: torch.Tensor, *, split: int | None = None, bl
                             n, k, p["k_per_split"], x.stride(0), w.stride(0),
                             M=m, M_PAD=m_pad, BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
                             S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
-                            num_warps=p["num_warps"], **pdl.launch(x.device))
+                            num_warps=p["num_warps"], **pdl.launch(x.device, m))
     return y
 
 

@@ -420,7 +420,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
                            num_warps=p["num_warps"], F16X2=half2,
-                           **pdl.launch(x.device))
+                           **pdl.launch(x.device, m))
     return y
 
 
