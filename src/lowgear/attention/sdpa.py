@@ -9,10 +9,11 @@ kernels) and anything else gets an explicit bottom-right causal mask.
 Its calls leave torch's cuDNN attention out (`without_cudnn`). Where torch picks cuDNN (Hopper),
 each query / key length it has not seen builds a cuDNN graph before it runs, and a server meets a
 new prompt length with nearly every request. On an H200 (torch 2.11, Llama-3-8B shape, GPTQ 4-bit,
-benchmarks/sdpa_new_lengths_gpu.py) a prompt of a new length took 464 ms to its first token against
-85 ms for one of a length seen before; torch's flash and memory-efficient kernels serve every call
-this rung makes, with no such cost. (ExLlamaV2 without flash-attn attends through sdpa too: there
-every decode step has a new key length, and its step went from 11 to 87 ms with cuDNN on.)
+one request at a time, benchmarks/sdpa_new_lengths_gpu.py) each prompt of a new length took 87-96
+ms to its first token with cuDNN allowed, against 48 ms for lengths seen before, and the first one
+0.8 s; leaving cuDNN out, 48-55 ms. torch's flash and memory-efficient kernels serve every call
+this rung makes. (ExLlamaV2 without flash-attn attends through sdpa too: there every decode step
+has a new key length, and on the H200 its step took 43-87 ms with cuDNN allowed, 5.5-11 without.)
 
 The gathering helpers here (`gather_padded`, `gather_packed`) and the probe's tiny case
 (`probe_case`) are shared by the other gather-based rungs (flash_attn's varlen path, xformers).
