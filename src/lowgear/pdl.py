@@ -36,7 +36,9 @@ whole graphed Llama-3-8B steps (context 512, benchmarks/results/h200-session7/):
 batch 1). Modes may differ from one kernel of a step to the next: the argument above is per kernel.
 Checked as the default on another H200 (benchmarks/results/h200-session8/, auto against loop, ms a
 step over two or three rounds): GPTQ batch 1 2.49 against 2.58, float16 batch 1 4.34 against 4.47,
-Q4_0 batch 1 2.79 against 2.76-2.84, GPTQ batch 16 8.20-8.24 against 8.21-8.24; tokens equal. Letting a GEMV placed early prefetch its weight slice into L2 before
+Q4_0 batch 1 2.79 against 2.76-2.84, GPTQ batch 16 8.20-8.24 against 8.21-8.24; tokens equal. At
+batch 2 and 4 WAIT was 1-2% faster for GPTQ and 0.5% slower for float16 (cuBLAS past one row), so
+`auto` keeps WAIT to one row. Letting a GEMV placed early prefetch its weight slice into L2 before
 its wait (so the weight stream would not stop at the glue kernels) was slower too: 16 MB a GEMV gave
 2.71 ms (WAIT) and 2.89 (START) at batch 1, and was dropped. LOWGEAR_PDL_RELEASE picks the mode
 (auto, loop, wait, start), LOWGEAR_NO_PDL=1 turns PDL off (the benchmarks measure both ways).
