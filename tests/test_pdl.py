@@ -45,8 +45,11 @@ def test_auto_release_waits_at_one_row_and_loops_above(fresh):
     assert pdl.DEFAULT_RELEASE == pdl.AUTO
     dev = torch.device("cuda", 0)
     assert [pdl.launch(dev, rows)["PDL"] for rows in (1, 2, 8, 64, None)] == [pdl.WAIT] + [pdl.LOOP] * 4
+    assert pdl.decision((9, 0))[1].endswith("release: auto = wait at one token row, loop above)")
     fresh.setenv("LOWGEAR_PDL_RELEASE", "auto")
     assert pdl.release_mode(1) == pdl.WAIT and pdl.release_mode(16) == pdl.LOOP
+    fresh.setenv("LOWGEAR_PDL_RELEASE", "wait")
+    assert pdl.decision((9, 0))[1].endswith("release: wait)")
 
 
 def test_release_mode_from_the_environment(fresh):

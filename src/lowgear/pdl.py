@@ -92,8 +92,10 @@ def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
         return False, "plain launches (programmatic dependent launch needs sm_90+)"
     if triton is None:
         return False, "plain launches (this Triton has no griddepcontrol)"
+    name = release_name()
+    how = " = wait at one token row, loop above" if name == AUTO else ""
     return True, ("programmatic dependent launch (each kernel placed while the one before it finishes; "
-                  f"release: {release_name()})")
+                  f"release: {name}{how})")
 
 
 def enabled(device: torch.device) -> bool:
