@@ -145,6 +145,9 @@ def test_launch_params_fill_the_gpu_and_keep_x_in_registers():
         assert p["BLOCK_R"] * (1 << (m - 1).bit_length()) < 32 * p["num_warps"]
     p = G.launch_params(14336, 4096, 4, 16, m=1)
     assert p["split"] * p["rows_per_split"] >= 4096 // 8 > (p["split"] - 1) * p["rows_per_split"]
+    # the half2 unpack: 16-row tiles at one activation row, 8 past it (whole-step A/Bs, gptq.py)
+    assert [G.launch_params(4096, 4096, 4, 16, m=m, half2=True)["BLOCK_R"] for m in (1, 2, 3, 4)] == \
+        [G.HALF2_TILE_ROWS] + [G.GEMV_TILE_ROWS] * 3
 
 
 def triton_cdiv(a, b):

@@ -79,7 +79,12 @@ MIN_SPLIT = 32
 # the same for the packed-half2 unpack (f16x2.py), whose tiles cost half the instructions: its sweep
 # (benchmarks/results/h100-session4/gemv_cold_half2.log, weights from HBM, M = 1) was best or within
 # 2% at 16-row tiles with splits of 16-32 on q|k|v, o and down (8.9 / 6.8 / 15.9 us against 10.7 /
-# 9.1 / 17.2 at 8-row tiles split 32) and at 16 rows split 8 on gate|up (27.6 against 30.3)
+# 9.1 / 17.2 at 8-row tiles split 32) and at 16 rows split 8 on gate|up (27.6 against 30.3). That
+# holds at one activation row; at two, 8-row tiles were faster in whole graphed steps (H200, 8B
+# GPTQ 4-bit, benchmarks/gemv_launch_ab_gpu.py, results in benchmarks/results/h200-session8/
+# gemv_tiles/: batch 2 3.19 against 3.34 ms; batch 1 2.72 against 2.48 with 8-row tiles; doubling
+# or halving TARGET_PROGRAMS, or HALF2_MIN_SPLIT 4 / 16, gave batch 1 2.46-2.67 against 2.48), so
+# past one row the half2 tiles are GEMV_TILE_ROWS too.
 HALF2_TILE_ROWS = 16
 HALF2_MIN_SPLIT = 8
 # temporary bound for the prefill path: columns per band so that K * band <= this
@@ -365,15 +370,15 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
     must have fewer elements than the program has threads, or Triton routes it through shared memory
     every code step (checked in the compiled PTX: bar.sync appears), so BLOCK_R shrinks as M grows.
     Tiles hold at most GEMV_TILE_ROWS row-groups. Then K is split until about TARGET_PROGRAMS
-    programs run, and into at least MIN_SPLIT parts (HALF2_TILE_ROWS / HALF2_MIN_SPLIT for the half2
-    unpack). block_r (at most the group's) overrides the tile cap (the benchmarks sweep it).
+    programs run, and into at least MIN_SPLIT parts (HALF2_TILE_ROWS at one row / HALF2_MIN_SPLIT for
+    the half2 unpack). block_r (at most the group's) overrides the tile cap (the benchmarks sweep it).
     """
     m_pad = triton.next_power_of_2(m)
     num_warps = num_warps or GEMV_NUM_WARPS
     br = group_block_r
     while br > 1 and m_pad * br >= 32 * num_warps:
         br //= 2
-    cap = (HALF2_TILE_ROWS if half2 else GEMV_TILE_ROWS) if block_r is None else block_r
+    cap = (HALF2_TILE_ROWS if half2 and m_pad == 1 else GEMV_TILE_ROWS) if block_r is None else block_r
     br = max(1, min(br, cap))
     block_n = 128 * num_warps
     pack, _ = pack_shape(bits)
