@@ -369,3 +369,24 @@ def test_import_does_not_import_triton():
     code = "import sys, lowgear.attention.triton, lowgear.attention.kernels; assert 'triton' not in sys.modules"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_block_table_width_does_not_recompile_the_kernels():
+    """The block table's row stride (its width, the most pages of a sequence in the batch) is left out
+    of Triton's specialisation: otherwise widths 1, 2-15 and multiples of 16 compile apart, and the
+    first prompt past one page stalls on a compile. Read from the compiled (not interpreted) kernels."""
+    from helpers import compiled_results
+
+    got = compiled_results(
+        "import json\n"
+        "from lowgear.attention.kernels import paged_decode as D, paged_prefill as P\n"
+        "from triton.backends.compiler import BaseBackend\n"
+        "from triton._C.libtriton import native_specialize_impl\n"
+        "out = {k.__name__: {p.name: p.do_not_specialize for p in k.params}\n"
+        "       for k in (D.paged_decode_kernel, P.paged_prefill_kernel)}\n"
+        "out['keys'] = [list(native_specialize_impl(BaseBackend, w, False, True, True)) for w in (1, 2, 16)]\n"
+        "print('RESULTS' + json.dumps(out))\n", timeout=300)
+    assert len({tuple(k) for k in got.pop("keys")}) == 3  # what specialising the width would cost
+    for name, params in got.items():
+        assert params["stride_bt"] is True, name
+        assert params["stride_kp"] is False, name  # the cache strides stay specialised
