@@ -13,13 +13,12 @@ Cold single-kernel sweeps are gemv_cold_gpu.py's; this is what they add up to in
 from __future__ import annotations
 
 import argparse
-import gc
 
 import torch
+from step_ab import interleaved_steps  # benchmarks/, beside this file
 
-import lowgear as lg
-from lowgear.bench import PRESETS, Timer, _NullTokenizer, kv_bytes, measure_bandwidth, step_weight_bytes
-from lowgear.bench_models import generator_step_seconds, synthetic_model
+from lowgear.bench import PRESETS, Timer, measure_bandwidth
+from lowgear.bench_models import synthetic_model
 from lowgear.quant.kernels import gptq as G
 
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate|up", 28672, 4096), ("down", 4096, 14336))
@@ -38,28 +37,19 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev)} copy {bw / 1e12:.2f} TB/s", flush=True)
     ctx, steps = 512, 48
     model, cache = synthetic_model(spec, "gptq4", dev, 8 * 1024, 256)
-    cache.pool.lookup_prefix = lambda keys: []  # every config prefills in full (same rounding)
-    first: dict[int, list] = {}
-    for rnd in range(a.rounds):
-        for target, min_split, rows in configs:
-            G.TARGET_PROGRAMS, G.HALF2_MIN_SPLIT, G.HALF2_TILE_ROWS = target, min_split, rows
-            gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=_NullTokenizer(spec.vocab_size),
-                                      max_batch_size=max(batches))
-            gen.warmup()
-            for b in batches:
-                tokens: list = []
-                sec = generator_step_seconds(gen, b, ctx, spec.vocab_size, steps, tokens_out=tokens)
-                roof = (step_weight_bytes(model, b) + kv_bytes(spec, torch.float16, b * ctx)) / bw
-                same = first.setdefault(b, tokens) == tokens
-                launches = []
-                for name, n, k in SHAPES:
-                    p = G.launch_params(n, k, 4, 16, b, half2=True)
-                    launches.append(f"{name}:{p['split']}x{-(-n // p['BLOCK_N'])}/{p['rows_per_split'] // p['BLOCK_R']}t")
-                print(f"r{rnd} target {target:4d} min_split {min_split:2d} rows {rows:2d} bs={b}: {sec * 1e3:6.3f} ms "
-                      f"{100 * roof / sec:5.1f}%  tokens {'same' if same else 'DIFFER'}  [{' '.join(launches)}]", flush=True)
-            gen.graphs.release()
-            del gen
-            gc.collect()
+
+    def apply(config):
+        G.TARGET_PROGRAMS, G.HALF2_MIN_SPLIT, G.HALF2_TILE_ROWS = config
+
+    for r in interleaved_steps(model, cache, spec, configs, apply, batches, ctx, steps, a.rounds, bw):
+        (target, min_split, rows), b = r["config"], r["batch"]
+        launches = []
+        for name, n, k in SHAPES:
+            p = G.launch_params(n, k, 4, 16, b, half2=True)
+            launches.append(f"{name}:{p['split']}x{-(-n // p['BLOCK_N'])}/{p['rows_per_split'] // p['BLOCK_R']}t")
+        print(f"r{r['round']} target {target:4d} min_split {min_split:2d} rows {rows:2d} bs={b}: {r['ms']:6.3f} ms "
+              f"{100 * r['roofline']:5.1f}%  tokens {'same' if r['tokens_equal_first'] else 'DIFFER'}  "
+              f"[{' '.join(launches)}]", flush=True)
 
 
 if __name__ == "__main__":

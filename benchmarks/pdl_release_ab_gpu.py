@@ -4,11 +4,9 @@
 
 One Llama-3-8B-shape model per quant (random weights made on the GPU, as `lowgear bench` does), triton
 rung, float16. Each config is a release mode (LOWGEAR_PDL_RELEASE) or `off` (LOWGEAR_NO_PDL=1, plain
-launches); configs run in turn, `--rounds` times over, each on a fresh
-CUDA-graphed generator, so drift shows as spread between rounds rather than as a difference between
-configs. Per (config, batch) it prints the mean step time over `--steps` steps, its share of the memory
-roofline (weight + KV bytes over a measured copy bandwidth), and whether the greedy tokens equal those
-of the first config (every config runs the same arithmetic, so they must).
+launches); configs run interleaved, `--rounds` times over (step_ab.py: per config and batch the
+mean graphed step, its share of the memory roofline, and whether its greedy tokens equal the first
+config's).
 
 The logs of benchmarks/results/h200-session7/ were run with the code of commits 9b304c3-3eee6fd, when a config also
 named an L2 prefetch budget in MB (`wait:16`: each GEMV prefetched its share of 16 MB of weights into
@@ -25,9 +23,10 @@ import time
 
 import torch
 
-import lowgear as lg
-from lowgear.bench import PRESETS, Timer, _NullTokenizer, kv_bytes, measure_bandwidth, step_weight_bytes
-from lowgear.bench_models import generator_step_seconds, synthetic_model
+from step_ab import interleaved_steps  # benchmarks/, beside this file
+
+from lowgear.bench import PRESETS, Timer, measure_bandwidth
+from lowgear.bench_models import synthetic_model
 
 
 def set_config(config: str) -> None:
@@ -64,29 +63,12 @@ def main() -> None:
         t0 = time.perf_counter()
         model, cache = synthetic_model(spec, quant, dev, cache_tokens, page)
         print(f"{quant}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
-        tok = _NullTokenizer(spec.vocab_size)
-        # every config prefills its prompts in full: a prompt found in the prefix cache would prefill
-        # only its last token (other rounding than a full prefill), and greedy tokens could differ
-        cache.pool.lookup_prefix = lambda keys: []
-        first: dict[int, list[list[int]]] = {}
-        for rnd in range(a.rounds):
-            for cfg in configs:
-                set_config(cfg)
-                t0 = time.perf_counter()
-                gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=max(batches))
-                gen.warmup()
-                for b in batches:
-                    tokens: list = []
-                    sec = generator_step_seconds(gen, b, a.context, spec.vocab_size, a.steps, tokens_out=tokens)
-                    roof = (step_weight_bytes(model, b) + kv_bytes(spec, torch.float16, b * a.context)) / bandwidth
-                    same = first.setdefault(b, tokens) == tokens
-                    results.append({"quant": quant, "config": cfg, "round": rnd, "batch": b, "ms": sec * 1e3,
-                                    "roofline": roof / sec, "tokens_equal_first": same})
-                    print(f"{quant:6s} round {rnd} {cfg:10s} bs={b:3d}: {sec * 1e3:7.3f} ms/step  "
-                          f"{100 * roof / sec:5.1f}% roofline  tokens {'same' if same else 'DIFFER'}"
-                          f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-                gen.graphs.release()
-                del gen
+        for r in interleaved_steps(model, cache, spec, configs, set_config, batches, a.context, a.steps, a.rounds,
+                                   bandwidth):
+            results.append({"quant": quant, **{k: v for k, v in r.items() if k != "seconds"}})
+            print(f"{quant:6s} round {r['round']} {r['config']:10s} bs={r['batch']:3d}: {r['ms']:7.3f} ms/step  "
+                  f"{100 * r['roofline']:5.1f}% roofline  tokens {'same' if r['tokens_equal_first'] else 'DIFFER'}"
+                  f"  ({r['seconds']:.0f} s)", flush=True)
         del model, cache
         gc.collect()
         torch.cuda.empty_cache()

@@ -73,10 +73,7 @@ def _prefill_block(
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
 
 
-# The block table's row stride is its width (the most pages of a sequence in the batch): left to
-# Triton's specialisation (an int equal to 1, or a multiple of 16, compiles apart) the first
-# prompt past one page would compile the kernel again (likely the 0.5 s first new length of the
-# triton row in benchmarks/results/h200-session8/run3/sdpa_new_lengths.log, primed with one-page prompts).
+# stride_bt (the block table's width) is not specialised on, as in paged_decode_kernel (which says why)
 @triton.jit(do_not_specialize=["stride_bt"])
 def paged_prefill_kernel(
     q_ptr,  # [T, H, D]
