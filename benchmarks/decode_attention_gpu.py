@@ -94,7 +94,7 @@ def main() -> None:
                 parts.append(f"{label}{name} {best['us_per_layer']:7.1f} us ({best['TBps']:.2f} TB/s, "
                              f"max diff {best['max_abs_diff_vs_fma']:.1e})")
         default = [r for r in here if r["variant"] == f"dot bn{decode.DOT_BLOCK_N} w{decode.DOT_NUM_WARPS} "
-                   f"{decode.DOT_PROGRAMS_PER_SM}/SM"]  # what the rung launches
+                   f"{decode.dot_programs_per_sm(batch)}/SM"]  # what the rung launches
         if default:
             parts.append(f"dot default {default[0]['us_per_layer']:7.1f} us ({default[0]['TBps']:.2f} TB/s)")
         print(f"bs {batch:3d} ctx {ctx:5d}: " + " | ".join(parts), flush=True)

@@ -222,6 +222,8 @@ def test_backend_takes_the_dot_form_only_from_sm80(cc, dot, monkeypatch):
 
 def test_decode_choose_splits():
     decode, _ = kernels()
+    # the DOT form aims at fewer programs for one sequence (fewer partials for the reduce)
+    assert decode.dot_programs_per_sm(1) < decode.dot_programs_per_sm(2) == decode.dot_programs_per_sm(64)
     assert decode.choose_splits(batch=64, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512) == 1
     assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512, min_split=256) == 16
     assert decode.choose_splits(batch=1, kv_heads=8, max_kv_len=4096, block_n=16, target_programs=512) == 64

@@ -163,7 +163,7 @@ class TritonBackend(AttentionBackend):
 
     def _target_programs(self, device: torch.device, per_sm: int) -> int:
         """Programs a decode launch aims for before it stops splitting contexts (per SM: each form's
-        own, kernels/paged_decode.py's DOT_PROGRAMS_PER_SM and fma_form())."""
+        own, kernels/paged_decode.py's dot_programs_per_sm() and fma_form())."""
         if device.type != "cuda":
             return 8  # the interpreter runs programs one after another: fewer is faster
         return per_sm * self._sm_counts.get(device.index or 0, 64)
@@ -183,7 +183,7 @@ class TritonBackend(AttentionBackend):
                 q, k_cache, v_cache, meta.block_tables, meta.kv_lens, scale, meta.max_kv_len,
                 window=window, use_dot=use_dot,
                 target_programs=self._target_programs(
-                    q.device, paged_decode.DOT_PROGRAMS_PER_SM if use_dot else paged_decode.fma_form()[1]),
+                    q.device, paged_decode.dot_programs_per_sm(q.shape[0]) if use_dot else paged_decode.fma_form()[1]),
             )  # fmt: skip
         return paged_prefill.paged_prefill(
             q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, scale, meta.max_q_len, window=window

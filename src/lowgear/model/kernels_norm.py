@@ -36,10 +36,11 @@ if triton is not None:
     @triton.jit
     def rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, H, stride_x, stride_r, stride_o, eps,
                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        pdl.wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: loaded before the wait
+        pdl.wait(PDL)
         h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r_ptrs = r_ptr + row * stride_r + cols
@@ -48,7 +49,6 @@ if triton is not None:
             tl.store(r_ptrs, h, mask=mask)
             h = h.to(tl.float32)
         inv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / H + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + cols, (h * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -316,6 +316,17 @@ NUM_WARPS = 1
 DOT_BLOCK_N = 64
 DOT_NUM_WARPS = 4
 DOT_PROGRAMS_PER_SM = 2
+# ... but one per SM for a single sequence: fewer splits leave the reduce fewer partials to read.
+# In whole graphed Llama-3-8B GPTQ steps on an H200 (benchmarks/knob_ab_gpu.py, results in
+# benchmarks/results/h200-session9/): batch 1 at contexts 512 / 2k / 4k took 2.421 / 2.502 / 2.625 ms
+# against 2.470 / 2.558 / 2.644 at two per SM; batch 4 was slower with one (4.88 against 4.79 ms at
+# 2k, 5.34 against 5.10 at 4k) and batch 16 at 512 unchanged (8.23 against 8.20-8.21).
+DOT_PROGRAMS_PER_SM_ONE_SEQUENCE = 1
+
+
+def dot_programs_per_sm(batch: int) -> int:
+    """Programs per SM the DOT form's launch aims for, for a decode batch of `batch` sequences."""
+    return DOT_PROGRAMS_PER_SM_ONE_SEQUENCE if batch == 1 else DOT_PROGRAMS_PER_SM
 
 
 # The FMA form's launch (`paged_decode`'s split_d; what sm_70 / sm_75 and fp32 caches run): lanes
