@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's time goes, kernel by kernel, and what bounds its GEMVs.
 
-    python benchmarks/decode_anatomy_gpu.py [--quant gptq4] [--context 512] [--layer 8] [--no-micro]
+    python benchmarks/decode_anatomy_gpu.py [--quant gptq4] [--context 512] [--layer 8] [--no-micro] [--out DIR]
 
 1. Timeline. One graphed batch-1 step of a random-weight model (triton rung, paged cache), profiled
    over a few replays with PDL off and on. Per position in a layer (mean over the layers): the kernel,
@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from collections import defaultdict
@@ -35,6 +36,7 @@ from lowgear.generator.graphs import DecodeGraphs, DecodeRow
 from lowgear.quant.kernels import gptq
 
 PAGE = 256
+GEMV_NAMES = ("q|k|v", "o", "gate|up", "down")  # a layer's linears in the order they run
 
 
 def step_events(fn, replays: int = 4) -> list[tuple[str, float, float]]:
@@ -56,7 +58,8 @@ def short(name: str) -> str:
     return name.split("(")[0].split("<")[0][:40]
 
 
-def timeline(model, graphs, rows, layer_bytes: dict[int, int], bandwidth: float, shown_layer: int) -> None:
+def timeline(model, graphs, rows, layer_bytes: dict[int, int], bandwidth: float, shown_layer: int) -> dict:
+    """Print the step's kernels (see the module docstring); returns them per position in a layer."""
     ev = step_events(lambda: graphs.run(rows))
     wall = ev[-1][2] - ev[0][1]
     norms = [i for i, (n, _, _) in enumerate(ev) if "rms" in n.lower()]
@@ -73,13 +76,17 @@ def timeline(model, graphs, rows, layer_bytes: dict[int, int], bandwidth: float,
     tot_own = tot_crit = 0.0
     print(f"    per position in a layer (mean of {layers}): own µs, critical-path µs (end - previous end)")
     gemv_i = 0
+    record = {"kernels": len(ev), "span_us": wall, "positions": [], "outside": []}
     for pos in sorted(per_pos):
         xs = per_pos[pos]
+        if len(xs) < layers:  # kernels between the last layer and the final norm: listed as outside
+            continue
         own = sum(x[1] for x in xs) / len(xs)
         crit = sum(x[2] for x in xs) / len(xs)
         tot_own += own
         tot_crit += crit
         extra = ""
+        nb = None
         if "gemv" in xs[0][0] or "mma" in xs[0][0]:
             nb = layer_bytes.get(gemv_i)
             gemv_i += 1
@@ -87,18 +94,56 @@ def timeline(model, graphs, rows, layer_bytes: dict[int, int], bandwidth: float,
                 extra = (f"  {nb / 1e6:6.1f} MB: {nb / crit / 1e6:5.2f} TB/s on the path "
                          f"(roofline {nb / bandwidth * 1e6:5.1f} µs)")
         print(f"      {pos:2d} {short(xs[0][0]):40s} {own:7.2f} {crit:7.2f}{extra}")
+        name = short(xs[0][0])
+        if nb is not None:
+            name += f" {GEMV_NAMES[gemv_i - 1]}"
+        record["positions"].append({"name": name, "own_us": own, "critical_us": crit, "weight_bytes": nb})
     print(f"      layer total: own {tot_own:.1f} µs, critical path {tot_crit:.1f} µs; x{layers} = {tot_crit * layers / 1e3:.3f} ms")
     first = starts[0]
-    last = norms[2 * layers] if len(norms) > 2 * layers else len(ev)
+    last = starts[-1] + len(record["positions"])
     outside = list(range(first)) + list(range(last, len(ev)))
     for j in outside:
         prev_end = ev[j - 1][2] if j else ev[j][1]
         print(f"      outside: {short(ev[j][0]):40s} {ev[j][2] - ev[j][1]:7.2f} {ev[j][2] - prev_end:7.2f}")
+        record["outside"].append({"name": short(ev[j][0]), "own_us": ev[j][2] - ev[j][1], "critical_us": ev[j][2] - prev_end})
     if 0 <= shown_layer < len(starts) - 1:
         print(f"    layer {shown_layer} as it ran (start µs from the layer's first kernel, own µs):")
         t0 = ev[starts[shown_layer]][1]
         for j in range(starts[shown_layer], starts[shown_layer + 1]):
             print(f"      {ev[j][1] - t0:8.2f} {ev[j][2] - ev[j][1]:7.2f}  {short(ev[j][0])}")
+    return record
+
+
+def plot(runs: list[dict], bandwidth: float, path: str) -> bool:
+    """One bar per run: a layer's critical path, kernel by kernel, beside its weight roofline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.9 * len(runs)))
+    colors = {"gemv": "#4c72b0", "mma": "#4c72b0", "rms": "#dd8452", "rope": "#55a868", "paged": "#c44e52",
+              "silu": "#8172b3"}
+    for i, run in enumerate(runs):
+        x = 0.0
+        for p in run["timeline"]["positions"]:
+            color = next((c for key, c in colors.items() if key in p["name"]), "#999999")
+            ax.barh(i, p["critical_us"], left=x, color=color, edgecolor="white")
+            if p["critical_us"] > 3:
+                ax.text(x + p["critical_us"] / 2, i, p["name"].split()[-1].replace("_kernel", "").replace("paged_decode", "attn"),
+                        ha="center", va="center", fontsize=7, color="white")
+            x += p["critical_us"]
+        roof = sum(p["weight_bytes"] or 0 for p in run["timeline"]["positions"]) / bandwidth * 1e6
+        ax.plot([roof, roof], [i - 0.45, i + 0.45], color="black", lw=2)
+    ax.set_yticks(range(len(runs)), [r["label"] for r in runs])
+    ax.set_xlabel("µs on a layer's critical path (black bar: the layer's weight bytes at copy bandwidth)")
+    ax.set_title("Batch-1 decode, one Llama-3-8B-shape layer, kernel by kernel")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 @triton.jit
@@ -142,7 +187,6 @@ def gemv_bound(spec, bandwidth: float) -> None:
     h, q, kv, inter = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
     shapes = {"q|k|v": (q + 2 * kv, h), "o": (h, q), "gate|up": (2 * inter, h), "down": (h, inter)}
     print("  GEMV alone, batch 1, 4-bit g128, weights cycled past L2 (µs; TB/s of qweight + scales + zeros):")
-    default_words = gptq.HALF2_WORDS
     for pdl_on in (False, True):
         if pdl_on:
             os.environ.pop("LOWGEAR_NO_PDL", None)
@@ -158,13 +202,7 @@ def gemv_bound(spec, bandwidth: float) -> None:
                    torch.full((groups, n), 0.001, dtype=torch.float16, device=dev)) for _ in range(copies)]
             x = torch.randn(1, k, device=dev, dtype=torch.float16)
             br = gptq.gemv_tile_rows(4, 128, k)
-            words = {}
-            for hw in (1, 2):  # fp16 sums of one word (dot8) or two (dot16) before each conversion
-                gptq.HALF2_WORDS = hw
-                words[hw] = graph_time(lambda: [gptq.gptq_gemv(x, qw, z, s, None, 4, 128, br) for qw, z, s in ws],
-                                       copies)
-            gptq.HALF2_WORDS = default_words
-            t_gemv = words[default_words]
+            t_gemv = graph_time(lambda: [gptq.gptq_gemv(x, qw, z, s, None, 4, 128, br) for qw, z, s in ws], copies)
             p = gptq.launch_params(n, k, 4, br, 1, half2=True)
             tiles = k // 8 // p["BLOCK_R"]
             t_gemv1 = graph_time(lambda: [gptq.gptq_gemv(x, qw, z, s, None, 4, 128, br, split=tiles)
@@ -180,7 +218,7 @@ def gemv_bound(spec, bandwidth: float) -> None:
                                          for qw, _, _ in ws], copies)
             qbytes = k * n // 2
             print(f"    {name:8s} {n:6d}x{k:5d} {nbytes / 1e6:5.1f} MB (roofline {nbytes / bandwidth * 1e6:5.1f} µs): "
-                  f"GEMV {t_gemv:6.2f} µs {nbytes / t_gemv / 1e6:4.2f} (dot8 {words[1]:6.2f}, dot16 {words[2]:6.2f}), "
+                  f"GEMV {t_gemv:6.2f} µs {nbytes / t_gemv / 1e6:4.2f}, "
                   f"one tile a program {t_gemv1:6.2f} | load-only {t_load:6.2f} "
                   f"{qbytes / t_load / 1e6:4.2f} ({grid[0]}x{grid[1]} programs, {p['rows_per_split'] // p['BLOCK_R']} tiles of "
                   f"{p['BLOCK_R']}x{p['BLOCK_N']}) | one tile a program {t_one:6.2f} {qbytes / t_one / 1e6:4.2f} "
@@ -196,7 +234,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--layer", type=int, default=8)
     ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for anatomy.json and anatomy.png")
     a = ap.parse_args()
+    runs = []
     dev = torch.device("cuda:0")
     spec = PRESETS[a.preset]
     bandwidth = measure_bandwidth(Timer(dev), quick=False)
@@ -227,12 +267,20 @@ def main() -> None:
             graphs.run(rows)
             t = Timer(dev).median(lambda: graphs.run(rows), 3, 20)
             print(f"  {quant}, PDL {'on' if pdl_on else 'off'}: graph replay {t * 1e3:.3f} ms", flush=True)
-            timeline(model, graphs, rows, layer_bytes, bandwidth, a.layer)
+            runs.append({"label": f"{quant}, PDL {'on' if pdl_on else 'off'}", "replay_ms": t * 1e3,
+                         "timeline": timeline(model, graphs, rows, layer_bytes, bandwidth, a.layer)})
             graphs.release()
         cache.pool.release(pages)
         del model, cache
         torch.cuda.empty_cache()
     os.environ.pop("LOWGEAR_NO_PDL", None)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "anatomy.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "bandwidth": bandwidth, "preset": spec.name,
+                       "context": a.context, "runs": runs}, f, indent=1)
+        drawn = plot(runs, bandwidth, os.path.join(a.out, "anatomy.png"))
+        print(f"wrote {a.out}/anatomy.json" + (" and anatomy.png" if drawn else " (no matplotlib: no plot)"))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ before it reads anything an earlier kernel wrote, or writes anything an earlier 
 read. Work before the wait may only touch memory no kernel of the step writes: the weights.
 
 Every kernel of the CUDA decode step calls `wait` where it first needs an earlier kernel's output
-(the GEMVs after issuing their first weight loads, the others at their start).
+(the GEMVs after issuing their first weight loads, RMSNorm after loading its weight, the others at
+their start).
 Where a kernel lets the next one in is the launch's `PDL` constexpr (0: a plain launch, compiled
 without any griddepcontrol instruction, as sm < 90 and the interpreter need):
 
