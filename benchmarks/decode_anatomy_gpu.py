@@ -27,6 +27,7 @@ from collections import defaultdict
 import torch
 import triton
 import triton.language as tl
+from profile_decode_gpu import graph_time  # benchmarks/, beside this file
 from torch.profiler import ProfilerActivity, profile
 
 from lowgear.attention.metadata import build_metadata
@@ -164,22 +165,9 @@ def load_only_kernel(qw_ptr, out_ptr, N, ROWS, rows_per_split, BLOCK_R: tl.const
     tl.store(out_ptr + pid_k * N + cols, acc, mask=cmask & (acc == 0x12345678))  # almost never writes
 
 
-def graph_time(fn, copies: int, reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(7):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / reps / copies)
-    return sorted(times)[3]
+def per_copy_us(fn, copies: int) -> float:
+    """µs per weight copy of fn (a launch on each of `copies` copies), from a CUDA graph of three calls."""
+    return graph_time(fn, reps=3) * 1e6 / copies
 
 
 def gemv_bound(spec, bandwidth: float) -> None:
@@ -202,18 +190,18 @@ def gemv_bound(spec, bandwidth: float) -> None:
                    torch.full((groups, n), 0.001, dtype=torch.float16, device=dev)) for _ in range(copies)]
             x = torch.randn(1, k, device=dev, dtype=torch.float16)
             br = gptq.gemv_tile_rows(4, 128, k)
-            t_gemv = graph_time(lambda: [gptq.gptq_gemv(x, qw, z, s, None, 4, 128, br) for qw, z, s in ws], copies)
+            t_gemv = per_copy_us(lambda: [gptq.gptq_gemv(x, qw, z, s, None, 4, 128, br) for qw, z, s in ws], copies)
             p = gptq.launch_params(n, k, 4, br, 1, half2=True)
             tiles = k // 8 // p["BLOCK_R"]
-            t_gemv1 = graph_time(lambda: [gptq.gptq_gemv(x, qw, z, s, None, 4, 128, br, split=tiles)
+            t_gemv1 = per_copy_us(lambda: [gptq.gptq_gemv(x, qw, z, s, None, 4, 128, br, split=tiles)
                                           for qw, z, s in ws], copies)
             out = torch.empty((p["split"] + k // 8, n), dtype=torch.int32, device=dev)
             grid = (triton.cdiv(n, p["BLOCK_N"]), p["split"])
-            t_load = graph_time(lambda: [load_only_kernel[grid](qw, out, n, k // 8, p["rows_per_split"], BLOCK_R=p["BLOCK_R"],
+            t_load = per_copy_us(lambda: [load_only_kernel[grid](qw, out, n, k // 8, p["rows_per_split"], BLOCK_R=p["BLOCK_R"],
                                                                  BLOCK_N=p["BLOCK_N"], num_warps=p["num_warps"])
                                           for qw, _, _ in ws], copies)
             grid1 = (grid[0], triton.cdiv(k // 8, p["BLOCK_R"]))
-            t_one = graph_time(lambda: [load_only_kernel[grid1](qw, out, n, k // 8, p["BLOCK_R"], BLOCK_R=p["BLOCK_R"],
+            t_one = per_copy_us(lambda: [load_only_kernel[grid1](qw, out, n, k // 8, p["BLOCK_R"], BLOCK_R=p["BLOCK_R"],
                                                                 BLOCK_N=p["BLOCK_N"], num_warps=p["num_warps"])
                                          for qw, _, _ in ws], copies)
             qbytes = k * n // 2
