@@ -30,7 +30,6 @@ import triton.language as tl
 from profile_decode_gpu import graph_time  # benchmarks/, beside this file
 from torch.profiler import ProfilerActivity, profile
 
-from lowgear.attention.metadata import build_metadata
 from lowgear.bench import PRESETS, Timer, measure_bandwidth
 from lowgear.bench_models import synthetic_model
 from lowgear.generator.graphs import DecodeGraphs, DecodeRow
@@ -38,6 +37,14 @@ from lowgear.quant.kernels import gptq
 
 PAGE = 256
 GEMV_NAMES = ("q|k|v", "o", "gate|up", "down")  # a layer's linears in the order they run
+
+
+def set_pdl(on: bool) -> None:
+    """PDL on (as configured) or off (LOWGEAR_NO_PDL=1) for the launches that follow."""
+    if on:
+        os.environ.pop("LOWGEAR_NO_PDL", None)
+    else:
+        os.environ["LOWGEAR_NO_PDL"] = "1"
 
 
 def step_events(fn, replays: int = 4) -> list[tuple[str, float, float]]:
@@ -82,6 +89,7 @@ def timeline(model, graphs, rows, layer_bytes: dict[int, int], bandwidth: float,
         xs = per_pos[pos]
         if len(xs) < layers:  # kernels between the last layer and the final norm: listed as outside
             continue
+        name = short(xs[0][0])
         own = sum(x[1] for x in xs) / len(xs)
         crit = sum(x[2] for x in xs) / len(xs)
         tot_own += own
@@ -94,8 +102,7 @@ def timeline(model, graphs, rows, layer_bytes: dict[int, int], bandwidth: float,
             if nb:
                 extra = (f"  {nb / 1e6:6.1f} MB: {nb / crit / 1e6:5.2f} TB/s on the path "
                          f"(roofline {nb / bandwidth * 1e6:5.1f} µs)")
-        print(f"      {pos:2d} {short(xs[0][0]):40s} {own:7.2f} {crit:7.2f}{extra}")
-        name = short(xs[0][0])
+        print(f"      {pos:2d} {name:40s} {own:7.2f} {crit:7.2f}{extra}")
         if nb is not None:
             name += f" {GEMV_NAMES[gemv_i - 1]}"
         record["positions"].append({"name": name, "own_us": own, "critical_us": crit, "weight_bytes": nb})
@@ -176,10 +183,7 @@ def gemv_bound(spec, bandwidth: float) -> None:
     shapes = {"q|k|v": (q + 2 * kv, h), "o": (h, q), "gate|up": (2 * inter, h), "down": (h, inter)}
     print("  GEMV alone, batch 1, 4-bit g128, weights cycled past L2 (µs; TB/s of qweight + scales + zeros):")
     for pdl_on in (False, True):
-        if pdl_on:
-            os.environ.pop("LOWGEAR_NO_PDL", None)
-        else:
-            os.environ["LOWGEAR_NO_PDL"] = "1"
+        set_pdl(pdl_on)
         print(f"   PDL {'on' if pdl_on else 'off'} (back-to-back launches in one graph)")
         for name, (n, k) in shapes.items():
             groups = k // 128
@@ -212,7 +216,7 @@ def gemv_bound(spec, bandwidth: float) -> None:
                   f"{p['BLOCK_R']}x{p['BLOCK_N']}) | one tile a program {t_one:6.2f} {qbytes / t_one / 1e6:4.2f} "
                   f"({grid1[0] * grid1[1]} programs)", flush=True)
             del ws
-    os.environ.pop("LOWGEAR_NO_PDL", None)
+    set_pdl(True)
 
 
 def main() -> None:
@@ -245,12 +249,8 @@ def main() -> None:
         per_seq = -(-(a.context + 1) // PAGE)
         pages = cache.pool.allocate(per_seq)
         rows = [DecodeRow(5, a.context + 1, pages)]
-        build_metadata([1], [a.context + 1], [pages], PAGE, device=dev)
         for pdl_on in (False, True):
-            if pdl_on:
-                os.environ.pop("LOWGEAR_NO_PDL", None)
-            else:
-                os.environ["LOWGEAR_NO_PDL"] = "1"
+            set_pdl(pdl_on)
             graphs = DecodeGraphs(model, cache, 1, cache.capacity_tokens)
             graphs.run(rows)
             t = Timer(dev).median(lambda: graphs.run(rows), 3, 20)
@@ -261,7 +261,7 @@ def main() -> None:
         cache.pool.release(pages)
         del model, cache
         torch.cuda.empty_cache()
-    os.environ.pop("LOWGEAR_NO_PDL", None)
+    set_pdl(True)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "anatomy.json"), "w") as f:

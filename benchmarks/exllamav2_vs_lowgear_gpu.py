@@ -157,6 +157,19 @@ def exllamav2_step(folder: str, b: int, context: int, steps: int) -> dict:
     return res
 
 
+def time_queued(gen, jobs: list, new: int, pending) -> dict:
+    """Enqueue `jobs` (`new` tokens each) on either framework's generator at once and iterate while
+    `pending()`: the wall time until the last is done, prefill included."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    gen.enqueue(jobs)
+    while pending():
+        gen.iterate()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {"jobs": len(jobs), "new": new, "wall_s": wall, "tok_s": len(jobs) * new / wall}
+
+
 def exllamav2_generator(folder: str, context: int, steps: int, queued: int, new: int, cudnn_sdp: bool) -> dict:
     """ExLlamaV2's own DynamicGenerator with the seed's recipe (no_flash_attn, paged=False,
     max_batch_size=1). One greedy job: the mean over `steps` consecutive iterate() calls once its
@@ -227,14 +240,7 @@ def _exllamav2_generator(folder: str, context: int, steps: int, queued: int, new
         jobs = [ExLlamaV2DynamicJob(input_ids=torch.randint(0, ORDINARY, (1, context), generator=g), max_new_tokens=new,
                                     gen_settings=ExLlamaV2Sampler.Settings.greedy(), stop_conditions=[])
                 for _ in range(queued)]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        gen.enqueue(jobs)
-        while gen.num_remaining_jobs():
-            gen.iterate()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        res["queued"] = {"jobs": queued, "new": new, "wall_s": wall, "tok_s": queued * new / wall}
+        res["queued"] = time_queued(gen, jobs, new, gen.num_remaining_jobs)
     model.unload()
     return res
 
@@ -293,15 +299,8 @@ def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backe
         g = torch.Generator().manual_seed(2)
         jobs = [lg.DynamicJob(input_ids=torch.randint(0, ORDINARY, (context,), generator=g).tolist(), max_new_tokens=new,
                               gen_settings=lg.Sampler.Settings.greedy()) for _ in range(queued)]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        gen.enqueue(jobs)
-        while any(not j.finished for j in jobs):
-            gen.iterate()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        res["queued"] = {"jobs": queued, "new": new, "wall_s": wall, "tok_s": queued * new / wall}
-        log(f"  lowgear {queued} queued requests ({context} + {new} tokens each): {wall:.2f} s, {queued * new / wall:.1f} tok/s")
+        q = res["queued"] = time_queued(gen, jobs, new, lambda: any(not j.finished for j in jobs))
+        log(f"  lowgear {queued} queued requests ({context} + {new} tokens each): {q['wall_s']:.2f} s, {q['tok_s']:.1f} tok/s")
     res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     log(f"  lowgear peak {res['peak_gib']:.2f} GiB (load {load_s:.1f} s, cache {cache_tokens} tokens)")
     if gen.graphs is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_ab import interleaved_steps  # benchmarks/, beside this file
+from step_ab import cache_tokens, interleaved_steps  # benchmarks/, beside this file
 
 from lowgear.bench import PRESETS, Timer, measure_bandwidth
 from lowgear.bench_models import synthetic_model
@@ -36,7 +36,7 @@ def main() -> None:
     bw = measure_bandwidth(Timer(dev), quick=False)
     print(f"{torch.cuda.get_device_name(dev)} copy {bw / 1e12:.2f} TB/s", flush=True)
     ctx, steps = 512, 48
-    model, cache = synthetic_model(spec, "gptq4", dev, 8 * 1024, 256)
+    model, cache = synthetic_model(spec, "gptq4", dev, cache_tokens(batches, ctx, steps), 256)
 
     def apply(config):
         G.TARGET_PROGRAMS, G.HALF2_MIN_SPLIT, G.HALF2_TILE_ROWS = config

@@ -18,10 +18,12 @@ import ast
 import importlib
 
 import torch
-from step_ab import interleaved_steps  # benchmarks/, beside this file
+from step_ab import cache_tokens, interleaved_steps  # benchmarks/, beside this file
 
 from lowgear.bench import PRESETS, Timer, measure_bandwidth
 from lowgear.bench_models import synthetic_model
+
+STEPS = 48  # graphed steps a timing
 
 
 def parse(config: str) -> list[tuple[object, str, object]]:
@@ -53,7 +55,7 @@ def main() -> None:
     bw = measure_bandwidth(Timer(dev), quick=False)
     print(f"{torch.cuda.get_device_name(dev)} copy {bw / 1e12:.2f} TB/s, {spec.name} {a.quant}, context {a.context}",
           flush=True)
-    model, cache = synthetic_model(spec, a.quant, dev, max(batches) * (-(-(a.context + 80) // 256) + 1) * 256 + 2 * 256, 256)
+    model, cache = synthetic_model(spec, a.quant, dev, cache_tokens(batches, a.context, STEPS), 256)
 
     def apply(config):
         for (mod, name), value in originals.items():
@@ -61,7 +63,7 @@ def main() -> None:
         for mod, name, value in settings[config]:
             setattr(mod, name, value)
 
-    for r in interleaved_steps(model, cache, spec, a.configs, apply, batches, a.context, 48, a.rounds, bw):
+    for r in interleaved_steps(model, cache, spec, a.configs, apply, batches, a.context, STEPS, a.rounds, bw):
         print(f"r{r['round']} bs={r['batch']:3d} {r['ms']:7.3f} ms {100 * r['roofline']:5.1f}%  tokens "
               f"{'same' if r['tokens_equal_first'] else 'DIFFER'}  {r['config']}", flush=True)
     apply("default")

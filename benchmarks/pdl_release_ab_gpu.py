@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from step_ab import interleaved_steps  # benchmarks/, beside this file
+from step_ab import cache_tokens, interleaved_steps  # benchmarks/, beside this file
 
 from lowgear.bench import PRESETS, Timer, measure_bandwidth
 from lowgear.bench_models import synthetic_model
@@ -57,11 +57,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev)}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, {spec.name}, "
           f"context {a.context}, {a.steps} steps a timing", flush=True)
     page = 256
-    cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page + 2 * page
     results = []
     for quant in a.quant.split(","):
         t0 = time.perf_counter()
-        model, cache = synthetic_model(spec, quant, dev, cache_tokens, page)
+        model, cache = synthetic_model(spec, quant, dev, cache_tokens(batches, a.context, a.steps, page), page)
         print(f"{quant}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         for r in interleaved_steps(model, cache, spec, configs, set_config, batches, a.context, a.steps, a.rounds,
                                    bandwidth):

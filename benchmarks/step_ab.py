@@ -20,6 +20,11 @@ from lowgear.bench import _NullTokenizer, kv_bytes, step_weight_bytes
 from lowgear.bench_models import generator_step_seconds
 
 
+def cache_tokens(batches: Sequence[int], context: int, steps: int, page: int = 256) -> int:
+    """Cache tokens for `interleaved_steps`: every batch's prompts and steps in whole pages, and two pages spare."""
+    return max(batches) * (-(-(context + steps + 16) // page) + 1) * page + 2 * page
+
+
 def interleaved_steps(model, cache, spec, configs: Sequence, apply: Callable, batches: Sequence[int], context: int,
                       steps: int, rounds: int, bandwidth: float) -> Iterator[dict]:
     """Yield {round, config, batch, ms, roofline, tokens_equal_first, seconds} (seconds: the config's wall
