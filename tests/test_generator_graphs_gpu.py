@@ -87,3 +87,35 @@ def test_graph_step_logits_match_eager(loaded):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     cache.pool.release(pages)
     graphs.release()
+
+
+@pytest.fixture(scope="module")
+def packed_ends(tmp_path_factory):
+    """One model per GGUF block format, that format in every linear, the embedding and an untied head."""
+    from lowgear.quant.formats import QUANT_FORMATS
+    from lowgear.synthetic import write_gguf
+
+    root = tmp_path_factory.mktemp("packed_ends")
+    shape = dict(arch="llama", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512)
+    return {q: write_gguf(root / f"m-{q}.gguf", qtype=q, seed=9, **shape) for q in QUANT_FORMATS}
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_graphed_decode_with_packed_embedding_and_head(packed_ends, qtype):
+    """A K-quant embedding once crashed capture (a host constant inside the dequantization)."""
+    config = lg.Config(packed_ends[qtype])
+    config.devices, config.dtype, config.attn_backend = ["0"], "float16", "triton"
+    model = lg.Model(config)
+    cache = lg.Cache(model, max_seq_len=2048, page_size=16)
+    model.load_autosplit(cache)
+    assert model.embed.qtype == qtype and model.lm_head.qtype == qtype and model.lm_head is not model.embed
+    tok = lg.Tokenizer(config)
+    prompts = _prompts(6)
+    eager = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=4, cuda_graphs=False)
+    want = _run(eager, prompts, max_new=12)
+    graphed = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=4)
+    assert graphed.graphs is not None, graphed.graphs_off_reason
+    graphed.warmup()
+    got = _run(graphed, prompts, max_new=12)
+    graphed.graphs.release()
+    assert got == want

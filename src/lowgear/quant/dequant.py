@@ -94,10 +94,13 @@ def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """128 bytes -> [..., 8, 32]: chunk c of 32 bytes holds sub-block 2c (low) and 2c+1 (high)."""
-    qs = qs.unflatten(-1, (4, 1, 32))
-    shifts = torch.tensor([0, 4], device=qs.device, dtype=torch.uint8).view(2, 1)
-    return ((qs >> shifts) & 0x0F).flatten(-3, -2)
+    """128 bytes -> [..., 8, 32]: chunk c of 32 bytes holds sub-block 2c (low) and 2c+1 (high).
+
+    Built from the input alone (no constant tensor from host data): this runs inside captured
+    CUDA graphs, where a host-to-device copy is an error.
+    """
+    qs = qs.unflatten(-1, (4, 32))
+    return torch.stack((qs & 0x0F, qs >> 4), dim=-2).flatten(-3, -2)
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
@@ -122,14 +125,13 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
-    ql = b[..., 0:128].unflatten(-1, (2, 1, 2, 32))  # [half, nibble, a, 32]
-    qh = b[..., 128:192].unflatten(-1, (2, 1, 32))  # [half, group, 32]
+    ql = b[..., 0:128].unflatten(-1, (2, 2, 32))  # [half, a, 32]
+    qh = b[..., 128:192].unflatten(-1, (2, 32))  # [half, 32]
     sc = b[..., 192:208].contiguous().view(torch.int8).float()  # one per 16 weights
     d = _f16(b[..., 208:210])
-    nib = torch.tensor([0, 4], device=b.device, dtype=torch.uint8).view(2, 1, 1)
-    low = ((ql >> nib) & 0x0F).flatten(-3, -2)  # [half, 4 groups, 32]; group g = nibble*2 + a
-    hsh = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8).view(4, 1)
-    high = (qh >> hsh) & 0x03  # group g takes bits 2g..2g+1
+    # shifts as separate ops, not a constant tensor: no host data inside a captured graph
+    low = torch.stack((ql & 0x0F, ql >> 4), dim=-3).flatten(-3, -2)  # [half, 4 groups, 32]; g = nibble*2 + a
+    high = torch.stack([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=-2)  # group g takes bits 2g..2g+1
     q = ((low | (high << 4)).to(torch.int16) - 32).float().reshape(*b.shape[:-1], 16, 16)
     return ((d[..., None] * sc)[..., None] * q).flatten(-2)
 
