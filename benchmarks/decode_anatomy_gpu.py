@@ -30,10 +30,10 @@ import triton.language as tl
 from profile_decode_gpu import graph_time  # benchmarks/, beside this file
 from torch.profiler import ProfilerActivity, profile
 
-from lowgear.bench import PRESETS, Timer, measure_bandwidth
-from lowgear.bench_models import synthetic_model
-from lowgear.generator.graphs import DecodeGraphs, DecodeRow
-from lowgear.quant.kernels import gptq
+from lowgear.bench.command import PRESETS, Timer, measure_bandwidth
+from lowgear.bench.models import synthetic_model
+from lowgear.engine.graphs import DecodeGraphs, DecodeRow
+from lowgear.ops.matmul import gptq_gemv as gptq
 
 PAGE = 256
 GEMV_NAMES = ("q|k|v", "o", "gate|up", "down")  # a layer's linears in the order they run

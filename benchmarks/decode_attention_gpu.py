@@ -25,7 +25,7 @@ import time
 import torch
 import triton.testing
 
-from lowgear.attention.kernels import load
+from lowgear.ops.attention import load
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 256
 CASES = [(1, 512), (1, 4096), (16, 1024), (64, 1024), (64, 4096)]

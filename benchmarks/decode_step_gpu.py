@@ -18,7 +18,7 @@ import torch
 
 import lowgear as lg
 from lowgear.attention.metadata import build_metadata
-from lowgear.bench import (
+from lowgear.bench.command import (
     PRESETS,
     Timer,
     _NullTokenizer,
@@ -26,8 +26,8 @@ from lowgear.bench import (
     measure_bandwidth,
     step_weight_bytes,
 )
-from lowgear.bench_models import generator_step_seconds, synthetic_model
-from lowgear.generator.graphs import DecodeRow
+from lowgear.bench.models import generator_step_seconds, synthetic_model
+from lowgear.engine.graphs import DecodeRow
 
 
 def main() -> None:

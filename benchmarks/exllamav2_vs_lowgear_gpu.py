@@ -27,7 +27,7 @@ With `--exllamav2-generator`, generator against generator as users run them:
   them one after another; lowgear batches them.
 
 The folder's tokenizer is a synthetic byte-level BPE of the model's whole vocabulary (128000
-ordinary tokens, 256 special; `lowgear.synthetic.byte_vocab`), so both generators detokenize what
+ordinary tokens, 256 special; `lowgear.bench.synthetic.byte_vocab`), so both generators detokenize what
 they stream as they would a real model's. Memory is torch's peak allocation during each
 framework's run, weights and cache included. Needs exllamav2 importable (it builds its CUDA
 extension on first import) and lowgear on the path. ExLlamaV2's batch-1 step is bound by the host
@@ -105,7 +105,7 @@ def write_gptq_8b(folder: str) -> float:
         index.update({k: name for k in merged})
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": index}, f)
-    from lowgear.synthetic import byte_vocab, write_hf_tokenizer
+    from lowgear.bench.synthetic import byte_vocab, write_hf_tokenizer
 
     vocab = byte_vocab(VOCAB, regular=ORDINARY)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
@@ -128,7 +128,7 @@ def folder_bytes(folder: str) -> int:
 def exllamav2_step(folder: str, b: int, context: int, steps: int) -> dict:
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 
-    from lowgear.bench import Timer
+    from lowgear.bench.command import Timer
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -258,7 +258,7 @@ def run_exllamav2(folder: str, batches: list[int], context: int, steps: int) -> 
 def run_lowgear(folder: str, batches: list[int], context: int, steps: int, backend: str | None,
                 profile: bool = False, queued: int = 0, new: int = 32) -> dict:
     import lowgear as lg
-    from lowgear.bench_models import generator_step_seconds
+    from lowgear.bench.models import generator_step_seconds
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

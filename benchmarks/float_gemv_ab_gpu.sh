@@ -13,7 +13,7 @@ B="--preset llama3-8b --quant float --dtype float16 --batch 1 --context 512 --pr
 for run in ${RUNS:-new1 old1 new2 old2}; do
   python3 - $B --out "$OUT/$run${LOWGEAR_NO_PDL:+-nopdl}" <<PY 2>&1 | grep "decode bs=1" | tail -1 | sed "s/^/$run: /"
 import sys
-from lowgear.quant.kernels import float_gemv as F
+from lowgear.ops.matmul import float_gemv as F
 if "$run".startswith("old"):
     F.BLOCK_K, F.BLOCK_K_MANY_ROWS, F.TARGET_PROGRAMS = 256, 256, 4 * 132
 from lowgear import cli

@@ -22,7 +22,7 @@ import time
 import torch
 
 import gemv_cold_gpu as cold  # benchmarks/, beside this file: graph timing and the copy bandwidth
-from lowgear.quant.kernels import float_gemv as F
+from lowgear.ops.matmul import float_gemv as F
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}

@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.testing
 
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant import kernels
-from lowgear.quant.gptq import GPTQWeight
-from lowgear.quant.kernels import gptq as G
+from lowgear.model.linear import QuantLinear
+from lowgear.ops import matmul as kernels
+from lowgear.formats.gptq import GPTQWeight
+from lowgear.ops.matmul import gptq_gemv as G
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 DEVICE = "cuda"

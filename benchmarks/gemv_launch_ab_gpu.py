@@ -17,9 +17,9 @@ import argparse
 import torch
 from step_ab import cache_tokens, interleaved_steps  # benchmarks/, beside this file
 
-from lowgear.bench import PRESETS, Timer, measure_bandwidth
-from lowgear.bench_models import synthetic_model
-from lowgear.quant.kernels import gptq as G
+from lowgear.bench.command import PRESETS, Timer, measure_bandwidth
+from lowgear.bench.models import synthetic_model
+from lowgear.ops.matmul import gptq_gemv as G
 
 SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate|up", 28672, 4096), ("down", 4096, 14336))
 

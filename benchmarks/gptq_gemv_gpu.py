@@ -4,7 +4,7 @@
     TRITON_INTERPRET=1 python benchmarks/gptq_gemv_gpu.py --cpu-smoke   # the script's logic, tiny shapes
 
 For (N, K) in the 8B layer shapes, 4-bit group 128, act-order off and on, M in {1, 4, 8, 16, 64}: the
-GEMV (`lowgear.quant.kernels.gptq.gptq_gemv`, M <= 16 only) at its default launch parameters and over
+GEMV (`lowgear.ops.matmul.gptq_gemv.gptq_gemv`, M <= 16 only) at its default launch parameters and over
 a sweep of num_warps x split-K (x the x-gather mode for act-order), and at M >= 8 the tl.dot kernel
 (`gptq_mma.gptq_mma`, what gptq_matmul runs for MAX_M < M <= 64 on sm_80+) at its defaults and, without
 --quick, over BLOCK_N x split-K x num_warps; all timed as CUDA-graph replays
@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.testing
 
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant import kernels
-from lowgear.quant.gptq import GPTQWeight
-from lowgear.quant.kernels import gptq as G
-from lowgear.quant.kernels import gptq_mma as MM
+from lowgear.model.linear import QuantLinear
+from lowgear.ops import matmul as kernels
+from lowgear.formats.gptq import GPTQWeight
+from lowgear.ops.matmul import gptq_gemv as G
+from lowgear.ops.matmul import gptq_mma as MM
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (N, K): qkvo / kv / gate-up / down
 DEVICE = "cuda"

@@ -20,8 +20,8 @@ import importlib
 import torch
 from step_ab import cache_tokens, interleaved_steps  # benchmarks/, beside this file
 
-from lowgear.bench import PRESETS, Timer, measure_bandwidth
-from lowgear.bench_models import synthetic_model
+from lowgear.bench.command import PRESETS, Timer, measure_bandwidth
+from lowgear.bench.models import synthetic_model
 
 STEPS = 48  # graphed steps a timing
 

@@ -23,7 +23,7 @@ import sys
 import torch
 
 import lowgear as lg
-from lowgear.synthetic import write_gguf
+from lowgear.bench.synthetic import write_gguf
 
 
 def main() -> None:

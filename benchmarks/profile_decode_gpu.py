@@ -23,11 +23,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lowgear.attention import kernels as attn_kernels
+from lowgear.ops import attention as attn_kernels
 from lowgear.attention.metadata import build_metadata
-from lowgear.bench import PRESETS, Timer, kv_bytes, measure_bandwidth, step_weight_bytes
-from lowgear.bench_models import synthetic_model
-from lowgear.generator.graphs import DecodeGraphs, DecodeRow
+from lowgear.bench.command import PRESETS, Timer, kv_bytes, measure_bandwidth, step_weight_bytes
+from lowgear.bench.models import synthetic_model
+from lowgear.engine.graphs import DecodeGraphs, DecodeRow
 
 PAGE = 256
 
@@ -216,7 +216,7 @@ def micro_attention(old_path: str | None, only_defaults: bool = False) -> None:
 
 
 def micro_gemv() -> None:
-    from lowgear.quant.kernels.gemv import packed_gemv
+    from lowgear.ops.matmul.gguf_gemv import packed_gemv
 
     dev = torch.device("cuda:0")
     print("fp16 linear alone, CUDA-graph timed: cuBLAS (torch.matmul) vs Triton F16 GEMV; TB/s of weight read")

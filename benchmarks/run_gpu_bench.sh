@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 # 540 s: the whole run stays inside a 10-minute slot even if a rung crawls; what finished is still in the log.
 # Rungs: triton (what a default run uses for decode steps, graphed) and t4-v100 (the no-flash-attn
 # fp16 path a T4 or V100 takes); transformers (sdpa and eager) is the peer, float16.
-timeout 540 "${PYTHON:-python3}" -m lowgear.cli bench \
+timeout 540 "${PYTHON:-python3}" -m lowgear.cli.main bench \
     --preset llama3-8b --quant float,q4_0,gptq4 --dtype float16 \
     --batch 1,16,64 --context 512,1024 --prefill 2048 \
     --rungs triton,t4-v100 --peer-attn sdpa,eager \

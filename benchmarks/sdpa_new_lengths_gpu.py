@@ -23,9 +23,9 @@ import time
 import torch
 
 import lowgear as lg
-from lowgear.bench import PRESETS
+from lowgear.bench.command import PRESETS
 from lowgear.attention import sdpa
-from lowgear.bench_models import _NullTokenizer, synthetic_model
+from lowgear.bench.models import _NullTokenizer, synthetic_model
 
 LEAVE_OUT = sdpa.without_cudnn
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 import lowgear as lg
-from lowgear.bench import _NullTokenizer, kv_bytes, step_weight_bytes
-from lowgear.bench_models import generator_step_seconds
+from lowgear.bench.command import _NullTokenizer, kv_bytes, step_weight_bytes
+from lowgear.bench.models import generator_step_seconds
 
 
 def cache_tokens(batches: Sequence[int], context: int, steps: int, page: int = 256) -> int:

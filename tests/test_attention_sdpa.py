@@ -8,7 +8,7 @@ import torch
 from lowgear.attention.eager import reference_attention
 from lowgear.attention.metadata import build_metadata
 from lowgear.attention.sdpa import SdpaBackend, gather_packed, gather_padded, probe_case
-from lowgear.hardware import cpu_device
+from lowgear.platform.hardware import cpu_device
 
 
 def make_step(q_lens, kv_lens, kv_heads, group, head_dim, page_size, seed=0, dtype=torch.float32):
@@ -113,7 +113,7 @@ def test_gqa_prefill_repeats_kv_heads_where_sdpa_has_no_flash_kernel(cc, flash_o
     """A causal GQA prefill on a GPU without torch's flash kernel (sm < 8.0, or flash switched off)
     repeats the kv heads instead of passing enable_gqa, which only flash and math take: the
     memory-efficient kernel then serves it instead of math's full score matrix."""
-    from lowgear import hardware
+    from lowgear.platform import hardware
 
     gpu = hardware.DeviceInfo(index=0, kind="cuda", name="Test GPU", compute_capability=cc,
                               total_memory=16 * 2**30, torch_arch_list=("sm_70", "sm_75", "sm_80", "sm_90"))

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from lowgear import hardware
+from lowgear.platform import hardware
 from lowgear.attention import select
 from lowgear.attention.eager import attend_one
 from lowgear.attention.flash_attn import FlashAttnBackend

@@ -16,11 +16,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from lowgear.attention.base import write_kv  # noqa: E402
+from lowgear.ops.kv_write import write_kv  # noqa: E402
 from lowgear.attention.eager import EagerBackend, reference_attention  # noqa: E402
 from lowgear.attention.metadata import build_metadata  # noqa: E402
 from lowgear.attention.triton import TritonBackend, dtypes_for  # noqa: E402
-from lowgear.hardware import DeviceInfo, cpu_device  # noqa: E402
+from lowgear.platform.hardware import DeviceInfo, cpu_device  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests run Triton in its interpreter (TRITON_INTERPRET=1)"
@@ -36,7 +36,7 @@ FP16_TOL = 4e-3
 
 
 def kernels():
-    from lowgear.attention.kernels import load
+    from lowgear.ops.attention import load
 
     return load(interpret=True)
 
@@ -368,7 +368,7 @@ def test_capabilities_and_dtypes():
 
 
 def test_import_does_not_import_triton():
-    code = "import sys, lowgear.attention.triton, lowgear.attention.kernels; assert 'triton' not in sys.modules"
+    code = "import sys, lowgear.attention.triton, lowgear.ops.attention; assert 'triton' not in sys.modules"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
@@ -381,7 +381,7 @@ def test_block_table_width_does_not_recompile_the_kernels():
 
     got = compiled_results(
         "import json\n"
-        "from lowgear.attention.kernels import paged_decode as D, paged_prefill as P\n"
+        "from lowgear.ops.attention import paged_decode as D, paged_prefill as P\n"
         "from triton.backends.compiler import BaseBackend\n"
         "from triton._C.libtriton import native_specialize_impl\n"
         "out = {k.__name__: {p.name: p.do_not_specialize for p in k.params}\n"

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from lowgear.attention.eager import EagerBackend, reference_attention  # noqa: E402
 from lowgear.attention.metadata import build_metadata  # noqa: E402
 from lowgear.attention.triton import TritonBackend  # noqa: E402
-from lowgear.hardware import DeviceInfo  # noqa: E402
+from lowgear.platform.hardware import DeviceInfo  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -73,7 +73,7 @@ def test_decode_on_gpu(dtype, window):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16, 64])
 def test_decode_splits_on_gpu(num_splits):
-    from lowgear.attention.kernels import load
+    from lowgear.ops.attention import load
 
     decode, _ = load(interpret=False)
     q, kc, vc, meta = problem([1, 1, 1], [4096, 33, 1500])
@@ -87,7 +87,7 @@ def test_decode_splits_on_gpu(num_splits):
 def test_decode_fma_forms_on_gpu(heads, kv_heads, split_d):
     """The FMA forms (what sm_70 / sm_75 run; the default split_d and the whole-warp form) compiled for
     this GPU, GQA ratios 1/3/8, a graph-style bound far past the lengths."""
-    from lowgear.attention.kernels import load
+    from lowgear.ops.attention import load
 
     decode, _ = load(interpret=False)
     q, kc, vc, meta = problem([1] * 5, [1, 17, 512, 777, 4000], heads=heads, kv_heads=kv_heads)
@@ -147,7 +147,7 @@ def test_probe_on_gpu():
 
 def test_decode_under_cuda_graph():
     """Fixed shapes and no host sync: the decode step can be captured once and replayed."""
-    from lowgear.attention.kernels import load
+    from lowgear.ops.attention import load
 
     decode, _ = load(interpret=False)
     q, kc, vc, meta = problem([1] * 4, [100, 2000, 4000, 3000])

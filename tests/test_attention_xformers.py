@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from lowgear import hardware
+from lowgear.platform import hardware
 from lowgear.attention import select
 from lowgear.attention.eager import EagerBackend
 from lowgear.attention.sdpa import SdpaBackend, probe_case

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from lowgear import bench
-from lowgear.cli import make_parser
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant.gptq import GPTQWeight, dequantize_gptq
+from lowgear.bench import command as bench
+from lowgear.cli.main import make_parser
+from lowgear.model.linear import QuantLinear
+from lowgear.formats.gptq import GPTQWeight, dequantize_gptq
 
 
 def _run(tmp_path, *extra):
@@ -110,7 +110,7 @@ def test_plot_only_redraws(report, tmp_path):
 
 def test_generator_step_seconds_times_decode_steps_and_leaves_the_cache_empty():
     import lowgear as lg
-    from lowgear.bench_models import _NullTokenizer, generator_step_seconds, synthetic_config
+    from lowgear.bench.models import _NullTokenizer, generator_step_seconds, synthetic_config
 
     spec = bench.PRESETS["tiny"]
     model = lg.Model(synthetic_config(spec, "float", torch.device("cpu"), torch.float32, "cpu"))

@@ -12,7 +12,7 @@ import pytest
 def lowgear(*args, stdin: str | None = None, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "lowgear.cli", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lowgear.cli.main", *args], input=stdin, capture_output=True,
                           text=True, timeout=300, env=env)
 
 

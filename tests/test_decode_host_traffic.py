@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import load
 from lowgear.attention.metadata import build_metadata
-from lowgear.quant.formats import QUANT_FORMATS
+from lowgear.formats.blocks import QUANT_FORMATS
 
 # aten ops that move host data into a tensor or read a tensor back to the host
 HOST_OPS = {
@@ -93,7 +93,7 @@ def test_guard_catches_host_data_and_syncs():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from lowgear.synthetic import write_gguf
+    from lowgear.bench.synthetic import write_gguf
 
     root = tmp_path_factory.mktemp("host_traffic")
     shape = dict(arch="llama", hidden_size=256, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=256)

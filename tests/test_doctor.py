@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from lowgear import doctor, hardware, placement
+from lowgear.cli import doctor
+from lowgear.platform import hardware, placement
 from lowgear.attention import select
 from lowgear.config import Config
-from lowgear.weights.spec import ModelSpec, TensorInfo
+from lowgear.formats.spec import ModelSpec, TensorInfo
 
 LLAMA3_8B = ModelSpec(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                       num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192, name="Llama-3-8B")
@@ -113,7 +114,7 @@ def test_unusable_device_is_explained(monkeypatch):
 
 
 def test_real_synthetic_gguf(monkeypatch, tmp_path):
-    from lowgear import synthetic
+    from lowgear.bench import synthetic
 
     path = synthetic.write_gguf(tmp_path / "tiny.gguf", hidden_size=64, num_layers=2, qtype="Q4_0")
     report = t4_report(monkeypatch, model_path=str(path))
@@ -128,7 +129,7 @@ def test_exl2_folder_shows_bits_per_weight_and_the_plan(monkeypatch, tmp_path):
     pytest.importorskip("transformers")
     from test_exl2 import write_exl2_llama
 
-    from lowgear.weights import HFSource
+    from lowgear.formats import HFSource
 
     _, folder = write_exl2_llama(tmp_path)
     report = t4_report(monkeypatch, model_path=str(folder))

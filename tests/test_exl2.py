@@ -1,4 +1,4 @@
-"""quant/exl2.py, QuantLinear over EXL2 tensors, and EXL2 Hugging Face folders in weights/hf.py.
+"""formats/exl2.py, QuantLinear over EXL2 tensors, and EXL2 Hugging Face folders in formats/hf.py.
 
 The EXL2 tensors are written here by a packer of its own, built from the format's description (act-order
 permutation, groups of descending bit width, per-column little-end bit streams, 4-bit scale codes
@@ -20,9 +20,9 @@ import torch
 from helpers import all_logits, hf_logits, load, write_quantized_llama
 
 from lowgear.errors import ModelFormatError, UnsupportedError
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant.exl2 import EXL2Weight, dequantize_exl2
-from lowgear.weights.hf import HFSource
+from lowgear.model.linear import QuantLinear
+from lowgear.formats.exl2 import EXL2Weight, dequantize_exl2
+from lowgear.formats.hf import HFSource
 
 transformers = pytest.importorskip("transformers")
 
@@ -197,8 +197,8 @@ def test_quant_linear_keeps_exl2_tensors_through_dtype_moves():
     rows = lin.lookup(torch.tensor([[3, 1]]), torch.float64)
     torch.testing.assert_close(rows, ref[[3, 1]].unsqueeze(0), rtol=0, atol=0)
     pytest.importorskip("triton")
-    from lowgear.quant import kernels
-    from lowgear.quant.kernels.exl2 import exl2_matmul
+    from lowgear.ops import matmul as kernels
+    from lowgear.ops.matmul.exl2_gemv import exl2_matmul
 
     assert kernels.kernel_for(lin) is exl2_matmul  # tests/test_quant_kernels_exl2.py checks it
 

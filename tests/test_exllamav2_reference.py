@@ -39,8 +39,8 @@ from helpers import all_logits, load
 from safetensors.torch import load_file
 
 import lowgear as lg
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.weights.hf import HFSource
+from lowgear.model.linear import QuantLinear
+from lowgear.formats.hf import HFSource
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exllamav2"
 META = json.loads((FIXTURES / "meta.json").read_text())

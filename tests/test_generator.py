@@ -16,7 +16,7 @@ RUNGS = ["eager", "sdpa", "triton"]
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from lowgear.synthetic import write_gguf
+    from lowgear.bench.synthetic import write_gguf
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
     write_gguf(path, arch="llama", hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2,

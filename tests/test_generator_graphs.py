@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import lowgear as lg
-from lowgear.generator.graphs import DecodeRow, DecodeStaging, bucket_for, buckets_for
+from lowgear.engine.graphs import DecodeRow, DecodeStaging, bucket_for, buckets_for
 
 
 def test_buckets():
@@ -46,7 +46,7 @@ def test_staging_all_padding():
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from lowgear.synthetic import write_gguf
+    from lowgear.bench.synthetic import write_gguf
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
     write_gguf(path, arch="llama", hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -67,6 +67,6 @@ def test_graphs_off_on_cpu(tiny_gguf, cuda_graphs):
 
 
 def test_env_switch_documented():
-    from lowgear import env
+    from lowgear.platform import env
 
     assert "LOWGEAR_NO_CUDA_GRAPHS" in env.ENV_VARS

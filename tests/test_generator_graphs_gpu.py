@@ -9,14 +9,14 @@ import torch
 
 import lowgear as lg
 from lowgear.attention.metadata import build_metadata
-from lowgear.generator.graphs import DecodeRow
+from lowgear.engine.graphs import DecodeRow
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    from lowgear.synthetic import write_gguf
+    from lowgear.bench.synthetic import write_gguf
 
     path = write_gguf(tmp_path_factory.mktemp("graphs") / "m.gguf", arch="llama", hidden_size=512, num_layers=4,
                       num_heads=8, num_kv_heads=2, intermediate_size=1024, qtype="Q4_0", seed=5)
@@ -92,8 +92,8 @@ def test_graph_step_logits_match_eager(loaded):
 @pytest.fixture(scope="module")
 def packed_ends(tmp_path_factory):
     """One model per GGUF block format, that format in every linear, the embedding and an untied head."""
-    from lowgear.quant.formats import QUANT_FORMATS
-    from lowgear.synthetic import write_gguf
+    from lowgear.formats.blocks import QUANT_FORMATS
+    from lowgear.bench.synthetic import write_gguf
 
     root = tmp_path_factory.mktemp("packed_ends")
     shape = dict(arch="llama", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512)

@@ -133,7 +133,7 @@ def test_same_seed_same_tokens_whatever_the_batch():
     sampled = lg.Sampler.Settings(temperature=1.0, top_k=0, top_p=1.0)
     # a stub model's logits depend on the step, so compare a job's draws through the sampler alone
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
-    from lowgear.generator.sampler import sample
+    from lowgear.engine.sampler import sample
 
     a = sample(logits, [sampled] * 3, [[1]] * 3, [torch.Generator().manual_seed(7) for _ in range(3)])
     b = sample(logits[1:2], [sampled], [[1]], [torch.Generator().manual_seed(7)])

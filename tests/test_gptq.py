@@ -1,4 +1,4 @@
-"""quant/gptq.py, QuantLinear over GPTQ tensors, and GPTQ Hugging Face folders in weights/hf.py.
+"""formats/gptq.py, QuantLinear over GPTQ tensors, and GPTQ Hugging Face folders in formats/hf.py.
 
 The GPTQ tensors are written here by a small round-to-nearest quantizer with its own packer (a
 bit matrix folded into int32 words), and every check is against a float64 reference computed from
@@ -13,9 +13,9 @@ import torch
 from helpers import LLAMA_LINEARS, all_logits, hf_logits, load, write_quantized_llama
 
 from lowgear.errors import ModelFormatError, UnsupportedError
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant.gptq import GPTQWeight, dequantize_gptq
-from lowgear.weights.hf import HFSource
+from lowgear.model.linear import QuantLinear
+from lowgear.formats.gptq import GPTQWeight, dequantize_gptq
+from lowgear.formats.hf import HFSource
 
 transformers = pytest.importorskip("transformers")
 

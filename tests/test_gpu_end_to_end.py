@@ -17,7 +17,7 @@ GPU_RUNGS = ["sdpa", "triton", "eager"]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from lowgear.synthetic import write_gguf
+    from lowgear.bench.synthetic import write_gguf
 
     root = tmp_path_factory.mktemp("gpu")
     shape = dict(arch="llama", hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1024)
@@ -90,7 +90,7 @@ def test_generator_batch_equals_alone_fp16(files, rung):
 
 def test_ladder_decisions_on_this_gpu(files):
     from lowgear.attention.select import select_backend
-    from lowgear.hardware import resolve_devices
+    from lowgear.platform.hardware import resolve_devices
 
     device = resolve_devices(["0"])[0]
     sel = select_backend(device, lg.Config().effective_switches(), torch.float16)

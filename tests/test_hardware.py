@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowgear import dtypes, hardware
+from lowgear.platform import dtypes, hardware
 from lowgear.errors import ConfigError, DeviceError
 
 

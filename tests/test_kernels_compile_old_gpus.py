@@ -20,7 +20,7 @@ SCRIPT = r"""
 import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
-from lowgear.attention.kernels import paged_decode as D, paged_prefill as P
+from lowgear.ops.attention import paged_decode as D, paged_prefill as P
 assert not D.INTERPRETED and not P.INTERPRETED
 
 INT_PTRS = {"block_tables_ptr", "kv_lens_ptr", "cu_q_lens_ptr"}
@@ -110,7 +110,7 @@ def compiled() -> list[dict]:
 
 
 def paged_decode():
-    from lowgear.attention.kernels import paged_decode
+    from lowgear.ops.attention import paged_decode
 
     return paged_decode
 

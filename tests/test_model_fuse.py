@@ -17,10 +17,10 @@ import torch
 from helpers import all_logits, interpreter_index_shim, load
 
 from lowgear.model.fuse import fuse_linear, fuse_weights
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant.gptq import GPTQWeight
-from lowgear.synthetic import write_gguf, write_hf
-from lowgear.weights import open_weights
+from lowgear.model.linear import QuantLinear
+from lowgear.formats.gptq import GPTQWeight
+from lowgear.bench.synthetic import write_gguf, write_hf
+from lowgear.formats import open_weights
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exllamav2"
 IDS = [5, 17, 3, 99, 42, 7, 250, 8, 61, 13, 77, 2, 190, 33, 4, 120, 9]
@@ -191,8 +191,8 @@ def test_fused_gptq_through_kernel_hook(interpreter_shim, act_order):
     pytest.importorskip("triton")
     from test_quant_kernels_gptq import make_gptq
 
-    from lowgear.quant import kernels
-    from lowgear.quant.kernels import gptq as G
+    from lowgear.ops import matmul as kernels
+    from lowgear.ops.matmul import gptq_gemv as G
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parts = [make_gptq(4, n, 128, 32, act_order=act_order, seed=n)[0] for n in (64, 32, 32)]
@@ -217,7 +217,7 @@ def test_fused_model_through_kernel_hooks(tmp_path, interpreter_shim, fmt):
     """Whole models with every packed linear on its Triton kernel (attach_kernels' choice, made by hand
     since attach_kernels only serves CUDA devices): fused and unfused logits agree."""
     pytest.importorskip("triton")
-    from lowgear.quant import kernels
+    from lowgear.ops import matmul as kernels
 
     if fmt == "gptq":
         from test_gptq import write_gptq_llama

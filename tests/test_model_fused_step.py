@@ -15,7 +15,7 @@ import torch
 from helpers import load
 
 from lowgear.attention.metadata import build_metadata
-from lowgear.synthetic import write_hf
+from lowgear.bench.synthetic import write_hf
 
 pytest.importorskip("triton")
 

@@ -6,8 +6,8 @@ Without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTER
 import pytest
 import torch
 
-from lowgear.model.kernels_norm import rms_norm, rms_norm_ref
-from lowgear.model.kernels_rope import apply_rope_, apply_rope_ref
+from lowgear.ops.norm import rms_norm, rms_norm_ref
+from lowgear.ops.rope import apply_rope_, apply_rope_ref
 
 pytest.importorskip("triton")
 
@@ -99,7 +99,7 @@ def test_rope_ref_matches_model_rope():
 
 def test_kernels_are_what_runs_here():
     """Under the interpreter (or on CUDA) the tests above exercised the Triton kernels, not the fallback."""
-    from lowgear.model.kernels_norm import use_triton
+    from lowgear.ops.norm import use_triton
 
     assert use_triton(torch.empty(1, device=DEVICE))
 
@@ -140,7 +140,7 @@ def test_rope_writes_rotated_k_and_v_into_cache_slots(rot, cache_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("inter", [96, 1500])  # masked tail; two column blocks
 def test_silu_mul(dtype, inter):
-    from lowgear.model.kernels_act import silu_mul
+    from lowgear.ops.act import silu_mul
 
     gen = torch.Generator().manual_seed(6)
     gate_up = (3 * torch.randn(3, 2 * inter, generator=gen)).to(dtype)

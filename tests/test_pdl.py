@@ -16,7 +16,8 @@ import pytest
 import torch
 from helpers import compiled_results
 
-from lowgear import env, hardware, pdl
+from lowgear.platform import env, hardware
+from lowgear.ops import pdl
 from lowgear.errors import ConfigError
 
 pytest.importorskip("triton")
@@ -78,7 +79,7 @@ def test_off_on_the_cpu_under_the_interpreter_and_by_env(fresh):
 
 
 def test_doctor_says_how_decode_kernels_launch(fresh):
-    from lowgear import doctor
+    from lowgear.cli import doctor
 
     fresh.setenv("LOWGEAR_SIMULATE", "h100,t4")
     report = doctor.collect()
@@ -95,9 +96,9 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lowgear.attention.kernels import paged_decode as D
-from lowgear.model import kernels_act, kernels_norm
-from lowgear.quant.kernels import float_gemv as F, gptq as G, gptq_mma as MM
+from lowgear.ops.attention import paged_decode as D
+from lowgear.ops import act as kernels_act, norm as kernels_norm
+from lowgear.ops.matmul import float_gemv as F, gptq_gemv as G, gptq_mma as MM
 
 GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
         "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "ROWS": "i32",

@@ -2,9 +2,9 @@
 
 import pytest
 
-from lowgear import hardware, placement
+from lowgear.platform import hardware, placement
 from lowgear.errors import OutOfMemoryError
-from lowgear.weights.spec import ModelSpec
+from lowgear.formats.spec import ModelSpec
 
 GiB = 2**30
 RESERVE = 512 * 2**20

@@ -1,4 +1,4 @@
-"""quant/dequant.py against gguf-py's numpy dequantizer, on random well-formed blocks."""
+"""formats/dequant.py against gguf-py's numpy dequantizer, on random well-formed blocks."""
 
 import numpy as np
 import pytest
@@ -7,9 +7,9 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from lowgear.errors import ModelFormatError, UnsupportedError  # noqa: E402
-from lowgear.quant import QUANT_FORMATS, dequantize, dequantize_index, dequantize_rows, get_format  # noqa: E402
-from lowgear.synthetic import random_blocks  # noqa: E402
-from lowgear.weights.spec import PackedTensor  # noqa: E402
+from lowgear.formats import QUANT_FORMATS, dequantize, dequantize_index, dequantize_rows, get_format  # noqa: E402
+from lowgear.bench.synthetic import random_blocks  # noqa: E402
+from lowgear.formats.spec import PackedTensor  # noqa: E402
 
 # f16 fields of each block, by byte offset
 F16_FIELDS = {

@@ -13,8 +13,8 @@ from helpers import interpreter_index_shim
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("triton")
 
-from lowgear.quant.kernels import dequantize_tile, packed_matmul, supports  # noqa: E402
-from lowgear.quant.kernels.gemv import blocks_per_step, launch_params  # noqa: E402
+from lowgear.ops.matmul import dequantize_tile, packed_matmul, supports  # noqa: E402
+from lowgear.ops.matmul.gguf_gemv import blocks_per_step, launch_params  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -99,7 +99,7 @@ def test_dequantize_tile_matches_gguf(qtype):
 
 
 def test_prefill_path_uses_tiles(monkeypatch):
-    import lowgear.quant.kernels as kernels
+    import lowgear.ops.matmul as kernels
 
     monkeypatch.setattr(kernels, "PREFILL_BAND_ELEMS", 512 * 16)  # 16-row bands: 2 bands for 20 rows
     n, k = 20, 512

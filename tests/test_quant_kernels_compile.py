@@ -22,8 +22,8 @@ I32, F32 = "i32", "fp32"
 
 def _specs():
     """(name, kernel, signature, constexprs, num_warps, is_gemv) for every kernel, fp16 activations."""
-    from lowgear.model import kernels_act, kernels_norm, kernels_rope
-    from lowgear.quant.kernels import dequant_tile, gemv
+    from lowgear.ops import act as kernels_act, norm as kernels_norm, rope as kernels_rope
+    from lowgear.ops.matmul import dequant_tile, gguf_gemv as gemv
 
     specs = []
     quant_args = {"x_ptr": "*fp16", "w": "*u8", "wh": "*fp16", "y_ptr": "*fp16", "N": I32, "K": I32,
@@ -37,7 +37,7 @@ def _specs():
                   "stride_wn": I32, "stride_xm": I32, "stride_ym": I32}
     specs.append(("gemv_F16", gemv.gemv_float_kernel, float_args,
                   {"M": 4, "M_PAD": 4, "BLOCK_N": 8, "BLOCK_K": 256}, 4, True))
-    from lowgear.quant.kernels import float_gemv
+    from lowgear.ops.matmul import float_gemv
 
     split_args = {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32",
                   "N": I32, "K": I32, "k_per_split": I32, "stride_xm": I32, "stride_wn": I32}

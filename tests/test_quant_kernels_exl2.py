@@ -1,4 +1,4 @@
-"""quant/kernels/exl2.py: the EXL2 split-K GEMV and prefill dequantizer against float64 references.
+"""ops/matmul/exl2_gemv.py: the EXL2 split-K GEMV and prefill dequantizer against float64 references.
 
 Random layers come from tests/test_exl2.py's packer (its float64 reference is computed from the
 integer codes, not from lowgear's unpacking); ExLlamaV2's own fixture layers are checked against
@@ -24,11 +24,11 @@ pytest.importorskip("triton")
 from test_exl2 import random_exl2
 from test_quant_kernels_gptq import _interpreter_numpy_shim, rel_err, xs  # noqa: F401
 
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant import kernels
-from lowgear.quant.exl2 import EXL2Weight, dequantize_exl2
-from lowgear.quant.kernels import exl2 as E
-from lowgear.weights.hf import HFSource
+from lowgear.model.linear import QuantLinear
+from lowgear.ops import matmul as kernels
+from lowgear.formats.exl2 import EXL2Weight, dequantize_exl2
+from lowgear.ops.matmul import exl2_gemv as E
+from lowgear.formats.hf import HFSource
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "exllamav2")
@@ -190,7 +190,7 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lowgear.quant.kernels import exl2 as E
+from lowgear.ops.matmul import exl2_gemv as E
 
 GEMV = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sc_ptr": "*u8", "tab_ptr": "*i32", "smax_ptr": "*fp16",
         "split_ptr": "*i32", "y_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "N_OUT": "i32", "stride_xm": "i32"}

@@ -1,4 +1,4 @@
-"""The packed-half2 4-bit unpack (quant/kernels/f16x2.py): its arithmetic on the CPU, the kernel on the GPU.
+"""The packed-half2 4-bit unpack (ops/matmul/f16x2.py): its arithmetic on the CPU, the kernel on the GPU.
 
 The PTX cannot run in the interpreter, so the CPU tests check `dot8_reference` (the same steps in
 numpy float16) against float64: the exponent trick gives code - zero exactly for every code, lane
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowgear.quant.kernels import f16x2
+from lowgear.ops.matmul import f16x2
 
 
 def _pack(codes: np.ndarray) -> np.ndarray:
@@ -68,9 +68,9 @@ def test_dot8_does_not_overflow_at_the_largest_activations():
 def test_half2_gemv_matches_float64_on_the_gpu(n, k, x_scale, m):
     from test_quant_kernels_gptq import make_gptq
 
-    from lowgear.model.quant_linear import QuantLinear
-    from lowgear.quant.gptq import dequantize_gptq
-    from lowgear.quant.kernels import gptq as G
+    from lowgear.model.linear import QuantLinear
+    from lowgear.formats.gptq import dequantize_gptq
+    from lowgear.ops.matmul import gptq_gemv as G
 
     torch.manual_seed(n + k + m)
     w, _ = make_gptq(4, n, k, 128)

@@ -1,4 +1,4 @@
-"""quant/kernels/float_gemv.py: the float16 / bfloat16 decode GEMV against float64 x @ w.T.
+"""ops/matmul/float_gemv.py: the float16 / bfloat16 decode GEMV against float64 x @ w.T.
 
 On machines without CUDA the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1),
 on small shapes; on a GPU the same cases run compiled. Shapes include N that is not a multiple of
@@ -15,10 +15,10 @@ from helpers import interpreter_index_shim
 
 pytest.importorskip("triton")
 
-from lowgear.model.quant_linear import QuantLinear  # noqa: E402
-from lowgear.quant import kernels  # noqa: E402
-from lowgear.quant.kernels import float_gemv as F  # noqa: E402
-from lowgear.quant.kernels import splitk  # noqa: E402
+from lowgear.model.linear import QuantLinear  # noqa: E402
+from lowgear.ops import matmul as kernels
+from lowgear.ops.matmul import float_gemv as F  # noqa: E402
+from lowgear.ops.matmul import splitk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,4 +1,4 @@
-"""quant/kernels/gptq.py: the GPTQ split-K GEMV and prefill dequantizer against a float64 reference.
+"""ops/matmul/gptq_gemv.py: the GPTQ split-K GEMV and prefill dequantizer against a float64 reference.
 
 GPTQ tensors are built here from random integer codes, zeros and fp16 scales with a local packer
 (tests/test_gptq.py packs the same format from a quantizer), and the reference is W = (q - z) * s in
@@ -18,10 +18,10 @@ from helpers import compiled_results, interpreter_index_shim
 
 pytest.importorskip("triton")
 
-from lowgear.model.quant_linear import QuantLinear  # noqa: E402
-from lowgear.quant import kernels  # noqa: E402
-from lowgear.quant.gptq import GPTQWeight, dequantize_gptq  # noqa: E402
-from lowgear.quant.kernels import gptq as G  # noqa: E402
+from lowgear.model.linear import QuantLinear  # noqa: E402
+from lowgear.ops import matmul as kernels
+from lowgear.formats.gptq import GPTQWeight, dequantize_gptq  # noqa: E402
+from lowgear.ops.matmul import gptq_gemv as G
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -212,7 +212,7 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lowgear.quant.kernels import gptq as G
+from lowgear.ops.matmul import gptq_gemv as G
 
 # y as fp32: an fp16 output's store may convert the result's layout once, at the end (shared memory
 # outside the loop), which would hide what the check below is after

@@ -1,4 +1,4 @@
-"""quant/kernels/gptq_mma.py: the tl.dot batched-decode GPTQ kernel, and gptq_matmul's routing to it.
+"""ops/matmul/gptq_mma.py: the tl.dot batched-decode GPTQ kernel, and gptq_matmul's routing to it.
 
 Numerics run in Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1; it executes
 tl.dot), against W = (q - z) * s in float64 built from the random integers of
@@ -22,12 +22,12 @@ pytest.importorskip("triton")
 
 from test_quant_kernels_gptq import _interpreter_numpy_shim, make_gptq, rel_err, xs  # noqa: E402, F401
 
-from lowgear import hardware  # noqa: E402
-from lowgear.model.quant_linear import QuantLinear  # noqa: E402
-from lowgear.quant import kernels  # noqa: E402
-from lowgear.quant.gptq import GPTQWeight, dequantize_gptq  # noqa: E402
-from lowgear.quant.kernels import gptq as G  # noqa: E402
-from lowgear.quant.kernels import gptq_mma as MM  # noqa: E402
+from lowgear.platform import hardware
+from lowgear.model.linear import QuantLinear  # noqa: E402
+from lowgear.ops import matmul as kernels
+from lowgear.formats.gptq import GPTQWeight, dequantize_gptq  # noqa: E402
+from lowgear.ops.matmul import gptq_gemv as G
+from lowgear.ops.matmul import gptq_mma as MM  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AMPERE, TURING = (8, 0), (7, 5)
@@ -181,7 +181,7 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lowgear.quant.kernels import gptq_mma as MM
+from lowgear.ops.matmul import gptq_mma as MM
 
 ARGS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16", "perm_ptr": "*i32",
         "y_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "group_size": "i32",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowgear.quant.dequant import dequantize_data
-from lowgear.quant.kernels import dequantize_tile, packed_matmul
-from lowgear.quant.kernels.gemv import BLOCK_BYTES, BLOCK_SIZES
+from lowgear.formats.dequant import dequantize_data
+from lowgear.ops.matmul import dequantize_tile, packed_matmul
+from lowgear.ops.matmul.gguf_gemv import BLOCK_BYTES, BLOCK_SIZES
 
 QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (out_features, in_features): attn, up, down

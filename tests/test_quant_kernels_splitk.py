@@ -1,4 +1,4 @@
-"""quant/kernels/splitk.py: the in-kernel split-K finish (last program of a tile adds the partials).
+"""ops/matmul/splitk.py: the in-kernel split-K finish (last program of a tile adds the partials).
 
 Run through the GPTQ GEMV, whose splits can be forced: every split count gives the float64 result,
 the counters are back at 0 after each launch (so the next launch, or a graph replay, starts clean),
@@ -16,8 +16,8 @@ from test_quant_kernels_gptq import DEVICE, linear, make_gptq, rel_err, xs
 
 pytest.importorskip("triton")
 
-from lowgear.quant.kernels import gptq as G  # noqa: E402
-from lowgear.quant.kernels import splitk  # noqa: E402
+from lowgear.ops.matmul import gptq_gemv as G
+from lowgear.ops.matmul import splitk  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

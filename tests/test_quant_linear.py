@@ -1,14 +1,14 @@
-"""model/quant_linear.py: packed and float linears against a float64 reference."""
+"""model/linear.py: packed and float linears against a float64 reference."""
 
 import numpy as np
 import pytest
 import torch
 
 from lowgear.errors import ModelFormatError
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant import QUANT_FORMATS, dequantize
-from lowgear.synthetic import random_blocks
-from lowgear.weights.spec import PackedTensor
+from lowgear.model.linear import QuantLinear
+from lowgear.formats import QUANT_FORMATS, dequantize
+from lowgear.bench.synthetic import random_blocks
+from lowgear.formats.spec import PackedTensor
 
 
 def packed(qtype: str, rows: int, cols: int, seed: int = 0) -> PackedTensor:

@@ -1,4 +1,4 @@
-"""quant/repack.py: GGUF Q4_0 / Q8_0 layers held as GPTQ tensors, against gguf-py's own dequantizer.
+"""ops/matmul/repack.py: GGUF Q4_0 / Q8_0 layers held as GPTQ tensors, against gguf-py's own dequantizer.
 
 The reference is `gguf.quants.dequantize` (llama.cpp's Python package) on the same bytes, so it
 shares no code with lowgear. The GPTQ form must give the same weights bit for bit (float64
@@ -15,16 +15,16 @@ import torch
 from gguf import GGMLQuantizationType, quants
 from helpers import interpreter_index_shim
 
-from lowgear.model.quant_linear import QuantLinear
-from lowgear.quant.gptq import dequantize_gptq
-from lowgear.quant import repack
-from lowgear.quant.repack import gguf_to_gptq
-from lowgear.weights.spec import PackedTensor
+from lowgear.model.linear import QuantLinear
+from lowgear.formats.gptq import dequantize_gptq
+from lowgear.ops.matmul import repack
+from lowgear.ops.matmul.repack import gguf_to_gptq
+from lowgear.formats.spec import PackedTensor
 
 pytest.importorskip("triton")
 
-from lowgear.quant import kernels  # noqa: E402
-from lowgear.quant.kernels import gptq as G  # noqa: E402
+from lowgear.ops import matmul as kernels
+from lowgear.ops.matmul import gptq_gemv as G
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QTYPES = ["Q4_0", "Q8_0"]

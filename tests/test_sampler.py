@@ -1,4 +1,4 @@
-"""Tests for generator/sampler.py: filters, penalties, greedy, seeds and settings validation."""
+"""Tests for engine/sampler.py: filters, penalties, greedy, seeds and settings validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
 from lowgear.errors import SamplingError
-from lowgear.generator.sampler import Sampler, SamplerSettings, apply_penalties, sample
+from lowgear.engine.sampler import Sampler, SamplerSettings, apply_penalties, sample
 
 
 def draws(logits: torch.Tensor, s: SamplerSettings, n: int, seed: int = 0, history=()) -> torch.Tensor:

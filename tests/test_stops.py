@@ -1,4 +1,4 @@
-"""Tests for generator/stops.py (StopMatcher) and generator/textstream.py (TextStream)."""
+"""Tests for engine/stops.py (StopMatcher) and engine/textstream.py (TextStream)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from lowgear.errors import ConfigError, LowgearError
-from lowgear.generator.stops import StopMatcher
-from lowgear.generator.textstream import TextStream
+from lowgear.engine.stops import StopMatcher
+from lowgear.engine.textstream import TextStream
 
 # A small alphabet makes stop strings occur, overlap and almost-occur often.
 small_text = st.text(alphabet="ab<|>é", max_size=60)

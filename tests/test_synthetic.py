@@ -1,4 +1,4 @@
-"""lowgear.synthetic: random GGUF / HF models that are complete, deterministic and readable."""
+"""lowgear.bench.synthetic: random GGUF / HF models that are complete, deterministic and readable."""
 
 import filecmp
 import json
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import lowgear.synthetic as syn
+import lowgear.bench.synthetic as syn
 from lowgear.errors import ConfigError
-from lowgear.quant import dequantize
-from lowgear.weights import PackedTensor, open_weights
+from lowgear.formats import dequantize
+from lowgear.formats import PackedTensor, open_weights
 
 SHAPE = dict(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=96)
 

@@ -1,4 +1,4 @@
-"""weights/gguf.py: spec and tensors of GGUF files written by lowgear.synthetic, and every bad input."""
+"""formats/gguf.py: spec and tensors of GGUF files written by lowgear.bench.synthetic, and every bad input."""
 
 import os
 import struct
@@ -10,10 +10,10 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from lowgear.errors import ModelFormatError, UnsupportedError  # noqa: E402
-from lowgear.quant import SUPPORTED_TYPES, dequantize  # noqa: E402
-from lowgear.synthetic import write_gguf  # noqa: E402
-from lowgear.weights import GGUFSource, PackedTensor, open_weights  # noqa: E402
-from lowgear.weights.gguf import canonical_name  # noqa: E402
+from lowgear.formats import SUPPORTED_TYPES, dequantize  # noqa: E402
+from lowgear.bench.synthetic import write_gguf  # noqa: E402
+from lowgear.formats import GGUFSource, PackedTensor, open_weights  # noqa: E402
+from lowgear.formats.gguf import canonical_name  # noqa: E402
 
 SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96)
 K_SHAPE = dict(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256)  # whole 256-blocks

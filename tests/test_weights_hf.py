@@ -1,4 +1,4 @@
-"""weights/hf.py: folders written by transformers' save_pretrained (and lowgear.synthetic), and bad inputs."""
+"""formats/hf.py: folders written by transformers' save_pretrained (and lowgear.bench.synthetic), and bad inputs."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lowgear.errors import ModelFormatError, UnsupportedError
-from lowgear.synthetic import write_hf
-from lowgear.weights import HFSource, open_weights
+from lowgear.bench.synthetic import write_hf
+from lowgear.formats import HFSource, open_weights
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,15 +2,16 @@
 
 Shaped like ExLlamaV2's config so its recipes carry over: `Config(path)` (or `Config()` then
 `config.model_dir = ...; config.prepare()`), then switches such as `config.no_flash_attn = True`.
-Environment variables (lowgear.env) are folded in by `effective_switches()`, never at import time.
+Environment variables (lowgear.platform.env) are folded in by `effective_switches()`, never at import time.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 
-from . import env
+from .platform import env
 from .errors import ConfigError, ModelFormatError
 
 BACKEND_NAMES = ("flash_attn", "xformers", "sdpa", "triton", "eager")
@@ -60,7 +61,7 @@ class Config:
             raise ConfigError("Config has no model path: set config.model_dir or pass a path to Config(...)")
         if not os.path.exists(self.model_dir):
             raise ModelFormatError(f"model path {self.model_dir!r} does not exist: give a .gguf file or a Hugging Face model folder")
-        from .weights import open_weights
+        from .formats import open_weights
 
         self._source = open_weights(self.model_dir)
         self.spec = self._source.spec
@@ -104,3 +105,22 @@ class Config:
         if isinstance(devices, str):
             return [d.strip() for d in devices.split(",") if d.strip()]
         return [str(d) for d in devices]
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """Device, dtype and attention-ladder switches (shared by generate, chat and serve)."""
+    g = p.add_argument_group("device and attention ladder")
+    g.add_argument("--devices", default=None, help="comma list: indexes, UUIDs, PCI bus ids, or 'cpu'")
+    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES)
+    g.add_argument("--attn-backend", default=None, choices=BACKEND_NAMES)
+    for name in ("flash-attn", "xformers", "sdpa", "triton"):
+        g.add_argument(f"--no-{name}", action="store_true", help=f"skip the {name.replace('-', '_')} rung")
+
+
+def apply_device_options(config, args) -> None:
+    """Copy add_device_options' switches onto a Config (before the model loads)."""
+    config.no_flash_attn, config.no_xformers = args.no_flash_attn, args.no_xformers
+    config.no_sdpa, config.no_triton = args.no_sdpa, args.no_triton
+    config.attn_backend, config.dtype = args.attn_backend, args.dtype
+    if args.devices:
+        config.devices = args.devices

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.kv_write import write_kv
 from .metadata import StepMetadata
 
 
@@ -37,15 +38,6 @@ class ProbeResult:
     reason: str = ""
     seconds: float | None = None  # time of the probe's timed call, where it times one
     details: dict = field(default_factory=dict)
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys/values [T, kv_heads, head_dim] into caches [pages, page_size, kv_heads, head_dim]
-    at the flat slots slot_mapping [T] (a step's `StepMetadata.slot_mapping`)."""
-    kvh, hd = k_cache.shape[-2:]
-    k_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def gather_kv(cache: torch.Tensor, table: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import hardware
+from ..platform import hardware
 from ..errors import BackendUnavailableError, DeviceError
 from .base import AttentionBackend, ProbeResult
 
@@ -160,7 +160,7 @@ def select_backend(device, switches=None, dtype: torch.dtype | None = None) -> S
     if switches is None:
         switches = _default_switches()
     if dtype is None:
-        from ..dtypes import default_dtype
+        from ..platform.dtypes import default_dtype
 
         dtype = default_dtype(device)
     key = (device, dtype, switches)
@@ -218,7 +218,7 @@ def survey(device, switches=None, dtype: torch.dtype | None = None) -> list[Deci
     if switches is None:
         switches = _default_switches()
     if dtype is None:
-        from ..dtypes import default_dtype
+        from ..platform.dtypes import default_dtype
 
         dtype = default_dtype(device)
     decisions = []

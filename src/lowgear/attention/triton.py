@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .. import env
+from ..platform import env
 from .base import AttentionBackend, Capabilities, ProbeResult
 from .eager import reference_attention
 from .metadata import StepMetadata, build_metadata
@@ -163,13 +163,13 @@ class TritonBackend(AttentionBackend):
 
     def _target_programs(self, device: torch.device, per_sm: int) -> int:
         """Programs a decode launch aims for before it stops splitting contexts (per SM: each form's
-        own, kernels/paged_decode.py's dot_programs_per_sm() and fma_form())."""
+        own, ops/attention/paged_decode.py's dot_programs_per_sm() and fma_form())."""
         if device.type != "cuda":
             return 8  # the interpreter runs programs one after another: fewer is faster
         return per_sm * self._sm_counts.get(device.index or 0, 64)
 
     def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None) -> torch.Tensor:
-        from .kernels import load
+        from ..ops.attention import load
 
         paged_decode, paged_prefill = load(_interpret())
         if q.stride(-1) != 1:

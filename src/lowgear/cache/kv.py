@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import dtype_bytes
+from ..platform.dtypes import dtype_bytes
 from ..errors import ConfigError
-from ..placement import kv_bytes_per_token_per_layer
+from ..platform.placement import kv_bytes_per_token_per_layer
 from .pages import PagePool
 
 DEFAULT_PAGE_SIZE = 256

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..quant.exl2 import EXL2Weight
-from ..quant.gptq import GPTQWeight
-from ..weights.spec import PackedTensor
+from ..formats.exl2 import EXL2Weight
+from ..formats.gptq import GPTQWeight
+from ..formats.spec import PackedTensor
 
 Weight = torch.Tensor | PackedTensor | GPTQWeight | EXL2Weight
 

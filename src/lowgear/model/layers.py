@@ -18,11 +18,11 @@ from torch import nn
 
 from ..attention.metadata import StepMetadata
 from ..errors import ModelFormatError
-from ..weights.spec import ModelSpec
-from .kernels_act import silu_mul
-from .kernels_norm import rms_norm
-from .kernels_rope import apply_rope_
-from .quant_linear import QuantLinear
+from ..formats.spec import ModelSpec
+from ..ops.act import silu_mul
+from ..ops.norm import rms_norm
+from ..ops.rope import apply_rope_
+from .linear import QuantLinear
 from .rope import apply_rope
 
 

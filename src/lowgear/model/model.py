@@ -13,11 +13,11 @@ from torch import nn
 
 from ..attention.metadata import StepMetadata
 from ..errors import ConfigError
-from ..weights.spec import ModelSpec
+from ..formats.spec import ModelSpec
 from .fuse import fuse_linear
-from .kernels_norm import rms_norm
+from ..ops.norm import rms_norm
 from .layers import MLP, Attention, DecoderLayer, RMSNorm
-from .quant_linear import QuantLinear
+from .linear import QuantLinear
 from .rope import cos_sin, inv_frequencies
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -54,7 +54,7 @@ class Model:
 
     def load_autosplit(self, cache, progress: bool = False, reserve_mb: int | None = None, device_limits_mb=None) -> "Model":
         """Plan which layers go on which device (weights + this cache's share), load, allocate the cache."""
-        from ..loading import load_model
+        from .load import load_model
 
         load_model(self, cache, progress=progress, reserve_mb=reserve_mb, device_limits_mb=device_limits_mb)
         return self
@@ -103,11 +103,11 @@ class Model:
 
     def attach_kernels(self) -> int:
         """Give packed linears on CUDA devices the Triton matmul-with-unpack kernel, and float16 /
-        bfloat16 ones the decode GEMV (quant/kernels/float_gemv.py); returns how many.
+        bfloat16 ones the decode GEMV (ops/matmul/float_gemv.py); returns how many.
 
         Without Triton (or on the CPU) QuantLinear keeps its torch path: unpack a band, then matmul.
         """
-        from ..quant import kernels
+        from ..ops import matmul as kernels
 
         capability = {d.label: d.compute_capability for d in self.devices}
         count = 0

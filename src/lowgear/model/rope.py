@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..weights.spec import ModelSpec
+from ..formats.spec import ModelSpec
 
 
 def inv_frequencies(spec: ModelSpec) -> torch.Tensor:

@@ -50,7 +50,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "page per batch slot); a request's context is never more than the cache")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    from ..cli import add_device_options
+    from ..config import add_device_options
 
     add_device_options(p)
     return p
@@ -79,7 +79,7 @@ def load_engine(model_path: str, *, max_seq_len="auto", cache_size=None, max_bat
 
     config = lg.Config(model_path)
     if device_args is not None:
-        from ..cli import apply_device_options
+        from ..config import apply_device_options
 
         apply_device_options(config, device_args)
     if isinstance(max_seq_len, int):

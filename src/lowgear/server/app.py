@@ -27,14 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ContextLengthError, LowgearError
 from . import metrics
 from .engine import Engine, Event, JobHandle
-from .openai_types import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingSpec,
-    format_validation_error,
-    sampling_spec,
-)
+from .openai_types import APIError, ChatCompletionRequest, CompletionRequest, SamplingSpec, format_validation_error, sampling_spec
 
 log = logging.getLogger("lowgear.server")
 DISCONNECT_POLL_S = 0.5

@@ -1,0 +1,1 @@
+"""`lowgear bench`: random models of real shapes (synthetic.py, models.py), peers (peer.py), the report."""

@@ -1,0 +1,630 @@
+"""`lowgear bench`: how close lowgear runs to the hardware, beside transformers, in one run.
+
+It builds models of real shapes (Llama-3-8B, Llama-3.2-1B, Qwen2-0.5B; float16, Q4_0-packed or GPTQ 4-bit) from
+an in-memory source of random tensors (`RandomSource`, generated directly on the device: no file,
+no download), or loads `--model`. For each attention rung (every rung that works on the device,
+plus a forced "what a T4/V100 gets" rung) it times the model's decode step at fixed batch sizes
+and contexts, a prefill, and the generator end to end (time to first token). Each figure sits
+beside its ceiling, measured in the same run: decode against the memory roofline (bytes a step
+must read ÷ copy bandwidth), prefill against a large matmul's FLOP/s; and beside transformers on
+the same shapes (bench/peer.py). Results go to bench.json and bench.png (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from ..errors import LowgearError
+from .models import DEFAULT_QUANTS, QUANTS, RandomSource, _NullTokenizer, synthetic_config
+from .report import _describe, _flops, _fmt_bytes, _line, plot, summary, write_outputs
+from ..formats.spec import ModelSpec
+
+GiB = 2**30
+T4_RUNG = "t4-v100"  # the forced rung: float16, no flash_attn, chosen as for an sm_75 device
+
+_LLAMA3_SCALING = {"type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+PRESETS: dict[str, ModelSpec] = {
+    "llama3-8b": ModelSpec("llama", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0,
+                           {**_LLAMA3_SCALING, "factor": 8.0}, max_position_embeddings=131072, name="Llama-3-8B shape"),
+    "llama3.2-1b": ModelSpec("llama", 128256, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0,
+                             {**_LLAMA3_SCALING, "factor": 32.0}, max_position_embeddings=131072,
+                             tie_word_embeddings=True, name="Llama-3.2-1B shape"),
+    "qwen2-0.5b": ModelSpec("qwen2", 151936, 896, 4864, 24, 14, 2, 64, 1e-6, 1000000.0, None,
+                            max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
+                            name="Qwen2-0.5B shape"),
+    "tiny": ModelSpec("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, None, max_position_embeddings=4096,
+                      name="tiny test shape"),
+}
+_QUANT_ALIASES = {"fp16": "float", "f16": "float", "q4": "q4_0"}
+
+
+class Timer:
+    """Median time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def median(self, fn, warmup: int, iters: int, slow_s: float = 1.0) -> float:
+        """Median of `iters` timed calls after `warmup` untimed ones; a call slower than `slow_s` gets 3 timed calls."""
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        if time.perf_counter() - t0 > slow_s:
+            warmup, iters = 1, min(iters, 3)
+        for _ in range(warmup - 1):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def measure_bandwidth(timer: Timer, quick: bool) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (bytes read + written ÷ time)."""
+    n = (64 if timer.device.type == "cpu" or quick else 1024) * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=timer.device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = timer.median(lambda: dst.copy_(src), warmup=2, iters=5 if quick else 20)
+    del src, dst
+    return 2 * n * 4 / t
+
+
+def measure_matmul(timer: Timer, dtype: torch.dtype, quick: bool) -> float:
+    """Peak matmul FLOP/s in `dtype` from a large square product on random data."""
+    n = 1024 if timer.device.type == "cpu" else (4096 if quick else 8192)
+    a = torch.randn(n, n, device=timer.device, dtype=dtype)
+    b = torch.randn(n, n, device=timer.device, dtype=dtype)
+    t = timer.median(lambda: torch.matmul(a, b), warmup=2, iters=3 if quick else 10)
+    return 2 * n**3 / t
+
+
+def source_bytes(source, dtype: torch.dtype) -> int:
+    """Bytes a WeightSource's tensors will take on the device: packed as stored, float in `dtype`."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    count = getattr(source, "float_elements", None)
+    total = 0
+    for name in source.names():
+        n = count(name) if count is not None else None
+        total += n * elt if n is not None else source.nbytes(name)
+    return total
+
+
+def step_weight_bytes(model, batch: int) -> int:
+    """Weight bytes one step reads: every layer, the final norm and lm_head; `batch` rows of an untied embedding."""
+    def module_bytes(m) -> int:
+        return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+    total = sum(module_bytes(layer) for layer in model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
+    if model.embed is not model.lm_head:
+        total += batch * module_bytes(model.embed) // model.spec.vocab_size
+    return total
+
+
+def kv_bytes(spec: ModelSpec, dtype: torch.dtype, tokens: int) -> int:
+    """K and V bytes of `tokens` cached positions over all layers."""
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * torch.empty((), dtype=dtype).element_size() * tokens
+
+
+def prefill_flops(spec: ModelSpec, tokens: int) -> float:
+    """Matmul FLOPs of one causal prompt of `tokens` tokens (linears, attention, lm_head for the last token)."""
+    s = spec
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    per_token = s.num_layers * (s.hidden_size * (2 * q + 2 * kv) + 3 * s.hidden_size * s.intermediate_size)
+    attention = s.num_layers * s.num_heads * s.head_dim * tokens * tokens * 2  # QK^T and PV, causal half of each
+    return 2.0 * per_token * tokens + attention + 2.0 * s.vocab_size * s.hidden_size
+
+
+def _memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device), "reserved_bytes": torch.cuda.memory_reserved(device)}
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------- the run
+@dataclasses.dataclass
+class Variant:
+    """One loaded model: which weights, in which dtype, timed on which rungs."""
+
+    label: str  # preset name or model path
+    spec: ModelSpec
+    quant: str  # "float", "q4_0", or "file" for --model
+    dtype: torch.dtype
+    rungs: list[str]
+    path: str | None = None
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.label = "cpu" if self.device.type == "cpu" else str(self.device.index)
+        if self.device.type == "cpu" and (args.threads or args.quick):
+            # Tiny shapes on a busy CPU: a thread pool costs more than it gives (and timings become noise).
+            torch.set_num_threads(args.threads or 1)
+        self.timer = Timer(self.device)
+        quick, cpu = args.quick, self.device.type == "cpu"
+        self.batches = _ints(args.batch) or ([1, 4] if quick and cpu else [1, 8, 32, 64])
+        self.contexts = _ints(args.context) or ([64, 256] if quick and cpu else [512, 4096])
+        self.prefill = args.prefill or (128 if quick and cpu else 2048)
+        self.new_tokens = 8 if quick else 32
+        self.warmup, self.iters = (1, 3) if quick else (args.warmup, args.iters)
+        self.results: list[dict] = []
+        self.skipped: list[dict] = []
+        self.rung_log: list[dict] = []
+        self.models: list[dict] = []
+        self.done, self.total = 0, 0
+
+    # ------------------------------------------------------------ bookkeeping
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def tick(self, text: str) -> None:
+        self.done += 1
+        self.say(f"[{self.done}/{self.total}] {text}")
+
+    def device_facts(self) -> dict:
+        from .. import __version__
+
+        facts = {"device": str(self.device), "name": platform.processor() or "CPU", "torch": torch.__version__,
+                 "lowgear": __version__, "python": platform.python_version()}
+        if self.device.type == "cuda":
+            p = torch.cuda.get_device_properties(self.device)
+            facts.update(name=p.name, compute_capability=f"{p.major}.{p.minor}", total_memory_bytes=p.total_memory,
+                         sm_count=p.multi_processor_count, cuda=torch.version.cuda)
+        return facts
+
+    def skip(self, what: dict, reason: str) -> None:
+        self.skipped.append({**what, "reason": reason})
+        self.say(f"  skipped {_describe(what)}: {reason}")
+
+    # ------------------------------------------------------------ plan
+    def variants(self) -> list[Variant]:
+        a = self.args
+        gpu_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        dtype = getattr(torch, a.dtype) if a.dtype else gpu_dtype
+        rungs = _rung_names(a.rungs, self.device)
+        plain = [r for r in rungs if r != T4_RUNG]
+        t4 = [T4_RUNG] if T4_RUNG in rungs else []
+        out: list[Variant] = []
+        if a.model:
+            from ..config import Config
+
+            spec = Config(a.model).spec
+            models = [(a.model, spec, ["file"], a.model)]
+        else:
+            presets = _names(a.preset) or (["tiny"] if self.device.type == "cpu" else ["llama3.2-1b"])
+            for p in presets:
+                if p not in PRESETS:
+                    raise LowgearError(f"unknown preset {p!r}: choose from {', '.join(PRESETS)}")
+            quants = [_QUANT_ALIASES.get(q.lower(), q.lower()) for q in _names(a.quant)] or list(DEFAULT_QUANTS)
+            for q in quants:
+                if q not in QUANTS:
+                    raise LowgearError(f"unknown --quant {q!r}: choose from {', '.join(QUANTS)}")
+            models = [(p, PRESETS[p], quants, None) for p in presets]
+        for label, spec, quants, path in models:
+            for q in quants:
+                if dtype == torch.float16:
+                    out.append(Variant(label, spec, q, dtype, plain + t4, path))
+                else:  # the T4/V100 rung runs in float16, so it needs its own load
+                    if plain:
+                        out.append(Variant(label, spec, q, dtype, plain, path))
+                    if t4:
+                        out.append(Variant(label, spec, q, torch.float16, t4, path))
+        return out
+
+    def shapes_that_fit(self, v: Variant, weight_bytes: int) -> tuple[list[tuple[int, int]], int]:
+        """(batch, context) pairs whose cache fits beside the weights, and the cache size in tokens."""
+        page = self.args.page_size
+        free = _free_bytes(self.device)
+        budget = None if free is None else free - weight_bytes - int(self.args.headroom_gib * GiB)
+        fit, tokens = [], _pages(self.prefill + self.new_tokens, page) * page
+        for b in self.batches:
+            for c in self.contexts:
+                need = b * _pages(c + 1, page) * page
+                if budget is not None and kv_bytes(v.spec, v.dtype, need) > budget:
+                    self.skip(_what(v, "decode", b, c), f"the cache needs {_fmt_bytes(kv_bytes(v.spec, v.dtype, need))} "
+                              f"beside {_fmt_bytes(weight_bytes)} of weights; {_fmt_bytes(free)} free")
+                    continue
+                fit.append((b, c))
+                tokens = max(tokens, need)
+        return fit, tokens + page  # one page more: a graphed step's padding rows write to a scratch page
+
+    # ------------------------------------------------------------ lowgear
+    def load(self, v: Variant, cache_tokens: int):
+        import lowgear as lg
+
+        if v.path:
+            config = lg.Config(v.path)
+            config.devices, config.dtype = [self.label], str(v.dtype).removeprefix("torch.")
+        else:
+            config = synthetic_config(v.spec, v.quant, self.device, v.dtype, self.label)
+        model = lg.Model(config)
+        cache = lg.Cache(model, max_seq_len=cache_tokens, page_size=self.args.page_size)
+        model.load_autosplit(cache, progress=True)
+        return model, cache
+
+    def run_variant(self, v: Variant) -> None:
+        if v.path:
+            from ..config import Config
+
+            source = Config(v.path).source
+        else:
+            source = RandomSource(v.spec, QUANTS[v.quant], torch.device("cpu"), v.dtype)
+        weights = source_bytes(source, v.dtype)
+        shapes, cache_tokens = self.shapes_that_fit(v, weights)
+        self.total -= (len(self.batches) * len(self.contexts) - len(shapes)) * len(v.rungs)
+        self.say(f"loading {v.spec.name or v.label} ({v.quant}, {_dt(v.dtype)}) on {self.device}: "
+                 f"{_fmt_bytes(weights)} of weights, cache of {cache_tokens} tokens")
+        t0 = time.perf_counter()
+        model, cache = self.load(v, cache_tokens)
+        self.models.append({"model": v.label, "quant": v.quant, "dtype": _dt(v.dtype), "spec": _spec_dict(v.spec),
+                            "weight_bytes": step_weight_bytes(model, 0), "cache_bytes": cache.nbytes(),
+                            "load_seconds": round(time.perf_counter() - t0, 2)})
+        try:
+            for rung in v.rungs:
+                selection = self.use_rung(model, v, rung)
+                if selection is None:
+                    self.total -= len(shapes) + 2
+                    continue
+                with _t4_sdpa() if rung == T4_RUNG and self.device.type == "cuda" else nullcontext():
+                    for b, c in shapes:
+                        self.decode(model, cache, v, rung, b, c)
+                    self.prefill_step(model, cache, v, rung)
+                    self.generate(model, cache, v, rung)
+        finally:
+            del model, cache
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def use_rung(self, model, v: Variant, rung: str):
+        """Point the loaded model at one attention rung; None (logged) when the rung cannot run here."""
+        from ..attention.select import select_backend
+        from ..config import Switches
+
+        if rung == T4_RUNG:
+            switches = Switches(True, False, False, False, None)
+        else:
+            switches = Switches(False, False, False, False, rung)
+        entry = {"model": v.label, "quant": v.quant, "dtype": _dt(v.dtype), "rung": rung}
+        try:
+            selections = {}
+            for info in model.devices:
+                if info.label not in model.selections:
+                    continue
+                as_seen = info
+                if rung == T4_RUNG and info.kind == "cuda":
+                    as_seen = dataclasses.replace(info, compute_capability=(7, 5), name=f"{info.name} as sm_75")
+                selections[info.label] = select_backend(as_seen, switches, v.dtype)
+        except LowgearError as exc:
+            self.rung_log.append({**entry, "available": False, "reason": str(exc)})
+            self.say(f"rung {rung}: not available here: {exc}")
+            return None
+        model.selections.update(selections)
+        chosen = sorted({s.name for s in selections.values()})
+        self.rung_log.append({**entry, "available": True, "backend": ",".join(chosen),
+                              "log": [dataclasses.asdict(d) for s in selections.values() for d in s.log]})
+        self.say(f"rung {rung}: attention through {', '.join(chosen)}")
+        return selections
+
+    def decode(self, model, cache, v: Variant, rung: str, batch: int, context: int) -> None:
+        """One decode step of `batch` sequences at `context`: a captured CUDA graph's replay where the rung
+        can be captured (as the DynamicGenerator runs it), else the eager forward."""
+        from ..attention.metadata import build_metadata
+
+        what = _what(v, "decode", batch, context, rung)
+        page = cache.page_size
+        per_seq = _pages(context + 1, page)
+        pages = cache.pool.allocate(batch * per_seq)
+        tables = [pages[s * per_seq : (s + 1) * per_seq] for s in range(batch)]
+        meta = build_metadata([1] * batch, [context + 1] * batch, tables, page, device=model.layer_devices[0])
+        ids = torch.randint(0, v.spec.vocab_size, (batch,), device=model.layer_devices[0])
+        graphs = self._graphs(model, cache, batch)
+        _reset_peak(self.device)
+        try:
+            if graphs is not None:
+                from ..engine.graphs import DecodeRow
+
+                rows = [DecodeRow(5, context + 1, t) for t in tables]
+                if graphs.run(rows) is None:  # no bucket or no scratch page: time what the generator would run
+                    graphs.release()
+                    graphs = None
+            if graphs is not None:
+                seconds = self.timer.median(lambda: graphs.run(rows), self.warmup, self.iters)
+            else:
+                seconds = self.timer.median(lambda: model.forward(ids, meta, cache), self.warmup, self.iters)
+        except torch.OutOfMemoryError as exc:
+            self.done += 1
+            return self.skip(what, f"out of memory: {str(exc).splitlines()[0]}")
+        finally:
+            if graphs is not None:
+                graphs.release()
+            cache.pool.release(pages)
+        weights, kv = step_weight_bytes(model, batch), kv_bytes(v.spec, cache.dtype, batch * (context + 1))
+        self.add(what, seconds, batch / seconds, bytes_per_step=weights + kv, weight_bytes_per_step=weights, kv_bytes_per_step=kv,
+                 cuda_graph=graphs is not None)
+
+    def _graphs(self, model, cache, batch: int):
+        """A DecodeGraphs for this batch, as the generator would build it; None where steps run eagerly."""
+        from ..engine.graphs import DecodeGraphs, disabled_reason
+
+        if self.args.no_graphs or disabled_reason(model, True) is not None:
+            return None
+        bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
+        return DecodeGraphs(model, cache, batch, bound)
+
+    def prefill_step(self, model, cache, v: Variant, rung: str) -> None:
+        from ..attention.metadata import build_metadata
+
+        n = self.prefill
+        what = _what(v, "prefill", 1, n, rung)
+        meta = build_metadata([n], [n], [list(range(_pages(n, cache.page_size)))], cache.page_size, device=model.layer_devices[0])
+        ids = torch.randint(0, v.spec.vocab_size, (n,), device=model.layer_devices[0])
+        _reset_peak(self.device)
+        try:
+            seconds = self.timer.median(lambda: model.forward(ids, meta, cache), self.warmup, max(2, self.iters // 3))
+        except torch.OutOfMemoryError as exc:
+            self.done += 1
+            return self.skip(what, f"out of memory: {str(exc).splitlines()[0]}")
+        self.add(what, seconds, n / seconds, flops=prefill_flops(v.spec, n))
+
+    def generate(self, model, cache, v: Variant, rung: str) -> None:
+        """End to end through the DynamicGenerator: time to first token of a prompt, then decode speed."""
+        import lowgear as lg
+
+        what = _what(v, "generate", 1, self.prefill, rung)
+        gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=_NullTokenizer(v.spec.vocab_size),
+                                  paged=True, max_batch_size=1)
+        g = torch.Generator().manual_seed(len(self.results))  # a fresh prompt: no prefix-cache hits
+        for warm in (True, False):
+            prompt = torch.randint(0, v.spec.vocab_size, (self.prefill,), generator=g).tolist()
+            job = lg.DynamicJob(input_ids=prompt, max_new_tokens=self.new_tokens, gen_settings=lg.Sampler.Settings.greedy())
+            self.timer.sync()
+            t0 = time.perf_counter()
+            gen.enqueue(job)
+            first = None
+            while not job.finished:
+                if gen.iterate() and first is None:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+        if job.eos_reason == "error":  # e.g. float16 overflow in random weights: no speed to report
+            self.skip(what, f"the job ended with an error: {job.error}")
+            return
+        n = len(job.generated)
+        decode_tps = (n - 1) / (end - first) if n > 1 else None
+        self.add(what, first - t0, decode_tps, ttft_ms=(first - t0) * 1e3, new_tokens=n)
+
+    # ------------------------------------------------------------ the peer
+    def run_peer(self, spec: ModelSpec, label: str) -> None:
+        from .peer import HFPeer
+
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        for impl in _names(self.args.peer_attn):
+            v = Variant(label, spec, "float", dtype, [impl])
+            try:
+                peer = HFPeer(spec, self.device, dtype, impl)
+            except Exception as exc:  # transformers missing, or an attention implementation it lacks
+                self.total -= len(self.batches) * len(self.contexts) + 1
+                self.skip({"engine": "transformers", "model": label, "rung": impl}, f"{type(exc).__name__}: {exc}")
+                continue
+            try:
+                for b in self.batches:
+                    for c in self.contexts:
+                        self.peer_measure(_what(v, "decode", b, c, impl, engine="transformers"),
+                                          lambda: peer.decode_step(b, c), b)
+                self.peer_measure(_what(v, "prefill", 1, self.prefill, impl, engine="transformers"),
+                                  lambda: peer.prefill_step(self.prefill), self.prefill, flops=prefill_flops(spec, self.prefill))
+            finally:
+                peer.close()
+                del peer
+                gc.collect()
+
+    def peer_measure(self, what: dict, make, tokens: int, **extra) -> None:
+        _reset_peak(self.device)
+        step = None
+        try:
+            step = make()
+            seconds = self.timer.median(step, self.warmup, self.iters if what["kind"] == "decode" else max(2, self.iters // 3))
+        except torch.OutOfMemoryError as exc:
+            self.done += 1
+            return self.skip(what, f"out of memory: {str(exc).splitlines()[0]}")
+        finally:
+            del step
+            if self.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+        self.add(what, seconds, tokens / seconds, **extra)
+
+    # ------------------------------------------------------------ figures
+    def add(self, what: dict, seconds: float, tokens_per_s: float | None, **extra) -> None:
+        r = {**what, "device": self.facts["name"], "ms_per_step": seconds * 1e3, "tokens_per_s": tokens_per_s, **extra}
+        if "bytes_per_step" in r:
+            r["roofline_ms"] = r["bytes_per_step"] / self.bandwidth * 1e3
+            r["pct_roofline"] = 100.0 * r["roofline_ms"] / r["ms_per_step"]
+        if "flops" in r:
+            r["flops_per_s"] = r["flops"] / seconds
+            r["pct_peak_flops"] = 100.0 * r["flops_per_s"] / self.matmul_flops
+        r["memory"] = _memory(self.device)
+        self.results.append(r)
+        self.tick(_line(r))
+
+    def compare(self) -> None:
+        """Each lowgear figure ÷ the fastest transformers figure of the same shape, batch and context."""
+        best: dict[tuple, dict] = {}
+        for r in self.results:
+            if r["engine"] == "transformers" and r["tokens_per_s"]:
+                key = (r["model"], r["kind"], r["batch"], r["context"])
+                if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+                    best[key] = r
+        for r in self.results:
+            peer = best.get((r["model"], r["kind"], r["batch"], r["context"]))
+            if r["engine"] == "lowgear" and peer is not None and r["tokens_per_s"]:
+                r["vs_transformers"] = {"ratio": r["tokens_per_s"] / peer["tokens_per_s"], "tokens_per_s": peer["tokens_per_s"],
+                                        "attn": peer["rung"], "dtype": peer["dtype"]}
+
+    def run(self) -> dict:
+        a = self.args
+        self.facts = self.device_facts()
+        variants = self.variants()
+        peers = [] if a.no_peer else list({v.label: v.spec for v in variants}.items())
+        per_rung = len(self.batches) * len(self.contexts) + 2
+        self.total = 2 + sum(len(v.rungs) * per_rung for v in variants) + len(peers) * len(_names(a.peer_attn)) * (per_rung - 1)
+        self.say(f"lowgear bench on {self.facts['name']} ({self.device}); batches {self.batches}, contexts {self.contexts}, "
+                 f"prefill {self.prefill} tokens")
+        self.bandwidth = measure_bandwidth(self.timer, a.quick)
+        self.tick(f"copy bandwidth {self.bandwidth / 1e9:.0f} GB/s (read + written) on {self.facts['name']}")
+        matmul_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.matmul_flops = measure_matmul(self.timer, matmul_dtype, a.quick)
+        self.tick(f"{_dt(matmul_dtype)} matmul {_flops(self.matmul_flops)} on {self.facts['name']}")
+        for v in variants:
+            self.run_variant(v)
+        for label, spec in peers:
+            self.run_peer(spec, label)
+        self.compare()
+        return {
+            "schema": 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv),
+            "device": self.facts,
+            "measured": {"bandwidth_bytes_per_s": self.bandwidth, "matmul_flops_per_s": self.matmul_flops,
+                         "matmul_dtype": _dt(matmul_dtype)},
+            "settings": {"batches": self.batches, "contexts": self.contexts, "prefill_tokens": self.prefill,
+                         "new_tokens": self.new_tokens, "warmup": self.warmup, "iters": self.iters,
+                         "page_size": a.page_size, "quick": a.quick, "cpu_threads": torch.get_num_threads()},
+            "models": self.models,
+            "rungs": self.rung_log,
+            "results": self.results,
+            "skipped": self.skipped,
+        }
+
+
+# ---------------------------------------------------------------- small helpers
+def _ints(text) -> list[int]:
+    return [int(x) for x in _names(text)]
+
+
+def _names(text) -> list[str]:
+    if not text:
+        return []
+    items = text if isinstance(text, list) else [text]
+    return [x.strip() for item in items for x in str(item).split(",") if x.strip()]
+
+
+def _rung_names(text, device: torch.device) -> list[str]:
+    from ..config import BACKEND_NAMES
+
+    names = _names(text)
+    if not names or names == ["all"]:
+        # Triton on the CPU is its interpreter: a test tool, not something to time.
+        names = [n for n in BACKEND_NAMES if device.type == "cuda" or n != "triton"] + [T4_RUNG]
+    for n in names:
+        if n not in BACKEND_NAMES and n != T4_RUNG:
+            raise LowgearError(f"unknown rung {n!r}: choose from {', '.join(BACKEND_NAMES)}, {T4_RUNG} or all")
+    return names
+
+
+def _pages(tokens: int, page: int) -> int:
+    return -(-tokens // page)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _what(v: Variant, kind: str, batch: int, context: int, rung: str | None = None, engine: str = "lowgear") -> dict:
+    return {"engine": engine, "model": v.label, "shape": v.spec.name or v.label, "quant": v.quant, "dtype": _dt(v.dtype),
+            "rung": rung, "kind": kind, "batch": batch, "context": context}
+
+
+def _spec_dict(spec: ModelSpec) -> dict:
+    d = dataclasses.asdict(spec)
+    d.pop("extra", None)
+    return d
+
+
+def _t4_sdpa():
+    """torch's own sdpa kernels as an sm_75 GPU has them: no flash or cuDNN kernels (they need sm_80)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="decode/prefill speed vs the memory roofline and vs transformers; JSON + PNG",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", action="append", help=f"model shape(s), comma list: {', '.join(PRESETS)} "
+                   "(default llama3.2-1b on a GPU, tiny on the CPU)")
+    p.add_argument("--model", "-m", default=None, help="a .gguf file or HF folder instead of a synthetic preset")
+    p.add_argument("--quant", default=None, help=f"synthetic weight formats, comma list: {', '.join(QUANTS)} (fp16 is an alias of float; default "
+                   f"{','.join(DEFAULT_QUANTS)})")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the first GPU, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="activation dtype (default float16 on a GPU, float32 on the CPU)")
+    p.add_argument("--batch", default=None, help="decode batch sizes, comma list (default 1,8,32,64)")
+    p.add_argument("--context", default=None, help="decode context lengths, comma list (default 512,4096)")
+    p.add_argument("--prefill", type=int, default=None, help="prompt tokens for prefill and time to first token (default 2048)")
+    p.add_argument("--rungs", default="all", help=f"attention rungs, comma list of flash_attn, xformers, sdpa, triton, eager, {T4_RUNG}; or all")
+    p.add_argument("--peer-attn", default="sdpa,eager", help="transformers attn_implementation(s) to time (the fastest is the peer)")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--page-size", type=int, default=256)
+    p.add_argument("--no-graphs", action="store_true", help="time decode steps eagerly (default: CUDA-graph replay where the rung allows)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=15, help="timed steps per figure (the median is reported)")
+    p.add_argument("--headroom-gib", type=float, default=4.0, help="GPU memory kept free when sizing caches")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="few iterations and (on the CPU) small shapes")
+    p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+    p.add_argument("--plot-only", default=None, metavar="JSON", help="redraw the PNG of an earlier bench.json and print its table")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            report = json.load(f)
+        print(summary(report))
+        png = os.path.splitext(args.plot_only)[0] + ".png"
+        if plot(report, png) is None:
+            raise LowgearError("drawing the plot needs matplotlib: pip install 'lowgear[bench]'")
+        print(f"wrote {png}")
+        return 0
+    report = Bench(args).run()
+    print(summary(report))
+    write_outputs(report, args.out)
+    return 0

@@ -1,0 +1,178 @@
+"""`lowgear bench`'s models: an in-memory WeightSource of random tensors of real shapes, made on the
+device one tensor at a time (no file, no download), and the Config / tokenizer stand-ins that let
+the normal loading path (Config → Model → Cache → load_autosplit) run on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..formats.blocks import get_format
+from ..formats.gptq import GPTQWeight, gptq_groups
+from ..formats.spec import ModelSpec, PackedTensor, TensorInfo
+
+# bench name -> packed format of the linear layers (None: float, in the run dtype); gptq4 is a GPTQ
+# folder's layout (4-bit, groups of 128 along K, no act-order, lm_head left in float16), as ExLlamaV2
+# users hold their models
+QUANTS = {"float": None, "q4_0": "Q4_0", "gptq4": "GPTQ4g128"}
+DEFAULT_QUANTS = ("float", "q4_0")
+GPTQ_BITS, GPTQ_GROUP = 4, 128
+
+
+# ---------------------------------------------------------------- the in-memory model
+class RandomSource:
+    """A WeightSource of random tensors of `spec`'s shapes, made on `device` when asked for, one at a time.
+
+    Linear weights are float (std 0.02), packed in `qtype` blocks (random 4-bit codes, small
+    scales), or GPTQ tensors (random codes and zero points, small scales; lm_head float, as in GPTQ
+    folders); the embedding table stays float, as the roofline excludes it (one row per token).
+    """
+
+    def __init__(self, spec: ModelSpec, qtype: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
+        self.spec, self.qtype, self.device, self.dtype = spec, qtype, device, dtype
+        self.seed, self._generator = seed, None
+        s, h = spec, spec.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {"embed": (s.vocab_size, h), "norm": (h,)}
+        if not s.tie_word_embeddings:
+            shapes["lm_head"] = (s.vocab_size, h)
+        q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for i in range(s.num_layers):
+            p = f"layers.{i}."
+            shapes.update({p + "attn_norm": (h,), p + "ffn_norm": (h,), p + "q": (q_out, h), p + "k": (kv_out, h),
+                           p + "v": (kv_out, h), p + "o": (h, q_out), p + "gate": (s.intermediate_size, h),
+                           p + "up": (s.intermediate_size, h), p + "down": (h, s.intermediate_size)})
+            if s.attention_bias:
+                shapes.update({p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (kv_out,)})
+        self.shapes = shapes
+
+    def _packed(self, name: str) -> bool:
+        if self.qtype == QUANTS["gptq4"] and name == "lm_head":
+            return False  # GPTQ checkpoints keep the output head in float16
+        return self.qtype is not None and len(self.shapes[name]) == 2 and name != "embed"
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def info(self, name: str) -> TensorInfo:
+        shape = self.shapes[name]
+        if self._packed(name) and self.qtype == QUANTS["gptq4"]:
+            n, k = shape
+            groups = gptq_groups(k, GPTQ_GROUP)
+            return TensorInfo(self.qtype, shape, k * n * GPTQ_BITS // 8 + groups * n * 2 + groups * n * GPTQ_BITS // 8)
+        if self._packed(name):
+            return TensorInfo(self.qtype, shape, shape[0] * get_format(self.qtype).row_bytes(shape[1]))
+        return TensorInfo("F16", shape, math.prod(shape) * 2)
+
+    def nbytes(self, name: str) -> int:
+        return self.info(name).nbytes
+
+    def float_elements(self, name: str) -> int | None:
+        return None if self._packed(name) else math.prod(self.shapes[name])
+
+    def get(self, name: str):
+        shape = self.shapes[name]
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        g, dev = self._generator, self.device
+        if self._packed(name) and self.qtype == QUANTS["gptq4"]:
+            n, k = shape
+            groups = gptq_groups(k, GPTQ_GROUP)
+            words = lambda *sh: torch.randint(-(1 << 31), 1 << 31, sh, dtype=torch.int64, device=dev,  # noqa: E731
+                                              generator=g).to(torch.int32)
+            # (code - zero) spans -15 .. 15 here (random zero points), twice Q4_0's -8 .. 7: half its scale
+            scales = torch.full((groups, n), 0.001, dtype=torch.float16, device=dev)
+            return GPTQWeight(words(k * GPTQ_BITS // 32, n), words(groups, n * GPTQ_BITS // 32), scales, None,
+                              GPTQ_BITS, GPTQ_GROUP, False, 1)
+        if self._packed(name):
+            fmt = get_format(self.qtype)
+            rows, cols = shape
+            blocks = torch.randint(0, 256, (rows, cols // fmt.block_size, fmt.block_bytes), dtype=torch.uint8, device=dev, generator=g)
+            scale = torch.full((1, 1, 1), 0.002, dtype=torch.float16, device=dev).view(torch.uint8)  # [1, 1, 2]
+            blocks[..., 0:2] = scale
+            if fmt.name == "Q4_1":
+                blocks[..., 2:4] = torch.zeros_like(scale)
+            return PackedTensor(self.qtype, blocks.view(rows, -1), shape)
+        if name.endswith("norm"):
+            return torch.ones(shape, dtype=torch.float32, device=dev)
+        return torch.empty(shape, dtype=self.dtype, device=dev).normal_(0.0, 0.02, generator=g)
+
+
+def synthetic_config(spec: ModelSpec, quant: str, device: torch.device, dtype: torch.dtype, label: str):
+    """A lowgear Config whose weights come from a RandomSource (no model file)."""
+    from ..config import Config
+
+    config = Config()
+    config.spec, config._source = spec, RandomSource(spec, QUANTS[quant], device, dtype)
+    config.max_seq_len = spec.max_position_embeddings
+    config.devices = [label]
+    config.dtype = str(dtype).removeprefix("torch.")
+    return config
+
+
+def synthetic_model(spec: ModelSpec, quant: str, device: torch.device, cache_tokens: int, page_size: int,
+                    backend: str = "triton", dtype: torch.dtype = torch.float16, label: str = "0"):
+    """(model, cache): a random-weight model of `spec` on one device with a paged cache of `cache_tokens`
+    tokens, attention on `backend` (what the GPU benchmark scripts time)."""
+    from ..cache.kv import Cache
+    from ..model.model import Model
+
+    config = synthetic_config(spec, quant, device, dtype, label)
+    config.attn_backend = backend
+    model = Model(config)
+    cache = Cache(model, max_seq_len=cache_tokens, page_size=page_size)
+    model.load_autosplit(cache)
+    return model, cache
+
+
+class _NullTokenizer:
+    """The little the generator needs of a tokenizer when prompts are token ids and text is not read."""
+
+    stop_token_ids: frozenset = frozenset()
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def token_bytes_table(self, decode_special_tokens: bool = False) -> list[bytes]:
+        return [b"x"] * self.vocab_size
+
+
+# ---------------------------------------------------------------- timing and ceilings
+
+
+def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int, seed: int | None = None,
+                           tokens_out: list | None = None) -> float:
+    """Mean wall seconds per all-decode DynamicGenerator step with `batch` greedy jobs of `context` random
+    prompt tokens, over `steps` consecutive iterate() calls (prefill and two steps first, untimed; jobs
+    cancelled after). Steady state, as a caller streaming tokens sees it: a step the generator runs ahead
+    overlaps the host's work on the step before, so a sync between calls would hide or double-count it.
+    `tokens_out`, if given, receives each job's generated tokens (a list per job) before the cancel."""
+    import time
+
+    from ..engine.job import DynamicJob
+    from ..engine.sampler import Sampler
+
+    g = torch.Generator().manual_seed(batch if seed is None else seed)
+    jobs = [DynamicJob(input_ids=torch.randint(3, vocab, (context,), generator=g).tolist(), max_new_tokens=steps + 8,
+                       gen_settings=Sampler.Settings.greedy()) for _ in range(batch)]
+    gen.enqueue(jobs)
+    while any(len(j.generated) == 0 for j in jobs):
+        gen.iterate()
+    cuda = any(d.type == "cuda" for d in gen.model.layer_devices)
+    for _ in range(2):
+        gen.iterate()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        gen.iterate()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / steps
+    if tokens_out is not None:
+        tokens_out.extend(list(j.generated) for j in jobs)
+    for j in jobs:
+        gen.cancel(j)
+    gen.iterate()
+    return seconds

@@ -1,0 +1,212 @@
+"""Unpacking llama.cpp block formats into float tensors, in torch.
+
+Every function works on a uint8 tensor [rows, row_bytes] on any device (CPU or CUDA) and is
+vectorized over rows and blocks: a block's fields are sliced out of a [rows, blocks, block_bytes]
+view and combined with element-wise ops, so there is no Python loop over blocks. Arithmetic is done
+in float32 in the same order as llama.cpp / gguf-py (e.g. `(d * sc) * q - dmin * m`) so results
+match them bit for bit, then cast to the requested dtype.
+
+This is the reference path and the prefill path (dequantize a tile, then a cuBLAS matmul);
+`dequantize_rows` bounds the temporary to a range of rows and `dequantize_index` serves
+embedding lookups without unpacking the whole table.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import ModelFormatError
+from .spec import PackedTensor
+from .blocks import FLOAT_TYPES, get_format
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[..., 2] bytes -> [...] float32 (little-endian half precision)."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., n] bytes -> [..., 2n]: all low nibbles first, then all high nibbles."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+
+
+def _nibbles_float(qs: torch.Tensor) -> torch.Tensor:
+    """[..., n] bytes -> [..., 2n] float32, low nibbles then high, written straight into one buffer.
+
+    Same values as `_nibbles(qs).float()` with two fewer passes over the block (no cat, no cast copy):
+    this is the CPU decode path's hot loop.
+    """
+    n = qs.shape[-1]
+    out = torch.empty(*qs.shape[:-1], 2 * n, dtype=torch.float32, device=qs.device)
+    out[..., :n].copy_(qs & 0x0F)
+    out[..., n:].copy_(qs >> 4)
+    return out
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    q = b[..., 2:34].contiguous().view(torch.int8).float()
+    return q.mul_(d[..., None])
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    return _nibbles_float(b[..., 2:18]).sub_(8.0).mul_(d[..., None])
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    m = _f16(b[..., 2:4])
+    return _nibbles_float(b[..., 4:20]).mul_(d[..., None]).add_(m[..., None])
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """[..., 4] bytes of a little-endian uint32 -> [..., 32] bits, bit j for weight j."""
+    shifts = torch.arange(8, device=qh.device, dtype=torch.uint8)
+    return ((qh[..., :, None] >> shifts) & 1).flatten(-2)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    q = _nibbles(b[..., 6:22]) | (_fifth_bits(b[..., 2:6]) << 4)
+    return d[..., None] * (q.float() - 16.0)
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    m = _f16(b[..., 2:4])
+    q = _nibbles(b[..., 8:24]) | (_fifth_bits(b[..., 4:8]) << 4)
+    return d[..., None] * q.float() + m[..., None]
+
+
+def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """12 bytes of packed 6-bit values -> (scales [..., 8], mins [..., 8]) as float32.
+
+    Sub-blocks 0-3 keep their scale and min in the low 6 bits of bytes 0-3 and 4-7; sub-blocks 4-7
+    keep their low 4 bits in bytes 8-11 (scale low nibble, min high nibble) and their top 2 bits
+    in the spare top bits of bytes 0-3 (scale) and 4-7 (min).
+    """
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat((a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)), dim=-1)
+    mn = torch.cat((b & 0x3F, (c >> 4) | ((b >> 6) << 4)), dim=-1)
+    return sc.float(), mn.float()
+
+
+def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """128 bytes -> [..., 8, 32]: chunk c of 32 bytes holds sub-block 2c (low) and 2c+1 (high).
+
+    Built from the input alone (no constant tensor from host data): this runs inside captured
+    CUDA graphs, where a host-to-device copy is an error.
+    """
+    qs = qs.unflatten(-1, (4, 32))
+    return torch.stack((qs & 0x0F, qs >> 4), dim=-2).flatten(-3, -2)
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    dmin = _f16(b[..., 2:4])
+    sc, mn = _k_scales_mins(b[..., 4:16])
+    q = _k_low_nibbles(b[..., 16:144]).float()
+    w = (d[..., None] * sc)[..., None] * q - (dmin[..., None] * mn)[..., None]
+    return w.flatten(-2)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    dmin = _f16(b[..., 2:4])
+    sc, mn = _k_scales_mins(b[..., 4:16])
+    qh = b[..., 16:48]
+    shifts = torch.arange(8, device=b.device, dtype=torch.uint8).view(8, 1)
+    high = (qh[..., None, :] >> shifts) & 1  # [..., 8 sub-blocks, 32]: bit i of qh[l]
+    q = (_k_low_nibbles(b[..., 48:176]) | (high << 4)).float()
+    w = (d[..., None] * sc)[..., None] * q - (dmin[..., None] * mn)[..., None]
+    return w.flatten(-2)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    ql = b[..., 0:128].unflatten(-1, (2, 2, 32))  # [half, a, 32]
+    qh = b[..., 128:192].unflatten(-1, (2, 32))  # [half, 32]
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()  # one per 16 weights
+    d = _f16(b[..., 208:210])
+    # shifts as separate ops, not a constant tensor: no host data inside a captured graph
+    low = torch.stack((ql & 0x0F, ql >> 4), dim=-3).flatten(-3, -2)  # [half, 4 groups, 32]; g = nibble*2 + a
+    high = torch.stack([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=-2)  # group g takes bits 2g..2g+1
+    q = ((low | (high << 4)).to(torch.int16) - 32).float().reshape(*b.shape[:-1], 16, 16)
+    return ((d[..., None] * sc)[..., None] * q).flatten(-2)
+
+
+_BLOCK_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Q8_0": _q8_0,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
+
+
+def _unpack(packed) -> tuple[str, torch.Tensor]:
+    if isinstance(packed, PackedTensor):
+        return packed.qtype, packed.data
+    qtype, data = packed
+    return qtype, data
+
+
+def dequantize_data(qtype: str, data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [rows, row_bytes] in format `qtype` -> [rows, cols] of `dtype`."""
+    if qtype in FLOAT_TYPES:
+        return data.to(dtype)
+    fmt = get_format(qtype)
+    if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] % fmt.block_bytes:
+        raise ModelFormatError(
+            f"packed {qtype} data must be uint8 [rows, k*{fmt.block_bytes}], got {data.dtype} {list(data.shape)}: "
+            "the weight file is corrupt or was read with the wrong type"
+        )
+    rows, nbytes = data.shape
+    blocks = data.reshape(rows, nbytes // fmt.block_bytes, fmt.block_bytes)
+    return _BLOCK_FNS[qtype](blocks).reshape(rows, -1).to(dtype)
+
+
+def dequantize(packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A PackedTensor (or (qtype, uint8 [rows, row_bytes])) -> float [rows, cols]."""
+    qtype, data = _unpack(packed)
+    return dequantize_data(qtype, data, dtype)
+
+
+def dequantize_rows(packed, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows start:stop only, so the float temporary is bounded by the range asked for."""
+    qtype, data = _unpack(packed)
+    return dequantize_data(qtype, data[start:stop], dtype)
+
+
+def dequantize_index(packed, row_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows `row_ids` (any shape) -> [*row_ids.shape, cols]; the embedding lookup of a packed table."""
+    qtype, data = _unpack(packed)
+    flat = row_ids.reshape(-1).to(device=data.device, dtype=torch.long)
+    rows = dequantize_data(qtype, data.index_select(0, flat), dtype)
+    return rows.reshape(*row_ids.shape, rows.shape[-1])
+
+
+def band_width(n: int, k: int, max_elements: int) -> int:
+    """Output columns per band so that a float [k, band] temporary stays under max_elements (at least 1)."""
+    return max(1, min(n, max_elements // max(1, k)))
+
+
+def banded_matmul(x2: torch.Tensor, n: int, max_elements: int,
+                  weight_t: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x2 [M, K] @ W.T -> [M, n], W.T built a band of output columns at a time.
+
+    `weight_t(c0, c1)` returns W.T[:, c0:c1] ([K, c1 - c0], x2's dtype); bands are as wide as keeps
+    that float temporary under `max_elements`. The prefill / torch path of every packed format.
+    """
+    band = band_width(n, x2.shape[1], max_elements)
+    if band >= n:
+        return x2 @ weight_t(0, n)
+    y = x2.new_empty((x2.shape[0], n))
+    for c0 in range(0, n, band):
+        c1 = min(n, c0 + band)
+        y[:, c0:c1] = x2 @ weight_t(c0, c1)
+    return y

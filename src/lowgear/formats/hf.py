@@ -1,0 +1,419 @@
+"""Reading a Hugging Face model folder: config.json into a ModelSpec, safetensors under canonical names.
+
+The folder holds config.json and either one `*.safetensors` file or shards listed by
+`model.safetensors.index.json`. Files are opened with safetensors' `safe_open`, which reads the
+header only; each tensor is read when `get` asks for it, so opening a 70B folder costs nothing.
+
+Both config styles are understood: transformers < 5 (`rope_theta`, `rope_scaling`, `torch_dtype`)
+and transformers >= 5 (`rope_parameters`, `dtype`). HF checkpoints keep q/k in the "neox" (rotate
+halves) layout. qwen2 always has q/k/v biases; its sliding window only applies with
+`use_sliding_window`.
+
+GPTQ folders (`quantization_config.quant_method` "gptq" in config.json, or an AutoGPTQ
+`quantize_config.json`) store each linear as `<prefix>.qweight/.qzeros/.scales[/.g_idx]`; `get`
+hands those back as one `GPTQWeight` under the linear's canonical name.
+
+EXL2 folders (ExLlamaV2's converter) are recognised the way ExLlamaV2 recognises them, by tensor
+names: a linear stored as `<prefix>.q_weight/.q_scale/.q_scale_max/.q_groups/.q_invperm` comes back
+as one `EXL2Weight` (see formats/exl2.py for the format); `quantization_config.quant_method` "exl2"
+is accepted but not required (older folders lack it). Embeddings and norms stay fp16 tensors. ExLlamaV2
+pads a linear's outputs to a multiple of 32; the padding columns are dropped here using config.json's
+shapes. Other quant methods are refused up front with an UnsupportedError.
+
+`quantization()` sums a folder up for `doctor` from tensor headers alone (for EXL2: the average bits
+per weight over the decoder layers' linears, the per-linear range and the head's).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+from typing import Any
+
+import torch
+
+from ..errors import ModelFormatError, UnsupportedError
+from .exl2 import EXL2Weight, exl2_bits_per_weight, exl2_qtype
+from .gptq import GPTQ_FORMATS, GPTQWeight, check_gptq_bits, gptq_qtype
+from .spec import SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "q",
+    "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v",
+    "self_attn.o_proj.weight": "o",
+    "self_attn.q_proj.bias": "q_bias",
+    "self_attn.k_proj.bias": "k_bias",
+    "self_attn.v_proj.bias": "v_bias",
+    "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "ffn_norm",
+    "mlp.gate_proj.weight": "gate",
+    "mlp.up_proj.weight": "up",
+    "mlp.down_proj.weight": "down",
+}
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+_ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+_ST_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
+
+
+def canonical_name(hf_name: str) -> str | None:
+    """HF tensor name -> lowgear canonical name, or None for tensors the model does not use."""
+    m = _LAYER_RE.match(hf_name)
+    if m:
+        short = _LAYER_NAMES.get(m.group(2))
+        return None if short is None else f"layers.{m.group(1)}.{short}"
+    return _GLOBAL_NAMES.get(hf_name)
+
+
+def _arch(cfg: dict, folder: str) -> str:
+    arch = cfg.get("model_type")
+    if arch is None:
+        for cls in cfg.get("architectures") or ():
+            arch = _ARCH_BY_CLASS.get(cls, arch)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        shown = arch if arch is not None else (cfg.get("architectures") or "none given")
+        raise UnsupportedError(
+            f"{folder}: architecture {shown!r} is not supported: lowgear runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _rope(cfg: dict, folder: str) -> tuple[float, dict | None]:
+    params = cfg.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind in (None, "default"):
+        return theta, None
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": float(scaling["factor"])}
+    if kind == "llama3":
+        return theta, {
+            "type": "llama3",
+            "factor": float(scaling["factor"]),
+            "low_freq_factor": float(scaling["low_freq_factor"]),
+            "high_freq_factor": float(scaling["high_freq_factor"]),
+            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+        }
+    raise UnsupportedError(f"{folder}: rope scaling {kind!r} is not supported: lowgear handles linear and llama3")
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
+    arch = _arch(cfg, folder)
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        theta, scaling = _rope(cfg, folder)
+        window = cfg.get("sliding_window")
+        if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        bos = _ids(cfg.get("bos_token_id"))
+        return ModelSpec(
+            arch=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rope_style="neox",
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
+            attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            sliding_window=int(window) if window else None,
+            bos_token_id=bos[0] if bos else None,
+            eos_token_ids=_ids(cfg.get("eos_token_id")),
+            name=str(cfg.get("_name_or_path", os.path.basename(os.path.normpath(folder)))),
+            extra={"format": "hf", "path": folder, "torch_dtype": cfg.get("dtype", cfg.get("torch_dtype"))},
+        )
+    except KeyError as e:
+        raise ModelFormatError(f"{folder}/config.json has no {e.args[0]!r}; the config is incomplete; re-download it") from None
+
+
+_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+_EXL2_PARTS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "q_perm")
+
+
+def _quantization_config(cfg: dict, folder: str) -> dict | None:
+    """config.json's quantization_config (or AutoGPTQ's quantize_config.json), with its method checked."""
+    q = cfg.get("quantization_config")
+    side = os.path.join(folder, "quantize_config.json")
+    if q is None and os.path.isfile(side):  # AutoGPTQ's older layout: a separate file, GPTQ implied
+        with open(side) as f:
+            q = {"quant_method": "gptq", **json.load(f)}
+    if q is None:
+        return None
+    method = str(q.get("quant_method", "gptq")).lower()
+    if method not in ("gptq", "exl2"):
+        raise UnsupportedError(
+            f"{folder}: quantization method {method!r} is not supported: lowgear reads GPTQ (2/3/4/8-bit), "
+            "EXL2 and unquantized (F32/F16/BF16) Hugging Face folders, and GGUF files"
+        )
+    return {**q, "quant_method": method}
+
+
+def gptq_config(cfg: dict, folder: str) -> dict | None:
+    """The GPTQ facts {bits, group_size, sym, zero_offset} of a GPTQ folder; None for any other folder."""
+    q = _quantization_config(cfg, folder)
+    if q is None or q["quant_method"] != "gptq":
+        return None
+    fmt = str(q.get("checkpoint_format", "gptq")).lower()
+    if fmt not in GPTQ_FORMATS:
+        raise UnsupportedError(
+            f"{folder}: GPTQ checkpoint_format {fmt!r} is not supported: lowgear reads {', '.join(GPTQ_FORMATS)}"
+        )
+    try:
+        bits, group_size = int(q["bits"]), int(q.get("group_size", -1))
+    except (KeyError, TypeError, ValueError):
+        raise ModelFormatError(f"{folder}: quantization_config has no valid 'bits'; the config is incomplete") from None
+    check_gptq_bits(bits, folder)
+    return {"bits": bits, "group_size": group_size, "sym": bool(q.get("sym", True)), "zero_offset": GPTQ_FORMATS[fmt]}
+
+
+def _weight_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [p for p in files if not os.path.isfile(os.path.join(folder, p))]
+        if missing:
+            raise ModelFormatError(
+                f"{folder}: model.safetensors.index.json lists {', '.join(missing)}, which are missing; "
+                "download every shard"
+            )
+        return [os.path.join(folder, p) for p in files]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ModelFormatError(
+            f"no *.safetensors in {folder}: lowgear reads safetensors weights (not .bin/.pt); download them "
+            "or convert the checkpoint"
+        )
+    return files
+
+
+class HFSource:
+    """A WeightSource over a Hugging Face model folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = os.fspath(folder)
+        config_path = os.path.join(self.path, "config.json")
+        if not os.path.isfile(config_path):
+            raise ModelFormatError(f"{self.path} has no config.json: give a Hugging Face model folder or a .gguf file")
+        try:
+            with open(config_path) as f:
+                self.config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{config_path} is not valid JSON ({e}); re-download it") from e
+        _arch(self.config, self.path)  # unsupported architectures fail before any weight is opened
+        self.gptq = gptq_config(self.config, self.path)
+        q = _quantization_config(self.config, self.path)
+        self.exl2_config = q if q is not None and q["quant_method"] == "exl2" else None
+
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, tuple[str, str]] = {}  # canonical -> (file, hf name)
+        self._file_of: dict[str, str] = {}  # hf name -> file (GPTQ parts may sit in different shards)
+        self._gptq_prefix: dict[str, str] = {}  # canonical -> hf prefix of a GPTQ linear
+        self._exl2_prefix: dict[str, str] = {}  # canonical -> hf prefix of an EXL2 linear
+        for path in _weight_files(self.path):
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise ModelFormatError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
+            self._files[path] = handle
+            for hf_name in handle.keys():
+                self._file_of[hf_name] = path
+                canon = canonical_name(hf_name)
+                if canon is not None:
+                    if canon not in self._exl2_prefix:  # an EXL2 linear wins over a stray float copy
+                        self._where[canon] = (path, hf_name)
+                elif hf_name.endswith(".q_weight"):  # EXL2, recognised by name as ExLlamaV2 does
+                    prefix = hf_name[: -len(".q_weight")]
+                    canon = canonical_name(prefix + ".weight")
+                    if canon is not None:
+                        self._where[canon] = (path, hf_name)
+                        self._exl2_prefix[canon] = prefix
+                elif self.gptq is not None and hf_name.endswith(".qweight"):
+                    prefix = hf_name[: -len(".qweight")]
+                    canon = canonical_name(prefix + ".weight")
+                    if canon is not None:
+                        self._where[canon] = (path, hf_name)
+                        self._gptq_prefix[canon] = prefix
+        self.spec = spec_from_config(self.config, self.path, "lm_head" in self._where)
+        missing = [
+            f"layers.{i}.{n}"
+            for i in range(self.spec.num_layers)
+            for n in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
+            if f"layers.{i}.{n}" not in self._where
+        ]
+        missing += [n for n in ("embed", "norm") if n not in self._where]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ModelFormatError(f"{self.path}: weights are missing ({shown}); download every safetensors shard")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _slice(self, name: str):
+        try:
+            path, hf_name = self._where[name]
+        except KeyError:
+            raise KeyError(f"{self.path} has no tensor {name!r}") from None
+        return self._files[path].get_slice(hf_name)
+
+    def _gptq_part(self, name: str, part: str):
+        hf_name = f"{self._gptq_prefix[name]}.{part}"
+        path = self._file_of.get(hf_name)
+        if path is None:
+            if part == "g_idx":
+                return None
+            raise ModelFormatError(f"{self.path}: GPTQ tensor {hf_name} is missing; download every safetensors shard")
+        return self._files[path].get_slice(hf_name)
+
+    def _gptq_info(self, name: str) -> TensorInfo:
+        g = self.gptq
+        rows, out = (int(d) for d in self._slice(name).get_shape())
+        nbytes = 0
+        for part in _GPTQ_PARTS:
+            sl = self._gptq_part(name, part)
+            if sl is not None:
+                nbytes += math.prod(sl.get_shape()) * (2 if sl.get_dtype() in ("F16", "BF16") else 4)
+        return TensorInfo(gptq_qtype(g["bits"], g["group_size"]), (out, rows * 32 // g["bits"]), nbytes)
+
+    def _exl2_part(self, name: str, part: str):
+        hf_name = f"{self._exl2_prefix[name]}.{part}"
+        path = self._file_of.get(hf_name)
+        if path is None:
+            if part in ("q_invperm", "q_perm"):
+                return None
+            raise ModelFormatError(f"{self.path}: EXL2 tensor {hf_name} is missing; download every safetensors shard")
+        return self._files[path].get_slice(hf_name)
+
+    def _exl2_slices(self, name: str) -> dict:
+        parts = {p: self._exl2_part(name, p) for p in _EXL2_PARTS}
+        if parts["q_invperm"] is None and parts["q_perm"] is None:
+            raise ModelFormatError(
+                f"{self.path}: EXL2 tensor {self._exl2_prefix[name]}.q_invperm is missing (nor is there a q_perm); "
+                "download every safetensors shard"
+            )
+        return parts
+
+    def _expected_out(self, name: str, width: int) -> int:
+        """The output features config.json implies for linear `name`, given q_weight's (padded) width."""
+        s = self.spec
+        short = name.rsplit(".", 1)[-1]
+        expected = {"q": s.num_heads * s.head_dim, "k": s.num_kv_heads * s.head_dim, "v": s.num_kv_heads * s.head_dim,
+                    "o": s.hidden_size, "down": s.hidden_size, "gate": s.intermediate_size,
+                    "up": s.intermediate_size, "lm_head": s.vocab_size}.get(short, width)
+        if not expected <= width < expected + 32:
+            raise ModelFormatError(
+                f"{self.path}: EXL2 tensor {self._exl2_prefix[name]}.q_weight has {width} output columns, but "
+                f"config.json implies {expected}; the folder's config.json does not belong to its weights"
+            )
+        return expected
+
+    def _exl2_info(self, name: str) -> TensorInfo:
+        parts = self._exl2_slices(name)
+        shapes = {p: [int(d) for d in sl.get_shape()] for p, sl in parts.items() if sl is not None}
+        perm = "q_invperm" if parts["q_invperm"] is not None else "q_perm"
+        (packed_rows, width), groups, n_in = shapes["q_weight"], math.prod(shapes["q_groups"]) // 2, shapes[perm][0]
+        nbytes = sum(math.prod(shapes[p]) * _ST_BYTES.get(parts[p].get_dtype(), 4)
+                     for p in ("q_weight", "q_scale", "q_scale_max", "q_groups", perm))
+        bpw = exl2_bits_per_weight(packed_rows, width, groups, n_in)
+        return TensorInfo(exl2_qtype(bpw), (self._expected_out(name, width), n_in), nbytes)
+
+    def exl2_bits_per_weight(self, name: str) -> float:
+        """ExLlamaV2's bits per weight of EXL2 linear `name`, from its tensor headers."""
+        parts = self._exl2_slices(name)
+        perm = parts["q_invperm"] if parts["q_invperm"] is not None else parts["q_perm"]
+        packed_rows, width = (int(d) for d in parts["q_weight"].get_shape())
+        groups = math.prod(parts["q_groups"].get_shape()) // 2
+        return exl2_bits_per_weight(packed_rows, width, groups, int(perm.get_shape()[0]))
+
+    def quantization(self) -> dict:
+        """The folder's quantization in brief, from headers only: {"method": "EXL2" | "GPTQ" | None, ...}."""
+        if self._exl2_prefix:
+            per = {n: (self.exl2_bits_per_weight(n), math.prod(self.info(n).shape)) for n in self._exl2_prefix}
+            layers = {n: v for n, v in per.items() if n.startswith("layers.")}
+            numel = sum(m for _, m in layers.values())
+            lo = min(layers, key=lambda n: layers[n][0]) if layers else None
+            hi = max(layers, key=lambda n: layers[n][0]) if layers else None
+            q = self.exl2_config or {}
+            return {
+                "method": "EXL2",
+                "bits_per_weight": sum(b * m for b, m in layers.values()) / numel if numel else None,
+                "min": [lo, layers[lo][0]] if lo else None,
+                "max": [hi, layers[hi][0]] if hi else None,
+                "head_bits_per_weight": per["lm_head"][0] if "lm_head" in per else None,
+                "quantized_linears": len(per),
+                "float_linears": sum(1 for n in self._where if _is_linear(n) and n not in per),
+                "converter": {k: q.get(k) for k in ("version", "bits", "head_bits") if k in q},
+            }
+        if self.gptq is not None:
+            fmt = "gptq" if self.gptq["zero_offset"] else "gptq_v2"
+            return {"method": "GPTQ", "bits": self.gptq["bits"], "group_size": self.gptq["group_size"],
+                    "sym": self.gptq["sym"], "checkpoint_format": fmt, "quantized_linears": len(self._gptq_prefix)}
+        return {"method": None}
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self._gptq_prefix:
+            return self._gptq_info(name)
+        if name in self._exl2_prefix:
+            return self._exl2_info(name)
+        sl = self._slice(name)
+        dtype = sl.get_dtype()
+        qtype = _ST_DTYPES.get(dtype)
+        if qtype is None:
+            raise UnsupportedError(f"{self.path}: tensor {name!r} is stored as {dtype}; lowgear reads F32, F16 and BF16 safetensors")
+        shape = tuple(int(d) for d in sl.get_shape())
+        linear = name[: -len("_bias")] if name.endswith("_bias") else None
+        if linear in self._exl2_prefix and len(shape) == 1:  # ExLlamaV2 pads a bias with its linear
+            shape = (self._expected_out(linear, shape[0]),)
+        n = 1
+        for d in shape:
+            n *= d
+        return TensorInfo(qtype, shape, n * (4 if qtype == "F32" else 2))
+
+    def nbytes(self, name: str) -> int:
+        return self.info(name).nbytes
+
+    def get(self, name: str) -> torch.Tensor | GPTQWeight | EXL2Weight:
+        if name in self._exl2_prefix:
+            tensors = {p: (sl[:] if sl is not None else None) for p, sl in self._exl2_slices(name).items()}
+            width = int(tensors["q_weight"].shape[1]) if tensors["q_weight"].dim() == 2 else 0
+            out = self._expected_out(name, width)
+            return EXL2Weight(**tensors, out_features=out).validate(self._exl2_prefix[name])
+        if name in self._gptq_prefix:
+            parts = {p: self._gptq_part(name, p) for p in _GPTQ_PARTS}
+            tensors = {p: (sl[:] if sl is not None else None) for p, sl in parts.items()}  # reads each part
+            return GPTQWeight(**tensors, **self.gptq).validate(self._gptq_prefix[name])
+        self.info(name)  # dtype check
+        path, hf_name = self._where[name]
+        t = self._files[path].get_tensor(hf_name)
+        linear = name[: -len("_bias")] if name.endswith("_bias") else None
+        if linear in self._exl2_prefix and t.dim() == 1:  # ExLlamaV2 pads a bias with its linear
+            t = t[: self._expected_out(linear, t.shape[0])]
+        return t
+
+
+def _is_linear(name: str) -> bool:
+    return name == "lm_head" or name.rsplit(".", 1)[-1] in ("q", "k", "v", "o", "gate", "up", "down")

@@ -1,1 +1,0 @@
-"""Scheduling and sampling: DynamicGenerator, jobs, the sampler, stop strings, streamed text."""

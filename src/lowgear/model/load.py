@@ -1,0 +1,65 @@
+"""Loading a model onto its devices: devices → dtype → placement plan → attention rung → layers → cache.
+
+The order matters: the dtype decides the weights' and cache's bytes, the plan decides each layer's
+device from those bytes, and the attention rung is chosen per device for that dtype. Layers load
+one at a time (with a progress bar), so peak host memory stays one layer above the mmap'd file.
+"""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from ..platform import hardware
+from ..attention.select import select_backend
+from ..platform.dtypes import common_dtype, dtype_bytes
+from ..platform.placement import device_bytes
+from ..platform.placement import plan as plan_placement
+
+
+def load_model(model, cache, progress: bool = False, reserve_mb: int | None = None, device_limits_mb=None) -> None:
+    config = model.config
+    spec = model.spec
+    source = config.source
+    requested = config.requested_devices()
+    devices = hardware.resolve_devices(requested) if requested else hardware.default_devices()
+    dtype = common_dtype(devices, config.requested_dtype())
+    per_layer, other, _ = device_bytes(source, spec, dtype_bytes(dtype))
+    kv_bytes_per_token_layer = cache.bytes_per_token_per_layer(cache.dtype or dtype)
+    reserve = (config.reserve_memory_mb if reserve_mb is None else reserve_mb) * 2**20
+    limits = None
+    if device_limits_mb is not None:
+        limits = [int(m * 2**20) for m in device_limits_mb]
+    plan = plan_placement(
+        spec,
+        per_layer,
+        other,
+        devices,
+        kv_bytes_per_token_layer,
+        cache.requested_seq_len,
+        reserve,
+        per_device_limit=limits,
+        page_size=cache.page_size,
+    )
+    model.plan, model.dtype, model.devices = plan, dtype, devices
+    switches = config.effective_switches()
+    used = sorted({plan.layer_device[i] for i in range(spec.num_layers)})
+    model.selections = {}
+    for idx in used:
+        info = devices[idx]
+        model.selections[info.label] = select_backend(info, switches, dtype)
+
+    layer_devs = [devices[plan.layer_device[i]].torch_device for i in range(spec.num_layers)]
+    get = source.get
+    model.layers, model.layer_devices = [], []
+    bar = tqdm(total=spec.num_layers + 1, desc=f"loading {spec.name or spec.arch}", unit="layer", disable=not progress)
+    try:
+        for i in range(spec.num_layers):
+            model.layers.append(model.build_layer(i, get, layer_devs[i], dtype))
+            model.layer_devices.append(layer_devs[i])
+            bar.update(1)
+        model.build_ends(get, set(source.names()), layer_devs[0], layer_devs[-1], dtype)
+        bar.update(1)
+    finally:
+        bar.close()
+    model.attach_kernels()
+    cache.allocate(plan.max_seq_len)

@@ -1,0 +1,4 @@
+"""Kernels, in one package: attention (paged decode / prefill), matmul over packed and float weights,
+RMSNorm, RoPE with the KV write, SiLU-and-multiply, and the PDL launch rule they share.
+
+Each kernel module imports Triton at its top, so nothing here is imported at `import lowgear` time."""

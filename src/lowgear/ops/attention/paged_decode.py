@@ -1,0 +1,482 @@
+"""Paged decode attention (one new token per sequence), flash-decoding style.
+
+Decode is memory-bound: each step reads every sequence's K/V once. With few sequences and long
+contexts, one program per (sequence, kv-head) leaves most SMs idle, so the context is cut into
+`num_splits` chunks (split-K). Program (sequence, kv_head, split) serves *all* query heads of its
+kv-head group, so each K/V row is read once per group, keeps an online softmax over its chunk
+(pages reached through the block table) and writes a partial output plus its log-sum-exp; a small
+reduce kernel then combines the splits by their log-sum-exp weights. With one split the first
+kernel writes the output directly and the reduce is skipped.
+
+The scores and the weighted sum of values are broadcast-multiplies reduced with `tl.sum` (the FMA
+form): the work is GEMV-shaped (a handful of query rows), and without `tl.dot` the kernel compiles
+to the same plain loads and FMAs on sm_70/sm_75 as on newer GPUs. That form spreads head_dim over
+a warp's lanes, so each score is a cross-lane sum. The split-D FMA form (paged_decode's split_d)
+gives head_dim only a few lanes and the rest of the warp positions, so a score is summed mostly in
+a thread (_decode_block says how its layouts are obtained). On sm_80+ with fp16 / bf16 caches the
+triton rung runs the DOT form instead: a kv head's query heads (padded to 16 rows) times the
+block's keys, and the probabilities times its values, both through tl.dot (tensor cores), blocks
+of DOT_BLOCK_N positions, DOT_NUM_WARPS warps a program; the online softmax, the splits and the
+reduce are the same. Inputs may be fp16, bf16 or fp32; everything is accumulated in fp32 and scores
+live in the log2 domain (exp2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import pdl
+
+INTERPRETED = False  # set below, from what @triton.jit returned
+
+_LOG2E = 1.4426950408889634
+# "No window" is a window longer than any context, so the kernels need no branch for it.
+NO_WINDOW = 1 << 30
+
+
+@triton.jit
+def _decode_block(
+    q, m_i, l_i, acc, n0, end, table, k_base, v_base,
+    stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT: tl.constexpr, SPLIT_D: tl.constexpr,
+):  # fmt: skip
+    """One block of positions n0.. (< end): update the online softmax state (m_i, l_i, acc).
+
+    The kernels run this body from a `for` loop when compiled and from a `while` loop when
+    interpreted: Triton 3.6's interpreter holds scalars as 1-element arrays, which NumPy >= 2.4
+    refuses to turn into the Python ints a runtime-bounded `range` needs.
+
+    The split-D FMA form (SPLIT_D > 0) takes q as [GROUP_P, SPLIT_D, D_HI, D_VEC] and loads the keys
+    straight into the rank of the score product, [1, SPLIT_D, BLOCK_N, D_HI, D_VEC] (offs_dk / dk_ok:
+    each element's head_dim index (hi * SPLIT_D + lo) * D_VEC + e, and its mask). Both shapes are
+    chosen for what Triton does with them. Coalescing gives a thread D_VEC contiguous elements (16
+    bytes) and, in Triton 3.6, the lanes to the other dims in index order, so SPLIT_D lanes cover
+    adjacent 16-byte chunks of a row (a warp's load reads whole 32-byte sectors), the rest of the
+    warp takes positions and D_HI stays in-thread. The load's layout then reaches the product
+    unchanged, because broadcasts pass a layout on and expand_dims of a non-sliced layout does not:
+    had the keys been expanded to rank 5, or q been loaded at rank 5, q's layout (lanes on the query
+    heads) or Triton's default (lanes on D_VEC) would have won and moved the keys through shared
+    memory. The score sums D_VEC and D_HI in
+    the thread, then SPLIT_D lanes (log2(SPLIT_D) shuffle rounds). The values are loaded as
+    [1, BLOCK_N, HEAD_DIM_P] for the same reason: their load layout (16 lanes across head_dim, 2
+    across positions) becomes the P.V product's, whose sum over positions is then in-thread but for
+    one round; left to propagation, the product took the scores' layout (lanes across positions).
+    """
+    pos = n0 + offs_n
+    n_ok = pos < end
+    if SPLIT_D > 0:
+        if PAGE_SIZE >= BLOCK_N:
+            # The block lies in at most two pages: two scalar table reads and a select per position,
+            # where a lookup per position costs each thread a load and 64-bit arithmetic per row
+            # (sm_90, split_d 4, 16-position blocks: 1190 instructions a loop step against 1149;
+            # on an H100, batch 64 x 1k at 16 programs/SM, 129 us a layer against 120).
+            first = n0 // PAGE_SIZE
+            page0 = tl.load(table + first).to(tl.int64)
+            page1 = tl.load(table + first + 1, mask=(first + 1) * PAGE_SIZE < end, other=0).to(tl.int64)
+            in1 = pos >= (first + 1) * PAGE_SIZE
+            slot = pos - first * PAGE_SIZE - tl.where(in1, PAGE_SIZE, 0)
+            k_page = k_base + page0 * stride_kp
+            v_page = v_base + page0 * stride_vp
+            k_row = tl.where(in1, (page1 - page0) * stride_kp, 0) + slot * stride_kt
+            v_row = tl.where(in1, (page1 - page0) * stride_vp, 0) + slot * stride_vt
+        else:
+            page = tl.load(table + pos // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+            slot = pos % PAGE_SIZE
+            k_page = k_base
+            v_page = v_base
+            k_row = page * stride_kp + slot * stride_kt
+            v_row = page * stride_vp + slot * stride_vt
+        k = tl.load(k_page + k_row[None, None, :, None, None] + offs_dk, mask=n_ok[None, None, :, None, None] & dk_ok,
+                    other=0.0)  # [1, SPLIT_D, BLOCK_N, D_HI, D_VEC]
+        s = tl.sum(q[:, :, None, :, :] * k.to(tl.float32), axis=4)  # [GROUP_P, SPLIT_D, BLOCK_N, D_HI], in-thread
+        s = tl.sum(tl.sum(s, axis=3), axis=1)  # [GROUP_P, BLOCK_N]: in-thread, then across the SPLIT_D lanes
+    else:
+        page = tl.load(table + pos // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = pos % PAGE_SIZE
+        k = tl.load(
+            k_base + page[:, None] * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # [BLOCK_N, HEAD_DIM_P]
+        if DOT:  # q in the cache dtype, GROUP_P >= 16 rows (the heads past GROUP are zeros)
+            s = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] fp32
+        else:
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    # Every block holds at least one valid position, so m_new is finite from the first block on.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    if SPLIT_D > 0:
+        v = tl.load(
+            v_page + v_row[None, :, None] + offs_d[None, None, :], mask=n_ok[None, :, None] & d_ok[None, None, :],
+            other=0.0,
+        )  # [1, BLOCK_N, HEAD_DIM_P]
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=1)
+    else:
+        v = tl.load(
+            v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_d[None, :],
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        if DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+# The block table's row stride is its width (the most pages of a sequence in the batch): left to
+# Triton's specialisation (an int equal to 1, or a multiple of 16, compiles apart) the first
+# prompt past one page would compile the kernel again (likely the 0.5 s first new length of the
+# triton row in benchmarks/results/h200-session8/run3/sdpa_new_lengths.log, primed with one-page prompts).
+@triton.jit(do_not_specialize=["stride_bt"])
+def paged_decode_kernel(
+    q_ptr,  # [B, H, D]
+    k_cache_ptr,  # [pages, PAGE_SIZE, KVH, D]
+    v_cache_ptr,
+    block_tables_ptr,  # [B, max_pages] int32
+    kv_lens_ptr,  # [B] int32
+    out_ptr,  # [B, H, D], written when DIRECT
+    part_o_ptr,  # [B, H, NUM_SPLITS, D] fp32, written otherwise
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32 (log2 domain)
+    scale_log2,  # softmax scale * log2(e)
+    window,  # sliding window in positions (NO_WINDOW for none)
+    min_split,  # fewest positions a split takes (a multiple of BLOCK_N)
+    heads_per_kv,  # query heads per kv head (a multiple of GROUP)
+    stride_qb,
+    stride_qh,
+    stride_kp,
+    stride_kt,
+    stride_kh,
+    stride_vp,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,  # query heads one program serves (all of one kv head's, or a part of them)
+    GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write the normalised output, no partials
+    WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _decode_block)
+    DOT: tl.constexpr,  # scores and values through tl.dot (tensor cores, sm_80+; GROUP_P >= 16)
+    PDL: tl.constexpr,  # programmatic dependent launch (pdl.py)
+    SPLIT_D: tl.constexpr,  # FMA form: lanes across head_dim in a score (0: all 32; see paged_decode)
+    D_VEC: tl.constexpr,  # with SPLIT_D: contiguous head_dim elements a thread loads (16 bytes)
+):
+    """Decode attention for (sequence, head group, split) program_id (0, 1, 2): the FMA form with
+    SPLIT_D > 0, else the DOT form or the FMA form that spreads head_dim over the whole warp."""
+    pdl.wait(PDL)
+    seq = tl.program_id(0)
+    head0 = tl.program_id(1) * GROUP
+    split = tl.program_id(2)
+    kv_head = head0 // heads_per_kv
+
+    offs_g = tl.arange(0, GROUP_P)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < GROUP
+    d_ok = offs_d < HEAD_DIM
+    heads = head0 + offs_g
+
+    kv_len = tl.load(kv_lens_ptr + seq)
+    # The one query sits at position kv_len - 1; a window keeps keys at positions > kv_len - 1 - window.
+    lo = tl.maximum(kv_len - window, 0)
+    # Each sequence cuts its own span into NUM_SPLITS equal runs of whole blocks (at least min_split
+    # long): the launch's NUM_SPLITS is fixed by a bound (in a CUDA graph, the cache's capacity),
+    # but a short sequence's work is still spread over the splits, and the splits it does not need
+    # return at once.
+    per_split = ((kv_len - lo + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    per_split = tl.maximum(per_split, min_split)
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, kv_len)
+
+    if SPLIT_D > 0:
+        # head_dim index d = (hi * SPLIT_D + lo) * D_VEC + e of [SPLIT_D, D_HI, D_VEC] (lo, hi, e)
+        D_HI: tl.constexpr = HEAD_DIM_P // (SPLIT_D * D_VEC)
+        offs_dq = (tl.arange(0, SPLIT_D)[:, None, None] + tl.arange(0, D_HI)[None, :, None] * SPLIT_D) * D_VEC
+        offs_dq += tl.arange(0, D_VEC)[None, None, :]
+        q = tl.load(
+            q_ptr + seq * stride_qb + heads[:, None, None, None] * stride_qh + offs_dq[None, :, :, :],
+            mask=g_ok[:, None, None, None] & (offs_dq < HEAD_DIM)[None, :, :, :],
+            other=0.0,
+        ).to(tl.float32)  # [GROUP_P, SPLIT_D, D_HI, D_VEC]
+        offs_dk = offs_dq[None, :, None, :, :]  # [1, SPLIT_D, 1, D_HI, D_VEC]: the keys' tile
+        dk_ok = offs_dk < HEAD_DIM
+    else:
+        offs_dk = offs_d
+        dk_ok = d_ok
+        q = tl.load(
+            q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [GROUP_P, HEAD_DIM_P]
+    q = q * scale_log2
+    if DOT:
+        q = q.to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P], tl.float32)
+    acc = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
+
+    table = block_tables_ptr + seq * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    if WHILE_LOOP:
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _decode_block(
+                q, m_i, l_i, acc, n0, end, table, k_base, v_base,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok,
+                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D,
+            )  # fmt: skip
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _decode_block(
+                q, m_i, l_i, acc, n0, end, table, k_base, v_base,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok,
+                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D,
+            )  # fmt: skip
+
+    has = l_i > 0.0  # False only for a split that lies past the end of a short sequence
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if DIRECT:
+        tl.store(
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=g_ok[:, None] & d_ok[None, :],
+        )
+    else:
+        row = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [GROUP_P]
+        # An empty split writes only its -inf log-sum-exp; the reduce reads no output for it.
+        o_mask = (g_ok & has)[:, None] & d_ok[None, :]
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=o_mask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_ok)
+
+
+@triton.jit
+def paged_decode_reduce_kernel(
+    part_o_ptr,  # [B, H, NUM_SPLITS, D] fp32
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32, log2 domain
+    out_ptr,  # [B, H, D]
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS_P: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.wait(PDL)
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS_P)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < HEAD_DIM
+    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + offs_s, mask=s_ok, other=float("-inf"))
+    # Split 0 always holds the window's first position, so the max is finite.
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # [NUM_SPLITS_P], 0 for empty splits
+    full = s_ok & (lse > float("-inf"))  # empty splits wrote no output
+    o = tl.load(part_o_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=full[:, None] & d_ok[None, :], other=0.0)
+    o = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+INTERPRETED = type(paged_decode_kernel).__name__ == "InterpretedFunction"
+
+
+# Fewest positions a split takes (rounded up to whole blocks). Splits are cut from each sequence's own length, so a short
+# sequence under a long bound (a CUDA graph's) spreads over many one-block splits: on an H100 that
+# took a 512-position, batch-1 step from 53 µs a layer (256-position splits) to 8 µs.
+MIN_SPLIT = 16
+# Warps per program. Measured on an H100 (fp16, 32/8 heads, head_dim 128, page 256, graph-launched):
+# one warp beat two and four at every batch and context tried (batch 64 x 1k: 150 µs a layer
+# against 275 with two warps): a one-warp program reduces scores and values without crossing warps.
+NUM_WARPS = 1
+
+
+# The tl.dot form (sm_80+, fp16 / bf16): positions per loop step, warps per program, and programs per
+# SM a launch aims for. Swept on an H100 (benchmarks/results/h100-session3/decode_attention.log:
+# Llama-3-8B attention, fp16, 256-position pages, graph-style bound, K/V from HBM): 64 positions,
+# 4 warps, 2 programs per SM had the lowest sum over batch 1-64 and contexts 512-4k (500 us a
+# layer summed, 4 per SM: 513); at batch 64 x 1k it read K/V at 2.9 TB/s, where the one-warp FMA
+# form (every score a cross-lane sum over head_dim) read 1.76 (152 us a layer against 93).
+DOT_BLOCK_N = 64
+DOT_NUM_WARPS = 4
+DOT_PROGRAMS_PER_SM = 2
+# ... but one per SM for a single sequence: fewer splits leave the reduce fewer partials to read.
+# In whole graphed Llama-3-8B GPTQ steps on an H200 (benchmarks/knob_ab_gpu.py, results in
+# benchmarks/results/h200-session9/): batch 1 at contexts 512 / 2k / 4k took 2.421 / 2.502 / 2.625 ms
+# against 2.470 / 2.558 / 2.644 at two per SM; batch 4 was slower with one (4.88 against 4.79 ms at
+# 2k, 5.34 against 5.10 at 4k) and batch 16 at 512 unchanged (8.23 against 8.20-8.21).
+DOT_PROGRAMS_PER_SM_ONE_SEQUENCE = 1
+
+
+def dot_programs_per_sm(batch: int) -> int:
+    """Programs per SM the DOT form's launch aims for, for a decode batch of `batch` sequences."""
+    return DOT_PROGRAMS_PER_SM_ONE_SEQUENCE if batch == 1 else DOT_PROGRAMS_PER_SM
+
+
+# The FMA form's launch (`paged_decode`'s split_d; what sm_70 / sm_75 and fp32 caches run): lanes
+# across head_dim in a score, positions per loop step, one-warp programs per SM a launch aims for.
+# Measured on an H100 (benchmarks/results/h100-session5/decode_attention_split_d.log: Llama-3-8B
+# attention, fp16, 256-position pages): split_d 4 with 16-position blocks was the best FMA launch at
+# batch 64 x 1k (102.6 us a layer at 4 programs/SM, 120 at 16), batch 16 x 1k (37.8 at 4/SM, 31.7
+# at 8) and batch 1 x 4k (14.7), against 151 / 41.9 / 20.3 for the whole-warp form at its 16/SM.
+# Programs hold ~255 registers, so an SM runs 8: at 4/SM batch 64 is one wave.
+FMA_SPLIT_D = 4
+FMA_BLOCK_N = 16
+FMA_PROGRAMS_PER_SM = 4
+# the whole-warp form's (split_d 0), blocks from `block_n_for`: on an H100, 16 one-warp programs per SM
+# were best or near it over batch 1-64 and contexts 512-4k (4 per SM: 337 us a layer summed over
+# four such shapes, 8: 340, 16 with 32-position blocks: 295)
+WHOLE_WARP_PROGRAMS_PER_SM = 16
+# Triton versions whose layouts the split-D form was checked on (its shapes steer Triton's coalescing,
+# _decode_block): with 3.6 the sm_75 PTX has 104 shuffles a loop step against 356 for the whole-warp
+# form; Triton 3.9 gives the key tile one element a thread instead and 1,280 shuffles
+# (tests/test_kernels_compile_old_gpus.py), so there the whole-warp form stays the default.
+SPLIT_D_TRITON_VERSIONS = ((3, 6),)
+
+
+@functools.cache
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton in use (read once: every decode launch asks `fma_form`)."""
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
+def fma_form() -> tuple[int, int]:
+    """(split_d, programs per SM) of the FMA form `paged_decode` launches by default with this Triton."""
+    if triton_version() in SPLIT_D_TRITON_VERSIONS:
+        return FMA_SPLIT_D, FMA_PROGRAMS_PER_SM
+    return 0, WHOLE_WARP_PROGRAMS_PER_SM
+
+
+def block_n_for(group: int, head_dim: int, programs: int = 0) -> int:
+    """Positions per loop step of the whole-warp FMA form (split_d 0), for a launch of `programs`
+    (sequence, head-group) pairs per split.
+
+    Measured on an H100 (fp16, 32/8 heads, head_dim 128, page 256, one warp, 16 programs/SM, graph-
+    launched): 32 positions were best or within 5% at batch 8-64 and contexts 512-4k (batch 64 x 1k:
+    161 µs a layer, 182 with 16); at batch 1, where a short context is spread over one-block
+    splits, 16 is faster (8 against 11.5 µs at 512 positions).
+    """
+    return 16 if programs < 64 else 32
+
+
+def choose_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, target_programs: int,
+                  min_split: int = MIN_SPLIT) -> int:
+    """How many splits fill `target_programs` programs without splits shorter than `min_split` positions.
+
+    `kv_heads` counts the programs per sequence (kv heads, times the programs each one's group is cut into).
+    """
+    if batch * kv_heads >= target_programs:
+        return 1
+    wanted = math.ceil(target_programs / (batch * kv_heads))
+    most = max(1, math.ceil(max_kv_len / max(min_split, block_n)))
+    return max(1, min(wanted, most, 64))
+
+
+def paged_decode(
+    q: torch.Tensor,  # [B, H, D], one query per sequence
+    k_cache: torch.Tensor,  # [pages, page_size, KVH, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_pages] int32
+    kv_lens: torch.Tensor,  # [B] int32, including this step's token
+    scale: float,
+    max_kv_len: int,
+    window: int | None = None,
+    num_splits: int | None = None,
+    target_programs: int = 256,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    heads_per_program: int | None = None,
+    min_split: int | None = None,
+    num_stages: int | None = None,
+    use_dot: bool = False,
+    split_d: int | None = None,
+) -> torch.Tensor:
+    """Decode attention for B sequences; `max_kv_len` is a host-side bound on kv_lens (no sync).
+
+    A fixed `num_splits` (and `max_kv_len`) keeps launch shapes fixed, for CUDA-graph capture; the
+    kernel still divides each sequence's real length among the splits. `heads_per_program` (a
+    divisor of the GQA group; default the whole group) cuts a kv head's query heads over programs.
+    `use_dot` (fp16 / bf16 caches, for sm_80+: see DOT_BLOCK_N and beside it) runs scores and values through
+    tl.dot with a kv head's query heads as the rows of the product.
+
+    `split_d` (the FMA form only; default `fma_form()`'s, a power of two up to 32, or 0) is how many
+    lanes share head_dim in a score (paged_decode_kernel's SPLIT_D): each thread loads 16 contiguous
+    bytes of a key row and the warp's other lanes take further positions, so a score is summed
+    mostly in-thread and then over log2(split_d) shuffle rounds. 0 runs the whole-warp form, which
+    takes five rounds on every score and leaves every lane holding every score. Each thread holds
+    GROUP_P * head_dim / split_d query values (fp32), hence 4 or 8 for head_dim 128. Its launch
+    wants its own programs per SM (`fma_form()`'s, for the caller's `target_programs`).
+    """
+    batch, heads, head_dim = q.shape
+    _, page_size, kv_heads, _ = k_cache.shape
+    assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
+    group = heads // kv_heads
+    per_program = heads_per_program or group
+    assert group % per_program == 0, "heads_per_program must divide the query heads per kv head"
+    programs = heads // per_program
+    if use_dot:
+        assert k_cache.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16, (k_cache.dtype, head_dim)
+        block_n = block_n or DOT_BLOCK_N
+        num_warps = num_warps or DOT_NUM_WARPS
+        split_d = 0
+    elif split_d is None:
+        split_d = fma_form()[0]
+    assert split_d & (split_d - 1) == 0 and split_d <= 32, split_d
+    block_n = block_n or (FMA_BLOCK_N if split_d else block_n_for(group, head_dim, batch * programs))
+    min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
+    span = min(max_kv_len, window) if window else max_kv_len
+    if num_splits is None:
+        num_splits = choose_splits(batch, programs, span, block_n, target_programs, min_split)
+    if out is None:
+        out = torch.empty_like(q)
+    direct = num_splits == 1
+    if direct:
+        part_o = part_lse = out  # unused
+    else:
+        part_o = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
+    head_dim_p = triton.next_power_of_2(head_dim)
+    launch = pdl.launch(q.device, batch)
+    d_vec = min(16 // k_cache.element_size(), head_dim_p)
+    split_consts = {"SPLIT_D": min(split_d, head_dim_p // d_vec) if split_d else 0, "D_VEC": d_vec}
+    paged_decode_kernel[(batch, programs, num_splits)](
+        q, k_cache, v_cache, block_tables, kv_lens, out, part_o, part_lse,
+        scale * _LOG2E, window or NO_WINDOW, min_split, group,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=per_program, GROUP_P=max(16 if use_dot else 1, triton.next_power_of_2(per_program)),
+        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+        PAGE_SIZE=page_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED, DOT=use_dot,
+        num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}), **split_consts,
+        **launch,
+    )  # fmt: skip
+    if not direct:
+        paged_decode_reduce_kernel[(batch, heads)](
+            part_o, part_lse, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            NUM_SPLITS=num_splits, NUM_SPLITS_P=triton.next_power_of_2(num_splits),
+            num_warps=4, **launch,
+        )  # fmt: skip
+    return out

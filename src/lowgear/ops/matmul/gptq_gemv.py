@@ -1,0 +1,497 @@
+"""Triton kernels over GPTQ tensors: a split-K decode GEMV and a prefill dequantizer.
+
+GPTQ packs codes along the input dim K, so a qweight row holds PACK consecutive K values of every
+output column and its N words are contiguous. The GEMV (y[M, N] = x[M, K] @ W.T, M <= MAX_M) reads
+that layout as stored: a program owns BLOCK_N columns (one 16-byte load per thread per word row, so
+a warp reads 512 contiguous bytes) and a K-slice of whole tiles; a tile is BLOCK_R row-groups (a
+row-group is one word, or three for 3-bit, = PACK codes) that lie in one quantization group, so the
+group's scale and zero are loaded once per tile and the scale is factored out of the tile's sum.
+
+Codes become floats without `cvt` (a quarter-rate instruction on recent GPUs, which made the unpack
+compute-bound): a code masked in place at bit `off` of a word is OR-ed with the exponent of
+2**(23 - off), which makes the float 2**(23 - off) + code exactly; subtracting 2**(23 - off) + zero
+gives code - zero (ExLlama's / Marlin's fp16 trick, in fp32). Codes above bit 22 come from the word
+shifted right by 16. Per code that is one LOP3, one FSUB and one FMA per activation row. For 4-bit
+codes and fp16 activations the GEMV takes the same trick in packed half2 instead (`f16x2.py`: about
+two instructions a code, fp16 sums of four products added in fp32).
+
+Split-K: an N = 4096 layer has only 8-16 column blocks, far fewer than the 132 SMs of an H100, so
+the K range is split too. Partial sums go to an fp32 workspace [splits, M, N] (it stays in L2) and
+the last program of each column block adds them in split order (`splitk.py`): one launch, and
+deterministic results (greedy decoding is reproducible, CUDA-graph replays match eager steps).
+Adding into y with float atomics would make sums order-dependent. (An earlier version used a
+second kernel that walked the splits one dependent load at a time.)
+
+Act-order (g_idx): a checkpoint's groups are scattered over K, which would cost a scale and zero
+gather per code. `sort_act_order` (run once, at `prepare`) sorts K by group and repacks the codes,
+so groups are contiguous again; x's columns are gathered through the permutation inside the
+kernel (or by torch first, `x_perm="torch"`).
+
+Buffers: `prepare` adds `gptq_zeros` (fp16 [groups, N], zero + offset: a contiguous load, as big
+as the scales). For act-order it sorts in place: the module's `qweight` becomes the sorted codes,
+its `g_idx` becomes None (groups are now k // group_size) and `gptq_perm` (int32 [K]: sorted row i
+is input feature perm[i]) is registered, which QuantLinear's torch path reads to put W's columns
+back (`QuantLinear._dequant`). So an act-order layer holds its codes once, as stored.
+
+Batched decode (MMA_FROM_M <= M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on
+compute capability >= 8.0 goes to `gptq_mma.gptq_mma`: the same operands, codes unpacked in registers and
+multiplied with tl.dot (tensor-core mma there). It lives in its own file because tl.dot is what
+sm_70 / sm_75 must not run (Triton lowers it to FMAs); `gptq_matmul` checks the capability.
+
+Prefill (M > MMA_MAX_M, or any M > MAX_M where the tl.dot kernel does not serve) is compute-bound: `dequantize_t` writes W.T
+for a band of columns in the activation dtype and torch.matmul (cuBLAS, tensor cores on every GPU)
+does the rest. It reads the stored buffers directly (any bits, any g_idx). No kernel in this file
+uses tl.dot (sm_70 / sm_75 safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...platform import hardware
+from .. import pdl
+from ...formats.dequant import banded_matmul
+from ...formats.gptq import gptq_groups
+from . import f16x2, gptq_mma, splitk
+
+# GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
+# it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
+MAX_M = 8
+# on sm >= 8.0 the tl.dot kernel (gptq_mma.py) takes M from here on. Measured on an H100 (Llama-3-8B
+# shapes, 4-bit g128, benchmarks/results/h100-session3/gemv_m48.log, L2-warm): at M = 8 it beat the
+# GEMV's best launch on all 8 cases (15.8 vs 25.9 us at 4096 x 4096, 47 vs 65 at 14336 x 4096); at
+# M = 4 it won 5 of 8 (lost the 14336 x 4096 ones, 48 vs 36 us), so the GEMV keeps M <= 4.
+MMA_FROM_M = 5
+# GEMV num_warps for every M: the best of the sweep in 23 of the 24 cases of
+# benchmarks/results/h100-exllamav2/gemv.json; with weights read from HBM (gemv_cold.json) 1, 2 and 4
+# warps were within 1-3% of each other at their best tile and split
+GEMV_NUM_WARPS = 2
+# row-groups per tile at most (8 = 64 inputs at 4 bits), and K split into at least MIN_SPLIT parts:
+# the best launches of benchmarks/results/h100-session3/gemv_cold.json (weights from HBM, M = 1) on
+# all four fused 8B shapes used BLOCK_R 8 (4 once, 1% better) and splits of 16-64; against tiles of
+# 16 and a split aiming at TARGET_PROGRAMS alone, 11.6 vs 13.8 us (q|k|v), 9.4 vs 10.2 (o),
+# 34.6 vs 41.4 (gate|up), 21.7 vs 23.8 (down). Loading the next tile before unpacking this one (a
+# register prefetch) was slower in 154 of that sweep's 159 pairs (at most 3.6% faster in the other 5,
+# none of them a best launch), and was dropped.
+GEMV_TILE_ROWS = 8
+MIN_SPLIT = 32
+# the same for the packed-half2 unpack (f16x2.py), whose tiles cost half the instructions: its sweep
+# (benchmarks/results/h100-session4/gemv_cold_half2.log, weights from HBM, M = 1) was best or within
+# 2% at 16-row tiles with splits of 16-32 on q|k|v, o and down (8.9 / 6.8 / 15.9 us against 10.7 /
+# 9.1 / 17.2 at 8-row tiles split 32) and at 16 rows split 8 on gate|up (27.6 against 30.3). That
+# holds at one activation row; at two, 8-row tiles were faster in whole graphed steps (H200, 8B
+# GPTQ 4-bit, benchmarks/gemv_launch_ab_gpu.py, results in benchmarks/results/h200-session8/
+# gemv_tiles/: batch 2 3.19 against 3.34 ms; batch 1 2.72 against 2.48 with 8-row tiles; doubling
+# or halving TARGET_PROGRAMS, or HALF2_MIN_SPLIT 4 / 16, gave batch 1 2.46-2.67 against 2.48), so
+# past one row the half2 tiles are GEMV_TILE_ROWS too.
+HALF2_TILE_ROWS = 16
+HALF2_MIN_SPLIT = 8
+# temporary bound for the prefill path: columns per band so that K * band <= this
+PREFILL_BAND_ELEMS = 1 << 24
+# programs to aim for when picking split-K: a few per SM of an H100 (132 SMs); fewer SMs just queue
+TARGET_PROGRAMS = 4 * 132
+
+
+def pack_shape(bits: int) -> tuple[int, int]:
+    """(codes, int32 words) per row-group: 32/bits codes in one word, or 32 codes in 3 words for 3-bit."""
+    return (32, 3) if bits == 3 else (32 // bits, 1)
+
+
+@triton.jit
+def _unpack_at(lo, hi, sh, BITS: tl.constexpr):
+    """Code at bit `sh` of the little-end stream lo, hi (uint32 tensors; hi only where 32 % BITS)."""
+    v = lo >> sh
+    if 32 % BITS != 0:
+        v = v | tl.where(sh > 32 - BITS, hi << ((32 - sh) & 31), 0)
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _word(w0, w1, w2, I: tl.constexpr):
+    if I == 0:
+        r = w0
+    elif I == 1:
+        r = w1
+    else:
+        r = w2
+    return r
+
+
+@triton.jit
+def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
+    """(code J of each row-group) - zero as fp32, through the exponent trick (no int->float cvt)."""
+    P: tl.constexpr = J * BITS
+    WI: tl.constexpr = P // 32
+    S: tl.constexpr = P % 32
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if S + BITS <= 23:  # in place: mantissa bits S .. S+BITS-1
+        src = _word(w0, w1, w2, WI)
+        OFF: tl.constexpr = S
+    elif S + BITS <= 32:  # high bits: from the word shifted down by 16
+        src = _word(w0, w1, w2, WI) >> 16
+        OFF: tl.constexpr = S - 16
+    else:  # 3-bit codes that straddle two words
+        src = (_word(w0, w1, w2, WI) >> S) | (_word(w0, w1, w2, WI + 1) << (32 - S))
+        OFF: tl.constexpr = 0
+    f = ((src & (MASK << OFF)) | ((150 - OFF) << 23)).to(tl.float32, bitcast=True)
+    return f - (zf + (1 << (23 - OFF)))
+
+
+@triton.jit
+def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cnt_ptr,
+                     N, ROWS, rows_per_split, group_rows, stride_xm,
+                     M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
+                     PDL: tl.constexpr, F16X2: tl.constexpr):
+    """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`)."""
+    PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
+    WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ms = tl.arange(0, M_PAD)
+    mmask = ms < M
+    r_lo = pid_k * rows_per_split
+    r_hi = tl.minimum(r_lo + rows_per_split, ROWS)
+    # tiles are [1, BLOCK_R, BLOCK_N] (a leading axis for the activation rows), so the loads fix
+    # one 3-D layout (4 columns a thread, every tile row in one thread) that all the math reuses
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    s_off = cols[None, None, :]
+    c_ok = cmask[None, None, :]
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rows < r_hi
+        lmask = r_ok[None, :, None] & c_ok
+        wp = qw_ptr + (rows * WORDS).to(tl.int64)[None, :, None] * N + s_off
+        w0 = tl.load(wp, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+        w1 = w0
+        w2 = w0
+        if WORDS == 3:
+            w1 = tl.load(wp + N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(wp + 2 * N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
+        g = r0 // group_rows
+        s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
+        zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
+        pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's output
+        if F16X2:  # 4-bit, fp16 x, no perm: packed half2 math (f16x2.py); x read as words of two
+            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            xo = ms[:, None] * (stride_xm // 2) + rows[None, :] * 4  # [M_PAD, BLOCK_R]
+            xm = mmask[:, None] & r_ok[None, :]
+            x04, x15, x26, x37 = f16x2.pairs(tl.load(x32 + xo, mask=xm, other=0), tl.load(x32 + xo + 1, mask=xm, other=0),
+                                             tl.load(x32 + xo + 2, mask=xm, other=0), tl.load(x32 + xo + 3, mask=xm, other=0))
+            part = f16x2.dot8(w0.to(tl.int32, bitcast=True), x04[:, :, None], x15[:, :, None], x26[:, :, None],
+                              x37[:, :, None], f16x2.splat(zf + 1024.0), f16x2.splat(-(zf + 64.0)))
+            dot = tl.sum(part, axis=1, keep_dims=True) * f16x2.X_SCALE  # [M_PAD, 1, BLOCK_N]
+        else:
+            dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                q = _code_minus_zero(w0, w1, w2, zf, j, BITS)  # [1, BLOCK_R, BLOCK_N]
+                k = rows * PACK + j
+                if HAS_PERM:
+                    k = tl.load(perm_ptr + k, mask=r_ok, other=0)
+                # loaded 2-D, then broadcast: a 3-D load would repeat each value in all 4 column slots
+                xj = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :],
+                             mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
+        acc += tl.sum(dot * s, axis=1)
+    pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
+    pdl.release(PDL)
+    splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
+                  pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
+
+
+@triton.jit
+def gptq_dequant_t_kernel(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, col0, band,
+                          group_size, zero_offset, BITS: tl.constexpr, HAS_GIDX: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[k, c] = W[col0 + c, k] for a band of output columns: W.T, ready for x @ out."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = k < K
+    cmask = c < band
+    mask = kmask[:, None] & cmask[None, :]
+    n = col0 + c
+    pos = k * BITS
+    word = pos // 32
+    sh = (pos % 32).to(tl.uint32)[:, None]
+    wp = qw_ptr + word.to(tl.int64)[:, None] * N + n[None, :]
+    lo = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    hi = lo
+    if 32 % BITS != 0:
+        words = (K * BITS) // 32
+        hi = tl.load(wp + N, mask=mask & (word + 1 < words)[:, None], other=0).to(tl.uint32, bitcast=True)
+    q = _unpack_at(lo, hi, sh, BITS)
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + k, mask=kmask, other=0)
+    else:
+        g = k // group_size
+    zwords = (N * BITS) // 32
+    zpos = n * BITS
+    zword = zpos // 32
+    zsh = (zpos % 32).to(tl.uint32)[None, :]
+    zp = qz_ptr + g[:, None] * zwords + zword[None, :]
+    zlo = tl.load(zp, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    zhi = zlo
+    if 32 % BITS != 0:
+        zhi = tl.load(zp + 1, mask=mask & (zword + 1 < zwords)[None, :], other=0).to(tl.uint32, bitcast=True)
+    z = _unpack_at(zlo, zhi, zsh, BITS) + zero_offset
+    s = tl.load(sc_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = (q - z).to(tl.float32) * s
+    tl.store(out_ptr + k.to(tl.int64)[:, None] * band + c[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- load time
+
+
+def gemv_tile_rows(bits: int, group_size: int, in_features: int, target: int = 16) -> int | None:
+    """BLOCK_R: row-groups per GEMV tile (a power of two <= target dividing the group), or None where
+    a group is not a whole number of row-groups (then only the dequantize path serves the layer)."""
+    pack, _ = pack_shape(bits)
+    if in_features % pack:
+        return None
+    if gptq_groups(in_features, group_size) == 1:
+        return target
+    if group_size % pack:
+        return None
+    group_rows = group_size // pack
+    r = 1
+    while r * 2 <= target and group_rows % (r * 2) == 0:
+        r *= 2
+    return r
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int codes [K, N] (K a multiple of the row-group) -> GPTQ qweight int32 [K * bits / 32, N]."""
+    pack, words = pack_shape(bits)
+    k, n = codes.shape
+    c = codes.to(torch.int64).reshape(k // pack, pack, n)
+    out = torch.zeros((k // pack, words, n), dtype=torch.int64, device=codes.device)
+    for j in range(pack):
+        p = j * bits
+        w, s = divmod(p, 32)
+        out[:, w] |= (c[:, j] << s) & 0xFFFFFFFF
+        if s + bits > 32:
+            out[:, w + 1] |= c[:, j] >> (32 - s)
+    out = torch.where(out >= 1 << 31, out - (1 << 32), out)
+    return out.reshape(k // pack * words, n).to(torch.int32)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ qweight int32 [K * bits / 32, N] -> codes int32 [len(rows) or K, N] (rows: input features)."""
+    k = qweight.shape[0] * 32 // bits
+    rows = torch.arange(k, device=qweight.device) if rows is None else rows.to(qweight.device).long()
+    pos = rows * bits
+    word, sh = pos // 32, (pos % 32)[:, None]
+    lo = qweight.index_select(0, word).long() & 0xFFFFFFFF
+    if 32 % bits:
+        nxt = (word + 1).clamp(max=qweight.shape[0] - 1)
+        lo = lo | ((qweight.index_select(0, nxt).long() & 0xFFFFFFFF) << 32)
+    return ((lo >> sh) & ((1 << bits) - 1)).to(torch.int32)
+
+
+def sort_act_order(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
+                   band: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sort K by group: (qweight with rows in sorted order, perm int32 [K]) with sorted row i = input
+    feature perm[i]; None where the sorted groups are not the plain layout k // group_size (a
+    checkpoint with uneven groups: served by the dequantize path). Works in column bands."""
+    k = g_idx.numel()
+    g = g_idx.long()
+    perm = torch.argsort(g, stable=True)
+    plain = torch.arange(k, device=g.device) // (group_size if gptq_groups(k, group_size) > 1 else k)
+    if not torch.equal(g[perm], plain):
+        return None
+    out = torch.empty_like(qweight)
+    for c0 in range(0, qweight.shape[1], band):
+        c1 = min(qweight.shape[1], c0 + band)
+        out[:, c0:c1] = pack_codes(unpack_codes(qweight[:, c0:c1], bits, perm), bits)
+    return out, perm.to(torch.int32)
+
+
+def float_zeros(qzeros: torch.Tensor, bits: int, zero_offset: int) -> torch.Tensor:
+    """qzeros int32 [groups, N * bits / 32] -> zero + offset as fp16 [groups, N] (exact: <= 256).
+
+    The GEMV reads these rather than qzeros: a contiguous load along N keeps every operand of the
+    tile in the weights' register layout (a packed gather did not, and Triton then moved the whole
+    code tile through shared memory). They cost as much memory as the scales.
+    """
+    n = qzeros.shape[1] * 32 // bits
+    z = unpack_codes(qzeros.t().contiguous(), bits)  # [N, groups]
+    return (z.t() + zero_offset).to(torch.float16).contiguous().reshape(-1, n)
+
+
+def prepare(module) -> dict:
+    """Launch facts for a GPTQ QuantLinear (cached on it as `_gptq_kernel`), and its GEMV buffers.
+
+    Registers `gptq_zeros` (`float_zeros`); where g_idx scatters the groups, sorts qweight in place
+    and registers `gptq_perm` (see the module docstring); a g_idx that is already k // group_size is
+    ignored by the GEMV. Layers the GEMV cannot serve get no buffers (block_r None). The facts also
+    hold the tl.dot kernel's BLOCK_K (`gptq_mma.mma_block_k`, None where it cannot serve the layer)
+    and the compute capability of the module's device (None for the CPU).
+    """
+    facts = getattr(module, "_gptq_kernel", None)
+    if facts is not None:
+        return facts
+    bits, gs = module._gptq["bits"], module._gptq["group_size"]
+    k = module.in_features
+    block_r = gemv_tile_rows(bits, gs, k)
+    sorted_layout = False
+    if block_r is not None and module.g_idx is not None:
+        plain = torch.arange(k, device=module.g_idx.device) // (gs if gptq_groups(k, gs) > 1 else k)
+        if not torch.equal(module.g_idx.long(), plain):
+            res = sort_act_order(module.qweight, module.g_idx, bits, gs)
+            if res is None:
+                block_r = None
+            else:
+                module.qweight = res[0]  # the stored codes, replaced: held once
+                module.g_idx = None
+                module.register_buffer("gptq_perm", res[1])
+                sorted_layout = True
+    if block_r is not None:
+        module.register_buffer("gptq_zeros", float_zeros(module.qzeros, bits, module._gptq["zero_offset"]))
+    mma_block_k = None if block_r is None else gptq_mma.mma_block_k(bits, gs, k)
+    facts = {"block_r": block_r, "sorted": sorted_layout, "mma_block_k": mma_block_k,
+             "capability": hardware.compute_capability(module.qweight.device)}
+    module._gptq_kernel = facts
+    return facts
+
+
+# ---------------------------------------------------------------- run time
+
+
+def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
+                  num_warps: int | None = None, split: int | None = None,
+                  block_r: int | None = None, half2: bool = False) -> dict[str, int]:
+    """BLOCK_N / BLOCK_R / num_warps / split for one shape.
+
+    Each thread loads 16 bytes (4 columns) of every tile row, so BLOCK_N = 128 * num_warps keeps a
+    tile row in one thread and the K reduction in registers. The activation slice [M_PAD, BLOCK_R]
+    must have fewer elements than the program has threads, or Triton routes it through shared memory
+    every code step (checked in the compiled PTX: bar.sync appears), so BLOCK_R shrinks as M grows.
+    Tiles hold at most GEMV_TILE_ROWS row-groups. Then K is split until about TARGET_PROGRAMS
+    programs run, and into at least MIN_SPLIT parts (HALF2_TILE_ROWS at one row / HALF2_MIN_SPLIT for
+    the half2 unpack). block_r (at most the group's) overrides the tile cap (the benchmarks sweep it).
+    """
+    m_pad = triton.next_power_of_2(m)
+    num_warps = num_warps or GEMV_NUM_WARPS
+    br = group_block_r
+    while br > 1 and m_pad * br >= 32 * num_warps:
+        br //= 2
+    cap = (HALF2_TILE_ROWS if half2 and m_pad == 1 else GEMV_TILE_ROWS) if block_r is None else block_r
+    br = max(1, min(br, cap))
+    block_n = 128 * num_warps
+    pack, _ = pack_shape(bits)
+    tiles = triton.cdiv(k // pack, br)
+    n_blocks = triton.cdiv(n, block_n)
+    split = max(1, min(tiles, split or max(HALF2_MIN_SPLIT if half2 else MIN_SPLIT, TARGET_PROGRAMS // n_blocks)))
+    rows_per_split = triton.cdiv(tiles, split) * br
+    return {"BLOCK_N": block_n, "BLOCK_R": br, "num_warps": num_warps,
+            "split": triton.cdiv(k // pack, rows_per_split), "rows_per_split": rows_per_split}
+
+
+def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+              perm: torch.Tensor | None, bits: int, group_size: int, block_r: int,
+              *, num_warps: int | None = None, split: int | None = None, x_perm: str = "kernel",
+              tile_r: int | None = None, half2: bool | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W.T (meant for M <= MAX_M), x with unit stride along K; in x's dtype.
+
+    qweight must have its groups contiguous: stored without act-order, or `sort_act_order`'s output
+    with its perm. zeros are `float_zeros` (fp16 [groups, N], offset included), scales fp16 [groups, N]
+    (an int16 view is accepted); block_r is `gemv_tile_rows`. num_warps / split / tile_r override
+    `launch_params` (the benchmarks sweep them); x_perm "torch" gathers x's columns first. half2
+    (default: wherever `uses_half2` allows) picks the packed-half2 unpack (f16x2.py).
+    """
+    m, k = x.shape
+    n = qweight.shape[1]
+    assert m >= 1 and x.stride(1) == 1, (tuple(x.shape), x.stride())
+    can = uses_half2(x, bits, None if x_perm == "torch" else perm)
+    assert not half2 or can, "the half2 unpack needs 4-bit codes, fp16 x on CUDA in 4-byte words, no perm"
+    half2 = can if half2 is None else half2
+    p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r, half2)
+    pack, _ = pack_shape(bits)
+    rows = k // pack
+    group_rows = rows if gptq_groups(k, group_size) == 1 else group_size // pack
+    if perm is not None and x_perm == "torch":
+        x, perm = x.index_select(1, perm.long()), None
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    split = p["split"]
+    grid = (triton.cdiv(n, p["BLOCK_N"]), split)
+    m_pad = triton.next_power_of_2(m)
+    gptq_gemv_kernel[grid](x, qweight, zeros, scales.view(torch.float16), x if perm is None else perm, y,
+                           splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0]),
+                           n, rows, p["rows_per_split"], group_rows, x.stride(0),
+                           M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
+                           BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
+                           S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
+                           num_warps=p["num_warps"], F16X2=half2,
+                           **pdl.launch(x.device, m))
+    return y
+
+
+def uses_half2(x: torch.Tensor, bits: int, perm: torch.Tensor | None) -> bool:
+    """Whether the GEMV can take the packed-half2 unpack: 4-bit codes, fp16 activations on CUDA (not the
+    interpreter: it is inline PTX) whose rows start on 4-byte boundaries, and no act-order gather."""
+    return (bits == 4 and x.dtype == torch.float16 and x.is_cuda and perm is None
+            and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0)
+
+
+def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                 bits: int, group_size: int, zero_offset: int, col0: int, col1: int,
+                 dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """W.T [K, col1 - col0] for output columns [col0, col1), from the stored tensors (any g_idx)."""
+    k = qweight.shape[0] * 32 // bits
+    n = qweight.shape[1]
+    band = col1 - col0
+    out = torch.empty((k, band), dtype=dtype, device=qweight.device)
+    if band == 0:
+        return out
+    gs = group_size if gptq_groups(k, group_size) > 1 else k
+    block_k, block_n = 32, 128
+    grid = (triton.cdiv(k, block_k), triton.cdiv(band, block_n))
+    gptq_dequant_t_kernel[grid](qweight, qzeros, scales.view(torch.float16), qweight if g_idx is None else g_idx,
+                                out, n, k, col0, band, gs, zero_offset, BITS=bits, HAS_GIDX=g_idx is not None,
+                                BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def uses_mma(m: int, dtype: torch.dtype, facts: dict, capability: tuple[int, int] | None) -> bool:
+    """Whether `gptq_matmul` sends M rows to the tl.dot kernel: MMA_FROM_M <= M <= MMA_MAX_M, fp16 /
+    bf16 activations, a layer it can serve, and compute capability >= 8.0 (tensor-core mma; below it
+    Triton's tl.dot is FMAs, and the GEMV or dequantize + cuBLAS is faster)."""
+    return (MMA_FROM_M <= m <= gptq_mma.MMA_MAX_M and dtype in (torch.float16, torch.bfloat16)
+            and facts["mma_block_k"] is not None and capability is not None and tuple(capability) >= (8, 0))
+
+
+def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = None) -> torch.Tensor:
+    """The QuantLinear hook: x [..., K] -> [..., N] in x's dtype (bias is the module's business).
+
+    capability overrides the module device's compute capability (tests on the CPU pass one).
+    """
+    facts = prepare(module)
+    g = module._gptq
+    n, k = module.out_features, module.in_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*lead, n))
+    perm = module.gptq_perm if facts["sorted"] else None
+    mma = uses_mma(m, x2.dtype, facts, facts["capability"] if capability is None else capability)
+    if m <= MAX_M and facts["block_r"] is not None and not mma:
+        y = gptq_gemv(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
+                      facts["block_r"])
+        return y.reshape(*lead, n)
+    if mma:
+        y = gptq_mma.gptq_mma(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
+                              facts["mma_block_k"])
+        return y.reshape(*lead, n)
+    if perm is not None:  # W.T's rows come out in sorted-K order
+        x2 = x2.index_select(1, perm.long())
+    y = banded_matmul(x2, n, PREFILL_BAND_ELEMS,
+                      lambda c0, c1: dequantize_t(module.qweight, module.qzeros, module.scales, module.g_idx,
+                                                  g["bits"], g["group_size"], g["zero_offset"], c0, c1, x2.dtype))
+    return y.reshape(*lead, n)

@@ -1,0 +1,142 @@
+"""Programmatic dependent launch (PDL): a decode kernel starts while the one before it finishes.
+
+A batch-1 decode step is ~300 short kernels in a row (an 8B model: 9 a layer). Launched the plain
+way, each waits for the previous one to finish and flush before its first program is even placed
+on an SM, and its last programs run alone while the rest of the GPU idles: on an H100 that ramp and
+drain cost several microseconds a kernel, as much as a small GEMV's whole read. On sm_90+ a kernel
+launched with the programmatic-serialization attribute (`launch_pdl`) may be placed as soon as
+every program of the kernel before it has signalled `griddepcontrol.launch_dependents`; it must then
+run `griddepcontrol.wait` (which returns once that kernel has completed and its writes are visible)
+before it reads anything an earlier kernel wrote, or writes anything an earlier kernel may still
+read. Work before the wait may only touch memory no kernel of the step writes: the weights.
+
+Every kernel of the CUDA decode step calls `wait` where it first needs an earlier kernel's output
+(the GEMVs after issuing their first weight loads, RMSNorm after loading its weight, the others at
+their start).
+Where a kernel lets the next one in is the launch's `PDL` constexpr (0: a plain launch, compiled
+without any griddepcontrol instruction, as sm < 90 and the interpreter need):
+
+    LOOP  (1)  the split-K GEMVs after their main loop, the other kernels at exit
+    WAIT  (2)  every kernel right after its wait: the next kernel is resident for all of this one
+    START (3)  every kernel just before its wait: kernels are placed as soon as the one before is resident
+
+Every mode is safe by construction: a kernel's wait returns only once the kernel before it has
+completed, and that kernel completed only after its own wait, so an earlier kernel's writes are
+visible to every later one. One rule the kernels must keep for it: nothing an earlier kernel wrote
+may be read before the wait, including by the loads that Triton's software pipeliner hoists out of a
+loop into its prologue (cp.async before the loop): a pipelined (tl.dot) kernel waits before its loop
+(gptq_mma.py), and tests/test_pdl.py reads every kernel's PTX for it. That hoisting was why releasing
+right after the wait gave other tokens at batch 8 on the H100 of benchmarks/results/h100-session4/:
+gptq_mma's first two x tiles were copied before its wait under Triton 3.6. With it fixed, every
+mode gives the plain launches' tokens (benchmarks/pdl_check_gpu.py, H200).
+
+The default, `auto`, is WAIT for a launch over one token row and LOOP for more, from an H200 A/B in
+whole graphed Llama-3-8B steps (context 512, benchmarks/results/h200-session7/): WAIT took GPTQ
+4-bit batch 1 from 2.61 to 2.56 ms and float16 batch 1 from 4.44 to 4.37, but batch 8 from 7.74 to
+7.82 and batch 16 (the tl.dot kernel) from 8.30 to 8.71; START was slower everywhere (2.76 ms at
+batch 1). Modes may differ from one kernel of a step to the next: the argument above is per kernel.
+Checked as the default on another H200 (benchmarks/results/h200-session8/, auto against loop, ms a
+step over two or three rounds): GPTQ batch 1 2.49 against 2.58, float16 batch 1 4.34 against 4.47,
+Q4_0 batch 1 2.79 against 2.76-2.84, GPTQ batch 16 8.20-8.24 against 8.21-8.24; tokens equal. At
+batch 2 and 4 WAIT was 1-2% faster for GPTQ and 0.5% slower for float16 (cuBLAS past one row), so
+`auto` keeps WAIT to one row. Letting a GEMV placed early prefetch its weight slice into L2 before
+its wait (so the weight stream would not stop at the glue kernels) was slower too: 16 MB a GEMV gave
+2.71 ms (WAIT) and 2.89 (START) at batch 1, and was dropped. LOWGEAR_PDL_RELEASE picks the mode
+(auto, loop, wait, start), LOWGEAR_NO_PDL=1 turns PDL off (the benchmarks measure both ways).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..platform import env, hardware
+from ..errors import ConfigError
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # no triton, or one without griddepcontrol: PDL stays off
+    triton = None
+
+_CAPABILITY: dict[int, tuple[int, int] | None] = {}  # per CUDA index, looked up once
+
+LOOP, WAIT, START = 1, 2, 3
+AUTO = "auto"  # WAIT at one token row, LOOP above (`release_mode`)
+RELEASE_MODES = {AUTO: None, "loop": LOOP, "wait": WAIT, "start": START}
+DEFAULT_RELEASE = AUTO
+
+
+def release_name() -> str:
+    """LOWGEAR_PDL_RELEASE's mode name, else DEFAULT_RELEASE (an unknown name is a ConfigError)."""
+    name = (env.get("LOWGEAR_PDL_RELEASE") or DEFAULT_RELEASE).lower()
+    if name not in RELEASE_MODES:
+        raise ConfigError(f"LOWGEAR_PDL_RELEASE={name!r} is not one of {', '.join(RELEASE_MODES)}: "
+                          "unset it for the default")
+    return name
+
+
+def release_mode(rows: int | None = None) -> int:
+    """The `PDL` constexpr of an sm_90+ launch over `rows` token rows (None: unknown, taken as many):
+    the mode `release_name` names, `auto` resolved by the row count."""
+    mode = RELEASE_MODES[release_name()]
+    if mode is None:
+        return WAIT if rows == 1 else LOOP
+    return mode
+
+
+def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
+    """(on, why) for a CUDA device of this compute capability: what `lowgear doctor` prints."""
+    if env.flag("LOWGEAR_NO_PDL"):
+        return False, "plain launches (LOWGEAR_NO_PDL=1)"
+    if capability is None or tuple(capability) < (9, 0):
+        return False, "plain launches (programmatic dependent launch needs sm_90+)"
+    if triton is None:
+        return False, "plain launches (this Triton has no griddepcontrol)"
+    name = release_name()
+    how = " = wait at one token row, loop above" if name == AUTO else ""
+    return True, ("programmatic dependent launch (each kernel placed while the one before it finishes; "
+                  f"release: {name}{how})")
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` are compiled with the wait and launched with `launch_pdl`."""
+    if device.type != "cuda" or env.flag("TRITON_INTERPRET"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = hardware.compute_capability(torch.device("cuda", index))
+    return decision(_CAPABILITY[index])[0]
+
+
+def launch(device: torch.device, rows: int | None = None) -> dict:
+    """Keyword arguments for a kernel launch over `rows` token rows (the decode batch): the `PDL`
+    constexpr (0, or the release mode) and Triton's `launch_pdl` option."""
+    return {"PDL": release_mode(rows), "launch_pdl": True} if enabled(device) else {"PDL": 0}
+
+
+if triton is not None:
+
+    @triton.jit
+    def wait(PDL: tl.constexpr):
+        """Block until the kernel before this one has completed and its writes are visible (no-op
+        unless PDL); in the WAIT and START modes this also lets the next kernel be placed."""
+        if PDL == 3:  # START
+            gdc_launch_dependents()
+        if PDL:
+            gdc_wait()
+        if PDL == 2:  # WAIT
+            gdc_launch_dependents()
+
+    @triton.jit
+    def release(PDL: tl.constexpr):
+        """LOOP mode: let the next kernel be placed once every program got here (or exited)."""
+        if PDL == 1:  # LOOP
+            gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_l2(ptrs, PDL: tl.constexpr):
+        """Ask L2 for the 128-byte lines holding `ptrs` (no registers, no wait; no-op unless PDL)."""
+        if PDL:
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)

@@ -1,0 +1,313 @@
+"""Memory planning: which device holds which layer, and how many cache tokens fit.
+
+A plan is pure arithmetic over byte counts, so it is tested without a GPU and `doctor` can answer
+"how much context fits on this T4" before anything loads. Layers go in order, filling the devices in
+order; each layer brings its share of the KV cache (max_seq_len tokens × bytes per token per layer)
+to the device it sits on. The embedding sits on the first device, the final norm and lm_head on the
+device of the last layer (or the next one, if that is full). `max_seq_len="auto"` picks the most
+tokens (a whole number of pages) that fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import OutOfMemoryError
+
+GiB = 2**30
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    label: str
+    name: str
+    budget: int  # bytes this plan may use on the device (after the reserve and any limit)
+    weights: int  # layer weights + embedding/head on this device
+    cache: int  # KV cache bytes of its layers
+    layers: tuple[int, ...]
+    holds_embed: bool
+    holds_head: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache
+
+    @property
+    def spare(self) -> int:
+        return self.budget - self.total
+
+
+@dataclass(frozen=True)
+class Plan:
+    devices: tuple  # hardware.DeviceInfo, in the order given
+    layer_device: tuple[int, ...]  # per layer, an index into `devices`
+    embed_device: int
+    head_device: int
+    per_device: tuple[DevicePlan, ...]
+    max_seq_len: int  # cache tokens the plan sizes for
+    kv_tokens_fit: int  # the most cache tokens this split could hold (>= max_seq_len)
+    cache_bytes_per_token: int  # summed over all layers
+    page_size: int
+
+    @property
+    def bytes_per_device(self) -> dict[str, int]:
+        return {p.label: p.total for p in self.per_device}
+
+    @property
+    def used_devices(self) -> list[int]:
+        return sorted({self.embed_device, self.head_device, *self.layer_device})
+
+    def describe(self) -> str:
+        rows = []
+        for p in self.per_device:
+            if not p.layers and not p.holds_embed and not p.holds_head:
+                continue
+            what = f"layers {p.layers[0]}-{p.layers[-1]}" if p.layers else "no layers"
+            extra = [x for x, on in (("embed", p.holds_embed), ("norm+lm_head", p.holds_head)) if on]
+            rows.append(
+                f"{p.label} ({p.name}): {what}{' + ' + ' + '.join(extra) if extra else ''}; "
+                f"weights {gib(p.weights)} + cache {gib(p.cache)} of {gib(p.budget)}"
+            )
+        return "\n".join(rows)
+
+
+def kv_bytes_per_token(spec, dtype_bytes: int) -> int:
+    """K and V of every layer for one token: 2 * layers * kv_heads * head_dim * bytes."""
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype_bytes
+
+
+def kv_bytes_per_token_per_layer(spec, dtype_bytes: int) -> int:
+    return 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
+
+
+def device_bytes(source, spec, elt: int) -> tuple[list[int], dict[str, int], Counter]:
+    """Bytes per decoder layer and of embed / norm / lm_head as they will sit on the device, and bytes per stored type.
+
+    Packed weights keep their stored bytes; float weights take `elt` bytes an element (the model dtype),
+    except norms, which the model keeps in float32.
+    """
+    per_layer = [0] * spec.num_layers
+    other = {"embed": 0, "norm": 0, "lm_head": 0}
+    qtypes: Counter = Counter()
+    info = getattr(source, "info", None)
+    for name in source.names():
+        stored = source.nbytes(name)
+        size = stored
+        if info is not None:
+            ti = info(name)
+            qtypes[ti.qtype] += stored
+            if ti.qtype in ("F32", "F16", "BF16"):
+                size = math.prod(ti.shape) * (4 if name.endswith("norm") else elt)
+        else:
+            qtypes["?"] += stored
+        if name.startswith("layers."):
+            per_layer[int(name.split(".")[1])] += size
+        else:
+            other[name if name in other else "norm"] += size
+    return per_layer, other, qtypes
+
+
+def split_other_bytes(spec, other) -> tuple[int, int]:
+    """(embedding bytes, norm + lm_head bytes) from a mapping {"embed", "norm", "lm_head"} or a total.
+
+    A total is split evenly when lm_head is its own tensor (it has the embedding's shape); with tied
+    embeddings lm_head is the embedding, copied to the last device when that is another one.
+    """
+    if isinstance(other, Mapping):
+        embed = int(other.get("embed", 0))
+        head = int(other.get("norm", 0)) + int(other.get("lm_head", 0))
+        return embed, head
+    total = int(other)
+    if getattr(spec, "tie_word_embeddings", False):
+        return total, 0
+    return total - total // 2, total // 2
+
+
+def _limits(devices, per_device_limit) -> list[int | None]:
+    if per_device_limit is None:
+        return [None] * len(devices)
+    if isinstance(per_device_limit, Mapping):
+        return [per_device_limit.get(d.label, per_device_limit.get(d.index)) for d in devices]
+    if isinstance(per_device_limit, (int, float)):
+        return [int(per_device_limit)] * len(devices)
+    limits = list(per_device_limit)
+    return [int(x) if x is not None else None for x in limits] + [None] * (len(devices) - len(limits))
+
+
+def device_budget(device, reserve_bytes: int, limit: int | None = None) -> int:
+    have = device.free_memory or device.total_memory
+    if device.kind == "cpu" and have == 0:
+        have = _host_memory()
+    if limit is not None:
+        have = min(have, limit)
+    return max(have - reserve_bytes, 0)
+
+
+def _host_memory() -> int:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * GiB
+
+
+class _Fail(Exception):
+    def __init__(self, missing: int, where: str):
+        self.missing, self.where = missing, where
+
+
+def _assign(layer_bytes, embed, head, tied, budgets, cache_per_layer):
+    """Greedy in-order fill; returns (layer_device, head_device, used) or raises _Fail."""
+    n = len(budgets)
+    used = [0] * n
+    d = 0
+    if embed > budgets[0]:
+        raise _Fail(embed - budgets[0], "the embedding alone")
+    used[0] = embed
+    layer_device = []
+    for i, w in enumerate(layer_bytes):
+        cost = w + cache_per_layer
+        while used[d] + cost > budgets[d]:
+            if d == n - 1:
+                rest = sum(layer_bytes[i:]) + cache_per_layer * (len(layer_bytes) - i) + head
+                raise _Fail(used[d] + rest - budgets[d], f"layer {i}")
+            d += 1
+        used[d] += cost
+        layer_device.append(d)
+    last = layer_device[-1] if layer_device else 0
+    for hd in range(last, n):
+        need = head + (embed if tied and hd != 0 else 0)
+        if used[hd] + need <= budgets[hd]:
+            used[hd] += need
+            return layer_device, hd, used
+    raise _Fail(used[last] + head - budgets[last], "norm + lm_head")
+
+
+def plan(
+    spec,
+    weight_bytes_per_layer: Sequence[int],
+    other_bytes,
+    devices: Sequence,
+    cache_bytes_per_token_per_layer: int,
+    max_seq_len: int | str,
+    reserve_bytes: int,
+    per_device_limit=None,
+    page_size: int = 256,
+    max_tokens_cap: int | None = None,
+) -> Plan:
+    """Assign layers to `devices` (hardware.DeviceInfo) for a cache of `max_seq_len` tokens (or "auto")."""
+    if not devices:
+        raise OutOfMemoryError("no devices to place the model on")
+    layer_bytes = [int(b) for b in weight_bytes_per_layer]
+    embed, head = split_other_bytes(spec, other_bytes)
+    tied = bool(getattr(spec, "tie_word_embeddings", False)) and not (isinstance(other_bytes, Mapping) and other_bytes.get("lm_head"))
+    limits = _limits(devices, per_device_limit)
+    budgets = [device_budget(d, reserve_bytes, lim) for d, lim in zip(devices, limits)]
+    c = int(cache_bytes_per_token_per_layer)
+    L = len(layer_bytes)
+
+    def pages(tokens: int) -> int:
+        return -(-tokens // page_size) * page_size
+
+    def attempt(tokens: int):
+        return _assign(layer_bytes, embed, head, tied, budgets, pages(tokens) * c)
+
+    if max_seq_len == "auto":
+        lo, hi = 0, max((sum(budgets) - sum(layer_bytes)) // max(c * L, 1) // page_size, 0)
+        if max_tokens_cap is not None:
+            hi = min(hi, max_tokens_cap // page_size)
+        while lo < hi:  # the most pages that fit; feasibility is monotone in tokens
+            mid = (lo + hi + 1) // 2
+            try:
+                attempt(mid * page_size)
+                lo = mid
+            except _Fail:
+                hi = mid - 1
+        tokens = lo * page_size
+        if tokens == 0:
+            _raise(spec, devices, budgets, reserve_bytes, layer_bytes, embed, head, tied, c, page_size, page_size, attempt, auto=True)
+        layer_device, head_device, used = attempt(tokens)
+        return _build(devices, budgets, layer_bytes, embed, head, tied, layer_device, head_device, tokens, c, page_size)
+    tokens = int(max_seq_len)
+    try:
+        layer_device, head_device, used = attempt(tokens)
+    except _Fail:
+        _raise(spec, devices, budgets, reserve_bytes, layer_bytes, embed, head, tied, c, tokens, page_size, attempt, auto=False)
+    return _build(devices, budgets, layer_bytes, embed, head, tied, layer_device, head_device, tokens, c, page_size)
+
+
+def _build(devices, budgets, layer_bytes, embed, head, tied, layer_device, head_device, tokens, c, page_size) -> Plan:
+    alloc = -(-tokens // page_size) * page_size
+    per = []
+    fit = None
+    for d, dev in enumerate(devices):
+        layers = tuple(i for i, x in enumerate(layer_device) if x == d)
+        weights = sum(layer_bytes[i] for i in layers) + (embed if d == 0 else 0)
+        if d == head_device:
+            weights += head + (embed if tied and d != 0 else 0)
+        cache = alloc * c * len(layers)
+        per.append(DevicePlan(dev.label, dev.name, budgets[d], weights, cache, layers, d == 0, d == head_device))
+        if layers:
+            room = (budgets[d] - weights) // (c * len(layers)) // page_size * page_size if c else 0
+            fit = room if fit is None else min(fit, room)
+    return Plan(
+        devices=tuple(devices),
+        layer_device=tuple(layer_device),
+        embed_device=0,
+        head_device=head_device,
+        per_device=tuple(per),
+        max_seq_len=tokens,
+        kv_tokens_fit=max(fit or 0, tokens),
+        cache_bytes_per_token=c * len(layer_bytes),
+        page_size=page_size,
+    )
+
+
+def _raise(spec, devices, budgets, reserve, layer_bytes, embed, head, tied, c, tokens, page_size, attempt, auto: bool):
+    weights = sum(layer_bytes) + embed + head
+    cache = tokens * c * len(layer_bytes)
+    try:
+        attempt(tokens)
+        missing = 0
+    except _Fail as fail:
+        missing = fail.missing
+    missing = max(missing, weights + cache - sum(budgets), 1)
+    names = ", ".join(d.describe() for d in devices)
+    name = getattr(spec, "name", "") or getattr(spec, "arch", "model")
+    have = f"{gib(sum(budgets))} usable on {names} (after a {gib(reserve)} reserve per device)"
+    if auto:
+        head_line = f"{name}'s weights ({gib(weights)}) leave no room for even one page ({tokens} tokens) of cache: {have}"
+    else:
+        head_line = f"{name} needs {gib(weights)} of weights + {gib(cache)} of cache for {tokens} tokens, but there is {have}"
+    advice = []
+    if not auto:
+        try:
+            probe = plan_tokens_fit(layer_bytes, embed, head, budgets, c, page_size, tied)
+        except Exception:
+            probe = 0
+        if probe > 0:
+            advice.append(f"a smaller max_seq_len (at most {probe} tokens fit; or 'auto')")
+    advice.append("a quantized model (4-bit weights take about a quarter of float16's bytes)")
+    advice.append("another or an additional device (config.devices / LOWGEAR_DEVICES)")
+    raise OutOfMemoryError(f"{head_line}: {gib(missing)} missing. Try " + ", or ".join(advice) + ".")
+
+
+def plan_tokens_fit(layer_bytes, embed, head, budgets, c, page: int = 16, tied: bool = False) -> int:
+    """The most cache tokens (a multiple of `page`) the greedy fill can place; 0 when none."""
+    lo, hi = 0, max((sum(budgets) - sum(layer_bytes) - embed - head) // max(c * len(layer_bytes), 1) // page, 0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            _assign(layer_bytes, embed, head, tied, budgets, mid * page * c)
+            lo = mid
+        except _Fail:
+            hi = mid - 1
+    return lo * page
