@@ -140,3 +140,26 @@ def test_gptq4_source_builds_gptq_layers_whose_bytes_match_info():
     lin = QuantLinear(w)
     x = torch.randn(2, lin.in_features)
     torch.testing.assert_close(lin(x), x @ dequantize_gptq(w).t(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q8_0", "q4_k", "q6_k"])
+def test_random_source_packed_weights_have_the_float_spread(quant):
+    """Each synthetic block format decodes (by formats.dequant) to finite weights of std ~0.02, like the
+    float ones, so its timing runs real arithmetic on sane values; rows narrower than a block multiple
+    stay float."""
+    import dataclasses
+
+    from lowgear.formats.dequant import dequantize
+    from lowgear.formats.spec import PackedTensor
+
+    spec = dataclasses.replace(bench.PRESETS["tiny"], hidden_size=256, intermediate_size=512, head_dim=64)
+    src = bench.RandomSource(spec, bench.QUANTS[quant], torch.device("cpu"), torch.float32)
+    for name in ("layers.0.q", "layers.0.down", "lm_head"):
+        t = src.get(name)
+        assert isinstance(t, PackedTensor) and t.qtype == bench.QUANTS[quant]
+        assert t.data.shape[1] == src.info(name).nbytes // t.shape[0]
+        w = dequantize(t)
+        assert torch.isfinite(w).all() and 0.015 < w.std().item() < 0.025, (name, w.std())
+    narrow = bench.RandomSource(bench.PRESETS["tiny"], bench.QUANTS[quant], torch.device("cpu"), torch.float32)
+    # the tiny preset's 64-wide rows are a multiple of 32 (Q4_0, Q8_0 blocks), not of 256 (K blocks)
+    assert isinstance(narrow.get("layers.0.q"), PackedTensor) == (quant in ("q4_0", "q8_0"))

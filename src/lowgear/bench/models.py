@@ -12,11 +12,12 @@ import torch
 from ..formats.blocks import get_format
 from ..formats.gptq import GPTQWeight, gptq_groups
 from ..formats.spec import ModelSpec, PackedTensor, TensorInfo
+from .synthetic import SCALE_FIELDS
 
 # bench name -> packed format of the linear layers (None: float, in the run dtype); gptq4 is a GPTQ
 # folder's layout (4-bit, groups of 128 along K, no act-order, lm_head left in float16), as ExLlamaV2
 # users hold their models
-QUANTS = {"float": None, "q4_0": "Q4_0", "gptq4": "GPTQ4g128"}
+QUANTS = {"float": None, "q4_0": "Q4_0", "q8_0": "Q8_0", "q4_k": "Q4_K", "q6_k": "Q6_K", "gptq4": "GPTQ4g128"}
 DEFAULT_QUANTS = ("float", "q4_0")
 GPTQ_BITS, GPTQ_GROUP = 4, 128
 
@@ -50,7 +51,11 @@ class RandomSource:
     def _packed(self, name: str) -> bool:
         if self.qtype == QUANTS["gptq4"] and name == "lm_head":
             return False  # GPTQ checkpoints keep the output head in float16
-        return self.qtype is not None and len(self.shapes[name]) == 2 and name != "embed"
+        shape = self.shapes[name]
+        if self.qtype is None or len(shape) != 2 or name == "embed":
+            return False
+        # rows narrower than a block multiple stay float, as llama.cpp's quantizer leaves them
+        return self.qtype == QUANTS["gptq4"] or shape[1] % get_format(self.qtype).block_size == 0
 
     def names(self) -> list[str]:
         return list(self.shapes)
@@ -89,10 +94,10 @@ class RandomSource:
             fmt = get_format(self.qtype)
             rows, cols = shape
             blocks = torch.randint(0, 256, (rows, cols // fmt.block_size, fmt.block_bytes), dtype=torch.uint8, device=dev, generator=g)
-            scale = torch.full((1, 1, 1), 0.002, dtype=torch.float16, device=dev).view(torch.uint8)  # [1, 1, 2]
-            blocks[..., 0:2] = scale
-            if fmt.name == "Q4_1":
-                blocks[..., 2:4] = torch.zeros_like(scale)
+            fields, base = SCALE_FIELDS[fmt.name]  # the f16 scale / min fields, set to sane values
+            for offset, mult in fields:
+                value = torch.full((1, 1, 1), 0.02 * base * mult, dtype=torch.float16, device=dev)
+                blocks[..., offset : offset + 2] = value.view(torch.uint8)  # [1, 1, 2]
             return PackedTensor(self.qtype, blocks.view(rows, -1), shape)
         if name.endswith("norm"):
             return torch.ones(shape, dtype=torch.float32, device=dev)

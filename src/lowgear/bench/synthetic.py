@@ -151,7 +151,7 @@ def _float_values(rng: np.random.Generator, t: TensorPlan, std: float) -> np.nda
 
 # Per format: the f16 fields (byte offset, multiplier of the base scale) that random blocks get, and
 # the base scale that gives weights of std ~1 (q's spread times the random sub-scales' spread).
-_SCALE_FIELDS = {
+SCALE_FIELDS = {
     "Q8_0": ([(0, 1.0)], 1 / 74.0),
     "Q4_0": ([(0, 1.0)], 1 / 4.6),
     "Q4_1": ([(0, 1.0), (2, -7.5)], 1 / 4.6),
@@ -173,7 +173,7 @@ def random_blocks(rng: np.random.Generator, qtype: str, rows: int, cols: int, st
     fmt = QUANT_FORMATS[qtype]
     nblocks = cols // fmt.block_size
     blocks = _random_bytes(rng, rows * nblocks * fmt.block_bytes).reshape(rows, nblocks, fmt.block_bytes)
-    fields, base = _SCALE_FIELDS[qtype]
+    fields, base = SCALE_FIELDS[qtype]
     d = (std * base * rng.uniform(0.5, 1.5, (rows, nblocks))).astype(np.float32)
     for offset, mult in fields:
         blocks[..., offset : offset + 2] = (d * mult).astype(np.float16).view(np.uint8).reshape(rows, nblocks, 2)
