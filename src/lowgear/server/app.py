@@ -41,9 +41,15 @@ def _error_response(err: APIError) -> JSONResponse:
 def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="lowgear", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    created = int(time.time())
+    gate = _Gate(api_key)
+    _add_error_handlers(app)
+    _add_plain_routes(app, engine, gate)
+    _add_generation_routes(app, engine, gate)
+    return app
 
-    # -- errors in OpenAI's shape ----------------------------------------------------------------
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered in OpenAI's shape."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -70,19 +76,24 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     async def _lowgear_error(request: Request, exc: LowgearError):
         return _error_response(APIError(400, str(exc), code="invalid_value"))
 
-    # -- auth -----------------------------------------------------------------------------------
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
+class _Gate:
+    """The API key check and the request body's parse into a validated model."""
+
+    def __init__(self, api_key: str | None):
+        self.api_key = api_key
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
-    async def parse(request: Request, model_cls):
-        check_key(request)
+    async def parse(self, request: Request, model_cls):
+        self.check_key(request)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -96,7 +107,10 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             message, param = format_validation_error(errors)
             raise APIError(400, message, param=param, code="invalid_value")
 
-    # -- plain endpoints ------------------------------------------------------------------------
+
+def _add_plain_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
+    """/health, /metrics, /v1/models and the chat page."""
+    created = int(time.time())
 
     @app.get("/health")
     async def health():
@@ -116,12 +130,12 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        check_key(request)
+        gate.check_key(request)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
-        check_key(request)
+        gate.check_key(request)
         if model_id != engine.model_name:
             raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{engine.model_name}'.",
                            param="model", code="model_not_found")
@@ -131,11 +145,12 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     async def index():
         return HTMLResponse(resources.files("lowgear.server").joinpath("static/index.html").read_text("utf-8"))
 
-    # -- generation -----------------------------------------------------------------------------
 
+def _add_generation_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
+    """/v1/chat/completions and /v1/completions."""
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        req: ChatCompletionRequest = await gate.parse(request, ChatCompletionRequest)
         try:
             text = engine.tokenizer.apply_chat_template(req.chat_messages(), add_generation_prompt=True)
         except LowgearError:
@@ -157,7 +172,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req: CompletionRequest = await parse(request, CompletionRequest)
+        req: CompletionRequest = await gate.parse(request, CompletionRequest)
         prompts = req.prompts()
         encoded = [p if isinstance(p, list) else _encode(engine, p, special=False) for p in prompts]
         vocab = _vocab_size(engine)
@@ -181,8 +196,6 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
                     "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
         return {"id": rid, "object": "text_completion", "created": now, "model": engine.model_name,
                 "choices": choices, "usage": usage, "system_fingerprint": None}
-
-    return app
 
 
 # -- helpers ------------------------------------------------------------------------------------
