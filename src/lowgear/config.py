@@ -11,11 +11,12 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from . import defaults
 from .platform import env
 from .errors import ConfigError, ModelFormatError
 
-BACKEND_NAMES = ("flash_attn", "xformers", "sdpa", "triton", "eager")
-DTYPE_NAMES = ("float16", "bfloat16", "float32")
+BACKEND_NAMES = defaults.ATTENTION_LADDER
+DTYPE_NAMES = defaults.DTYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class Config:
         self.devices: list[str] | str | None = None  # indexes, UUIDs, PCI bus ids, or "cpu"
         self.dtype: str | None = None  # None: chosen per device (float32 CPU, fp16 < sm80, bf16 >= sm80)
         self.max_seq_len: int | None = None  # None: the model's own limit
-        self.max_input_len = 2048  # prefill chunk size (tokens per step)
-        self.reserve_memory_mb = 512  # kept free per GPU beyond the plan
+        self.max_input_len = defaults.MAX_INPUT_LEN  # prefill chunk size (tokens per step)
+        self.reserve_memory_mb = defaults.RESERVE_MEMORY_MB  # kept free per GPU beyond the plan
         self.spec = None  # ModelSpec, filled by prepare()
         self._source = None
         if self.model_dir is not None:

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import defaults
 from ..platform import hardware
 from ..errors import BackendUnavailableError, DeviceError
 from .base import AttentionBackend, ProbeResult
 
-LADDER = ("flash_attn", "xformers", "sdpa", "triton", "eager")
+LADDER = defaults.ATTENTION_LADDER
 
 _CLASSES = {
     "flash_attn": ("lowgear.attention.flash_attn", "FlashAttnBackend"),

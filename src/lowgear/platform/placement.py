@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .. import defaults
 from ..errors import OutOfMemoryError
 
 GiB = 2**30
@@ -200,7 +201,7 @@ def plan(
     max_seq_len: int | str,
     reserve_bytes: int,
     per_device_limit=None,
-    page_size: int = 256,
+    page_size: int = defaults.PAGE_SIZE,
     max_tokens_cap: int | None = None,
 ) -> Plan:
     """Assign layers to `devices` (hardware.DeviceInfo) for a cache of `max_seq_len` tokens (or "auto")."""

@@ -11,11 +11,13 @@ import argparse
 import os
 import sys
 
+from .. import defaults
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-DEFAULT_MAX_BATCH_SIZE = 16
-DEFAULT_CACHE_CAP = 8192
-PAGE_SIZE = 256
+DEFAULT_MAX_BATCH_SIZE = defaults.MAX_BATCH_SIZE
+DEFAULT_CACHE_CAP = defaults.SERVER_CACHE_TOKENS
+PAGE_SIZE = defaults.PAGE_SIZE
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 

@@ -1,0 +1,17 @@
+"""Every default and name list lowgear has, once. `Config` reads these; so does each module that needs
+one when no Config is at hand. This module imports nothing, so any package may read it."""
+
+# The attention ladder, best first: `select_backend` walks it, `--attn-backend` takes these names.
+ATTENTION_LADDER = ("flash_attn", "xformers", "sdpa", "triton", "eager")
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+
+# KV cache pages, in tokens (a multiple of 256 is what flash-attn's paged kernel takes).
+PAGE_SIZE = 256
+# Jobs decoded together in one step by a DynamicGenerator and by `lowgear serve`.
+MAX_BATCH_SIZE = 16
+# Prompt tokens run in one step (longer prompts are prefilled in chunks of this size).
+MAX_INPUT_LEN = 2048
+# GPU memory left free beyond the placement plan, per device.
+RESERVE_MEMORY_MB = 512
+# `lowgear serve`'s cache when no size is given: the model's context, at most this many tokens.
+SERVER_CACHE_TOKENS = 8192
