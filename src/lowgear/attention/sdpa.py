@@ -9,7 +9,7 @@ kernels) and anything else gets an explicit bottom-right causal mask.
 Its calls leave torch's cuDNN attention out (`without_cudnn`). Where torch picks cuDNN (Hopper),
 each query / key length it has not seen builds a cuDNN graph before it runs, and a server meets a
 new prompt length with nearly every request. On an H200 (torch 2.11, Llama-3-8B shape, GPTQ 4-bit,
-one request at a time, benchmarks/sdpa_new_lengths_gpu.py) each prompt of a new length took 87-96
+one request at a time, benchmarks/experiments/sdpa_new_lengths_gpu.py) each prompt of a new length took 87-96
 ms to its first token with cuDNN allowed, against 48 ms for lengths seen before, and the first one
 0.8 s; leaving cuDNN out, 48-55 ms. torch's flash and memory-efficient kernels serve every call
 this rung makes. (ExLlamaV2 without flash-attn attends through sdpa too: there every decode step

@@ -26,16 +26,16 @@ visible to every later one. One rule the kernels must keep for it: nothing an ea
 may be read before the wait, including by the loads that Triton's software pipeliner hoists out of a
 loop into its prologue (cp.async before the loop): a pipelined (tl.dot) kernel waits before its loop
 (gptq_mma.py), and tests/test_pdl.py reads every kernel's PTX for it. That hoisting was why releasing
-right after the wait gave other tokens at batch 8 on the H100 of benchmarks/results/h100-session4/:
+right after the wait gave other tokens at batch 8 on the H100 of benchmarks/results/h100-llama3-8b-gptq-gemv-tiles-pdl/:
 gptq_mma's first two x tiles were copied before its wait under Triton 3.6. With it fixed, every
-mode gives the plain launches' tokens (benchmarks/pdl_check_gpu.py, H200).
+mode gives the plain launches' tokens (benchmarks/experiments/pdl_check_gpu.py, H200).
 
 The default, `auto`, is WAIT for a launch over one token row and LOOP for more, from an H200 A/B in
-whole graphed Llama-3-8B steps (context 512, benchmarks/results/h200-session7/): WAIT took GPTQ
+whole graphed Llama-3-8B steps (context 512, benchmarks/results/h200-llama3-8b-pdl-release/): WAIT took GPTQ
 4-bit batch 1 from 2.61 to 2.56 ms and float16 batch 1 from 4.44 to 4.37, but batch 8 from 7.74 to
 7.82 and batch 16 (the tl.dot kernel) from 8.30 to 8.71; START was slower everywhere (2.76 ms at
 batch 1). Modes may differ from one kernel of a step to the next: the argument above is per kernel.
-Checked as the default on another H200 (benchmarks/results/h200-session8/, auto against loop, ms a
+Checked as the default on another H200 (benchmarks/results/h200-llama3-8b-gptq-vs-exllamav2/, auto against loop, ms a
 step over two or three rounds): GPTQ batch 1 2.49 against 2.58, float16 batch 1 4.34 against 4.47,
 Q4_0 batch 1 2.79 against 2.76-2.84, GPTQ batch 16 8.20-8.24 against 8.21-8.24; tokens equal. At
 batch 2 and 4 WAIT was 1-2% faster for GPTQ and 0.5% slower for float16 (cuBLAS past one row), so

@@ -69,7 +69,7 @@ def cpu_device() -> DeviceInfo:
     return DeviceInfo(index=-1, kind="cpu", name="CPU")
 
 
-# Datasheet figures (DESIGN.md). Memory is approximately what torch reports on the real card.
+# Datasheet figures. Memory is approximately what torch reports on the real card.
 @dataclass(frozen=True)
 class Profile:
     name: str

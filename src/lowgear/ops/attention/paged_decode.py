@@ -132,7 +132,7 @@ def _decode_block(
 # The block table's row stride is its width (the most pages of a sequence in the batch): left to
 # Triton's specialisation (an int equal to 1, or a multiple of 16, compiles apart) the first
 # prompt past one page would compile the kernel again (likely the 0.5 s first new length of the
-# triton row in benchmarks/results/h200-session8/run3/sdpa_new_lengths.log, primed with one-page prompts).
+# triton row in benchmarks/results/h200-llama3-8b-gptq-vs-exllamav2/run3/sdpa_new_lengths.log, primed with one-page prompts).
 @triton.jit(do_not_specialize=["stride_bt"])
 def paged_decode_kernel(
     q_ptr,  # [B, H, D]
@@ -308,7 +308,7 @@ NUM_WARPS = 1
 
 
 # The tl.dot form (sm_80+, fp16 / bf16): positions per loop step, warps per program, and programs per
-# SM a launch aims for. Swept on an H100 (benchmarks/results/h100-session3/decode_attention.log:
+# SM a launch aims for. Swept on an H100 (benchmarks/results/h100-llama3-8b-dot-decode-splitk-gemv/decode_attention.log:
 # Llama-3-8B attention, fp16, 256-position pages, graph-style bound, K/V from HBM): 64 positions,
 # 4 warps, 2 programs per SM had the lowest sum over batch 1-64 and contexts 512-4k (500 us a
 # layer summed, 4 per SM: 513); at batch 64 x 1k it read K/V at 2.9 TB/s, where the one-warp FMA
@@ -317,8 +317,8 @@ DOT_BLOCK_N = 64
 DOT_NUM_WARPS = 4
 DOT_PROGRAMS_PER_SM = 2
 # ... but one per SM for a single sequence: fewer splits leave the reduce fewer partials to read.
-# In whole graphed Llama-3-8B GPTQ steps on an H200 (benchmarks/knob_ab_gpu.py, results in
-# benchmarks/results/h200-session9/): batch 1 at contexts 512 / 2k / 4k took 2.421 / 2.502 / 2.625 ms
+# In whole graphed Llama-3-8B GPTQ steps on an H200 (benchmarks/experiments/knob_ab_gpu.py, results in
+# benchmarks/results/h200-llama3-8b-gptq-step-anatomy/): batch 1 at contexts 512 / 2k / 4k took 2.421 / 2.502 / 2.625 ms
 # against 2.470 / 2.558 / 2.644 at two per SM; batch 4 was slower with one (4.88 against 4.79 ms at
 # 2k, 5.34 against 5.10 at 4k) and batch 16 at 512 unchanged (8.23 against 8.20-8.21).
 DOT_PROGRAMS_PER_SM_ONE_SEQUENCE = 1
@@ -331,7 +331,7 @@ def dot_programs_per_sm(batch: int) -> int:
 
 # The FMA form's launch (`paged_decode`'s split_d; what sm_70 / sm_75 and fp32 caches run): lanes
 # across head_dim in a score, positions per loop step, one-warp programs per SM a launch aims for.
-# Measured on an H100 (benchmarks/results/h100-session5/decode_attention_split_d.log: Llama-3-8B
+# Measured on an H100 (benchmarks/results/h100-llama3-8b-bench-split-d-attention/decode_attention_split_d.log: Llama-3-8B
 # attention, fp16, 256-position pages): split_d 4 with 16-position blocks was the best FMA launch at
 # batch 64 x 1k (102.6 us a layer at 4 programs/SM, 120 at 16), batch 16 x 1k (37.8 at 4/SM, 31.7
 # at 8) and batch 1 x 4k (14.7), against 151 / 41.9 / 20.3 for the whole-warp form at its 16/SM.

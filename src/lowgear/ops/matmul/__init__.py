@@ -70,8 +70,8 @@ def kernel_for(module):
         return exl2_matmul
     # GGUF types with an exact GPTQ form (ops/matmul/repack.py) run as GPTQ layers: the GPTQ GEMV reads
     # 16-byte vectors where the block GEMV reads 2-byte ones. On an H100 (Llama-3-8B shape, batch 1)
-    # Q4_0 took 7.90 ms a step on the block GEMV (benchmarks/results/h100-cuda-graphs/decode_graphs_v3.txt),
-    # 3.76 ms as GPTQ (benchmarks/results/h100-session3/final/bench.log)
+    # Q4_0 took 7.90 ms a step on the block GEMV (benchmarks/results/h100-llama3-8b-cuda-graphs/decode_graphs_v3.txt),
+    # 3.76 ms as GPTQ (benchmarks/results/h100-llama3-8b-dot-decode-splitk-gemv/final/bench.log)
     if (getattr(module, "_gptq", None) is None and module.packed and _triton_available()
             and repack.can_hold(module.qtype, module.out_features, module.in_features)):
         module.hold_as_gptq(repack.gguf_to_gptq(module.qtype, module.qweight, module.in_features))

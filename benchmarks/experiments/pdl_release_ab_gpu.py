@@ -1,6 +1,6 @@
 """A/B of pdl.py's release modes inside whole graphed decode steps (sm_90+).
 
-    python benchmarks/pdl_release_ab_gpu.py --quant gptq4,float --configs off,auto,loop,wait --batches 1,16 --rounds 2
+    python benchmarks/experiments/pdl_release_ab_gpu.py --quant gptq4,float --configs off,auto,loop,wait --batches 1,16 --rounds 2
 
 One Llama-3-8B-shape model per quant (random weights made on the GPU, as `lowgear bench` does), triton
 rung, float16. Each config is a release mode (LOWGEAR_PDL_RELEASE) or `off` (LOWGEAR_NO_PDL=1, plain
@@ -8,7 +8,7 @@ launches); configs run interleaved, `--rounds` times over (step_ab.py: per confi
 mean graphed step, its share of the memory roofline, and whether its greedy tokens equal the first
 config's).
 
-The logs of benchmarks/results/h200-session7/ were run with the code of commits 9b304c3-3eee6fd, when a config also
+The logs of benchmarks/results/h200-llama3-8b-pdl-release/ were run with the code of commits 9b304c3-3eee6fd, when a config also
 named an L2 prefetch budget in MB (`wait:16`: each GEMV prefetched its share of 16 MB of weights into
 L2 before its wait); that prefetch was measured slower and removed.
 """

@@ -1,6 +1,6 @@
 """Paged decode attention alone on the GPU: the FMA forms against the tl.dot form, over launch choices.
 
-    python benchmarks/decode_attention_gpu.py [--forms fma,split,dot] [--out OUT.json]
+    python benchmarks/experiments/decode_attention_gpu.py [--forms fma,split,dot] [--out OUT.json]
 
 Llama-3-8B attention shape (32 query heads, 8 kv heads, head_dim 128, fp16, 256-position pages),
 one layer's decode for batch x context, launched as the CUDA graph launches it: the kv bound is a

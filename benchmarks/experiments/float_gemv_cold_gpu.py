@@ -1,7 +1,7 @@
 """The float16 decode GEMV (quant/kernels/float_gemv.py) with its weights coming from HBM: a launch sweep.
 
-    python benchmarks/float_gemv_cold_gpu.py --out OUT.json [--quick]
-    TRITON_INTERPRET=1 python benchmarks/float_gemv_cold_gpu.py --cpu-smoke   # the script's logic, tiny shapes
+    python benchmarks/experiments/float_gemv_cold_gpu.py --out OUT.json [--quick]
+    TRITON_INTERPRET=1 python benchmarks/experiments/float_gemv_cold_gpu.py --cpu-smoke   # the script's logic, tiny shapes
 
 As in gemv_cold_gpu.py (the GPTQ GEMV's sweep), each case owns enough copies of its layer
 (>= --budget-mb, and at least 2) that a CUDA graph of one GEMV per copy reads every weight from

@@ -1,6 +1,6 @@
 """The GPTQ GEMV's launch rule inside whole graphed decode steps: programs per launch, K-split, tile rows.
 
-    python benchmarks/gemv_launch_ab_gpu.py 528:8:16,528:8:8 1,2 [--rounds 2]
+    python benchmarks/experiments/gemv_launch_ab_gpu.py 528:8:16,528:8:8 1,2 [--rounds 2]
 
 Each config is TARGET_PROGRAMS:HALF2_MIN_SPLIT:HALF2_TILE_ROWS of quant/kernels/gptq.py (set on the
 module, so launch_params picks the launches from it; the first config should be the current rule,

@@ -5,12 +5,12 @@ CUDA-graphed DynamicGenerator at batch 1, 2, 4 and 8, greedy, and compares its t
 generator under plain launches, for each release mode of pdl.py (LOWGEAR_PDL_RELEASE: "loop", the
 split-K GEMVs after their main loop and the rest at exit; "wait", every kernel right after its wait;
 "start", every kernel just before its wait; "auto", the default: wait at batch 1, loop above). Batch 8 runs the tl.dot kernel (gptq_mma.py): on the H100 of
-benchmarks/results/h100-session4/pdl/ a release right after the wait gave other tokens there, while
+benchmarks/results/h100-llama3-8b-gptq-gemv-tiles-pdl/pdl/ a release right after the wait gave other tokens there, while
 its pipelined loop read x before its wait.
 
-    python benchmarks/pdl_check_gpu.py --modes auto,loop,wait,start
+    python benchmarks/experiments/pdl_check_gpu.py --modes auto,loop,wait,start
 
-(benchmarks/results/h200-session7/pdl_check.log was run at commit 9b304c3, when a mode also named an
+(benchmarks/results/h200-llama3-8b-pdl-release/pdl_check.log was run at commit 9b304c3, when a mode also named an
 L2 prefetch budget in MB, as `wait:0`; that prefetch was measured slower and removed.)
 """
 

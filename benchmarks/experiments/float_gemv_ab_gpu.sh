@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A/B of the float16 GEMV's launch rule inside the whole decode step: Llama-3-8B shape, float16,
-# batch 1, context 512, triton rung (graphed), run new / old / new / old in one session.
+# batch 1, context 512, triton rung (graphed), run new / old / new / old on one machine.
 # "old" is the rule before the H200 sweep (256-wide K slices, 16-row blocks, split to ~4 programs an SM).
-#   bash benchmarks/float_gemv_ab_gpu.sh OUT_DIR
-#   RUNS="new1 old1" LOWGEAR_NO_PDL=1 bash benchmarks/float_gemv_ab_gpu.sh OUT_DIR   # plain launches, as before sm_90
+#   bash benchmarks/experiments/float_gemv_ab_gpu.sh OUT_DIR
+#   RUNS="new1 old1" LOWGEAR_NO_PDL=1 bash benchmarks/experiments/float_gemv_ab_gpu.sh OUT_DIR   # plain launches, as before sm_90
 set -uo pipefail
-OUT="${1:?usage: bash benchmarks/float_gemv_ab_gpu.sh OUT_DIR}"
+OUT="${1:?usage: bash benchmarks/experiments/float_gemv_ab_gpu.sh OUT_DIR}"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"

@@ -1,6 +1,6 @@
 """Time to first token for prompt lengths the process has not seen: the sdpa rung with and without torch's cuDNN attention.
 
-    python benchmarks/sdpa_new_lengths_gpu.py [--preset llama3-8b] [--quant gptq4]
+    python benchmarks/experiments/sdpa_new_lengths_gpu.py [--preset llama3-8b] [--quant gptq4]
 
 Where torch's sdpa picks its cuDNN kernels (Hopper), each new query / key length builds a cuDNN
 graph before it runs. A server sees a new prompt length with nearly every request, so that cost

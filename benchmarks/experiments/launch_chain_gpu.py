@@ -1,6 +1,6 @@
 """What a kernel boundary costs inside a graphed decode step, against a grid-wide barrier in one kernel.
 
-    python benchmarks/launch_chain_gpu.py [--links 320] [--programs 132,264,528,1056] [--floats 64]
+    python benchmarks/experiments/launch_chain_gpu.py [--links 320] [--programs 132,264,528,1056] [--floats 64]
 
 A batch-1 decode step of an 8B model is ~320 short kernels in a chain, each reading what the one
 before wrote. This times such a chain with the work taken out: every link reads a small vector

@@ -1,7 +1,7 @@
 """The GPTQ decode GEMV with its weights coming from HBM, as in a decode step: a launch sweep.
 
-    python benchmarks/gemv_cold_gpu.py --out OUT.json [--quick]
-    TRITON_INTERPRET=1 python benchmarks/gemv_cold_gpu.py --cpu-smoke   # the script's logic, tiny shapes
+    python benchmarks/experiments/gemv_cold_gpu.py --out OUT.json [--quick]
+    TRITON_INTERPRET=1 python benchmarks/experiments/gemv_cold_gpu.py --cpu-smoke   # the script's logic, tiny shapes
 
 `gptq_gemv_gpu.py` times one layer over and over, so an 8B layer (8-30 MB) sits in the H100's 50 MB
 L2 and the figures flatter the kernel. Here each case owns enough copies of its layer (>= 256 MB)
@@ -10,7 +10,7 @@ replay time / copies. Shapes are the fused Llama-3-8B linears at 4-bit g128 (q|k
 o 4096x4096, gate|up 28672x4096, down 4096x14336), M = 1. Swept: num_warps x split-K x tile rows
 (BLOCK_R); reported as GB/s and % of a device-to-device copy measured in the same run,
 beside cuBLAS on the float16 weights (also cold). Every configuration's output is checked against
-the layer's torch dequantize + matmul first. (The runs recorded in benchmarks/results/h100-session3/
+the layer's torch dequantize + matmul first. (The runs recorded in benchmarks/results/h100-llama3-8b-dot-decode-splitk-gemv/
 also swept a next-tile register prefetch, since taken out of the kernel: `prefetch` in their JSON.)
 """
 
