@@ -1,6 +1,6 @@
 """Any module constant of lowgear inside whole graphed decode steps: an interleaved A/B.
 
-    python benchmarks/experiments/knob_ab_gpu.py "default" "attention.kernels.paged_decode.MIN_SPLIT=128" \
+    python benchmarks/experiments/knob_ab_gpu.py "default" "ops.attention.paged_decode.MIN_SPLIT=128" \
         [--quant gptq4] [--batches 1,16] [--rounds 2]
 
 Each config is `default` or comma-separated `module.NAME=value` settings (module relative to

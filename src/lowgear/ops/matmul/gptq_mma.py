@@ -2,9 +2,9 @@
 
 Between the GEMV (one FMA per code per activation row, so its time grows with M) and the prefill path
 (W.T dequantized to a float buffer, then cuBLAS: ~4 bytes written and read per weight on top of the
-packed read) sits a batch of 16-64 decode rows. Measured on an H100 (Llama-3-8B shapes, 4-bit g128,
-benchmarks/results/h100-llama3-8b-gptq-gemv-vs-exllamav2/gemv.json) both were 3-12x slower at M = 16 than one read of the
-packed weights. This kernel reads the codes once and lets the tensor cores do the row work:
+packed read) sits a batch of 16-64 decode rows, where both are far slower than one read of the
+packed weights (docs/decisions/004-gemv-row-limits.md). This kernel reads the codes once and lets
+the tensor cores do the row work:
 
     program (column block n, K-split s): for each BLOCK_K tile of its K-slice
         codes [BLOCK_K, BLOCK_N]  from qweight, word row k // PACK (a warp reads contiguous N words;
