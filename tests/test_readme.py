@@ -80,7 +80,11 @@ def test_support_table_hf_formats_are_the_readers():
     assert sorted(w for w in words if w not in ("float", "GPTQ", "EXL2")) == sorted(FLOAT_TYPES)
     assert "GPTQ" in words and "EXL2" in words
     assert set(gptq.GPTQ_FORMATS) == set(re.findall(r'"(gptq\w*)"', section(readme(), "What it runs")))
-    assert exl2  # the EXL2 reader exists
+    notes = " ".join(section(readme(), "What it runs").split())
+    gptq_bits = re.search(r"GPTQ: .*?([\d/]+) bits", notes).group(1)
+    assert tuple(int(b) for b in gptq_bits.split("/")) == gptq.GPTQ_BITS
+    exl2_bits = re.search(r"EXL2: .*?([\d/]+)-bit groups", notes).group(1)
+    assert tuple(int(b) for b in exl2_bits.split("/")) == exl2.EXL2_BITS
 
 
 # ---------------------------------------------------------------------------------------- CLI table
@@ -219,6 +223,17 @@ def test_server_routes_exist():
     assert re.search(r"curl http://127.0.0.1:8000(/v1/chat/completions)", block).group(1) in paths
 
 
+def test_server_example_request_is_valid():
+    import json
+
+    from lowgear.server.openai_types import ChatCompletionRequest
+
+    block = code_blocks(section(readme(), "Server"), "bash")[0]
+    assert "lowgear serve --port 8000" in block
+    body = json.loads(re.search(r"-d '([^']*)'", block).group(1))
+    ChatCompletionRequest.model_validate(body)  # the server's own request schema (strict: no unknown fields)
+
+
 # ------------------------------------------------------------------------------- performance tables
 
 QUANTS = {"float16": "float", "GGUF Q4_0": "q4_0", "GPTQ 4-bit g128": "gptq4"}
@@ -346,6 +361,13 @@ def test_docs_links_exist():
             first = re.sub(r"\{([^,}]+)[^}]*\}", r"\1", path)  # bench.{log,json}: bench.log
             first = first.replace("run1..run4", "run1").replace("run1..4", "run1").replace("*", "")
             assert os.path.exists(os.path.join(ROOT, first)) or glob.glob(os.path.join(ROOT, first + "*")), (name, path)
+
+
+def test_default_page_size():
+    from lowgear.cache.kv import DEFAULT_PAGE_SIZE
+
+    sizes = {int(n) for n in re.findall(r"(\d+)-token pages", readme())}
+    assert sizes == {DEFAULT_PAGE_SIZE}
 
 
 def test_make_targets_exist():
