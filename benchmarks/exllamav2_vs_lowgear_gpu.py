@@ -1,4 +1,4 @@
-"""lowgear beside ExLlamaV2 on one 8B-shape GPTQ 4-bit folder, both with flash-attn off (the seed's setting).
+"""lowgear beside ExLlamaV2 on one 8B-shape GPTQ 4-bit folder, both with flash-attn off (the no-flash-attn setting).
 
     python benchmarks/exllamav2_vs_lowgear_gpu.py --out OUT_DIR [--batches 1,16] [--context 512] [--steps 64]
 
@@ -17,13 +17,13 @@ Writes a Llama-3-8B-shape GPTQ folder (4-bit, group 128, symmetric, no act-order
 
 With `--exllamav2-generator`, generator against generator as users run them:
 
-- ExLlamaV2's DynamicGenerator with the seed's recipe (`paged=False, max_batch_size=1`), one greedy
+- ExLlamaV2's DynamicGenerator with ExLlamaV2's no-flash-attn recipe (`paged=False, max_batch_size=1`), one greedy
   job: the mean step over `steps` iterate() calls, as above, and a cProfile of as many more (where
   its host time goes); then a second job over the same key lengths (what a process that has served
   those lengths before gets). Twice: with torch's sdpa backends as they come, and with its cuDNN
   attention off. lowgear's generator step is the one above, with the folder's tokenizer.
 - `--queued N` (default 16): N requests of `context` prompt tokens and `--new` tokens each, queued
-  at once; the wall time until the last one finishes, prefill included. The seed's recipe serves
+  at once; the wall time until the last one finishes, prefill included. ExLlamaV2's no-flash-attn recipe serves
   them one after another; lowgear batches them.
 
 The folder's tokenizer is a synthetic byte-level BPE of the model's whole vocabulary (128000
@@ -134,7 +134,7 @@ def exllamav2_step(folder: str, b: int, context: int, steps: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     config = ExLlamaV2Config(folder)
-    config.no_flash_attn = True  # the seed's setting
+    config.no_flash_attn = True  # the no-flash-attn setting
     config.max_seq_len = context + steps + 16
     config.max_batch_size = b
     config.max_input_len = min(2048, context)
@@ -171,7 +171,7 @@ def time_queued(gen, jobs: list, new: int, pending) -> dict:
 
 
 def exllamav2_generator(folder: str, context: int, steps: int, queued: int, new: int, cudnn_sdp: bool) -> dict:
-    """ExLlamaV2's own DynamicGenerator with the seed's recipe (no_flash_attn, paged=False,
+    """ExLlamaV2's own DynamicGenerator with ExLlamaV2's no-flash-attn recipe (no_flash_attn, paged=False,
     max_batch_size=1). One greedy job: the mean over `steps` consecutive iterate() calls once its
     prompt is in, as a caller streaming tokens sees it, then a cProfile of `steps` more (top
     functions by own time). Then `queued` jobs enqueued at once, timed until the last finishes.
@@ -320,7 +320,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile 3 steps of lowgear's run")
     ap.add_argument("--forced-triton", action="store_true", help="also run lowgear with attn_backend='triton'")
     ap.add_argument("--exllamav2-generator", action="store_true",
-                    help="also time ExLlamaV2's DynamicGenerator with the seed's recipe (batch 1, and --queued requests)")
+                    help="also time ExLlamaV2's DynamicGenerator with ExLlamaV2's no-flash-attn recipe (batch 1, and --queued requests)")
     ap.add_argument("--queued", type=int, default=16, help="requests queued at once for the generator comparison (0: none)")
     ap.add_argument("--new", type=int, default=32, help="tokens each queued request generates")
     a = ap.parse_args()
@@ -380,7 +380,7 @@ def main() -> None:
             f"({eg['tok_s_seen']:.1f} over lengths it has seen), lowgear {lg1['tok_s']:.1f} tok/s | "
             f"{lg1['tok_s'] / eg['tok_s']:5.2f}x ({lg1['tok_s'] / eg['tok_s_seen']:5.2f}x)")
         if "queued" in eg and lq:
-            log(f"  {lq['jobs']} queued requests, until the last is done: ExLlamaV2 (seed's recipe) "
+            log(f"  {lq['jobs']} queued requests, until the last is done: ExLlamaV2 (no-flash-attn recipe) "
                 f"{eg['queued']['wall_s']:.2f} s, lowgear {lq['wall_s']:.2f} s | {eg['queued']['wall_s'] / lq['wall_s']:5.2f}x")
     with open(os.path.join(a.out, "exllamav2_vs_lowgear.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -43,7 +43,7 @@ timeout "${T_TESTS2:-120}" python3 -m pytest -q -p no:cacheprovider -rf tests/te
     tests/test_norm_rope_kernels.py tests/test_model_fused_step.py tests/test_quant_repack.py \
     tests/test_quant_kernels_gptq.py tests/test_quant_kernels_float_gemv.py > "$OUT/cuda_tests.log" 2>&1
 echo "cuda tests rc=$?"; tail -4 "$OUT/cuda_tests.log"
-timeout "${T_GEMV:-60}" python3 benchmarks/gemv_cold_gpu.py --quick --out "$OUT/gemv_cold.json" > "$OUT/gemv_cold.log" 2>&1
+timeout "${T_GEMV:-60}" python3 benchmarks/experiments/gemv_cold_gpu.py --quick --out "$OUT/gemv_cold.json" > "$OUT/gemv_cold.log" 2>&1
 echo "gemv rc=$?"; cat "$OUT/gemv_cold.log"
 if [ -n "$build_pid" ]; then wait "$build_pid"; echo "ExLlamaV2 extension build: $(tail -1 "$OUT/exllamav2_build.log")"; fi
 timeout "${T_SPEED:-150}" python3 benchmarks/exllamav2_vs_lowgear_gpu.py --out "$OUT" --steps 16 --profile \

@@ -1,4 +1,4 @@
-"""The ladder's decisions: DESIGN.md's table on simulated profiles, switches, forcing, broken and fake packages."""
+"""The ladder's decisions: the hardware table on simulated profiles, switches, forcing, broken and fake packages."""
 
 import sys
 import types

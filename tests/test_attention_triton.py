@@ -207,7 +207,7 @@ def test_decode_split_d_clamps_to_head_dim():
 
 @pytest.mark.parametrize("cc,dot", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
 def test_backend_takes_the_dot_form_only_from_sm80(cc, dot, monkeypatch):
-    """Below sm_80 Triton lowers tl.dot to FMAs (DESIGN.md), so only sm_80+ decode takes the dot form."""
+    """Below sm_80 Triton lowers tl.dot to FMAs, so only sm_80+ decode takes the dot form."""
     import lowgear.attention.triton as T
     from lowgear.attention.base import ProbeResult
 

@@ -1,6 +1,6 @@
 """attention/xformers.py on the CPU, through stand-in `xformers` packages.
 
-No xformers wheel runs here, and the one on the lent GPU imports but its CUDA ops fail. So the
+No xformers wheel runs here, and the one on a GPU it was tried on imports but its CUDA ops fail. So the
 stand-in comes in two kinds: one whose `memory_efficient_attention` computes the documented function
 (block-diagonal sequences, causal from the bottom right, an optional local window) in float64 from
 the mask's sequence lengths alone, which checks lowgear's packing, GQA and mask against the eager

@@ -1,4 +1,4 @@
-"""lowgear on the seed users' checkpoints, checked against ExLlamaV2 0.3.2 itself.
+"""lowgear on ExLlamaV2 users' checkpoints, checked against ExLlamaV2 0.3.2 itself.
 
 The folders under tests/fixtures/exllamav2/ were made on a GPU by make_fixtures.py there: two EXL2
 folders written by ExLlamaV2's own converter (2.6 and 4.5 bits per weight, each mixing bit widths

@@ -1,4 +1,4 @@
-"""The seed's ExLlamaV2 script, imports switched to lowgear, on an EXL2 folder made by ExLlamaV2.
+"""An ExLlamaV2 user's script, imports switched to lowgear, on an EXL2 folder made by ExLlamaV2.
 
 tests/fixtures/exllamav2/seed_script.py is written against ExLlamaV2's names (ExLlamaV2Config,
 ExLlamaV2Cache(lazy=True), load_autosplit(progress=True), ExLlamaV2DynamicGenerator(paged=True,

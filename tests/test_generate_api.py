@@ -1,4 +1,4 @@
-"""The ExLlamaV2-shaped Python API on the embedded SmolLM2: streaming, seeds, stop strings, the seed's recipe."""
+"""The ExLlamaV2-shaped Python API on the embedded SmolLM2: streaming, seeds, stop strings, ExLlamaV2's no-flash-attn recipe."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import lowgear as lg
 @pytest.fixture(scope="module")
 def stack(smollm2_path):
     config = lg.Config(smollm2_path)
-    config.no_flash_attn = True  # the seed's recipe: set before load
+    config.no_flash_attn = True  # ExLlamaV2's no-flash-attn recipe: set before load
     model = lg.Model(config)
     cache = lg.Cache(model, max_seq_len=4096, lazy=True)
     model.load_autosplit(cache, progress=False)

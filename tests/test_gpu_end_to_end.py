@@ -1,6 +1,6 @@
 """On a CUDA GPU: the whole model in float16 on each GPU rung against the CPU float32 eager path on
 the same weights, the generator's batching there, and what the ladder decided. Skipped without CUDA;
-run on the lent H100 (see the issue notes for the command and its output)."""
+run on an H100 (benchmarks/run_gpu_checks.sh runs them)."""
 
 from __future__ import annotations
 

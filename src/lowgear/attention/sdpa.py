@@ -8,12 +8,8 @@ kernels) and anything else gets an explicit bottom-right causal mask.
 
 Its calls leave torch's cuDNN attention out (`without_cudnn`). Where torch picks cuDNN (Hopper),
 each query / key length it has not seen builds a cuDNN graph before it runs, and a server meets a
-new prompt length with nearly every request. On an H200 (torch 2.11, Llama-3-8B shape, GPTQ 4-bit,
-one request at a time, benchmarks/sdpa_new_lengths_gpu.py) each prompt of a new length took 87-96
-ms to its first token with cuDNN allowed, against 48 ms for lengths seen before, and the first one
-0.8 s; leaving cuDNN out, 48-55 ms. torch's flash and memory-efficient kernels serve every call
-this rung makes. (ExLlamaV2 without flash-attn attends through sdpa too: there every decode step
-has a new key length, and on the H200 its step took 43-87 ms with cuDNN allowed, 5.5-11 without.)
+new prompt length with nearly every request. torch's flash and memory-efficient kernels serve
+every call this rung makes. why: docs/decisions/010-sdpa-without-cudnn.md
 
 The gathering helpers here (`gather_padded`, `gather_packed`) and the probe's tiny case
 (`probe_case`) are shared by the other gather-based rungs (flash_attn's varlen path, xformers).
@@ -121,9 +117,8 @@ class SdpaBackend(AttentionBackend):
         self.expand_kv_with_mask = False
         # torch devices whose sdpa has no flash kernel (compute capability < 8.0, from the probe's
         # DeviceInfo): there enable_gqa would send a causal prefill to the math kernel, which
-        # materializes every [q, k] score (measured on an H100 limited to a T4's kernels: a 2048-token
-        # prefill of the 8B shape took 167 ms against 55 on the triton rung), so kv heads are repeated
-        # and the memory-efficient kernel serves it
+        # materializes every [q, k] score, so kv heads are repeated and the memory-efficient kernel
+        # serves it (why: docs/decisions/011-sdpa-repeat-kv-heads-below-sm80.md)
         self._no_flash: set[torch.device] = set()
 
     def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window):

@@ -5,8 +5,8 @@ first rung that the config leaves on, that the device can do (compute capability
 whose probe (a tiny real call) succeeds. Every rung gets a `Decision` with a reason, the log that
 `lowgear doctor` prints.
 
-Decode steps are where CUDA graphs pay (a graphed step is 2-4x faster than an eager one on an
-H100, benchmarks/results/h100-cuda-graphs/), and only a capturable rung can be captured. So on a
+Decode steps are where CUDA graphs pay (docs/decisions/002-graphed-decode-on-triton.md), and only
+a capturable rung can be captured. So on a
 CUDA device whose chosen rung is not capturable (sdpa, whose padded decode gathers at the step's
 real length), the first capturable rung below it that works there (triton) is taken for pure
 decode steps — `Selection.decode_backend` — while prefill keeps the chosen rung. Both read and

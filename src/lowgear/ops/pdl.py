@@ -1,48 +1,30 @@
 """Programmatic dependent launch (PDL): a decode kernel starts while the one before it finishes.
 
-A batch-1 decode step is ~300 short kernels in a row (an 8B model: 9 a layer). Launched the plain
-way, each waits for the previous one to finish and flush before its first program is even placed
-on an SM, and its last programs run alone while the rest of the GPU idles: on an H100 that ramp and
-drain cost several microseconds a kernel, as much as a small GEMV's whole read. On sm_90+ a kernel
-launched with the programmatic-serialization attribute (`launch_pdl`) may be placed as soon as
-every program of the kernel before it has signalled `griddepcontrol.launch_dependents`; it must then
-run `griddepcontrol.wait` (which returns once that kernel has completed and its writes are visible)
-before it reads anything an earlier kernel wrote, or writes anything an earlier kernel may still
-read. Work before the wait may only touch memory no kernel of the step writes: the weights.
+On sm_90+ a kernel launched with the programmatic-serialization attribute (`launch_pdl`) may be
+placed as soon as every program of the kernel before it has signalled
+`griddepcontrol.launch_dependents`; it must then run `griddepcontrol.wait` (which returns once that
+kernel has completed and its writes are visible) before it reads anything an earlier kernel wrote,
+or writes anything an earlier kernel may still read. Work before the wait may only touch memory no
+kernel of the step writes: the weights.
 
 Every kernel of the CUDA decode step calls `wait` where it first needs an earlier kernel's output
 (the GEMVs after issuing their first weight loads, RMSNorm after loading its weight, the others at
-their start).
-Where a kernel lets the next one in is the launch's `PDL` constexpr (0: a plain launch, compiled
-without any griddepcontrol instruction, as sm < 90 and the interpreter need):
+their start). Where a kernel lets the next one in is the launch's `PDL` constexpr (0: a plain
+launch, compiled without any griddepcontrol instruction, as sm < 90 and the interpreter need):
 
     LOOP  (1)  the split-K GEMVs after their main loop, the other kernels at exit
     WAIT  (2)  every kernel right after its wait: the next kernel is resident for all of this one
     START (3)  every kernel just before its wait: kernels are placed as soon as the one before is resident
 
-Every mode is safe by construction: a kernel's wait returns only once the kernel before it has
-completed, and that kernel completed only after its own wait, so an earlier kernel's writes are
-visible to every later one. One rule the kernels must keep for it: nothing an earlier kernel wrote
-may be read before the wait, including by the loads that Triton's software pipeliner hoists out of a
-loop into its prologue (cp.async before the loop): a pipelined (tl.dot) kernel waits before its loop
-(gptq_mma.py), and tests/test_pdl.py reads every kernel's PTX for it. That hoisting was why releasing
-right after the wait gave other tokens at batch 8 on the H100 of benchmarks/results/h100-session4/:
-gptq_mma's first two x tiles were copied before its wait under Triton 3.6. With it fixed, every
-mode gives the plain launches' tokens (benchmarks/pdl_check_gpu.py, H200).
+Every mode is safe: a kernel's wait returns only once the kernel before it has completed, and that
+kernel completed only after its own wait, so an earlier kernel's writes are visible to every later
+one. The rule the kernels must keep: nothing an earlier kernel wrote is read before the wait,
+including by loads Triton's software pipeliner hoists into a loop's prologue, so a pipelined
+(tl.dot) kernel waits before its loop (gptq_mma.py); tests/test_pdl.py reads every kernel's PTX
+for it. The default, `auto`, is WAIT for a launch over one token row and LOOP for more.
+LOWGEAR_PDL_RELEASE picks the mode (auto, loop, wait, start), LOWGEAR_NO_PDL=1 turns PDL off.
 
-The default, `auto`, is WAIT for a launch over one token row and LOOP for more, from an H200 A/B in
-whole graphed Llama-3-8B steps (context 512, benchmarks/results/h200-session7/): WAIT took GPTQ
-4-bit batch 1 from 2.61 to 2.56 ms and float16 batch 1 from 4.44 to 4.37, but batch 8 from 7.74 to
-7.82 and batch 16 (the tl.dot kernel) from 8.30 to 8.71; START was slower everywhere (2.76 ms at
-batch 1). Modes may differ from one kernel of a step to the next: the argument above is per kernel.
-Checked as the default on another H200 (benchmarks/results/h200-session8/, auto against loop, ms a
-step over two or three rounds): GPTQ batch 1 2.49 against 2.58, float16 batch 1 4.34 against 4.47,
-Q4_0 batch 1 2.79 against 2.76-2.84, GPTQ batch 16 8.20-8.24 against 8.21-8.24; tokens equal. At
-batch 2 and 4 WAIT was 1-2% faster for GPTQ and 0.5% slower for float16 (cuBLAS past one row), so
-`auto` keeps WAIT to one row. Letting a GEMV placed early prefetch its weight slice into L2 before
-its wait (so the weight stream would not stop at the glue kernels) was slower too: 16 MB a GEMV gave
-2.71 ms (WAIT) and 2.89 (START) at batch 1, and was dropped. LOWGEAR_PDL_RELEASE picks the mode
-(auto, loop, wait, start), LOWGEAR_NO_PDL=1 turns PDL off (the benchmarks measure both ways).
+why: docs/decisions/003-pdl-release.md
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def cpu_device() -> DeviceInfo:
     return DeviceInfo(index=-1, kind="cpu", name="CPU")
 
 
-# Datasheet figures (DESIGN.md). Memory is approximately what torch reports on the real card.
+# Datasheet figures. Memory is approximately what torch reports on the real card.
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -91,7 +91,7 @@ PROFILES: dict[str, Profile] = {
     "a100-40gb": Profile("NVIDIA A100-SXM4-40GB", (8, 0), 42_298_834_944, 1555 * GB, 312e12, 108, ("a100", "40gb")),
     "a100": Profile("NVIDIA A100-SXM4-80GB", (8, 0), 85_100_068_864, 2039 * GB, 312e12, 108, ("a100",)),
     "h100": Profile("NVIDIA H100 80GB HBM3", (9, 0), 85_045_870_592, 3350 * GB, 989e12, 132, ("h100",)),
-    # the SXM part (141 GB HBM3e); torch reported 139.80 GiB on the lent one
+    # the SXM part (141 GB HBM3e); torch reports 139.80 GiB on a real one
     "h200": Profile("NVIDIA H200", (9, 0), 150_110_000_000, 4800 * GB, 989e12, 132, ("h200",)),
 }
 

@@ -73,8 +73,7 @@ def _decode_block(
         if PAGE_SIZE >= BLOCK_N:
             # The block lies in at most two pages: two scalar table reads and a select per position,
             # where a lookup per position costs each thread a load and 64-bit arithmetic per row
-            # (sm_90, split_d 4, 16-position blocks: 1190 instructions a loop step against 1149;
-            # on an H100, batch 64 x 1k at 16 programs/SM, 129 us a layer against 120).
+            # (why: docs/decisions/008-split-d-decode-attention.md).
             first = n0 // PAGE_SIZE
             page0 = tl.load(table + first).to(tl.int64)
             page1 = tl.load(table + first + 1, mask=(first + 1) * PAGE_SIZE < end, other=0).to(tl.int64)
@@ -131,8 +130,7 @@ def _decode_block(
 
 # The block table's row stride is its width (the most pages of a sequence in the batch): left to
 # Triton's specialisation (an int equal to 1, or a multiple of 16, compiles apart) the first
-# prompt past one page would compile the kernel again (likely the 0.5 s first new length of the
-# triton row in benchmarks/results/h200-session8/run3/sdpa_new_lengths.log, primed with one-page prompts).
+# prompt past one page would compile the kernel again.
 @triton.jit(do_not_specialize=["stride_bt"])
 def paged_decode_kernel(
     q_ptr,  # [B, H, D]
@@ -297,30 +295,20 @@ def paged_decode_reduce_kernel(
 INTERPRETED = type(paged_decode_kernel).__name__ == "InterpretedFunction"
 
 
-# Fewest positions a split takes (rounded up to whole blocks). Splits are cut from each sequence's own length, so a short
-# sequence under a long bound (a CUDA graph's) spreads over many one-block splits: on an H100 that
-# took a 512-position, batch-1 step from 53 µs a layer (256-position splits) to 8 µs.
+# Fewest positions a split takes (rounded up to whole blocks). Splits are cut from each sequence's
+# own length, so a short sequence under a long bound (a CUDA graph's) spreads over many short splits.
 MIN_SPLIT = 16
-# Warps per program. Measured on an H100 (fp16, 32/8 heads, head_dim 128, page 256, graph-launched):
-# one warp beat two and four at every batch and context tried (batch 64 x 1k: 150 µs a layer
-# against 275 with two warps): a one-warp program reduces scores and values without crossing warps.
+# Warps per program: a one-warp program reduces scores and values without crossing warps.
+# why (both): docs/decisions/008-split-d-decode-attention.md
 NUM_WARPS = 1
 
 
 # The tl.dot form (sm_80+, fp16 / bf16): positions per loop step, warps per program, and programs per
-# SM a launch aims for. Swept on an H100 (benchmarks/results/h100-session3/decode_attention.log:
-# Llama-3-8B attention, fp16, 256-position pages, graph-style bound, K/V from HBM): 64 positions,
-# 4 warps, 2 programs per SM had the lowest sum over batch 1-64 and contexts 512-4k (500 us a
-# layer summed, 4 per SM: 513); at batch 64 x 1k it read K/V at 2.9 TB/s, where the one-warp FMA
-# form (every score a cross-lane sum over head_dim) read 1.76 (152 us a layer against 93).
+# SM a launch aims for; one per SM for a single sequence (fewer splits leave the reduce fewer
+# partials to read). why: docs/decisions/009-dot-decode-programs-per-sm.md
 DOT_BLOCK_N = 64
 DOT_NUM_WARPS = 4
 DOT_PROGRAMS_PER_SM = 2
-# ... but one per SM for a single sequence: fewer splits leave the reduce fewer partials to read.
-# In whole graphed Llama-3-8B GPTQ steps on an H200 (benchmarks/knob_ab_gpu.py, results in
-# benchmarks/results/h200-session9/): batch 1 at contexts 512 / 2k / 4k took 2.421 / 2.502 / 2.625 ms
-# against 2.470 / 2.558 / 2.644 at two per SM; batch 4 was slower with one (4.88 against 4.79 ms at
-# 2k, 5.34 against 5.10 at 4k) and batch 16 at 512 unchanged (8.23 against 8.20-8.21).
 DOT_PROGRAMS_PER_SM_ONE_SEQUENCE = 1
 
 
@@ -330,23 +318,14 @@ def dot_programs_per_sm(batch: int) -> int:
 
 
 # The FMA form's launch (`paged_decode`'s split_d; what sm_70 / sm_75 and fp32 caches run): lanes
-# across head_dim in a score, positions per loop step, one-warp programs per SM a launch aims for.
-# Measured on an H100 (benchmarks/results/h100-session5/decode_attention_split_d.log: Llama-3-8B
-# attention, fp16, 256-position pages): split_d 4 with 16-position blocks was the best FMA launch at
-# batch 64 x 1k (102.6 us a layer at 4 programs/SM, 120 at 16), batch 16 x 1k (37.8 at 4/SM, 31.7
-# at 8) and batch 1 x 4k (14.7), against 151 / 41.9 / 20.3 for the whole-warp form at its 16/SM.
-# Programs hold ~255 registers, so an SM runs 8: at 4/SM batch 64 is one wave.
+# across head_dim in a score, positions per loop step, one-warp programs per SM a launch aims for;
+# then the whole-warp form's (split_d 0, blocks from `block_n_for`), and the Triton versions whose
+# layouts the split-D form was checked on (its shapes steer Triton's coalescing, _decode_block;
+# other versions default to the whole-warp form). why: docs/decisions/008-split-d-decode-attention.md
 FMA_SPLIT_D = 4
 FMA_BLOCK_N = 16
 FMA_PROGRAMS_PER_SM = 4
-# the whole-warp form's (split_d 0), blocks from `block_n_for`: on an H100, 16 one-warp programs per SM
-# were best or near it over batch 1-64 and contexts 512-4k (4 per SM: 337 us a layer summed over
-# four such shapes, 8: 340, 16 with 32-position blocks: 295)
 WHOLE_WARP_PROGRAMS_PER_SM = 16
-# Triton versions whose layouts the split-D form was checked on (its shapes steer Triton's coalescing,
-# _decode_block): with 3.6 the sm_75 PTX has 104 shuffles a loop step against 356 for the whole-warp
-# form; Triton 3.9 gives the key tile one element a thread instead and 1,280 shuffles
-# (tests/test_kernels_compile_old_gpus.py), so there the whole-warp form stays the default.
 SPLIT_D_TRITON_VERSIONS = ((3, 6),)
 
 
@@ -365,12 +344,8 @@ def fma_form() -> tuple[int, int]:
 
 def block_n_for(group: int, head_dim: int, programs: int = 0) -> int:
     """Positions per loop step of the whole-warp FMA form (split_d 0), for a launch of `programs`
-    (sequence, head-group) pairs per split.
-
-    Measured on an H100 (fp16, 32/8 heads, head_dim 128, page 256, one warp, 16 programs/SM, graph-
-    launched): 32 positions were best or within 5% at batch 8-64 and contexts 512-4k (batch 64 x 1k:
-    161 µs a layer, 182 with 16); at batch 1, where a short context is spread over one-block
-    splits, 16 is faster (8 against 11.5 µs at 512 positions).
+    (sequence, head-group) pairs per split: 16 for small launches, 32 otherwise
+    (why: docs/decisions/008-split-d-decode-attention.md).
     """
     return 16 if programs < 64 else 32
 

@@ -25,11 +25,8 @@ import torch
 from . import repack
 from ...formats.dequant import banded_matmul
 
-# GEMV up to this many activation rows. Measured on an H100 (tests/test_quant_kernels_gpu.py): one row
-# reaches 0.5-1.4 TB/s of packed bytes, 4 rows 0.2-0.6, 16 rows 0.05-0.16 — by 16 rows a dequantized tile
-# through cuBLAS (~4.6 bytes moved per weight) is faster, by 4 rows it is not. On the 8B shape, Q4_0 at
-# 8 rows took 38 ms a step through the GEMV against 22 ms at 32 rows through tiles (engine/graphs.py's
-# benchmark), so the GEMV stops at 4.
+# GGUF block GEMV up to this many activation rows; past it, dequantized bands through cuBLAS
+# why: docs/decisions/004-gemv-row-limits.md
 MAX_M = 4
 # rows dequantized per band when M > MAX_M: bounds the temporary to ~PREFILL_BAND_ELEMS elements
 PREFILL_BAND_ELEMS = 1 << 24
@@ -68,10 +65,8 @@ def kernel_for(module):
 
         prepare(module)
         return exl2_matmul
-    # GGUF types with an exact GPTQ form (ops/matmul/repack.py) run as GPTQ layers: the GPTQ GEMV reads
-    # 16-byte vectors where the block GEMV reads 2-byte ones. On an H100 (Llama-3-8B shape, batch 1)
-    # Q4_0 took 7.90 ms a step on the block GEMV (benchmarks/results/h100-cuda-graphs/decode_graphs_v3.txt),
-    # 3.76 ms as GPTQ (benchmarks/results/h100-session3/final/bench.log)
+    # GGUF types with an exact GPTQ form (ops/matmul/repack.py) run as GPTQ layers
+    # why: docs/decisions/007-q4_0-q8_0-as-gptq.md
     if (getattr(module, "_gptq", None) is None and module.packed and _triton_available()
             and repack.can_hold(module.qtype, module.out_features, module.in_features)):
         module.hold_as_gptq(repack.gguf_to_gptq(module.qtype, module.qweight, module.in_features))

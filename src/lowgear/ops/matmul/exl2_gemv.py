@@ -61,8 +61,8 @@ from ...formats.exl2 import group_table
 from .. import pdl
 from . import splitk
 
-# GEMV up to this many activation rows; past it, dequantize + cuBLAS (unmeasured for EXL2: the
-# GPTQ GEMV, whose per-code work is the same, stays ahead of the tile path well past 8 rows)
+# GEMV up to this many activation rows; past it, dequantize + cuBLAS (as the GPTQ GEMV, whose
+# per-code work is the same; why: docs/decisions/004-gemv-row-limits.md)
 MAX_M = 8
 # temporary bound for the prefill path: columns per band so that K * band <= this
 PREFILL_BAND_ELEMS = 1 << 24

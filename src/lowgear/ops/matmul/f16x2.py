@@ -1,8 +1,8 @@
 """A 4-bit word times eight fp16 activations in packed half2 arithmetic (inline PTX), for the GEMV.
 
 The GPTQ GEMV's fp32 unpack (`gptq._code_minus_zero`) costs three instructions a code (mask-or,
-subtract, FMA) plus a load and a convert per activation, which on an H100 made the batch-1 GEMV
-issue-bound near 2.1 TB/s. Here one 32-bit word of eight codes c0..c7 (bits 4j..4j+3) becomes four
+subtract, FMA) plus a load and a convert per activation, which makes the batch-1 GEMV
+issue-bound (docs/decisions/005-gptq-gemv-launch.md). Here one 32-bit word of eight codes c0..c7 (bits 4j..4j+3) becomes four
 half2 of (code - zero) with the exponent trick in fp16, and meets the activations as half2 pairs:
 
     p = (w & 0x000F000F) | 0x64006400   ->  half2(1024 + c0, 1024 + c4)      (0x6400 is 1024.0)

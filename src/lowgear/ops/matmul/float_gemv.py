@@ -25,20 +25,12 @@ import triton.language as tl
 from .. import pdl
 from . import splitk
 
-# rows the kernel takes at most, and rows `float_matmul` gives it: measured on an H100 (Llama-3-8B
-# shape, float16, CUDA-graph decode, benchmarks/results/h100-session5/float_gemv/): batch 1 took
-# 6.04 ms a step against 6.33 through cuBLAS, batch 4 9.42 against 6.46 (its row blocks shrink to
-# 4 rows to keep the accumulator in registers, and cuBLAS's tensor-core GEMM reuses w over the rows)
+# rows the kernel takes at most, and rows `float_matmul` gives it (more go to cuBLAS)
+# why (these and the launch rule below): docs/decisions/006-float16-gemv.md
 MAX_M = 4
 ROUTED_M = 1
-# Launch rule from a cold sweep on an H200 (benchmarks/float_gemv_cold_gpu.py, weights read from HBM,
-# M = 1; benchmarks/results/h200-session6/float_gemv_cold.log): K slices of 512 with 8-row blocks and
-# no K-split gave q|k|v 14.3 us against 16.7 with the earlier 256-wide slices split 2-3 ways, o 10.9
-# against 12.5, down 31.8 against 31.6; every K-split was slower once 512+ row blocks were running.
-# Layers with thousands of row blocks gained nothing from the wider slice (gate|up 56.3 against 56.5)
-# or lost (a 128256 x 4096 head: 246 against 239 us), so they keep 256-wide slices of 16 rows.
-# In the whole graphed float16 step (batch 1) the rule was within run-to-run spread, 4.40-4.49 ms
-# against 4.45-4.55 (float_gemv_ab/ there): with PDL the next kernel already overlaps a GEMV's ramp.
+# K slices of 512 with 8-row blocks, K split only while few programs run; layers with very many row
+# blocks keep 256-wide slices of 16 rows
 BLOCK_K = 512
 BLOCK_K_MANY_ROWS = 256
 MANY_ROW_BLOCKS = 16 * 132  # row blocks (at BLOCK_K) past which the 256-wide slice is used

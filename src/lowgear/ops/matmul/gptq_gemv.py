@@ -19,8 +19,7 @@ Split-K: an N = 4096 layer has only 8-16 column blocks, far fewer than the 132 S
 the K range is split too. Partial sums go to an fp32 workspace [splits, M, N] (it stays in L2) and
 the last program of each column block adds them in split order (`splitk.py`): one launch, and
 deterministic results (greedy decoding is reproducible, CUDA-graph replays match eager steps).
-Adding into y with float atomics would make sums order-dependent. (An earlier version used a
-second kernel that walked the splits one dependent load at a time.)
+Adding into y with float atomics would make sums order-dependent.
 
 Act-order (g_idx): a checkpoint's groups are scattered over K, which would cost a scale and zero
 gather per code. `sort_act_order` (run once, at `prepare`) sorts K by group and repacks the codes,
@@ -59,33 +58,15 @@ from . import f16x2, gptq_mma, splitk
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
 # it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
 MAX_M = 8
-# on sm >= 8.0 the tl.dot kernel (gptq_mma.py) takes M from here on. Measured on an H100 (Llama-3-8B
-# shapes, 4-bit g128, benchmarks/results/h100-session3/gemv_m48.log, L2-warm): at M = 8 it beat the
-# GEMV's best launch on all 8 cases (15.8 vs 25.9 us at 4096 x 4096, 47 vs 65 at 14336 x 4096); at
-# M = 4 it won 5 of 8 (lost the 14336 x 4096 ones, 48 vs 36 us), so the GEMV keeps M <= 4.
+# on sm >= 8.0 the tl.dot kernel (gptq_mma.py) takes M from here on
+# why: docs/decisions/004-gemv-row-limits.md
 MMA_FROM_M = 5
-# GEMV num_warps for every M: the best of the sweep in 23 of the 24 cases of
-# benchmarks/results/h100-exllamav2/gemv.json; with weights read from HBM (gemv_cold.json) 1, 2 and 4
-# warps were within 1-3% of each other at their best tile and split
+# GEMV launch: num_warps for every M, row-groups per tile at most (8 = 64 inputs at 4 bits), K split
+# into at least MIN_SPLIT parts; the packed-half2 unpack (f16x2.py) takes HALF2_* at one activation
+# row and GEMV_TILE_ROWS past it. why: docs/decisions/005-gptq-gemv-launch.md
 GEMV_NUM_WARPS = 2
-# row-groups per tile at most (8 = 64 inputs at 4 bits), and K split into at least MIN_SPLIT parts:
-# the best launches of benchmarks/results/h100-session3/gemv_cold.json (weights from HBM, M = 1) on
-# all four fused 8B shapes used BLOCK_R 8 (4 once, 1% better) and splits of 16-64; against tiles of
-# 16 and a split aiming at TARGET_PROGRAMS alone, 11.6 vs 13.8 us (q|k|v), 9.4 vs 10.2 (o),
-# 34.6 vs 41.4 (gate|up), 21.7 vs 23.8 (down). Loading the next tile before unpacking this one (a
-# register prefetch) was slower in 154 of that sweep's 159 pairs (at most 3.6% faster in the other 5,
-# none of them a best launch), and was dropped.
 GEMV_TILE_ROWS = 8
 MIN_SPLIT = 32
-# the same for the packed-half2 unpack (f16x2.py), whose tiles cost half the instructions: its sweep
-# (benchmarks/results/h100-session4/gemv_cold_half2.log, weights from HBM, M = 1) was best or within
-# 2% at 16-row tiles with splits of 16-32 on q|k|v, o and down (8.9 / 6.8 / 15.9 us against 10.7 /
-# 9.1 / 17.2 at 8-row tiles split 32) and at 16 rows split 8 on gate|up (27.6 against 30.3). That
-# holds at one activation row; at two, 8-row tiles were faster in whole graphed steps (H200, 8B
-# GPTQ 4-bit, benchmarks/gemv_launch_ab_gpu.py, results in benchmarks/results/h200-session8/
-# gemv_tiles/: batch 2 3.19 against 3.34 ms; batch 1 2.72 against 2.48 with 8-row tiles; doubling
-# or halving TARGET_PROGRAMS, or HALF2_MIN_SPLIT 4 / 16, gave batch 1 2.46-2.67 against 2.48), so
-# past one row the half2 tiles are GEMV_TILE_ROWS too.
 HALF2_TILE_ROWS = 16
 HALF2_MIN_SPLIT = 8
 # temporary bound for the prefill path: columns per band so that K * band <= this

@@ -2,9 +2,9 @@
 
 Between the GEMV (one FMA per code per activation row, so its time grows with M) and the prefill path
 (W.T dequantized to a float buffer, then cuBLAS: ~4 bytes written and read per weight on top of the
-packed read) sits a batch of 16-64 decode rows. Measured on an H100 (Llama-3-8B shapes, 4-bit g128,
-benchmarks/results/h100-exllamav2/gemv.json) both were 3-12x slower at M = 16 than one read of the
-packed weights. This kernel reads the codes once and lets the tensor cores do the row work:
+packed read) sits a batch of 16-64 decode rows, where both are far slower than one read of the
+packed weights (docs/decisions/004-gemv-row-limits.md). This kernel reads the codes once and lets
+the tensor cores do the row work:
 
     program (column block n, K-split s): for each BLOCK_K tile of its K-slice
         codes [BLOCK_K, BLOCK_N]  from qweight, word row k // PACK (a warp reads contiguous N words;
@@ -18,7 +18,7 @@ bf16), so the only roundings are x's own and the fp32 accumulation. A tile must 
 quantization group: BLOCK_K divides the group size (16 <= BLOCK_K; K may end in a short group).
 
 tl.dot is a tensor-core `mma` only on sm_80+; Triton 3.6 lowers it to FMAs for sm_70 / sm_75
-(DESIGN.md), so `gptq.gptq_matmul` routes here only for compute capability >= (8, 0) and fp16 / bf16
+(Triton uses no tensor cores there), so `gptq.gptq_matmul` routes here only for compute capability >= (8, 0) and fp16 / bf16
 activations, and for bits in MMA_BITS (3-bit codes straddle words: they stay on the GEMV / prefill
 paths). Split-K and the act-order layout are the GEMV's: partial sums go to an fp32 workspace
 [splits, M, N] that the last program of each tile adds in split order (`splitk.py`), and act-order

@@ -9,6 +9,7 @@ changes; only the layout does: GPTQ packs codes along K, which the split-K GEMV 
 kernel read as 16-byte vectors along N (`ops/matmul/gptq_gemv.py`), where llama.cpp's 18- and 34-byte
 blocks along K allow only 2-byte loads. Held this way a Q4_0 layer takes 0.64 bytes a weight
 instead of 0.5625 (the GEMV's fp16 zeros and the packed zeros beside the scales).
+why: docs/decisions/007-q4_0-q8_0-as-gptq.md
 
 Q4_1 and the K-quants store a per-block minimum, whose zero point (-m / d) is not an integer, so
 they keep their own kernels (`ops/matmul/gguf_gemv.py`).
