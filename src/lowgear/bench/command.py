@@ -17,7 +17,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -25,133 +24,17 @@ from contextlib import nullcontext
 import torch
 
 from ..errors import LowgearError
-from .models import DEFAULT_QUANTS, QUANTS, RandomSource, _NullTokenizer, synthetic_config
-from .report import _describe, _flops, _fmt_bytes, _line, plot, summary, write_outputs
+from .measure import (Timer, _free_bytes, _memory, _reset_peak, kv_bytes, measure_bandwidth, measure_matmul,
+                      prefill_flops, source_bytes, step_weight_bytes)
+from .models import DEFAULT_QUANTS, PRESETS, QUANTS, RandomSource, _NullTokenizer, synthetic_config
+from .report import (_describe, _dt, _flops, _fmt_bytes, _ints, _line, _names, _pages, _spec_dict, plot, summary,
+                     write_outputs)
 from ..formats.spec import ModelSpec
 
 GiB = 2**30
 T4_RUNG = "t4-v100"  # the forced rung: float16, no flash_attn, chosen as for an sm_75 device
 
-_LLAMA3_SCALING = {"type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-PRESETS: dict[str, ModelSpec] = {
-    "llama3-8b": ModelSpec("llama", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0,
-                           {**_LLAMA3_SCALING, "factor": 8.0}, max_position_embeddings=131072, name="Llama-3-8B shape"),
-    "llama3.2-1b": ModelSpec("llama", 128256, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0,
-                             {**_LLAMA3_SCALING, "factor": 32.0}, max_position_embeddings=131072,
-                             tie_word_embeddings=True, name="Llama-3.2-1B shape"),
-    "qwen2-0.5b": ModelSpec("qwen2", 151936, 896, 4864, 24, 14, 2, 64, 1e-6, 1000000.0, None,
-                            max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
-                            name="Qwen2-0.5B shape"),
-    "tiny": ModelSpec("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, None, max_position_embeddings=4096,
-                      name="tiny test shape"),
-}
 _QUANT_ALIASES = {"fp16": "float", "f16": "float", "q4": "q4_0"}
-
-
-class Timer:
-    """Median time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def median(self, fn, warmup: int, iters: int, slow_s: float = 1.0) -> float:
-        """Median of `iters` timed calls after `warmup` untimed ones; a call slower than `slow_s` gets 3 timed calls."""
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        if time.perf_counter() - t0 > slow_s:
-            warmup, iters = 1, min(iters, 3)
-        for _ in range(warmup - 1):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(iters):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-
-def measure_bandwidth(timer: Timer, quick: bool) -> float:
-    """Device memory bandwidth in bytes/s from a large copy (bytes read + written ÷ time)."""
-    n = (64 if timer.device.type == "cpu" or quick else 1024) * 2**20 // 4
-    src = torch.empty(n, dtype=torch.float32, device=timer.device).fill_(1.0)
-    dst = torch.empty_like(src)
-    t = timer.median(lambda: dst.copy_(src), warmup=2, iters=5 if quick else 20)
-    del src, dst
-    return 2 * n * 4 / t
-
-
-def measure_matmul(timer: Timer, dtype: torch.dtype, quick: bool) -> float:
-    """Peak matmul FLOP/s in `dtype` from a large square product on random data."""
-    n = 1024 if timer.device.type == "cpu" else (4096 if quick else 8192)
-    a = torch.randn(n, n, device=timer.device, dtype=dtype)
-    b = torch.randn(n, n, device=timer.device, dtype=dtype)
-    t = timer.median(lambda: torch.matmul(a, b), warmup=2, iters=3 if quick else 10)
-    return 2 * n**3 / t
-
-
-def source_bytes(source, dtype: torch.dtype) -> int:
-    """Bytes a WeightSource's tensors will take on the device: packed as stored, float in `dtype`."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    count = getattr(source, "float_elements", None)
-    total = 0
-    for name in source.names():
-        n = count(name) if count is not None else None
-        total += n * elt if n is not None else source.nbytes(name)
-    return total
-
-
-def step_weight_bytes(model, batch: int) -> int:
-    """Weight bytes one step reads: every layer, the final norm and lm_head; `batch` rows of an untied embedding."""
-    def module_bytes(m) -> int:
-        return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-
-    total = sum(module_bytes(layer) for layer in model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
-    if model.embed is not model.lm_head:
-        total += batch * module_bytes(model.embed) // model.spec.vocab_size
-    return total
-
-
-def kv_bytes(spec: ModelSpec, dtype: torch.dtype, tokens: int) -> int:
-    """K and V bytes of `tokens` cached positions over all layers."""
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * torch.empty((), dtype=dtype).element_size() * tokens
-
-
-def prefill_flops(spec: ModelSpec, tokens: int) -> float:
-    """Matmul FLOPs of one causal prompt of `tokens` tokens (linears, attention, lm_head for the last token)."""
-    s = spec
-    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-    per_token = s.num_layers * (s.hidden_size * (2 * q + 2 * kv) + 3 * s.hidden_size * s.intermediate_size)
-    attention = s.num_layers * s.num_heads * s.head_dim * tokens * tokens * 2  # QK^T and PV, causal half of each
-    return 2.0 * per_token * tokens + attention + 2.0 * s.vocab_size * s.hidden_size
-
-
-def _memory(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
-    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device), "reserved_bytes": torch.cuda.memory_reserved(device)}
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _free_bytes(device: torch.device) -> int | None:
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 # ---------------------------------------------------------------- the run
@@ -535,17 +418,6 @@ class Bench:
 
 
 # ---------------------------------------------------------------- small helpers
-def _ints(text) -> list[int]:
-    return [int(x) for x in _names(text)]
-
-
-def _names(text) -> list[str]:
-    if not text:
-        return []
-    items = text if isinstance(text, list) else [text]
-    return [x.strip() for item in items for x in str(item).split(",") if x.strip()]
-
-
 def _rung_names(text, device: torch.device) -> list[str]:
     from ..config import BACKEND_NAMES
 
@@ -559,23 +431,9 @@ def _rung_names(text, device: torch.device) -> list[str]:
     return names
 
 
-def _pages(tokens: int, page: int) -> int:
-    return -(-tokens // page)
-
-
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _what(v: Variant, kind: str, batch: int, context: int, rung: str | None = None, engine: str = "lowgear") -> dict:
     return {"engine": engine, "model": v.label, "shape": v.spec.name or v.label, "quant": v.quant, "dtype": _dt(v.dtype),
             "rung": rung, "kind": kind, "batch": batch, "context": context}
-
-
-def _spec_dict(spec: ModelSpec) -> dict:
-    d = dataclasses.asdict(spec)
-    d.pop("extra", None)
-    return d
 
 
 def _t4_sdpa():

@@ -21,6 +21,21 @@ QUANTS = {"float": None, "q4_0": "Q4_0", "q8_0": "Q8_0", "q4_k": "Q4_K", "q6_k":
 DEFAULT_QUANTS = ("float", "q4_0")
 GPTQ_BITS, GPTQ_GROUP = 4, 128
 
+# the model shapes `lowgear bench --preset` names
+_LLAMA3_SCALING = {"type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+PRESETS: dict[str, ModelSpec] = {
+    "llama3-8b": ModelSpec("llama", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0,
+                           {**_LLAMA3_SCALING, "factor": 8.0}, max_position_embeddings=131072, name="Llama-3-8B shape"),
+    "llama3.2-1b": ModelSpec("llama", 128256, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0,
+                             {**_LLAMA3_SCALING, "factor": 32.0}, max_position_embeddings=131072,
+                             tie_word_embeddings=True, name="Llama-3.2-1B shape"),
+    "qwen2-0.5b": ModelSpec("qwen2", 151936, 896, 4864, 24, 14, 2, 64, 1e-6, 1000000.0, None,
+                            max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
+                            name="Qwen2-0.5B shape"),
+    "tiny": ModelSpec("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, None, max_position_embeddings=4096,
+                      name="tiny test shape"),
+}
+
 
 # ---------------------------------------------------------------- the in-memory model
 class RandomSource:

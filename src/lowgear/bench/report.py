@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+
+import torch
+
+from ..formats.spec import ModelSpec
 
 GiB = 2**30
 
@@ -115,3 +120,29 @@ def summary(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- CLI
+
+
+# ---------------------------------------------------------------- argument and field helpers
+def _ints(text) -> list[int]:
+    return [int(x) for x in _names(text)]
+
+
+def _names(text) -> list[str]:
+    if not text:
+        return []
+    items = text if isinstance(text, list) else [text]
+    return [x.strip() for item in items for x in str(item).split(",") if x.strip()]
+
+
+def _pages(tokens: int, page: int) -> int:
+    return -(-tokens // page)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _spec_dict(spec: ModelSpec) -> dict:
+    d = dataclasses.asdict(spec)
+    d.pop("extra", None)
+    return d
