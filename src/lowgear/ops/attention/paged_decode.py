@@ -391,13 +391,7 @@ def paged_decode(
     `use_dot` (fp16 / bf16 caches, for sm_80+: see DOT_BLOCK_N and beside it) runs scores and values through
     tl.dot with a kv head's query heads as the rows of the product.
 
-    `split_d` (the FMA form only; default `fma_form()`'s, a power of two up to 32, or 0) is how many
-    lanes share head_dim in a score (paged_decode_kernel's SPLIT_D): each thread loads 16 contiguous
-    bytes of a key row and the warp's other lanes take further positions, so a score is summed
-    mostly in-thread and then over log2(split_d) shuffle rounds. 0 runs the whole-warp form, which
-    takes five rounds on every score and leaves every lane holding every score. Each thread holds
-    GROUP_P * head_dim / split_d query values (fp32), hence 4 or 8 for head_dim 128. Its launch
-    wants its own programs per SM (`fma_form()`'s, for the caller's `target_programs`).
+    `split_d` picks the FMA form's lane split (see `_form`).
     """
     batch, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
@@ -407,15 +401,8 @@ def paged_decode(
     per_program = heads_per_program or group
     assert group % per_program == 0, "heads_per_program must divide the query heads per kv head"
     programs = heads // per_program
-    if use_dot:
-        assert k_cache.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16, (k_cache.dtype, head_dim)
-        block_n = block_n or DOT_BLOCK_N
-        num_warps = num_warps or DOT_NUM_WARPS
-        split_d = 0
-    elif split_d is None:
-        split_d = fma_form()[0]
-    assert split_d & (split_d - 1) == 0 and split_d <= 32, split_d
-    block_n = block_n or (FMA_BLOCK_N if split_d else block_n_for(group, head_dim, batch * programs))
+    block_n, num_warps, split_d = _form(use_dot, k_cache.dtype, head_dim, group, batch * programs, block_n,
+                                        num_warps, split_d)
     min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
     span = min(max_kv_len, window) if window else max_kv_len
     if num_splits is None:
@@ -455,3 +442,24 @@ def paged_decode(
             num_warps=4, **launch,
         )  # fmt: skip
     return out
+
+
+def _form(use_dot: bool, dtype: torch.dtype, head_dim: int, group: int, programs: int, block_n: int | None,
+          num_warps: int | None, split_d: int | None) -> tuple[int, int | None, int]:
+    """(block_n, num_warps, split_d) of a launch: the tl.dot form's constants, or the FMA form's.
+
+    `split_d` (the FMA form only; default `fma_form()`'s, a power of two up to 32, or 0) is how many
+    lanes share head_dim in a score (paged_decode_kernel's SPLIT_D): each thread loads 16 contiguous
+    bytes of a key row and the warp's other lanes take further positions, so a score is summed
+    mostly in-thread and then over log2(split_d) shuffle rounds. 0 runs the whole-warp form, which
+    takes five rounds on every score and leaves every lane holding every score. Each thread holds
+    GROUP_P * head_dim / split_d query values (fp32), hence 4 or 8 for head_dim 128. Its launch
+    wants its own programs per SM (`fma_form()`'s, for the caller's `target_programs`).
+    """
+    if use_dot:
+        assert dtype in (torch.float16, torch.bfloat16) and head_dim >= 16, (dtype, head_dim)
+        return block_n or DOT_BLOCK_N, num_warps or DOT_NUM_WARPS, 0
+    if split_d is None:
+        split_d = fma_form()[0]
+    assert split_d & (split_d - 1) == 0 and split_d <= 32, split_d
+    return block_n or (FMA_BLOCK_N if split_d else block_n_for(group, head_dim, programs)), num_warps, split_d
