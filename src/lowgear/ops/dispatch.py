@@ -76,7 +76,8 @@ def decide(device, probe: Callable = probe_launch) -> Eligibility:
     cc = device.compute_capability or (0, 0)
     if cc < MIN_COMPUTE_CAPABILITY:
         need = MIN_COMPUTE_CAPABILITY
-        return Eligibility(False, f"Triton kernels need sm_{need[0]}{need[1]} or newer (device is sm_{cc[0]}{cc[1]})")
+        return Eligibility(False, f"Triton kernels need compute capability {need[0]}.{need[1]} or newer "
+                                  f"(device is sm_{cc[0]}{cc[1]})")
     missing = triton_missing()
     if missing:
         return Eligibility(False, missing)
