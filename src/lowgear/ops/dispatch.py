@@ -61,7 +61,8 @@ def probe_launch(device) -> str:
     gen = torch.Generator().manual_seed(0)
     x, r = (torch.randn(3, 96, generator=gen).to(dev, torch.float16) for _ in range(2))
     w = (1 + 0.1 * torch.randn(96, generator=gen)).to(dev)
-    out, h = rms_norm_triton(x, w, 1e-5, residual=r.clone())
+    with torch.cuda.device(dev):  # Triton launches on the current device
+        out, h = rms_norm_triton(x, w, 1e-5, residual=r.clone())
     ref_out, ref_h = rms_norm_ref(x.double(), w.double(), 1e-5, r.double(), compute_dtype=torch.float64)
     err = max((out.double() - ref_out).abs().max().item(), (h.double() - ref_h).abs().max().item())
     if not err <= 1e-2:
