@@ -27,6 +27,7 @@ from lowgear.ops import dispatch
 
 pytest.importorskip("triton")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton ops need CUDA tensors, or the interpreter
 SPEC = ModelSpec(arch="llama", vocab_size=32, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
                  num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=64)
 PAGE = 4
@@ -54,7 +55,7 @@ def _block(w, fused: bool) -> DecoderLayer:
     gate_up = QuantLinear(torch.cat([w["gate"], w["up"]]).float()) if fused else (lin["gate"], lin["up"])
     eps = SPEC.rms_norm_eps
     return DecoderLayer(RMSNorm(w["attn_norm"].float(), eps), Attention(SPEC, qkv, lin["o"]),
-                        RMSNorm(w["ffn_norm"].float(), eps), MLP(gate_up, lin["down"]))
+                        RMSNorm(w["ffn_norm"].float(), eps), MLP(gate_up, lin["down"])).to(DEVICE)
 
 
 def _rms(x, weight):
@@ -99,25 +100,25 @@ def shim():
 def _run(block, ops, backend, xs, splits):
     """Feed the sequences step by step; returns each sequence's output rows and the caches."""
     kv_shape = (7, PAGE, SPEC.num_kv_heads, SPEC.head_dim)
-    k_cache, v_cache = torch.zeros(kv_shape), torch.zeros(kv_shape)
-    table = cos_sin(torch.arange(SPEC.max_position_embeddings), inv_frequencies(SPEC))
+    k_cache, v_cache = torch.zeros(kv_shape, device=DEVICE), torch.zeros(kv_shape, device=DEVICE)
+    table = cos_sin(torch.arange(SPEC.max_position_embeddings, device=DEVICE), inv_frequencies(SPEC).to(DEVICE))
     done = {"a": 0, "b": 0}
     outs = {"a": [], "b": []}
     for step in STEPS:
         q_lens = [t for _, t in step]
         kv_lens = [done[s] + t for s, t in step]
-        meta = build_metadata(q_lens, kv_lens, [TABLES[s] for s, _ in step], PAGE, logits="all")
+        meta = build_metadata(q_lens, kv_lens, [TABLES[s] for s, _ in step], PAGE, device=DEVICE, logits="all")
         rows = [(s, slice(done[s], done[s] + t)) for s, t in step]
-        h = torch.cat([(xs[s][r] - splits[s][r]).float() for s, r in rows])
-        pending = torch.cat([splits[s][r].float() for s, r in rows])
+        h = torch.cat([(xs[s][r] - splits[s][r]).float() for s, r in rows]).to(DEVICE)
+        pending = torch.cat([splits[s][r].float() for s, r in rows]).to(DEVICE)
         h, pending = block.forward(h, pending, table, meta, k_cache, v_cache, backend, ops)
         out = h + pending
         start = 0
         for s, t in step:
-            outs[s].append(out[start:start + t])
+            outs[s].append(out[start:start + t].cpu())
             start += t
             done[s] += t
-    return {s: torch.cat(o) for s, o in outs.items()}, k_cache, v_cache
+    return {s: torch.cat(o) for s, o in outs.items()}, k_cache.cpu(), v_cache.cpu()
 
 
 def _triton_backend():
@@ -156,10 +157,11 @@ def test_first_layer_without_pending():
     w = _weights(2)
     x = torch.randn(5, SPEC.hidden_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     want, _, _ = reference(w, x)
-    table = cos_sin(torch.arange(16), inv_frequencies(SPEC))
+    table = cos_sin(torch.arange(16, device=DEVICE), inv_frequencies(SPEC).to(DEVICE))
     for make_ops in (dispatch.torch_ops, dispatch.triton_ops):
-        kc = torch.zeros(2, PAGE, SPEC.num_kv_heads, SPEC.head_dim)
+        kc = torch.zeros(2, PAGE, SPEC.num_kv_heads, SPEC.head_dim, device=DEVICE)
         vc = torch.zeros_like(kc)
-        meta = build_metadata([5], [5], [[1, 0]], PAGE, logits="all")
-        h, pending = _block(w, True).forward(x.float(), None, table, meta, kc, vc, EagerBackend(), make_ops())
-        torch.testing.assert_close((h + pending).double(), want, rtol=1e-4, atol=1e-4)
+        meta = build_metadata([5], [5], [[1, 0]], PAGE, device=DEVICE, logits="all")
+        h, pending = _block(w, True).forward(x.float().to(DEVICE), None, table, meta, kc, vc, EagerBackend(),
+                                             make_ops())
+        torch.testing.assert_close((h + pending).double().cpu(), want, rtol=1e-4, atol=1e-4)
