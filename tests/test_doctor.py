@@ -210,4 +210,5 @@ def test_simulated_t4_is_decided_by_capability_and_a_p100_is_not_eligible(monkey
     p100 = report["devices"][0]
     assert p100["ops"] == {"name": "torch", "triton_kernels": False, "probed": False,
                            "reason": "Triton kernels need compute capability 7.0 or newer (device is sm_60)"}
-    assert "Triton kernels: no — Triton kernels need compute capability 7.0 or newer (device is sm_60)" in doctor.render(report)
+    text = doctor.render(report)
+    assert "Triton kernels: no — Triton kernels need compute capability 7.0 or newer (device is sm_60)" in text

@@ -72,7 +72,8 @@ def test_old_gpu_gets_torch_ops_though_triton_imports():
         raise AssertionError("an ineligible device must not be probed")
 
     decision = dispatch.decide(_gpu((6, 1)), probe=probe)
-    assert not decision.triton and decision.reason == "Triton kernels need compute capability 7.0 or newer (device is sm_61)"
+    assert not decision.triton
+    assert decision.reason == "Triton kernels need compute capability 7.0 or newer (device is sm_61)"
 
 
 def test_failed_probe_gives_torch_ops_with_the_reason(monkeypatch):
@@ -122,7 +123,8 @@ def test_attach_kernels_follows_the_decision(tiny):
 
 
 def test_triton_attention_rung_follows_the_decision(monkeypatch):
-    """The triton attention rung asks the same decision: a failed probe launch leaves it unavailable, with that reason."""
+    """The triton attention rung asks the same decision: a failed probe launch leaves it unavailable,
+    with that reason."""
     import lowgear.attention.triton as T
 
     monkeypatch.setattr(T, "triton_eligibility", lambda d: dispatch.decide(d, probe=_broken))

@@ -107,7 +107,8 @@ def test_rope_ref_against_the_rotation_written_out():
     x = torch.randn(3, 2, 16, generator=gen, dtype=torch.float64)
     pos = torch.tensor([0, 4, 9])
     cos, sin = _cache(16, 8)
-    for style, pairs in (("neox", [(i, i + 8) for i in range(8)]), ("interleaved", [(2 * i, 2 * i + 1) for i in range(8)])):
+    neox, interleaved = [(i, i + 8) for i in range(8)], [(2 * i, 2 * i + 1) for i in range(8)]
+    for style, pairs in (("neox", neox), ("interleaved", interleaved)):
         ours, _ = apply_rope_ref(x, x[:, :1], pos, cos, sin, style, torch.float64)
         want = x.clone()
         for t, p in enumerate(pos.tolist()):

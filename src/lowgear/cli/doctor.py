@@ -1,12 +1,13 @@
 """`lowgear doctor`: what will run on this machine, and how much context fits, on one screen.
 
-`collect` gathers the facts as plain data (the torch build and its arch list, each device and its ops
-— Triton kernels or torch, and why (ops/dispatch.py) —, every attention rung's decision with its
-reason, the environment variables in force and, given a model, its quantization (GGUF type mix, GPTQ bits and group size, EXL2 bits per weight and their per-layer
-range), its bytes, cache cost, the tokens that fit per device, the placement and a decode ceiling from the
-device's bandwidth); `render` prints them; `--json` prints `collect`'s dict. Under LOWGEAR_SIMULATE
-the same report describes a simulated machine, which is how "what would happen on a T4" is answered
-(and tested) without one.
+`collect` gathers the facts as plain data (the torch build and its arch list, each device and its
+ops — Triton kernels or torch, and why (ops/dispatch.py) —, every attention rung's decision with its
+reason, the environment variables in force and, given a model, its quantization (GGUF type mix,
+GPTQ bits and group size, EXL2 bits per weight and their per-layer range), its bytes, cache cost,
+the tokens that fit per device, the placement and a decode ceiling from the device's bandwidth);
+`render` prints them; `--json` prints `collect`'s dict. Under LOWGEAR_SIMULATE the same report
+describes a simulated machine, which is how "what would happen on a T4" is answered (and tested)
+without one.
 """
 
 from __future__ import annotations

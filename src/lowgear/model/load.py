@@ -1,4 +1,4 @@
-"""Loading a model onto its devices: devices → dtype → placement plan → attention rung and ops → layers → cache.
+"""Loading a model onto its devices: devices → dtype → placement plan → attention rung, ops → layers → cache.
 
 The order matters: the dtype decides the weights' and cache's bytes, the plan decides each layer's
 device from those bytes, and the attention rung is chosen per device for that dtype. Layers load
