@@ -119,3 +119,11 @@ def compiled_results(script: str, timeout: int = 600):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))  # noqa: E741
     return json.loads(line[len("RESULTS"):])
+
+
+def use_ops(model, ops) -> None:
+    """Run `model` with `ops` (an ops.dispatch.Ops) on every device, kernel hooks attached as the load
+    would: how tests run the Triton ops on the CPU (under TRITON_INTERPRET=1)."""
+    model.ops = {label: ops for label in model.ops}
+    model.layer_ops = [ops] * len(model.layers)
+    model.attach_kernels()

@@ -211,7 +211,10 @@ def test_backend_takes_the_dot_form_only_from_sm80(cc, dot, monkeypatch):
     import lowgear.attention.triton as T
     from lowgear.attention.base import ProbeResult
 
+    from lowgear.ops.dispatch import Eligibility
+
     monkeypatch.setattr(T, "_interpret", lambda: False)
+    monkeypatch.setattr(T, "triton_eligibility", lambda device: Eligibility(True, "ok", True))
     backend = TritonBackend()
     monkeypatch.setattr(backend, "_timed_probe", lambda device, dtype, time_limit: ProbeResult(True, "ok"))
     gpu = DeviceInfo(index=0, kind="cuda", name="Test GPU", compute_capability=cc, total_memory=16 * 2**30,

@@ -56,6 +56,9 @@ def clean(monkeypatch):
                 "LOWGEAR_DEVICES", "LOWGEAR_DTYPE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
         monkeypatch.delenv(var, raising=False)
     select.clear_cache()
+    from lowgear.ops import dispatch
+
+    dispatch.clear_cache()
 
 
 def t4_report(monkeypatch, **kw):
@@ -174,3 +177,38 @@ def test_bad_device_is_an_error_line(monkeypatch):
     report = doctor.collect(devices=["cuda:3"])
     assert any("no CUDA device" in e for e in report["errors"])
     assert "error: no CUDA device" in doctor.render(report)
+
+
+def test_cpu_says_torch_ops_and_why(capsys):
+    """No GPU: the CPU's ops are torch's, with the reason, in the text and in --json."""
+    report = doctor.collect()
+    cpu = next(d for d in report["devices"] if d["kind"] == "cpu")
+    assert cpu["ops"] == {"name": "torch", "triton_kernels": False, "probed": False,
+                          "reason": "the CPU runs the torch ops (Triton kernels need a CUDA GPU)"}
+    assert "Triton kernels: no — the CPU runs the torch ops (Triton kernels need a CUDA GPU)" in doctor.render(report)
+    parser = argparse.ArgumentParser()
+    doctor.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["doctor", "--json"])
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert next(d for d in printed["devices"] if d["kind"] == "cpu")["ops"]["name"] == "torch"
+
+
+def test_simulated_t4_is_decided_by_capability_and_a_p100_is_not_eligible(monkeypatch):
+    """A simulated GPU runs nothing, so its decision comes from compute capability and triton's presence
+    (as the attention rung's does), and says it was not probed; sm_60 is below Triton's floor."""
+    from lowgear.ops import dispatch
+
+    has_triton = dispatch.triton_missing() is None
+    t4 = t4_report(monkeypatch)["devices"][0]
+    assert t4["ops"]["triton_kernels"] == has_triton and not t4["ops"]["probed"]
+    if has_triton:
+        assert t4["ops"]["reason"] == "simulated sm_75: by compute capability and triton's presence, not probed"
+        assert "Triton kernels: yes — simulated sm_75" in doctor.render(doctor.collect())
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "p100")
+    report = doctor.collect()
+    p100 = report["devices"][0]
+    assert p100["ops"] == {"name": "torch", "triton_kernels": False, "probed": False,
+                           "reason": "Triton kernels need compute capability 7.0 or newer (device is sm_60)"}
+    text = doctor.render(report)
+    assert "Triton kernels: no — Triton kernels need compute capability 7.0 or newer (device is sm_60)" in text

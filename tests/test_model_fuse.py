@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import all_logits, interpreter_index_shim, load
+from helpers import all_logits, interpreter_index_shim, load, use_ops
 
 from lowgear.model.fuse import fuse_linear, fuse_weights
 from lowgear.model.linear import QuantLinear
@@ -214,10 +214,10 @@ def test_fused_gptq_through_kernel_hook(interpreter_shim, act_order):
 
 @pytest.mark.parametrize("fmt", ["gptq", "Q4_0"])
 def test_fused_model_through_kernel_hooks(tmp_path, interpreter_shim, fmt):
-    """Whole models with every packed linear on its Triton kernel (attach_kernels' choice, made by hand
-    since attach_kernels only serves CUDA devices): fused and unfused logits agree."""
+    """Whole models on the Triton ops (attach_kernels puts every packed linear on its Triton kernel):
+    fused and unfused logits agree."""
     pytest.importorskip("triton")
-    from lowgear.ops import matmul as kernels
+    from lowgear.ops import dispatch
 
     if fmt == "gptq":
         from test_gptq import write_gptq_llama
@@ -229,11 +229,9 @@ def test_fused_model_through_kernel_hooks(tmp_path, interpreter_shim, fmt):
     fused, plain = _both(path)
     assert _fusion(fused[0]) == [(True, True)] * 2
     for model, _ in (fused, plain):
-        for layer in model.layers:
-            for m in layer.modules():
-                if isinstance(m, QuantLinear) and m.packed:
-                    m.kernel = kernels.kernel_for(m)
-                    assert m.kernel is not None
+        use_ops(model, dispatch.triton_ops())
+        assert all(m.kernel is not None for layer in model.layers for m in layer.modules()
+                   if isinstance(m, QuantLinear) and m.packed)
     for prompt in (IDS[:1], IDS[:3]):  # the GEMV path (M <= MAX_M)
         torch.testing.assert_close(all_logits(*fused, prompt), all_logits(*plain, prompt), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(all_logits(*fused, IDS), all_logits(*plain, IDS), rtol=1e-5, atol=1e-5)

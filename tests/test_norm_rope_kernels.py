@@ -1,15 +1,19 @@
-"""Fused RMSNorm(+residual) and RoPE kernels against float64 torch references.
+"""The norm / RoPE+KV-write / silu-mul ops, both sets (ops/dispatch.py's torch and Triton ops), against
+float64 references written from the math.
 
-Without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1).
+Without CUDA the Triton ops run in Triton's interpreter (conftest sets TRITON_INTERPRET=1).
 """
 
 import pytest
 import torch
 
-from lowgear.ops.norm import rms_norm, rms_norm_ref
-from lowgear.ops.rope import apply_rope_, apply_rope_ref
+from lowgear.ops import dispatch
+from lowgear.ops.norm import rms_norm_ref
+from lowgear.ops.rope import apply_rope_ref, apply_rope_triton
 
 pytest.importorskip("triton")
+
+OPS = {"torch": dispatch.torch_ops(), "triton": dispatch.triton_ops()}
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -19,26 +23,38 @@ def close(a, b, dtype):
     torch.testing.assert_close(a.double().cpu(), b.double().cpu(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
+def rms_norm_64(x, w, eps, residual=None):
+    """RMSNorm in float64 from its definition: (x [+ residual]) / sqrt(mean(square) + eps) * w."""
+    h = x.double() if residual is None else x.double() + residual.double()
+    out = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    return out if residual is None else (out, h)
+
+
+@pytest.mark.parametrize("impl", sorted(OPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hidden", [64, 96])  # 96: masked tail of the power-of-two block
-def test_rms_norm(dtype, hidden):
+def test_rms_norm(impl, dtype, hidden):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, hidden, generator=gen).to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
-    out = rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-5)
-    close(out, rms_norm_ref(x.double(), w.double(), 1e-5, compute_dtype=torch.float64), dtype)
+    out = OPS[impl].rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-5)
+    close(out, rms_norm_64(x, w, 1e-5), dtype)
     assert out.dtype == dtype and out.shape == x.shape
 
 
+@pytest.mark.parametrize("impl", sorted(OPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rms_norm_with_residual_updates_residual_in_place(dtype):
+def test_rms_norm_with_residual_updates_residual_in_place(impl, dtype):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 128, generator=gen).to(dtype)
     res = torch.randn(2, 3, 128, generator=gen).to(dtype)
     w = torch.randn(128, generator=gen).to(dtype)
     ref_out, ref_h = rms_norm_ref(x, w, 1e-6, res, compute_dtype=torch.float64)
+    out64, h64 = rms_norm_64(x, w, 1e-6, res)
+    close(ref_h, h64, dtype)  # the reference rounds the sum to the residual's dtype, as the ops do
+    close(ref_out, out64, dtype)
     res_dev = res.to(DEVICE)
-    out, new_res = rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-6, residual=res_dev)
+    out, new_res = OPS[impl].rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-6, residual=res_dev)
     assert new_res is res_dev
     close(new_res, ref_h, dtype)
     close(out, ref_out, dtype)
@@ -61,7 +77,7 @@ def test_rope_in_place(style, dtype):
     cos64, sin64 = _cache(64, d // 2)
     ref_q, ref_k = apply_rope_ref(q.double(), k.double(), pos, cos64, sin64, style, torch.float64)
     qd, kd = q.to(DEVICE), k.to(DEVICE)
-    apply_rope_(qd, kd, pos.to(DEVICE), cos64.float().to(DEVICE), sin64.float().to(DEVICE), style)
+    apply_rope_triton(qd, kd, pos.to(DEVICE), cos64.float().to(DEVICE), sin64.float().to(DEVICE), style)
     close(qd, ref_q, dtype)
     close(kd, ref_k, dtype)
 
@@ -79,36 +95,36 @@ def test_rope_on_strided_views_of_fused_qkv_and_partial_rotary():
     qkv_d = qkv.to(DEVICE)
     qd = qkv_d[:, : hq * d].view(t, hq, d)
     kd = qkv_d[:, hq * d:(hq + hk) * d].view(t, hk, d)
-    apply_rope_(qd, kd, pos.to(DEVICE), cos64.float().to(DEVICE), sin64.float().to(DEVICE), "neox")
+    apply_rope_triton(qd, kd, pos.to(DEVICE), cos64.float().to(DEVICE), sin64.float().to(DEVICE), "neox")
     close(qd, ref_q, torch.float32)
     close(kd, ref_k, torch.float32)
     assert torch.equal(qkv_d[:, (hq + hk) * d:].cpu(), v_before)
 
 
-def test_rope_ref_matches_model_rope():
-    from lowgear.model.rope import apply_rope
-
+def test_rope_ref_against_the_rotation_written_out():
+    """apply_rope_ref (the torch op's math and the tests' reference) against each pair rotated by hand."""
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 2, 16, generator=gen)
+    x = torch.randn(3, 2, 16, generator=gen, dtype=torch.float64)
     pos = torch.tensor([0, 4, 9])
     cos, sin = _cache(16, 8)
-    for style in ("neox", "interleaved"):
-        ours, _ = apply_rope_ref(x, x[:, :1], pos, cos.float(), sin.float(), style)
-        torch.testing.assert_close(ours, apply_rope(x, cos.float()[pos], sin.float()[pos], style))
+    neox, interleaved = [(i, i + 8) for i in range(8)], [(2 * i, 2 * i + 1) for i in range(8)]
+    for style, pairs in (("neox", neox), ("interleaved", interleaved)):
+        ours, _ = apply_rope_ref(x, x[:, :1], pos, cos, sin, style, torch.float64)
+        want = x.clone()
+        for t, p in enumerate(pos.tolist()):
+            for i, (a, b) in enumerate(pairs):
+                c, s_ = cos[p, i], sin[p, i]
+                want[t, :, a] = x[t, :, a] * c - x[t, :, b] * s_
+                want[t, :, b] = x[t, :, b] * c + x[t, :, a] * s_
+        torch.testing.assert_close(ours, want)
 
 
-def test_kernels_are_what_runs_here():
-    """Under the interpreter (or on CUDA) the tests above exercised the Triton kernels, not the fallback."""
-    from lowgear.ops.norm import use_triton
-
-    assert use_triton(torch.empty(1, device=DEVICE))
-
-
+@pytest.mark.parametrize("impl", sorted(OPS))
 @pytest.mark.parametrize("rot", [8, 4])  # 4 < head_dim / 2: partial rotary, the tail written unrotated
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_rope_writes_rotated_k_and_v_into_cache_slots(rot, cache_dtype):
-    """kv=(v, k_cache, v_cache, slots): q and k rotated in place as without it, and the cache rows at
-    the slots hold rotated k and v (what write_kv would store); every other slot is untouched."""
+def test_rope_writes_rotated_k_and_v_into_cache_slots(impl, rot, cache_dtype):
+    """rope_kv_: q and k rotated in place, and the cache rows at the slots hold rotated k and v (what
+    write_kv would store); every other slot is untouched."""
     gen = torch.Generator().manual_seed(5)
     t, hq, hk, d, pages, page = 5, 6, 3, 16, 4, 4  # GQA 6/3, q heads padded to a block of 8
     qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen)
@@ -126,8 +142,8 @@ def test_rope_writes_rotated_k_and_v_into_cache_slots(rot, cache_dtype):
     qkv_d = qkv.to(DEVICE)
     qd, kd, vd = split(qkv_d)
     kcd, vcd = kc.to(DEVICE), vc.to(DEVICE)
-    apply_rope_(qd, kd, pos.to(DEVICE), cos64.float().to(DEVICE), sin64.float().to(DEVICE), "neox",
-                kv=(vd, kcd, vcd, slots.to(DEVICE)))
+    OPS[impl].rope_kv_(qd, kd, vd, pos.to(DEVICE), cos64.float().to(DEVICE), sin64.float().to(DEVICE), "neox",
+                       kcd, vcd, slots.to(DEVICE))
     close(qd, ref_q, torch.float32)
     close(kd, ref_k, torch.float32)
     close(kcd.view(-1, hk, d), kc_ref, cache_dtype)
@@ -137,11 +153,11 @@ def test_rope_writes_rotated_k_and_v_into_cache_slots(rot, cache_dtype):
     assert torch.equal(kcd.view(-1, hk, d)[untouched.to(DEVICE)].cpu(), kc.view(-1, hk, d)[untouched])
 
 
+@pytest.mark.parametrize("impl", sorted(OPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("inter", [96, 1500])  # masked tail; two column blocks
-def test_silu_mul(dtype, inter):
-    from lowgear.ops.act import silu_mul
-
+def test_silu_mul(impl, dtype, inter):
+    silu_mul = OPS[impl].silu_mul
     gen = torch.Generator().manual_seed(6)
     gate_up = (3 * torch.randn(3, 2 * inter, generator=gen)).to(dtype)
     g, u = gate_up.double().chunk(2, dim=-1)

@@ -10,7 +10,8 @@ of this rung runs on CUDA cores: `prefers_sdpa_prefill_below_sm80` tells the mod
 prefill to sdpa there and keep this rung for decode.
 
 Triton is imported only inside functions (never at lowgear import time). On the CPU the rung runs
-in Triton's interpreter, and only when TRITON_INTERPRET=1 is set (tests); on a GPU the probe runs
+in Triton's interpreter, and only when TRITON_INTERPRET=1 is set (tests); on a GPU the rung needs
+ops/dispatch.py's Triton decision for the device (the one the model's ops come from), then runs
 both kernels once to compile them, then times a second tiny call and checks it against eager.
 """
 
@@ -20,12 +21,12 @@ import time
 
 import torch
 
+from ..ops.dispatch import MIN_COMPUTE_CAPABILITY, triton_eligibility
 from ..platform import env
 from .base import AttentionBackend, Capabilities, ProbeResult
 from .eager import reference_attention
 from .metadata import StepMetadata, build_metadata
 
-MIN_COMPUTE_CAPABILITY = (7, 0)
 # A tiny call that takes longer than this after compiling means a broken or crawling kernel
 # (what `tl.dot` is reported to do on some sm_70 setups), not a slow GPU.
 PROBE_MAX_SECONDS = 2.0
@@ -102,11 +103,10 @@ class TritonBackend(AttentionBackend):
             return self._timed_probe(device, torch.float32, time_limit=None)
         if device.simulated:
             return ProbeResult(False, f"{device.name} is a simulated profile: no kernel can run on it")
+        eligible = triton_eligibility(device)  # the one decision the model's ops come from
+        if not eligible.triton:
+            return ProbeResult(False, eligible.reason)
         cc = device.compute_capability
-        if cc is None or cc < MIN_COMPUTE_CAPABILITY:
-            return ProbeResult(False, f"Triton kernels need compute capability 7.0 or newer; {device.name} has {cc}")
-        if _interpret():
-            return ProbeResult(False, "TRITON_INTERPRET=1 is set, so Triton would run on the CPU; unset it to use the GPU")
         if device.sm_count:
             self._sm_counts[device.index] = device.sm_count
         if cc >= self.decode_dot_from:

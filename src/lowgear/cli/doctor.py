@@ -1,12 +1,13 @@
 """`lowgear doctor`: what will run on this machine, and how much context fits, on one screen.
 
-`collect` gathers the facts as plain data (the torch build and its arch list, each device, every
-attention rung's decision with its reason, the environment variables in force and, given a model,
-its quantization (GGUF type mix, GPTQ bits and group size, EXL2 bits per weight and their per-layer
-range), its bytes, cache cost, the tokens that fit per device, the placement and a decode ceiling from the
-device's bandwidth); `render` prints them; `--json` prints `collect`'s dict. Under LOWGEAR_SIMULATE
-the same report describes a simulated machine, which is how "what would happen on a T4" is answered
-(and tested) without one.
+`collect` gathers the facts as plain data (the torch build and its arch list, each device and its
+ops — Triton kernels or torch, and why (ops/dispatch.py) —, every attention rung's decision with its
+reason, the environment variables in force and, given a model, its quantization (GGUF type mix,
+GPTQ bits and group size, EXL2 bits per weight and their per-layer range), its bytes, cache cost,
+the tokens that fit per device, the placement and a decode ceiling from the device's bandwidth);
+`render` prints them; `--json` prints `collect`'s dict. Under LOWGEAR_SIMULATE the same report
+describes a simulated machine, which is how "what would happen on a T4" is answered (and tested)
+without one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from ..platform import env, hardware, placement
 from ..ops import pdl
+from ..ops.dispatch import triton_eligibility
 from ..platform.dtypes import choose_dtype, common_dtype, dtype_bytes, dtype_name
 from ..errors import LowgearError
 
@@ -51,7 +53,20 @@ def _device_facts(d) -> dict:
         "usable": usable,
         "problem": None if usable else hardware.torch_build_hint(d),
         "kernel_launch": pdl.decision(d.compute_capability)[1] if d.kind == "cuda" else None,
+        "ops": _ops(d),
     }
+
+
+def _ops(d) -> dict:
+    """The device's ops (ops/dispatch.py): Triton kernels or torch, and why."""
+    e = triton_eligibility(d)
+    return {"name": "triton" if e.triton else "torch", "triton_kernels": e.triton, "reason": e.reason,
+            "probed": e.probed}
+
+
+def _ops_line(d) -> str:
+    ops = d["ops"]
+    return f"           Triton kernels: {'yes' if ops['triton_kernels'] else 'no'} — {ops['reason']}"
 
 
 def _attention(d, switches, requested_dtype) -> dict:
@@ -275,6 +290,7 @@ def render(report: dict) -> str:
     for d in report["devices"]:
         if d["kind"] == "cpu":
             lines.append("  cpu      CPU")
+            lines.append(_ops_line(d))
             continue
         cc = "sm_%d%d" % tuple(d["compute_capability"])
         bw = f"{d['bandwidth'] / 1e9:.0f} GB/s" if d["bandwidth"] else "bandwidth ?"
@@ -283,7 +299,8 @@ def render(report: dict) -> str:
         lines.append(f"           {d['uuid']}  pci {d['pci_bus_id']}  {smi}".rstrip())
         if not d["usable"]:
             lines.append(f"           UNUSABLE: {d['problem']}")
-        elif d.get("kernel_launch"):
+        lines.append(_ops_line(d))
+        if d["usable"] and d["ops"]["triton_kernels"] and d.get("kernel_launch"):
             lines.append(f"           decode kernels: {d['kernel_launch']}")
     lines.append("")
     lines.append("attention ladder")

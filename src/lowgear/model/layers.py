@@ -1,11 +1,11 @@
 """The Llama-family blocks, as the paper writes them: RMSNorm, attention with RoPE and GQA, SwiGLU.
 
-Layers hold weights and nothing else; the step's metadata and the layer's KV cache come in as
-arguments, and attention goes through whichever backend the ladder chose for the layer's device.
-
-On CUDA the same math runs through the fused Triton kernels (`forward_fused`): each residual add is
-folded into the RMSNorm that follows it, and q/k are rotated in place by one kernel reading a
-per-device cos/sin table at `meta.positions`. The CPU path is the plain torch code below.
+Layers hold weights and nothing else; the step's metadata, the layer's KV cache, the attention
+backend the ladder chose and the device's `Ops` (ops/dispatch.py: torch or Triton, one contract)
+come in as arguments, so the CPU step and the CUDA step are this one code. Each residual add is
+folded into the RMSNorm that follows it (`ops.rms_norm(x, w, eps, residual=h)`), and q/k are
+rotated in place by the op that also writes k/v to the cache, reading a per-device cos/sin table at
+`meta.positions`; the backend then only attends.
 
 Where the weights allow it (model/fuse.py), q/k/v are one linear and gate/up another: one launch
 over the concatenated output rows instead of three (two), split back into views of its output.
@@ -19,11 +19,7 @@ from torch import nn
 from ..attention.metadata import StepMetadata
 from ..errors import ModelFormatError
 from ..formats.spec import ModelSpec
-from ..ops.act import silu_mul
-from ..ops.norm import rms_norm
-from ..ops.rope import apply_rope_
 from .linear import QuantLinear
-from .rope import apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -32,10 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+    def forward(self, x: torch.Tensor, ops, residual: torch.Tensor | None = None):
+        """Normed x; with `residual`, (normed x + residual, that sum written into residual)."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -73,21 +68,13 @@ class Attention(nn.Module):
         return (q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim),
                 v.view(t, self.kv_heads, self.head_dim))
 
-    def forward(self, x, cos, sin, meta: StepMetadata, k_cache, v_cache, backend) -> torch.Tensor:
+    def forward(self, x, rope_table, meta: StepMetadata, k_cache, v_cache, backend, ops) -> torch.Tensor:
+        """rope_table is (cos, sin) [max_positions, head_dim/2] float32, indexed by meta.positions."""
         t = x.shape[0]
         q, k, v = self.project(x)
-        q = apply_rope(q, cos, sin, self.rope_style)
-        k = apply_rope(k, cos, sin, self.rope_style)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
-        return self.o(out.reshape(t, self.heads * self.head_dim))
-
-    def forward_fused(self, x, rope_table, meta: StepMetadata, k_cache, v_cache, backend) -> torch.Tensor:
-        """CUDA path: rope_table is (cos, sin) [max_positions, head_dim/2] float32, indexed by meta.positions."""
-        t = x.shape[0]
-        q, k, v = self.project(x)
-        # RoPE and the cache write in one kernel; then the backend only attends
-        apply_rope_(q, k, meta.positions, rope_table[0], rope_table[1], self.rope_style,
-                    kv=(v, k_cache, v_cache, meta.slot_mapping))
+        # RoPE and the cache write in one op; then the backend only attends
+        ops.rope_kv_(q, k, v, meta.positions, rope_table[0], rope_table[1], self.rope_style, k_cache, v_cache,
+                     meta.slot_mapping)
         out = backend.attend(q, k_cache, v_cache, meta, self.scale, self.window)
         return self.o(out.reshape(t, self.heads * self.head_dim))
 
@@ -107,18 +94,11 @@ class MLP(nn.Module):
             self.gate, self.up = gate_up
         self.down = down
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate(x), self.up(x)
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        if self.gate_up is not None:  # silu(gate) * up in one op over the fused output
+            return self.down(ops.silu_mul(self.gate_up(x)))
+        gate, up = self.gate(x), self.up(x)  # EXL2 layers (never fused): torch on every device
         return self.down(nn.functional.silu(gate) * up)
-
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """CUDA path: silu(gate) * up in one kernel where gate|up is one linear."""
-        if self.gate_up is None:
-            return self.forward(x)
-        return self.down(silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -126,21 +106,18 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.mlp = attn_norm, attn, ffn_norm, mlp
 
-    def forward(self, h, cos, sin, meta, k_cache, v_cache, backend) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), cos, sin, meta, k_cache, v_cache, backend)
-        return h + self.mlp(self.ffn_norm(h))
-
-    def forward_fused(self, h, pending, rope_table, meta, k_cache, v_cache, backend):
-        """CUDA path: returns (residual stream, this layer's MLP output not yet added to it).
+    def forward(self, h, pending, rope_table, meta, k_cache, v_cache, backend, ops):
+        """Returns (residual stream, this layer's MLP output not yet added to it).
 
         `pending` is the previous layer's MLP output (None for the first layer): its add into h is
         fused with this layer's attention norm, as the attention output's add is with the MLP norm.
         h is updated in place, so it must be a tensor the caller owns.
         """
+        # .forward, not __call__: no module-hook overhead per block on the eager step
         if pending is None:
-            x = rms_norm(h, self.attn_norm.weight, self.attn_norm.eps)
+            x = self.attn_norm.forward(h, ops)
         else:
-            x, h = rms_norm(pending, self.attn_norm.weight, self.attn_norm.eps, residual=h)
-        a = self.attn.forward_fused(x, rope_table, meta, k_cache, v_cache, backend)
-        x, h = rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=h)
-        return h, self.mlp.forward_fused(x)
+            x, h = self.attn_norm.forward(pending, ops, residual=h)
+        a = self.attn.forward(x, rope_table, meta, k_cache, v_cache, backend, ops)
+        x, h = self.ffn_norm.forward(a, ops, residual=h)
+        return h, self.mlp.forward(x, ops)

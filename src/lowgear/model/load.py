@@ -1,4 +1,4 @@
-"""Loading a model onto its devices: devices → dtype → placement plan → attention rung → layers → cache.
+"""Loading a model onto its devices: devices → dtype → placement plan → attention rung, ops → layers → cache.
 
 The order matters: the dtype decides the weights' and cache's bytes, the plan decides each layer's
 device from those bytes, and the attention rung is chosen per device for that dtype. Layers load
@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..platform import hardware
 from ..attention.select import select_backend
+from ..ops.dispatch import ops_for
 from ..platform.dtypes import common_dtype, dtype_bytes
 from ..platform.placement import device_bytes
 from ..platform.placement import plan as plan_placement
@@ -43,19 +44,21 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     model.plan, model.dtype, model.devices = plan, dtype, devices
     switches = config.effective_switches()
     used = sorted({plan.layer_device[i] for i in range(spec.num_layers)})
-    model.selections = {}
+    model.selections, model.ops = {}, {}
     for idx in used:
         info = devices[idx]
         model.selections[info.label] = select_backend(info, switches, dtype)
+        model.ops[info.label] = ops_for(info)
 
     layer_devs = [devices[plan.layer_device[i]].torch_device for i in range(spec.num_layers)]
     get = source.get
-    model.layers, model.layer_devices = [], []
+    model.layers, model.layer_devices, model.layer_ops = [], [], []
     bar = tqdm(total=spec.num_layers + 1, desc=f"loading {spec.name or spec.arch}", unit="layer", disable=not progress)
     try:
         for i in range(spec.num_layers):
             model.layers.append(model.build_layer(i, get, layer_devs[i], dtype))
             model.layer_devices.append(layer_devs[i])
+            model.layer_ops.append(model.ops[devices[plan.layer_device[i]].label])
             bar.update(1)
         model.build_ends(get, set(source.names()), layer_devs[0], layer_devs[-1], dtype)
         bar.update(1)

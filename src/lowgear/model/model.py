@@ -15,7 +15,6 @@ from ..attention.metadata import StepMetadata
 from ..errors import ConfigError
 from ..formats.spec import ModelSpec
 from .fuse import fuse_linear
-from ..ops.norm import rms_norm
 from .layers import MLP, Attention, DecoderLayer, RMSNorm
 from .linear import QuantLinear
 from .rope import cos_sin, inv_frequencies
@@ -35,6 +34,8 @@ class Model:
         self.dtype: torch.dtype | None = None
         self.devices: list = []  # hardware.DeviceInfo per device used
         self.selections: dict[str, object] = {}  # device label -> attention.select.Selection
+        self.ops: dict[str, object] = {}  # device label -> ops.dispatch.Ops, resolved at load
+        self.layer_ops: list = []  # each layer's device's Ops
         self.plan = None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -102,22 +103,16 @@ class Model:
             self.lm_head = _to(QuantLinear(get("embed")), last, dtype)
 
     def attach_kernels(self) -> int:
-        """Give packed linears on CUDA devices the Triton matmul-with-unpack kernel, and float16 /
-        bfloat16 ones the decode GEMV (ops/matmul/float_gemv.py); returns how many.
-
-        Without Triton (or on the CPU) QuantLinear keeps its torch path: unpack a band, then matmul.
-        """
-        from ..ops import matmul as kernels
-
-        capability = {d.label: d.compute_capability for d in self.devices}
+        """Give each linear the kernel hook its device's ops choose (ops/dispatch.py: the packed or float
+        GEMV kernels where Triton may run, else none and the torch path); returns how many got one."""
         count = 0
         modules = [m for layer in self.layers for m in layer.modules()] + [self.lm_head]
         for m in modules:
-            if isinstance(m, QuantLinear) and m.device.type == "cuda":
-                cc = capability.get(_label(m.device))
-                if cc is not None and cc >= (7, 0):  # Triton's floor; older cards keep the torch path
-                    m.kernel = kernels.kernel_for(m) if m.packed else kernels.float_kernel_for(m)
-                    count += m.kernel is not None
+            if isinstance(m, QuantLinear):
+                kernel = self.ops[_label(m.device)].linear_kernel(m)
+                if kernel is not None:
+                    m.kernel = kernel
+                    count += 1
         return count
 
     def backend_for(self, device: torch.device, is_decode: bool = False):
@@ -127,48 +122,27 @@ class Model:
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: StepMetadata, cache) -> torch.Tensor:
-        """input_ids [T] -> logits [len(meta.logit_indices), vocab] in float32."""
-        if not self.loaded:
-            raise ConfigError("the model is not loaded: call model.load() or model.load_autosplit(cache) first")
-        device = self.layer_devices[0]
-        h = self.embed.lookup(input_ids.to(device)).to(self.dtype)  # [T, hidden]
-        if device.type == "cuda":
-            return self._forward_fused(h, meta, cache)
-        meta_here = meta.to(device)
-        cos, sin = cos_sin(meta_here.positions, self._freqs(device))
-        for i, layer in enumerate(self.layers):
-            if self.layer_devices[i] != device:
-                device = self.layer_devices[i]
-                h, meta_here = h.to(device), meta.to(device)
-                cos, sin = cos_sin(meta_here.positions, self._freqs(device))
-            k_cache, v_cache = cache.layer(i)
-            h = layer(h, cos, sin, meta_here, k_cache, v_cache, self.backend_for(device, meta.is_decode))
-        h = self.norm(h.index_select(0, meta_here.logit_indices))
-        return self.lm_head(h).float()
-
-    def _forward_fused(self, h: torch.Tensor, meta: StepMetadata, cache) -> torch.Tensor:
-        """The CUDA step: fused residual-add + RMSNorm and in-place RoPE (see layers.py).
+        """input_ids [T] -> logits [len(meta.logit_indices), vocab] in float32.
 
         Each layer hands back its MLP output unadded; the next layer's norm (or the final one) adds it.
         """
-        device = self.layer_devices[0]
+        if not self.loaded:
+            raise ConfigError("the model is not loaded: call model.load() or model.load_autosplit(cache) first")
+        device, ops = self.layer_devices[0], self.layer_ops[0]
+        h = self.embed.lookup(input_ids.to(device)).to(self.dtype)  # [T, hidden]
         meta_here = meta.to(device)
         table = self._rope_table(device, cache)
         pending = None
         for i, layer in enumerate(self.layers):
             if self.layer_devices[i] != device:
-                device = self.layer_devices[i]
+                device, ops = self.layer_devices[i], self.layer_ops[i]
                 h, pending, meta_here = h.to(device), pending.to(device), meta.to(device)
                 table = self._rope_table(device, cache)
             k_cache, v_cache = cache.layer(i)
-            h, pending = layer.forward_fused(h, pending, table, meta_here, k_cache, v_cache,
-                                              self.backend_for(device, meta.is_decode))
+            h, pending = layer.forward(h, pending, table, meta_here, k_cache, v_cache,
+                                       self.backend_for(device, meta.is_decode), ops)
         rows = meta_here.logit_indices
-        if pending is None:  # no layers
-            h = rms_norm(h.index_select(0, rows), self.norm.weight, self.norm.eps)
-        else:
-            h, _ = rms_norm(pending.index_select(0, rows), self.norm.weight, self.norm.eps,
-                            residual=h.index_select(0, rows))
+        h, _ = self.norm.forward(pending.index_select(0, rows), ops, residual=h.index_select(0, rows))
         return self.lm_head(h).float()
 
     def _freqs(self, device: torch.device) -> torch.Tensor:
@@ -192,7 +166,7 @@ class Model:
 
     def unload(self) -> None:
         self.layers, self.layer_devices, self.embed, self.norm, self.lm_head = [], [], None, None, None
-        self.selections = {}
+        self.selections, self.ops, self.layer_ops = {}, {}, []
 
 
 def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

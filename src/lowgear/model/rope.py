@@ -1,8 +1,8 @@
-"""Rotary position embeddings: frequencies (with linear and llama3 scaling) and their application.
+"""Rotary position embeddings: the frequencies (with linear and llama3 scaling) and cos/sin tables.
 
-Two layouts rotate the same pairs of numbers under different names: "neox" rotates element i with
-element i + head_dim/2 (the Hugging Face layout), "interleaved" rotates elements 2i and 2i+1
-(llama.cpp's layout, whose GGUF q/k rows are permuted at conversion to match).
+The rotation itself is an op (ops/rope.py, both layouts: "neox" pairs element i with i + head_dim/2,
+the Hugging Face layout; "interleaved" pairs 2i with 2i+1, llama.cpp's, whose GGUF q/k rows are
+permuted at conversion to match).
 """
 
 from __future__ import annotations
@@ -43,17 +43,3 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tens
     """[T, head_dim/2] cos and sin of each token's angles, in float32."""
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by cos/sin [T, head_dim/2]."""
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
-    xf = x.float()
-    if style == "neox":
-        x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return out.to(x.dtype)

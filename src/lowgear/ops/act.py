@@ -1,10 +1,10 @@
 """SwiGLU's gate: silu(gate) * up from the fused gate|up output, as one Triton kernel.
 
 In eager torch `silu(gate) * up` is two kernels and a temporary; in a decode step that is one more
-launch per layer for a few kilobytes of work. `silu_mul` reads the gate|up rows [T, 2I] once and
+launch per layer for a few kilobytes of work. `silu_mul_triton` reads the gate|up rows [T, 2I] once and
 writes [T, I]. It rounds as the torch expression does (silu in float32, rounded to the activation
 dtype, then the product in float32, rounded), so the CUDA step and the torch path agree to within
-the last bit of float32's exp. `silu_mul_ref` is the torch path (CPU, tests).
+the last bit of float32's exp. `silu_mul_ref` is the torch op.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import pdl
-from .norm import triton, use_triton
+from .norm import triton
 
 if triton is not None:
     import triton.language as tl
@@ -35,10 +35,8 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [..., 2I] (gate first, unit stride along the last dim) -> silu(gate) * up [..., I]."""
-    if not use_triton(gate_up):
-        return silu_mul_ref(gate_up)
     two_i = gate_up.shape[-1]
     x2 = gate_up.reshape(-1, two_i)
     assert x2.stride(-1) == 1 and two_i % 2 == 0

@@ -1,23 +1,23 @@
 """RMSNorm fused with the residual add, as one Triton kernel, with the torch path beside it.
 
 Between sublayers a decoder does `h = h + sublayer_out; x = rms_norm(h)`: two reads of h and two
-kernel launches in eager torch. `rms_norm(x, weight, eps, residual)` does both in one pass per row:
+kernel launches in eager torch. `rms_norm_triton(x, weight, eps, residual)` does both in one pass per row:
 it adds x into `residual` in place (the new residual stream, rounded to its dtype as the unfused
-code would) and returns the normalized row. The reference functions are the same math in torch;
-they are the CPU path and what the tests compare against.
+code would) and returns the normalized row. `rms_norm_torch` is the same contract in torch;
+`rms_norm_ref` the same math without the in-place write (tests' float64 reference). Which one a
+device runs is ops/dispatch.py's decision, not this module's.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..platform import env
 from . import pdl
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # triton is optional: everything below falls back to torch
+except ImportError:  # triton is optional: ops/dispatch.py then gives every device the torch ops
     triton = None
 
 
@@ -53,23 +53,22 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, (h * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, or anywhere under the interpreter (TRITON_INTERPRET=1, tests)."""
-    return triton is not None and (t.is_cuda or env.flag("TRITON_INTERPRET"))
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """The torch op, with rms_norm_triton's contract: with `residual`, residual += x in place and
+    returns (normed residual, residual); without it, returns normed x."""
+    if residual is None:
+        return rms_norm_ref(x, weight, eps)
+    out, h = rms_norm_ref(x, weight, eps, residual)
+    residual.copy_(h)
+    return out, residual
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """RMSNorm over the last dim of x [..., H].
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim of x [..., H] in one kernel launch.
 
     Without `residual`: returns normed x. With it: residual += x in place, returns
     (normed residual, residual). x and residual must have unit stride along H.
     """
-    if not use_triton(x):
-        if residual is None:
-            return rms_norm_ref(x, weight, eps)
-        out, h = rms_norm_ref(x, weight, eps, residual)
-        residual.copy_(h)
-        return out, residual
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
     r2 = residual.view(-1, hidden) if residual is not None else x2

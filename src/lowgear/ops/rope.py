@@ -5,12 +5,13 @@ The kernel reads each token's position, gathers cos/sin from the precomputed cac
 k head of that token, so a decode step pays one launch and no [T, rot_dim / 2] temporaries. Both
 layouts of `ModelSpec.rope_style` are handled: "neox" pairs element i with i + rot_dim/2,
 "interleaved" pairs 2i with 2i + 1. When rot_dim < head_dim the tail of each head is left alone.
-`apply_rope_ref` is the torch path (CPU, tests).
+`apply_rope_ref` is the torch math (out of place).
 
 Given the layer's caches (`kv=`), the same launch also writes the token's rotated k and its v into
 the cache slot `slot_mapping[t]` (what `ops.kv_write.write_kv` does with two `index_copy`), so a
 decode step spends one kernel per layer on RoPE and the cache write instead of three; the caller
-then runs the backend's `attend` only.
+then runs the backend's `attend` only. `rope_kv_triton` and `rope_kv_torch` are the two forms of that
+op (same contract) that ops/dispatch.py chooses between.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from . import pdl
 from .kv_write import write_kv
-from .norm import triton, use_triton
+from .norm import triton
 
 if triton is not None:
     import triton.language as tl
@@ -108,12 +109,30 @@ if triton is not None:
                      mask=vmask)
 
 
-def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
-                sin_cache: torch.Tensor, style: str, kv=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_kv_torch(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping) -> None:
+    """The torch op: rotate q and k in place (apply_rope_ref), then write k and v to the cache (write_kv)."""
+    q_new, k_new = apply_rope_ref(q, k, positions, cos_cache, sin_cache, style)
+    q.copy_(q_new)
+    k.copy_(k_new)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rope_kv_triton(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping) -> None:
+    """The Triton op: RoPE on q and k in place and the cache write of k and v, in one launch (the torch
+    op where rot_dim / 2 or head_dim is not a power of two, which the kernel needs)."""
+    half, d = cos_cache.shape[-1], q.shape[-1]
+    if half & (half - 1) or d & (d - 1):
+        rope_kv_torch(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping)
+        return
+    apply_rope_triton(q, k, positions, cos_cache, sin_cache, style, kv=(v, k_cache, v_cache, slot_mapping))
+
+
+def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                      sin_cache: torch.Tensor, style: str, kv=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place at `positions` [T]; returns (q, k).
 
     cos_cache / sin_cache: [max_positions, rot_dim / 2], same strides, unit stride along the last dim;
-    rot_dim / 2 must be a power of two (every Llama-family head size is). q and k need unit stride
+    rot_dim / 2 and D must be powers of two (every Llama-family head size is). q and k need unit stride
     along D (views of a fused qkv output are fine). kv = (v, k_cache, v_cache, slot_mapping) also
     writes the rotated k and v [T, Hk, D] into contiguous caches [pages, page_size, Hk, D] at the
     flat slots slot_mapping [T], as `ops.kv_write.write_kv` does.
@@ -121,14 +140,6 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_c
     assert style in ("neox", "interleaved"), style
     half = cos_cache.shape[-1]
     d = q.shape[-1]
-    if not use_triton(q) or half & (half - 1) or d & (d - 1):
-        q_new, k_new = apply_rope_ref(q, k, positions, cos_cache, sin_cache, style)
-        q.copy_(q_new)
-        k.copy_(k_new)
-        if kv is not None:
-            v, k_cache, v_cache, slots = kv
-            write_kv(k, v, k_cache, v_cache, slots)
-        return q, k
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_cache.stride() == sin_cache.stride()
     assert cos_cache.stride(-1) == 1 and 2 * half <= d
     v, k_cache, v_cache, slots = kv if kv is not None else (k, k, k, positions)
