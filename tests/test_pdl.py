@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 @pytest.fixture
 def fresh(monkeypatch):
     monkeypatch.setattr(pdl, "_CAPABILITY", {})
+    monkeypatch.setattr(pdl, "_SWITCHES", [])  # no loaded model's config in force
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for name in ("LOWGEAR_NO_PDL", "LOWGEAR_PDL_RELEASE"):
         monkeypatch.delenv(name, raising=False)
@@ -60,7 +61,7 @@ def test_release_mode_from_the_environment(fresh):
         for rows in (1, 16):  # a named mode holds at every row count
             assert pdl.launch(torch.device("cuda", 0), rows) == {"PDL": mode, "launch_pdl": True}
     fresh.setenv("LOWGEAR_PDL_RELEASE", "sometimes")
-    with pytest.raises(ConfigError, match="LOWGEAR_PDL_RELEASE='sometimes' is not one of auto, loop, wait, start"):
+    with pytest.raises(ConfigError, match=r"PDL release 'sometimes' \(config.pdl_release or LOWGEAR_PDL_RELEASE\) is not one of auto, loop, wait, start"):
         pdl.launch(torch.device("cuda", 0))
     with pytest.raises(ConfigError, match="is not one of"):
         pdl.decision((9, 0))
@@ -217,3 +218,29 @@ def test_release_modes_put_the_release_at_the_wait(compiled):
             assert on["first_launch"] < on["last_fma"], on  # before the work, not at exit
     on = compiled["gemv/3"]  # START: just before it
     assert on["first_launch"] < on["first_wait"], on
+
+
+def test_config_switches_reach_the_launches(fresh, tmp_path):
+    """config.no_pdl / config.pdl_release, handed over at model load, decide the launches as the
+    environment variables do; a later load with a default config goes back to the defaults."""
+    from lowgear.bench.synthetic import write_gguf
+    from lowgear.config import Config
+
+    fresh.setattr(hardware, "compute_capability", lambda device: (9, 0))
+    dev = torch.device("cuda", 0)
+    config = Config(write_gguf(tmp_path / "m.gguf", hidden_size=64, num_layers=1, num_heads=4))
+    config.pdl_release = "start"
+    pdl.configure(config)
+    assert pdl.launch(dev, 1) == {"PDL": pdl.START, "launch_pdl": True}
+    config.no_pdl = True
+    pdl.configure(config)
+    assert pdl.launch(dev, 1) == {"PDL": 0} and "config.no_pdl" in pdl.decision((9, 0))[1]
+    config.no_pdl, config.pdl_release = False, "often"
+    with pytest.raises(ConfigError, match="'often'"):
+        pdl.configure(config)
+    import lowgear as lg
+
+    model = lg.Model(config_default := Config(config.model_dir))
+    model.load_autosplit(lg.Cache(model, max_seq_len=64, page_size=16))
+    assert (config_default.pdl_off(), config_default.pdl_release_name()) == (False, "auto")
+    assert pdl.launch(dev, 1) == {"PDL": pdl.WAIT, "launch_pdl": True}

@@ -38,6 +38,9 @@ class Config:
         self.no_triton = False
         self.attn_backend: str | None = None
         self.no_cuda_graphs = False  # decode steps eager (as LOWGEAR_NO_CUDA_GRAPHS=1)
+        self.no_pdl = False  # plain kernel launches on sm_90+ (as LOWGEAR_NO_PDL=1)
+        self.pdl_release: str | None = None  # auto | loop | wait | start (as LOWGEAR_PDL_RELEASE); None: auto
+        self.page_size: int | None = None  # KV cache page, tokens (None: defaults.PAGE_SIZE); Cache(page_size=) wins
         # keep q/k/v and gate/up as separate linears (by default each set that shares a format is
         # fused into one at load, model/fuse.py); for A/B measurements
         self.no_fuse = False
@@ -92,6 +95,25 @@ class Config:
             no_triton=self.no_triton or env.flag("LOWGEAR_NO_TRITON"),
             attn_backend=forced,
         )
+
+    def pdl_off(self) -> bool:
+        """Plain launches on sm_90+: config.no_pdl or LOWGEAR_NO_PDL=1."""
+        return self.no_pdl or env.flag("LOWGEAR_NO_PDL")
+
+    def pdl_release_name(self) -> str:
+        """PDL's release mode: config.pdl_release, else LOWGEAR_PDL_RELEASE, else the default (validated)."""
+        release = (self.pdl_release or env.get("LOWGEAR_PDL_RELEASE") or defaults.PDL_RELEASE).lower()
+        if release not in defaults.PDL_RELEASE_MODES:
+            raise ConfigError(f"PDL release {release!r} (config.pdl_release or LOWGEAR_PDL_RELEASE) is not one of "
+                              f"{', '.join(defaults.PDL_RELEASE_MODES)}: leave it unset for the default")
+        return release
+
+    def cuda_graphs_off(self) -> bool:
+        """Whether decode steps run eagerly (config.no_cuda_graphs or LOWGEAR_NO_CUDA_GRAPHS=1)."""
+        return self.no_cuda_graphs or env.flag("LOWGEAR_NO_CUDA_GRAPHS")
+
+    def effective_page_size(self) -> int:
+        return self.page_size or defaults.PAGE_SIZE
 
     def requested_dtype(self) -> str | None:
         dtype = self.dtype or env.get("LOWGEAR_DTYPE")

@@ -15,3 +15,6 @@ MAX_INPUT_LEN = 2048
 RESERVE_MEMORY_MB = 512
 # `lowgear serve`'s cache when no size is given: the model's context, at most this many tokens.
 SERVER_CACHE_TOKENS = 8192
+# Where sm_90+ decode kernels let the next kernel in (ops/pdl.py); auto: wait at one token row, loop above.
+PDL_RELEASE_MODES = ("auto", "loop", "wait", "start")
+PDL_RELEASE = "auto"

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..platform import hardware
 from ..attention.select import select_backend
+from ..ops import pdl
 from ..ops.dispatch import ops_for
 from ..platform.dtypes import common_dtype, dtype_bytes
 from ..platform.placement import device_bytes
@@ -45,6 +46,7 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     switches = config.effective_switches()
     used = sorted({plan.layer_device[i] for i in range(spec.num_layers)})
     model.selections, model.ops = {}, {}
+    pdl.configure(config)
     for idx in used:
         info = devices[idx]
         model.selections[info.label] = select_backend(info, switches, dtype)

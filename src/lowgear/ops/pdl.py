@@ -22,7 +22,9 @@ one. The rule the kernels must keep: nothing an earlier kernel wrote is read bef
 including by loads Triton's software pipeliner hoists into a loop's prologue, so a pipelined
 (tl.dot) kernel waits before its loop (gptq_mma.py); tests/test_pdl.py reads every kernel's PTX
 for it. The default, `auto`, is WAIT for a launch over one token row and LOOP for more.
-LOWGEAR_PDL_RELEASE picks the mode (auto, loop, wait, start), LOWGEAR_NO_PDL=1 turns PDL off.
+`Config.no_pdl` / `Config.pdl_release` (or LOWGEAR_NO_PDL=1 / LOWGEAR_PDL_RELEASE) set them; a model
+load hands its config's switches to `configure`, kernels launched with no model loaded take a
+default Config's.
 
 why: docs/decisions/003-pdl-release.md
 """
@@ -31,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import Config
 from ..platform import env, hardware
-from ..errors import ConfigError
 
 try:
     import triton
@@ -47,15 +49,22 @@ LOOP, WAIT, START = 1, 2, 3
 AUTO = "auto"  # WAIT at one token row, LOOP above (`release_mode`)
 RELEASE_MODES = {AUTO: None, "loop": LOOP, "wait": WAIT, "start": START}
 DEFAULT_RELEASE = AUTO
+_SWITCHES: list[tuple[bool, str]] = []  # (off, release name) that `configure` was given; empty: read per launch
+
+
+def configure(config: Config | None) -> None:
+    """Take `config`'s PDL switches (an unknown release name is a ConfigError here); None goes back to a
+    default Config's, read at each launch."""
+    _SWITCHES[:] = [(config.pdl_off(), config.pdl_release_name())] if config is not None else []
+
+
+def _off() -> bool:
+    return _SWITCHES[0][0] if _SWITCHES else Config().pdl_off()
 
 
 def release_name() -> str:
-    """LOWGEAR_PDL_RELEASE's mode name, else DEFAULT_RELEASE (an unknown name is a ConfigError)."""
-    name = (env.get("LOWGEAR_PDL_RELEASE") or DEFAULT_RELEASE).lower()
-    if name not in RELEASE_MODES:
-        raise ConfigError(f"LOWGEAR_PDL_RELEASE={name!r} is not one of {', '.join(RELEASE_MODES)}: "
-                          "unset it for the default")
-    return name
+    """The release mode's name in force (config.pdl_release, LOWGEAR_PDL_RELEASE, else DEFAULT_RELEASE)."""
+    return _SWITCHES[0][1] if _SWITCHES else Config().pdl_release_name()
 
 
 def release_mode(rows: int | None = None) -> int:
@@ -69,8 +78,8 @@ def release_mode(rows: int | None = None) -> int:
 
 def decision(capability: tuple[int, int] | None) -> tuple[bool, str]:
     """(on, why) for a CUDA device of this compute capability: what `lowgear doctor` prints."""
-    if env.flag("LOWGEAR_NO_PDL"):
-        return False, "plain launches (LOWGEAR_NO_PDL=1)"
+    if _off():
+        return False, "plain launches (config.no_pdl or LOWGEAR_NO_PDL=1)"
     if capability is None or tuple(capability) < (9, 0):
         return False, "plain launches (programmatic dependent launch needs sm_90+)"
     if triton is None:
