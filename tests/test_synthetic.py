@@ -45,7 +45,7 @@ def test_gguf_tokenizer_metadata(tmp_path):
 
 
 def test_random_block_path_for_large_tensors(tmp_path, monkeypatch):
-    monkeypatch.setattr(syn, "QUANTIZE_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(syn.common, "QUANTIZE_MAX_ELEMENTS", 0)  # the quantizer path stops at this size
     src = open_weights(syn.write_gguf(tmp_path / "r.gguf", qtype="Q8_0", progress=True, **SHAPE))
     w = src.get("layers.0.gate")
     assert isinstance(w, PackedTensor)
@@ -64,7 +64,7 @@ def test_bad_arguments(tmp_path):
 
 def test_bf16_rounding_matches_torch():
     x = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
-    ours = syn._to_bf16_bytes(x)
+    ours = syn.common._to_bf16_bytes(x)
     theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(ours, theirs)
 
@@ -105,7 +105,7 @@ def test_byte_vocab_with_a_large_regular_part(tmp_path):
     assert len(v.tokens) == 128256 == len(set(v.tokens)) and v.token_types.count(1) == 128000
     assert v.token_types[:128000] == [1] * 128000 and set(v.token_types[128000:]) <= {3, 5}
     assert v.bos_id >= 128000 and v.tokens[v.bos_id] == "<|im_start|>"
-    assert {len(t) for t in v.tokens[256 + len(syn._MERGES):128000]} == {2, 3}
+    assert {len(t) for t in v.tokens[256 + len(syn.common._MERGES):128000]} == {2, 3}
     known = set(v.tokens[:128000])
     for merge in v.merges[::97]:
         a, b = merge.split(" ")
