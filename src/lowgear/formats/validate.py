@@ -25,8 +25,10 @@ def check_spec(spec: ModelSpec, where: str) -> None:
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "max_position_embeddings"):
         value = getattr(spec, field)
-        if not isinstance(value, int) or value < 1:
-            raise bad(field, value, "it must be a positive whole number")
+        if not isinstance(value, int) or not 1 <= value < 2**31:
+            raise bad(field, value, "it must be a positive whole number below 2**31")
+    if spec.sliding_window is not None and not (isinstance(spec.sliding_window, int) and 1 <= spec.sliding_window < 2**31):
+        raise bad("sliding_window", spec.sliding_window, "it must be a positive whole number below 2**31 or absent")
     if spec.num_heads % spec.num_kv_heads:
         raise bad("num_kv_heads", spec.num_kv_heads, f"it must divide num_heads ({spec.num_heads})")
     if spec.head_dim % 2:
@@ -79,6 +81,13 @@ def check_tensors(source, where: str, stored_name=lambda name: name) -> None:
     """
     spec = source.spec
     expected = expected_shapes(spec)
+    present = set(source.names())
+    missing = [n for n in expected if n not in present and n != "lm_head" and (spec.attention_bias or not n.endswith("_bias"))]
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise ModelFormatError(
+            f"{where}: the header implies tensors that are not there ({shown}); the model is incomplete: re-download it"
+        )
     for name in source.names():
         need = expected.get(name)
         if need is None:  # a layer beyond num_layers: not loaded

@@ -150,7 +150,14 @@ def read_gguf_vocab(path: str | os.PathLike, metadata: Callable[[str], Any] | No
             value = metadata(key)
         except UnicodeDecodeError:
             raise ModelFormatError(f"{path!r}: metadata {key} is not valid UTF-8: the file is corrupt; re-download it") from None
-        return default if value is None else value
+        if value is None:
+            return default
+        kind = _KEY_TYPES.get(key.rpartition(".")[2])
+        if kind is not None and not _is(value, kind):
+            raise ModelFormatError(
+                f"{path!r}: metadata {key} is {_describe(value)}, not {kind}: the file's tokenizer is corrupt; re-download or re-convert it"
+            )
+        return value
 
     model = _value("tokenizer.ggml.model")
     tokens = _value("tokenizer.ggml.tokens")
@@ -193,6 +200,35 @@ def read_gguf_vocab(path: str | os.PathLike, metadata: Callable[[str], Any] | No
         add_space_prefix=bool(_value("tokenizer.ggml.add_space_prefix", model == "llama")),
         chat_template=_value("tokenizer.chat_template"),
     )
+
+
+# the type each tokenizer key must have (by its last dotted part)
+_KEY_TYPES = {
+    "model": "a string", "pre": "a string", "chat_template": "a string",
+    "tokens": "a list of strings", "merges": "a list of strings",
+    "token_type": "a list of integers", "scores": "a list of numbers",
+    "bos_token_id": "an integer", "eos_token_id": "an integer", "padding_token_id": "an integer",
+    "unknown_token_id": "an integer", "eot_token_id": "an integer",
+}
+
+
+def _is(value, kind: str) -> bool:
+    number = (int, float)
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if not isinstance(value, list):
+        return False
+    item = {"a list of strings": str, "a list of integers": int, "a list of numbers": number}[kind]
+    return all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+
+
+def _describe(value) -> str:
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {'/'.join(kinds) or 'nothing'}"
+    return f"a {type(value).__name__} ({value!r:.40})"
 
 
 def _open_metadata(path: str) -> Callable[[str], Any]:
