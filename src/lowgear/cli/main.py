@@ -129,8 +129,15 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (not the whole usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowgear", description="LLM inference on the GPU you have (and on the CPU).")
+    parser = _Parser(prog="lowgear", description="LLM inference on the GPU you have (and on the CPU).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -52,6 +52,26 @@ def format_validation_error(errors: list[dict]) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", first_param
 
 
+def find_lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The parameter path of the first string holding a lone UTF-16 surrogate (JSON's "\\ud800"), or None.
+
+    Such a string is valid JSON but no Unicode text: it cannot be tokenized or encoded as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and find_lone_surrogate(key) is not None:
+            return f"{path}.{key!r}".lstrip(".")
+        found = find_lone_surrogate(item, f"{path}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +100,7 @@ class _SamplingFields(_Strict):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # torch's seed range, n choices added
     stop: Union[str, list[str], None] = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
