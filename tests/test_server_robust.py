@@ -135,3 +135,10 @@ def test_bind_socket_listens_on_a_free_port():
 def test_unresolvable_host():
     with pytest.raises(ConfigError, match="cannot resolve --host"):
         bind_socket("no-such-host.invalid", 0)
+
+
+def test_subnormal_top_p_is_not_a_500(tiny):
+    """Found by the schema fuzzer: top_p=5e-324 is 0 in the sampler's float32 and kept no token (index -1)."""
+    status, body = http(tiny[1].base, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2,
+                                                          "top_p": 5e-324, "seed": 1})
+    assert status == 200, body

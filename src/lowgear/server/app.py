@@ -43,7 +43,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_any_model: b
                model_names: tuple[str, ...] = ()) -> FastAPI:
     """`model_names`: names a request's `model` may give besides engine.model_name; `allow_any_model`
     accepts any name (as llama-server does), else an unknown one is a 404 `model_not_found`."""
-    app = FastAPI(title="lowgear", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lowgear", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
     known = tuple(dict.fromkeys((engine.model_name, *model_names)))
     gate = _Gate(api_key, None if allow_any_model else known)
@@ -51,7 +51,33 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_any_model: b
     _add_error_handlers(app)
     _add_plain_routes(app, engine, gate)
     _add_generation_routes(app, engine, gate)
+    _document_request_bodies(app)
     return app
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """/openapi.json with the generation endpoints' bodies (the routes parse them themselves, so
+    FastAPI alone would list no body): what clients and schema-driven fuzzers (Schemathesis) read."""
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 def _add_error_handlers(app: FastAPI) -> None:
