@@ -45,7 +45,7 @@ def main() -> int:
                              max_batch_size=4).start()
         try:
             t0 = time.perf_counter()
-            report = run(create_app(engine, allow_any_model=True), args.examples, seed=args.seed)
+            report = run(create_app(engine, allow_any_model=True), args.examples, seed=args.seed, progress=True)
             took = time.perf_counter() - t0
         finally:
             engine.stop()

@@ -43,7 +43,8 @@ def _one_case(entry: dict):
     return one
 
 
-def run(app, examples: int, seed: int | None = None, derandomize: bool = False, timeout: float = 600) -> dict:
+def run(app, examples: int, seed: int | None = None, derandomize: bool = False, timeout: float = 600,
+        progress: bool = False) -> dict:
     """Fuzz every operation of `app`'s schema; {operation: {"cases": n, "5xx": k, "failures": [..]}}."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
@@ -59,4 +60,6 @@ def run(app, examples: int, seed: int | None = None, derandomize: bool = False, 
         if seed is not None:
             fn = hyp_seed(seed)(fn)
         fn()
+        if progress:
+            print(f"  {label}: {entry['cases']} cases, {entry['5xx']} 5xx, {entry['statuses']}", flush=True)
     return report
