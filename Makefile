@@ -15,9 +15,12 @@ $(VENV)/.test-installed: pyproject.toml scripts/bootstrap.sh
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/lowgear generate --chat --greedy --max-new-tokens 120 "$(PROMPT)"
 
+# NO_BROWSER=1 skips installing chromium with apt (outside the virtualenv) and the browser test
+NO_BROWSER ?= $(LOWGEAR_NO_BROWSER)
+
 test: $(VENV)/.test-installed
-	bash scripts/ensure-browser.sh
-	$(VENV)/bin/python -m pytest -q -rs -p no:cacheprovider --durations=15
+	LOWGEAR_NO_BROWSER=$(NO_BROWSER) bash scripts/ensure-browser.sh
+	LOWGEAR_NO_BROWSER=$(NO_BROWSER) $(VENV)/bin/python -m pytest -q -rs -p no:cacheprovider --durations=15
 
 clean:
 	rm -rf $(VENV)

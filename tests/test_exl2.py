@@ -297,9 +297,8 @@ def test_tiny_exl2_llama_matches_transformers_on_dequantized_weights(tmp_path, q
 
 def test_missing_or_misshaped_exl2_tensors_name_the_tensor(tmp_path):
     _, folder = write_exl2_llama(tmp_path / "a", drop=lambda t: t.pop("model.layers.1.mlp.up_proj.q_scale"))
-    source = HFSource(folder)
     with pytest.raises(ModelFormatError, match=r"model\.layers\.1\.mlp\.up_proj\.q_scale is missing"):
-        source.get("layers.1.up")
+        HFSource(folder).get("layers.1.up")  # found as the folder opens (its shape is checked there)
 
     _, folder = write_exl2_llama(tmp_path / "b", drop=lambda t: t.pop("model.layers.0.self_attn.q_proj.q_invperm"))
     with pytest.raises(ModelFormatError, match=r"q_proj\.q_invperm is missing"):

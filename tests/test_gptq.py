@@ -174,9 +174,8 @@ def test_unsupported_quantization_is_refused(tmp_path, quant, words):
 
 def test_missing_or_misshaped_gptq_tensors_name_the_tensor(tmp_path):
     _, folder = write_gptq_llama(tmp_path / "a", drop=lambda t: t.pop("model.layers.1.mlp.up_proj.qzeros"))
-    source = HFSource(folder)
     with pytest.raises(ModelFormatError, match=r"model\.layers\.1\.mlp\.up_proj\.qzeros is missing"):
-        source.get("layers.1.up")
+        HFSource(folder).get("layers.1.up")  # found as the folder opens (its shape is checked there)
 
     def bad_scales(t):
         t["model.layers.0.self_attn.o_proj.scales"] = t["model.layers.0.self_attn.o_proj.scales"][:1].clone()

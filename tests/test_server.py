@@ -114,7 +114,8 @@ def start_model_server(*args: str, timeout: float = 240.0):
     port = free_port()
     env = user_env()
     cmd = [sys.executable, "-c", "import sys, lowgear.server as s; sys.exit(s.main(sys.argv[1:]))",
-           "--model", lowgear.default_model_path(), "--port", str(port), "--log-level", "warning", *args]
+           "--model", lowgear.default_model_path(), "--port", str(port), "--log-level", "warning", "--allow-any-model",
+           *args]
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lowgear-serve-{port}.log"), "w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -244,10 +245,13 @@ class FakeGenerator:
         return results
 
 
-def fake_server(api_key=None, **gen_kwargs):
+def fake_server(api_key=None, allow_any_model=True, model_names=(), **gen_kwargs):
+    """A fake engine behind the app; these tests name models freely ("m"), so any name is accepted
+    unless allow_any_model=False (see test_unknown_model_is_404)."""
     gen = FakeGenerator(**gen_kwargs)
     engine = Engine(gen, FakeTokenizer(), model_name="fake-model", max_seq_len=64, job_factory=FakeJob).start()
-    return gen, engine, ThreadServer(create_app(engine, api_key=api_key))
+    app = create_app(engine, api_key=api_key, allow_any_model=allow_any_model, model_names=model_names)
+    return gen, engine, ThreadServer(app)
 
 
 @pytest.fixture(scope="module")

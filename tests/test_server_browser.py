@@ -23,6 +23,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def _browser_paths() -> tuple[str, str]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
+    if os.environ.get("LOWGEAR_NO_BROWSER", "0") not in ("", "0"):
+        pytest.skip("LOWGEAR_NO_BROWSER is set (make test NO_BROWSER=1): the browser test is skipped")
     missing = []
     try:
         import selenium  # noqa: F401

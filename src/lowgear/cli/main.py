@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..config import add_device_options, apply_device_options
 from ..errors import LowgearError
@@ -19,7 +20,31 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None, help="a .gguf file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     g.add_argument("--max-seq-len", default=None, help="cache size in tokens, or 'auto' (largest that fits)")
     g.add_argument("--page-size", type=int, default=None, help="paged KV cache page size in tokens (default 256)")
+    add_threads_option(p)
     add_device_options(p)
+
+
+def _threads(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads torch may use (default: torch's, one per core); under load from other "
+                        "programs fewer can be faster")
+
+
+def apply_threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -43,7 +68,7 @@ def sampler_settings(args):
     s = SamplerSettings(
         temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k,
-        top_p=args.top_p,
+        top_p=max(args.top_p, 1e-30) if args.top_p > 0 else args.top_p,  # float32 would make a subnormal 0 (keeps no token)
         min_p=args.min_p,
         token_repetition_penalty=args.repetition_penalty,
         token_presence_penalty=args.presence_penalty,
@@ -57,6 +82,7 @@ def build_engine(args, max_batch_size: int = 1, progress: bool = True):
     """Config → Model → Cache → load_autosplit → Tokenizer → DynamicGenerator, from CLI options."""
     import lowgear as lg
 
+    apply_threads(args)
     config = lg.Config(args.model or lg.default_model_path())
     apply_device_options(config, args)
     max_seq_len = args.max_seq_len
@@ -70,9 +96,72 @@ def build_engine(args, max_batch_size: int = 1, progress: bool = True):
     model = lg.Model(config)
     cache = lg.Cache(model, max_seq_len=max_seq_len, page_size=args.page_size, lazy=True)
     model.load_autosplit(cache, progress=progress)
+    if max_seq_len == "auto":
+        _say_auto_size(model, cache)
     tokenizer = lg.Tokenizer(config)
     generator = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=True, max_batch_size=max_batch_size)
     return model, cache, tokenizer, generator
+
+
+def _say_auto_size(model, cache) -> None:
+    """`--max-seq-len auto` says what it chose, and on the CPU why (it is bounded there: placement.cpu_auto_cap)."""
+    from ..platform.placement import cpu_auto_cap
+
+    tokens = getattr(getattr(model, "plan", None), "max_seq_len", None) or getattr(cache, "max_seq_len", None)
+    per_token = cache.bytes_per_token_per_layer(cache.dtype or model.dtype) * model.spec.num_layers
+    cap = cpu_auto_cap(model.spec, model.devices, per_token)
+    why = cap[1] if cap is not None else "the most that fits in free device memory"
+    print(f"lowgear: --max-seq-len auto: {tokens} tokens ({why})", file=sys.stderr)
+
+
+class ReplyStats:
+    """Time to first token and decode speed of one reply, for --stats."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.end: float | None = None
+        self.tokens = 0
+        self.prompt_tokens = 0
+
+    def line(self) -> str:
+        end = self.end or time.perf_counter()
+        if self.first is None or self.tokens == 0:
+            return f"lowgear: stats: no tokens generated in {end - self.start:.2f} s"
+        decode = end - self.first
+        rate = f"{(self.tokens - 1) / decode:.1f} tokens/s" if self.tokens > 1 and decode > 0 else "n/a tokens/s"
+        return (f"lowgear: stats: {self.tokens} tokens, {rate} after the first; time to first token "
+                f"{self.first - self.start:.3f} s (prompt {self.prompt_tokens} tokens); total {end - self.start:.2f} s")
+
+
+def stream_reply(generator, tokenizer, prompt: str, args, settings, stops, *, add_bos=False, special=False,
+                 stats: ReplyStats | None = None):
+    """Yield the reply's text as it is generated (ExLlamaV2's job API); an interrupted or abandoned
+    reply cancels its job, so its cache pages are free for the next one."""
+    import lowgear as lg
+
+    ids = tokenizer.encode(prompt, add_bos=add_bos, encode_special_tokens=special)
+    job = lg.DynamicJob(ids, max_new_tokens=args.max_new_tokens, gen_settings=settings, stop_conditions=stops,
+                        seed=args.seed)
+    if stats is not None:
+        stats.prompt_tokens = int(ids.shape[-1])
+    generator.enqueue(job)
+    try:
+        while not job.finished:
+            for r in generator.iterate():
+                if r["job"] is not job:
+                    continue
+                if stats is not None and r.get("new_tokens"):
+                    if stats.first is None:
+                        stats.first = time.perf_counter()
+                    stats.tokens = r["new_tokens"]
+                if r["text"]:
+                    yield r["text"]
+    finally:
+        if stats is not None:
+            stats.end = time.perf_counter()
+        if not job.finished:
+            generator.cancel(job)
 
 
 def cmd_generate(args) -> int:
@@ -84,53 +173,123 @@ def cmd_generate(args) -> int:
     stops = sorted(tokenizer.stop_token_ids) + list(args.stop)
     if not args.chat:
         sys.stdout.write(args.prompt)
-    for chunk in generator.stream(prompt, max_new_tokens=args.max_new_tokens, gen_settings=settings,
-                                  stop_conditions=stops, seed=args.seed, add_bos=args.add_bos,
-                                  encode_special_tokens=args.chat):
+    stats = ReplyStats() if args.stats else None
+    for chunk in stream_reply(generator, tokenizer, prompt, args, settings, stops, add_bos=args.add_bos,
+                              special=args.chat, stats=stats):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats is not None:
+        print(stats.line(), file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
     settings = sampler_settings(args)
     _, _, tokenizer, generator = build_engine(args, progress=True)
-    history: list[dict] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    base = list(history)
     stops = sorted(tokenizer.stop_token_ids) + list(args.stop)
-    print("lowgear chat: /reset clears the history, /exit quits.", file=sys.stderr)
+    stats = [None]
+
+    def reply(history):
+        stats[0] = ReplyStats() if args.stats else None
+        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        return stream_reply(generator, tokenizer, prompt, args, settings, stops, special=True, stats=stats[0])
+
+    def after_reply():
+        if stats[0] is not None:
+            print(stats[0].line(), file=sys.stderr)
+
+    print("lowgear chat: /reset clears the history, /exit quits; Ctrl-C stops a reply.", file=sys.stderr)
+    return chat_loop(reply, system=args.system, after_reply=after_reply)
+
+
+def chat_loop(reply, system: str | None = None, read=input, out=None, after_reply=None) -> int:
+    """The chat REPL. `reply(history)` yields the assistant's text for the history so far.
+
+    Ctrl-C during a reply stops that reply (its partial text stays in the history, as llama.cpp and
+    Ollama keep it) and the conversation goes on; Ctrl-C twice at the prompt, Ctrl-D or /exit quits."""
+    out = out or sys.stdout
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    base = list(history)
+    interrupted_at_prompt = False
     while True:
         try:
-            line = input("> ")
+            line = read("> ")
         except EOFError:
-            print()
+            out.write("\n")
             return 0
+        except KeyboardInterrupt:
+            if interrupted_at_prompt:
+                out.write("\n")
+                return 130
+            interrupted_at_prompt = True
+            print("\n(Ctrl-C again, Ctrl-D or /exit quits)", file=sys.stderr)
+            continue
+        interrupted_at_prompt = False
         cmd = line.strip()
         if cmd in ("/exit", "/quit"):
             return 0
         if cmd == "/reset":
             history = list(base)
-            print("(history cleared)")
+            out.write("(history cleared)\n")
             continue
         if not cmd:
             continue
         history.append({"role": "user", "content": line})
-        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        reply = []
-        for chunk in generator.stream(prompt, max_new_tokens=args.max_new_tokens, gen_settings=settings,
-                                      stop_conditions=stops, seed=args.seed, encode_special_tokens=True):
-            reply.append(chunk)
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply).strip()})
+        parts: list[str] = []
+        chunks = reply(list(history))
+        try:
+            for chunk in chunks:
+                parts.append(chunk)
+                out.write(chunk)
+                out.flush()
+        except KeyboardInterrupt:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # cancels the job
+            print("\n(reply stopped)", file=sys.stderr)
+        out.write("\n")
+        out.flush()
+        if after_reply is not None:
+            after_reply()
+        text = "".join(parts).strip()
+        if text:
+            history.append({"role": "assistant", "content": text})
+        else:  # nothing said: drop the unanswered turn so roles still alternate
+            history.pop()
+
+
+def cmd_doctor(args) -> int:
+    """doctor's report, and a non-zero exit status when it found errors (a model that does not open,
+    a device that does not exist, ...): the report lists them."""
+    import json
+
+    from ..config import Config
+    from . import doctor
+
+    config = Config()
+    if getattr(args, "dtype", None):
+        config.dtype = args.dtype
+    if getattr(args, "max_seq_len", None):
+        config.max_seq_len = args.max_seq_len
+    devices = [x.strip() for x in args.devices.split(",") if x.strip()] if getattr(args, "devices", None) else None
+    report = doctor.collect(config, getattr(args, "model", None), devices)
+    print(json.dumps(report, indent=2, default=str) if args.json else doctor.render(report))
+    for error in report.get("errors") or []:
+        print(f"lowgear: error: {error}", file=sys.stderr)
+    return 1 if report.get("errors") else 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (not the whole usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowgear", description="LLM inference on the GPU you have (and on the CPU).")
+    parser = _Parser(prog="lowgear", description="LLM inference on the GPU you have (and on the CPU).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -139,12 +298,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
     p.add_argument("--add-bos", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--stats", action="store_true", help="print tokens/s and time to first token to stderr")
     add_model_options(p)
     add_sampling_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--stats", action="store_true", help="print tokens/s and time to first token after each reply (stderr)")
     add_model_options(p)
     add_sampling_options(p)
     p.set_defaults(func=cmd_chat)
@@ -154,6 +315,7 @@ def make_parser() -> argparse.ArgumentParser:
     from . import doctor
 
     doctor.add_parser(sub)
+    sub.choices["doctor"].set_defaults(func=cmd_doctor)  # doctor.main returns 0 even when the report has errors
     add_serve_parser(sub)
     bench_command.add_parser(sub)
     return parser

@@ -35,6 +35,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from ..errors import ModelFormatError, UnsupportedError
 from .blocks import FLOAT_TYPES, SUPPORTED_TYPES, is_quantized
 from .spec import SUPPORTED_ARCHITECTURES, ModelSpec, PackedTensor, TensorInfo
+from .validate import check_spec, check_tensors
 
 GGUF_MAGIC = b"GGUF"
 
@@ -135,12 +136,37 @@ class _CheckedReader(gguf.GGUFReader):
         super()._build_tensors(start_offs, fields)
 
 
+READABLE_VERSIONS = (2, 3)
+
+
+def _check_version(path: str) -> None:
+    """A version this reader does not know is a newer (or very old) format, not a broken file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise ModelFormatError(f"{path}: the GGUF header is cut off after {len(head)} bytes; the file is truncated; re-download it")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version in READABLE_VERSIONS or version & 0xFFFF == 0:  # 0 low bits: big-endian, said later
+        return
+    if version > max(READABLE_VERSIONS):
+        raise UnsupportedError(
+            f"{path} is GGUF version {version}, newer than the versions lowgear reads "
+            f"({', '.join(map(str, READABLE_VERSIONS))}): upgrade lowgear and its gguf package, or re-convert "
+            "the model with a llama.cpp that writes GGUF version 3"
+        )
+    raise UnsupportedError(
+        f"{path} is GGUF version {version}, an old format lowgear does not read: re-convert the model with a "
+        "current llama.cpp (convert_hf_to_gguf.py)"
+    )
+
+
 def _open_reader(path: str) -> _CheckedReader:
+    _check_version(path)
     try:
         return _CheckedReader(path)
     except (ModelFormatError, UnsupportedError):
         raise
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError, struct.error) as e:
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError, struct.error, MemoryError, TypeError) as e:
         raise ModelFormatError(
             f"{path}: cannot read the GGUF header ({type(e).__name__}: {e}); the file ({os.path.getsize(path)} "
             "bytes) is truncated or corrupt; re-download it"
@@ -184,15 +210,48 @@ class GGUFSource:
                 self._rope_freqs = t
             else:
                 self.unmapped.append(t.name)
-        self.spec = self._build_spec()
+        self._values: dict[str, Any] = {}
+        for key, field in self.reader.fields.items():  # every string decodes, or the file says which does not
+            if field.types and field.types[-1] == GGUFValueType.STRING:
+                self.metadata(key)
+        try:
+            self.spec = self._build_spec()
+        except (ValueError, TypeError, OverflowError, ZeroDivisionError) as e:
+            raise ModelFormatError(f"{self.path}: a metadata value is malformed ({e}); the file is corrupt; re-download it") from None
+        check_spec(self.spec, self.path)
         self._check_tensors()
+        self._check_vocab()
+        names = {canon: t.name for canon, t in self._tensors.items()}
+        check_tensors(self, self.path, lambda canon: names.get(canon, canon))
 
     # metadata ---------------------------------------------------------------------------------
 
     def metadata(self, key: str, default: Any = None) -> Any:
         """A metadata value (str, number, bool or list), or `default` when the key is absent."""
+        if key in self._values:
+            return self._values[key]
         field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            value = field.contents()
+        except UnicodeDecodeError as e:
+            where = key
+            if field.types[0] == GGUFValueType.ARRAY:
+                for i, idx in enumerate(field.data):
+                    try:
+                        bytes(field.parts[idx]).decode("utf-8")
+                    except UnicodeDecodeError:
+                        where = f"{key}[{i}]"
+                        break
+            raise ModelFormatError(
+                f"{self.path}: metadata {where} is not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                "the file is corrupt: re-download it"
+            ) from None
+        except (ValueError, IndexError, TypeError) as e:
+            raise ModelFormatError(f"{self.path}: metadata {key} cannot be read ({e}); the file is corrupt: re-download it") from None
+        self._values[key] = value
+        return value
 
     def metadata_keys(self) -> list[str]:
         return [k for k in self.reader.fields if not k.startswith("GGUF.")]
@@ -216,7 +275,7 @@ class GGUFSource:
         hidden = int(self._require(f"{arch}.embedding_length"))
         heads = int(self._require(f"{arch}.attention.head_count"))
         kv_heads = int(self.metadata(f"{arch}.attention.head_count_kv", heads))
-        head_dim = int(self.metadata(f"{arch}.attention.key_length", hidden // heads))
+        head_dim = int(self.metadata(f"{arch}.attention.key_length", hidden // heads if heads else 0))
         if "embed" not in self._tensors:
             raise ModelFormatError(f"{self.path}: no token_embd.weight tensor; the file is incomplete; re-download it")
         vocab = self._info("embed").shape[0]
@@ -268,6 +327,15 @@ class GGUFSource:
             name=str(self.metadata("general.name", "")),
             extra=extra,
         )
+
+    def _check_vocab(self) -> None:
+        tokens = self.metadata("tokenizer.ggml.tokens")
+        if isinstance(tokens, list) and len(tokens) > self.spec.vocab_size:
+            raise ModelFormatError(
+                f"{self.path}: the tokenizer has {len(tokens)} tokens (tokenizer.ggml.tokens) but the embedding "
+                f"table token_embd.weight has {self.spec.vocab_size} rows; ids past it would have no embedding: "
+                "the file is corrupt or mismatched; re-convert or re-download it"
+            )
 
     def _check_tensors(self) -> None:
         for canon, t in self._tensors.items():

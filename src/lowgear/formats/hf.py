@@ -39,6 +39,7 @@ from ..errors import ModelFormatError, UnsupportedError
 from .exl2 import EXL2Weight, exl2_bits_per_weight, exl2_qtype
 from .gptq import GPTQ_FORMATS, GPTQWeight, check_gptq_bits, gptq_qtype
 from .spec import SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
+from .validate import check_spec, check_tensors
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
@@ -111,11 +112,28 @@ def _ids(value: Any) -> tuple[int, ...]:
     return (int(value),)
 
 
+def _whole(cfg: dict, key: str, folder: str, default: Any = None) -> int:
+    """config.json's `key` as an int, or a ModelFormatError naming the field."""
+    value = cfg[key] if default is None else (cfg.get(key) or default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ModelFormatError(f"{folder}/config.json: {key} is {value!r}, not a whole number; the config is corrupt; re-download it")
+    return int(value)
+
+
 def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
+    try:
+        return _spec_from_config(cfg, folder, has_lm_head)
+    except (TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError) as e:
+        raise ModelFormatError(
+            f"{folder}/config.json has a malformed value ({type(e).__name__}: {e}); the config is corrupt; re-download it"
+        ) from None
+
+
+def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
     arch = _arch(cfg, folder)
     try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
+        hidden = _whole(cfg, "hidden_size", folder)
+        heads = _whole(cfg, "num_attention_heads", folder)
         theta, scaling = _rope(cfg, folder)
         window = cfg.get("sliding_window")
         if arch == "qwen2" and not cfg.get("use_sliding_window", False):
@@ -123,18 +141,18 @@ def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
         bos = _ids(cfg.get("bos_token_id"))
         return ModelSpec(
             arch=arch,
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=_whole(cfg, "vocab_size", folder),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=_whole(cfg, "intermediate_size", folder),
+            num_layers=_whole(cfg, "num_hidden_layers", folder),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            num_kv_heads=_whole(cfg, "num_key_value_heads", folder, heads),
+            head_dim=_whole(cfg, "head_dim", folder, hidden // heads if heads else 0),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             rope_theta=theta,
             rope_scaling=scaling,
             rope_style="neox",
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_whole(cfg, "max_position_embeddings", folder, 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
@@ -222,11 +240,16 @@ class HFSource:
         try:
             with open(config_path) as f:
                 self.config = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{config_path} is not valid JSON ({e}); re-download it") from e
-        _arch(self.config, self.path)  # unsupported architectures fail before any weight is opened
-        self.gptq = gptq_config(self.config, self.path)
-        q = _quantization_config(self.config, self.path)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ModelFormatError(f"{config_path} is not valid JSON ({e}); re-download it") from None
+        if not isinstance(self.config, dict):
+            raise ModelFormatError(f"{config_path} holds a JSON {type(self.config).__name__}, not an object; re-download it")
+        try:
+            _arch(self.config, self.path)  # unsupported architectures fail before any weight is opened
+            self.gptq = gptq_config(self.config, self.path)
+            q = _quantization_config(self.config, self.path)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ModelFormatError(f"{config_path} has a malformed value ({type(e).__name__}: {e}); re-download it") from None
         self.exl2_config = q if q is not None and q["quant_method"] == "exl2" else None
 
         self._files: dict[str, Any] = {}
@@ -269,6 +292,8 @@ class HFSource:
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ModelFormatError(f"{self.path}: weights are missing ({shown}); download every safetensors shard")
+        check_spec(self.spec, f"{self.path}/config.json")
+        check_tensors(self, self.path, lambda canon: self._where[canon][1])
 
     def names(self) -> list[str]:
         return list(self._where)

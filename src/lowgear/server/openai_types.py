@@ -14,6 +14,10 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The sampler compares top_p in float32, where a top_p below ~1.4e-45 (JSON allows 5e-324) is 0 and
+# keeps no token at all (engine/sampler.py: an index -1 error). Any top_p this small keeps only the
+# most likely token, as the floor does.
+TOP_P_FLOOR = 1e-30
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
 
@@ -52,6 +56,26 @@ def format_validation_error(errors: list[dict]) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", first_param
 
 
+def find_lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The parameter path of the first string holding a lone UTF-16 surrogate (JSON's "\\ud800"), or None.
+
+    Such a string is valid JSON but no Unicode text: it cannot be tokenized or encoded as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and find_lone_surrogate(key) is not None:
+            return f"{path}.{key!r}".lstrip(".")
+        found = find_lone_surrogate(item, f"{path}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +104,7 @@ class _SamplingFields(_Strict):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # torch's seed range, n choices added
     stop: Union[str, list[str], None] = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -232,7 +256,7 @@ def sampling_spec(req: _SamplingFields, max_tokens: int) -> SamplingSpec:
     return SamplingSpec(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        top_p=1.0 if req.top_p is None else max(req.top_p, TOP_P_FLOOR),
         top_k=0 if req.top_k is None else req.top_k,
         min_p=0.0 if req.min_p is None else req.min_p,
         presence_penalty=req.presence_penalty or 0.0,

@@ -146,8 +146,18 @@ def read_gguf_vocab(path: str | os.PathLike, metadata: Callable[[str], Any] | No
         metadata = _open_metadata(path)
 
     def _value(key, default=None):
-        value = metadata(key)
-        return default if value is None else value
+        try:
+            value = metadata(key)
+        except UnicodeDecodeError:
+            raise ModelFormatError(f"{path!r}: metadata {key} is not valid UTF-8: the file is corrupt; re-download it") from None
+        if value is None:
+            return default
+        kind = _KEY_TYPES.get(key.rpartition(".")[2])
+        if kind is not None and not _is(value, kind):
+            raise ModelFormatError(
+                f"{path!r}: metadata {key} is {_describe(value)}, not {kind}: the file's tokenizer is corrupt; re-download or re-convert it"
+            )
+        return value
 
     model = _value("tokenizer.ggml.model")
     tokens = _value("tokenizer.ggml.tokens")
@@ -190,6 +200,35 @@ def read_gguf_vocab(path: str | os.PathLike, metadata: Callable[[str], Any] | No
         add_space_prefix=bool(_value("tokenizer.ggml.add_space_prefix", model == "llama")),
         chat_template=_value("tokenizer.chat_template"),
     )
+
+
+# the type each tokenizer key must have (by its last dotted part)
+_KEY_TYPES = {
+    "model": "a string", "pre": "a string", "chat_template": "a string",
+    "tokens": "a list of strings", "merges": "a list of strings",
+    "token_type": "a list of integers", "scores": "a list of numbers",
+    "bos_token_id": "an integer", "eos_token_id": "an integer", "padding_token_id": "an integer",
+    "unknown_token_id": "an integer", "eot_token_id": "an integer",
+}
+
+
+def _is(value, kind: str) -> bool:
+    number = (int, float)
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if not isinstance(value, list):
+        return False
+    item = {"a list of strings": str, "a list of integers": int, "a list of numbers": number}[kind]
+    return all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+
+
+def _describe(value) -> str:
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {'/'.join(kinds) or 'nothing'}"
+    return f"a {type(value).__name__} ({value!r:.40})"
 
 
 def _open_metadata(path: str) -> Callable[[str], Any]:
@@ -239,11 +278,12 @@ def _byte_level_bpe(vocab: GGUFVocab) -> HFTokenizer:
         ids.setdefault(t if all(c in CHAR_TO_BYTE for c in t) else "".join(BYTE_TO_CHAR[b] for b in t.encode()), i)
     merges = []
     for m in vocab.merges:
-        left, sep, right = m.partition(" ")
+        left, sep, right = m.partition(" ") if isinstance(m, str) else ("", "", "")
         if not sep:
-            raise ModelFormatError(f"malformed merge {m!r} in tokenizer.ggml.merges: the file is corrupt")
+            raise ModelFormatError(f"malformed merge {m!r} in tokenizer.ggml.merges: the file is corrupt; re-download it")
         merges.append((left, right))
-    tok = HFTokenizer(models.BPE(vocab=ids, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=False))
+    _check_merges(merges, ids)
+    tok = _bpe(models.BPE, vocab=ids, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=False)
     factory = PRE_TOKENIZERS.get(vocab.pre or "default")
     if factory is None:
         log.warning("unknown pre-tokenizer %r in the GGUF: splitting text the GPT-2 way; token ids may differ from the model's own tokenizer", vocab.pre)
@@ -258,13 +298,17 @@ def _sentencepiece_bpe(vocab: GGUFVocab) -> HFTokenizer:
     for i, t in enumerate(vocab.tokens):
         ids.setdefault(t, i)
     if vocab.merges:
-        merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else (m,) for m in vocab.merges]
+        bad = next((m for m in merges if len(m) != 2), None)
+        if bad is not None:
+            raise ModelFormatError(f"malformed merge {' '.join(map(str, bad))!r} in tokenizer.ggml.merges: the file is corrupt; re-download it")
+        _check_merges(merges, ids)
     else:
         if vocab.scores is None or len(vocab.scores) != len(vocab.tokens):
             raise ModelFormatError("this GGUF's SentencePiece (llama) vocabulary has no tokenizer.ggml.scores: the file is incomplete")
         merges = derive_merges(vocab.tokens, vocab.scores, vocab.token_types)
     unk = vocab.tokens[vocab.unk_token_id] if vocab.unk_token_id is not None else None
-    tok = HFTokenizer(models.BPE(vocab=ids, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tok = _bpe(models.BPE, vocab=ids, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     # llama.cpp puts a space before every stretch of text that starts the input or follows a special
     # token; a normalizer runs on exactly those stretches.
     replace = normalizers.Replace(" ", SPIECE_SPACE)
@@ -274,6 +318,24 @@ def _sentencepiece_bpe(vocab: GGUFVocab) -> HFTokenizer:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(steps)
     return tok
+
+
+def _check_merges(merges: list[tuple[str, str]], ids: dict[str, int]) -> None:
+    """Each merge joins two tokens of the vocabulary into a third; name the first one that does not."""
+    for n, (left, right) in enumerate(merges):
+        for part in (left, right, left + right):
+            if part not in ids:
+                raise ModelFormatError(
+                    f"tokenizer.ggml.merges[{n}] ({left + ' ' + right!r}) names {part!r}, which is not in "
+                    "tokenizer.ggml.tokens: the file's tokenizer is corrupt; re-download or re-convert it"
+                )
+
+
+def _bpe(model, **kwargs) -> HFTokenizer:
+    try:
+        return HFTokenizer(model(**kwargs))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a bad vocabulary
+        raise ModelFormatError(f"the GGUF's tokenizer cannot be built ({e}): the file is corrupt; re-download or re-convert it") from None
 
 
 def derive_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:

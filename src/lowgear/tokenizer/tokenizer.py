@@ -58,6 +58,7 @@ class Tokenizer:
             self._load_hf_folder(self.path)
         else:
             self._load_gguf(self.path, _parsed_metadata(source))
+        _check_fits_model(self, source)
         # A twin that reads special-token text as plain text: the default for encode(), kept as a
         # second object so no per-call flag flips shared state.
         self._text_tok = HFTokenizer.from_str(self._tok.to_str())
@@ -68,7 +69,10 @@ class Tokenizer:
 
     def _load_gguf(self, path: str, metadata=None) -> None:
         vocab = gv.read_gguf_vocab(path, metadata)
-        self._tok = gv.build_tokenizer(vocab)
+        try:
+            self._tok = gv.build_tokenizer(vocab)
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{path}: {e}") from None
         self.pieces = vocab.tokens
         self.byte_level = vocab.byte_level
         self.special_ids = {i for i, t in enumerate(vocab.token_types) if t in (gv.CONTROL, gv.UNKNOWN)}
@@ -253,6 +257,18 @@ class Tokenizer:
             eos_token=self.eos_token,
             **variables,
         )
+
+
+def _check_fits_model(tok: "Tokenizer", source) -> None:
+    """A vocabulary larger than the model's embedding table would index past it on the first step."""
+    spec = getattr(source, "spec", None)
+    rows = getattr(spec, "vocab_size", None)
+    if not isinstance(rows, int) or tok.vocab_size <= rows:
+        return
+    raise ModelFormatError(
+        f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but the model's embedding table has {rows} rows; "
+        "ids past it have no embedding: the tokenizer does not belong to these weights; use the model's own tokenizer files"
+    )
 
 
 def _read_json(path: str) -> dict:
