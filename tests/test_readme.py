@@ -213,8 +213,8 @@ def test_exllamav2_example_runs(tiny_model, monkeypatch, capsys):
 def test_server_routes_exist():
     from lowgear.server.app import create_app
 
-    class Engine:  # create_app only registers routes; nothing is called on the engine here
-        pass
+    class Engine:  # create_app only registers routes and reads the served name; nothing is called here
+        model_name = "m"
 
     paths = {getattr(r, "path", None) for r in create_app(Engine()).routes}
     named = re.findall(r"`(/[\w/]*)`", section(readme(), "Server"))
@@ -232,6 +232,10 @@ def test_server_example_request_is_valid():
     assert "lowgear serve --port 8000" in block
     body = json.loads(re.search(r"-d '([^']*)'", block).group(1))
     ChatCompletionRequest.model_validate(body)  # the server's own request schema (strict: no unknown fields)
+    # the request names a model the command serves (an unknown name is a 404)
+    parser, _ = subparsers()
+    args = parser.parse_args(block.splitlines()[0].split()[1:])
+    assert body["model"] in (args.model_name or []) or args.allow_any_model
 
 
 # ------------------------------------------------------------------------------- performance tables
