@@ -121,6 +121,18 @@ def test_max_batch_size():
     assert sched.admit() == jobs[:2] and len(sched.running) == 2
 
 
+def test_remove_queued_running_and_unknown_jobs():
+    pool = PagePool(8, PAGE)
+    sched = Scheduler(pool, max_batch_size=1, max_chunk_size=64)
+    running, queued, stranger = FakeJob([1] * 5, 3), FakeJob([2] * 5, 3), FakeJob([3], 1)
+    sched.queue.extend([running, queued])
+    sched.admit()
+    assert sched.remove(queued) is True and list(sched.queue) == [] and queued.pages is None
+    assert sched.remove(running) is True and sched.running == [] and running.pages is None
+    assert pool.num_used == 0
+    assert sched.remove(running) is False and sched.remove(stranger) is False
+
+
 def test_plan_decode_first_then_chunks_in_budget():
     sched = Scheduler(PagePool(64, PAGE), max_batch_size=4, max_chunk_size=10)
     a, b, c = FakeJob([1] * 20, 3), FakeJob([2] * 2, 3), FakeJob([3] * 9, 3)
@@ -165,13 +177,18 @@ def test_prefix_reuse_counts_after_a_finished_job():
     assert (b.cached_prefix_tokens, c.cached_prefix_tokens, d.cached_prefix_tokens) == (0, 8, 8)
 
 
-def test_jobs_prefilling_the_same_prefix_at_once_share_its_pages():
+def _two_prefills(max_chunk_size):
+    """A scheduler that has just admitted a (X Y Z ...) and b (X Y W ...), both still to prefill."""
     pool = PagePool(32, PAGE)
-    sched = Scheduler(pool, max_batch_size=4, max_chunk_size=64)
-    cache = FakeCache()
+    sched = Scheduler(pool, max_batch_size=4, max_chunk_size=max_chunk_size)
     a, b = FakeJob(_prompt(X, Y, Z, [1]), 2), FakeJob(_prompt(X, Y, W, [2]), 2)
     sched.queue.extend([a, b])
     sched.admit()
+    return pool, sched, FakeCache(), a, b
+
+
+def test_jobs_prefilling_the_same_prefix_at_once_share_its_pages():
+    pool, sched, cache, a, b = _two_prefills(64)
     assert a.pages[:2] == b.pages[:2] and pool.num_used == 4 + 2  # b borrows X, Y while a computes them
     first = step(sched, cache)
     assert first == [(a, 13)]  # b waits: it reads X, Y only once a has computed them
@@ -182,12 +199,7 @@ def test_jobs_prefilling_the_same_prefix_at_once_share_its_pages():
 
 
 def test_a_cancelled_writer_hands_its_pages_to_a_borrower():
-    pool = PagePool(32, PAGE)
-    sched = Scheduler(pool, max_batch_size=4, max_chunk_size=5)
-    cache = FakeCache()
-    a, b = FakeJob(_prompt(X, Y, Z, [1]), 2), FakeJob(_prompt(X, Y, W, [2]), 2)
-    sched.queue.extend([a, b])
-    sched.admit()
+    pool, sched, cache, a, b = _two_prefills(5)
     assert step(sched, cache) == [(a, 5)]  # a computed page X and one token of Y
     a.finished = True
     sched.remove(a)
@@ -196,6 +208,22 @@ def test_a_cancelled_writer_hands_its_pages_to_a_borrower():
     drain(sched, cache)
     assert pool.num_used == 0
     pool.check()
+
+
+def test_hand_over_passes_jobs_too_short_to_hold_the_page():
+    pool = PagePool(32, PAGE)
+    sched = Scheduler(pool, max_batch_size=4, max_chunk_size=5)
+    cache = FakeCache()
+    a, short, b = FakeJob(_prompt(X, Y, Z, [1]), 2), FakeJob([9], 3), FakeJob(_prompt(X, Y, W, [2]), 2)
+    sched.queue.extend([a, short, b])
+    sched.admit()
+    assert len(short.pages) == 1 and step(sched, cache) == [(short, 1), (a, 4)]
+    a.finished = True
+    sched.remove(a)  # a's page Y (index 1) passes over `short` (one page) to b
+    assert sched._writer[b.pages[1]][0] is b
+    assert step(sched, cache) == [(short, 1), (b, 4)]
+    drain(sched, cache)
+    assert pool.num_used == 0
 
 
 # ---------------------------------------------------------------------------- random traffic
@@ -246,6 +274,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def shared_pages_have_one_writer(self):
         for page, (writer, index, _) in self.sched._writer.items():
             assert writer in self.sched.running and writer.pages[index] == page
+            assert writer.computed < (index + 1) * PAGE, "a page its writer computed is still marked in flight"
 
     @invariant()
     def arrival_order(self):

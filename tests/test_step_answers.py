@@ -18,27 +18,13 @@ from lowgear.attention.sdpa import padded_mask
 from lowgear.cache.pages import PagePool
 from lowgear.engine import sampler as sampler_module
 from lowgear.engine.sampler import SamplerSettings, sample
+from test_generator import make as make_generator, tiny_gguf  # noqa: F401  (the tiny model fixture)
 
 PS = 16
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    from lowgear.bench.synthetic import write_gguf
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    write_gguf(path, arch="llama", hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2,
-               intermediate_size=96, qtype="Q8_0", seed=3)
-    return str(path)
-
-
 def make(path, **kwargs):
-    config = lg.Config(path)
-    config.attn_backend, config.devices = "eager", ["cpu"]
-    model = lg.Model(config)
-    cache = lg.Cache(model, max_seq_len=1024, page_size=PS)
-    model.load_autosplit(cache)
-    return lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(config), **kwargs)
+    return make_generator(path, "eager", max_seq_len=1024, page_size=PS, **kwargs)
 
 
 def pages(seed: int, n: int) -> list[list[int]]:
@@ -228,3 +214,16 @@ def test_top_p_just_above_the_boundary_keeps_the_third(monkeypatch):
     s = SamplerSettings(temperature=1.0, top_k=0, top_p=0.76, min_p=0.0)
     # kept three candidates: 0.99 * 0.875 lies in the third's 0.75..0.875 (tokens 2 and 3 tie for third place)
     assert sample(logits, [s]).item() in (2, 3)
+
+
+def test_cancel_reports_once_queued_or_running():
+    gen = rigged(lambda t: (t + 1) % VOCAB, max_batch_size=1)
+    running, queued = (lg.DynamicJob([20], max_new_tokens=5, gen_settings=lg.Sampler.Settings.greedy()) for _ in range(2))
+    gen.enqueue([running, queued])
+    gen.iterate()
+    gen.cancel(queued)
+    gen.cancel(running)
+    gen.cancel(running)  # already ended: nothing more to report
+    ended = [(r["job"], r["eos_reason"]) for r in gen.iterate() if r["eos"]]
+    assert ended == [(queued, "cancelled"), (running, "cancelled")]
+    assert gen.num_remaining_jobs() == 0 and gen.pool.num_used == 0

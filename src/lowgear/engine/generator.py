@@ -343,7 +343,7 @@ class DynamicGenerator:
 
 
 class Generator(DynamicGenerator):
-    """A single stream over a contiguous cache: the simple generator of the seed's recipe."""
+    """A single stream over a contiguous cache (ExLlamaV2's simple generator)."""
 
     def __init__(self, model, cache, tokenizer, **kwargs):
         kwargs.setdefault("paged", False)
