@@ -144,6 +144,15 @@ def test_plan_decode_first_then_chunks_in_budget():
     assert [(j, n) for j, n in sched.plan()] == [(b, 1), (a, 2), (c, 7)]
 
 
+def test_plan_uses_the_last_token_of_budget():
+    sched = Scheduler(PagePool(64, PAGE), max_batch_size=4, max_chunk_size=2)
+    a, b = FakeJob([1] * 20, 3), FakeJob([2] * 2, 3)
+    sched.queue.extend([a, b])
+    sched.admit()
+    b.computed, b.generated = 2, [5]
+    assert sched.plan() == [(b, 1), (a, 1)]
+
+
 def test_reserves_prompt_plus_max_new_tokens():
     pool = PagePool(64, PAGE)
     sched = Scheduler(pool, max_batch_size=4, max_chunk_size=64)
@@ -175,6 +184,20 @@ def test_prefix_reuse_counts_after_a_finished_job():
         drain(sched, cache)
     # b: page X follows nothing in a; c: Y,X shared; d: Y,X shared, Z holds its last token (recomputed)
     assert (b.cached_prefix_tokens, c.cached_prefix_tokens, d.cached_prefix_tokens) == (0, 8, 8)
+
+
+def test_a_page_filled_by_generated_tokens_is_shared_at_once():
+    pool = PagePool(32, PAGE)
+    sched = Scheduler(pool, max_batch_size=4, max_chunk_size=64)
+    cache = FakeCache()
+    a = FakeJob([1, 2, 3], 2)  # 3 prompt tokens + 2 generated: the 4 computed fill page 0 exactly
+    sched.queue.append(a)
+    drain(sched, cache)
+    assert a.computed == 4
+    b = FakeJob(a.all_ids + [5], 1)
+    sched.queue.append(b)
+    sched.admit()
+    assert b.cached_prefix_tokens == 4
 
 
 def _two_prefills(max_chunk_size):

@@ -83,12 +83,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", choices=sorted(TARGETS))
+    parser.add_argument("--from-line", type=int, default=0, help="skip mutants above this line (resume a run)")
     args = parser.parse_args()
     jobs = []
     for name, (path, tests) in TARGETS.items():
         if args.only in (None, name):
             source = open(os.path.join(ROOT, path)).read()
-            jobs += [(name, path, tests, m) for m in mutants(source)]
+            jobs += [(name, path, tests, m) for m in mutants(source) if m[0] >= args.from_line]
     works = []
     for _ in range(args.workers):
         work = tempfile.mkdtemp(prefix="mutate-")
