@@ -5,6 +5,7 @@ boundary with exactly representable probabilities."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -172,6 +173,9 @@ def test_metadata_by_hand():
     assert meta.block_tables.tolist() == [[7, 2, 0], [4, 0, 6]]
     assert meta.logit_indices.tolist() == [2, 3]
     assert (meta.max_q_len, meta.max_kv_len, meta.is_decode) == (3, 9, False)
+    assert meta.to("cpu") is meta  # already there: no copy
+    with pytest.raises(dataclasses.FrozenInstanceError):  # one step, one metadata: layers never change it
+        meta.page_size = 8
     assert build_metadata([1, 1], [4, 5], [[3], [3, 5]], 4).is_decode
     every = build_metadata([3, 1], [5, 9], [[7, 2], [4, 0, 6]], 4, logits="all")
     assert every.logit_indices.tolist() == [0, 1, 2, 3]
