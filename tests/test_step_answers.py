@@ -231,3 +231,42 @@ def test_cancel_reports_once_queued_or_running():
     ended = [(r["job"], r["eos_reason"]) for r in gen.iterate() if r["eos"]]
     assert ended == [(queued, "cancelled"), (running, "cancelled")]
     assert gen.num_remaining_jobs() == 0 and gen.pool.num_used == 0
+
+
+def test_min_p_boundary_exact(monkeypatch):
+    # min_p 0.25 of the top 0.5 is 0.125: tokens 2 and 3 sit exactly on it and are kept
+    logits = torch.tensor([[3.0, 2.0, 1.0, 1.0]]) * math.log(2)
+    monkeypatch.setattr(sampler_module, "_uniforms", lambda gens, device: torch.tensor([0.99]))
+    s = SamplerSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.25)
+    assert sample(logits, [s]).item() in (2, 3)  # 0.99 lies in the last candidate's 0.875..1
+
+
+def test_top_k_per_row_in_a_mixed_batch():
+    # row 0 keeps one candidate (top_k 1 with a temperature: still its argmax), row 1 samples everything
+    logits = torch.tensor([[0.0, 1.0, 0.9, 0.8]] * 2)
+    one = SamplerSettings(temperature=1.0, top_k=1, top_p=1.0)
+    every = SamplerSettings(temperature=1.0, top_k=0, top_p=1.0)
+    picks = [sample(logits, [one, every], None, [torch.Generator().manual_seed(s)] * 2)[0].item() for s in range(40)]
+    assert set(picks) == {1}
+    two = SamplerSettings(temperature=1.0, top_k=2, top_p=1.0)
+    picks = [sample(logits, [two, every], None, [torch.Generator().manual_seed(s)] * 2)[0].item() for s in range(80)]
+    assert set(picks) == {1, 2}
+
+
+def test_half_precision_logits_sample_like_float32():
+    logits = torch.randn(32, 50, generator=torch.Generator().manual_seed(3)).half()
+    s = SamplerSettings(temperature=0.7, top_k=20, top_p=0.9, token_repetition_penalty=1.3)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(32)]  # noqa: E731
+    hist = [[1, 2, 3]] * 32
+    assert sample(logits, [s] * 32, hist, gens()).tolist() == sample(logits.float(), [s] * 32, hist, gens()).tolist()
+
+
+@pytest.mark.parametrize("u, top_p, token", [(0.5, 1.0, 1), (0.75, 1.0, 2), (1.0, 0.75, 1)])
+def test_draw_on_a_cdf_boundary(monkeypatch, u, top_p, token):
+    # cdf 0.5, 0.75, 0.875, 1: a draw exactly on a boundary belongs to the next token; a draw of 1
+    # (rounding) still lands on the last kept candidate, never past it
+    logits = torch.tensor([[3.0, 2.0, 1.5, 1.0]]) * math.log(2)
+    logits[0, 2] = logits[0, 3] = math.log(2)  # keep the exact 0.5, 0.25, 0.125, 0.125
+    monkeypatch.setattr(sampler_module, "_uniforms", lambda gens, device: torch.tensor([u]))
+    s = SamplerSettings(temperature=1.0, top_k=0, top_p=top_p, min_p=0.0)
+    assert sample(logits, [s]).item() in ((2, 3) if token == 2 else (token,))
