@@ -270,3 +270,11 @@ def test_draw_on_a_cdf_boundary(monkeypatch, u, top_p, token):
     monkeypatch.setattr(sampler_module, "_uniforms", lambda gens, device: torch.tensor([u]))
     s = SamplerSettings(temperature=1.0, top_k=0, top_p=top_p, min_p=0.0)
     assert sample(logits, [s]).item() in ((2, 3) if token == 2 else (token,))
+
+
+def test_temperature_zero_row_in_a_sampled_batch_is_its_argmax():
+    logits = torch.tensor([[0.0, 1.0, 0.9, 0.8]] * 2)
+    cold = SamplerSettings(temperature=0.0, top_k=50, top_p=1.0)
+    every = SamplerSettings(temperature=1.0, top_k=0, top_p=1.0)
+    picks = [sample(logits, [cold, every], None, [torch.Generator().manual_seed(s)] * 2)[0].item() for s in range(40)]
+    assert set(picks) == {1}
