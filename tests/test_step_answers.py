@@ -278,3 +278,11 @@ def test_temperature_zero_row_in_a_sampled_batch_is_its_argmax():
     every = SamplerSettings(temperature=1.0, top_k=0, top_p=1.0)
     picks = [sample(logits, [cold, every], None, [torch.Generator().manual_seed(s)] * 2)[0].item() for s in range(40)]
     assert set(picks) == {1}
+
+
+def test_unseeded_rows_draw_fresh_uniforms():
+    torch.manual_seed(0)
+    logits = torch.zeros(200, 2)  # 0.5 / 0.5
+    s = SamplerSettings(temperature=1.0, top_k=0, top_p=1.0)
+    ones = sample(logits, [s] * 200).sum().item()
+    assert 60 < ones < 140
