@@ -235,3 +235,43 @@ def test_sample_on_cuda_matches_shape_and_filters():
     s = SamplerSettings(temperature=1.0, top_k=3, top_p=1.0)
     out = sample(logits, [s] * 256, [[0]] * 256, gens)
     assert out.device.type == "cuda" and set(out.tolist()) == {0, 1, 2}
+
+
+def test_greedy_and_penalty_flags_exactly():
+    from lowgear.engine.sampler import all_greedy
+
+    g = SamplerSettings.greedy()
+    assert (g.temperature, g.top_k, g.top_p, g.min_p) == (0.0, 1, 1.0, 0.0)
+    assert SamplerSettings(temperature=0.0, top_k=50).is_greedy
+    assert not SamplerSettings(temperature=1.0, top_k=0).is_greedy
+    assert not SamplerSettings().has_penalties and not g.has_penalties
+    for kw in (dict(token_repetition_penalty=1.1), dict(token_presence_penalty=0.5), dict(token_frequency_penalty=0.5)):
+        assert SamplerSettings(**kw).has_penalties
+        assert SamplerSettings(token_repetition_range=1, **kw).has_penalties
+        assert not SamplerSettings(token_repetition_range=0, **kw).has_penalties
+    # all greedy: the generator takes the argmax and may run the next decode step ahead
+    assert all_greedy([g, SamplerSettings(temperature=0.0, top_k=50)])
+    assert not all_greedy([g, SamplerSettings(temperature=1.0, top_k=0)])
+    assert not all_greedy([SamplerSettings(temperature=0.0, token_repetition_penalty=1.2)])
+
+
+def test_penalties_by_hand_across_rows_and_ranges():
+    # vocab 4; row 0 plain, rows 1 and 2 penalized; ids outside the vocab (-1, 4) are ignored
+    logits = torch.tensor([[1.0, 2.0, -2.0, 4.0]] * 3)
+    plain = SamplerSettings(temperature=1.0)
+    rep = SamplerSettings(temperature=1.0, token_repetition_penalty=2.0, token_repetition_range=10)
+    freq = SamplerSettings(temperature=1.0, token_frequency_penalty=0.5, token_presence_penalty=0.25,
+                           token_repetition_range=2)
+    out = apply_penalties(logits.clone(), [plain, rep, freq], [[0, 1, 2], [0, 2, 4, -1], [3, 0, 3, 3]])
+    assert out.tolist() == [
+        [1.0, 2.0, -2.0, 4.0],  # no penalties: untouched
+        [0.5, 2.0, -4.0, 4.0],  # range 10 > history: token 0 (first) counts; -2 * 2 = -4
+        [1.0, 2.0, -2.0, 4.0 - 0.25 - 2 * 0.5],  # last 2 tokens only: token 3 twice, token 0 not seen
+    ]
+    assert sample(out, [SamplerSettings.greedy(), SamplerSettings.greedy(), SamplerSettings.greedy()]).tolist() == [3, 3, 3]
+
+
+def test_all_greedy_by_top_k_one():
+    from lowgear.engine.sampler import all_greedy
+
+    assert all_greedy([SamplerSettings(temperature=1.0, top_k=1)])

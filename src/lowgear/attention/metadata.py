@@ -62,6 +62,23 @@ class StepMetadata:
         )
 
 
+def token_slots(
+    q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], page_size: int
+) -> tuple[list[int], list[int]]:
+    """Position and flat cache slot of every new token: the one formula (graph staging uses it too).
+
+    Sequence s's q_lens[s] new tokens are its last positions kv_lens[s] - q_lens[s] .. kv_lens[s] - 1;
+    position p lives at offset p % page_size of page block_tables[s][p // page_size].
+    """
+    positions: list[int] = []
+    slots: list[int] = []
+    for q, kv, table in zip(q_lens, kv_lens, block_tables):
+        for p in range(kv - q, kv):
+            positions.append(p)
+            slots.append(table[p // page_size] * page_size + p % page_size)
+    return positions, slots
+
+
 def build_metadata(
     q_lens: list[int],
     kv_lens: list[int],
@@ -75,13 +92,7 @@ def build_metadata(
     `logits`: "last" wants the last new token of each sequence, "all" every new token.
     """
     assert len(q_lens) == len(kv_lens) == len(block_tables)
-    positions: list[int] = []
-    slots: list[int] = []
-    for q, kv, table in zip(q_lens, kv_lens, block_tables):
-        start = kv - q
-        for p in range(start, kv):
-            positions.append(p)
-            slots.append(table[p // page_size] * page_size + p % page_size)
+    positions, slots = token_slots(q_lens, kv_lens, block_tables, page_size)
     cu = [0]
     for q in q_lens:
         cu.append(cu[-1] + q)

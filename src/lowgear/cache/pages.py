@@ -17,10 +17,10 @@ as tokens arrive, register pages as they fill, release everything at the end).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from ..errors import LowgearError
-from .prefix import page_key
+from .prefix import page_key, prefix_keys
 
 
 class OutOfPages(LowgearError):
@@ -190,27 +190,34 @@ class PagePool:
 class SequencePages:
     """The pages of one job: a reused cached prefix, then pages allocated as its tokens grow.
 
-    Built from the pool and the prompt, it shares the pages of the longest cached full-page
-    prefix; `num_computed` says how many leading tokens need no forward pass. The page holding the
+    Built from the pool and the prompt, it shares the pages of the longest registered full-page
+    prefix, then (given `in_flight`, key -> page) the following pages another sequence is still
+    computing: `num_borrowed` of them, which the caller must not read before they are computed.
+    `num_computed` says how many leading tokens need no forward pass. The page holding the
     prompt's last token is never reused, since the model must run that token for its logits.
     `page_ids` is the job's block table, in order.
     """
 
-    def __init__(self, pool: PagePool, prompt_tokens: Sequence[int]):
+    def __init__(self, pool: PagePool, prompt_tokens: Sequence[int], in_flight: Mapping[int, int] | None = None,
+                 share: bool = True):
         self.pool = pool
-        self.page_size = pool.page_size
-        reusable = max(len(prompt_tokens) - 1, 0) // self.page_size
-        keys: list[int] = []
-        prev = None
-        for p in range(reusable):
-            prev = page_key(prev, prompt_tokens[p * self.page_size : (p + 1) * self.page_size])
-            keys.append(prev)
+        self.page_size = ps = pool.page_size
+        self.prompt_keys = prefix_keys(prompt_tokens, ps) if share else []  # every full prompt page's key
+        reusable = max(len(prompt_tokens) - 1, 0) // ps
+        keys = self.prompt_keys[:reusable]
         shared = pool.lookup_prefix(keys)
-        pool.share(shared)
-        self.page_ids: list[int] = list(shared)
+        borrowed: list[int] = []  # pages another sequence is still computing (in_flight: key -> page)
+        for key in keys[len(shared) :] if in_flight else ():
+            page = in_flight.get(key)
+            if page is None:
+                break
+            borrowed.append(page)
+        pool.share(shared + borrowed)
+        self.page_ids: list[int] = shared + borrowed
         self.keys: list[int] = keys[: len(shared)]  # keys of the leading registered pages
-        self.num_computed = len(shared) * self.page_size
+        self.num_computed = len(shared) * ps
         self.num_reused_tokens = self.num_computed
+        self.num_borrowed = len(borrowed)
         self.freed = False
 
     def pages_needed(self, num_tokens: int) -> int:
@@ -241,7 +248,10 @@ class SequencePages:
         ps = self.page_size
         while (len(self.keys) + 1) * ps <= num_computed:
             p = len(self.keys)
-            key = page_key(self.keys[-1] if self.keys else None, tokens[p * ps : (p + 1) * ps])
+            if p < len(self.prompt_keys):
+                key = self.prompt_keys[p]
+            else:
+                key = page_key(self.keys[-1] if self.keys else None, tokens[p * ps : (p + 1) * ps])
             own = self.page_ids[p]
             holder = self.pool.register(own, key)
             if holder != own:

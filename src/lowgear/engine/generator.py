@@ -4,44 +4,23 @@ Each `iterate()` admits queued jobs while there are batch slots and cache pages 
 the pages for its prompt plus max_new_tokens when it starts, so running jobs never run out),
 builds one step mixing decode tokens and prefill chunks (at most `max_chunk_size` tokens), runs the
 model once, samples for every job whose prompt is fully in the cache, and reports per-job text.
-The generator owns scheduling; page bookkeeping is cache.pages' and tensors are the model's.
-Prefix sharing: full pages are keyed by a hash chained over their tokens, so a job whose prompt
-starts like an earlier one's shares those pages instead of recomputing them.
+This class is the ExLlamaV2-compatible façade: intake, stop conditions, text and result dicts.
+What runs when and on which pages is engine.scheduler's; executing a step is engine.runner's.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
-
 import torch
 
-from ..attention.metadata import build_metadata
-from ..cache.pages import OutOfPages
-from ..cache.prefix import page_key
 from ..platform.dtypes import NonFiniteError, check_finite
 from ..errors import ConfigError, ContextLengthError
-from .graphs import DecodeGraphs, DecodeRow, disabled_reason
+from .graphs import DecodeGraphs, disabled_reason
 from .job import DynamicJob
-from .sampler import SamplerSettings, all_greedy, sample
+from .runner import Runner, Step
+from .sampler import SamplerSettings
+from .scheduler import Scheduler
 from .stops import StopMatcher
 from .textstream import TextStream
-
-
-@dataclass
-class _Step:
-    """A launched step: its (job, tokens computed) rows, the jobs it makes a token for, their logits,
-    the chosen tokens and finite flags on the device and on their way to the host (None where no job
-    makes a token)."""
-
-    batch: list
-    jobs: list
-    picked: torch.Tensor | None
-    tokens: torch.Tensor | None
-    ok: torch.Tensor | None
-    greedy: bool
-    host: torch.Tensor | None  # [2, jobs]: tokens and finite flags, (being) copied to the host
-    ready: object  # the CUDA event after that copy (None on the CPU)
 
 
 class DynamicGenerator:
@@ -70,14 +49,13 @@ class DynamicGenerator:
         self.max_chunk_size = max_chunk_size or model.config.max_input_len
         self.pool = cache.pool
         self.page_size = cache.page_size
-        self.queue: deque[DynamicJob] = deque()
-        self.running: list[DynamicJob] = []
+        self.scheduler = Scheduler(self.pool, self.max_batch_size, self.max_chunk_size, paged=paged)
         self.pending_results: list[dict] = []
         self.tokens_generated = 0
         self.steps = 0
         self.steps_ahead = 0
         self.run_ahead = run_ahead
-        self._ahead: _Step | None = None  # a launched step whose tokens are not booked yet
+        self._ahead: Step | None = None  # a launched step whose tokens are not booked yet
         self._token_bytes = {
             False: tokenizer.token_bytes_table(decode_special_tokens=False),
             True: None,
@@ -89,6 +67,25 @@ class DynamicGenerator:
         if self.graphs_off_reason is None:
             bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
             self.graphs = DecodeGraphs(model, cache, self.max_batch_size, bound)
+        self.runner = Runner(model, cache, self.graphs)
+
+    @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:  # the runner follows (tests swap in stub models)
+        self._model = model
+        if hasattr(self, "runner"):
+            self.runner.model = model
+
+    @property
+    def queue(self):
+        return self.scheduler.queue
+
+    @property
+    def running(self) -> list[DynamicJob]:
+        return self.scheduler.running
 
     # ---------------------------------------------------------------- jobs
     def enqueue(self, job: DynamicJob | list[DynamicJob]) -> None:
@@ -109,17 +106,13 @@ class DynamicGenerator:
             self.queue.append(j)
 
     def cancel(self, job: DynamicJob) -> None:
-        if job in self.queue:
-            self.queue.remove(job)
-        elif job in self.running:
-            self._release(job)
-            self.running.remove(job)
-            if not self.running:
-                self._ahead = None  # its rows are all ended jobs'
-                if self.graphs is not None:
-                    self.graphs.release_scratch()
-        else:
+        was_running = job in self.running
+        if not self.scheduler.remove(job):
             return
+        if was_running and not self.running:
+            self._ahead = None  # its rows are all ended jobs'
+            if self.graphs is not None:
+                self.graphs.release_scratch()
         job.finished, job.eos_reason = True, "cancelled"
         self.pending_results.append(self._result(job, "", [], eos=True))
 
@@ -142,38 +135,8 @@ class DynamicGenerator:
         }
 
     # ---------------------------------------------------------------- admission
-    def _admit(self) -> None:
-        while self.queue and len(self.running) < self.max_batch_size:
-            job = self.queue[0]
-            if not self._start(job):
-                break  # wait for pages: keep arrival order
-            self.queue.popleft()
-            self.running.append(job)
-
-    def _start(self, job: DynamicJob) -> bool:
-        ps = self.page_size
-        total_pages = -(-job.total_tokens_needed // ps)
-        shared: list[int] = []
-        keys: list[int] = []
-        if self.paged:
-            # Full pages of the prompt, less its last token: that one is always recomputed for its logits.
-            prev = None
-            for p in range((len(job.prompt_ids) - 1) // ps):
-                prev = page_key(prev, job.prompt_ids[p * ps : (p + 1) * ps])
-                keys.append(prev)
-            shared = self.pool.lookup_prefix(keys)
-        try:
-            if shared:
-                self.pool.share(shared)
-            fresh = self.pool.allocate(total_pages - len(shared))
-        except OutOfPages:
-            if shared:
-                self.pool.release(shared)
-            return False
-        job.pages = shared + fresh
-        job.page_keys = keys[: len(shared)]
-        job.computed = len(shared) * ps
-        job.cached_prefix_tokens = job.computed
+    def _on_start(self, job: DynamicJob) -> None:
+        """A job the scheduler started: its random generator, text stream and stop matcher."""
         job.rng = None
         if job.seed is not None:
             job.rng = torch.Generator(device=self.model.layer_devices[-1]).manual_seed(job.seed)
@@ -182,24 +145,6 @@ class DynamicGenerator:
             table = self._token_bytes[True] = self.tokenizer.token_bytes_table(decode_special_tokens=True)
         job.stream = TextStream(table)
         job.matcher = StopMatcher(job.stop_strings)
-        return True
-
-    def _release(self, job: DynamicJob) -> None:
-        if job.pages is not None:
-            self.pool.release(job.pages)
-            job.pages = None
-
-    def _register_full_pages(self, job: DynamicJob) -> None:
-        if not self.paged:
-            return
-        ps = self.page_size
-        ids = job.all_ids
-        while (len(job.page_keys) + 1) * ps <= job.computed:
-            p = len(job.page_keys)
-            prev = job.page_keys[-1] if job.page_keys else None
-            key = page_key(prev, ids[p * ps : (p + 1) * ps])
-            self.pool.register(job.pages[p], key)
-            job.page_keys.append(key)
 
     # ---------------------------------------------------------------- one step
     def iterate(self) -> list[dict]:
@@ -215,98 +160,34 @@ class DynamicGenerator:
         results, self.pending_results = self.pending_results, []
         step, self._ahead = self._ahead, None
         if step is None:
-            self._admit()
-            if not self.running:
+            self.scheduler.admit(self._on_start)
+            batch = self.scheduler.plan() if self.running else []
+            if not batch:
                 return results
-            step = self._launch(self._plan())
+            step = self._launch(batch)
         if self._can_run_ahead(step):
             try:
                 self._ahead = self._run_ahead(step)
             except torch.OutOfMemoryError:  # (an eager fallback needs more memory than a graph replay)
                 self._ahead = None  # this step's tokens still count; the next call plans its step as usual
         results += self._finish(step)
-        self.running = [j for j in self.running if not j.finished]
+        self.running[:] = [j for j in self.running if not j.finished]
         if self._ahead is not None and all(j.finished for j in self._ahead.jobs):
             self._ahead = None
         if not self.running and self.graphs is not None:
             self.graphs.release_scratch()  # an idle generator holds no page
         return results
 
-    def _plan(self) -> list[tuple[DynamicJob, int]]:
-        """(job, tokens to compute) for this step: decode tokens first, then prefill chunks in the budget."""
-        budget = self.max_chunk_size
-        batch: list[tuple[DynamicJob, int]] = []
-        for job in self.running:  # decode tokens first: a long prompt never stalls running streams
-            if len(job.all_ids) - job.computed == 1:
-                batch.append((job, 1))
-                budget -= 1
-        for job in self.running:
-            pending = len(job.all_ids) - job.computed
-            if pending > 1 and budget > 0:
-                chunk = min(pending, budget)
-                batch.append((job, chunk))
-                budget -= chunk
-        return batch
-
-    def _launch(self, batch: list[tuple[DynamicJob, int]]) -> _Step:
-        """Queue the step's forward and its token choice on the device; nothing waits for the GPU."""
-        logits = None
-        if self.graphs is not None and all(n == 1 for _, n in batch):
-            decode_rows = [DecodeRow(job.all_ids[job.computed], job.computed + 1, job.pages) for job, _ in batch]
-            logits = self.graphs.run(decode_rows)  # None when no captured bucket fits
-        if logits is None:
-            input_ids: list[int] = []
-            for job, n in batch:
-                input_ids.extend(job.all_ids[job.computed : job.computed + n])
-            logits = self._forward_eager(batch, torch.tensor(input_ids, dtype=torch.long))
+    def _launch(self, batch) -> Step:
         self.steps += 1
-        rows = [row for row, (job, n) in enumerate(batch) if job.computed + n == len(job.all_ids)]
-        return self._choose(batch, [batch[r][0] for r in rows], logits[rows] if len(rows) != logits.shape[0] else logits)
+        return self.runner.launch(batch)
 
-    def _run_ahead(self, step: _Step) -> _Step:
-        """Launch the next decode step of `step`'s jobs, its input tokens `step`'s (still on the device)."""
-        batch = [(job, 1) for job in step.jobs]
-        logits = None
-        if self.graphs is not None:
-            logits = self.graphs.run([DecodeRow(0, job.computed + 2, job.pages) for job in step.jobs], ids=step.tokens)
-        if logits is None:
-            logits = self._forward_eager(batch, step.tokens, ahead=1)
+    def _run_ahead(self, step: Step) -> Step:
         self.steps += 1
         self.steps_ahead += 1
-        return self._choose(batch, step.jobs, logits, suppress=False)  # none under min_new_tokens
+        return self.runner.run_ahead(step)
 
-    def _choose(self, batch, jobs: list[DynamicJob], picked: torch.Tensor, suppress: bool = True) -> _Step:
-        """The tokens of the jobs whose logits `picked` holds, as device tensors (see `_finish`)."""
-        if not jobs:
-            return _Step(batch, jobs, picked, None, None, True, None, None)
-        if suppress:
-            picked = self._suppress_early_stops(picked, jobs)
-        # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token): a row's max is then
-        # not finite (max propagates NaN), as it is when every logit is -inf. One reduction gives
-        # the flags and, for greedy batches, the tokens; other batches sample rows made safe (zeros
-        # where a row failed). Failed rows' jobs end; the flags come back in the tokens' transfer.
-        top, best = picked.max(-1)
-        ok = torch.isfinite(top)
-        settings = [j.settings for j in jobs]
-        greedy = all_greedy(settings)
-        if greedy:
-            tokens = best
-        else:
-            safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
-            tokens = sample(safe, settings, [j.all_ids for j in jobs], [j.rng for j in jobs])
-        # tokens and flags start for the host now, before a step run ahead is queued behind them
-        both = torch.stack((tokens, ok.long()))
-        event = None
-        if both.is_cuda:
-            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-            host.copy_(both, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = both
-        return _Step(batch, jobs, picked, tokens, ok, greedy, host, event)
-
-    def _can_run_ahead(self, step: _Step) -> bool:
+    def _can_run_ahead(self, step: Step) -> bool:
         """Whether the step after `step` is already known: the same running jobs, one greedy token each,
         none at its last token or still under min_new_tokens, and no queued job to admit first."""
         if not (self.run_ahead and step.jobs and step.greedy and not self.queue):
@@ -316,39 +197,19 @@ class DynamicGenerator:
         return all(n == 1 for _, n in step.batch) and all(
             len(j.generated) + 2 <= j.max_new_tokens and len(j.generated) + 1 >= j.min_new_tokens for j in step.jobs)
 
-    def _finish(self, step: _Step) -> list[dict]:
+    def _finish(self, step: Step) -> list[dict]:
         """Book the step's tokens into its jobs (waiting for the GPU here) and report them."""
         results = []
         for job, n in step.batch:
             if not job.finished:  # a row of a run-ahead step whose job ended meanwhile is ignored
-                job.computed += n
-                self._register_full_pages(job)
+                self.scheduler.book(job, n)
         if not step.jobs:
             return results
-        if step.ready is not None:
-            step.ready.synchronize()  # this step's copy only, not a step queued after it
-        values = step.host.T.tolist()
+        values = self.runner.read(step)
         for i, (job, (token, good)) in enumerate(zip(step.jobs, values)):
             if not job.finished:
                 results.append(self._accept(job, token) if good else self._fail(job, step.picked[i]))
         return results
-
-    def _forward_eager(self, batch: list[tuple[DynamicJob, int]], ids: torch.Tensor, ahead: int = 0) -> torch.Tensor:
-        """Logits of the batch's last tokens; `ahead` positions past what the jobs have computed."""
-        q_lens = [n for _, n in batch]
-        kv_lens = [job.computed + ahead + n for job, n in batch]
-        device = self.model.layer_devices[0]
-        meta = build_metadata(q_lens, kv_lens, [job.pages for job, _ in batch], self.page_size, device=device)
-        return self.model.forward(ids.to(device), meta, self.cache)
-
-    def _suppress_early_stops(self, logits: torch.Tensor, jobs: list[DynamicJob]) -> torch.Tensor:
-        early = [i for i, j in enumerate(jobs) if j.min_new_tokens and len(j.generated) < j.min_new_tokens and j.stop_tokens]
-        if not early:
-            return logits
-        logits = logits.clone()
-        for i in early:
-            logits[i, sorted(jobs[i].stop_tokens)] = float("-inf")
-        return logits
 
     def _fail(self, job: DynamicJob, logits: torch.Tensor) -> dict:
         """End one job whose logits are not finite, with the reason; the other jobs go on untouched."""
@@ -358,7 +219,7 @@ class DynamicGenerator:
         except NonFiniteError as exc:
             message = str(exc)
         job.finished, job.eos_reason, job.error = True, "error", message
-        self._release(job)
+        self.scheduler.release(job)
         result = self._result(job, "", [], eos=True)
         result["error"] = message
         return result
@@ -381,7 +242,7 @@ class DynamicGenerator:
         job.text += text
         if reason is not None:
             job.finished, job.eos_reason = True, reason
-            self._release(job)
+            self.scheduler.release(job)
         return self._result(job, text, [token], eos=reason is not None)
 
     @staticmethod
@@ -482,7 +343,7 @@ class DynamicGenerator:
 
 
 class Generator(DynamicGenerator):
-    """A single stream over a contiguous cache: the simple generator of the seed's recipe."""
+    """A single stream over a contiguous cache (ExLlamaV2's simple generator)."""
 
     def __init__(self, model, cache, tokenizer, **kwargs):
         kwargs.setdefault("paged", False)

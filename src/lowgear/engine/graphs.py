@@ -19,7 +19,8 @@ What makes the step static:
 
 Only backends that declare `capabilities.capturable` are captured (their decode path reads no host
 copy of the lengths and makes no host-dependent shapes); a model split over several devices is not.
-The pure bookkeeping (`buckets_for`, `bucket_for`, `DecodeStaging.fill`) runs without a GPU.
+The pure bookkeeping (`buckets_for`, `bucket_for`, `DecodeStaging.fill`) runs without a GPU;
+the staging's positions and slots come from attention.metadata.token_slots, as eager steps' do.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..platform import env
-from ..attention.metadata import StepMetadata
+from ..attention.metadata import StepMetadata, token_slots
 from ..cache.pages import OutOfPages, pages_needed
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -84,15 +85,16 @@ class DecodeStaging:
         assert len(rows) <= bucket <= self.rows
         ids, pos, slots, kv, tables = (t.numpy() for t in self.sections(self.host))
         ps = self.page_size
+        n = len(rows)
+        positions, slot_ids = token_slots([1] * n, [r.kv_len for r in rows], [r.pages for r in rows], ps)
+        pos[:n] = positions
+        slots[:n] = slot_ids
         for r, row in enumerate(rows):
-            p = row.kv_len - 1
             ids[r] = row.token
-            pos[r] = p
-            slots[r] = row.pages[p // ps] * ps + p % ps
             kv[r] = row.kv_len
-            n = min(len(row.pages), self.width)
-            tables[r, :n] = row.pages[:n]
-            tables[r, n:] = 0
+            w = min(len(row.pages), self.width)
+            tables[r, :w] = row.pages[:w]
+            tables[r, w:] = 0
         pad = slice(len(rows), bucket)
         ids[pad] = 0
         pos[pad] = 0

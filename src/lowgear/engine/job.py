@@ -59,7 +59,9 @@ class DynamicJob:
         # filled by the generator
         self.generated: list[int] = []
         self.computed = 0  # tokens of prompt_ids + generated whose K/V are in the cache
-        self.pages = None  # cache.pages.SequencePages
+        self.pages: list[int] | None = None  # the block table (seq.page_ids) while running
+        self.seq = None  # cache.pages.SequencePages, set by the scheduler
+        self.borrowed_end = 0  # tokens covered by pages shared at start (the scheduler's)
         self.rng: torch.Generator | None = None
         self.text = ""
         self.stream = None

@@ -1,0 +1,121 @@
+"""`Runner`: executes a scheduled step on the model and queues its token choice on the device.
+
+It builds the step's metadata (attention.metadata.build_metadata; graphed decode steps stage the
+same positions and slots through engine.graphs), runs `model.forward` or a captured graph, and
+hands the logits of the jobs that make a token to sampling (engine.sampler). Nothing here waits
+for the GPU until `read`: the chosen tokens and their finite flags travel to the host together,
+so a next pure-greedy decode step can be launched (`run_ahead`) before this one's tokens are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention.metadata import build_metadata
+from .graphs import DecodeRow
+from .sampler import all_greedy, sample
+
+
+@dataclass
+class Step:
+    """A launched step: its (job, tokens computed) rows, the jobs it makes a token for, their logits,
+    the chosen tokens and finite flags on the device and on their way to the host (None where no job
+    makes a token)."""
+
+    batch: list
+    jobs: list
+    picked: torch.Tensor | None
+    tokens: torch.Tensor | None
+    ok: torch.Tensor | None
+    greedy: bool
+    host: torch.Tensor | None  # [2, jobs]: tokens and finite flags, (being) copied to the host
+    ready: object  # the CUDA event after that copy (None on the CPU)
+
+
+class Runner:
+    def __init__(self, model, cache, graphs=None):
+        self.model, self.cache, self.graphs = model, cache, graphs
+        self.page_size = cache.page_size
+
+    def launch(self, batch: list[tuple[object, int]]) -> Step:
+        """Queue the step's forward and its token choice on the device; nothing waits for the GPU."""
+        logits = None
+        if self.graphs is not None and all(n == 1 for _, n in batch):
+            decode_rows = [DecodeRow(job.all_ids[job.computed], job.computed + 1, job.pages) for job, _ in batch]
+            logits = self.graphs.run(decode_rows)  # None when no captured bucket fits
+        if logits is None:
+            input_ids: list[int] = []
+            for job, n in batch:
+                input_ids.extend(job.all_ids[job.computed : job.computed + n])
+            logits = self.forward_eager(batch, torch.tensor(input_ids, dtype=torch.long))
+        rows = [row for row, (job, n) in enumerate(batch) if job.computed + n == len(job.all_ids)]
+        return self.choose(batch, [batch[r][0] for r in rows], logits[rows] if len(rows) != logits.shape[0] else logits)
+
+    def run_ahead(self, step: Step) -> Step:
+        """Launch the next decode step of `step`'s jobs, its input tokens `step`'s (still on the device)."""
+        batch = [(job, 1) for job in step.jobs]
+        logits = None
+        if self.graphs is not None:
+            logits = self.graphs.run([DecodeRow(0, job.computed + 2, job.pages) for job in step.jobs], ids=step.tokens)
+        if logits is None:
+            logits = self.forward_eager(batch, step.tokens, ahead=1)
+        return self.choose(batch, step.jobs, logits, suppress=False)  # none under min_new_tokens
+
+    def forward_eager(self, batch: list[tuple[object, int]], ids: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+        """Logits of the batch's last tokens; `ahead` positions past what the jobs have computed."""
+        q_lens = [n for _, n in batch]
+        kv_lens = [job.computed + ahead + n for job, n in batch]
+        device = self.model.layer_devices[0]
+        meta = build_metadata(q_lens, kv_lens, [job.pages for job, _ in batch], self.page_size, device=device)
+        return self.model.forward(ids.to(device), meta, self.cache)
+
+    def choose(self, batch, jobs: list, picked: torch.Tensor, suppress: bool = True) -> Step:
+        """The tokens of the jobs whose logits `picked` holds, as device tensors (see `read`)."""
+        if not jobs:
+            return Step(batch, jobs, picked, None, None, True, None, None)
+        if suppress:
+            picked = suppress_early_stops(picked, jobs)
+        # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token): a row's max is then
+        # not finite (max propagates NaN), as it is when every logit is -inf. One reduction gives
+        # the flags and, for greedy batches, the tokens; other batches sample rows made safe (zeros
+        # where a row failed). Failed rows' jobs end; the flags come back in the tokens' transfer.
+        top, best = picked.max(-1)
+        ok = torch.isfinite(top)
+        settings = [j.settings for j in jobs]
+        greedy = all_greedy(settings)
+        if greedy:
+            tokens = best
+        else:
+            safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
+            tokens = sample(safe, settings, [j.all_ids for j in jobs], [j.rng for j in jobs])
+        # tokens and flags start for the host now, before a step run ahead is queued behind them
+        both = torch.stack((tokens, ok.long()))
+        event = None
+        if both.is_cuda:
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = both
+        return Step(batch, jobs, picked, tokens, ok, greedy, host, event)
+
+    @staticmethod
+    def read(step: Step) -> list[list[int]]:
+        """[token, finite flag] per job of the step, waiting for this step's copy only."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        return step.host.T.tolist()
+
+
+def suppress_early_stops(logits: torch.Tensor, jobs: list) -> torch.Tensor:
+    """Mask the stop tokens of jobs still under min_new_tokens (a copy; `logits` is left as it is)."""
+    early = [i for i, j in enumerate(jobs) if j.min_new_tokens and len(j.generated) < j.min_new_tokens and j.stop_tokens]
+    if not early:
+        return logits
+    logits = logits.clone()
+    for i in early:
+        logits[i, sorted(jobs[i].stop_tokens)] = float("-inf")
+    return logits
