@@ -15,6 +15,14 @@ import lowgear as lg
 from lowgear.attention.metadata import build_metadata
 
 
+def stub_config(**switches):
+    """A model-less Config with `switches` set (for stub models that the generator drives)."""
+    config = lg.Config()
+    for name, value in switches.items():
+        setattr(config, name, value)
+    return config
+
+
 def load(path, max_seq_len: int = 512, page_size: int = 16, **switches):
     config = lg.Config(str(path))
     for name, value in switches.items():

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import lowgear as lg
+from helpers import stub_config
 from lowgear.cache.pages import PagePool
 from lowgear.errors import ContextLengthError
 
@@ -30,7 +31,7 @@ class StubModel:
 
     def __init__(self):
         self.layer_devices = [torch.device("cpu")]
-        self.config = SimpleNamespace(max_input_len=16, max_seq_len=None, no_cuda_graphs=True)
+        self.config = stub_config(max_input_len=16, max_seq_len=None, no_cuda_graphs=True)
         self.calls = 0
 
     def forward(self, ids, meta, cache):

@@ -275,3 +275,12 @@ def test_all_greedy_by_top_k_one():
     from lowgear.engine.sampler import all_greedy
 
     assert all_greedy([SamplerSettings(temperature=1.0, top_k=1)])
+
+
+def test_subnormal_top_p_keeps_the_top_token():
+    """top_p = 5e-324 is 0 in float32: the top candidate must still be kept (it once kept none: index -1)."""
+    logits = torch.tensor([[0.5, 2.0, 1.0, -1.0], [3.0, 0.0, 0.0, 0.0]])
+    rows = [SamplerSettings(temperature=1.0, top_p=5e-324), SamplerSettings(temperature=0.7, top_p=1e-300)]
+    for seed in range(5):
+        out = sample(logits, rows, generators=[torch.Generator().manual_seed(seed)] * 2)
+        assert out.tolist() == [1, 0]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lowgear as lg
+from helpers import stub_config
 from lowgear.attention.eager import causal_mask
 from lowgear.attention.metadata import build_metadata, token_slots
 from lowgear.attention.sdpa import padded_mask
@@ -106,7 +107,7 @@ class RiggedModel:
 
     def __init__(self, pick):
         self.layer_devices = [torch.device("cpu")]
-        self.config = SimpleNamespace(max_input_len=64, max_seq_len=None, no_cuda_graphs=True)
+        self.config = stub_config(max_input_len=64, max_seq_len=None, no_cuda_graphs=True)
         self.pick = pick
 
     def forward(self, ids, meta, cache):

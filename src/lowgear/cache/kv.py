@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from .. import defaults
 from ..platform.dtypes import dtype_bytes
 from ..errors import ConfigError
 from ..platform.placement import kv_bytes_per_token_per_layer
 from .pages import PagePool
 
-DEFAULT_PAGE_SIZE = 256
+DEFAULT_PAGE_SIZE = defaults.PAGE_SIZE
 
 
 class Cache:
@@ -34,7 +35,7 @@ class Cache:
             raise ConfigError(f"max_seq_len must be a positive number of tokens or 'auto', got {requested!r}")
         self.requested_seq_len = requested
         self.contiguous = contiguous
-        self.page_size = page_size or DEFAULT_PAGE_SIZE
+        self.page_size = page_size or model.config.effective_page_size()
         self.dtype = dtype
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []

@@ -68,7 +68,7 @@ def sampler_settings(args):
     s = SamplerSettings(
         temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k,
-        top_p=max(args.top_p, 1e-30) if args.top_p > 0 else args.top_p,  # float32 would make a subnormal 0 (keeps no token)
+        top_p=args.top_p,
         min_p=args.min_p,
         token_repetition_penalty=args.repetition_penalty,
         token_presence_penalty=args.presence_penalty,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import defaults
 from ..platform.dtypes import NonFiniteError, check_finite
 from ..errors import ConfigError, ContextLengthError
 from .graphs import DecodeGraphs, disabled_reason
@@ -30,7 +31,7 @@ class DynamicGenerator:
         cache,
         tokenizer,
         paged: bool = True,
-        max_batch_size: int = 16,
+        max_batch_size: int = defaults.MAX_BATCH_SIZE,
         max_chunk_size: int | None = None,
         max_q_size: int | None = None,  # accepted for ExLlamaV2 compatibility
         cuda_graphs: bool = True,  # capture decode steps on CUDA (ignored on the CPU)

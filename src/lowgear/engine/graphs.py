@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..platform import env
 from ..attention.metadata import StepMetadata, token_slots
 from ..cache.pages import OutOfPages, pages_needed
 
@@ -108,8 +107,8 @@ def disabled_reason(model, requested: bool) -> str | None:
     """Why this model's decode steps cannot (or should not) be captured; None when they can."""
     if not requested:
         return "turned off (cuda_graphs=False)"
-    if getattr(model.config, "no_cuda_graphs", False) or env.flag("LOWGEAR_NO_CUDA_GRAPHS"):
-        return "turned off (LOWGEAR_NO_CUDA_GRAPHS / config.no_cuda_graphs)"
+    if model.config.cuda_graphs_off():
+        return "turned off (config.no_cuda_graphs / LOWGEAR_NO_CUDA_GRAPHS)"
     devices = set(model.layer_devices)
     if len(devices) != 1:
         return "the model spans several devices"

@@ -234,6 +234,7 @@ def sample(
     mass_before = torch.cumsum(probs, dim=-1).roll(1, dims=-1)
     mass_before[:, 0] = 0.0
     keep &= mass_before < top_p
+    keep[:, 0] = True  # the top candidate, also where top_p rounds to 0 in float32 (a subnormal top_p)
     keep &= probs >= min_p * probs[:, :1]
     n_keep = keep.sum(dim=-1, keepdim=True)  # [B, 1], >= 1: the top candidate always survives
 

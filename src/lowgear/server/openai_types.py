@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # The sampler compares top_p in float32, where a top_p below ~1.4e-45 (JSON allows 5e-324) is 0 and
 # keeps no token at all (engine/sampler.py: an index -1 error). Any top_p this small keeps only the
 # most likely token, as the floor does.
-TOP_P_FLOOR = 1e-30
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
 
@@ -256,7 +255,7 @@ def sampling_spec(req: _SamplingFields, max_tokens: int) -> SamplingSpec:
     return SamplingSpec(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else max(req.top_p, TOP_P_FLOOR),
+        top_p=1.0 if req.top_p is None else req.top_p,
         top_k=0 if req.top_k is None else req.top_k,
         min_p=0.0 if req.min_p is None else req.min_p,
         presence_penalty=req.presence_penalty or 0.0,
