@@ -147,3 +147,26 @@ def apply_device_options(config, args) -> None:
     config.attn_backend, config.dtype = args.attn_backend, args.dtype
     if args.devices:
         config.devices = args.devices
+
+
+def threads_type(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=threads_type, default=None,
+                   help="CPU threads torch may use (default: torch's, one per core); under load from other "
+                        "programs fewer can be faster")
+
+
+def apply_threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)

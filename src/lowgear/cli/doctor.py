@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -402,4 +403,7 @@ def main(args) -> int:
     devices = [x.strip() for x in args.devices.split(",") if x.strip()] if getattr(args, "devices", None) else None
     report = collect(config, getattr(args, "model", None), devices)
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
-    return 0
+    # a failed check (a model that does not open, a device that does not exist) is a non-zero exit
+    for error in report.get("errors") or []:
+        print(f"lowgear: error: {error}", file=sys.stderr)
+    return 1 if report.get("errors") else 0

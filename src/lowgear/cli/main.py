@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from ..config import add_device_options, apply_device_options
+from ..config import add_device_options, add_threads_option, apply_device_options, apply_threads
 from ..errors import LowgearError
 
 
@@ -22,29 +22,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=int, default=None, help="paged KV cache page size in tokens (default 256)")
     add_threads_option(p)
     add_device_options(p)
-
-
-def _threads(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of threads, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def add_threads_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_threads, default=None,
-                   help="CPU threads torch may use (default: torch's, one per core); under load from other "
-                        "programs fewer can be faster")
-
-
-def apply_threads(args) -> None:
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -260,27 +237,6 @@ def chat_loop(reply, system: str | None = None, read=input, out=None, after_repl
             history.pop()
 
 
-def cmd_doctor(args) -> int:
-    """doctor's report, and a non-zero exit status when it found errors (a model that does not open,
-    a device that does not exist, ...): the report lists them."""
-    import json
-
-    from ..config import Config
-    from . import doctor
-
-    config = Config()
-    if getattr(args, "dtype", None):
-        config.dtype = args.dtype
-    if getattr(args, "max_seq_len", None):
-        config.max_seq_len = args.max_seq_len
-    devices = [x.strip() for x in args.devices.split(",") if x.strip()] if getattr(args, "devices", None) else None
-    report = doctor.collect(config, getattr(args, "model", None), devices)
-    print(json.dumps(report, indent=2, default=str) if args.json else doctor.render(report))
-    for error in report.get("errors") or []:
-        print(f"lowgear: error: {error}", file=sys.stderr)
-    return 1 if report.get("errors") else 0
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad option as one line (not the whole usage block), exit status 2."""
 
@@ -315,7 +271,6 @@ def make_parser() -> argparse.ArgumentParser:
     from . import doctor
 
     doctor.add_parser(sub)
-    sub.choices["doctor"].set_defaults(func=cmd_doctor)  # doctor.main returns 0 even when the report has errors
     add_serve_parser(sub)
     bench_command.add_parser(sub)
     return parser

@@ -43,16 +43,6 @@ def _port(value: str) -> int:
     return n
 
 
-def _threads(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of threads, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def bind_socket(host: str, port: int):
     """A listening socket on host:port, made before the model loads so a taken port or a bad address
     is said at once (the socket is handed to uvicorn, so nothing can take the port in between)."""
@@ -106,8 +96,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "repeat for aliases")
     p.add_argument("--allow-any-model", action="store_true",
                    help="accept any `model` in requests, as llama-server does (default: an unknown name is a 404)")
-    p.add_argument("--threads", type=_threads, default=None,
-                   help="CPU threads torch may use (default: torch's, one per core)")
+    from ..config import add_threads_option
+
+    add_threads_option(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     from ..config import add_device_options
 
@@ -177,10 +168,9 @@ def main(args=None) -> int:
 
             args.model = lowgear.default_model_path()
         names = list(args.model_name or [])
-        if args.threads is not None:
-            import torch
+        from ..config import apply_threads
 
-            torch.set_num_threads(args.threads)
+        apply_threads(args)
         engine = load_engine(args.model, max_seq_len=args.max_seq_len, cache_size=args.cache_size,
                              max_batch_size=args.max_batch_size, model_name=names[0] if names else None,
                              progress=sys.stderr.isatty(), device_args=args)
