@@ -93,7 +93,7 @@ def test_t4_fits_8b_q4_and_says_how_much(monkeypatch):
     assert 50 < ceiling["tokens_per_s_empty"] < 80  # 320 GB/s over ~4.6 GB
     assert ceiling["tokens_per_s_full"] < ceiling["tokens_per_s_empty"]
     text = doctor.render(report)
-    assert f"{expected:,} tokens of cache fit" in text
+    assert f"{expected:,} tokens of cache with --max-seq-len auto (the largest cache free device memory holds)" in text
     assert "decode ceiling" in text
 
 
@@ -146,7 +146,7 @@ def test_exl2_folder_shows_bits_per_weight_and_the_plan(monkeypatch, tmp_path):
     text = doctor.render(report)
     assert f"EXL2, {q['bits_per_weight']:.2f} bits per weight over the layers" in text
     assert f"head {q['head_bits_per_weight']:.2f}" in text and "head_bits 8" in text
-    assert "tokens of cache fit" in text
+    assert "tokens of cache with --max-seq-len auto" in text
 
 
 def test_gptq_folder_shows_bits_and_group(monkeypatch, tmp_path):
@@ -212,3 +212,17 @@ def test_simulated_t4_is_decided_by_capability_and_a_p100_is_not_eligible(monkey
                            "reason": "Triton kernels need compute capability 7.0 or newer (device is sm_60)"}
     text = doctor.render(report)
     assert "Triton kernels: no — Triton kernels need compute capability 7.0 or newer (device is sm_60)" in text
+
+
+def test_cpu_auto_size_is_bounded_and_said(tmp_path, monkeypatch):
+    """On a CPU doctor says what --max-seq-len auto takes and why: at most the model's context, and what a
+    quarter of the available RAM holds (filling all free RAM once made a 135M model's cache 20 GB)."""
+    from lowgear.bench.synthetic import write_gguf
+
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "cpu")
+    path = write_gguf(tmp_path / "m.gguf", hidden_size=64, num_layers=1, num_heads=4, max_position_embeddings=4096)
+    report = doctor.collect(Config(), str(path), ["cpu"])
+    fit = report["model"]["fits"][0]
+    assert fit["device"] == "cpu" and fit["tokens"] == 4096
+    assert "the model's context" in fit["auto"] and "1/4 of available RAM" in fit["auto"]
+    assert "4,096 tokens of cache with --max-seq-len auto (the model's context; a CPU cache is kept to 1/4" in doctor.render(report)

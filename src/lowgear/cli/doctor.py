@@ -163,10 +163,12 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len) ->
         "decode_ceiling": None,
     }
     for d in spec_devices:
-        row = {"device": d.label, "name": d.name, "tokens": 0, "error": None}
+        row = {"device": d.label, "name": d.name, "tokens": 0, "error": None, "auto": None}
         try:
             plan = placement.plan(spec, per_layer, other, [d], kv_layer, "auto", reserve)
             row["tokens"] = plan.max_seq_len
+            cap = placement.cpu_auto_cap(spec, [d], kv_token)
+            row["auto"] = cap[1] if cap else "the largest cache free device memory holds"
         except LowgearError as exc:
             row["error"] = str(exc)
         out["fits"].append(row)
@@ -335,7 +337,8 @@ def render(report: dict) -> str:
             if f["error"]:
                 lines.append(f"  {f['device']:<8} alone: does not fit — {f['error']}")
             else:
-                lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache fit")
+                lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache with --max-seq-len auto "
+                             f"({f['auto']})")
         if m["placement_error"]:
             lines.append(f"  at the model's context: {m['placement_error']}")
         p = m["placement"]
