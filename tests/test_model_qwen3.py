@@ -243,3 +243,21 @@ def test_partial_sliding_window_is_refused(tmp_path):
     write_qwen3(folder, num_hidden_layers=2, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     with pytest.raises(UnsupportedError, match="some layers only"):
         lg.Config(str(folder))
+
+
+def test_bench_preset_and_peer_are_qwen3():
+    """`lowgear bench --preset qwen3-8b`: random tensors of every shape the architecture needs (q/k norms
+    included), and the transformers peer is a Qwen3 of the same shapes."""
+    import dataclasses
+
+    from lowgear.bench.models import PRESETS, RandomSource
+    from lowgear.bench.peer import hf_config
+    from lowgear.formats.validate import expected_shapes
+
+    spec = PRESETS["qwen3-8b"]
+    shapes = RandomSource(spec, "Q4_0", torch.device("meta"), torch.float16).shapes
+    expected = expected_shapes(spec)
+    assert "layers.35.k_norm" in shapes and all(expected[n] == shapes[n] for n in shapes)
+    small = dataclasses.replace(spec, num_layers=1, hidden_size=64, intermediate_size=64, vocab_size=VOCAB)
+    peer = transformers.AutoModelForCausalLM.from_config(hf_config(small, "eager"))
+    assert type(peer).__name__ == "Qwen3ForCausalLM" and peer.model.layers[0].self_attn.q_norm.weight.shape == (128,)
