@@ -97,13 +97,19 @@ def files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("host_traffic")
     shape = dict(arch="llama", hidden_size=256, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=256)
-    return {q: write_gguf(root / f"m-{q}.gguf", qtype=q, seed=5, **shape) for q in QUANT_FORMATS}
+    made = {q: write_gguf(root / f"m-{q}.gguf", qtype=q, seed=5, **shape) for q in QUANT_FORMATS}
+    # qwen3: the per-head q/k RMSNorm runs in the step too (head_dim 48, not hidden / heads)
+    made["qwen3"] = write_gguf(root / "m-qwen3.gguf", qtype="Q8_0", seed=5, head_dim=48, **{**shape, "arch": "qwen3"})
+    return made
 
 
 @pytest.mark.parametrize("rung", ["eager", "sdpa"])
-@pytest.mark.parametrize("qtype", sorted(QUANT_FORMATS))
+@pytest.mark.parametrize("qtype", [*sorted(QUANT_FORMATS), "qwen3"])
 def test_decode_step_has_no_host_traffic(files, qtype, rung):
     model, cache = load(files[qtype], max_seq_len=256, page_size=16, attn_backend=rung)
+    if qtype == "qwen3":
+        assert model.layers[0].attn.q_norm is not None
+        qtype = "Q8_0"
     assert model.embed.qtype == qtype and model.lm_head.qtype == qtype and model.lm_head is not model.embed
     ps = cache.page_size
     # two sequences, one ending on a page boundary, filled by a prefill step first

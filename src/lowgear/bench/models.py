@@ -32,6 +32,8 @@ PRESETS: dict[str, ModelSpec] = {
     "qwen2-0.5b": ModelSpec("qwen2", 151936, 896, 4864, 24, 14, 2, 64, 1e-6, 1000000.0, None,
                             max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
                             name="Qwen2-0.5B shape"),
+    "qwen3-8b": ModelSpec("qwen3", 151936, 4096, 12288, 36, 32, 8, 128, 1e-6, 1000000.0, None,
+                          max_position_embeddings=40960, qk_norm=True, name="Qwen3-8B shape"),
     "tiny": ModelSpec("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, None, max_position_embeddings=4096,
                       name="tiny test shape"),
 }
@@ -61,6 +63,8 @@ class RandomSource:
                            p + "up": (s.intermediate_size, h), p + "down": (h, s.intermediate_size)})
             if s.attention_bias:
                 shapes.update({p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (kv_out,)})
+            if s.qk_norm:
+                shapes.update({p + "q_norm": (s.head_dim,), p + "k_norm": (s.head_dim,)})
         self.shapes = shapes
 
     def _packed(self, name: str) -> bool:

@@ -1,6 +1,6 @@
 """The peer in `lowgear bench`: Hugging Face transformers on the same shapes, in the same run.
 
-transformers' LlamaForCausalLM / Qwen2ForCausalLM is built from a config made of the lowgear
+transformers' LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM is built from a config made of the lowgear
 ModelSpec (random weights, nothing downloaded), in float16 on the GPU (float32 on the CPU), and
 timed the way transformers runs by default: a DynamicCache holding `context` tokens for each of
 `batch` sequences, one new token per sequence per step. The cache is put back to its `context`
@@ -22,7 +22,7 @@ from ..formats.spec import ModelSpec
 
 def hf_config(spec: ModelSpec, attn_implementation: str):
     """A transformers config of the same architecture and shapes as `spec`."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=spec.vocab_size,
@@ -41,7 +41,9 @@ def hf_config(spec: ModelSpec, attn_implementation: str):
         scaling["rope_type"] = scaling.pop("type", "default")
         scaling.setdefault("rope_theta", spec.rope_theta)
         common["rope_scaling"] = scaling
-    if spec.arch == "qwen2":
+    if spec.arch == "qwen3":
+        cfg = Qwen3Config(**common, head_dim=spec.head_dim, attention_bias=spec.attention_bias, use_sliding_window=False)
+    elif spec.arch == "qwen2":
         cfg = Qwen2Config(**common, use_sliding_window=False)
     else:
         cfg = LlamaConfig(**common, head_dim=spec.head_dim, attention_bias=spec.attention_bias)

@@ -8,7 +8,9 @@ row length); the views here are already in torch's [rows, cols] order.
 
 Facts a model built from a GGUF must know:
 - llama / mistral GGUFs have their q and k rows permuted by llama.cpp's converter so that RoPE
-  rotates adjacent pairs: `spec.rope_style == "interleaved"`. qwen2 GGUFs are not permuted ("neox").
+  rotates adjacent pairs: `spec.rope_style == "interleaved"`. qwen2 and qwen3 GGUFs are not
+  permuted ("neox"). qwen3's per-head q/k norms are `blk.N.attn_q_norm` / `attn_k_norm`
+  ([head_dim]); its head_dim is `qwen3.attention.key_length`.
 - llama-3.1-style rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors
   (head_dim / 2 floats): inv_freq[i] = rope_theta ** (-2i / head_dim) / rope_freqs[i]. When present
   it is in `spec.extra["rope_freqs"]` (float32 tensor) and `spec.rope_scaling` is None.
@@ -34,7 +36,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import ModelFormatError, UnsupportedError
 from .blocks import FLOAT_TYPES, SUPPORTED_TYPES, is_quantized
-from .spec import SUPPORTED_ARCHITECTURES, ModelSpec, PackedTensor, TensorInfo
+from .spec import NEOX_GGUF_ARCHITECTURES, QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec, PackedTensor, TensorInfo
 from .validate import check_spec, check_tensors
 
 GGUF_MAGIC = b"GGUF"
@@ -46,11 +48,14 @@ _LAYER_NAMES = {
     "attn_k": "k",
     "attn_v": "v",
     "attn_output": "o",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
     "ffn_norm": "ffn_norm",
     "ffn_gate": "gate",
     "ffn_up": "up",
     "ffn_down": "down",
 }
+_GGUF_PART = {short: part for part, short in _LAYER_NAMES.items()}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
 
@@ -317,11 +322,12 @@ class GGUFSource:
             rms_norm_eps=_short_float(self.metadata(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_short_float(self.metadata(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
-            rope_style="neox" if arch == "qwen2" else "interleaved",
+            rope_style="neox" if arch in NEOX_GGUF_ARCHITECTURES else "interleaved",
             max_position_embeddings=int(self.metadata(f"{arch}.context_length", 4096)),
             tie_word_embeddings="lm_head" not in self._tensors,
             attention_bias="layers.0.q_bias" in self._tensors,
             sliding_window=int(window) if window else None,
+            qk_norm=arch in QK_NORM_ARCHITECTURES,
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=eos_ids,
             name=str(self.metadata("general.name", "")),
@@ -346,11 +352,14 @@ class GGUFSource:
                     f"unpack: supported types are {', '.join(SUPPORTED_TYPES)}; use a GGUF quantized to one of those"
                 )
         for i in range(self.spec.num_layers):
-            missing = [n for n in REQUIRED_LAYER_TENSORS if f"layers.{i}.{n}" not in self._tensors]
+            required = REQUIRED_LAYER_TENSORS + (("q_norm", "k_norm") if self.spec.qk_norm else ())
+            missing = [n for n in required if f"layers.{i}.{n}" not in self._tensors]
             if missing:
+                stored = ", ".join(f"blk.{i}.{_GGUF_PART[n]}.weight" for n in missing)
                 raise ModelFormatError(
-                    f"{self.path}: layer {i} has no {', '.join(missing)} tensor(s) (block_count says "
-                    f"{self.spec.num_layers} layers); the file is incomplete or corrupt; re-download it"
+                    f"{self.path}: layer {i} has no {', '.join(missing)} tensor(s) ({stored}; {self.spec.arch} needs "
+                    f"them and block_count says {self.spec.num_layers} layers); the file is incomplete or corrupt; "
+                    "re-convert or re-download it"
                 )
         if "norm" not in self._tensors:
             raise ModelFormatError(f"{self.path}: no output_norm.weight tensor; the file is incomplete; re-download it")

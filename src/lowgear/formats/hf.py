@@ -7,7 +7,9 @@ header only; each tensor is read when `get` asks for it, so opening a 70B folder
 Both config styles are understood: transformers < 5 (`rope_theta`, `rope_scaling`, `torch_dtype`)
 and transformers >= 5 (`rope_parameters`, `dtype`). HF checkpoints keep q/k in the "neox" (rotate
 halves) layout. qwen2 always has q/k/v biases; its sliding window only applies with
-`use_sliding_window`.
+`use_sliding_window`. qwen3 has q/k biases only with `attention_bias`, a per-head RMSNorm on q and k
+(`self_attn.q_norm` / `k_norm`, [head_dim]) and its own `head_dim`; its sliding window, when used,
+must cover every layer (`layer_types`), as lowgear has one window per model.
 
 GPTQ folders (`quantization_config.quant_method` "gptq" in config.json, or an AutoGPTQ
 `quantize_config.json`) store each linear as `<prefix>.qweight/.qzeros/.scales[/.g_idx]`; `get`
@@ -38,7 +40,7 @@ import torch
 from ..errors import ModelFormatError, UnsupportedError
 from .exl2 import EXL2Weight, exl2_bits_per_weight, exl2_qtype
 from .gptq import GPTQ_FORMATS, GPTQWeight, check_gptq_bits, gptq_qtype
-from .spec import SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
+from .spec import QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
 from .validate import check_spec, check_tensors
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -50,6 +52,8 @@ _LAYER_NAMES = {
     "self_attn.q_proj.bias": "q_bias",
     "self_attn.k_proj.bias": "k_bias",
     "self_attn.v_proj.bias": "v_bias",
+    "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm",
     "input_layernorm.weight": "attn_norm",
     "post_attention_layernorm.weight": "ffn_norm",
     "mlp.gate_proj.weight": "gate",
@@ -57,7 +61,8 @@ _LAYER_NAMES = {
     "mlp.down_proj.weight": "down",
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
-_ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                  "Qwen3ForCausalLM": "qwen3"}
 _ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 _ST_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
 
@@ -120,6 +125,25 @@ def _whole(cfg: dict, key: str, folder: str, default: Any = None) -> int:
     return int(value)
 
 
+def _window(cfg: dict, arch: str, folder: str):
+    """The sliding window config.json asks for, or None; qwen2/qwen3 use theirs only with use_sliding_window."""
+    window = cfg.get("sliding_window")
+    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        return None
+    if arch == "qwen3" and window:
+        # transformers: layers from max_window_layers on slide, unless layer_types says which
+        layers = _whole(cfg, "num_hidden_layers", folder)
+        first = cfg.get("max_window_layers", 28)
+        types = cfg.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+        if any(t != "sliding_attention" for t in types):
+            raise UnsupportedError(
+                f"{folder}: config.json slides the attention window on some layers only (use_sliding_window with "
+                "max_window_layers / layer_types); lowgear applies one window to every layer: set "
+                "use_sliding_window to false, or max_window_layers to 0"
+            )
+    return window
+
+
 def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
     try:
         return _spec_from_config(cfg, folder, has_lm_head)
@@ -135,9 +159,7 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
         hidden = _whole(cfg, "hidden_size", folder)
         heads = _whole(cfg, "num_attention_heads", folder)
         theta, scaling = _rope(cfg, folder)
-        window = cfg.get("sliding_window")
-        if arch == "qwen2" and not cfg.get("use_sliding_window", False):
-            window = None
+        window = _window(cfg, arch, folder)
         bos = _ids(cfg.get("bos_token_id"))
         return ModelSpec(
             arch=arch,
@@ -156,6 +178,7 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
+            qk_norm=arch in QK_NORM_ARCHITECTURES,
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=_ids(cfg.get("eos_token_id")),
             name=str(cfg.get("_name_or_path", os.path.basename(os.path.normpath(folder)))),

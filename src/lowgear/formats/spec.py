@@ -8,6 +8,7 @@ Canonical tensor names:
     layers.{i}.attn_norm        [hidden]
     layers.{i}.q / k / v / o    linear weights, [out_features, in_features]
     layers.{i}.q_bias / k_bias / v_bias   (qwen2)
+    layers.{i}.q_norm / k_norm  [head_dim]: RMSNorm of each q / k head before RoPE (qwen3)
     layers.{i}.ffn_norm         [hidden]
     layers.{i}.gate / up / down linear weights
     norm                        [hidden]
@@ -21,7 +22,11 @@ from typing import Any, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# architectures whose attention RMS-normalises each q and k head (weights q_norm / k_norm) before RoPE
+QK_NORM_ARCHITECTURES = ("qwen3",)
+# architectures whose GGUF q/k rows are not permuted by llama.cpp's converter: RoPE rotates halves
+NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (layers.{i}.q_norm / k_norm)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""

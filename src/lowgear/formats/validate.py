@@ -13,7 +13,7 @@ from ..errors import ModelFormatError
 from .blocks import FLOAT_TYPES, QUANT_FORMATS
 from .spec import ModelSpec
 
-_NORMS = ("attn_norm", "ffn_norm")
+_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm")
 
 
 def check_spec(spec: ModelSpec, where: str) -> None:
@@ -58,6 +58,8 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (kv_out,),
             p + "gate": (inter, h), p + "up": (inter, h), p + "down": (h, inter),
         })
+        if spec.qk_norm:
+            shapes.update({p + "q_norm": (spec.head_dim,), p + "k_norm": (spec.head_dim,)})
     return shapes
 
 
@@ -65,7 +67,7 @@ def _field_of(name: str) -> str:
     short = name.rsplit(".", 1)[-1]
     return {
         "embed": "vocab_size x hidden_size", "lm_head": "vocab_size x hidden_size", "norm": "hidden_size",
-        "attn_norm": "hidden_size", "ffn_norm": "hidden_size",
+        "attn_norm": "hidden_size", "ffn_norm": "hidden_size", "q_norm": "head_dim", "k_norm": "head_dim",
         "q": "num_heads*head_dim x hidden_size", "k": "num_kv_heads*head_dim x hidden_size",
         "v": "num_kv_heads*head_dim x hidden_size", "o": "hidden_size x num_heads*head_dim",
         "q_bias": "num_heads*head_dim", "k_bias": "num_kv_heads*head_dim", "v_bias": "num_kv_heads*head_dim",

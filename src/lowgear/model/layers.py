@@ -34,10 +34,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """`qkv` is one fused linear whose output rows are q|k|v (model/fuse.py), or the three linears."""
+    """`qkv` is one fused linear whose output rows are q|k|v (model/fuse.py), or the three linears.
+
+    `q_norm` / `k_norm` (qwen3): an RMSNorm over head_dim applied to each q / k head before RoPE.
+    """
 
     def __init__(self, spec: ModelSpec, qkv: QuantLinear | tuple[QuantLinear, QuantLinear, QuantLinear],
-                 o: QuantLinear):
+                 o: QuantLinear, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.sizes = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
@@ -50,6 +53,7 @@ class Attention(nn.Module):
             self.qkv = None
             self.q, self.k, self.v = qkv
         self.o = o
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.scale = self.head_dim**-0.5
         self.rope_style = spec.rope_style
         self.window = spec.sliding_window
@@ -72,6 +76,9 @@ class Attention(nn.Module):
         """rope_table is (cos, sin) [max_positions, head_dim/2] float32, indexed by meta.positions."""
         t = x.shape[0]
         q, k, v = self.project(x)
+        if self.q_norm is not None:  # per head: rows of [T*heads, head_dim]; new tensors, the views stay untouched
+            q = self.q_norm.forward(q.reshape(t * self.heads, self.head_dim), ops).view(t, self.heads, self.head_dim)
+            k = self.k_norm.forward(k.reshape(t * self.kv_heads, self.head_dim), ops).view(t, self.kv_heads, self.head_dim)
         # RoPE and the cache write in one op; then the backend only attends
         ops.rope_kv_(q, k, v, meta.positions, rope_table[0], rope_table[1], self.rope_style, k_cache, v_cache,
                      meta.slot_mapping)

@@ -88,7 +88,8 @@ class Model:
         def norm(name: str) -> RMSNorm:
             return RMSNorm(get(pre + name).to(device=device, dtype=torch.float32), spec.rms_norm_eps)
 
-        attn = Attention(spec, linears(("q", "k", "v")), linear("o"))
+        qk_norms = (norm("q_norm"), norm("k_norm")) if spec.qk_norm else ()
+        attn = Attention(spec, linears(("q", "k", "v")), linear("o"), *qk_norms)
         mlp = MLP(linears(("gate", "up")), linear("down"))
         return DecoderLayer(norm("attn_norm"), attn, norm("ffn_norm"), mlp)
 

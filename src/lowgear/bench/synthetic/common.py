@@ -10,6 +10,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from ...formats.blocks import FLOAT_TYPES, QUANT_FORMATS
+from ...formats.spec import QK_NORM_ARCHITECTURES
 
 QUANTIZE_MAX_ELEMENTS = 1 << 22
 PROGRESS_MIN_BYTES = 256 << 20
@@ -109,6 +110,9 @@ def _plan(arch, hidden, layers, heads, kv_heads, head_dim, inter, vocab, tied, b
             plan.append(TensorPlan(n("q_bias"), (heads * head_dim,), "bias"))
             plan.append(TensorPlan(n("k_bias"), (kv_heads * head_dim,), "bias"))
             plan.append(TensorPlan(n("v_bias"), (kv_heads * head_dim,), "bias"))
+        if arch in QK_NORM_ARCHITECTURES:  # qwen3: per-head RMSNorm weights of q and k
+            plan.append(TensorPlan(n("q_norm"), (head_dim,), "norm"))
+            plan.append(TensorPlan(n("k_norm"), (head_dim,), "norm"))
         plan.append(TensorPlan(n("o"), (hidden, heads * head_dim), "linear"))
         plan.append(TensorPlan(n("ffn_norm"), (hidden,), "norm"))
         plan.append(TensorPlan(n("gate"), (inter, hidden), "linear"))

@@ -21,6 +21,8 @@ _GGUF_NAMES = {
     "q_bias": "blk.{i}.attn_q.bias",
     "k_bias": "blk.{i}.attn_k.bias",
     "v_bias": "blk.{i}.attn_v.bias",
+    "q_norm": "blk.{i}.attn_q_norm.weight",
+    "k_norm": "blk.{i}.attn_k_norm.weight",
     "o": "blk.{i}.attn_output.weight",
     "ffn_norm": "blk.{i}.ffn_norm.weight",
     "gate": "blk.{i}.ffn_gate.weight",
@@ -115,7 +117,7 @@ def _write_metadata(w, arch: str, m: dict, vocab) -> None:
         w.add_float32(f"{arch}.rope.scaling.factor", float(m["rope_scaling"]["factor"]))
     if vocab is not None:
         w.add_string("tokenizer.ggml.model", "gpt2")
-        w.add_string("tokenizer.ggml.pre", "gpt2")
+        w.add_string("tokenizer.ggml.pre", "qwen2" if arch == "qwen3" else "gpt2")  # real Qwen3 GGUFs name qwen2's
         w.add_array("tokenizer.ggml.tokens", vocab.tokens)
         w.add_array("tokenizer.ggml.token_type", vocab.token_types)
         w.add_array("tokenizer.ggml.merges", vocab.merges)

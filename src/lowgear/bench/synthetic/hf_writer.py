@@ -22,6 +22,8 @@ _HF_NAMES = {
     "q_bias": "model.layers.{i}.self_attn.q_proj.bias",
     "k_bias": "model.layers.{i}.self_attn.k_proj.bias",
     "v_bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "o": "model.layers.{i}.self_attn.o_proj.weight",
     "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "gate": "model.layers.{i}.mlp.gate_proj.weight",
@@ -30,7 +32,8 @@ _HF_NAMES = {
     "norm": "model.norm.weight",
     "lm_head": "lm_head.weight",
 }
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 _ST_TYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
 
 
@@ -210,6 +213,9 @@ def _hf_config(arch, hidden_size, intermediate_size, num_layers, num_heads, num_
         "bos_token_id": vocab.bos_id if vocab else None,
         "eos_token_id": vocab.eos_id if vocab else None,
     }
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         config["use_sliding_window"] = sliding_window is not None
+    if arch == "qwen3":
+        config["attention_bias"] = False
+        config["max_window_layers"] = 0  # a window, when given, slides on every layer (lowgear has one per model)
     return config
