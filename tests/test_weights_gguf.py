@@ -39,9 +39,10 @@ def as_float(x):
     return dequantize(x, torch.float64) if isinstance(x, PackedTensor) else x.double()
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+                                   "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
 def test_round_trip(tmp_path, qtype):
-    shape = K_SHAPE if qtype.endswith("_K") else SHAPE
+    shape = K_SHAPE if qtype.endswith("_K") or qtype == "IQ4_XS" else SHAPE
     path = write_gguf(tmp_path / "m.gguf", arch="llama", qtype=qtype, seed=5, **shape)
     src = open_weights(path)
     assert isinstance(src, GGUFSource)
