@@ -19,7 +19,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from helpers import all_logits, load  # noqa: E402
+from helpers import all_logits, interpreter_index_shim, load, use_ops  # noqa: E402
 from lowgear.bench.synthetic import write_gguf  # noqa: E402
 from test_weights_gguf import reference_tensors  # noqa: E402
 
@@ -77,3 +77,25 @@ def test_packed_model_matches_float64_reference(tmp_path, qtype):
     scale = ref.abs().max()
     assert scale > 0.1
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * float(scale))
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
+def test_packed_model_on_triton_gemvs(tmp_path, qtype):
+    """The same model with every packed linear on its Triton GEMV (interpreted on the CPU): decode-sized
+    steps (M <= MAX_M) and a prefill (bands dequantized by torch) give the float64 reference's logits."""
+    pytest.importorskip("triton")
+    from lowgear.model.linear import QuantLinear
+    from lowgear.ops import dispatch
+    from lowgear.ops.matmul import _gguf_kernel
+
+    path = write_gguf(tmp_path / f"m-{qtype}.gguf", qtype=qtype, seed=4, std=0.05, **SHAPE)
+    model, cache = load(path, max_seq_len=64, page_size=16, attn_backend="eager")
+    with interpreter_index_shim():
+        use_ops(model, dispatch.triton_ops())
+        linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, QuantLinear)]
+        assert linears and all(m.kernel is _gguf_kernel for m in linears)
+        w = reference_tensors(path)
+        for prompt in (IDS[:1], IDS[:3], IDS):
+            got = all_logits(model, cache, prompt).double()
+            ref = reference_logits(w, model.spec, prompt)
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))

@@ -176,8 +176,10 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_quant_type(tmp_path):
     path = write_gguf(tmp_path / "iq.gguf", qtype="F16", tensor_types={"blk.1.ffn_up.weight": "IQ2_XXS"},
                       hidden_size=256, num_layers=2, num_heads=4, intermediate_size=256)
-    with pytest.raises(UnsupportedError, match=r"blk\.1\.ffn_up\.weight.*IQ2_XXS.*Q4_K"):
+    with pytest.raises(UnsupportedError, match=r"blk\.1\.ffn_up\.weight.*IQ2_XXS.*Q4_K") as err:
         open_weights(path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg and "IQ4_XS" in msg  # the file, one line, what it reads
 
 
 def test_unknown_type_id(tmp_path):

@@ -45,6 +45,16 @@ QUANT_FORMATS: dict[str, QuantFormat] = {
         QuantFormat("Q5_0", 32, 22, "f16 scale d, 32-bit fifth bits qh, 16 bytes of low nibbles; w = d*(q-16)"),
         QuantFormat("Q5_1", 32, 24, "f16 scale d, f16 min m, 32-bit fifth bits qh, 16 bytes of low nibbles; w = d*q + m"),
         QuantFormat(
+            "Q2_K", 256, 84,
+            "16 bytes of 4-bit scale (low) and min (high) per 16 weights, 64 bytes of 2-bit q, f16 d, f16 dmin; "
+            "w = d*sc*q - dmin*m",
+        ),
+        QuantFormat(
+            "Q3_K", 256, 110,
+            "32 bytes hmask (each weight's third bit), 64 bytes of 2-bit low q, 12 bytes of 6-bit scales (one per "
+            "16 weights), f16 d; w = d*(sc-32)*(q - 4 if the hmask bit is 0)",
+        ),
+        QuantFormat(
             "Q4_K", 256, 144,
             "super-block of 8x32: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit q; "
             "w = d*sc*q - dmin*m",
@@ -57,16 +67,6 @@ QUANT_FORMATS: dict[str, QuantFormat] = {
             "Q6_K", 256, 210,
             "128 bytes low nibbles ql, 64 bytes 2-bit highs qh, 16 int8 scales (one per 16 weights), f16 d at the end; "
             "w = d*sc*(q-32)",
-        ),
-        QuantFormat(
-            "Q2_K", 256, 84,
-            "16 bytes of 4-bit scale (low) and min (high) per 16 weights, 64 bytes of 2-bit q, f16 d, f16 dmin; "
-            "w = d*sc*q - dmin*m",
-        ),
-        QuantFormat(
-            "Q3_K", 256, 110,
-            "32 bytes hmask (each weight's third bit), 64 bytes of 2-bit low q, 12 bytes of 6-bit scales (one per "
-            "16 weights), f16 d; w = d*(sc-32)*(q - 4 if the hmask bit is 0)",
         ),
         QuantFormat(
             "IQ4_NL", 32, 18,
