@@ -4,7 +4,9 @@ Every function works on a uint8 tensor [rows, row_bytes] on any device (CPU or C
 vectorized over rows and blocks: a block's fields are sliced out of a [rows, blocks, block_bytes]
 view and combined with element-wise ops, so there is no Python loop over blocks. Arithmetic is done
 in float32 in the same order as llama.cpp / gguf-py (e.g. `(d * sc) * q - dmin * m`) so results
-match them bit for bit, then cast to the requested dtype.
+match them bit for bit, then cast to the requested dtype. No tensor is built from host data here
+(this runs inside captured CUDA graphs): shifts are separate ops, and IQ4's 16-level table is built
+once per device from scalar fills (`iq4_table`).
 
 This is the reference path and the prefill path (dequantize a tile, then a cuBLAS matmul);
 `dequantize_rows` bounds the temporary to a range of rows and `dequantize_index` serves

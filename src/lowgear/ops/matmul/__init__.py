@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import repack
-from ...formats.dequant import banded_matmul, dequantize_rows
+from ...formats.dequant import banded_matmul, dequantize_rows, iq4_table
 
 # GGUF block GEMV up to this many activation rows; past it, dequantized bands through cuBLAS
 # why: docs/decisions/004-gemv-row-limits.md
@@ -79,6 +79,10 @@ def kernel_for(module):
         return gptq_matmul
     if not supports(module.qtype):
         return None
+    from .gguf_gemv import TABLE_QTYPES
+
+    if module.qtype in TABLE_QTYPES:  # the IQ4 level table, built now on the layer's device, not in a captured step
+        iq4_table(module.qweight.device)
     return _gguf_kernel
 
 
