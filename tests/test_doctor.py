@@ -126,6 +126,19 @@ def test_real_synthetic_gguf(monkeypatch, tmp_path):
     assert m["fits"][0]["tokens"] > 1_000_000
     assert m["quantization"]["method"] == "GGUF" and m["quantization"]["types"]["Q4_0"] > 0.5
     assert "quantization: GGUF type mix by bytes: Q4_0" in doctor.render(report)
+    assert m["quantization"]["type_bits_per_weight"] == {"Q4_0": 4.5}
+
+
+@pytest.mark.parametrize("qtype, bpw", [("Q2_K", 2.625), ("Q3_K", 3.4375), ("IQ4_NL", 4.5), ("IQ4_XS", 4.25)])
+def test_gguf_bits_per_weight(monkeypatch, tmp_path, qtype, bpw):
+    from lowgear.bench import synthetic
+
+    path = synthetic.write_gguf(tmp_path / "tiny.gguf", hidden_size=256, num_layers=1, intermediate_size=256,
+                                qtype=qtype)
+    report = t4_report(monkeypatch, model_path=str(path))
+    q = report["model"]["quantization"]
+    assert q["types"][qtype] > 0.5 and q["type_bits_per_weight"] == {qtype: bpw} and q["bits_per_weight"] == bpw
+    assert f"{bpw:.2f} bits per weight over the packed tensors ({qtype} {bpw:.4g})" in doctor.render(report)
 
 
 def test_exl2_folder_shows_bits_per_weight_and_the_plan(monkeypatch, tmp_path):

@@ -100,7 +100,8 @@ def packed_ends(tmp_path_factory):
     return {q: write_gguf(root / f"m-{q}.gguf", qtype=q, seed=9, **shape) for q in QUANT_FORMATS}
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+                                   "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
 def test_graphed_decode_with_packed_embedding_and_head(packed_ends, qtype):
     """A K-quant embedding once crashed capture (a host constant inside the dequantization)."""
     config = lg.Config(packed_ends[qtype])

@@ -25,8 +25,13 @@ LAYOUTS = {
     "Q4_1": (32, 20, (0, 2)),
     "Q4_K": (256, 144, (0, 2)),
     "Q6_K": (256, 210, (208,)),
+    "Q2_K": (256, 84, (80, 82)),
+    "Q3_K": (256, 110, (108,)),
+    "IQ4_NL": (32, 18, (0,)),
+    "IQ4_XS": (256, 136, (0,)),
 }
 QTYPES = list(LAYOUTS)
+TILE_QTYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]  # with a Triton tile dequantizer; the rest use torch's
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,7 +70,7 @@ def test_packed_matmul_matches_gguf(qtype, m, dtype):
     assert rel_err(y, ref) < (2e-3 if dtype == torch.float16 else 1e-5)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
 def test_packed_matmul_leading_dims_and_odd_block_count(qtype):
     bs = LAYOUTS[qtype][0]
     n, k = 9, bs * 3  # 3 blocks: the K loop takes one block per step
@@ -87,7 +92,7 @@ def test_float_weights(qtype):
     assert rel_err(y, x.double().numpy() @ w.double().numpy().T) < 1e-5
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", TILE_QTYPES)
 def test_dequantize_tile_matches_gguf(qtype):
     n, k = 20, 512
     data, w = make_packed(qtype, n, k, seed=11)
@@ -98,20 +103,22 @@ def test_dequantize_tile_matches_gguf(qtype):
     np.testing.assert_allclose(half.cpu().double().numpy(), w, rtol=1e-3, atol=1e-4)
 
 
-def test_prefill_path_uses_tiles(monkeypatch):
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q3_K", "IQ4_XS"])
+def test_prefill_path_uses_tiles(monkeypatch, qtype):
+    """Past MAX_M rows: bands of dequantized rows (Triton tiles, or torch's for Q3_K / IQ4_XS) and a matmul."""
     import lowgear.ops.matmul as kernels
 
     monkeypatch.setattr(kernels, "PREFILL_BAND_ELEMS", 512 * 16)  # 16-row bands: 2 bands for 20 rows
     n, k = 20, 512
-    data, w = make_packed("Q4_K", n, k, seed=5)
+    data, w = make_packed(qtype, n, k, seed=5)
     x = torch.randn(kernels.MAX_M + 1, k, generator=torch.Generator().manual_seed(4))
-    y = packed_matmul(x.to(DEVICE), "Q4_K", data.to(DEVICE), n, k)
+    y = packed_matmul(x.to(DEVICE), qtype, data.to(DEVICE), n, k)
     assert rel_err(y, x.double().numpy() @ w.T) < 1e-5
 
 
 def test_supports_and_launch_params():
     assert all(supports(q) for q in QTYPES + ["F16", "BF16", "F32"])
-    assert not supports("Q2_K") and not supports("IQ4_XS")
+    assert not supports("Q5_K") and not supports("IQ2_XXS")
     assert blocks_per_step(128, 8) == 8 and blocks_per_step(28, 8) == 4
     assert blocks_per_step(56, 8) == 8 and blocks_per_step(3, 8) == 1
     assert launch_params("Q4_K", 4096, 14336)["NB"] == 1
@@ -125,4 +132,4 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError):
         packed_matmul(torch.randn(1, 64).to(DEVICE), "Q4_0", data[:, :18].to(DEVICE), 4, 64)
     with pytest.raises(ValueError):
-        packed_matmul(torch.randn(1, 64).to(DEVICE), "Q3_K", data.to(DEVICE), 4, 64)
+        packed_matmul(torch.randn(1, 64).to(DEVICE), "Q5_K", data.to(DEVICE), 4, 64)

@@ -26,7 +26,7 @@ def _specs():
     from lowgear.ops.matmul import dequant_tile, gguf_gemv as gemv
 
     specs = []
-    quant_args = {"x_ptr": "*fp16", "w": "*u8", "wh": "*fp16", "y_ptr": "*fp16", "N": I32, "K": I32,
+    quant_args = {"x_ptr": "*fp16", "w": "*u8", "wh": "*fp16", "tab": "*fp32", "y_ptr": "*fp16", "N": I32, "K": I32,
                   "bpr": I32, "stride_xm": I32, "stride_ym": I32}
     for qtype, kernel in gemv.QUANT_KERNELS.items():
         for m in (1, 4):
@@ -129,6 +129,7 @@ def test_every_kernel_compiles(compiled, sm):
     failed = {name: r["error"] for name, r in compiled[sm].items() if not r["ok"]}
     assert not failed, failed
     assert len(compiled[sm]) >= 20
+    assert {f"gemv_{q}_m{m}" for q in ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS") for m in (1, 4)} <= set(compiled[sm])
 
 
 @pytest.mark.parametrize("sm", [f"sm_{cap}" for cap, _ in TARGETS])

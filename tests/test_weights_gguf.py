@@ -39,9 +39,10 @@ def as_float(x):
     return dequantize(x, torch.float64) if isinstance(x, PackedTensor) else x.double()
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+                                   "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
 def test_round_trip(tmp_path, qtype):
-    shape = K_SHAPE if qtype.endswith("_K") else SHAPE
+    shape = K_SHAPE if qtype.endswith("_K") or qtype == "IQ4_XS" else SHAPE
     path = write_gguf(tmp_path / "m.gguf", arch="llama", qtype=qtype, seed=5, **shape)
     src = open_weights(path)
     assert isinstance(src, GGUFSource)
@@ -175,8 +176,10 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_quant_type(tmp_path):
     path = write_gguf(tmp_path / "iq.gguf", qtype="F16", tensor_types={"blk.1.ffn_up.weight": "IQ2_XXS"},
                       hidden_size=256, num_layers=2, num_heads=4, intermediate_size=256)
-    with pytest.raises(UnsupportedError, match=r"blk\.1\.ffn_up\.weight.*IQ2_XXS.*Q4_K"):
+    with pytest.raises(UnsupportedError, match=r"blk\.1\.ffn_up\.weight.*IQ2_XXS.*Q4_K") as err:
         open_weights(path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg and "IQ4_XS" in msg  # the file, one line, what it reads
 
 
 def test_unknown_type_id(tmp_path):

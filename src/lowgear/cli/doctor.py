@@ -23,6 +23,7 @@ from ..ops import pdl
 from ..ops.dispatch import triton_eligibility
 from ..platform.dtypes import choose_dtype, common_dtype, dtype_bytes, dtype_name
 from ..errors import LowgearError
+from ..formats.blocks import QUANT_FORMATS
 
 GiB = 2**30
 
@@ -122,7 +123,17 @@ def _quantization(source, qtypes, fmt: str | None) -> dict:
         packed = {k: v / total for k, v in sorted(qtypes.items(), key=lambda kv: -kv[1]) if k not in _FLOAT_TYPES}
         if packed:
             q = {"method": "GGUF" if fmt in ("gguf", None) else fmt, "types": packed}
+            q.update(_gguf_bits(qtypes))
     return q
+
+
+def _gguf_bits(qtypes) -> dict:
+    """Bits per weight of each GGUF block format present (its format's fact) and over all of them (by weights)."""
+    bpw = {k: QUANT_FORMATS[k].bits_per_weight for k in qtypes if k in QUANT_FORMATS}
+    weights = sum(8 * qtypes[k] / b for k, b in bpw.items())
+    if not weights:
+        return {}
+    return {"type_bits_per_weight": bpw, "bits_per_weight": 8 * sum(qtypes[k] for k in bpw) / weights}
 
 
 def _collapse_exl2(qtypes) -> dict:
@@ -381,7 +392,11 @@ def _render_quantization(q: dict) -> str:
         return f"GPTQ {q['bits']}-bit, {group}, {'symmetric' if q['sym'] else 'asymmetric'}, format {q['checkpoint_format']}"
     if q.get("types"):
         mix = ", ".join(f"{k} {v:.0%}" for k, v in q["types"].items())
-        return f"{method} type mix by bytes: {mix}"
+        text = f"{method} type mix by bytes: {mix}"
+        if q.get("bits_per_weight") is not None:
+            each = ", ".join(f"{k} {b:.4g}" for k, b in q["type_bits_per_weight"].items())
+            text += f"; {q['bits_per_weight']:.2f} bits per weight over the packed tensors ({each})"
+        return text
     return ""
 
 

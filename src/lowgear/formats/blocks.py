@@ -45,6 +45,16 @@ QUANT_FORMATS: dict[str, QuantFormat] = {
         QuantFormat("Q5_0", 32, 22, "f16 scale d, 32-bit fifth bits qh, 16 bytes of low nibbles; w = d*(q-16)"),
         QuantFormat("Q5_1", 32, 24, "f16 scale d, f16 min m, 32-bit fifth bits qh, 16 bytes of low nibbles; w = d*q + m"),
         QuantFormat(
+            "Q2_K", 256, 84,
+            "16 bytes of 4-bit scale (low) and min (high) per 16 weights, 64 bytes of 2-bit q, f16 d, f16 dmin; "
+            "w = d*sc*q - dmin*m",
+        ),
+        QuantFormat(
+            "Q3_K", 256, 110,
+            "32 bytes hmask (each weight's third bit), 64 bytes of 2-bit low q, 12 bytes of 6-bit scales (one per "
+            "16 weights), f16 d; w = d*(sc-32)*(q - 4 if the hmask bit is 0)",
+        ),
+        QuantFormat(
             "Q4_K", 256, 144,
             "super-block of 8x32: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit q; "
             "w = d*sc*q - dmin*m",
@@ -58,10 +68,23 @@ QUANT_FORMATS: dict[str, QuantFormat] = {
             "128 bytes low nibbles ql, 64 bytes 2-bit highs qh, 16 int8 scales (one per 16 weights), f16 d at the end; "
             "w = d*sc*(q-32)",
         ),
+        QuantFormat(
+            "IQ4_NL", 32, 18,
+            "f16 d, 16 bytes of 4-bit indices into a fixed 16-entry non-linear table (low nibbles: weights 0-15); "
+            "w = d*table[i]",
+        ),
+        QuantFormat(
+            "IQ4_XS", 256, 136,
+            "f16 d, 16-bit high and 4 bytes low parts of 6-bit scales (one per 32 weights), 128 bytes of 4-bit "
+            "table indices; w = d*(sc-32)*table[i]",
+        ),
     )
 }
 
 SUPPORTED_TYPES = FLOAT_TYPES + tuple(QUANT_FORMATS)
+
+# IQ4_NL's and IQ4_XS's 16 weight levels (llama.cpp's kvalues_iq4nl): a fact of the format
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def is_quantized(qtype: str) -> bool:

@@ -4,7 +4,9 @@ Every function works on a uint8 tensor [rows, row_bytes] on any device (CPU or C
 vectorized over rows and blocks: a block's fields are sliced out of a [rows, blocks, block_bytes]
 view and combined with element-wise ops, so there is no Python loop over blocks. Arithmetic is done
 in float32 in the same order as llama.cpp / gguf-py (e.g. `(d * sc) * q - dmin * m`) so results
-match them bit for bit, then cast to the requested dtype.
+match them bit for bit, then cast to the requested dtype. No tensor is built from host data here
+(this runs inside captured CUDA graphs): shifts are separate ops, and IQ4's 16-level table is built
+once per device from scalar fills (`iq4_table`).
 
 This is the reference path and the prefill path (dequantize a tile, then a cuBLAS matmul);
 `dequantize_rows` bounds the temporary to a range of rows and `dequantize_index` serves
@@ -19,7 +21,7 @@ import torch
 
 from ..errors import ModelFormatError
 from .spec import PackedTensor
-from .blocks import FLOAT_TYPES, get_format
+from .blocks import FLOAT_TYPES, IQ4_VALUES, get_format
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
     """[..., 2] bytes -> [...] float32 (little-endian half precision)."""
@@ -136,6 +138,68 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return ((d[..., None] * sc)[..., None] * q).flatten(-2)
 
 
+def _crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 64] bytes of 2-bit q -> [..., 16, 16]: half h (32 bytes) gives 4 groups of 32, shift 0, 2, 4, 6."""
+    qs = qs.unflatten(-1, (2, 32))
+    return torch.stack([(qs >> s) & 0x03 for s in (0, 2, 4, 6)], dim=-2).reshape(*qs.shape[:-2], 16, 16)
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    sc = (b[..., 0:16] & 0x0F).float()
+    mn = (b[..., 0:16] >> 4).float()
+    d = _f16(b[..., 80:82])
+    dmin = _f16(b[..., 82:84])
+    q = _crumbs(b[..., 16:80]).float()
+    w = (d[..., None] * sc)[..., None] * q - (dmin[..., None] * mn)[..., None]
+    return w.flatten(-2)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    s = b[..., 96:108]
+    low = torch.cat((s[..., 0:8] & 0x0F, s[..., 0:8] >> 4), dim=-1)
+    high = torch.cat([(s[..., 8:12] >> k) & 0x03 for k in (0, 2, 4, 6)], dim=-1)
+    sc = ((low | (high << 4)).to(torch.int16) - 32).float()  # [..., 16], one per 16 weights
+    d = _f16(b[..., 108:110])
+    hm = b[..., 0:32]
+    hbit = torch.stack([(hm >> g) & 1 for g in range(8)], dim=-2).reshape(*hm.shape[:-1], 16, 16)
+    # the third bit set means no offset: q = low 2 bits - 4 * (1 - bit)
+    q = (_crumbs(b[..., 32:96]).to(torch.int16) - ((hbit ^ 1) << 2).to(torch.int16)).float()
+    return ((d[..., None] * sc)[..., None] * q).flatten(-2)
+
+
+_IQ4_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def iq4_table(device: torch.device) -> torch.Tensor:
+    """IQ4_VALUES as float32 on `device`, built once per device from scalar fills (no host data copied)."""
+    device = torch.device(device)
+    table = _IQ4_TABLES.get(device)
+    if table is None:
+        table = torch.empty(len(IQ4_VALUES), dtype=torch.float32, device=device)
+        for i, v in enumerate(IQ4_VALUES):
+            table[i].fill_(float(v))
+        _IQ4_TABLES[device] = table
+    return table
+
+
+def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    levels = iq4_table(b.device)[_nibbles(b[..., 2:18]).long()]
+    return d[..., None] * levels
+
+
+def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[..., 0:2])
+    sh = b[..., 2:4]  # a little-endian uint16: bits 2i..2i+1 are sub-block i's top 2 scale bits
+    high = torch.stack([(sh >> k) & 0x03 for k in (0, 2, 4, 6)], dim=-1).flatten(-2)
+    sl = b[..., 4:8]
+    low = torch.stack((sl & 0x0F, sl >> 4), dim=-1).flatten(-2)
+    sc = ((low | (high << 4)).to(torch.int16) - 32).float()  # [..., 8], one per 32 weights
+    idx = _nibbles(b[..., 8:136].unflatten(-1, (8, 16)))  # [..., 8, 32]
+    levels = iq4_table(b.device)[idx.long()]
+    return ((d[..., None] * sc)[..., None] * levels).flatten(-2)
+
+
 _BLOCK_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "Q8_0": _q8_0,
     "Q4_0": _q4_0,
@@ -145,6 +209,10 @@ _BLOCK_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "Q4_K": _q4_k,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
 }
 
 

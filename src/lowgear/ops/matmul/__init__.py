@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import repack
-from ...formats.dequant import banded_matmul
+from ...formats.dequant import banded_matmul, dequantize_rows, iq4_table
 
 # GGUF block GEMV up to this many activation rows; past it, dequantized bands through cuBLAS
 # why: docs/decisions/004-gemv-row-limits.md
@@ -79,6 +79,10 @@ def kernel_for(module):
         return gptq_matmul
     if not supports(module.qtype):
         return None
+    from .gguf_gemv import TABLE_QTYPES
+
+    if module.qtype in TABLE_QTYPES:  # the IQ4 level table, built now on the layer's device, not in a captured step
+        iq4_table(module.qweight.device)
     return _gguf_kernel
 
 
@@ -119,6 +123,13 @@ def packed_matmul(x: torch.Tensor, qtype: str, data: torch.Tensor, out_features:
         return packed_gemv(x2, qtype, data, out_features, in_features).reshape(*lead, out_features)
     if qtype in FLOAT_QTYPES:
         return torch.matmul(x2, data.to(x2.dtype).t()).reshape(*lead, out_features)
-    y = banded_matmul(x2, out_features, PREFILL_BAND_ELEMS,
-                      lambda r0, r1: dequantize_tile(qtype, data, r0, r1, x2.dtype).t())
+    from .dequant_tile import DEQUANT_KERNELS
+
+    if qtype in DEQUANT_KERNELS:
+        def band(r0, r1):
+            return dequantize_tile(qtype, data, r0, r1, x2.dtype).t()
+    else:  # a format with a GEMV but no tile kernel (Q2_K, Q3_K, IQ4_*): torch's dequantization
+        def band(r0, r1):
+            return dequantize_rows((qtype, data), r0, r1, x2.dtype).t()
+    y = banded_matmul(x2, out_features, PREFILL_BAND_ELEMS, band)
     return y.reshape(*lead, out_features)

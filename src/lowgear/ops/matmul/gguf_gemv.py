@@ -17,34 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ...formats.dequant import iq4_table
 from . import unpack
+from .gemv_common import _add_column, _row_base, _store
+from .gguf_gemv_low import LOW_BIT_KERNELS, TABLE_QTYPES
 
 MAX_M = 16
-BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256}
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256,
+               "Q2_K": 256, "Q3_K": 256, "IQ4_NL": 32, "IQ4_XS": 256}
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210,
+               "Q2_K": 84, "Q3_K": 110, "IQ4_NL": 18, "IQ4_XS": 136}
 FLOAT_QTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-
-@triton.jit
-def _add_column(acc, part, m: tl.constexpr, M_PAD: tl.constexpr):
-    """acc[:, m] += part, without indexing (Triton tensors cannot be written at an index)."""
-    cols = tl.arange(0, M_PAD)
-    return acc + tl.where(cols[None, :] == m, part[:, None], 0.0)
-
-
-@triton.jit
-def _store(y_ptr, acc, rows, N, stride_ym, M: tl.constexpr, M_PAD: tl.constexpr):
-    cols = tl.arange(0, M_PAD)
-    mask = (rows[:, None] < N) & (cols[None, :] < M)
-    offs = cols[None, :] * stride_ym + rows[:, None]
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _row_base(N, bpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # clamp rather than mask: the loads stay unmasked (vectorizable), the store drops the extras
-    return rows, tl.minimum(rows, N - 1).to(tl.int64) * bpr
 
 
 @triton.jit
@@ -170,6 +153,7 @@ QUANT_KERNELS = {
     "Q4_1": gemv_q4_1_kernel,
     "Q4_K": gemv_q4_k_kernel,
     "Q6_K": gemv_q6_k_kernel,
+    **LOW_BIT_KERNELS,
 }
 
 
@@ -235,7 +219,8 @@ def packed_gemv(x: torch.Tensor, qtype: str, data: torch.Tensor, n: int, k: int,
                                 num_warps=p["num_warps"])
         return y
     bpr = data.shape[1]
-    QUANT_KERNELS[qtype][grid](x, data, data.view(torch.float16), y, n, k, bpr, x.stride(0), y.stride(0),
+    table = (iq4_table(x.device),) if qtype in TABLE_QTYPES else ()
+    QUANT_KERNELS[qtype][grid](x, data, data.view(torch.float16), *table, y, n, k, bpr, x.stride(0), y.stride(0),
                                M=m, M_PAD=m_pad, BLOCK_N=p["BLOCK_N"], NB=p["NB"],
                                num_warps=p["num_warps"])
     return y

@@ -17,6 +17,9 @@ formats live in one place:
     Q6_K  210 bytes / 256 elems: ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (one
           per 16 elements), f16 d; value = d * scale * (q - 32)
 
+Q2_K, Q3_K, IQ4_NL and IQ4_XS are read by their GEMVs in `gguf_gemv_low.py` (layouts in its
+docstring); they have no tile dequantizer, so their prefill bands come from formats/dequant.py.
+
 Row offsets are int64 (`row_base` = row * bytes_per_row): lm_head tensors pass 2**31 bytes.
 """
 
