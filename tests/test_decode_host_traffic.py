@@ -103,7 +103,7 @@ def files(tmp_path_factory):
 @pytest.mark.parametrize("rung", ["eager", "sdpa"])
 @pytest.mark.parametrize("qtype", sorted(QUANT_FORMATS))
 def test_decode_step_has_no_host_traffic(files, qtype, rung):
-    model, cache = load(files[qtype], max_seq_len=256, page_size=16, attn_backend=rung)
+    model, cache = load(files[qtype], max_seq_len=256, page_size=16, attn_backend=rung, cpu_weights="packed")
     assert model.embed.qtype == qtype and model.lm_head.qtype == qtype and model.lm_head is not model.embed
     ps = cache.page_size
     # two sequences, one ending on a page boundary, filled by a prefill step first
