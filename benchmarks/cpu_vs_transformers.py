@@ -97,6 +97,7 @@ def main() -> None:
         run = lowgear_run if name == "lowgear" else hf_run
         dt, _ = run(eng, ids[name], 1, 1)
         results[name]["ttft_s"].append(dt)
+        print(f"{name}: loaded in {results[name]['load_s']:.2f} s, first token after load {dt:.3f} s", flush=True)
     tokens: dict = {}
     for r in range(args.rounds):
         for name, (eng, _, _) in engines.items():
@@ -107,6 +108,7 @@ def main() -> None:
             for b in batches:
                 dt, toks = run(eng, ids[name], b, args.new_tokens)
                 results[name]["tok_s"][b].append(b * args.new_tokens / dt)
+                print(f"round {r}: {name} batch {b}: {b * args.new_tokens / dt:.1f} tok/s", flush=True)
                 tokens[(name, b)] = toks
     rows = []
     for name, res in results.items():
