@@ -32,7 +32,7 @@ def load_lowgear(path: str, cpu_weights: str | None):
     if cpu_weights:
         config.cpu_weights = cpu_weights
     model = Model(config)
-    cache = Cache(model, max_seq_len=1024, lazy=True)
+    cache = Cache(model, max_seq_len=8 * 512, lazy=True)  # 8 jobs of a page each, and room
     model.load_autosplit(cache)
     tok = Tokenizer(config)
     gen = DynamicGenerator(model, cache, tok, max_batch_size=8)

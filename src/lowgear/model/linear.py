@@ -185,15 +185,18 @@ class QuantLinear(nn.Module):
         return dequantize_data(self.qtype, self.qweight.index_select(0, rows), dtype)
 
     def unpack_(self, dtype: torch.dtype = torch.float32) -> "QuantLinear":
-        """Hold the packed weight as a float `weight` [out, in] in `dtype` from now on (a CPU with room:
+        """Hold the packed weight as a float `weight` [out, in] (a view of [in, out]) in `dtype` from now on (a CPU with room:
         model/load.py). Unpacked a band of rows at a time, so the temporaries stay bounded; the
         values are those the packed path makes at every step. `unpacked_from` keeps the file's type."""
         if not self.packed:
             return self
-        w = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.device)
+        # stored [in, out] (weight is its transposed view): the CPU GEMM reads it as x @ w_t without a
+        # transpose, 1.5-2x faster at 8 rows than [out, in] (measured on 2 cores, 576x3072 fp32)
+        w_t = torch.empty(self.in_features, self.out_features, dtype=dtype, device=self.device)
         step = self._band_rows()
         for r0 in range(0, self.out_features, step):
-            w[r0:r0 + step] = self._dequant(slice(r0, r0 + step), dtype)
+            w_t[:, r0:r0 + step] = self._dequant(slice(r0, r0 + step), dtype).t()
+        w = w_t.t()
         self.unpacked_from = self._packed_qtype
         for name in ("qweight", "qzeros", "scales", "g_idx", "q_scale", "q_scale_max", "q_groups", "q_invperm", "gptq_perm"):
             if name in self._buffers:
