@@ -106,7 +106,7 @@ def files(tmp_path_factory):
 @pytest.mark.parametrize("rung", ["eager", "sdpa"])
 @pytest.mark.parametrize("qtype", [*sorted(QUANT_FORMATS), "qwen3"])
 def test_decode_step_has_no_host_traffic(files, qtype, rung):
-    model, cache = load(files[qtype], max_seq_len=256, page_size=16, attn_backend=rung)
+    model, cache = load(files[qtype], max_seq_len=256, page_size=16, attn_backend=rung, cpu_weights="packed")
     if qtype == "qwen3":
         assert model.layers[0].attn.q_norm is not None
         qtype = "Q8_0"

@@ -239,3 +239,24 @@ def test_cpu_auto_size_is_bounded_and_said(tmp_path, monkeypatch):
     assert fit["device"] == "cpu" and fit["tokens"] == 4096
     assert "the model's context" in fit["auto"] and "1/4 of available RAM" in fit["auto"]
     assert "4,096 tokens of cache with --max-seq-len auto (the model's context; a CPU cache is kept to 1/4" in doctor.render(report)
+
+
+def test_cpu_weights_choice_is_said(tmp_path, monkeypatch):
+    """doctor says whether a CPU unpacks the packed weights at load, why, and the memory they take."""
+    from lowgear.bench.synthetic import write_gguf
+
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "cpu")
+    path = write_gguf(tmp_path / "m.gguf", hidden_size=64, num_layers=1, num_heads=4, qtype="Q4_1")
+    w = doctor.collect(Config(), str(path), ["cpu"])["model"]["cpu_weights"]
+    assert w["unpack"] and w["mode"] == "auto" and "fit in 1/2 of the RAM" in w["why"]
+    assert w["held_bytes"] > w["unpacked_bytes"] > w["packed_bytes"] > 0
+    text = doctor.render(doctor.collect(Config(), str(path), ["cpu"]))
+    assert f"cpu      weights unpacked once at load: {doctor._gib(w['held_bytes'])} held — auto: the float weights" in text
+    monkeypatch.setattr(placement, "_host_memory", lambda: w["unpacked_bytes"])  # not room for twice it
+    w = doctor.collect(Config(), str(path), ["cpu"])["model"]["cpu_weights"]
+    assert not w["unpack"] and "would not fit" in w["why"]
+    monkeypatch.setenv("LOWGEAR_CPU_WEIGHTS", "packed")
+    report = doctor.collect(Config(), str(path), ["cpu"])
+    assert report["model"]["cpu_weights"]["mode"] == "packed"
+    assert "weights packed (dequantized at every step)" in doctor.render(report)
+    assert report["env"]["LOWGEAR_CPU_WEIGHTS"]["value"] == "packed"

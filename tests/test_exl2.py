@@ -289,7 +289,7 @@ def test_tiny_exl2_llama_matches_transformers_on_dequantized_weights(tmp_path, q
     assert min(bpw.values()) < q["bits_per_weight"] < max(bpw.values())
     assert q["head_bits_per_weight"] == pytest.approx(head.bits_per_weight)
 
-    model, cache = load(folder)
+    model, cache = load(folder, cpu_weights="packed")  # the packed EXL2 torch path
     assert model.layers[0].mlp.down.qtype == info.qtype and model.lm_head.out_features == 300
     ids = torch.randint(0, 300, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)

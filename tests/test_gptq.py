@@ -152,7 +152,7 @@ def test_tiny_gptq_llama_matches_transformers_on_dequantized_weights(tmp_path, g
     assert info.qtype == f"GPTQ4g{group_size}" and info.shape == (64, 96)
     w = source.get("layers.0.down")
     assert isinstance(w, GPTQWeight) and info.nbytes == w.nbytes
-    model, cache = load(folder)
+    model, cache = load(folder, cpu_weights="packed")  # the packed GPTQ torch path (unpacked: test_cpu_weights.py)
     assert model.layers[0].mlp.down.qtype == info.qtype
     ids = torch.randint(0, 300, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)

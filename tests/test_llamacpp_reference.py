@@ -51,10 +51,12 @@ def test_every_tensor_dequantizes_as_gguf_does():
         np.testing.assert_array_equal(got, want.reshape(got.shape), err_msg=t.name)
 
 
-@pytest.mark.parametrize("rung", ["eager", "sdpa"])
-def test_logits_and_greedy_tokens_match_llamacpp(reference, rung):
-    model, cache = load(MODEL, max_seq_len=256, attn_backend=rung)
-    assert model.layers[0].mlp.down.qtype == "Q5_0" and model.embed.qtype == "Q4_K"
+@pytest.mark.parametrize("rung,cpu_weights", [("eager", "packed"), ("sdpa", "packed"), ("sdpa", "unpacked")])
+def test_logits_and_greedy_tokens_match_llamacpp(reference, rung, cpu_weights):
+    model, cache = load(MODEL, max_seq_len=256, attn_backend=rung, cpu_weights=cpu_weights)
+    down, embed = model.layers[0].mlp.down, model.embed
+    assert (down.unpacked_from or down.qtype) == "Q5_0" and (embed.unpacked_from or embed.qtype) == "Q4_K"
+    assert down.packed == (cpu_weights == "packed")
     ref = torch.tensor(reference["logits"])
     out = all_logits(model, cache, reference["prompt"])
     rel = (out - ref).norm(dim=-1) / ref.norm(dim=-1)

@@ -27,6 +27,7 @@ IDS = [5, 17, 3, 99, 42, 7, 250, 8, 61, 13, 77, 2, 190, 33, 4, 120, 9]
 
 
 def _both(path, **switches):
+    switches.setdefault("cpu_weights", "packed")  # fusing packed weights is the point (unpacked: test_cpu_weights.py)
     fused = load(path, max_seq_len=128, dtype="float32", **switches)
     plain = load(path, max_seq_len=128, dtype="float32", no_fuse=True, **switches)
     return fused, plain

@@ -47,6 +47,7 @@ class Config:
         # placement and numerics
         self.devices: list[str] | str | None = None  # indexes, UUIDs, PCI bus ids, or "cpu"
         self.dtype: str | None = None  # None: chosen per device (float32 CPU, fp16 < sm80, bf16 >= sm80)
+        self.cpu_weights: str | None = None  # auto | unpacked | packed (as LOWGEAR_CPU_WEIGHTS); None: auto
         self.max_seq_len: int | None = None  # None: the model's own limit
         self.max_input_len = defaults.MAX_INPUT_LEN  # prefill chunk size (tokens per step)
         self.reserve_memory_mb = defaults.RESERVE_MEMORY_MB  # kept free per GPU beyond the plan
@@ -120,6 +121,14 @@ class Config:
         if dtype is not None and dtype not in DTYPE_NAMES:
             raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
         return dtype
+
+    def cpu_weights_mode(self) -> str:
+        """How packed weights live on a CPU: config.cpu_weights, else LOWGEAR_CPU_WEIGHTS, else the default."""
+        mode = (self.cpu_weights or env.get("LOWGEAR_CPU_WEIGHTS") or defaults.CPU_WEIGHTS).lower()
+        if mode not in defaults.CPU_WEIGHTS_MODES:
+            raise ConfigError(f"CPU weights {mode!r} (config.cpu_weights or LOWGEAR_CPU_WEIGHTS) is not one of "
+                              f"{', '.join(defaults.CPU_WEIGHTS_MODES)}")
+        return mode
 
     def requested_devices(self) -> list[str] | None:
         devices = self.devices if self.devices is not None else env.get("LOWGEAR_DEVICES")

@@ -18,3 +18,9 @@ SERVER_CACHE_TOKENS = 8192
 # Where sm_90+ decode kernels let the next kernel in (ops/pdl.py); auto: wait at one token row, loop above.
 PDL_RELEASE_MODES = ("auto", "loop", "wait", "start")
 PDL_RELEASE = "auto"
+# How packed weights live on a CPU (model/load.py decides, doctor says): "auto" unpacks each packed
+# linear once at load into a float weight when those weights fit in 1/CPU_UNPACK_RAM_SHARE of the RAM
+# left after the cache, else keeps them packed; "unpacked" / "packed" force one.
+CPU_WEIGHTS_MODES = ("auto", "unpacked", "packed")
+CPU_WEIGHTS = "auto"
+CPU_UNPACK_RAM_SHARE = 2

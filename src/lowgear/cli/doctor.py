@@ -145,7 +145,7 @@ def _collapse_exl2(qtypes) -> dict:
     return out
 
 
-def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len) -> dict:
+def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cpu_mode: str = "auto") -> dict:
     spec = source.spec
     usable = [d for d in spec_devices if hardware.torch_arch_supported(d)]
     dtype = common_dtype(usable or [hardware.cpu_device()], requested_dtype)
@@ -172,6 +172,7 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len) ->
         "placement": None,
         "placement_error": None,
         "decode_ceiling": None,
+        "cpu_weights": None,
     }
     for d in spec_devices:
         row = {"device": d.label, "name": d.name, "tokens": 0, "error": None, "auto": None}
@@ -183,6 +184,8 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len) ->
         except LowgearError as exc:
             row["error"] = str(exc)
         out["fits"].append(row)
+        if d.kind == "cpu":
+            out["cpu_weights"] = _cpu_weights(source, cpu_mode, dtype_bytes(dtype), kv_token * row["tokens"])
     target = max_seq_len or spec.max_position_embeddings
     plan = None
     try:
@@ -206,6 +209,13 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len) ->
         }
         out["decode_ceiling"] = _decode_ceiling(plan, per_layer, other, kv_layer, spec)
     return out
+
+
+def _cpu_weights(source, mode: str, elt: int, cache_bytes: int) -> dict:
+    """What a CPU does with the packed weights (the same call model/load.py makes), for the cache it would hold."""
+    c = placement.cpu_weights(source, mode, elt, cache_bytes)
+    return {"unpack": c.unpack, "mode": c.mode, "why": c.why, "packed_bytes": c.packed_bytes,
+            "unpacked_bytes": c.unpacked_bytes, "held_bytes": c.held_bytes, "cache_bytes": cache_bytes}
 
 
 def _decode_ceiling(plan, per_layer, other, kv_layer, spec) -> dict | None:
@@ -277,9 +287,14 @@ def collect(config=None, model_path=None, devices=None, source=None) -> dict:
             source = open_weights(path)
         except LowgearError as exc:
             errors.append(str(exc))
+    try:
+        cpu_mode = config.cpu_weights_mode()
+    except LowgearError as exc:
+        errors.append(str(exc))
+        cpu_mode = "auto"
     if source is not None:
         reserve = int(config.reserve_memory_mb) * 2**20
-        report["model"] = _model(source, path, chosen, requested_dtype, reserve, config.max_seq_len)
+        report["model"] = _model(source, path, chosen, requested_dtype, reserve, config.max_seq_len, cpu_mode)
     return report
 
 
@@ -350,6 +365,10 @@ def render(report: dict) -> str:
             else:
                 lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache with --max-seq-len auto "
                              f"({f['auto']})")
+        w = m["cpu_weights"]
+        if w is not None:
+            how = "unpacked once at load" if w["unpack"] else "packed (dequantized at every step)"
+            lines.append(f"  cpu      weights {how}: {_gib(w['held_bytes'])} held — {w['why']}")
         if m["placement_error"]:
             lines.append(f"  at the model's context: {m['placement_error']}")
         p = m["placement"]

@@ -10,11 +10,12 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from ..platform import hardware
+from .linear import QuantLinear
 from ..attention.select import select_backend
 from ..ops import pdl
 from ..ops.dispatch import ops_for
 from ..platform.dtypes import common_dtype, dtype_bytes
-from ..platform.placement import device_bytes
+from ..platform.placement import cpu_weights, device_bytes
 from ..platform.placement import plan as plan_placement
 
 
@@ -43,6 +44,11 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
         page_size=cache.page_size,
     )
     model.plan, model.dtype, model.devices = plan, dtype, devices
+    model.cpu_weights = None
+    if any(devices[i].kind == "cpu" for i in set(plan.layer_device)):
+        cache_bytes = kv_bytes_per_token_layer * spec.num_layers * plan.max_seq_len
+        model.cpu_weights = cpu_weights(source, config.cpu_weights_mode(), dtype_bytes(dtype), cache_bytes)
+    unpack = model.cpu_weights is not None and model.cpu_weights.unpack
     switches = config.effective_switches()
     used = sorted({plan.layer_device[i] for i in range(spec.num_layers)})
     model.selections, model.ops = {}, {}
@@ -58,13 +64,25 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     bar = tqdm(total=spec.num_layers + 1, desc=f"loading {spec.name or spec.arch}", unit="layer", disable=not progress)
     try:
         for i in range(spec.num_layers):
-            model.layers.append(model.build_layer(i, get, layer_devs[i], dtype))
+            model.layers.append(_unpacked(model.build_layer(i, get, layer_devs[i], dtype), unpack, dtype))
             model.layer_devices.append(layer_devs[i])
             model.layer_ops.append(model.ops[devices[plan.layer_device[i]].label])
             bar.update(1)
         model.build_ends(get, set(source.names()), layer_devs[0], layer_devs[-1], dtype)
+        for m in {id(m): m for m in (model.embed, model.lm_head)}.values():
+            _unpacked(m, unpack, dtype)
         bar.update(1)
     finally:
         bar.close()
     model.attach_kernels()
     cache.allocate(plan.max_seq_len)
+
+
+def _unpacked(module, unpack: bool, dtype):
+    """Unpack every packed linear of `module` that sits on a CPU into a float weight, when `unpack`
+    (the CPU's choice: platform.placement.cpu_weights); a tied head is the embedding, unpacked once."""
+    if unpack:
+        for m in module.modules():
+            if isinstance(m, QuantLinear) and m.packed and m.device.type == "cpu":
+                m.unpack_(dtype)
+    return module

@@ -37,6 +37,7 @@ class Model:
         self.ops: dict[str, object] = {}  # device label -> ops.dispatch.Ops, resolved at load
         self.layer_ops: list = []  # each layer's device's Ops
         self.plan = None
+        self.cpu_weights = None  # platform.placement.CpuWeights when a CPU holds layers: unpacked or packed, and why
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
