@@ -69,7 +69,7 @@ def reference_logits(w, spec, ids):
 @pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
 def test_packed_model_matches_float64_reference(tmp_path, qtype):
     path = write_gguf(tmp_path / f"m-{qtype}.gguf", qtype=qtype, seed=3, std=0.05, **SHAPE)
-    model, cache = load(path, max_seq_len=64, page_size=16, attn_backend="eager")
+    model, cache = load(path, max_seq_len=64, page_size=16, attn_backend="eager", cpu_weights="packed")
     assert model.embed.qtype == qtype and model.lm_head.qtype == qtype
     got = all_logits(model, cache, IDS).double()
     ref = reference_logits(reference_tensors(path), model.spec, IDS)
@@ -89,7 +89,7 @@ def test_packed_model_on_triton_gemvs(tmp_path, qtype):
     from lowgear.ops.matmul import _gguf_kernel
 
     path = write_gguf(tmp_path / f"m-{qtype}.gguf", qtype=qtype, seed=4, std=0.05, **SHAPE)
-    model, cache = load(path, max_seq_len=64, page_size=16, attn_backend="eager")
+    model, cache = load(path, max_seq_len=64, page_size=16, attn_backend="eager", cpu_weights="packed")
     with interpreter_index_shim():
         use_ops(model, dispatch.triton_ops())
         linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, QuantLinear)]
