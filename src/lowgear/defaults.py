@@ -24,3 +24,5 @@ PDL_RELEASE = "auto"
 CPU_WEIGHTS_MODES = ("auto", "unpacked", "packed")
 CPU_WEIGHTS = "auto"
 CPU_UNPACK_RAM_SHARE = 2
+# max_seq_len "auto" on a CPU-only plan: a cache of at most 1/CPU_AUTO_RAM_SHARE of available RAM.
+CPU_AUTO_RAM_SHARE = 4

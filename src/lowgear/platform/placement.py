@@ -160,9 +160,6 @@ def _host_memory() -> int:
         return 8 * GiB
 
 
-CPU_AUTO_RAM_SHARE = 4  # max_seq_len "auto" on the CPU: a cache of at most 1/4 of available RAM
-
-
 def cpu_auto_cap(spec, devices: Sequence, kv_bytes_per_token: int) -> tuple[int, str] | None:
     """On a CPU-only plan, "auto" means the model's context or what a quarter of available RAM holds,
     whichever is less: (tokens, why). None when a GPU is in the plan (there "auto" fills free memory).
@@ -171,11 +168,11 @@ def cpu_auto_cap(spec, devices: Sequence, kv_bytes_per_token: int) -> tuple[int,
     if not devices or any(getattr(d, "kind", "cpu") != "cpu" for d in devices):
         return None
     ram = int(devices[0].free_memory or devices[0].total_memory or _host_memory())
-    by_ram = ram // CPU_AUTO_RAM_SHARE // max(int(kv_bytes_per_token), 1)
+    by_ram = ram // defaults.CPU_AUTO_RAM_SHARE // max(int(kv_bytes_per_token), 1)
     context = int(getattr(spec, "max_position_embeddings", 0) or 0) or by_ram
     if context <= by_ram:
-        return context, f"the model's context; a CPU cache is kept to 1/{CPU_AUTO_RAM_SHARE} of available RAM ({gib(ram)})"
-    return by_ram, f"what 1/{CPU_AUTO_RAM_SHARE} of available RAM ({gib(ram)}) holds; the model's context is {context}"
+        return context, f"the model's context; a CPU cache is kept to 1/{defaults.CPU_AUTO_RAM_SHARE} of available RAM ({gib(ram)})"
+    return by_ram, f"what 1/{defaults.CPU_AUTO_RAM_SHARE} of available RAM ({gib(ram)}) holds; the model's context is {context}"
 
 
 class _Fail(Exception):
