@@ -15,8 +15,10 @@ from lowgear.ops.matmul import dequantize_tile, packed_matmul
 from lowgear.ops.matmul.gguf_gemv import BLOCK_BYTES, BLOCK_SIZES
 
 QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+LOW_QTYPES = ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"]  # GEMV only (prefill dequantizes through torch)
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (out_features, in_features): attn, up, down
-F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,),
+              "Q2_K": (80, 82), "Q3_K": (108,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 
 
 def random_packed(qtype: str, n: int, k: int, device="cuda", seed: int = 0) -> torch.Tensor:
@@ -73,7 +75,7 @@ def bench_gemv(qtype: str, n: int, k: int, m: int = 1, dtype: torch.dtype = torc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", QTYPES + LOW_QTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_packed_matmul_real_shapes(qtype, shape, m):

@@ -108,8 +108,7 @@ class Bench:
         if a.model:
             from ..config import Config
 
-            spec = Config(a.model).spec
-            models = [(a.model, spec, ["file"], a.model)]
+            models = [(path, Config(path).spec, ["file"], path) for path in _names(a.model)]
         else:
             presets = _names(a.preset) or (["tiny"] if self.device.type == "cpu" else ["llama3.2-1b"])
             for p in presets:
@@ -313,7 +312,27 @@ class Bench:
         decode_tps = (n - 1) / (end - first) if n > 1 else None
         self.add(what, first - t0, decode_tps, ttft_ms=(first - t0) * 1e3, new_tokens=n)
 
-    # ------------------------------------------------------------ the peer
+    # ------------------------------------------------------------ the peers
+    def run_llama_cpp(self, binary: str, v: Variant) -> None:
+        """llama.cpp's own llama-batched-bench on the same GGUF file (bench/llamacpp.py)."""
+        from . import llamacpp
+
+        gpu = self.device.index if self.device.type == "cuda" else None
+        peer = Variant(v.label, v.spec, v.quant, v.dtype, ["llama.cpp"], v.path)
+        runs = [("decode", c, llamacpp.NEW_TOKENS, self.batches) for c in self.contexts]
+        runs.append(("prefill", self.prefill, 1, [1]))
+        for kind, prompt, new, batches in runs:
+            try:
+                rows = llamacpp.run(binary, v.path, prompt, new, batches, gpu)
+            except LowgearError as exc:
+                self.done += len(batches)
+                self.skip({"engine": "llama.cpp", "model": v.label, "kind": kind, "context": prompt}, str(exc))
+                continue
+            figures = llamacpp.decode_figures(rows) if kind == "decode" else [llamacpp.prefill_figure(rows)]
+            for f in figures:
+                what = _what(peer, kind, f["batch"], f["context"], "llama.cpp", engine="llama.cpp")
+                self.add(what, f["ms_per_step"] / 1e3, f["tokens_per_s"])
+
     def run_peer(self, spec: ModelSpec, label: str) -> None:
         from .peer import HFPeer
 
@@ -368,18 +387,20 @@ class Bench:
         self.tick(_line(r))
 
     def compare(self) -> None:
-        """Each lowgear figure ÷ the fastest transformers figure of the same shape, batch and context."""
-        best: dict[tuple, dict] = {}
-        for r in self.results:
-            if r["engine"] == "transformers" and r["tokens_per_s"]:
-                key = (r["model"], r["kind"], r["batch"], r["context"])
-                if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
-                    best[key] = r
-        for r in self.results:
-            peer = best.get((r["model"], r["kind"], r["batch"], r["context"]))
-            if r["engine"] == "lowgear" and peer is not None and r["tokens_per_s"]:
-                r["vs_transformers"] = {"ratio": r["tokens_per_s"] / peer["tokens_per_s"], "tokens_per_s": peer["tokens_per_s"],
-                                        "attn": peer["rung"], "dtype": peer["dtype"]}
+        """Each lowgear figure ÷ the fastest figure of each peer (transformers, llama.cpp) of the same
+        model, kind, batch and context."""
+        for engine, field in (("transformers", "vs_transformers"), ("llama.cpp", "vs_llama_cpp")):
+            best: dict[tuple, dict] = {}
+            for r in self.results:
+                if r["engine"] == engine and r["tokens_per_s"]:
+                    key = (r["model"], r["kind"], r["batch"], r["context"])
+                    if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+                        best[key] = r
+            for r in self.results:
+                peer = best.get((r["model"], r["kind"], r["batch"], r["context"]))
+                if r["engine"] == "lowgear" and peer is not None and r["tokens_per_s"]:
+                    r[field] = {"ratio": r["tokens_per_s"] / peer["tokens_per_s"], "tokens_per_s": peer["tokens_per_s"],
+                                "attn": peer["rung"], "dtype": peer["dtype"]}
 
     def run(self) -> dict:
         a = self.args
@@ -395,8 +416,20 @@ class Bench:
         matmul_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.matmul_flops = measure_matmul(self.timer, matmul_dtype, a.quick)
         self.tick(f"{_dt(matmul_dtype)} matmul {_flops(self.matmul_flops)} on {self.facts['name']}")
+        llama_cpp = None
+        if a.llama_cpp:
+            from .llamacpp import find_binary
+
+            llama_cpp = find_binary(a.llama_cpp)
+            gguf_files = {v.path: v for v in variants if v.path and v.path.endswith(".gguf")}
+            if not gguf_files:
+                raise LowgearError("--llama-cpp times llama.cpp on the same GGUF files: pass them with --model FILE.gguf[,FILE2.gguf]")
+            self.total += len(gguf_files) * (len(self.batches) * len(self.contexts) + 1)
         for v in variants:
             self.run_variant(v)
+        if llama_cpp is not None:
+            for v in gguf_files.values():  # after lowgear's runs: lowgear's memory is back when llama.cpp loads
+                self.run_llama_cpp(llama_cpp, v)
         for label, spec in peers:
             self.run_peer(spec, label)
         self.compare()
@@ -448,7 +481,7 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", action="append", help=f"model shape(s), comma list: {', '.join(PRESETS)} "
                    "(default llama3.2-1b on a GPU, tiny on the CPU)")
-    p.add_argument("--model", "-m", default=None, help="a .gguf file or HF folder instead of a synthetic preset")
+    p.add_argument("--model", "-m", default=None, help="a .gguf file or HF folder (comma list) instead of a synthetic preset")
     p.add_argument("--quant", default=None, help=f"synthetic weight formats, comma list: {', '.join(QUANTS)} (fp16 is an alias of float; default "
                    f"{','.join(DEFAULT_QUANTS)})")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the first GPU, else cpu)")
@@ -460,6 +493,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rungs", default="all", help=f"attention rungs, comma list of flash_attn, xformers, sdpa, triton, eager, {T4_RUNG}; or all")
     p.add_argument("--peer-attn", default="sdpa,eager", help="transformers attn_implementation(s) to time (the fastest is the peer)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="a folder with llama.cpp's llama-batched-bench: time it on the same --model GGUF files")
     p.add_argument("--page-size", type=int, default=256)
     p.add_argument("--no-graphs", action="store_true", help="time decode steps eagerly (default: CUDA-graph replay where the rung allows)")
     p.add_argument("--warmup", type=int, default=3)

@@ -72,6 +72,8 @@ def plot(report: dict, path: str) -> str | None:
             xs = [r["batch"] for r in rs]
             if engine == "transformers":
                 style = dict(color="grey", ls="--" if rung == "sdpa" else "-.", label=f"transformers {rung} ({rs[0]['dtype']})")
+            elif engine == "llama.cpp":
+                style = dict(color="black", ls="-", label="llama.cpp (same file)")
             else:
                 style = dict(color=colors[rung], ls="-" if quant == "float" else ":", label=f"{rung} {quant}")
                 row[1].plot(xs, [r["pct_roofline"] for r in rs], marker="o", **style)
@@ -115,6 +117,8 @@ def summary(report: dict) -> str:
         text = _line(r)
         if "vs_transformers" in r:
             text += f", ×{r['vs_transformers']['ratio']:.2f} vs transformers ({r['vs_transformers']['attn']})"
+        if "vs_llama_cpp" in r:
+            text += f", ×{r['vs_llama_cpp']['ratio']:.2f} vs llama.cpp"
         lines.append(text)
     return "\n".join(lines)
 

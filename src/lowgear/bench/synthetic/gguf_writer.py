@@ -117,7 +117,8 @@ def _write_metadata(w, arch: str, m: dict, vocab) -> None:
         w.add_float32(f"{arch}.rope.scaling.factor", float(m["rope_scaling"]["factor"]))
     if vocab is not None:
         w.add_string("tokenizer.ggml.model", "gpt2")
-        w.add_string("tokenizer.ggml.pre", "qwen2" if arch == "qwen3" else "gpt2")  # real Qwen3 GGUFs name qwen2's
+        # llama.cpp's names: real Qwen3 GGUFs name qwen2's pre-tokenizer; GPT-2's is "gpt-2"
+        w.add_string("tokenizer.ggml.pre", "qwen2" if arch == "qwen3" else "gpt-2")
         w.add_array("tokenizer.ggml.tokens", vocab.tokens)
         w.add_array("tokenizer.ggml.token_type", vocab.token_types)
         w.add_array("tokenizer.ggml.merges", vocab.merges)

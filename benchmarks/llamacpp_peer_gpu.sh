@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# lowgear beside llama.cpp on the same GGUF files, on one GPU, in one run (the GGUF table of docs/performance.md).
+#
+#   bash benchmarks/llamacpp_peer_gpu.sh OUT_DIR [TYPES] [BATCHES]
+#       TYPES   llama-quantize types, comma list (default F16,Q4_0,Q4_K_M,Q5_K_M,Q6_K,Q8_0)
+#       BATCHES decode batch sizes (default 1,16,64); context 512
+#
+# 1. builds llama.cpp's tools (llama-quantize, llama-batched-bench) with CUDA for this GPU from
+#    .peer/llama-src.tar.gz (llama.cpp's source from PyPI's llama-cpp-python sdist, vendor/llama.cpp,
+#    without models/ docs/ media/ gguf-py/ benches/ tests/ and the non-CUDA ggml backends: ~9 MB),
+#    once, into .peer/llama.cpp/build (kept while the machine is);
+# 2. writes a random Llama-3-8B-shape model as F16 GGUF (lowgear's synthetic writer) and quantizes it
+#    with llama.cpp's own llama-quantize to each type (so Q4_K_M holds llama.cpp's real Q6_K / Q4_K mix);
+# 3. `lowgear bench --model FILES --llama-cpp BIN` times both engines on each file: graphed decode at
+#    each batch size, context 512, and a 512-token prefill. bench.json holds every figure and ratio.
+set -euo pipefail
+OUT="${1:?usage: bash benchmarks/llamacpp_peer_gpu.sh OUT_DIR [TYPES] [BATCHES]}"
+TYPES="${2:-F16,Q4_0,Q4_K_M,Q5_K_M,Q6_K,Q8_0}"
+BATCHES="${3:-1,16,64}"
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT" .peer/models
+LC=.peer/llama.cpp
+BIN="$LC/build/bin"
+
+if [ ! -x "$BIN/llama-batched-bench" ] || [ ! -x "$BIN/llama-quantize" ]; then
+    echo "== building llama.cpp (CUDA) $(date +%T)"
+    [ -d "$LC" ] || tar -xzf .peer/llama-src.tar.gz -C .peer
+    arch="$("$PY" -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")')"
+    cmake -S "$LC" -B "$LC/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES="$arch" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=ON > "$OUT/llamacpp-cmake.log" 2>&1
+    ninja -C "$LC/build" llama-quantize llama-batched-bench > "$OUT/llamacpp-build.log" 2>&1
+    echo "== built $(date +%T)"
+fi
+git -C "$LC" describe --tags 2>/dev/null || grep -m1 -o 'LLAMA_BUILD_NUMBER [0-9]*' "$LC/build/CMakeCache.txt" 2>/dev/null || true
+
+F16=.peer/models/llama3-8b-f16.gguf
+if [ ! -s "$F16" ]; then
+    echo "== writing $F16 $(date +%T)"
+    "$PY" - "$F16" <<'PY'
+import sys
+from lowgear.bench.models import PRESETS
+from lowgear.bench.synthetic import write_gguf
+s = PRESETS["llama3-8b"]
+write_gguf(sys.argv[1], arch="llama", hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
+           num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, vocab_size=s.vocab_size,
+           rope_theta=s.rope_theta, qtype="F16", seed=8, std=0.02, progress=False)
+PY
+fi
+FILES=""
+for t in ${TYPES//,/ }; do
+    f=.peer/models/llama3-8b-$(echo "$t" | tr 'A-Z' 'a-z').gguf
+    if [ "$t" = F16 ]; then f="$F16"
+    elif [ ! -s "$f" ]; then
+        echo "== llama-quantize $t $(date +%T)"
+        "$BIN/llama-quantize" "$F16" "$f" "$t" "$(nproc)" > "$OUT/quantize-$t.log" 2>&1
+        grep -E "^llama_model_quantize_impl: (model|quant) size" "$OUT/quantize-$t.log" || true
+    fi
+    FILES="$FILES${FILES:+,}$f"
+done
+
+echo "== bench $(date +%T): $FILES"
+"$PY" -m lowgear.cli.main bench --model "$FILES" --llama-cpp "$BIN" --rungs triton --no-peer \
+    --batch "$BATCHES" --context 512 --prefill 512 --warmup 2 --iters 10 --out "$OUT"
