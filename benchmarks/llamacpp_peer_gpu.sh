@@ -13,6 +13,7 @@
 #    with llama.cpp's own llama-quantize to each type (so Q4_K_M holds llama.cpp's real Q6_K / Q4_K mix);
 # 3. `lowgear bench --model FILES --llama-cpp BIN` times both engines on each file: graphed decode at
 #    each batch size, context 512, and a 512-token prefill. bench.json holds every figure and ratio.
+# PHASE=prepare stops after step 2 (to build and quantize while the GPU does other work).
 set -euo pipefail
 OUT="${1:?usage: bash benchmarks/llamacpp_peer_gpu.sh OUT_DIR [TYPES] [BATCHES]}"
 TYPES="${2:-F16,Q4_0,Q4_K_M,Q5_K_M,Q6_K,Q8_0}"
@@ -62,6 +63,7 @@ for t in ${TYPES//,/ }; do
     FILES="$FILES${FILES:+,}$f"
 done
 
+[ "${PHASE:-all}" = prepare ] && exit 0  # PHASE=prepare: build and write the files only
 echo "== bench $(date +%T): $FILES"
 "$PY" -m lowgear.cli.main bench --model "$FILES" --llama-cpp "$BIN" --rungs triton --no-peer \
     --batch "$BATCHES" --context 512 --prefill 512 --warmup 2 --iters 10 --out "$OUT"
