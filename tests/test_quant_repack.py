@@ -1,10 +1,12 @@
-"""ops/matmul/repack.py: GGUF Q4_0 / Q8_0 layers held as GPTQ tensors, against gguf-py's own dequantizer.
+"""ops/matmul/repack.py: GGUF layers held as GPTQ tensors, against gguf-py's own dequantizer.
 
 The reference is `gguf.quants.dequantize` (llama.cpp's Python package) on the same bytes, so it
-shares no code with lowgear. The GPTQ form must give the same weights bit for bit (float64
-dequantization of both), the module must keep answering as a Q4_0 / Q8_0 layer (qtype, lookup rows
-for a tied embedding, the torch path), and the kernel hook it gets must be the GPTQ one, matching
-the float64 matmul at decode and prefill row counts. Kernels run in Triton's interpreter without CUDA.
+shares no code with lowgear. Q4_0 / Q8_0's GPTQ form must give the same weights bit for bit (float64
+dequantization of both); the float-zero types (Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) within the fp16
+rounding of their group's scale and zero. The module must keep answering as a layer of its GGUF
+type (qtype, lookup rows for a tied embedding, the torch path), and the kernel hook it gets must be
+the GPTQ one, matching the float64 matmul on every path: the GEMV, the tl.dot kernel and the prefill
+dequantizer. Kernels run in Triton's interpreter without CUDA.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lowgear.ops.matmul import gptq_gemv as G
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QTYPES = ["Q4_0", "Q8_0"]
+FLOAT_ZERO = ["Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,9 +80,9 @@ def test_module_switches_to_the_gptq_kernel_and_keeps_its_answers(qtype):
         assert float((y - want).abs().max() / want.abs().max()) < 1e-5, m
 
 
-@pytest.mark.parametrize("qtype,n", [("Q4_1", 8), ("Q4_0", 70), ("Q8_0", 33)])
+@pytest.mark.parametrize("qtype,n", [("Q4_0", 70), ("Q8_0", 33)])
 def test_layers_without_a_gptq_form_keep_their_block_kernel(qtype, n):
-    """Q4_1 (a per-block minimum), and Q4_0 / Q8_0 with N * bits not whole int32 words."""
+    """Q4_0 / Q8_0 with N * bits not whole int32 words (their packed integer zeros would not fit)."""
     data, ref = layer_bytes(qtype, n, 64, seed=4)
     assert not repack.can_hold(qtype, n, 64)
     lin = QuantLinear(PackedTensor(qtype, torch.from_numpy(data), (n, 64))).to(DEVICE)
@@ -88,3 +91,107 @@ def test_layers_without_a_gptq_form_keep_their_block_kernel(qtype, n):
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
     want = x.double() @ torch.from_numpy(ref).T
     assert float((lin(x.to(DEVICE)).double().cpu() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def kquant_bytes(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random well-formed blocks (random codes and sub-scales, sane fp16 scales) and gguf-py's float64
+    dequantization of them. gguf-py quantizes only the 32-weight types, so the K-quants get random bytes,
+    with a few sub-blocks' 6-bit scales cleared (sc = 0: the group is a constant, whatever its codes)."""
+    from lowgear.bench.synthetic.common import random_blocks
+
+    rng = np.random.default_rng(seed)
+    data = random_blocks(rng, qtype, n, k, std=0.02)
+    if qtype in ("Q4_K", "Q5_K"):
+        blocks = data.reshape(n, k // 256, -1)
+        blocks[0, 0, 4] &= 0xC0  # sub-block 0 of row 0's first block: scale 0, min kept
+        blocks[1, 0, 4] &= 0xC0
+        blocks[1, 0, 8] &= 0xC0  # row 1: scale 0 and min 0 (a zero group)
+    ref = quants.dequantize(data, GGMLQuantizationType[qtype]).astype(np.float64)
+    return data, ref
+
+
+def float_zero_bytes(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if qtype in ("Q4_1", "Q5_0", "Q5_1"):
+        return layer_bytes(qtype, n, k, seed)
+    return kquant_bytes(qtype, n, k, seed)
+
+
+def group_bound(ref: np.ndarray, group: int) -> torch.Tensor:
+    """What the fp16 scale and zero may cost a weight: 2**-10 of the largest |w| of its group, plus the
+    group's mean |w| (the minimum's share, which the zero carries), relative to fp16's 2**-11 step."""
+    g = torch.from_numpy(ref).reshape(ref.shape[0], -1, group).abs()
+    amp = g.amax(dim=-1, keepdim=True) + g.mean(dim=-1, keepdim=True)
+    return (2.0**-10 * amp + 1e-12).expand_as(g).reshape(ref.shape)
+
+
+@pytest.mark.parametrize("qtype", FLOAT_ZERO)
+def test_float_zero_types_are_the_same_weights_within_fp16(qtype, monkeypatch):
+    monkeypatch.setattr(repack, "BAND", 16)  # 40 columns: two whole bands and a part
+    n, k = 40, 512
+    data, ref = float_zero_bytes(qtype, n, k, seed=6)
+    w = gguf_to_gptq(qtype, torch.from_numpy(data), k)
+    bits, group = repack.layout(qtype)
+    assert (w.bits, w.group_size, w.qzeros, w.g_idx) == (bits, group, None, None)
+    assert w.float_zeros.shape == (k // group, n) and w.float_zeros.dtype == torch.float16
+    got = dequantize_gptq(w, dtype=torch.float64)
+    err = (got - torch.from_numpy(ref)).abs()
+    assert bool((err <= group_bound(ref, group)).all()), float(err.max())
+    if qtype in ("Q4_K", "Q5_K"):  # the scale-0 groups are their constant -dmin * m, exactly in fp16
+        torch.testing.assert_close(got[0, :32], torch.from_numpy(ref[0, :32]).half().double(), rtol=0, atol=0)
+        assert float(np.ptp(ref[0, :32])) == 0.0 and float(ref[0, 0]) != 0.0  # (the fixture made one)
+        assert bool((got[1, :32] == 0).all()) and bool((torch.from_numpy(ref[1, :32]) == 0).all())
+
+
+@pytest.mark.parametrize("qtype", FLOAT_ZERO)
+def test_float_zero_layer_runs_on_every_gptq_path(qtype):
+    n, k = 48, 512
+    data, ref = float_zero_bytes(qtype, n, k, seed=7)
+    lin = QuantLinear(PackedTensor(qtype, torch.from_numpy(data), (n, k))).to(DEVICE)
+    ids = torch.tensor([5, 0, 47])
+    before = lin.lookup(ids).cpu().double()
+    lin.kernel = kernels.kernel_for(lin)
+    assert lin.kernel is G.gptq_matmul and lin._gptq is not None and lin.qtype == qtype and lin.qzeros is None
+    refw = torch.from_numpy(ref)
+    bound = group_bound(ref, repack.layout(qtype)[1])
+    assert bool(((lin.lookup(ids).cpu().double() - before).abs() <= bound[ids] + 2.0**-10 * before.abs()).all())
+    assert bool(((lin.dequantized(torch.float64).cpu() - refw).abs() <= bound).all())
+    gen = torch.Generator().manual_seed(8)
+    for m in (1, 3, G.MAX_M + 1):  # GEMV (fp32 unpack), and the prefill dequantizer
+        x = torch.randn(m, k, generator=gen)
+        want = x.double() @ refw.T
+        assert float((lin(x.to(DEVICE)).double().cpu() - want).abs().max() / want.abs().max()) < 2e-3, m
+    x = torch.randn(16, k, generator=gen).half()  # the tl.dot kernel, as on sm_80+
+    want = x.double() @ refw.T
+    y = G.gptq_matmul(x.to(DEVICE), lin, capability=(9, 0)).double().cpu()
+    assert float((y - want).abs().max() / want.abs().max()) < 3e-3
+
+
+def test_the_zero_is_taken_off_the_tile_not_rounded_into_the_unpack():
+    """A zero of 7.5 (Q4_1 with m = -7.5 d): the exponent trick would round 2**23 + 7.5 to an integer
+    and shift every weight by half a step; the GEMV takes zero * sum(x) off the tile instead."""
+    n, k = 16, 64
+    blocks = np.zeros((n, k // 32, 20), dtype=np.uint8)
+    blocks[..., 0:2] = np.frombuffer(np.float16(2.0**-6).tobytes(), np.uint8)  # d and m exact in fp16
+    blocks[..., 2:4] = np.frombuffer(np.float16(-7.5 * 2.0**-6).tobytes(), np.uint8)
+    blocks[..., 4:] = np.random.default_rng(9).integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
+    data = blocks.reshape(n, -1)
+    ref = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType.Q4_1).astype(np.float64))
+    lin = QuantLinear(PackedTensor("Q4_1", torch.from_numpy(data), (n, k))).to(DEVICE)
+    lin.kernel = kernels.kernel_for(lin)
+    assert float(lin.gptq_zeros.float().unique()[0]) == 7.5
+    x = torch.ones(1, k)
+    want = x.double() @ ref.T
+    assert float((lin(x.to(DEVICE)).double().cpu() - want).abs().max()) < 1e-5  # rounding the zero: 0.5
+
+
+def test_an_overflowing_zero_keeps_the_block_kernel():
+    """Q4_1 with d tiny and m large: -m / d is past fp16's range, so the layer stays a Q4_1 block layer."""
+    n, k = 8, 64
+    blocks = np.zeros((n, k // 32, 20), dtype=np.uint8)
+    blocks[..., 0:2] = np.frombuffer(np.float16(1e-7).tobytes(), np.uint8)
+    blocks[..., 2:4] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    data = blocks.reshape(n, -1)
+    assert gguf_to_gptq("Q4_1", torch.from_numpy(data), k) is None
+    lin = QuantLinear(PackedTensor("Q4_1", torch.from_numpy(data), (n, k))).to(DEVICE)
+    lin.kernel = kernels.kernel_for(lin)
+    assert lin._gptq is None and lin.kernel is not None and lin.kernel is not G.gptq_matmul

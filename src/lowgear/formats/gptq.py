@@ -14,6 +14,10 @@ stores zero - 1, "gptq_v2" the zero itself, so
 
     W[out, in] = (q[in, out] - zero[g_idx[in], out]) * scale[g_idx[in], out]
 
+A layer converted from a GGUF type whose blocks store a minimum (Q4_1, Q5_1, Q4_K, Q5_K:
+ops/matmul/repack.py) has zero points that are not integers: it holds them as `float_zeros`
+(fp16 [groups, out_features]) and no qzeros.
+
 `dequantize_gptq` builds any band of output rows from the packed tensors alone, so a linear layer
 never holds the full float matrix.
 """
@@ -35,13 +39,14 @@ class GPTQWeight:
     """One GPTQ linear layer as stored; W is [out_features, in_features]."""
 
     qweight: torch.Tensor  # int32 [in * bits / 32, out]
-    qzeros: torch.Tensor  # int32 [groups, out * bits / 32]
+    qzeros: torch.Tensor | None  # int32 [groups, out * bits / 32]; None where float_zeros holds the zeros
     scales: torch.Tensor  # float16 [groups, out]
     g_idx: torch.Tensor | None  # int32 [in], or None for the plain i // group_size
     bits: int
     group_size: int  # -1: one group over all inputs
     sym: bool = True
     zero_offset: int = 1  # 1 for checkpoint_format "gptq" (v1), 0 for "gptq_v2"
+    float_zeros: torch.Tensor | None = None  # float16 [groups, out]: zeros as they are (offset not added)
 
     @property
     def in_features(self) -> int:
@@ -65,7 +70,7 @@ class GPTQWeight:
 
     @property
     def nbytes(self) -> int:
-        parts = [self.qweight, self.qzeros, self.scales] + ([self.g_idx] if self.g_idx is not None else [])
+        parts = [t for t in (self.qweight, self.qzeros, self.scales, self.g_idx, self.float_zeros) if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
 
     def validate(self, name: str = "GPTQ weight") -> GPTQWeight:
@@ -77,17 +82,19 @@ class GPTQWeight:
                 f"{self.qweight.dtype} {list(self.qweight.shape)}; the checkpoint is corrupt or not GPTQ"
             )
         out = self.out_features
-        expected = {
-            "qzeros": (self.qzeros, torch.int32, [self.groups, out * self.bits // 32]),
-            "scales": (self.scales, torch.float16, [self.groups, out]),
-        }
+        expected = {"scales": (self.scales, torch.float16, [self.groups, out])}
+        if self.float_zeros is not None:
+            expected["float_zeros"] = (self.float_zeros, torch.float16, [self.groups, out])
+        if self.qzeros is not None or self.float_zeros is None:
+            expected["qzeros"] = (self.qzeros, torch.int32, [self.groups, out * self.bits // 32])
         if self.g_idx is not None:
             expected["g_idx"] = (self.g_idx, torch.int32, [self.in_features])
         for part, (t, dtype, shape) in expected.items():
-            if list(t.shape) != shape or t.dtype != dtype or (part == "qzeros" and (out * self.bits) % 32):
+            if t is None or list(t.shape) != shape or t.dtype != dtype or (part == "qzeros" and (out * self.bits) % 32):
                 raise ModelFormatError(
                     f"{name}.{part} must be {dtype} {shape} for a {self.bits}-bit layer of {self.in_features} "
-                    f"inputs and {out} outputs with group_size {self.group_size}, got {t.dtype} {list(t.shape)}; "
+                    f"inputs and {out} outputs with group_size {self.group_size}, got "
+                    f"{'nothing' if t is None else f'{t.dtype} {list(t.shape)}'}; "
                     "the checkpoint is corrupt or its quantization_config does not match it"
                 )
         return self
@@ -149,8 +156,12 @@ def dequantize_gptq(
         q = ((qw.unsqueeze(1) >> shifts[None, :, None]) & ((1 << w.bits) - 1)).reshape(-1, qw.shape[1]).t()
     else:
         q = unpack_bits(qw.t(), w.bits, torch.arange(w.in_features, device=dev))  # [n_rows, in]
-    zeros = unpack_bits(w.qzeros, w.bits, out_ids) + w.zero_offset  # [groups, n_rows]
     work = torch.float64 if dtype == torch.float64 else torch.float32
+    if w.float_zeros is not None:
+        zeros = w.float_zeros.index_select(1, out_ids).to(work)  # [groups, n_rows]
+        q = q.to(work)
+    else:
+        zeros = unpack_bits(w.qzeros, w.bits, out_ids) + w.zero_offset  # [groups, n_rows]
     if w.g_idx is None and w.groups > 1 and w.in_features % w.group_size == 0:  # groups are runs of rows
         g = w.group_size
         codes = (q.reshape(q.shape[0], -1, g) - zeros.t().unsqueeze(2)).to(work)

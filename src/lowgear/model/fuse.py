@@ -103,6 +103,8 @@ def _fuse_gptq(parts: Sequence[GPTQWeight]) -> GPTQWeight | None:
         return None
     if any((p.out_features * p.bits) % 32 for p in parts):  # zero points must fill whole words
         return None
+    if any(p.qzeros is None for p in parts):  # float zeros (GGUF minima) are made after fusing: never fused
+        return None
     tensors = [t for p in parts for t in (p.qweight, p.qzeros, p.scales, p.g_idx) if t is not None]
     if not _same_device(tensors):
         return None

@@ -145,6 +145,8 @@ class QuantLinear(nn.Module):
         self._gptq = {"bits": w.bits, "group_size": w.group_size, "sym": w.sym, "zero_offset": w.zero_offset}
         self.register_buffer("qweight", w.qweight)
         self.register_buffer("qzeros", w.qzeros)
+        if w.float_zeros is not None:  # a GGUF type with a block minimum (ops/matmul/repack.py): zeros as they are
+            self.register_buffer("gptq_zeros", w.float_zeros)
         # fp16 scales kept as their int16 bits so that `.to(dtype)` cannot round them (e.g. to bf16)
         self.register_buffer("scales", w.scales.view(torch.int16))
         self.register_buffer("g_idx", w.g_idx)
@@ -159,7 +161,8 @@ class QuantLinear(nn.Module):
 
     def gptq_weight(self) -> GPTQWeight:
         """The held GPTQ tensors (on the module's device) as a GPTQWeight."""
-        return GPTQWeight(self.qweight, self.qzeros, self.scales.view(torch.float16), self.g_idx, **self._gptq)
+        return GPTQWeight(self.qweight, self.qzeros, self.scales.view(torch.float16), self.g_idx, **self._gptq,
+                          float_zeros=self.gptq_zeros if self.qzeros is None else None)
 
     def exl2_weight(self) -> EXL2Weight:
         """The held EXL2 tensors (on the module's device) as an EXL2Weight."""
@@ -198,7 +201,8 @@ class QuantLinear(nn.Module):
             w_t[:, r0:r0 + step] = self._dequant(slice(r0, r0 + step), dtype).t()
         w = w_t.t()
         self.unpacked_from = self._packed_qtype
-        for name in ("qweight", "qzeros", "scales", "g_idx", "q_scale", "q_scale_max", "q_groups", "q_invperm", "gptq_perm"):
+        for name in ("qweight", "qzeros", "scales", "g_idx", "gptq_zeros", "q_scale", "q_scale_max", "q_groups", "q_invperm",
+                     "gptq_perm"):
             if name in self._buffers:
                 del self._buffers[name]
         self.qweight, self._gptq, self._exl2, self.kernel = None, None, None, None

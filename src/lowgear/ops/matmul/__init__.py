@@ -52,8 +52,8 @@ def supports(qtype: str) -> bool:
 def kernel_for(module):
     """The kernel hook (`fn(x, module) -> y`) for a packed QuantLinear, or None to keep its torch path.
 
-    Q4_0 and Q8_0 layers are first converted in place to the equal GPTQ tensors (`ops/matmul/repack.py`)
-    and then served as GPTQ layers. For GPTQ layers this also runs the one-time preparation
+    GGUF layers of a type with a GPTQ form (Q4_0, Q8_0, Q5_0, Q6_K, Q4_1, Q5_1, Q4_K, Q5_K) are first
+    converted in place to GPTQ tensors (`ops/matmul/repack.py`) and then served as GPTQ layers. For GPTQ layers this also runs the one-time preparation
     (`gptq.prepare`: float zeros, and act-order codes sorted by group), and for EXL2 layers
     `exl2.prepare` (group tables, the permutation, split tables), so call it once the module sits on
     its device.
@@ -65,11 +65,13 @@ def kernel_for(module):
 
         prepare(module)
         return exl2_matmul
-    # GGUF types with an exact GPTQ form (ops/matmul/repack.py) run as GPTQ layers
-    # why: docs/decisions/007-q4_0-q8_0-as-gptq.md
-    if (getattr(module, "_gptq", None) is None and module.packed and _triton_available()
-            and repack.can_hold(module.qtype, module.out_features, module.in_features)):
-        module.hold_as_gptq(repack.gguf_to_gptq(module.qtype, module.qweight, module.in_features))
+    # GGUF types with a GPTQ form (ops/matmul/repack.py) run as GPTQ layers
+    # why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
+    if (getattr(module, "_gptq", None) is None and getattr(module, "_exl2", None) is None and module.packed
+            and _triton_available() and repack.can_hold(module.qtype, module.out_features, module.in_features)):
+        held = repack.gguf_to_gptq(module.qtype, module.qweight, module.in_features)
+        if held is not None:
+            module.hold_as_gptq(held)
     if getattr(module, "_gptq", None) is not None:
         if not _triton_available():
             return None

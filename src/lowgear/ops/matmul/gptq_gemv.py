@@ -125,8 +125,12 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
-                     PDL: tl.constexpr, F16X2: tl.constexpr):
-    """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`)."""
+                     PDL: tl.constexpr, F16X2: tl.constexpr, FLOAT_Z: tl.constexpr):
+    """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`).
+
+    FLOAT_Z (zeros that are not integers: a GGUF block minimum, ops/matmul/repack.py): the exponent
+    trick subtracts no zero (it would round it to an integer), and the tile takes zero * sum(x) off
+    instead, as the tl.dot kernel does: sum((c - z) x) = sum(c x) - z sum(x), one FMA per column."""
     PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     pid_n = tl.program_id(0)
@@ -156,6 +160,10 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
         g = r0 // group_rows
         s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
         zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
+        if FLOAT_Z:  # the zero the unpack subtracts
+            zc = zf * 0.0
+        else:
+            zc = zf
         pdl.wait(PDL)  # the first tile's weights are in flight; x is the previous kernel's output
         if F16X2:  # 4-bit, fp16 x, no perm: packed half2 math (f16x2.py); x read as words of two
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -164,12 +172,20 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
             x04, x15, x26, x37 = f16x2.pairs(tl.load(x32 + xo, mask=xm, other=0), tl.load(x32 + xo + 1, mask=xm, other=0),
                                              tl.load(x32 + xo + 2, mask=xm, other=0), tl.load(x32 + xo + 3, mask=xm, other=0))
             part = f16x2.dot8(w0.to(tl.int32, bitcast=True), x04[:, :, None], x15[:, :, None], x26[:, :, None],
-                              x37[:, :, None], f16x2.splat(zf + 1024.0), f16x2.splat(-(zf + 64.0)))
-            dot = tl.sum(part, axis=1, keep_dims=True) * f16x2.X_SCALE  # [M_PAD, 1, BLOCK_N]
+                              x37[:, :, None], f16x2.splat(zc + 1024.0), f16x2.splat(-(zc + 64.0)))
+            dot = tl.sum(part, axis=1, keep_dims=True)  # [M_PAD, 1, BLOCK_N]
+            if FLOAT_Z:  # sum(x) through the same unpack: a word of eight codes 1
+                ones = tl.full((1, 1, 1), 0x11111111, tl.int32)
+                xs = f16x2.dot8(ones, x04[:, :, None], x15[:, :, None], x26[:, :, None], x37[:, :, None],
+                                f16x2.splat(tl.full((1, 1, 1), 1024.0, tl.float32)),
+                                f16x2.splat(tl.full((1, 1, 1), -64.0, tl.float32)))
+                dot -= tl.sum(xs, axis=1, keep_dims=True) * zf
+            dot = dot * f16x2.X_SCALE
         else:
             dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((M_PAD, 1, 1), dtype=tl.float32)
             for j in tl.static_range(PACK):
-                q = _code_minus_zero(w0, w1, w2, zf, j, BITS)  # [1, BLOCK_R, BLOCK_N]
+                q = _code_minus_zero(w0, w1, w2, zc, j, BITS)  # [1, BLOCK_R, BLOCK_N]
                 k = rows * PACK + j
                 if HAS_PERM:
                     k = tl.load(perm_ptr + k, mask=r_ok, other=0)
@@ -177,6 +193,10 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                 xj = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :],
                              mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
                 dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
+                if FLOAT_Z:
+                    xs += tl.sum(xj[:, :, None], axis=1, keep_dims=True)
+            if FLOAT_Z:
+                dot -= xs * zf
         acc += tl.sum(dot * s, axis=1)
     pdl.wait(PDL)  # (a program with no tiles) before the partials and counters
     pdl.release(PDL)
@@ -187,8 +207,9 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
 @triton.jit
 def gptq_dequant_t_kernel(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, col0, band,
                           group_size, zero_offset, BITS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[k, c] = W[col0 + c, k] for a band of output columns: W.T, ready for x @ out."""
+                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, FLOAT_Z: tl.constexpr):
+    """out[k, c] = W[col0 + c, k] for a band of output columns: W.T, ready for x @ out. With FLOAT_Z
+    qz_ptr is fp16 zeros [groups, N] (a GGUF minimum's, not integers) instead of packed qzeros."""
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = k < K
@@ -209,18 +230,21 @@ def gptq_dequant_t_kernel(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, col0,
         g = tl.load(gidx_ptr + k, mask=kmask, other=0)
     else:
         g = k // group_size
-    zwords = (N * BITS) // 32
-    zpos = n * BITS
-    zword = zpos // 32
-    zsh = (zpos % 32).to(tl.uint32)[None, :]
-    zp = qz_ptr + g[:, None] * zwords + zword[None, :]
-    zlo = tl.load(zp, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    zhi = zlo
-    if 32 % BITS != 0:
-        zhi = tl.load(zp + 1, mask=mask & (zword + 1 < zwords)[None, :], other=0).to(tl.uint32, bitcast=True)
-    z = _unpack_at(zlo, zhi, zsh, BITS) + zero_offset
+    if FLOAT_Z:
+        z = tl.load(qz_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        zwords = (N * BITS) // 32
+        zpos = n * BITS
+        zword = zpos // 32
+        zsh = (zpos % 32).to(tl.uint32)[None, :]
+        zp = qz_ptr + g[:, None] * zwords + zword[None, :]
+        zlo = tl.load(zp, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        zhi = zlo
+        if 32 % BITS != 0:
+            zhi = tl.load(zp + 1, mask=mask & (zword + 1 < zwords)[None, :], other=0).to(tl.uint32, bitcast=True)
+        z = (_unpack_at(zlo, zhi, zsh, BITS) + zero_offset).to(tl.float32)
     s = tl.load(sc_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = (q - z).to(tl.float32) * s
+    w = (q.to(tl.float32) - z) * s
     tl.store(out_ptr + k.to(tl.int64)[:, None] * band + c[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -330,7 +354,7 @@ def prepare(module) -> dict:
                 module.g_idx = None
                 module.register_buffer("gptq_perm", res[1])
                 sorted_layout = True
-    if block_r is not None:
+    if block_r is not None and module.qzeros is not None:  # (a layer without qzeros holds gptq_zeros already)
         module.register_buffer("gptq_zeros", float_zeros(module.qzeros, bits, module._gptq["zero_offset"]))
     mma_block_k = None if block_r is None else gptq_mma.mma_block_k(bits, gs, k)
     facts = {"block_r": block_r, "sorted": sorted_layout, "mma_block_k": mma_block_k,
@@ -375,12 +399,13 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
 def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
               perm: torch.Tensor | None, bits: int, group_size: int, block_r: int,
               *, num_warps: int | None = None, split: int | None = None, x_perm: str = "kernel",
-              tile_r: int | None = None, half2: bool | None = None) -> torch.Tensor:
+              tile_r: int | None = None, half2: bool | None = None, float_z: bool = False) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T (meant for M <= MAX_M), x with unit stride along K; in x's dtype.
 
     qweight must have its groups contiguous: stored without act-order, or `sort_act_order`'s output
     with its perm. zeros are `float_zeros` (fp16 [groups, N], offset included), scales fp16 [groups, N]
-    (an int16 view is accepted); block_r is `gemv_tile_rows`. num_warps / split / tile_r override
+    (an int16 view is accepted), or with float_z a GGUF minimum's zeros as they are (not integers);
+    block_r is `gemv_tile_rows`. num_warps / split / tile_r override
     `launch_params` (the benchmarks sweep them); x_perm "torch" gathers x's columns first. half2
     (default: wherever `uses_half2` allows) picks the packed-half2 unpack (f16x2.py).
     """
@@ -406,7 +431,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
                            M=m, M_PAD=m_pad, BITS=bits, BLOCK_R=p["BLOCK_R"],
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
-                           num_warps=p["num_warps"], F16X2=half2,
+                           num_warps=p["num_warps"], F16X2=half2, FLOAT_Z=float_z,
                            **pdl.launch(x.device, m))
     return y
 
@@ -421,7 +446,8 @@ def uses_half2(x: torch.Tensor, bits: int, perm: torch.Tensor | None) -> bool:
 def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
                  bits: int, group_size: int, zero_offset: int, col0: int, col1: int,
                  dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """W.T [K, col1 - col0] for output columns [col0, col1), from the stored tensors (any g_idx)."""
+    """W.T [K, col1 - col0] for output columns [col0, col1), from the stored tensors (any g_idx).
+    qzeros: packed int32 [groups, N * bits / 32], or fp16 float zeros [groups, N]."""
     k = qweight.shape[0] * 32 // bits
     n = qweight.shape[1]
     band = col1 - col0
@@ -433,7 +459,7 @@ def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     grid = (triton.cdiv(k, block_k), triton.cdiv(band, block_n))
     gptq_dequant_t_kernel[grid](qweight, qzeros, scales.view(torch.float16), qweight if g_idx is None else g_idx,
                                 out, n, k, col0, band, gs, zero_offset, BITS=bits, HAS_GIDX=g_idx is not None,
-                                BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+                                BLOCK_K=block_k, BLOCK_N=block_n, FLOAT_Z=qzeros.dtype == torch.float16, num_warps=4)
     return out
 
 
@@ -464,7 +490,7 @@ def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = No
     mma = uses_mma(m, x2.dtype, facts, facts["capability"] if capability is None else capability)
     if m <= MAX_M and facts["block_r"] is not None and not mma:
         y = gptq_gemv(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
-                      facts["block_r"])
+                      facts["block_r"], float_z=module.qzeros is None)
         return y.reshape(*lead, n)
     if mma:
         y = gptq_mma.gptq_mma(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
@@ -472,7 +498,8 @@ def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = No
         return y.reshape(*lead, n)
     if perm is not None:  # W.T's rows come out in sorted-K order
         x2 = x2.index_select(1, perm.long())
+    zeros = module.gptq_zeros if module.qzeros is None else module.qzeros
     y = banded_matmul(x2, n, PREFILL_BAND_ELEMS,
-                      lambda c0, c1: dequantize_t(module.qweight, module.qzeros, module.scales, module.g_idx,
+                      lambda c0, c1: dequantize_t(module.qweight, zeros, module.scales, module.g_idx,
                                                   g["bits"], g["group_size"], g["zero_offset"], c0, c1, x2.dtype))
     return y.reshape(*lead, n)

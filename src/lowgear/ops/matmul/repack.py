@@ -1,73 +1,153 @@
-"""GGUF Q4_0 and Q8_0 layers held as GPTQ tensors, exactly, so that they run on the GPTQ kernels.
+"""GGUF layers held as GPTQ tensors, so that they run on the GPTQ kernels (GEMV, tl.dot, prefill).
 
-A Q4_0 block is 32 consecutive weights of one row: an fp16 scale d and 32 4-bit codes q (byte i
-holds code i in its low nibble and code i + 16 in its high one), w = (q - 8) * d. That is GPTQ
-with 4 bits, groups of 32 along K, scale d and zero point 8, in GPTQ's "gptq_v2" form (zeros stored
-as they are, no v1 offset). A Q8_0 block (fp16 d, 32 int8 q, w = q * d) is 8-bit GPTQ with codes
-q + 128 and zero point 128. The values are the same, bit for bit, so nothing about the model
-changes; only the layout does: GPTQ packs codes along K, which the split-K GEMV and the tl.dot
-kernel read as 16-byte vectors along N (`ops/matmul/gptq_gemv.py`), where llama.cpp's 18- and 34-byte
-blocks along K allow only 2-byte loads. Held this way a Q4_0 layer takes 0.64 bytes a weight
-instead of 0.5625 (the GEMV's fp16 zeros and the packed zeros beside the scales).
-why: docs/decisions/007-q4_0-q8_0-as-gptq.md
+GPTQ packs codes along K, which the split-K GEMV and the tl.dot kernel read as 16-byte vectors along
+N (`ops/matmul/gptq_gemv.py`), where llama.cpp's 18- to 210-byte blocks along K allow only 2-byte
+loads. Every GGUF type below is, per group of 16 or 32 weights of a row, w = (code - zero) * scale:
 
-Q4_1 and the K-quants store a per-block minimum, whose zero point (-m / d) is not an integer, so
-they keep their own kernels (`ops/matmul/gguf_gemv.py`).
+    type   codes (GPTQ bits)      group  scale        zero              held as
+    Q4_0   q (4)                  32     d            8                 packed integer zeros: exact
+    Q8_0   q + 128 (8)            32     d            128               packed integer zeros: exact
+    Q5_0   q (8)                  32     d            16                float zeros: exact
+    Q6_K   q (8)                  16     d * sc       32                float zeros; scale rounded to fp16
+    Q4_1   q (4)                  32     d            -m / d            float zeros
+    Q5_1   q (8)                  32     d            -m / d            float zeros
+    Q4_K   q (4)                  32     d * sc       dmin * m / scale  float zeros
+    Q5_K   q (8)                  32     d * sc       dmin * m / scale  float zeros
+
+Q4_0 and Q8_0 keep GPTQ's packed integer zeros and are the same weights bit for bit. The others hold
+fp16 zeros [groups, N] (`GPTQWeight.float_zeros`) and no qzeros: a block minimum's zero point is not
+an integer. Scales and zeros are fp16, so a weight can differ from llama.cpp's by the rounding of its
+group's scale (2**-11 of |code * scale|) and zero (2**-11 of |dmin * m|), the size of the rounding an
+fp16 activation path gives every weight anyway (`tests/test_quant_repack.py` bounds it). A group
+whose scale is 0 is the constant -dmin * m (or m): its codes are rewritten to 0 with zero -1 and scale
+the constant. A layer whose zero would overflow fp16 keeps its block kernel (`gguf_to_gptq` -> None).
+5- and 6-bit codes take 8-bit GPTQ codes: a Q6_K layer takes 10 bits a weight instead of 6.56
+(Q4_K: 5 instead of 4.5). why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
 """
 
 from __future__ import annotations
 
 import torch
 
+from ...formats.dequant import _fifth_bits, _k_low_nibbles, _k_scales_mins, _nibbles
 from ...formats.gptq import GPTQWeight
 
-EXACT = {"Q4_0": (4, 8), "Q8_0": (8, 128)}  # GGUF type -> (GPTQ bits, zero point)
-GROUP = 32
-# output columns converted at a time: bounds the int64 temporaries of the packer
+EXACT = {"Q4_0": (4, 8), "Q8_0": (8, 128)}  # integer zeros, packed as GPTQ does: type -> (bits, zero point)
+FLOAT_ZERO = {"Q5_0": (8, 32), "Q6_K": (8, 16), "Q4_1": (4, 32), "Q5_1": (8, 32), "Q4_K": (4, 32),
+              "Q5_K": (8, 32)}  # type -> (GPTQ bits, group size)
+BLOCK = {"Q4_0": 32, "Q8_0": 32, "Q5_0": 32, "Q4_1": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34, "Q5_0": 22, "Q4_1": 20, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+# output columns converted at a time: bounds the temporaries of the packer
 BAND = 4096
 
 
+def layout(qtype: str) -> tuple[int, int]:
+    """(GPTQ bits, group size) of a type that has a GPTQ form."""
+    return (EXACT[qtype][0], 32) if qtype in EXACT else FLOAT_ZERO[qtype]
+
+
 def can_hold(qtype: str, out_features: int, in_features: int) -> bool:
-    """Whether a layer has an exact GPTQ form: a type in EXACT, and GPTQ's packing of N zero points
-    into whole int32 words (N * bits a multiple of 32; a 32001-token head is not)."""
-    return qtype in EXACT and in_features % GROUP == 0 and (out_features * EXACT[qtype][0]) % 32 == 0
+    """Whether a layer has a GPTQ form by its type and shape: a type above, whole blocks, and (for packed
+    integer zeros) N * bits a multiple of 32, GPTQ's packing of N zero points into int32 words."""
+    if qtype not in EXACT and qtype not in FLOAT_ZERO:
+        return False
+    if in_features % BLOCK[qtype]:
+        return False
+    return qtype not in EXACT or (out_features * EXACT[qtype][0]) % 32 == 0
 
 
-def codes_and_scales(qtype: str, data: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF rows [N, row_bytes] uint8 -> (codes int32 [N, K] in 0 .. 2**bits - 1, scales fp16 [N, K / 32])."""
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def parts(qtype: str, data: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF rows [N, row_bytes] uint8 -> (codes int32 [N, K], scale float32 [N, K / group], offset float32
+    [N, K / group]) with w = code * scale - offset for each group (offset = zero * scale)."""
     n = data.shape[0]
-    nb = in_features // GROUP
-    if qtype == "Q4_0":
-        blocks = data.reshape(n, nb, 18)
-        qs = blocks[..., 2:].to(torch.int32)
-        codes = torch.cat((qs & 15, qs >> 4), dim=-1)  # [N, nb, 32]: low nibbles are 0..15, high 16..31
-    elif qtype == "Q8_0":
-        blocks = data.reshape(n, nb, 34)
-        codes = blocks[..., 2:].contiguous().view(torch.int8).to(torch.int32) + 128
+    b = data.reshape(n, in_features // BLOCK[qtype], BLOCK_BYTES[qtype])
+    zero = {"Q4_0": 8.0, "Q8_0": 128.0, "Q5_0": 16.0, "Q6_K": 32.0}
+    if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        d = _f16(b[..., 0:2])
+        if qtype == "Q8_0":
+            q = b[..., 2:34].contiguous().view(torch.int8).to(torch.int32) + 128
+        elif qtype == "Q4_0":
+            q = _nibbles(b[..., 2:18])
+        elif qtype == "Q4_1":
+            q = _nibbles(b[..., 4:20])
+        elif qtype == "Q5_0":
+            q = _nibbles(b[..., 6:22]) | (_fifth_bits(b[..., 2:6]) << 4)
+        else:
+            q = _nibbles(b[..., 8:24]) | (_fifth_bits(b[..., 4:8]) << 4)
+        scale = d
+        offset = -_f16(b[..., 2:4]) if qtype in ("Q4_1", "Q5_1") else zero[qtype] * d
+    elif qtype in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        sc, mn = _k_scales_mins(b[..., 4:16])
+        if qtype == "Q4_K":
+            q = _k_low_nibbles(b[..., 16:144])
+        else:
+            shifts = torch.arange(8, device=b.device, dtype=torch.uint8).view(8, 1)
+            q = _k_low_nibbles(b[..., 48:176]) | (((b[..., None, 16:48] >> shifts) & 1) << 4)
+        scale, offset = d[..., None] * sc, dmin[..., None] * mn
+    elif qtype == "Q6_K":
+        ql = b[..., 0:128].unflatten(-1, (2, 2, 32))
+        qh = b[..., 128:192].unflatten(-1, (2, 32))
+        low = torch.stack((ql & 0x0F, ql >> 4), dim=-3).flatten(-3, -2)
+        high = torch.stack([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=-2)
+        q = (low | (high << 4)).reshape(*b.shape[:-1], 16, 16)
+        scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].contiguous().view(torch.int8).float()
+        offset = 32.0 * scale
     else:
-        raise ValueError(f"{qtype} has no exact GPTQ form (only {', '.join(EXACT)})")
-    scales = blocks[..., :2].contiguous().view(torch.float16).reshape(n, nb)
-    return codes.reshape(n, in_features), scales
+        raise ValueError(f"{qtype} has no GPTQ form")
+    return q.to(torch.int32).reshape(n, in_features), scale.reshape(n, -1), offset.reshape(n, -1)
 
 
-def gguf_to_gptq(qtype: str, data: torch.Tensor, in_features: int) -> GPTQWeight:
-    """A Q4_0 / Q8_0 layer (GGUF rows [N, row_bytes], on any device) as the equal GPTQWeight."""
+def _float_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int):
+    """fp16 (scale, zero) with (code - zero) * scale = code * scale - offset, codes rewritten where the
+    scale is 0; None where a zero overflows fp16."""
+    s16 = scale.to(torch.float16)
+    flat = s16 == 0
+    if bool(flat.any()):  # the group is the constant -offset: codes 0, zero -1, scale -offset
+        codes.view(codes.shape[0], -1, group).masked_fill_(flat[..., None], 0)
+        s16 = torch.where(flat, (-offset).to(torch.float16), s16)
+    zero = offset / s16.float().masked_fill(s16 == 0, 1.0)  # (a group of zeros: scale 0, zero 0)
+    zero = torch.where(flat & (s16 != 0), torch.full_like(zero, -1.0), zero)
+    z16 = zero.to(torch.float16)
+    if not bool(torch.isfinite(z16).all()) or not bool(torch.isfinite(s16).all()):
+        return None
+    return s16, z16
+
+
+def gguf_to_gptq(qtype: str, data: torch.Tensor, in_features: int) -> GPTQWeight | None:
+    """A GGUF layer (rows [N, row_bytes], on any device) as a GPTQWeight (see the table above); None
+    where a float zero would overflow fp16 (the layer keeps its block kernel)."""
     from .gptq_gemv import pack_codes
 
-    bits, zero = EXACT[qtype]
     n = data.shape[0]
     if not can_hold(qtype, n, in_features):
         raise ValueError(f"a {qtype} layer of {n} x {in_features} has no GPTQ form (see can_hold)")
+    bits, group = layout(qtype)
+    groups = in_features // group
     qweight = torch.empty((in_features * bits // 32, n), dtype=torch.int32, device=data.device)
-    scales = torch.empty((in_features // GROUP, n), dtype=torch.float16, device=data.device)
+    scales = torch.empty((groups, n), dtype=torch.float16, device=data.device)
+    zeros = None if qtype in EXACT else torch.empty((groups, n), dtype=torch.float16, device=data.device)
     for c0 in range(0, n, BAND):
         c1 = min(n, c0 + BAND)
-        codes, sc = codes_and_scales(qtype, data[c0:c1], in_features)
+        codes, scale, offset = parts(qtype, data[c0:c1], in_features)
+        if zeros is None:
+            scales[:, c0:c1] = scale.t().to(torch.float16)  # d itself: exact
+        else:
+            held = _float_zeros(codes, scale, offset, group)
+            if held is None:
+                return None
+            scales[:, c0:c1], zeros[:, c0:c1] = held[0].t(), held[1].t()
         qweight[:, c0:c1] = pack_codes(codes.t(), bits)
-        scales[:, c0:c1] = sc.t()
+    if zeros is not None:
+        return GPTQWeight(qweight, None, scales, None, bits, group, True, 0, float_zeros=zeros).validate(f"{qtype} layer as GPTQ")
+    zero = EXACT[qtype][1]
     fill = 0
     for i in range(32 // bits):  # every field of the word holds the zero point
         fill |= zero << (i * bits)
     fill -= 1 << 32 if fill >= 1 << 31 else 0
-    qzeros = torch.full((in_features // GROUP, n * bits // 32), fill, dtype=torch.int32, device=data.device)
-    return GPTQWeight(qweight, qzeros, scales, None, bits, GROUP, True, 0).validate(f"{qtype} layer as GPTQ")
+    qzeros = torch.full((groups, n * bits // 32), fill, dtype=torch.int32, device=data.device)
+    return GPTQWeight(qweight, qzeros, scales, None, bits, group, True, 0).validate(f"{qtype} layer as GPTQ")
