@@ -93,3 +93,41 @@ def test_half2_gemv_matches_float64_on_the_gpu(n, k, x_scale, m):
     assert (plain - want).abs().max() <= 2e-3 * scale
     assert (fast - want).abs().max() <= 4e-3 * scale
     assert (fast - want).norm() <= 2.5 * (plain - want).norm() + 1e-3 * scale
+
+
+def test_a_word_of_ones_gives_the_sum_of_x():
+    """The float-zero GEMV (GGUF minima) takes zero * sum(x) off each tile, with sum(x) from dot8 on the
+    word 0x11111111 (eight codes 1) and zero 0: the sum of the eight activations."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((256, 8)).astype(np.float16)
+    got = f16x2.dot8_reference(np.full(256, 0x11111111, dtype=np.uint32), x, np.zeros(256))
+    want = x.astype(np.float64).sum(-1)
+    assert np.all(np.abs(got - want) <= 4 * 2.0**-11 * np.abs(x.astype(np.float64)).sum(-1) + 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q4_1"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_half2_gemv_with_float_zeros_matches_float64_on_the_gpu(qtype, m):
+    """A GGUF layer with block minima (float zeros) through the half2 and fp32 unpacks on the GPU."""
+    from lowgear.bench.synthetic.common import random_blocks
+    from lowgear.formats.dequant import dequantize_data
+    from lowgear.formats.gptq import dequantize_gptq
+    from lowgear.ops.matmul import gptq_gemv as G
+    from lowgear.ops.matmul.repack import gguf_to_gptq
+
+    n, k = 4096, 4096
+    data = torch.from_numpy(random_blocks(np.random.default_rng(m), qtype, n, k, std=0.02)).cuda()
+    w = gguf_to_gptq(qtype, data, k)
+    assert w is not None and w.float_zeros is not None
+    ref_w = dequantize_gptq(w, dtype=torch.float64)
+    gguf_w = dequantize_data(qtype, data, torch.float32).double()
+    assert ((ref_w - gguf_w).abs().max() / gguf_w.abs().max()).item() < 2e-3
+    x = torch.randn(m, k, device="cuda").half()
+    want = x.double() @ ref_w.T
+    args = (x, w.qweight, w.float_zeros, w.scales, None, 4, 32, G.gemv_tile_rows(4, 32, k))
+    fast = G.gptq_gemv(*args, half2=True, float_z=True).double()
+    plain = G.gptq_gemv(*args, half2=False, float_z=True).double()
+    scale = want.abs().max()
+    assert (plain - want).abs().max() <= 2e-3 * scale
+    assert (fast - want).abs().max() <= 6e-3 * scale
