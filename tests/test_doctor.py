@@ -95,6 +95,12 @@ def test_t4_fits_8b_q4_and_says_how_much(monkeypatch):
     text = doctor.render(report)
     assert f"{expected:,} tokens of cache with --max-seq-len auto (the largest cache free device memory holds)" in text
     assert "decode ceiling" in text
+    old = {(r["gpu"], r["batch"]): r for r in m["old_gpus"]}
+    t4_1 = old[("Tesla T4", 1)]
+    # 32 layers of 4-bit weights held at 5 bits (Q4_K as GPTQ) + a Q4_K head, at 0.8 x 320 GB/s: ~19 ms
+    assert t4_1["bound"] == "memory" and 40 < t4_1["tokens_per_s"] < 60
+    assert old[("Tesla T4", 16)]["ms_by_path"]["dequant+cublas"] > 5 * t4_1["ms_per_step"]
+    assert "on old GPUs (predicted" in text and "Tesla V100-SXM2-16GB   batch 16" in text
 
 
 def test_8b_fp16_needs_both_t4(monkeypatch):

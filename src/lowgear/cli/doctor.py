@@ -208,7 +208,18 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
             "text": plan.describe(),
         }
         out["decode_ceiling"] = _decode_ceiling(plan, per_layer, other, kv_layer, spec)
+    out["old_gpus"] = _old_gpus(source)
     return out
+
+
+def _old_gpus(source) -> list[dict]:
+    """Predicted decode speed of this model on a T4 and a V100 (bench/costmodel.py): bytes and arithmetic."""
+    from ..bench.costmodel import old_gpu_predictions
+
+    try:
+        return old_gpu_predictions(source)
+    except LowgearError:  # a tensor type the model does not know: no prediction, not a failed doctor
+        return []
 
 
 def _cpu_weights(source, mode: str, elt: int, cache_bytes: int) -> dict:
@@ -380,6 +391,12 @@ def render(report: dict) -> str:
         if c is not None:
             lines.append(f"  decode ceiling (bandwidth ÷ {_gib(c['bytes_per_step'])} read per step): "
                          f"{c['tokens_per_s_empty']:.0f} tok/s at empty context, {c['tokens_per_s_full']:.0f} at {_fmt_tokens(c['context'])} tokens")
+    if m is not None and m.get("old_gpus"):
+        lines.append("  on old GPUs (predicted from bytes and arithmetic, not measured; float16, context 512):")
+        for r in m["old_gpus"]:
+            slow = next(iter(r["ms_by_path"]), "-")
+            lines.append(f"    {r['gpu']:<22} batch {r['batch']:<3} ≈ {r['tokens_per_s']:7.1f} tok/s "
+                         f"({r['ms_per_step']:.1f} ms/step, {r['bound']}-bound; most time in {slow})")
     set_vars = [f"{k}={v['value']}" for k, v in report["env"].items() if v["value"] is not None]
     lines.append("")
     lines.append("environment: " + (" ".join(set_vars) if set_vars else "no lowgear/CUDA variables set"))

@@ -1,0 +1,66 @@
+"""bench/costmodel.py: doctor's T4 / V100 prediction, checked against figures worked out by hand from
+the datasheets (T4: 320 GB/s, 8.1 TFLOP/s FP32; V100: 900 GB/s, 15.7 TFLOP/s) and the model's stated
+efficiencies, and the kernel routes against ops/matmul's own limits."""
+
+import pytest
+import torch
+
+from lowgear.bench import costmodel as cm
+from lowgear.bench.models import PRESETS, QUANTS, RandomSource
+
+T4, V100 = cm.GPUS["t4"], cm.GPUS["v100"]
+AMPERE = cm.GPU("A100-like", (8, 0), 2039e9, 19.5e12, 312e12)
+
+
+def test_held_bits_are_what_the_gpu_holds():
+    assert cm.held_bits("F16") == (16.0, "float")
+    assert cm.held_bits("Q4_0") == (4 + 36 / 32, "gptq")  # 0.64 bytes a weight (decision 007)
+    assert cm.held_bits("Q4_K") == (5.0, "gptq")  # codes + fp16 scale and zero per 32
+    assert cm.held_bits("Q6_K") == (10.0, "gptq")  # 8-bit codes + fp16 scale and zero per 16
+    assert cm.held_bits("GPTQ4g128") == (4 + 36 / 128, "gptq")
+    assert cm.held_bits("IQ4_XS") == (8 * 136 / 256, "block")
+
+
+def test_a_float16_weight_at_batch_one_is_its_bytes_over_the_bandwidth():
+    c = cm.linear_cost(T4, cm.Linear("F16", 4096, 4096), 1)
+    want_bytes = 4096 * 4096 * 2 + (4096 + 4096) * 2
+    assert c["bytes"] == want_bytes and c["path"] == "gemv" and c["bound"] == "memory"
+    assert c["seconds"] == pytest.approx(want_bytes / (320e9 * 0.8))
+
+
+def test_the_gemv_turns_arithmetic_bound_as_rows_grow_on_a_t4():
+    lin = cm.Linear("GPTQ4g128", 4096, 4096)
+    one = cm.linear_cost(T4, lin, 1)
+    eight = cm.linear_cost(T4, lin, 8)
+    assert one["path"] == "half2-gemv" and one["bound"] == "memory"
+    assert eight["path"] == "gemv" and eight["bound"] == "arithmetic"
+    # 4096 * 4096 codes, 2 unpack instructions + 8 FMAs each, at 8.1e12 / 2 lane instructions a second x 0.7
+    assert eight["seconds"] == pytest.approx(4096 * 4096 * 10 / (4.05e12 * 0.7))
+
+
+def test_routes_follow_ops_matmul():
+    from lowgear.ops.matmul.gptq_gemv import MAX_M, MMA_FROM_M
+
+    assert cm.path(T4, "gptq", MAX_M, 4) == "gemv"
+    assert cm.path(T4, "gptq", MAX_M + 1, 4) == "dequant+cublas"  # no tl.dot tensor cores below sm_80
+    assert cm.path(AMPERE, "gptq", MMA_FROM_M, 4) == "mma"
+    assert cm.path(T4, "block", 5, 4) == "dequant+cublas"
+    # the dequantize path writes W.T in fp16 and reads it back: 4 bytes a weight on top of the codes
+    c = cm.linear_cost(T4, cm.Linear("GPTQ4g128", 4096, 4096), 16)
+    assert c["bytes"] == pytest.approx(4096 * 4096 * (4 + 36 / 128) / 8 + 16 * 8192 * 2 + 4 * 4096 * 4096)
+
+
+def test_llama3_8b_in_4_bit_on_old_gpus():
+    """The shape of the answer for the model users bring: batch 1 memory-bound near bandwidth / bytes,
+    and batch 16 on the dequantize path, which makes 4-bit batched decode slower than float16 there."""
+    spec = PRESETS["llama3-8b"]
+    q4 = cm.old_gpu_predictions(RandomSource(spec, QUANTS["q4_k"], torch.device("meta"), torch.float16))
+    f16 = cm.old_gpu_predictions(RandomSource(spec, None, torch.device("meta"), torch.float16))
+    by = {(r["gpu"], r["batch"]): r for r in q4}
+    t4_1 = by[(T4.name, 1)]
+    assert t4_1["bound"] == "memory" and 40 < t4_1["tokens_per_s"] < 60  # ~5 GB at 256 GB/s
+    t4_16 = by[(T4.name, 16)]
+    assert next(iter(t4_16["ms_by_path"])) == "dequant+cublas"
+    f16_16 = {(r["gpu"], r["batch"]): r for r in f16}[(T4.name, 16)]
+    assert t4_16["tokens_per_s"] < f16_16["tokens_per_s"]
+    assert by[(V100.name, 1)]["tokens_per_s"] > 2 * t4_1["tokens_per_s"]  # 900 vs 320 GB/s
