@@ -82,11 +82,15 @@ def padded_mask(meta: StepMetadata, window: int | None, device) -> torch.Tensor:
 
 def without_cudnn(device: torch.device):
     """A context in which sdpa may use every kernel family torch has enabled except cuDNN (on CUDA,
-    where cuDNN is enabled; elsewhere nothing changes)."""
+    where cuDNN is enabled; elsewhere nothing changes), and not flash attention on a GPU run as an
+    sm_70 / sm_75 one (LOWGEAR_EMULATE_SM, ops/emulate.py): torch's flash kernels need sm_80."""
+    from ..platform.hardware import emulated_capability
+
     b = torch.backends.cuda
-    if device.type != "cuda" or not b.cudnn_sdp_enabled():
+    old_gpu = emulated_capability() is not None
+    if device.type != "cuda" or not (b.cudnn_sdp_enabled() or old_gpu):
         return contextlib.nullcontext()
-    allowed = [kind for kind, on in ((SDPBackend.FLASH_ATTENTION, b.flash_sdp_enabled()),
+    allowed = [kind for kind, on in ((SDPBackend.FLASH_ATTENTION, b.flash_sdp_enabled() and not old_gpu),
                                      (SDPBackend.EFFICIENT_ATTENTION, b.mem_efficient_sdp_enabled()),
                                      (SDPBackend.MATH, b.math_sdp_enabled())) if on]
     return sdpa_kernel(allowed) if allowed else contextlib.nullcontext()

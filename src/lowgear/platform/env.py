@@ -19,6 +19,7 @@ ENV_VARS: dict[str, str] = {
     "LOWGEAR_DEVICES": "devices to use: indexes, UUIDs (or unique prefixes), PCI bus ids, or 'cpu'",
     "LOWGEAR_DTYPE": "float16 | bfloat16 | float32 (default: chosen per device)",
     "LOWGEAR_CPU_WEIGHTS": "auto | unpacked | packed: packed weights on a CPU unpacked once at load or kept packed",
+    "LOWGEAR_EMULATE_SM": "70 | 75: run a newer GPU as an sm_70 / sm_75 one (routes, ladder, Triton code for that target)",
     "LOWGEAR_SIMULATE": "simulated device profiles for tests and planning, e.g. 't4' or 't4,a100' or 'cpu'",
     "CUDA_VISIBLE_DEVICES": "which GPUs CUDA shows (read, never set)",
     "CUDA_DEVICE_ORDER": "FASTEST_FIRST (CUDA's default) or PCI_BUS_ID: how CUDA numbers GPUs",

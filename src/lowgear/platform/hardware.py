@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import env
-from ..errors import DeviceError
+from ..errors import ConfigError, DeviceError
 
 GB = 10**9
 
@@ -44,6 +44,7 @@ class DeviceInfo:
     nvml_index: int | None = None  # nvidia-smi's number for it (PCI order)
     profile: str | None = None  # the datasheet profile it matched ("t4", ...)
     torch_arch_list: tuple[str, ...] | None = None  # a simulated torch build's arch list
+    native_capability: tuple[int, int] | None = None  # under LOWGEAR_EMULATE_SM: the real one (ops/emulate.py)
 
     @property
     def torch_device(self) -> torch.device:
@@ -295,12 +296,17 @@ def _cuda_devices() -> list[DeviceInfo]:
             free, total = props.total_memory, props.total_memory
         key = profile_for_name(props.name)
         prof = PROFILES.get(key) if key else None
+        cc, native, name = (props.major, props.minor), None, props.name
+        emulated = emulated_capability()
+        if emulated is not None and emulated < cc:
+            cc, native, name = emulated, cc, f"{props.name} as sm_{emulated[0]}{emulated[1]}"
         devices.append(
             DeviceInfo(
                 index=i,
                 kind="cuda",
-                name=props.name,
-                compute_capability=(props.major, props.minor),
+                name=name,
+                compute_capability=cc,
+                native_capability=native,
                 total_memory=int(total),
                 free_memory=int(free),
                 uuid=uid,
@@ -316,6 +322,18 @@ def _cuda_devices() -> list[DeviceInfo]:
 
 
 _CACHE: dict[tuple, list[DeviceInfo]] = {}
+EMULATED = {"70": (7, 0), "75": (7, 5)}
+
+
+def emulated_capability() -> tuple[int, int] | None:
+    """The compute capability LOWGEAR_EMULATE_SM asks real GPUs to run as (ops/emulate.py), or None."""
+    value = env.get("LOWGEAR_EMULATE_SM")
+    if value is None:
+        return None
+    key = value.lower().removeprefix("sm_").replace(".", "")
+    if key not in EMULATED:
+        raise ConfigError(f"LOWGEAR_EMULATE_SM={value!r}: choose 70 (V100) or 75 (T4), or unset it")
+    return EMULATED[key]
 
 
 def simulated() -> str | None:
@@ -326,7 +344,7 @@ def simulated() -> str | None:
 def list_devices(refresh: bool = False) -> list[DeviceInfo]:
     """Every device this process may use: CUDA devices in torch's numbering, then the CPU."""
     sim = simulated()
-    key = (sim, env.get_raw("CUDA_VISIBLE_DEVICES"), env.get("CUDA_DEVICE_ORDER"))
+    key = (sim, env.get_raw("CUDA_VISIBLE_DEVICES"), env.get("CUDA_DEVICE_ORDER"), env.get("LOWGEAR_EMULATE_SM"))
     if refresh or key not in _CACHE:
         gpus = _simulated_devices(sim) if sim is not None else _cuda_devices()
         _CACHE[key] = gpus + [cpu_device()]
