@@ -47,8 +47,9 @@ NO_WINDOW = 1 << 30
 def softcapped(s, cap_log2):
     """Scores s in the log2 domain (score * log2(e)) soft-capped: cap * tanh(score / cap), times log2(e),
     for cap_log2 = cap * log2(e). tanh(x) = 1 - 2 / (1 + e^(2x)): exact at both ends (e^(2x) overflowing
-    to inf gives 1, underflowing to 0 gives -1), with no tanh instruction the interpreter lacks."""
-    return cap_log2 * (1.0 - 2.0 / (1.0 + tl.exp2(2.0 * s / cap_log2)))
+    to inf gives 1, underflowing to 0 gives -1), with no tanh instruction the interpreter lacks;
+    e^(2x) = 2^(2 log2(e) x), and x = s / cap_log2."""
+    return cap_log2 * (1.0 - 2.0 / (1.0 + tl.exp2(2.8853900817779268 * s / cap_log2)))
 
 
 @triton.jit
