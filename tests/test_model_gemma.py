@@ -330,3 +330,37 @@ def test_gguf_missing_q_norm_names_the_tensor(gemma3, tmp_path):
     path = write_gemma_gguf(tmp_path / "bad3.gguf", gemma3[0], drop=("blk.0.attn_q_norm.weight",))
     with pytest.raises(ModelFormatError, match=r"layer 0 has no q_norm .*blk\.0\.attn_q_norm\.weight.*gemma3 needs"):
         lg.Config(path)
+
+
+# ------------------------------------------------------------------ Gemma's tokenizer, both ways
+
+
+def test_gemma_style_tokenizer_from_tokenizer_json_and_from_gguf(tmp_path):
+    """Gemma's tokenizer is SentencePiece BPE with byte fallback and no space prefix: in a folder a
+    tokenizer.json (a Replace(" ", "▁") normalizer, no pre-tokenizer), in llama.cpp's GGUF the "llama"
+    vocabulary with add_space_prefix false. Both, read by lowgear, cut text as transformers' tokenizer
+    from that tokenizer.json does, and give the text back."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    from lowgear.tokenizer import gguf_vocab as gv
+    from test_tokenizer import SPM_TEXTS, spm_vocab, write_vocab_gguf
+
+    tokens, types, scores = spm_vocab()
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=gv.derive_merges(tokens, scores, types),
+                     unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    tj = HFTokenizer(bpe)
+    tj.normalizer = normalizers.Replace(" ", "▁")
+    tj.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tj.add_special_tokens(["<unk>", "<s>", "</s>"])
+    folder = tmp_path / "tok"
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tj, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(folder)
+    path = write_vocab_gguf(tmp_path / "gemma-vocab.gguf", "llama", tokens, types, scores, add_space_prefix=False,
+                            bos_token_id=1, eos_token_id=2, unk_token_id=0)
+    from_folder, from_gguf = lg.Tokenizer(str(folder)), lg.Tokenizer(path)
+    for text in SPM_TEXTS + [" leading space", "hello  world "]:
+        want = hf(text, add_special_tokens=False)["input_ids"]
+        assert from_folder.encode_ids(text) == want, text
+        assert from_gguf.encode_ids(text) == want, text
+        assert from_folder.decode(want) == text and from_gguf.decode(want) == text, text
