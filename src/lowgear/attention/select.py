@@ -141,7 +141,7 @@ def run_probe(backend: AttentionBackend, device, dtype: torch.dtype) -> ProbeRes
 
 
 # what a model may need of a rung: the Capabilities field, and the reason a rung without it is skipped
-NEEDS = {"softcap": "cannot soft-cap attention scores (cap * tanh(s / cap)), which this model needs"}
+NEEDS = {"softcap": "cannot soft-cap attention scores (cap * tanh(s / cap)), which this model needs (attn_logit_softcapping)"}
 
 
 def model_needs(spec) -> tuple[str, ...]:
