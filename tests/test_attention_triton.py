@@ -264,6 +264,55 @@ def test_prefill_sliding_window(window):
     assert_close(out, ref, FP32_TOL)
 
 
+# Gemma: soft-capped scores (gemma2's cap is 50; 1.5 bends these random scores, |s| up to ~4), head_dim
+# 256 (the prefill kernel's 32x16 tiles), a sliding window, several splits and the fp16 tl.dot form.
+GEMMA_CASES = [(1.5, 64, None, 1, torch.float32, False), (1.5, 256, None, 3, torch.float32, False),
+               (1.5, 256, 20, 2, torch.float32, False), (None, 256, None, 2, torch.float32, False),
+               (1.5, 256, 20, 2, torch.float16, True)]
+
+
+@pytest.mark.parametrize("softcap,head_dim,window,num_splits,dtype,dot", GEMMA_CASES)
+def test_decode_softcap_and_head_dim_256(softcap, head_dim, window, num_splits, dtype, dot):
+    kv_lens = [3, 17, 48]
+    q, kc, vc, meta = paged_problem([1] * 3, kv_lens, group=2, head_dim=head_dim, dtype=dtype)
+    q = q * 4  # scores well past the cap
+    decode, _ = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125, window, softcap)
+    out = decode.paged_decode(q, kc, vc, meta.block_tables, meta.kv_lens, 0.125, meta.max_kv_len, window=window,
+                              softcap=softcap, num_splits=num_splits, use_dot=dot)
+    assert_close(out, ref, FP16_TOL if dtype == torch.float16 else FP32_TOL)
+    if softcap:  # the cap changes the answer, so the test would catch it being ignored
+        assert (reference_attention(q, kc, vc, meta, 0.125, window) - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("softcap,head_dim,window", [(1.5, 64, None), (1.5, 256, None), (2.0, 256, 7), (None, 256, 7)])
+def test_prefill_softcap_and_head_dim_256(softcap, head_dim, window):
+    q_lens, kv_lens = [9, 20, 2], [9, 37, 35]
+    q, kc, vc, meta = paged_problem(q_lens, kv_lens, group=2, head_dim=head_dim)
+    q = q * 4
+    _, prefill = kernels()
+    ref = reference_attention(q, kc, vc, meta, 0.125, window, softcap)
+    out = prefill.paged_prefill(q, kc, vc, meta.block_tables, meta.cu_q_lens, meta.kv_lens, 0.125, meta.max_q_len,
+                                window=window, softcap=softcap)
+    assert_close(out, ref, FP32_TOL)
+    if softcap:
+        assert (reference_attention(q, kc, vc, meta, 0.125, window) - ref).abs().max() > 1e-2
+
+
+def test_eager_softcap_is_cap_tanh_of_the_scaled_score():
+    """Hand-checked: one query, two keys; scores 0.5 * (4, 0) soft-capped at 1 are tanh(2) and 0."""
+    import math
+
+    from lowgear.attention.eager import attend_one
+
+    q = torch.tensor([[[4.0, 0.0]]], dtype=torch.float64)
+    k = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
+    v = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
+    p0 = 1 / (1 + math.exp(-math.tanh(2.0)))  # softmax over (tanh(2), 0)
+    want = torch.tensor([[[p0, 1 - p0]]], dtype=torch.float64)
+    torch.testing.assert_close(attend_one(q, k, v, 0.5, None, softcap=1.0), want)
+
+
 def test_prefill_fp16():
     q, kc, vc, meta = paged_problem([5, 33], [21, 33], group=4, dtype=torch.float16)
     _, prefill = kernels()

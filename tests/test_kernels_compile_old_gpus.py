@@ -37,19 +37,19 @@ def signature(kernel, dtype, constexprs):
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype
-        elif name == "scale_log2":
+        elif name in ("scale_log2", "softcap_log2"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig
 
-def decode(group, head_dim, splits, dot=False, split_d=None, d_vec=8):
+def decode(group, head_dim, splits, dot=False, split_d=None, d_vec=8, softcap=False):
     # the constexprs paged_decode passes: by default the FMA form it launches with this Triton
     split_d = 0 if dot else D.fma_form()[0] if split_d is None else split_d
     block_n = D.DOT_BLOCK_N if dot else D.FMA_BLOCK_N if split_d else D.block_n_for(group, head_dim)
     return dict(GROUP=group, GROUP_P=max(16 if dot else 1, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_N=block_n, NUM_SPLITS=splits, DIRECT=splits == 1,
-                WHILE_LOOP=False, DOT=dot, PDL=False, SPLIT_D=split_d, D_VEC=d_vec)
+                WHILE_LOOP=False, DOT=dot, PDL=False, SPLIT_D=split_d, D_VEC=d_vec, SOFTCAP=softcap)
 
 def aligned(kernel, sig):
     # What a launch specializes for fp16 head_dim-128 caches: 16-byte aligned pointers and strides
@@ -62,10 +62,10 @@ def reduce(head_dim, splits):
     return dict(HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, NUM_SPLITS=splits, NUM_SPLITS_P=triton.next_power_of_2(splits),
                 PDL=False)
 
-def prefill(group, head_dim, ieee):
+def prefill(group, head_dim, ieee, softcap=False):
     block_m, block_n = P.blocks_for(head_dim, interpreted=False)
     return dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_M=block_m,
-                BLOCK_N=block_n, IEEE=ieee, WHILE_LOOP=False)
+                BLOCK_N=block_n, IEEE=ieee, WHILE_LOOP=False, SOFTCAP=softcap)
 
 CASES = []
 for arch in (70, 75):
@@ -74,6 +74,11 @@ for arch in (70, 75):
         ("decode_direct", D.paged_decode_kernel, arch, "fp16", decode(1, 64, 1)),
         ("decode_reduce", D.paged_decode_reduce_kernel, arch, "fp16", reduce(128, 8)),
         ("prefill", P.paged_prefill_kernel, arch, "fp16", prefill(4, 128, False)),
+        # Gemma: head_dim 256, soft-capped scores (gemma2), as paged_decode / paged_prefill launch them
+        ("decode_256", D.paged_decode_kernel, arch, "fp16", decode(2, 256, 8, softcap=True)),
+        ("decode_direct_256", D.paged_decode_kernel, arch, "fp16", decode(2, 256, 1, softcap=True)),
+        ("decode_reduce_256", D.paged_decode_reduce_kernel, arch, "fp16", reduce(256, 8)),
+        ("prefill_256", P.paged_prefill_kernel, arch, "fp16", prefill(2, 256, False, softcap=True)),
     ]
     # the whole-warp FMA form and the split-D form as paged_decode launches them, to count shuffles
     CASES += [
@@ -91,11 +96,13 @@ CASES += [
 results = []
 for name, kernel, arch, dtype, constexprs in CASES:
     sig = signature(kernel, dtype, constexprs)
-    as_launched = name in ("decode_aligned", "decode_split4", "decode_split8")  # aligned, one warp (NUM_WARPS)
+    # aligned, one warp (NUM_WARPS)
+    as_launched = name in ("decode_aligned", "decode_split4", "decode_split8", "decode_256", "decode_direct_256")
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
                                     attrs=aligned(kernel, sig) if as_launched else None)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": D.NUM_WARPS} if as_launched else {})
+    options = ({"num_warps": D.NUM_WARPS} if as_launched
+               else {"num_warps": 4, "num_stages": 2} if name == "prefill_256" else {})  # paged_prefill's launch
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     results.append(dict(name=name, arch=arch, dtype=dtype, mma=len(re.findall(r"\bmma\.", ptx)),
                         fma=len(re.findall(r"\bfma\.", ptx)), shfl=len(re.findall(r"\bshfl\.sync", ptx)),
@@ -120,7 +127,8 @@ def find(results, name, arch, dtype="fp16"):
 
 
 @pytest.mark.parametrize("arch", [70, 75])
-@pytest.mark.parametrize("name", ["decode", "decode_direct", "decode_reduce", "prefill"])
+@pytest.mark.parametrize("name", ["decode", "decode_direct", "decode_reduce", "prefill", "decode_256",
+                                  "decode_direct_256", "decode_reduce_256", "prefill_256"])
 def test_kernel_compiles_for_old_gpus(compiled, name, arch):
     r = find(compiled, name, arch)
     assert r["cubin"] > 0

@@ -109,7 +109,7 @@ NORM = {"x_ptr": "*fp16", "r_ptr": "*fp16", "w_ptr": "*fp32", "out_ptr": "*fp16"
 SILU = {"x_ptr": "*fp16", "out_ptr": "*fp16", "I": "i32", "stride_x": "i32", "stride_o": "i32"}
 DEC = {"q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "block_tables_ptr": "*i32",
        "kv_lens_ptr": "*i32", "out_ptr": "*fp16", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
-       "scale_log2": "fp32"}
+       "scale_log2": "fp32", "softcap_log2": "fp32"}
 
 def gemv(pdl):
     p = G.launch_params(4096, 4096, 4, G.gemv_tile_rows(4, 128, 4096), 1)
@@ -132,11 +132,11 @@ def mma(pdl):
 
 def decode(pdl):
     return dict(GROUP=4, GROUP_P=16, HEAD_DIM=128, HEAD_DIM_P=128, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N,
-                NUM_SPLITS=4, DIRECT=False, WHILE_LOOP=False, DOT=True, PDL=pdl, SPLIT_D=0, D_VEC=8)
+                NUM_SPLITS=4, DIRECT=False, WHILE_LOOP=False, DOT=True, PDL=pdl, SPLIT_D=0, D_VEC=8, SOFTCAP=False)
 
 CASES = [("gemv", G.gptq_gemv_kernel, GEMV, gemv), ("rms_norm", kernels_norm.rms_norm_kernel, NORM,
           lambda pdl: dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl)),
-         ("silu_mul", kernels_act.silu_mul_kernel, SILU, lambda pdl: dict(BLOCK=1024, PDL=pdl)),
+         ("silu_mul", kernels_act.silu_mul_kernel, SILU, lambda pdl: dict(BLOCK=1024, PDL=pdl, GELU=False)),
          ("decode", D.paged_decode_kernel, DEC, decode), ("float_gemv", F.float_gemv_kernel, FGEMV, float_gemv),
          ("mma", MM.gptq_mma_kernel, MMA, mma)]
 MODES = {"gemv": (0, 1, 2, 3)}  # the others: off, LOOP, WAIT (auto's two)

@@ -64,7 +64,8 @@ def _specs():
                       {"HALF": 64, "D": 128, "BLOCK_HQ": 32, "BLOCK_HK": 8, "INTERLEAVED": inter,
                        "TO_CACHE": True, "PDL": False}, 4, False))
     silu_args = {"x_ptr": "*fp16", "out_ptr": "*fp16", "I": I32, "stride_x": I32, "stride_o": I32}
-    specs.append(("silu_mul", kernels_act.silu_mul_kernel, silu_args, {"BLOCK": 1024, "PDL": False}, 4, False))
+    specs.append(("silu_mul", kernels_act.silu_mul_kernel, silu_args, {"BLOCK": 1024, "PDL": False, "GELU": False}, 4, False))
+    specs.append(("gelu_mul", kernels_act.silu_mul_kernel, silu_args, {"BLOCK": 1024, "PDL": False, "GELU": True}, 4, False))
     return specs
 
 

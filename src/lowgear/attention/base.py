@@ -1,7 +1,7 @@
 """What every attention backend declares and does.
 
 A backend states its capabilities (paged KV, variable-length batches, dtypes, minimum compute
-capability, GQA, sliding window) and exposes `probe(device)`, which runs a tiny *real* call and
+capability, GQA, sliding window, attention-logit soft-capping) and exposes `probe(device)`, which runs a tiny *real* call and
 returns a `ProbeResult`. A package that imports but whose kernels fail is unavailable, with the
 error as the reason. `forward` writes this step's new keys and values into the paged cache and
 returns the attention output for every new token; all backends compute the same function.
@@ -25,6 +25,9 @@ class Capabilities:
     min_compute_capability: tuple[int, int] | None = None  # None: no GPU needed
     gqa: bool = True
     sliding_window: bool = True
+    # scores soft-capped as cap * tanh(scores / cap) before the softmax (gemma2's attn_logit_softcapping);
+    # a model that needs it never runs on a rung without it (attention/select.py skips the rung)
+    softcap: bool = False
     cpu: bool = True  # can run on the CPU
     package: str | None = None  # the kernel library it imports, if any
     # Decode steps can be captured in a CUDA graph: the decode path reads lengths only from device
@@ -73,9 +76,17 @@ class AttentionBackend:
         meta: StepMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, heads, head_dim]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale, window)
+        return self.attend(q, k_cache, v_cache, meta, scale, window, softcap)
 
-    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None) -> torch.Tensor:
+    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None,
+               softcap: float | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+
+def no_softcap(backend: AttentionBackend, softcap: float | None) -> None:
+    """For rungs that cannot soft-cap: the selector never gives them such a model; a direct call says so."""
+    if softcap:
+        raise ValueError(f"the {backend.name} attention rung cannot soft-cap attention scores; use eager, triton or flash_attn")

@@ -3,7 +3,8 @@
 Imported lazily and only on a device that could run it: on sm < 80 the rung is skipped before the
 package is touched. Decode steps read the paged cache in place through `flash_attn_with_kvcache`'s
 block_table (flash-attn >= 2.5.7, pages a multiple of 256 tokens); every other step, and older
-flash-attn, gathers K/V and calls `flash_attn_varlen_func` (bottom-right causal since 2.1).
+flash-attn, gathers K/V and calls `flash_attn_varlen_func` (bottom-right causal since 2.1). Both take
+`softcap` (attention-logit soft-capping) from flash-attn 2.6.0, the version the rung declares it from.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .metadata import StepMetadata
 from .sdpa import gather_packed, probe_case
 
 PAGED_MIN_VERSION = (2, 5, 7)
+SOFTCAP_MIN_VERSION = (2, 6, 0)
 PAGED_PAGE_MULTIPLE = 256
 
 
@@ -68,6 +70,18 @@ class FlashAttnBackend(AttentionBackend):
         self._fa = None
         self.version: tuple[int, ...] = ()
 
+    def capabilities_for(self, device) -> Capabilities:
+        """Soft-capping where the installed flash-attn has it (read from its metadata, not imported)."""
+        from dataclasses import replace
+
+        try:
+            from importlib.metadata import version as dist_version
+
+            installed = parse_version(dist_version("flash-attn"))
+        except Exception:
+            installed = ()
+        return replace(self.capabilities, softcap=installed >= SOFTCAP_MIN_VERSION)
+
     @property
     def paged_native(self) -> bool:
         return self.version >= PAGED_MIN_VERSION
@@ -79,9 +93,10 @@ class FlashAttnBackend(AttentionBackend):
             self._fa = fa
         return self._fa
 
-    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window):
+    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window, softcap=None):
         fa = self._module()
         T, heads, hd = q.shape
+        capped = {"softcap": softcap} if softcap else {}  # older flash-attn has no such argument
         if meta.is_decode and self.paged_native and meta.page_size % PAGED_PAGE_MULTIPLE == 0:
             out = fa.flash_attn_with_kvcache(
                 q.view(T, 1, heads, hd),
@@ -92,6 +107,7 @@ class FlashAttnBackend(AttentionBackend):
                 softmax_scale=scale,
                 causal=True,
                 window_size=window_size(window),
+                **capped,
             )
             return out.view(T, heads, hd)
         k, cu_k = gather_packed(k_cache, meta)
@@ -107,6 +123,7 @@ class FlashAttnBackend(AttentionBackend):
             softmax_scale=scale,
             causal=True,
             window_size=window_size(window),
+            **capped,
         )
 
     def _probe(self, device, dtype: torch.dtype | None = None) -> ProbeResult:

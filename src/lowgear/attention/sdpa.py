@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .base import AttentionBackend, Capabilities, ProbeResult, gather_kv
+from .base import AttentionBackend, Capabilities, ProbeResult, gather_kv, no_softcap
 from .eager import causal_mask, reference_attention
 from .metadata import StepMetadata, build_metadata
 
@@ -128,7 +128,8 @@ class SdpaBackend(AttentionBackend):
         # serves it (why: docs/decisions/011-sdpa-repeat-kv-heads-below-sm80.md)
         self._no_flash: set[torch.device] = set()
 
-    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window):
+    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window, softcap=None):
+        no_softcap(self, softcap)  # torch's sdpa has no score hook: soft-capped models take another rung
         use_batched = self.batched == "always" or (self.batched == "decode" and meta.is_decode)
         with without_cudnn(q.device):
             if use_batched and meta.batch_size > 0:

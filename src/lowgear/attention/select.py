@@ -14,6 +14,10 @@ write the one paged KV layout, and every rung is tested against eager, so the mi
 each rung's own rounding. Forcing a rung (attn_backend) uses it for every step. On a simulated device nothing can run, so the choice there is made from
 capabilities and package presence alone, and says so. Results are cached per device, dtype and
 switches, so probes run once per process.
+
+A model may need what not every rung has (`needs`: "softcap" for gemma2's attention-logit
+soft-capping, from `model_needs(spec)`): a rung that lacks it is skipped with that reason, so the
+ladder, and doctor's table, say which rung runs that model and why the ones above it do not.
 """
 
 from __future__ import annotations
@@ -136,6 +140,15 @@ def run_probe(backend: AttentionBackend, device, dtype: torch.dtype) -> ProbeRes
         return ProbeResult(False, f"probe call failed: {type(exc).__name__}: {exc}".strip())
 
 
+# what a model may need of a rung: the Capabilities field, and the reason a rung without it is skipped
+NEEDS = {"softcap": "cannot soft-cap attention scores (cap * tanh(s / cap)), which this model needs (attn_logit_softcapping)"}
+
+
+def model_needs(spec) -> tuple[str, ...]:
+    """The rung capabilities (NEEDS' keys) a model of this formats.spec.ModelSpec needs."""
+    return ("softcap",) if spec is not None and spec.attn_softcap else ()
+
+
 def _disabled_reason(name: str, switches) -> str | None:
     if name not in _SWITCHES or switches is None:
         return None
@@ -156,15 +169,16 @@ def _default_switches():
     return Config().effective_switches()
 
 
-def select_backend(device, switches=None, dtype: torch.dtype | None = None) -> Selection:
-    """The first rung of the ladder that runs on `device` (hardware.DeviceInfo) in `dtype`, with the log of every rung."""
+def select_backend(device, switches=None, dtype: torch.dtype | None = None, needs: tuple[str, ...] = ()) -> Selection:
+    """The first rung of the ladder that runs on `device` (hardware.DeviceInfo) in `dtype` and has what the
+    model `needs` (NEEDS' keys), with the log of every rung."""
     if switches is None:
         switches = _default_switches()
     if dtype is None:
         from ..platform.dtypes import default_dtype
 
         dtype = default_dtype(device)
-    key = (device, dtype, switches)
+    key = (device, dtype, switches, tuple(needs))
     if key in _CACHE:
         return _CACHE[key]
     if device.kind == "cuda" and not hardware.torch_arch_supported(device):
@@ -180,7 +194,7 @@ def select_backend(device, switches=None, dtype: torch.dtype | None = None) -> S
         if forced and name != forced:
             log.append(Decision(name, "not tried", f"attn_backend forces {forced}"))
             continue
-        decision, backend = _consider(name, device, dtype, switches)
+        decision, backend = _consider(name, device, dtype, switches, needs)
         log.append(decision)
         if decision.status == "chosen":
             chosen = backend
@@ -198,7 +212,7 @@ def select_backend(device, switches=None, dtype: torch.dtype | None = None) -> S
     decode, decode_reason = None, ""
     if device.kind == "cuda" and not forced and not capabilities_of(chosen, device).capturable:
         for name in LADDER[LADDER.index(chosen.name) + 1 :]:
-            decision, backend = _consider(name, device, dtype, switches)
+            decision, backend = _consider(name, device, dtype, switches, needs)
             if decision.status == "chosen" and capabilities_of(backend, device).capturable:
                 decode = backend
                 decode_reason = (f"{chosen.name} cannot be captured in a CUDA graph; {name} runs the decode steps "
@@ -210,7 +224,7 @@ def select_backend(device, switches=None, dtype: torch.dtype | None = None) -> S
     return selection
 
 
-def survey(device, switches=None, dtype: torch.dtype | None = None) -> list[Decision]:
+def survey(device, switches=None, dtype: torch.dtype | None = None, needs: tuple[str, ...] = ()) -> list[Decision]:
     """Every rung's status on `device`, each probed as if it were the only one (for doctor).
 
     Unlike select_backend, rungs below the first that works are probed too, so a user sees what
@@ -224,14 +238,14 @@ def survey(device, switches=None, dtype: torch.dtype | None = None) -> list[Deci
         dtype = default_dtype(device)
     decisions = []
     for name in LADDER:
-        decision, _ = _consider(name, device, dtype, switches)
+        decision, _ = _consider(name, device, dtype, switches, needs)
         if decision.status == "chosen":
             decision = Decision(name, "available", decision.reason)
         decisions.append(decision)
     return decisions
 
 
-def _consider(name: str, device, dtype: torch.dtype, switches) -> tuple[Decision, AttentionBackend | None]:
+def _consider(name: str, device, dtype: torch.dtype, switches, needs: tuple[str, ...] = ()) -> tuple[Decision, AttentionBackend | None]:
     disabled = _disabled_reason(name, switches)
     if disabled:
         return Decision(name, "disabled", disabled), None
@@ -240,8 +254,9 @@ def _consider(name: str, device, dtype: torch.dtype, switches) -> tuple[Decision
     except Exception as exc:  # a rung whose own module is missing or broken
         return Decision(name, "unavailable", f"cannot load lowgear.attention.{name}: {type(exc).__name__}: {exc}"), None
     reason = capability_reason(backend, device, dtype)
-    if reason:
-        return Decision(name, "skipped", reason), None
+    lacking = [NEEDS[n] for n in needs if not getattr(capabilities_of(backend, device), n)]
+    if reason or lacking:
+        return Decision(name, "skipped", reason or "; ".join(lacking)), None
     package = capabilities_of(backend, device).package
     if device.simulated:
         if package and not package_present(package):

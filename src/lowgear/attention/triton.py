@@ -57,6 +57,7 @@ class _CapabilitiesNow:
             min_compute_capability=MIN_COMPUTE_CAPABILITY,
             gqa=True,
             sliding_window=True,
+            softcap=True,
             cpu=_interpret(),
             package="triton",
             capturable=True,
@@ -87,6 +88,7 @@ class TritonBackend(AttentionBackend):
             min_compute_capability=caps.min_compute_capability,
             gqa=caps.gqa,
             sliding_window=caps.sliding_window,
+            softcap=caps.softcap,
             cpu=caps.cpu,
             package=caps.package,
             capturable=caps.capturable,
@@ -168,7 +170,8 @@ class TritonBackend(AttentionBackend):
             return 8  # the interpreter runs programs one after another: fewer is faster
         return per_sm * self._sm_counts.get(device.index or 0, 64)
 
-    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None) -> torch.Tensor:
+    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None,
+               softcap: float | None = None) -> torch.Tensor:
         from ..ops.attention import load
 
         paged_decode, paged_prefill = load(_interpret())
@@ -181,10 +184,11 @@ class TritonBackend(AttentionBackend):
                        and k_cache.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] >= 16)
             return paged_decode.paged_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.kv_lens, scale, meta.max_kv_len,
-                window=window, use_dot=use_dot,
+                window=window, softcap=softcap, use_dot=use_dot,
                 target_programs=self._target_programs(
                     q.device, paged_decode.dot_programs_per_sm(q.shape[0]) if use_dot else paged_decode.fma_form()[1]),
             )  # fmt: skip
         return paged_prefill.paged_prefill(
-            q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, scale, meta.max_q_len, window=window
+            q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, scale, meta.max_q_len, window=window,
+            softcap=softcap,
         )

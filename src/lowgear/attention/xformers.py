@@ -13,7 +13,7 @@ import importlib
 
 import torch
 
-from .base import AttentionBackend, Capabilities, ProbeResult
+from .base import AttentionBackend, Capabilities, ProbeResult, no_softcap
 from .flash_attn import needs_sm
 from .metadata import StepMetadata
 from .sdpa import gather_packed, probe_case
@@ -38,7 +38,8 @@ class XformersBackend(AttentionBackend):
             self._ops = importlib.import_module("xformers.ops")
         return self._ops
 
-    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window):
+    def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale, window, softcap=None):
+        no_softcap(self, softcap)
         xops = self._module()
         masks = importlib.import_module("xformers.ops.fmha.attn_bias")
         k, _ = gather_packed(k_cache, meta)  # [sum kv, KVH, D]

@@ -71,7 +71,8 @@ def _ops_line(d) -> str:
     return f"           Triton kernels: {'yes' if ops['triton_kernels'] else 'no'} — {ops['reason']}"
 
 
-def _attention(d, switches, requested_dtype) -> dict:
+def _attention(d, switches, requested_dtype, needs: tuple[str, ...] = ()) -> dict:
+    """The ladder on device `d`, for a model that `needs` what some rungs lack (select.model_needs)."""
     from ..attention.select import select_backend, survey
 
     out: dict = {"device": d.label, "dtype": None, "chosen": None, "log": [], "by_dtype": {}, "error": None}
@@ -86,7 +87,7 @@ def _attention(d, switches, requested_dtype) -> dict:
     out["dtype"] = dtype_name(dtype)
     for dt in [dtype] + [x for x in _dtypes_to_try(d) if x != dtype]:
         try:
-            sel = select_backend(d, switches, dt)
+            sel = select_backend(d, switches, dt, needs)
         except LowgearError as exc:
             out["by_dtype"][dtype_name(dt)] = None
             if dt == dtype:
@@ -99,7 +100,7 @@ def _attention(d, switches, requested_dtype) -> dict:
             out["decode"] = sel.decode_backend.name
             out["decode_reason"] = sel.decode_reason
             out["log"] = [{"name": x.name, "status": x.status, "reason": x.reason} for x in sel.log]
-            below = {x.name: x for x in survey(d, switches, dt)} if sel.probed else {}
+            below = {x.name: x for x in survey(d, switches, dt, needs)} if sel.probed else {}
             for row in out["log"]:
                 if row["status"] == "not tried" and row["name"] in below:
                     row["status"] = below[row["name"]].status
@@ -270,6 +271,17 @@ def collect(config=None, model_path=None, devices=None, source=None) -> dict:
         errors.append(str(exc))
         requested_dtype = None
     all_devices = hardware.list_devices()
+    path = model_path if model_path is not None else config.model_dir
+    if source is None and path is not None:
+        try:
+            from ..formats import open_weights
+
+            source = open_weights(path)
+        except LowgearError as exc:
+            errors.append(str(exc))
+    from ..attention.select import model_needs
+
+    needs = model_needs(source.spec if source is not None else None)
     report: dict = {
         "torch": {
             "version": torch.__version__,
@@ -278,7 +290,7 @@ def collect(config=None, model_path=None, devices=None, source=None) -> dict:
         },
         "simulated": hardware.simulated(),
         "devices": [_device_facts(d) for d in all_devices],
-        "attention": [_attention(d, switches, requested_dtype) for d in all_devices],
+        "attention": [_attention(d, switches, requested_dtype, needs) for d in all_devices],
         "env": {name: {"value": value, "meaning": env.ENV_VARS[name]} for name, value in env.snapshot().items()},
         "model": None,
         "errors": errors,
@@ -290,14 +302,6 @@ def collect(config=None, model_path=None, devices=None, source=None) -> dict:
         errors.append(str(exc))
         chosen = hardware.default_devices()
     report["selected_devices"] = [d.label for d in chosen]
-    path = model_path if model_path is not None else config.model_dir
-    if source is None and path is not None:
-        try:
-            from ..formats import open_weights
-
-            source = open_weights(path)
-        except LowgearError as exc:
-            errors.append(str(exc))
     try:
         cpu_mode = config.cpu_weights_mode()
     except LowgearError as exc:

@@ -15,6 +15,16 @@ Facts a model built from a GGUF must know:
   (head_dim / 2 floats): inv_freq[i] = rope_theta ** (-2i / head_dim) / rope_freqs[i]. When present
   it is in `spec.extra["rope_freqs"]` (float32 tensor) and `spec.rope_scaling` is None.
 - No `output` tensor means the embedding is tied (`tie_word_embeddings`).
+- gemma2 / gemma3: q/k not permuted ("neox"); `blk.N.post_attention_norm` / `post_ffw_norm` are the
+  norms after attention and after the MLP, `ffn_norm` the one before the MLP; every norm weight is
+  stored with Gemma's + 1 already added by llama.cpp's converter (so it is the multiplier, as the
+  canonical names want). The soft-caps are `{arch}.attn_logit_softcapping` /
+  `final_logit_softcapping`; which layers slide is `{arch}.attention.sliding_window_pattern` where
+  present, else llama.cpp's fixed pattern (gemma2 2, gemma3 6: the last layer of each run is global);
+  gemma3's sliding layers rotate with `{arch}.rope.freq_base_swa`, else llama.cpp's fixed 10000, and
+  take no rope scaling. The converter writes no query_pre_attn_scalar: the softmax scale follows
+  llama.cpp's rule, (hidden / heads)**-0.5 for the 27B models (46 layers gemma2, 62 gemma3),
+  head_dim**-0.5 for the others (query_pre_attn_scalar is one of those in every released Gemma 2 / 3).
 
 A file is checked as it opens: bad magic, a header that does not parse, tensor data running past
 the end of the file (truncated download), tensor types lowgear cannot unpack, and missing layers
@@ -36,7 +46,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import ModelFormatError, UnsupportedError
 from .blocks import FLOAT_TYPES, SUPPORTED_TYPES, is_quantized
-from .spec import NEOX_GGUF_ARCHITECTURES, QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec, PackedTensor, TensorInfo
+from .spec import (GEMMA_ARCHITECTURES, NEOX_GGUF_ARCHITECTURES, QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec,
+                   PackedTensor, TensorInfo)
 from .validate import check_spec, check_tensors
 
 GGUF_MAGIC = b"GGUF"
@@ -50,6 +61,8 @@ _LAYER_NAMES = {
     "attn_output": "o",
     "attn_q_norm": "q_norm",
     "attn_k_norm": "k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "post_ffw_norm": "post_ffn_norm",
     "ffn_norm": "ffn_norm",
     "ffn_gate": "gate",
     "ffn_up": "up",
@@ -58,6 +71,10 @@ _LAYER_NAMES = {
 _GGUF_PART = {short: part for part, short in _LAYER_NAMES.items()}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
+# llama.cpp's Gemma facts the converter does not write (see the module docstring)
+GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def canonical_name(gguf_name: str) -> str | None:
@@ -310,12 +327,14 @@ class GGUFSource:
         eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
         bos = self.metadata("tokenizer.ggml.bos_token_id")
         window = self.metadata(f"{arch}.attention.sliding_window")
+        gemma = arch in GEMMA_ARCHITECTURES
+        layers = int(self._require(f"{arch}.block_count"))
         return ModelSpec(
             arch=arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(self._require(f"{arch}.feed_forward_length")),
-            num_layers=int(self._require(f"{arch}.block_count")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -328,11 +347,39 @@ class GGUFSource:
             attention_bias="layers.0.q_bias" in self._tensors,
             sliding_window=int(window) if window else None,
             qk_norm=arch in QK_NORM_ARCHITECTURES,
+            sliding_layers=self._gemma_layers(arch, layers) if gemma else None,
+            rope_local_theta=(_short_float(self.metadata(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))
+                              if arch == "gemma3" else None),
+            attn_scale=self._gemma_scale(arch, layers, hidden, heads, head_dim) if gemma else None,
+            attn_softcap=self._positive(f"{arch}.attn_logit_softcapping") if gemma else None,
+            final_softcap=self._positive(f"{arch}.final_logit_softcapping") if gemma else None,
+            gemma_block=gemma,
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=eos_ids,
             name=str(self.metadata("general.name", "")),
             extra=extra,
         )
+
+    def _gemma_layers(self, arch: str, layers: int) -> tuple[bool, ...]:
+        """Which layers slide: the file's sliding_window_pattern (a period, or one flag per layer), else llama.cpp's."""
+        pattern = self.metadata(f"{arch}.attention.sliding_window_pattern", GEMMA_SWA_PATTERN[arch])
+        if isinstance(pattern, list):
+            if len(pattern) != layers:
+                raise ModelFormatError(f"{self.path}: {arch}.attention.sliding_window_pattern has {len(pattern)} flags "
+                                       f"for {layers} layers; the file is corrupt: re-convert it")
+            return tuple(bool(p) for p in pattern)
+        pattern = int(pattern)
+        return tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(layers))
+
+    def _positive(self, key: str) -> float | None:
+        """A float metadata value, or None where it is absent or 0 (llama.cpp's "off")."""
+        value = self.metadata(key)
+        return _short_float(value) if value else None
+
+    @staticmethod
+    def _gemma_scale(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> float:
+        """llama.cpp's softmax scale for a Gemma GGUF (it reads no scale from the file for gemma)."""
+        return (hidden // heads) ** -0.5 if layers == GEMMA_27B_LAYERS[arch] else head_dim**-0.5
 
     def _check_vocab(self) -> None:
         tokens = self.metadata("tokenizer.ggml.tokens")
@@ -352,7 +399,8 @@ class GGUFSource:
                     f"unpack: supported types are {', '.join(SUPPORTED_TYPES)}; use a GGUF quantized to one of those"
                 )
         for i in range(self.spec.num_layers):
-            required = REQUIRED_LAYER_TENSORS + (("q_norm", "k_norm") if self.spec.qk_norm else ())
+            required = (REQUIRED_LAYER_TENSORS + (("q_norm", "k_norm") if self.spec.qk_norm else ())
+                        + (("post_attn_norm", "post_ffn_norm") if self.spec.gemma_block else ()))
             missing = [n for n in required if f"layers.{i}.{n}" not in self._tensors]
             if missing:
                 stored = ", ".join(f"blk.{i}.{_GGUF_PART[n]}.weight" for n in missing)

@@ -9,7 +9,15 @@ and transformers >= 5 (`rope_parameters`, `dtype`). HF checkpoints keep q/k in t
 halves) layout. qwen2 always has q/k/v biases; its sliding window only applies with
 `use_sliding_window`. qwen3 has q/k biases only with `attention_bias`, a per-head RMSNorm on q and k
 (`self_attn.q_norm` / `k_norm`, [head_dim]) and its own `head_dim`; its sliding window, when used,
-must cover every layer (`layer_types`), as lowgear has one window per model.
+must cover every layer (`layer_types`).
+
+gemma2 and gemma3 (`gemma3_text`, or `gemma3` whose `text_config` describes the language model: the
+vision tower's and projector's tensors are left unread, text only) take the fields a Hub config.json
+leaves out from transformers' defaults for them (GEMMA_DEFAULTS). Their norms store (multiplier - 1):
+`get` hands each out as 1 + w in float32. Which layers slide comes from `layer_types`, else the
+pattern (gemma2 every other layer from the first; gemma3 `sliding_window_pattern`, 6: five of six).
+gemma3's sliding layers rotate with `rope_local_base_freq` (transformers 5: `rope_parameters
+["sliding_attention"]`), unscaled; its global layers with `rope_theta` and any `rope_scaling`.
 
 GPTQ folders (`quantization_config.quant_method` "gptq" in config.json, or an AutoGPTQ
 `quantize_config.json`) store each linear as `<prefix>.qweight/.qzeros/.scales[/.g_idx]`; `get`
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -40,7 +49,7 @@ import torch
 from ..errors import ModelFormatError, UnsupportedError
 from .exl2 import EXL2Weight, exl2_bits_per_weight, exl2_qtype
 from .gptq import GPTQ_FORMATS, GPTQWeight, check_gptq_bits, gptq_qtype
-from .spec import QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
+from .spec import GEMMA_ARCHITECTURES, QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
 from .validate import check_spec, check_tensors
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -60,18 +69,46 @@ _LAYER_NAMES = {
     "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
 }
+# Gemma's layer norms: input (attn_norm), post-attention, pre- and post-feedforward
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_layernorm.weight": "post_attn_norm",
+                      "pre_feedforward_layernorm.weight": "ffn_norm",
+                      "post_feedforward_layernorm.weight": "post_ffn_norm"}
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+# a gemma3 image-text checkpoint's language model, under the Hub's names and transformers 5's
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                  "Qwen3ForCausalLM": "qwen3"}
+                  "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+                  "Gemma3ForConditionalGeneration": "gemma3"}
+# transformers' Gemma2Config / Gemma3TextConfig defaults: Hub configs leave these out
+GEMMA_DEFAULTS = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                   max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=256,
+                   sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                   tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+    "gemma3": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                   max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                   rope_local_base_freq=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                   sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None,
+                   tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+}
+log = logging.getLogger(__name__)
 _ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 _ST_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
 
 
-def canonical_name(hf_name: str) -> str | None:
+def canonical_name(hf_name: str, arch: str | None = None) -> str | None:
     """HF tensor name -> lowgear canonical name, or None for tensors the model does not use."""
+    if arch == "gemma3":
+        for prefix, short in _TEXT_PREFIXES:
+            if hf_name.startswith(prefix):
+                hf_name = short + hf_name[len(prefix):]
+                break
     m = _LAYER_RE.match(hf_name)
     if m:
-        short = _LAYER_NAMES.get(m.group(2))
+        short = (_GEMMA_LAYER_NAMES if arch in GEMMA_ARCHITECTURES else _LAYER_NAMES).get(m.group(2))
         return None if short is None else f"layers.{m.group(1)}.{short}"
     return _GLOBAL_NAMES.get(hf_name)
 
@@ -81,6 +118,8 @@ def _arch(cfg: dict, folder: str) -> str:
     if arch is None:
         for cls in cfg.get("architectures") or ():
             arch = _ARCH_BY_CLASS.get(cls, arch)
+    if arch in ("gemma3", "gemma3_text"):  # the text model alone, or an image-text model's language model
+        arch = "gemma3"
     if arch not in SUPPORTED_ARCHITECTURES:
         shown = arch if arch is not None else (cfg.get("architectures") or "none given")
         raise UnsupportedError(
@@ -144,6 +183,63 @@ def _window(cfg: dict, arch: str, folder: str):
     return window
 
 
+def text_config(cfg: dict, folder: str) -> dict:
+    """The language model's config: a gemma3 image-text model's `text_config` (its token ids kept from
+    the outer config), with transformers' defaults under the fields a Gemma config leaves out."""
+    arch = _arch(cfg, folder)
+    if arch not in GEMMA_ARCHITECTURES:
+        return cfg
+    inner = cfg.get("text_config")
+    if isinstance(inner, dict):
+        outer = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings", "_name_or_path") if k in cfg}
+        cfg = {**outer, **inner}
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedError(f"{folder}: a Gemma with bidirectional attention (an embedding model) is not a "
+                               "text generator: lowgear runs causal language models")
+    cfg = {**GEMMA_DEFAULTS[arch], **{k: v for k, v in cfg.items() if v is not None or k.endswith("softcapping")}}
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UnsupportedError(f"{folder}: hidden_activation {act!r} is not supported for {arch}: lowgear runs "
+                               "Gemma's tanh-approximated GELU (gelu_pytorch_tanh)")
+    return {**cfg, "model_type": arch}
+
+
+def _gemma_layers(cfg: dict, arch: str, layers: int, folder: str) -> tuple[bool, ...]:
+    """Which layers slide: config.json's layer_types, else Gemma's pattern (the last of every
+    `pattern` layers is global; gemma2's pattern is 2)."""
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = 2 if arch == "gemma2" else _whole(cfg, "sliding_window_pattern", folder)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != layers:
+        raise ModelFormatError(f"{folder}/config.json: layer_types must list sliding_attention / full_attention once "
+                               f"per layer ({layers}); it has {len(types)} entries{' and ' + ', '.join(unknown) if unknown else ''}")
+    return tuple(t == "sliding_attention" for t in types)
+
+
+def _gemma_rope(cfg: dict, folder: str) -> tuple[float, dict | None, float]:
+    """(global theta, global scaling, local theta) of a gemma3 config, either style."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:  # transformers 5: one rope_parameters per layer type
+        full, local = params["full_attention"] or {}, params.get("sliding_attention") or {}
+    else:
+        full = {"rope_theta": params.get("rope_theta", cfg["rope_theta"]), **(cfg.get("rope_scaling") or {})}
+        local = {"rope_theta": cfg["rope_local_base_freq"]}
+    theta, scaling = _rope({"rope_parameters": full}, folder)
+    local_theta, local_scaling = _rope({"rope_parameters": local, "rope_theta": GEMMA_DEFAULTS["gemma3"]["rope_local_base_freq"]},
+                                       folder)
+    if local_scaling is not None:
+        raise UnsupportedError(f"{folder}: rope scaling on gemma3's sliding layers is not supported (only on its "
+                               "global layers, as Gemma 3 is trained)")
+    return theta, scaling, local_theta
+
+
+def _softcap(cfg: dict, key: str) -> float | None:
+    value = cfg.get(key)
+    return float(value) if value else None
+
+
 def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
     try:
         return _spec_from_config(cfg, folder, has_lm_head)
@@ -154,19 +250,26 @@ def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
 
 
 def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
+    cfg = text_config(cfg, folder)
     arch = _arch(cfg, folder)
     try:
         hidden = _whole(cfg, "hidden_size", folder)
         heads = _whole(cfg, "num_attention_heads", folder)
-        theta, scaling = _rope(cfg, folder)
+        gemma = arch in GEMMA_ARCHITECTURES
+        local_theta = None
+        if arch == "gemma3":
+            theta, scaling, local_theta = _gemma_rope(cfg, folder)
+        else:
+            theta, scaling = _rope(cfg, folder)
         window = _window(cfg, arch, folder)
+        layers = _whole(cfg, "num_hidden_layers", folder)
         bos = _ids(cfg.get("bos_token_id"))
         return ModelSpec(
             arch=arch,
             vocab_size=_whole(cfg, "vocab_size", folder),
             hidden_size=hidden,
             intermediate_size=_whole(cfg, "intermediate_size", folder),
-            num_layers=_whole(cfg, "num_hidden_layers", folder),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=_whole(cfg, "num_key_value_heads", folder, heads),
             head_dim=_whole(cfg, "head_dim", folder, hidden // heads if heads else 0),
@@ -175,10 +278,16 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
             rope_scaling=scaling,
             rope_style="neox",
             max_position_embeddings=_whole(cfg, "max_position_embeddings", folder, 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)) or not has_lm_head,
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
             qk_norm=arch in QK_NORM_ARCHITECTURES,
+            sliding_layers=_gemma_layers(cfg, arch, layers, folder) if gemma else None,
+            rope_local_theta=local_theta,
+            attn_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5 if gemma else None,
+            attn_softcap=_softcap(cfg, "attn_logit_softcapping") if gemma else None,
+            final_softcap=_softcap(cfg, "final_logit_softcapping") if gemma else None,
+            gemma_block=gemma,
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=_ids(cfg.get("eos_token_id")),
             name=str(cfg.get("_name_or_path", os.path.basename(os.path.normpath(folder)))),
@@ -274,6 +383,9 @@ class HFSource:
         except (TypeError, ValueError, AttributeError) as e:
             raise ModelFormatError(f"{config_path} has a malformed value ({type(e).__name__}: {e}); re-download it") from None
         self.exl2_config = q if q is not None and q["quant_method"] == "exl2" else None
+        arch = _arch(self.config, self.path)
+        self._norm_plus_one = arch in GEMMA_ARCHITECTURES  # Gemma stores norms as (multiplier - 1)
+        other_towers = 0
 
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple[str, str]] = {}  # canonical -> (file, hf name)
@@ -288,27 +400,36 @@ class HFSource:
             self._files[path] = handle
             for hf_name in handle.keys():
                 self._file_of[hf_name] = path
-                canon = canonical_name(hf_name)
+                canon = canonical_name(hf_name, arch)
+                if canon is None and hf_name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                                         "model.multi_modal_projector.")):
+                    other_towers += 1
                 if canon is not None:
                     if canon not in self._exl2_prefix:  # an EXL2 linear wins over a stray float copy
                         self._where[canon] = (path, hf_name)
                 elif hf_name.endswith(".q_weight"):  # EXL2, recognised by name as ExLlamaV2 does
                     prefix = hf_name[: -len(".q_weight")]
-                    canon = canonical_name(prefix + ".weight")
+                    canon = canonical_name(prefix + ".weight", arch)
                     if canon is not None:
                         self._where[canon] = (path, hf_name)
                         self._exl2_prefix[canon] = prefix
                 elif self.gptq is not None and hf_name.endswith(".qweight"):
                     prefix = hf_name[: -len(".qweight")]
-                    canon = canonical_name(prefix + ".weight")
+                    canon = canonical_name(prefix + ".weight", arch)
                     if canon is not None:
                         self._where[canon] = (path, hf_name)
                         self._gptq_prefix[canon] = prefix
+        if other_towers:
+            log.info("%s: an image-text model; lowgear runs its language model only and leaves the %d vision tower "
+                     "and projector tensors unread", self.path, other_towers)
         self.spec = spec_from_config(self.config, self.path, "lm_head" in self._where)
+        if other_towers:
+            self.spec.extra["text_only"] = f"{other_towers} vision tower / projector tensors not loaded (text only)"
         missing = [
             f"layers.{i}.{n}"
             for i in range(self.spec.num_layers)
             for n in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
+            + (("post_attn_norm", "post_ffn_norm") if self.spec.gemma_block else ())
             if f"layers.{i}.{n}" not in self._where
         ]
         missing += [n for n in ("embed", "norm") if n not in self._where]
@@ -460,6 +581,8 @@ class HFSource:
         linear = name[: -len("_bias")] if name.endswith("_bias") else None
         if linear in self._exl2_prefix and t.dim() == 1:  # ExLlamaV2 pads a bias with its linear
             t = t[: self._expected_out(linear, t.shape[0])]
+        if self._norm_plus_one and name.endswith("norm"):
+            t = t.float() + 1.0  # Gemma's RMSNorm scales by 1 + w, computed in float32 as transformers does
         return t
 
 

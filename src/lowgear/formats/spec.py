@@ -10,9 +10,15 @@ Canonical tensor names:
     layers.{i}.q_bias / k_bias / v_bias   (qwen2)
     layers.{i}.q_norm / k_norm  [head_dim]: RMSNorm of each q / k head before RoPE (qwen3)
     layers.{i}.ffn_norm         [hidden]
+    layers.{i}.post_attn_norm / post_ffn_norm   [hidden]: RMSNorm of the attention / MLP output before
+                                its residual add (gemma2, gemma3)
     layers.{i}.gate / up / down linear weights
     norm                        [hidden]
     lm_head                     [vocab, hidden] (absent when embeddings are tied)
+
+Every norm weight is the multiplier the normalised row is scaled by. Gemma's checkpoints store
+(multiplier - 1) (its RMSNorm scales by 1 + w); the HF reader adds the 1 in float32 as it hands the
+weight out, and llama.cpp's converter already added it in a Gemma GGUF.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ from typing import Any, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 # architectures whose attention RMS-normalises each q and k head (weights q_norm / k_norm) before RoPE
-QK_NORM_ARCHITECTURES = ("qwen3",)
+QK_NORM_ARCHITECTURES = ("qwen3", "gemma3")
 # architectures whose GGUF q/k rows are not permuted by llama.cpp's converter: RoPE rotates halves
-NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3")
+NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "gemma2", "gemma3")
+# Gemma's block: embeddings scaled by sqrt(hidden), RMSNorm after attention and after the MLP too
+# (post_attn_norm / post_ffn_norm), GeGLU (tanh-approximated GELU) for SwiGLU, tied embeddings
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -52,10 +61,30 @@ class ModelSpec:
     attention_bias: bool = False
     sliding_window: int | None = None
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (layers.{i}.q_norm / k_norm)
+    # Which layers slide: None when `sliding_window` (if any) applies to every layer, else one bool per
+    # layer (gemma2: every other layer; gemma3: five of every six)
+    sliding_layers: tuple[bool, ...] | None = None
+    # RoPE base of the sliding layers where it differs from rope_theta (gemma3: 10000, unscaled; the
+    # global layers keep rope_theta and rope_scaling)
+    rope_local_theta: float | None = None
+    attn_scale: float | None = None  # softmax scale when not head_dim**-0.5 (gemma: query_pre_attn_scalar**-0.5)
+    attn_softcap: float | None = None  # scores become cap * tanh(scores / cap) before the softmax (gemma2)
+    final_softcap: float | None = None  # logits become cap * tanh(logits / cap) (gemma2)
+    gemma_block: bool = False  # GEMMA_ARCHITECTURES' block (see above)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to every earlier position."""
+        if self.sliding_window is None or (self.sliding_layers is not None and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates with the sliding layers' own RoPE base (rope_local_theta)."""
+        return self.rope_local_theta is not None and self.sliding_layers is not None and self.sliding_layers[layer]
 
 
 @dataclass

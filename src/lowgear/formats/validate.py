@@ -13,7 +13,7 @@ from ..errors import ModelFormatError
 from .blocks import FLOAT_TYPES, QUANT_FORMATS
 from .spec import ModelSpec
 
-_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm")
+_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
 
 
 def check_spec(spec: ModelSpec, where: str) -> None:
@@ -29,12 +29,16 @@ def check_spec(spec: ModelSpec, where: str) -> None:
             raise bad(field, value, "it must be a positive whole number below 2**31")
     if spec.sliding_window is not None and not (isinstance(spec.sliding_window, int) and 1 <= spec.sliding_window < 2**31):
         raise bad("sliding_window", spec.sliding_window, "it must be a positive whole number below 2**31 or absent")
+    if spec.sliding_layers is not None and len(spec.sliding_layers) != spec.num_layers:
+        raise bad("layer_types", len(spec.sliding_layers), f"it must name one type per layer ({spec.num_layers})")
     if spec.num_heads % spec.num_kv_heads:
         raise bad("num_kv_heads", spec.num_kv_heads, f"it must divide num_heads ({spec.num_heads})")
     if spec.head_dim % 2:
         raise bad("head_dim", spec.head_dim, "RoPE needs an even head size")
-    for field in ("rms_norm_eps", "rope_theta"):
+    for field in ("rms_norm_eps", "rope_theta", "rope_local_theta", "attn_scale", "attn_softcap", "final_softcap"):
         value = getattr(spec, field)
+        if value is None and field not in ("rms_norm_eps", "rope_theta"):
+            continue
         if not math.isfinite(value) or value <= 0:
             raise bad(field, value, "it must be a positive finite number")
     if spec.rope_scaling and not (math.isfinite(spec.rope_scaling.get("factor", 1.0)) and spec.rope_scaling.get("factor", 1.0) > 0):
@@ -60,6 +64,8 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         })
         if spec.qk_norm:
             shapes.update({p + "q_norm": (spec.head_dim,), p + "k_norm": (spec.head_dim,)})
+        if spec.gemma_block:
+            shapes.update({p + "post_attn_norm": (h,), p + "post_ffn_norm": (h,)})
     return shapes
 
 
@@ -67,7 +73,7 @@ def _field_of(name: str) -> str:
     short = name.rsplit(".", 1)[-1]
     return {
         "embed": "vocab_size x hidden_size", "lm_head": "vocab_size x hidden_size", "norm": "hidden_size",
-        "attn_norm": "hidden_size", "ffn_norm": "hidden_size", "q_norm": "head_dim", "k_norm": "head_dim",
+        "attn_norm": "hidden_size", "ffn_norm": "hidden_size", "post_attn_norm": "hidden_size", "post_ffn_norm": "hidden_size", "q_norm": "head_dim", "k_norm": "head_dim",
         "q": "num_heads*head_dim x hidden_size", "k": "num_kv_heads*head_dim x hidden_size",
         "v": "num_kv_heads*head_dim x hidden_size", "o": "hidden_size x num_heads*head_dim",
         "q_bias": "num_heads*head_dim", "k_bias": "num_kv_heads*head_dim", "v_bias": "num_kv_heads*head_dim",

@@ -1,5 +1,10 @@
 """The Llama-family blocks, as the paper writes them: RMSNorm, attention with RoPE and GQA, SwiGLU.
 
+Gemma's block is the same with four differences, each a field here: GeGLU for SwiGLU (MLP.act),
+RMSNorm of the attention and the MLP outputs before their residual adds (DecoderLayer's
+post_attn_norm / post_ffn_norm), a per-layer sliding window, softmax scale and score soft-cap
+(Attention.window / scale / softcap), and embeddings scaled by sqrt(hidden) (model.py).
+
 Layers hold weights and nothing else; the step's metadata, the layer's KV cache, the attention
 backend the ladder chose and the device's `Ops` (ops/dispatch.py: torch or Triton, one contract)
 come in as arguments, so the CPU step and the CUDA step are this one code. Each residual add is
@@ -40,7 +45,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, spec: ModelSpec, qkv: QuantLinear | tuple[QuantLinear, QuantLinear, QuantLinear],
-                 o: QuantLinear, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+                 o: QuantLinear, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, layer: int = 0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.sizes = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
@@ -54,9 +59,10 @@ class Attention(nn.Module):
             self.q, self.k, self.v = qkv
         self.o = o
         self.q_norm, self.k_norm = q_norm, k_norm
-        self.scale = self.head_dim**-0.5
+        self.scale = spec.attn_scale or self.head_dim**-0.5
         self.rope_style = spec.rope_style
-        self.window = spec.sliding_window
+        self.window = spec.window_of(layer)
+        self.softcap = spec.attn_softcap
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim].
@@ -82,14 +88,15 @@ class Attention(nn.Module):
         # RoPE and the cache write in one op; then the backend only attends
         ops.rope_kv_(q, k, v, meta.positions, rope_table[0], rope_table[1], self.rope_style, k_cache, v_cache,
                      meta.slot_mapping)
-        out = backend.attend(q, k_cache, v_cache, meta, self.scale, self.window)
+        out = backend.attend(q, k_cache, v_cache, meta, self.scale, self.window, self.softcap)
         return self.o(out.reshape(t, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU; `gate_up` is one fused linear whose output rows are gate|up, or the two linears."""
+    """SwiGLU, or GeGLU (tanh GELU) with gelu=True; `gate_up` is one fused linear whose output rows are
+    gate|up, or the two linears."""
 
-    def __init__(self, gate_up: QuantLinear | tuple[QuantLinear, QuantLinear], down: QuantLinear):
+    def __init__(self, gate_up: QuantLinear | tuple[QuantLinear, QuantLinear], down: QuantLinear, gelu: bool = False):
         super().__init__()
         if isinstance(gate_up, QuantLinear):
             if gate_up.out_features % 2:
@@ -100,18 +107,24 @@ class MLP(nn.Module):
             self.gate_up = None
             self.gate, self.up = gate_up
         self.down = down
+        self.gelu = gelu
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        if self.gate_up is not None:  # silu(gate) * up in one op over the fused output
-            return self.down(ops.silu_mul(self.gate_up(x)))
+        if self.gate_up is not None:  # act(gate) * up in one op over the fused output
+            return self.down((ops.gelu_mul if self.gelu else ops.silu_mul)(self.gate_up(x)))
         gate, up = self.gate(x), self.up(x)  # EXL2 layers (never fused): torch on every device
-        return self.down(nn.functional.silu(gate) * up)
+        act = nn.functional.gelu(gate, approximate="tanh") if self.gelu else nn.functional.silu(gate)
+        return self.down(act * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, mlp: MLP):
+    """`post_attn_norm` / `post_ffn_norm` (Gemma): RMSNorm of the attention / MLP output before it is added."""
+
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, mlp: MLP,
+                 post_attn_norm: RMSNorm | None = None, post_ffn_norm: RMSNorm | None = None):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.mlp = attn_norm, attn, ffn_norm, mlp
+        self.post_attn_norm, self.post_ffn_norm = post_attn_norm, post_ffn_norm
 
     def forward(self, h, pending, rope_table, meta, k_cache, v_cache, backend, ops):
         """Returns (residual stream, this layer's MLP output not yet added to it).
@@ -126,5 +139,8 @@ class DecoderLayer(nn.Module):
         else:
             x, h = self.attn_norm.forward(pending, ops, residual=h)
         a = self.attn.forward(x, rope_table, meta, k_cache, v_cache, backend, ops)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm.forward(a, ops)
         x, h = self.ffn_norm.forward(a, ops, residual=h)
-        return h, self.mlp.forward(x, ops)
+        m = self.mlp.forward(x, ops)
+        return h, (m if self.post_ffn_norm is None else self.post_ffn_norm.forward(m, ops))

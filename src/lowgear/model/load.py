@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..platform import hardware
 from .linear import QuantLinear
-from ..attention.select import select_backend
+from ..attention.select import model_needs, select_backend
 from ..ops import pdl
 from ..ops.dispatch import ops_for
 from ..platform.dtypes import common_dtype, dtype_bytes
@@ -55,7 +55,7 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     pdl.configure(config)
     for idx in used:
         info = devices[idx]
-        model.selections[info.label] = select_backend(info, switches, dtype)
+        model.selections[info.label] = select_backend(info, switches, dtype, model_needs(spec))
         model.ops[info.label] = ops_for(info)
 
     layer_devs = [devices[plan.layer_device[i]].torch_device for i in range(spec.num_layers)]

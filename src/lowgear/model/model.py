@@ -38,8 +38,10 @@ class Model:
         self.layer_ops: list = []  # each layer's device's Ops
         self.plan = None
         self.cpu_weights = None  # platform.placement.CpuWeights when a CPU holds layers: unpacked or packed, and why
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
-        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inv_freq: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        self._rope_tables: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        # per layer: whether it rotates with the sliding layers' own RoPE base (gemma3)
+        self._local_rope = tuple(self.spec.local_rope(i) for i in range(self.spec.num_layers))
 
     # ---------------------------------------------------------------- loading
     @property
@@ -89,10 +91,11 @@ class Model:
         def norm(name: str) -> RMSNorm:
             return RMSNorm(get(pre + name).to(device=device, dtype=torch.float32), spec.rms_norm_eps)
 
-        qk_norms = (norm("q_norm"), norm("k_norm")) if spec.qk_norm else ()
-        attn = Attention(spec, linears(("q", "k", "v")), linear("o"), *qk_norms)
-        mlp = MLP(linears(("gate", "up")), linear("down"))
-        return DecoderLayer(norm("attn_norm"), attn, norm("ffn_norm"), mlp)
+        qk_norms = (norm("q_norm"), norm("k_norm")) if spec.qk_norm else (None, None)
+        attn = Attention(spec, linears(("q", "k", "v")), linear("o"), *qk_norms, layer=i)
+        mlp = MLP(linears(("gate", "up")), linear("down"), gelu=spec.gemma_block)
+        post = (norm("post_attn_norm"), norm("post_ffn_norm")) if spec.gemma_block else ()
+        return DecoderLayer(norm("attn_norm"), attn, norm("ffn_norm"), mlp, *post)
 
     def build_ends(self, get, names: set[str], first: torch.device, last: torch.device, dtype: torch.dtype) -> None:
         self.embed = _to(QuantLinear(get("embed")), first, dtype)
@@ -132,27 +135,36 @@ class Model:
             raise ConfigError("the model is not loaded: call model.load() or model.load_autosplit(cache) first")
         device, ops = self.layer_devices[0], self.layer_ops[0]
         h = self.embed.lookup(input_ids.to(device)).to(self.dtype)  # [T, hidden]
+        if self.spec.gemma_block:  # times sqrt(hidden) rounded to the activation dtype, as transformers' Gemma
+            h = h * float(torch.tensor(self.spec.hidden_size**0.5, dtype=self.dtype))
         meta_here = meta.to(device)
-        table = self._rope_table(device, cache)
+        tables = self._rope_tables_on(device, cache)
         pending = None
         for i, layer in enumerate(self.layers):
             if self.layer_devices[i] != device:
                 device, ops = self.layer_devices[i], self.layer_ops[i]
                 h, pending, meta_here = h.to(device), pending.to(device), meta.to(device)
-                table = self._rope_table(device, cache)
+                tables = self._rope_tables_on(device, cache)
             k_cache, v_cache = cache.layer(i)
-            h, pending = layer.forward(h, pending, table, meta_here, k_cache, v_cache,
+            h, pending = layer.forward(h, pending, tables[self._local_rope[i]], meta_here, k_cache, v_cache,
                                        self.backend_for(device, meta.is_decode), ops)
         rows = meta_here.logit_indices
         h, _ = self.norm.forward(pending.index_select(0, rows), ops, residual=h.index_select(0, rows))
-        return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        cap = self.spec.final_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
-    def _freqs(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
-            self._inv_freq[device] = inv_frequencies(self.spec).to(device)
-        return self._inv_freq[device]
+    def _rope_tables_on(self, device: torch.device, cache) -> tuple:
+        """(global, local) RoPE tables on `device`; local is the global one unless the sliding layers have their own base."""
+        table = self._rope_table(device, cache)
+        return (table, self._rope_table(device, cache, local=True) if any(self._local_rope) else table)
 
-    def _rope_table(self, device: torch.device, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _freqs(self, device: torch.device, local: bool = False) -> torch.Tensor:
+        if (device, local) not in self._inv_freq:
+            self._inv_freq[device, local] = inv_frequencies(self.spec, local).to(device)
+        return self._inv_freq[device, local]
+
+    def _rope_table(self, device: torch.device, cache, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [positions, head_dim/2] float32 for every position the cache can hold, built once.
 
         The first (eager) step builds it, before any graph capture; a larger cache rebuilds it.
@@ -160,10 +172,10 @@ class Model:
         # positions stay below the cache's capacity (a sequence must fit in it); the kernel does not
         # bounds-check, so a cache without one gets the model's whole context
         n = getattr(cache, "capacity_tokens", 0) or self.spec.max_position_embeddings
-        table = self._rope_tables.get(device)
+        table = self._rope_tables.get((device, local))
         if table is None or table[0].shape[0] < n:
             positions = torch.arange(n, device=device)
-            table = self._rope_tables[device] = cos_sin(positions, self._freqs(device))
+            table = self._rope_tables[device, local] = cos_sin(positions, self._freqs(device, local))
         return table
 
     def unload(self) -> None:

@@ -14,10 +14,16 @@ import torch
 from ..formats.spec import ModelSpec
 
 
-def inv_frequencies(spec: ModelSpec) -> torch.Tensor:
-    """[head_dim / 2] float32 angular frequency per rotated pair, scaling applied."""
+def inv_frequencies(spec: ModelSpec, local: bool = False) -> torch.Tensor:
+    """[head_dim / 2] float32 angular frequency per rotated pair, scaling applied.
+
+    `local`: the sliding layers' own base (spec.rope_local_theta, gemma3), which takes no scaling.
+    """
     dim = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    theta = spec.rope_local_theta if local else spec.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if local:
+        return inv_freq
     scaling = spec.rope_scaling or {}
     kind = scaling.get("type") or scaling.get("rope_type")
     if kind == "linear":

@@ -34,7 +34,7 @@ class Ops:
     """One device's implementations. rms_norm(x, w, eps, residual=None) -> normed, or with residual
     (normed x + residual, the sum written into residual); rope_kv_(q, k, v, positions, cos, sin, style,
     k_cache, v_cache, slot_mapping) rotates q/k in place and writes k/v to the cache; silu_mul(gate_up)
-    -> silu(gate) * up; linear_kernel(module) -> a QuantLinear kernel hook, or None for torch's."""
+    -> silu(gate) * up, gelu_mul(gate_up) -> gelu_tanh(gate) * up (GeGLU); linear_kernel(module) -> a QuantLinear kernel hook, or None for torch's."""
 
     name: str  # "torch" or "triton"
     eligibility: Eligibility
@@ -42,6 +42,7 @@ class Ops:
     rope_kv_: Callable
     silu_mul: Callable
     linear_kernel: Callable
+    gelu_mul: Callable
 
 
 def triton_missing() -> str | None:
@@ -112,12 +113,12 @@ def _no_kernel(module) -> None:
 
 
 def torch_ops(eligibility: Eligibility | None = None) -> Ops:
-    from .act import silu_mul_ref
+    from .act import gelu_mul_ref, silu_mul_ref
     from .norm import rms_norm_torch
     from .rope import rope_kv_torch
 
     eligibility = eligibility or Eligibility(False, "torch ops asked for")
-    return Ops("torch", eligibility, rms_norm_torch, rope_kv_torch, silu_mul_ref, _no_kernel)
+    return Ops("torch", eligibility, rms_norm_torch, rope_kv_torch, silu_mul_ref, _no_kernel, gelu_mul_ref)
 
 
 def _triton_linear_kernel(module):
@@ -128,12 +129,13 @@ def _triton_linear_kernel(module):
 
 def triton_ops(eligibility: Eligibility | None = None) -> Ops:
     """The Triton ops (also what tests run on the CPU under TRITON_INTERPRET=1)."""
-    from .act import silu_mul_triton
+    from .act import gelu_mul_triton, silu_mul_triton
     from .norm import rms_norm_triton
     from .rope import rope_kv_triton
 
     eligibility = eligibility or Eligibility(True, "Triton ops asked for")
-    return Ops("triton", eligibility, rms_norm_triton, rope_kv_triton, silu_mul_triton, _triton_linear_kernel)
+    return Ops("triton", eligibility, rms_norm_triton, rope_kv_triton, silu_mul_triton, _triton_linear_kernel,
+               gelu_mul_triton)
 
 
 def ops_for(device) -> Ops:

@@ -19,6 +19,10 @@ block's keys, and the probabilities times its values, both through tl.dot (tenso
 of DOT_BLOCK_N positions, DOT_NUM_WARPS warps a program; the online softmax, the splits and the
 reduce are the same. Inputs may be fp16, bf16 or fp32; everything is accumulated in fp32 and scores
 live in the log2 domain (exp2).
+
+SOFTCAP (a constexpr: models without it compile the kernel unchanged) soft-caps each score, cap *
+tanh(score / cap), before the softmax (gemma2); `softcapped` is that map in the log2 domain, shared
+with the prefill kernel.
 """
 
 from __future__ import annotations
@@ -40,10 +44,20 @@ NO_WINDOW = 1 << 30
 
 
 @triton.jit
+def softcapped(s, cap_log2):
+    """Scores s in the log2 domain (score * log2(e)) soft-capped: cap * tanh(score / cap), times log2(e),
+    for cap_log2 = cap * log2(e). tanh(x) = 1 - 2 / (1 + e^(2x)): exact at both ends (e^(2x) overflowing
+    to inf gives 1, underflowing to 0 gives -1), with no tanh instruction the interpreter lacks;
+    e^(2x) = 2^(2 log2(e) x), and x = s / cap_log2."""
+    return cap_log2 * (1.0 - 2.0 / (1.0 + tl.exp2(2.8853900817779268 * s / cap_log2)))
+
+
+@triton.jit
 def _decode_block(
     q, m_i, l_i, acc, n0, end, table, k_base, v_base,
-    stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT: tl.constexpr, SPLIT_D: tl.constexpr,
+    stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, softcap_log2,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, SPLIT_D: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """One block of positions n0.. (< end): update the online softmax state (m_i, l_i, acc).
 
@@ -105,6 +119,8 @@ def _decode_block(
             s = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] fp32
         else:
             s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
+    if SOFTCAP:
+        s = softcapped(s, softcap_log2)
     s = tl.where(n_ok[None, :], s, float("-inf"))
     # Every block holds at least one valid position, so m_new is finite from the first block on.
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -143,6 +159,7 @@ def paged_decode_kernel(
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32 (log2 domain)
     scale_log2,  # softmax scale * log2(e)
     window,  # sliding window in positions (NO_WINDOW for none)
+    softcap_log2,  # attention soft-cap * log2(e), read when SOFTCAP
     min_split,  # fewest positions a split takes (a multiple of BLOCK_N)
     heads_per_kv,  # query heads per kv head (a multiple of GROUP)
     stride_qb,
@@ -169,6 +186,7 @@ def paged_decode_kernel(
     PDL: tl.constexpr,  # programmatic dependent launch (pdl.py)
     SPLIT_D: tl.constexpr,  # FMA form: lanes across head_dim in a score (0: all 32; see paged_decode)
     D_VEC: tl.constexpr,  # with SPLIT_D: contiguous head_dim elements a thread loads (16 bytes)
+    SOFTCAP: tl.constexpr = False,  # scores soft-capped (softcap_log2)
 ):
     """Decode attention for (sequence, head group, split) program_id (0, 1, 2): the FMA form with
     SPLIT_D > 0, else the DOT form or the FMA form that spreads head_dim over the whole warp."""
@@ -233,16 +251,16 @@ def paged_decode_kernel(
         while n0 < end:
             m_i, l_i, acc = _decode_block(
                 q, m_i, l_i, acc, n0, end, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok,
-                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, softcap_log2,
+                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D, SOFTCAP,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _decode_block(
                 q, m_i, l_i, acc, n0, end, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok,
-                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, softcap_log2,
+                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D, SOFTCAP,
             )  # fmt: skip
 
     has = l_i > 0.0  # False only for a split that lies past the end of a short sequence
@@ -372,6 +390,7 @@ def paged_decode(
     scale: float,
     max_kv_len: int,
     window: int | None = None,
+    softcap: float | None = None,
     num_splits: int | None = None,
     target_programs: int = 256,
     out: torch.Tensor | None = None,
@@ -391,7 +410,7 @@ def paged_decode(
     `use_dot` (fp16 / bf16 caches, for sm_80+: see DOT_BLOCK_N and beside it) runs scores and values through
     tl.dot with a kv head's query heads as the rows of the product.
 
-    `split_d` picks the FMA form's lane split (see `_form`).
+    `split_d` picks the FMA form's lane split (see `_form`). `softcap` soft-caps the scores (cap * tanh(s / cap)).
     """
     batch, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
@@ -421,7 +440,7 @@ def paged_decode(
     split_consts = {"SPLIT_D": min(split_d, head_dim_p // d_vec) if split_d else 0, "D_VEC": d_vec}
     paged_decode_kernel[(batch, programs, num_splits)](
         q, k_cache, v_cache, block_tables, kv_lens, out, part_o, part_lse,
-        scale * _LOG2E, window or NO_WINDOW, min_split, group,
+        scale * _LOG2E, window or NO_WINDOW, (softcap or 1.0) * _LOG2E, min_split, group,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -430,7 +449,7 @@ def paged_decode(
         GROUP=per_program, GROUP_P=max(16 if use_dot else 1, triton.next_power_of_2(per_program)),
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED, DOT=use_dot,
+        NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED, DOT=use_dot, SOFTCAP=bool(softcap),
         num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}), **split_consts,
         **launch,
     )  # fmt: skip

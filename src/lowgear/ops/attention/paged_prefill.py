@@ -11,6 +11,7 @@ This is the compute-bound path and uses `tl.dot`. Triton compiles `tl.dot` to te
 only on sm_80+; on sm_70/sm_75 it becomes plain FMAs, so there prefill should go to sdpa (the
 backend says so through `TritonBackend.prefers_sdpa_prefill_below_sm80`). fp32 inputs use IEEE
 precision in `tl.dot`, not TF32, so the fp32 path agrees with the reference to fp32 accuracy.
+SOFTCAP soft-caps the scores as the decode kernel does (its `softcapped`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .paged_decode import softcapped
 
 INTERPRETED = False  # set below, from what @triton.jit returned
 
@@ -28,9 +31,9 @@ NO_WINDOW = 1 << 30
 
 @triton.jit
 def _prefill_block(
-    q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, table, k_base, v_base,
+    q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, softcap_log2, table, k_base, v_base,
     stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok,
-    PAGE_SIZE: tl.constexpr, IEEE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """One block of key positions n0.. (< hi): update the online softmax state (m_i, l_i, acc).
 
@@ -53,6 +56,8 @@ def _prefill_block(
     else:
         s = tl.dot(q, k_t)
     s = s * scale_log2  # [BLOCK_M, BLOCK_N]
+    if SOFTCAP:
+        s = softcapped(s, softcap_log2)
     see = m_ok[:, None] & n_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
     see = see & (k_pos[None, :] > q_pos[:, None] - window)
     s = tl.where(see, s, float("-inf"))
@@ -85,6 +90,7 @@ def paged_prefill_kernel(
     out_ptr,  # [T, H, D]
     scale_log2,  # softmax scale * log2(e)
     window,  # sliding window in positions (NO_WINDOW for none)
+    softcap_log2,  # attention soft-cap * log2(e), read when SOFTCAP
     stride_qt,
     stride_qh,
     stride_kp,
@@ -104,6 +110,7 @@ def paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products in tl.dot
     WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _prefill_block)
+    SOFTCAP: tl.constexpr = False,  # scores soft-capped (softcap_log2)
 ):
     block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -145,15 +152,15 @@ def paged_prefill_kernel(
         n0 = lo
         while n0 < hi:
             m_i, l_i, acc = _prefill_block(
-                q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, IEEE,
+                q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, softcap_log2, table, k_base, v_base,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, IEEE, SOFTCAP,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
         for n0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _prefill_block(
-                q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, IEEE,
+                q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, softcap_log2, table, k_base, v_base,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, IEEE, SOFTCAP,
             )  # fmt: skip
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -168,10 +175,14 @@ INTERPRETED = type(paged_prefill_kernel).__name__ == "InterpretedFunction"
 
 
 def blocks_for(head_dim: int, interpreted: bool) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 64x64 tiles for head_dim <= 64, 64x32 above (fits sm_75's shared memory)."""
+    """(BLOCK_M, BLOCK_N): 64x64 tiles for head_dim <= 64, 64x32 to 128, 32x16 above (Gemma's 256).
+
+    Each fits sm_75's 64 KiB of shared memory a block: compiled for sm_75 in fp16, head_dim 256 takes
+    96 KiB at 64x32, 64 KiB at 32x32 (the limit, with nothing to spare) and 48 KiB at 32x16.
+    """
     if interpreted:
         return 32, 32
-    return (64, 64) if head_dim <= 64 else (64, 32)
+    return (64, 64) if head_dim <= 64 else (64, 32) if head_dim <= 128 else (32, 16)
 
 
 def paged_prefill(
@@ -185,6 +196,7 @@ def paged_prefill(
     max_q_len: int,
     window: int | None = None,
     out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of every new token over its sequence's cache; `max_q_len` is host-side."""
     tokens, heads, head_dim = q.shape
@@ -201,7 +213,7 @@ def paged_prefill(
     block_m, block_n = blocks_for(head_dim, INTERPRETED)
     paged_prefill_kernel[(triton.cdiv(max_q_len, block_m), batch, heads)](
         q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens, out,
-        scale * _LOG2E, window or NO_WINDOW,
+        scale * _LOG2E, window or NO_WINDOW, (softcap or 1.0) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -210,7 +222,7 @@ def paged_prefill(
         GROUP=heads // kv_heads,
         HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
         PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=k_cache.dtype == torch.float32, WHILE_LOOP=INTERPRETED,
+        IEEE=k_cache.dtype == torch.float32, WHILE_LOOP=INTERPRETED, SOFTCAP=bool(softcap),
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
