@@ -179,6 +179,7 @@ def blocks_for(head_dim: int, interpreted: bool) -> tuple[int, int]:
 
     Each fits sm_75's 64 KiB of shared memory a block: compiled for sm_75 in fp16, head_dim 256 takes
     96 KiB at 64x32, 64 KiB at 32x32 (the limit, with nothing to spare) and 48 KiB at 32x16.
+    why: docs/decisions/015-gemma-prefill-tiles-head-dim-256.md
     """
     if interpreted:
         return 32, 32
