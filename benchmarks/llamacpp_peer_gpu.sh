@@ -12,7 +12,8 @@
 # 2. writes a random Llama-3-8B-shape model as F16 GGUF (lowgear's synthetic writer) and quantizes it
 #    with llama.cpp's own llama-quantize to each type (so Q4_K_M holds llama.cpp's real Q6_K / Q4_K mix);
 # 3. `lowgear bench --model FILES --llama-cpp BIN` times both engines on each file: graphed decode at
-#    each batch size, context 512, and a 512-token prefill. bench.json holds every figure and ratio.
+#    each batch size, context 512, and a 512-token prefill; OUT_DIR/<file>/bench.json holds every figure
+#    and ratio, one folder per file.
 # PHASE=prepare stops after step 2 (to build and quantize while the GPU does other work).
 set -euo pipefail
 OUT="${1:?usage: bash benchmarks/llamacpp_peer_gpu.sh OUT_DIR [TYPES] [BATCHES]}"
@@ -64,6 +65,11 @@ for t in ${TYPES//,/ }; do
 done
 
 [ "${PHASE:-all}" = prepare ] && exit 0  # PHASE=prepare: build and write the files only
-echo "== bench $(date +%T): $FILES"
-"$PY" -m lowgear.cli.main bench --model "$FILES" --llama-cpp "$BIN" --rungs triton --no-peer \
-    --batch "$BATCHES" --context 512 --prefill 512 --warmup 2 --iters 10 --out "$OUT"
+# one bench per file, each a whole table (both engines): a run cut short keeps the files it finished
+for f in ${FILES//,/ }; do
+    name=$(basename "$f" .gguf)
+    echo "== bench $name $(date +%T)"
+    "$PY" -m lowgear.cli.main bench --model "$f" --llama-cpp "$BIN" --rungs triton --no-peer \
+        --batch "$BATCHES" --context 512 --prefill 512 --warmup 2 --iters 10 --out "$OUT/$name" 2>&1 \
+        | grep -v "it/s\]\|layer/s\]" | tee "$OUT/$name.log" | grep -E "lowgear|llama.cpp|skipped|Error" || true
+done
