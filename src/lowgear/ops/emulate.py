@@ -62,3 +62,14 @@ def install(emulated: tuple[int, int], native: tuple[int, int]) -> None:
 
 def installed() -> dict:
     return dict(_INSTALLED)
+
+
+def install_from_env() -> None:
+    """`install` for the first real GPU that LOWGEAR_EMULATE_SM runs as an older one (none: nothing)."""
+    from ..platform import hardware
+    from .dispatch import triton_missing
+
+    for d in hardware.list_devices():
+        if d.kind == "cuda" and d.native_capability is not None and triton_missing() is None:
+            install(d.compute_capability, d.native_capability)
+            return
