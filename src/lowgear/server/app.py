@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, LowgearError
-from . import metrics
+from . import anthropic, metrics
 from .engine import Engine, Event, JobHandle
 from .openai_types import (APIError, ChatCompletionRequest, CompletionRequest, SamplingSpec, find_lone_surrogate,
                            format_validation_error, sampling_spec)
@@ -51,6 +51,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_any_model: b
     _add_error_handlers(app)
     _add_plain_routes(app, engine, gate)
     _add_generation_routes(app, engine, gate)
+    app.include_router(anthropic.router)  # /v1/messages: Anthropic's API over the chat route
     _document_request_bodies(app)
     return app
 
@@ -66,7 +67,8 @@ def _document_request_bodies(app: FastAPI) -> None:
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest),
+                            ("/v1/messages", anthropic.MessagesRequest)):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
@@ -420,7 +422,8 @@ async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_
             yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}])
         if ev.done:
             last[ev.index] = ev
-            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason,
+                          "stop_reason": ev.stop_reason}])
     if include_usage:
         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "system_fingerprint": None, "choices": [], "usage": _usage(jobs, last)})
