@@ -53,6 +53,15 @@ def _positive(value: str) -> int:
     return n
 
 
+def _router_metric(value: str) -> tuple[str, str]:
+    from .metrics import parse_router_metric
+
+    try:
+        return parse_router_metric(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def bind_socket(host: str, port: int):
     """A listening socket on host:port, made before the model loads so a taken port or a bad address
     is said at once (the socket is handed to uvicorn, so nothing can take the port in between)."""
@@ -109,6 +118,11 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..config import add_threads_option
 
     add_threads_option(p)
+    p.add_argument("--router-metric", type=_router_metric, action="append", default=[], metavar="KIND=NAME",
+                   help="export a gateway gauge of /metrics under NAME (KIND: queued, running, kv_usage; repeatable; "
+                        "an empty NAME drops it). Default: vLLM's names, which Kubernetes inference gateways scrape "
+                        "(vllm:num_requests_waiting, vllm:num_requests_running, vllm:kv_cache_usage_perc and "
+                        "vllm:gpu_cache_usage_perc)")
     p.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve: one engine per replica behind Ray's HTTP proxy (extra `ray`)")
     p.add_argument("--replicas", type=_positive, default=1, help="Ray Serve replicas with --ray (default 1)")
@@ -206,7 +220,7 @@ def main(args=None) -> int:
         engine.start()
         try:
             app = create_app(engine, api_key=args.api_key, allow_any_model=getattr(args, "allow_any_model", False),
-                             model_names=tuple(names[1:]))
+                             model_names=tuple(names[1:]), router_metrics=args.router_metric)
             host = f"[{args.host}]" if ":" in args.host else args.host
             port = sock.getsockname()[1]
             print(f"lowgear serve: {engine.model_name} (context {engine.max_seq_len} tokens) on http://{host}:{port}",

@@ -40,11 +40,13 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_any_model: bool = False,
-               model_names: tuple[str, ...] = ()) -> FastAPI:
+               model_names: tuple[str, ...] = (), router_metrics=()) -> FastAPI:
     """`model_names`: names a request's `model` may give besides engine.model_name; `allow_any_model`
-    accepts any name (as llama-server does), else an unknown one is a 404 `model_not_found`."""
+    accepts any name (as llama-server does), else an unknown one is a 404 `model_not_found`;
+    `router_metrics`: (kind, name) pairs renaming the gateway gauges of /metrics (metrics.router_names)."""
     app = FastAPI(title="lowgear", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
+    app.state.router_metrics = metrics.router_names(router_metrics)
     known = tuple(dict.fromkeys((engine.model_name, *model_names)))
     gate = _Gate(api_key, None if allow_any_model else known)
     gate.known = known
@@ -173,7 +175,7 @@ def _add_plain_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
 
     @app.get("/metrics")
     async def get_metrics():
-        return PlainTextResponse(metrics.render(engine.stats(), engine.model_name),
+        return PlainTextResponse(metrics.render(engine.stats(), engine.model_name, app.state.router_metrics),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict:
