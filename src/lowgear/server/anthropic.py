@@ -22,13 +22,12 @@ import re
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from fastapi import APIRouter, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from .openai_types import format_validation_error
 
-router = APIRouter()
 CHAT_PATH = "/v1/chat/completions"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
@@ -439,7 +438,10 @@ class _Translated(Response):
         return translator.chunk(chunk)
 
 
-@router.post("/v1/messages")
+def add_routes(app: FastAPI) -> None:
+    app.add_api_route("/v1/messages", create_message, methods=["POST"])
+
+
 async def create_message(request: Request):
     try:
         raw = await request.body()

@@ -53,7 +53,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_any_model: b
     _add_error_handlers(app)
     _add_plain_routes(app, engine, gate)
     _add_generation_routes(app, engine, gate)
-    app.include_router(anthropic.router)  # /v1/messages: Anthropic's API over the chat route
+    anthropic.add_routes(app)  # /v1/messages: Anthropic's API over the chat route
     _document_request_bodies(app)
     return app
 
