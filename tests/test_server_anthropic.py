@@ -207,6 +207,27 @@ def test_a_failing_generation_mid_stream_is_an_error_event():
     engine.stop()
 
 
+def test_a_crash_behind_the_chat_route_is_an_anthropic_500():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lowgear.server import anthropic as layer
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def broken():
+        raise RuntimeError("planted bug")
+
+    layer.add_routes(app)
+    with TestClient(app, raise_server_exceptions=False) as test:
+        for stream in (False, True):
+            r = test.post("/v1/messages", json={"model": "m", "max_tokens": 3, "messages": ASK, "stream": stream})
+            assert r.status_code == 500
+            assert r.json() == {"type": "error", "error": {"type": "api_error",
+                                                           "message": "generation failed: RuntimeError: planted bug"}}
+
+
 # -------------------------------------------------------------- the translation, by hand
 
 

@@ -5,6 +5,10 @@ answering like `lowgear serve` does. Runs where the `ray` extra is installed."""
 from __future__ import annotations
 
 import concurrent.futures
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -13,10 +17,48 @@ serve = pytest.importorskip("ray.serve")
 
 from lowgear.server.ray_serve import REPLICA_HEADER, build_app  # noqa: E402
 
-from test_server import client, free_port, get_metrics, http  # noqa: E402
+from test_server import client, free_port, get_metrics, http, user_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ASK = [{"role": "user", "content": "Name three colors."}]
+
+
+def spread(base: str, n: int = 16) -> tuple[set[str], list]:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: ask(base, i), range(n)))
+    return {r for r, _ in answers}, [a for _, a in answers]
+
+
+def test_the_cli(smollm2_path, tmp_path):
+    """`lowgear serve --ray --replicas 2` (first in this file: one Ray cluster at a time); Ctrl-C stops it."""
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from lowgear.cli import main; sys.exit(main())",
+                             "serve", "--ray", "--replicas", "2", "--port", str(port), "--threads", "1",
+                             "--max-seq-len", "512", "--cache-size", "512", "--served-model-name", "smol",
+                             "--model", smollm2_path], env=user_env(), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if http(base, "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        log.seek(0)
+        assert proc.poll() is None and http(base, "/health")[0] == 200, log.read()
+        replicas, answers = spread(base)
+        assert len(replicas) == 2, replicas
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    assert rc == 0
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +83,11 @@ def ask(base: str, i: int):
 
 
 def test_requests_spread_over_two_replicas(ray_base):
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: ask(ray_base, i), range(16)))
-    replicas = {r for r, _ in answers}
+    replicas, answers = spread(ray_base)
     assert len(replicas) == 2, replicas
-    texts = {a.choices[0].message.content for _, a in answers}
+    texts = {a.choices[0].message.content for a in answers}
     assert len(texts) == 1 and next(iter(texts))  # greedy: every replica gives the same answer
-    assert all(a.usage.completion_tokens == 4 and a.model == "smol" for _, a in answers)
+    assert all(a.usage.completion_tokens == 4 and a.model == "smol" for a in answers)
 
 
 def test_each_replica_serves_the_whole_api(ray_base):

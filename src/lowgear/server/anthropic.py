@@ -18,6 +18,7 @@ the token counts, which therefore arrive in message_delta (message_start says 0 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from typing import Annotated, Any, Literal, Union
@@ -25,9 +26,11 @@ from typing import Annotated, Any, Literal, Union
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from starlette.requests import ClientDisconnect
 
 from .openai_types import format_validation_error
 
+log = logging.getLogger("lowgear.server")
 CHAT_PATH = "/v1/chat/completions"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
@@ -381,7 +384,7 @@ class _Translated(Response):
             return await receive()  # the client's own channel: a disconnect reaches the chat route
 
         translator = EventTranslator(self.req.model, self.req.stop_sequences or [])
-        state = {"status": 200, "error_body": b"", "buffer": b"", "events": []}
+        state = {"status": 200, "started": False, "error_body": b"", "buffer": b"", "events": []}
 
         async def emit(events):
             if self.req.stream:
@@ -398,6 +401,7 @@ class _Translated(Response):
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+                    state["started"] = True
                     await emit(translator.start())
                 elif state["status"] == 200:
                     state["events"] += translator.start()
@@ -412,7 +416,17 @@ class _Translated(Response):
             for raw in complete:
                 await emit(self._translate(translator, raw))
 
-        await scope["app"](inner_scope, inner_receive, inner_send)
+        try:
+            await scope["app"](inner_scope, inner_receive, inner_send)
+        except (OSError, ClientDisconnect):  # the client went away (the chat route has cancelled its jobs)
+            raise
+        except Exception as exc:  # a bug behind the chat route: answered, not a broken connection
+            log.exception("the chat route failed under /v1/messages")
+            failure = AnthropicError(500, f"generation failed: {type(exc).__name__}: {exc}")
+            if state["started"]:
+                await send({"type": "http.response.body", "body": _sse("error", failure.body()), "more_body": False})
+                return
+            state["status"], state["error_body"] = 500, json.dumps({"error": {"message": failure.message}}).encode()
         if state["status"] != 200:
             err = _from_openai_error(state["status"], state["error_body"])
             await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
