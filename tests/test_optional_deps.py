@@ -75,6 +75,17 @@ def test_forced_triton_rung_without_triton_names_the_extra(monkeypatch):
     assert TritonBackend().probe(cpu_device()).reason.endswith("pip install 'lowgear[triton]'")
 
 
+def test_doctor_says_which_extra_gives_nvidia_smi_numbers(monkeypatch):
+    from lowgear.cli import doctor
+
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "t4")
+    report = doctor.collect()
+    report["devices"][0]["nvml_index"] = None  # as on a real GPU when NVML cannot be read
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert ("(nvidia-smi numbers needs the package 'pynvml', which is not installed: pip install 'lowgear[nvml]')"
+            in doctor.render(report))
+
+
 def test_a_broken_package_is_not_called_missing(monkeypatch):
     """A package that is there but fails to import says so (with its error), and still names the extra."""
     from lowgear.errors import MissingDependencyError, require
@@ -87,6 +98,10 @@ def test_a_broken_package_is_not_called_missing(monkeypatch):
         require("foo", "serve", "a feature")
     assert str(info.value) == ("a feature needs the package 'foo', which fails to import (libfoo.so: cannot open "
                                "shared object file): pip install 'lowgear[serve]'")
+
+
+# the distributions of modules that the test environment may lack (written from their PyPI pages)
+DISTRIBUTIONS = {"pynvml": {"nvidia-ml-py"}, "triton": {"triton"}, "matplotlib": {"matplotlib"}, "ray": {"ray"}}
 
 
 def _require_calls() -> list[tuple[str, str, Path]]:
@@ -114,8 +129,8 @@ def test_every_required_module_is_in_the_extra_it_names():
     for module, extra, path in calls:
         assert extra in extras, f"{path.name}: require({module!r}, {extra!r}) names no extra of pyproject.toml"
         top = module.split(".")[0]
-        installed_as = {d.lower().replace("_", "-") for d in dists.get(top, [])}
-        assert installed_as, f"{module} is not installed here, so its distribution is unknown"
+        installed_as = {d.lower().replace("_", "-") for d in dists.get(top, [])} or DISTRIBUTIONS.get(top)
+        assert installed_as, f"{module} is not installed here: add its distribution to DISTRIBUTIONS"
         assert installed_as & _names(extras[extra]), f"{path.name}: extra {extra!r} does not install {module}"
 
 
