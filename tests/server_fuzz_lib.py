@@ -25,7 +25,11 @@ def check_response(case, response) -> str | None:
         except ValueError:
             return f"{status} is not JSON for {case.method} {case.path}: {response.text[:200]!r}"
         err = body.get("error") if isinstance(body, dict) else None
-        if not isinstance(err, dict) or set(err) != {"message", "type", "param", "code"} or not err["message"]:
+        if case.path.startswith("/v1/messages"):  # Anthropic's API answers in Anthropic's error shape
+            if body.get("type") != "error" or not isinstance(err, dict) or set(err) != {"type", "message"} \
+                    or not err["message"]:
+                return f"{status} is not Anthropic's error shape for {case.path}: {response.text[:200]!r}"
+        elif not isinstance(err, dict) or set(err) != {"message", "type", "param", "code"} or not err["message"]:
             return f"{status} is not OpenAI's error shape for {case.method} {case.path}: {response.text[:200]!r}"
     return None
 

@@ -397,7 +397,7 @@ def test_probe_without_interpreter(monkeypatch):
 def test_probe_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     result = TritonBackend().probe(cpu_device())
-    assert (result.available, result.reason) == (False, "triton is not installed")
+    assert (result.available, result.reason) == (False, "triton is not installed: pip install 'lowgear[triton]'")
 
 
 def test_probe_refuses_old_and_simulated_gpus():

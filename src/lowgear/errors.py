@@ -40,3 +40,28 @@ class OutOfMemoryError(LowgearError):
 
 class BackendUnavailableError(LowgearError):
     """A forced attention backend cannot run on this device."""
+
+
+class MissingDependencyError(LowgearError):
+    """An optional package that a feature needs is not installed."""
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs one of lowgear's optional extras (pyproject.toml)."""
+    return f"pip install 'lowgear[{extra}]'"
+
+
+def require(module: str, extra: str, feature: str):
+    """Import an optional package for `feature`, or raise one line naming the extra that installs it.
+
+    Every optional import a user can reach goes through here, so a missing package is always
+    `<feature> needs <module>, which is not installed: pip install 'lowgear[<extra>]'`, never a traceback.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = (getattr(exc, "name", None) or module).split(".")[0]
+        why = "which is not installed" if isinstance(exc, ModuleNotFoundError) else f"which fails to import ({exc})"
+        raise MissingDependencyError(f"{feature} needs the package {missing!r}, {why}: {install_hint(extra)}") from None

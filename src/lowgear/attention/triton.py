@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ..errors import install_hint
 from ..ops.dispatch import MIN_COMPUTE_CAPABILITY, triton_eligibility
 from ..platform import env
 from .base import AttentionBackend, Capabilities, ProbeResult
@@ -98,7 +99,7 @@ class TritonBackend(AttentionBackend):
         try:
             import triton  # noqa: F401
         except ImportError:
-            return ProbeResult(False, "triton is not installed")
+            return ProbeResult(False, f"triton is not installed: {install_hint('triton')}")
         if device.kind == "cpu":
             if not _interpret():
                 return ProbeResult(False, "Triton needs a CUDA GPU; set TRITON_INTERPRET=1 to run it in the interpreter")

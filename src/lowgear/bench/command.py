@@ -23,7 +23,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..errors import LowgearError
+from ..errors import LowgearError, install_hint, require
 from .measure import (Timer, _free_bytes, _memory, _reset_peak, kv_bytes, measure_bandwidth, measure_matmul,
                       prefill_flops, source_bytes, step_weight_bytes)
 from .models import DEFAULT_QUANTS, PRESETS, QUANTS, RandomSource, _NullTokenizer, synthetic_config
@@ -514,9 +514,12 @@ def main(args) -> int:
         print(summary(report))
         png = os.path.splitext(args.plot_only)[0] + ".png"
         if plot(report, png) is None:
-            raise LowgearError("drawing the plot needs matplotlib: pip install 'lowgear[bench]'")
+            require("matplotlib", "bench", "drawing the plot")
+            raise LowgearError(f"drawing the plot failed: is matplotlib working? {install_hint('bench')}")
         print(f"wrote {png}")
         return 0
+    if not args.no_peer:
+        require("transformers", "bench", "lowgear bench's comparison with transformers (or pass --no-peer)")
     report = Bench(args).run()
     print(summary(report))
     write_outputs(report, args.out)

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from ..errors import install_hint
 from ..formats.spec import ModelSpec
 
 GiB = 2**30
@@ -104,7 +105,7 @@ def write_outputs(report: dict, out_dir: str) -> dict:
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {json_path}" + (f" and {png_path}" if report["plot"] else
-          " (no plot: pip install 'lowgear[bench]' for matplotlib, then lowgear bench --plot-only " + json_path + ")"))
+          f" (no plot: {install_hint('bench')} for matplotlib, then lowgear bench --plot-only " + json_path + ")"))
     return report
 
 

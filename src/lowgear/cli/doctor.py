@@ -22,7 +22,7 @@ from ..platform import env, hardware, placement
 from ..ops import pdl
 from ..ops.dispatch import triton_eligibility
 from ..platform.dtypes import choose_dtype, common_dtype, dtype_bytes, dtype_name
-from ..errors import LowgearError
+from ..errors import LowgearError, MissingDependencyError, require
 from ..formats.blocks import QUANT_FORMATS
 
 GiB = 2**30
@@ -322,6 +322,15 @@ def _gib(n: int | None) -> str:
     return f"{n} B"
 
 
+def _nvml_missing() -> str:
+    """Why a GPU has no nvidia-smi number: the optional NVML package is missing (else: the driver's NVML failed)."""
+    try:
+        require("pynvml", "nvml", "nvidia-smi numbers")
+    except MissingDependencyError as exc:
+        return f"({exc})"
+    return ""
+
+
 def render(report: dict) -> str:
     """The report as one screen of plain text."""
     t = report["torch"]
@@ -338,7 +347,7 @@ def render(report: dict) -> str:
             continue
         cc = "sm_%d%d" % tuple(d["compute_capability"])
         bw = f"{d['bandwidth'] / 1e9:.0f} GB/s" if d["bandwidth"] else "bandwidth ?"
-        smi = f"nvidia-smi #{d['nvml_index']}" if d["nvml_index"] is not None else ""
+        smi = f"nvidia-smi #{d['nvml_index']}" if d["nvml_index"] is not None else _nvml_missing()
         lines.append(f"  {d['label']:<8} {d['name']} {cc}, {_gib(d['total_memory'])} ({_gib(d['free_memory'])} free), {bw}")
         lines.append(f"           {d['uuid']}  pci {d['pci_bus_id']}  {smi}".rstrip())
         if not d["usable"]:

@@ -267,6 +267,8 @@ class DynamicGenerator:
         }
         if eos:
             result["eos_reason"] = job.eos_reason
+            if job.eos_reason == "stop_string":
+                result["stop_string"] = job.matcher.matched
             result["full_completion"] = job.text
         return result
 

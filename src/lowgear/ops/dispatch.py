@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import install_hint
 from ..platform import env
 
 MIN_COMPUTE_CAPABILITY = (7, 0)  # Triton's floor
@@ -50,7 +51,7 @@ def triton_missing() -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError as exc:
-        return f"triton is not importable ({exc})"
+        return f"triton is not importable ({exc}): {install_hint('triton')}"
     return None
 
 

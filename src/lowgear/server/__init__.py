@@ -43,6 +43,25 @@ def _port(value: str) -> int:
     return n
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _router_metric(value: str) -> tuple[str, str]:
+    from .metrics import parse_router_metric
+
+    try:
+        return parse_router_metric(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def bind_socket(host: str, port: int):
     """A listening socket on host:port, made before the model loads so a taken port or a bad address
     is said at once (the socket is handed to uvicorn, so nothing can take the port in between)."""
@@ -99,6 +118,14 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..config import add_threads_option
 
     add_threads_option(p)
+    p.add_argument("--router-metric", type=_router_metric, action="append", default=[], metavar="KIND=NAME",
+                   help="export a gateway gauge of /metrics under NAME (KIND: queued, running, kv_usage; repeatable; "
+                        "an empty NAME drops it). Default: vLLM's names, which Kubernetes inference gateways scrape "
+                        "(vllm:num_requests_waiting, vllm:num_requests_running, vllm:kv_cache_usage_perc and "
+                        "vllm:gpu_cache_usage_perc)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: one engine per replica behind Ray's HTTP proxy (extra `ray`)")
+    p.add_argument("--replicas", type=_positive, default=1, help="Ray Serve replicas with --ray (default 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     from ..config import add_device_options
 
@@ -149,13 +176,29 @@ def load_engine(model_path: str, *, max_seq_len="auto", cache_size=None, max_bat
     return Engine(generator, tokenizer, model_name=model_name or default_model_name(model_path), max_seq_len=context)
 
 
+def require_serve_packages(feature: str):
+    """The web packages `serve` needs (extra `serve`), checked before anything loads; returns uvicorn."""
+    from ..errors import require
+
+    require("fastapi", "serve", feature)
+    require("pydantic", "serve", feature)
+    return require("uvicorn", "serve", feature)
+
+
 def main(args=None) -> int:
     """Run the server until interrupted. `args`: the CLI's Namespace, or argv-style strings."""
     if args is None or isinstance(args, (list, tuple)):
         args = configure_parser(argparse.ArgumentParser(prog="lowgear serve")).parse_args(args)
 
-    import uvicorn
+    uvicorn = require_serve_packages("lowgear serve")
+    if args.ray:
+        from .ray_serve import serve_from_cli
 
+        return serve_from_cli(args)
+    elif args.replicas != 1:
+        from ..errors import ConfigError
+
+        raise ConfigError("--replicas needs --ray (one process serves one engine): add --ray, or drop --replicas")
     from .app import create_app
 
     if args.host not in LOOPBACK and not args.api_key:
@@ -177,7 +220,7 @@ def main(args=None) -> int:
         engine.start()
         try:
             app = create_app(engine, api_key=args.api_key, allow_any_model=getattr(args, "allow_any_model", False),
-                             model_names=tuple(names[1:]))
+                             model_names=tuple(names[1:]), router_metrics=args.router_metric)
             host = f"[{args.host}]" if ":" in args.host else args.host
             port = sock.getsockname()[1]
             print(f"lowgear serve: {engine.model_name} (context {engine.max_seq_len} tokens) on http://{host}:{port}",

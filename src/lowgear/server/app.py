@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, LowgearError
-from . import metrics
+from . import anthropic, metrics
 from .engine import Engine, Event, JobHandle
 from .openai_types import (APIError, ChatCompletionRequest, CompletionRequest, SamplingSpec, find_lone_surrogate,
                            format_validation_error, sampling_spec)
@@ -40,17 +40,20 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_any_model: bool = False,
-               model_names: tuple[str, ...] = ()) -> FastAPI:
+               model_names: tuple[str, ...] = (), router_metrics=()) -> FastAPI:
     """`model_names`: names a request's `model` may give besides engine.model_name; `allow_any_model`
-    accepts any name (as llama-server does), else an unknown one is a 404 `model_not_found`."""
+    accepts any name (as llama-server does), else an unknown one is a 404 `model_not_found`;
+    `router_metrics`: (kind, name) pairs renaming the gateway gauges of /metrics (metrics.router_names)."""
     app = FastAPI(title="lowgear", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
+    app.state.router_metrics = metrics.router_names(router_metrics)
     known = tuple(dict.fromkeys((engine.model_name, *model_names)))
     gate = _Gate(api_key, None if allow_any_model else known)
     gate.known = known
     _add_error_handlers(app)
     _add_plain_routes(app, engine, gate)
     _add_generation_routes(app, engine, gate)
+    anthropic.add_routes(app)  # /v1/messages: Anthropic's API over the chat route
     _document_request_bodies(app)
     return app
 
@@ -66,7 +69,8 @@ def _document_request_bodies(app: FastAPI) -> None:
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest),
+                            ("/v1/messages", anthropic.MessagesRequest)):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
@@ -171,7 +175,7 @@ def _add_plain_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
 
     @app.get("/metrics")
     async def get_metrics():
-        return PlainTextResponse(metrics.render(engine.stats(), engine.model_name),
+        return PlainTextResponse(metrics.render(engine.stats(), engine.model_name, app.state.router_metrics),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict:
@@ -420,7 +424,8 @@ async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_
             yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}])
         if ev.done:
             last[ev.index] = ev
-            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason,
+                          "stop_reason": ev.stop_reason}])
     if include_usage:
         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "system_fingerprint": None, "choices": [], "usage": _usage(jobs, last)})

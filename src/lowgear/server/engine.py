@@ -42,6 +42,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    stop_reason: str | None = None  # the stop string that ended the choice (vLLM's `stop_reason`)
 
 
 class JobHandle:
@@ -292,6 +293,7 @@ class Engine:
             reason = result.get("eos_reason") or "stop_token"
             event.done = True
             event.finish_reason = FINISH_REASONS.get(reason, "stop")
+            event.stop_reason = result.get("stop_string")
             if reason == "error":  # this job alone failed (e.g. fp16 overflow): say why, the others go on
                 from ..errors import LowgearError
 
