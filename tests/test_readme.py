@@ -79,11 +79,13 @@ def test_support_table_hf_formats_are_the_readers():
     words = listed(cell)
     assert sorted(w for w in words if w not in ("float", "GPTQ", "EXL2")) == sorted(FLOAT_TYPES)
     assert "GPTQ" in words and "EXL2" in words
-    assert set(gptq.GPTQ_FORMATS) == set(re.findall(r'"(gptq\w*)"', section(readme(), "What it runs")))
-    notes = " ".join(section(readme(), "What it runs").split())
-    gptq_bits = re.search(r"GPTQ: .*?([\d/]+) bits", notes).group(1)
+    with open(os.path.join(ROOT, "docs", "models.md")) as f:  # the formats' details, linked from the README
+        formats = section(f.read(), "Weight formats")
+    assert set(gptq.GPTQ_FORMATS) == set(re.findall(r'"(gptq\w*)"', formats))
+    notes = " ".join(formats.split())
+    gptq_bits = re.search(r"GPTQ\*\*: .*?([\d/]+) bits", notes).group(1)
     assert tuple(int(b) for b in gptq_bits.split("/")) == gptq.GPTQ_BITS
-    exl2_bits = re.search(r"EXL2: .*?([\d/]+)-bit groups", notes).group(1)
+    exl2_bits = re.search(r"EXL2\*\*: .*?([\d/]+)-bit groups", notes).group(1)
     assert tuple(int(b) for b in exl2_bits.split("/")) == exl2.EXL2_BITS
 
 
