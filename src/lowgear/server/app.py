@@ -25,7 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, LowgearError
-from . import metrics
+from . import logprobs as lp
+from . import metrics, structured
 from .engine import Engine, Event, JobHandle
 from .openai_types import (APIError, ChatCompletionRequest, CompletionRequest, SamplingSpec, find_lone_surrogate,
                            format_validation_error, sampling_spec)
@@ -213,10 +214,11 @@ def _add_generation_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
         jobs = await _start_jobs(engine, [(ids, spec)] * req.n, req.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _JobsResponse(jobs, _chat_stream(jobs, rid, now, engine.model_name, req.include_usage))
-        texts, reasons, usage = await _collect(request, jobs)
+            return _JobsResponse(jobs, _chat_stream(jobs, rid, now, engine, req.include_usage))
+        texts, reasons, usage, logprobs = await _collect(request, jobs)
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": None, "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
+                    "logprobs": {"content": lp.chat_content(engine.tokenizer, logprobs[i])} if spec.logprobs is not None
+                    else None, "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
         return {"id": rid, "object": "chat.completion", "created": now, "model": engine.model_name,
                 "choices": choices, "usage": usage, "system_fingerprint": None}
 
@@ -239,11 +241,11 @@ def _add_generation_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
             echoes = [e for e in echoes for _ in range(req.n)]
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _JobsResponse(jobs, _completion_stream(jobs, rid, now, engine.model_name, req.include_usage,
-                                                          echoes))
-        texts, reasons, usage = await _collect(request, jobs)
-        choices = [{"index": i, "text": (echoes[i] if echoes else "") + texts[i], "logprobs": None,
-                    "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
+            return _JobsResponse(jobs, _completion_stream(jobs, rid, now, engine, req.include_usage, echoes))
+        texts, reasons, usage, logprobs = await _collect(request, jobs)
+        choices = [{"index": i, "text": (echoes[i] if echoes else "") + texts[i],
+                    "logprobs": lp.completion_lists(engine.tokenizer, logprobs[i])[0] if req.logprobs is not None
+                    else None, "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
         return {"id": rid, "object": "text_completion", "created": now, "model": engine.model_name,
                 "choices": choices, "usage": usage, "system_fingerprint": None}
 
@@ -300,7 +302,7 @@ def _spec_for(engine: Engine, req, prompt_len: int, limit: int | None, limit_par
                             f"{prompt_len + limit} tokens ({prompt_len} in the {prompt_param}, {limit} in the "
                             f"completion). Please reduce the length of the {prompt_param} or {limit_param}.",
                        param=limit_param, code="context_length_exceeded")
-    return sampling_spec(req, limit)
+    return replace(sampling_spec(req, limit), grammar=structured.request_grammar(engine.tokenizer, req))
 
 
 class _Jobs:
@@ -354,10 +356,11 @@ def _server_error(ev: Event) -> APIError:
                     code="generation_failed")
 
 
-async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str], dict]:
+async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str], dict, list[list]]:
     """Wait for every choice to finish; cancel everything if the client goes away meanwhile."""
     n = len(jobs.handles)
     texts = [[] for _ in range(n)]
+    logprobs = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     last: dict[int, Event] = {}
     pending = n
@@ -376,6 +379,7 @@ async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str],
             if ev is None:
                 continue
             texts[ev.index].append(ev.text)
+            logprobs[ev.index].extend(ev.logprobs)
             if ev.done:
                 if ev.finish_reason in ("error", "cancelled"):
                     raise _server_error(ev)
@@ -384,7 +388,7 @@ async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str],
                 pending -= 1
     finally:
         jobs.cancel()
-    return ["".join(t) for t in texts], reasons, _usage(jobs, last)
+    return ["".join(t) for t in texts], reasons, _usage(jobs, last), logprobs
 
 
 def _sse(obj: Any) -> str:
@@ -400,7 +404,9 @@ async def _events(jobs: _Jobs) -> AsyncIterator[Event]:
         yield ev
 
 
-async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_usage: bool):
+async def _chat_stream(jobs: _Jobs, rid: str, created: int, engine: Engine, include_usage: bool):
+    model = engine.model_name
+
     def chunk(choices: list[dict]) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choices}
@@ -416,8 +422,10 @@ async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_
         if ev.done and ev.finish_reason in ("error", "cancelled"):
             yield _sse(_server_error(ev).body())
             return
-        if ev.text:
-            yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}])
+        if ev.text or ev.logprobs:
+            logprobs = {"content": lp.chat_content(engine.tokenizer, ev.logprobs)} if ev.logprobs else None
+            yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": logprobs,
+                          "finish_reason": None}])
         if ev.done:
             last[ev.index] = ev
             yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
@@ -427,12 +435,18 @@ async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(jobs: _Jobs, rid: str, created: int, model: str, include_usage: bool,
+async def _completion_stream(jobs: _Jobs, rid: str, created: int, engine: Engine, include_usage: bool,
                              echoes: list[str] | None):
-    def chunk(index: int, text: str, finish: str | None) -> str:
+    model = engine.model_name
+    offsets: dict[int, int] = {}  # each choice's text_offset so far
+
+    def chunk(index: int, text: str, finish: str | None, entries: list = ()) -> str:
+        logprobs = None
+        if entries:
+            logprobs, offsets[index] = lp.completion_lists(engine.tokenizer, entries, offsets.get(index, 0))
         body = {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": None,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
         if include_usage:
             body["usage"] = None
         return _sse(body)
@@ -445,9 +459,9 @@ async def _completion_stream(jobs: _Jobs, rid: str, created: int, model: str, in
         if ev.done and ev.finish_reason in ("error", "cancelled"):
             yield _sse(_server_error(ev).body())
             return
-        if ev.text or ev.done:
+        if ev.text or ev.done or ev.logprobs:
             last.update({ev.index: ev} if ev.done else {})
-            yield chunk(ev.index, ev.text, ev.finish_reason if ev.done else None)
+            yield chunk(ev.index, ev.text, ev.finish_reason if ev.done else None, ev.logprobs)
     if include_usage:
         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                     "system_fingerprint": None, "choices": [], "usage": _usage(jobs, last)})

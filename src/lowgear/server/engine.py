@@ -42,6 +42,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    logprobs: list = field(default_factory=list)  # (token, logprob, [(id, logprob)] best first) per token
 
 
 class JobHandle:
@@ -102,6 +103,11 @@ def lowgear_job_factory(tokenizer) -> Callable[[list[int], SamplingSpec, Any], A
 
     def make(input_ids: list[int], spec: SamplingSpec, identifier: Any):
         settings = sampler_settings(spec)
+        constraint = None
+        if spec.grammar is not None:
+            from .structured import GrammarConstraint
+
+            constraint = GrammarConstraint(tokenizer, spec.grammar)
         return lg.DynamicJob(
             input_ids=torch.tensor([input_ids], dtype=torch.long),
             max_new_tokens=spec.max_tokens,
@@ -110,6 +116,8 @@ def lowgear_job_factory(tokenizer) -> Callable[[list[int], SamplingSpec, Any], A
             seed=spec.seed,
             identifier=identifier,
             decode_special_tokens=False,
+            logprobs=spec.logprobs,
+            constraint=constraint,
         )
 
     return make
@@ -287,7 +295,8 @@ class Engine:
         if result.get("prompt_tokens"):
             handle.prompt_tokens = int(result["prompt_tokens"])
         event = Event(index=handle.index, text=result.get("text") or "", token_ids=token_ids,
-                      prompt_tokens=handle.prompt_tokens, completion_tokens=handle.completion_tokens)
+                      prompt_tokens=handle.prompt_tokens, completion_tokens=handle.completion_tokens,
+                      logprobs=list(result.get("logprobs") or ()))
         if result.get("eos"):
             reason = result.get("eos_reason") or "stop_token"
             event.done = True
