@@ -105,3 +105,161 @@ def test_logprobs_limits_are_400_naming_the_field(real, path, body, param):
     assert "top_logprobs" in answer["error"]["message"] or "logprobs" in answer["error"]["message"]
     if param:
         assert answer["error"]["param"] == param
+
+
+# ---------------------------------------------------------------------------- structured output
+
+S = {"type": "string", "maxLength": 12}
+SCHEMAS = [
+    {"type": "object", "properties": {"name": S}, "required": ["name"]},
+    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["age"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "maximum": 1000}}, "required": ["price"]},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1,
+                                                 "maxItems": 3}}, "required": ["tags"]},
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": -9, "maximum": 9}, "y": {"type": "integer", "minimum": -9, "maximum": 9}},
+        "required": ["x", "y"], "additionalProperties": False}}, "required": ["point"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": S, "country": S}, "required": ["city", "country"]},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 2, "maxItems": 4},
+    {"type": "object", "properties": {"status": {"const": "done"}, "count": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 9}},
+     "required": ["status", "count"]},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1,
+        "maximum": 999}, "roles": {"type": "array", "items": {"enum": ["admin", "dev"]}, "maxItems": 2}},
+        "required": ["id", "roles"]}}, "required": ["user"]},
+    {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]}, "confidence": {
+        "type": "number", "minimum": 0, "maximum": 1}}, "required": ["answer", "confidence"]},
+    {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
+        "sku": S, "qty": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["sku", "qty"]},
+        "minItems": 1, "maxItems": 2}}, "required": ["items"]},
+    {"type": "object", "properties": {"value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
+                                                          {"type": "null"}]}}, "required": ["value"]},
+    {"type": "object", "properties": {"date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}},
+     "required": ["date"]},
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": S,
+                                      "c": {"type": "boolean"}}, "required": ["a", "b", "c"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"level": {"type": "integer", "enum": [1, 2, 3]}}, "required": ["level"]},
+    {"type": "object", "properties": {"matrix": {"type": "array", "items": {"type": "array", "items": {
+        "type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 2}, "minItems": 2, "maxItems": 2}},
+     "required": ["matrix"]},
+    {"type": "object", "properties": {"email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\\\.com$"}},
+     "required": ["email"]},
+    {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "legs": {"type": "integer", "minimum": 0,
+                                                                                 "maximum": 8},
+                                      "name": S}, "required": ["kind", "legs", "name"]},
+]
+assert len(SCHEMAS) == 20
+
+
+def _closed(schema):
+    """Objects take no properties beyond those listed (what OpenAI's strict mode asks of a schema)."""
+    if isinstance(schema, dict):
+        schema = {k: _closed(v) for k, v in schema.items()}
+        if schema.get("type") == "object":
+            schema.setdefault("additionalProperties", False)
+    elif isinstance(schema, list):
+        schema = [_closed(v) for v in schema]
+    return schema
+
+
+SCHEMAS = [_closed(s) for s in SCHEMAS]
+
+
+def _ask_json(base: str, schema: dict, stream: bool) -> tuple[str, str]:
+    c = client(base)
+    kwargs = dict(model="any", temperature=0, max_tokens=80,
+                  messages=[{"role": "system", "content": "Answer with JSON only."},
+                            {"role": "user", "content": "Describe something small as JSON."}],
+                  response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema,
+                                                                          "strict": True}})
+    if not stream:
+        out = c.chat.completions.create(**kwargs)
+        return out.choices[0].message.content, out.choices[0].finish_reason
+    chunks = list(c.chat.completions.create(stream=True, **kwargs))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    return text, [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_answers_validate(real, stream):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:  # batched together: constrained rows share steps
+        answers = list(pool.map(lambda s: _ask_json(real, s, stream), SCHEMAS))
+    unfinished = [(schema, text) for schema, (text, finish) in zip(SCHEMAS, answers) if finish != "stop"]
+    assert not unfinished
+    for schema, (text, _) in zip(SCHEMAS, answers):
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_object_and_vllm_fields(real):
+    c = client(real)
+    msgs = [{"role": "user", "content": "Pick one."}]
+    out = c.chat.completions.create(model="any", messages=msgs, temperature=0, max_tokens=40,
+                                    response_format={"type": "json_object"})
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+    out = c.chat.completions.create(model="any", messages=msgs, temperature=0, max_tokens=10,
+                                    extra_body={"guided_choice": ["alpha", "beta"]})
+    assert out.choices[0].message.content in ("alpha", "beta")
+    out = c.completions.create(model="any", prompt="Phone:", temperature=0, max_tokens=12,
+                               extra_body={"guided_regex": "[0-9]{3}-[0-9]{4}"})
+    assert __import__("re").fullmatch("[0-9]{3}-[0-9]{4}", out.choices[0].text), out.choices[0].text
+    out = c.completions.create(model="any", prompt="Answer:", temperature=0, max_tokens=12,
+                               extra_body={"guided_grammar": 'root ::= "yes" | "no"'})
+    assert out.choices[0].text in ("yes", "no")
+    out = c.chat.completions.create(model="any", messages=msgs, temperature=0, max_tokens=10,
+                                    extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert out.choices[0].message.content in ("left", "right")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+    out = c.chat.completions.create(model="any", messages=msgs, temperature=0, max_tokens=20,
+                                    extra_body={"guided_json": schema})
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+
+
+def test_constrained_and_free_rows_share_a_batch(real):
+    """A free request's greedy answer is the same alone and beside constrained ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = client(real)
+    free = dict(model="any", messages=[{"role": "user", "content": "Name three colors."}], max_tokens=16, temperature=0)
+    alone = c.chat.completions.create(**free).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_ask_json, real, SCHEMAS[i], False) for i in range(3)]
+        beside = pool.submit(lambda: c.chat.completions.create(**free).choices[0].message.content).result()
+        for f, schema in zip(futures, SCHEMAS):
+            jsonschema.validate(json.loads(f.result()[0]), schema)
+    assert beside == alone
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
+    ({"structured_outputs": {"xml": "x"}}, "structured_outputs.xml"),
+])
+def test_bad_format_constraints_are_400_naming_the_field(real, extra, param):
+    status, answer = http(real, "/v1/chat/completions", {"model": "any", "max_tokens": 2,
+                                                          "messages": [{"role": "user", "content": "x"}], **extra})
+    assert status == 400, answer
+    assert answer["error"]["param"] == param, answer
+
+
+def test_missing_library_is_one_clear_error(monkeypatch):
+    import sys
+
+    from lowgear.server import structured
+    from lowgear.server.openai_types import APIError, ChatCompletionRequest
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                                response_format={"type": "json_object"})
+    with pytest.raises(APIError, match=r"pip install 'lowgear\[structured\]'") as err:
+        structured.request_grammar(object(), req)
+    assert err.value.status == 400
