@@ -14,7 +14,6 @@ COMPLETION = {"model": "m", "prompt": "hi"}
     "cls, base, field, value, message",
     [
         (ChatCompletionRequest, CHAT, "top_logprobs", 21, "top_logprobs must be between 0 and 20"),
-        (ChatCompletionRequest, CHAT, "tools", [{"type": "function"}], "tools are not supported by this server"),
         (CompletionRequest, COMPLETION, "logprobs", 21, "logprobs must be between 0 and 20"),
         (CompletionRequest, COMPLETION, "suffix", "x", "suffix is not supported by this server"),
     ],

@@ -263,3 +263,89 @@ def test_missing_library_is_one_clear_error(monkeypatch):
     with pytest.raises(APIError, match=r"pip install 'lowgear\[structured\]'") as err:
         structured.request_grammar(object(), req)
     assert err.value.status == 400
+
+
+# ---------------------------------------------------------------------------------- tool calls
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+CONVERT = {"type": "function", "function": {
+    "name": "convert", "parameters": {"type": "object", "properties": {
+        "amount": {"type": "integer", "minimum": 0, "maximum": 1000}, "to": {"enum": ["EUR", "USD"]}},
+        "required": ["amount", "to"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _check_calls(calls, tools_by_name):
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), tools_by_name[call.function.name]["parameters"])
+
+
+def test_required_tool_choice_gives_a_valid_call(real):
+    c = client(real)
+    out = c.chat.completions.create(model="any", messages=ASK, tools=[WEATHER, CONVERT], tool_choice="required",
+                                    temperature=0, max_tokens=60)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    _check_calls(choice.message.tool_calls, {t["function"]["name"]: t["function"] for t in (WEATHER, CONVERT)})
+
+
+def test_named_tool_choice_calls_that_function(real):
+    c = client(real)
+    out = c.chat.completions.create(model="any", messages=ASK, tools=[WEATHER, CONVERT], temperature=0, max_tokens=60,
+                                    tool_choice={"type": "function", "function": {"name": "convert"}},
+                                    parallel_tool_calls=False)
+    calls = out.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["convert"]
+    _check_calls(calls, {"convert": CONVERT["function"]})
+
+
+def test_streamed_tool_call_reassembles(real):
+    c = client(real)
+    chunks = list(c.chat.completions.create(model="any", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                            temperature=0, max_tokens=60, stream=True))
+    calls: dict[int, dict] = {}
+    for ch in chunks:
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            call = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+            if tc.id:
+                assert call["id"] is None and tc.function.name  # id, type and name come first, once
+                call["id"], call["name"] = tc.id, tc.function.name
+            call["arguments"] += tc.function.arguments or ""
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert [c["name"] for c in calls.values()] == ["get_weather"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+    whole = c.chat.completions.create(model="any", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                      temperature=0, max_tokens=60)
+    assert whole.choices[0].message.tool_calls[0].function.arguments == calls[0]["arguments"]
+
+
+def test_tool_results_go_back_into_the_conversation(real):
+    c = client(real)
+    first = c.chat.completions.create(model="any", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                      temperature=0, max_tokens=60)
+    call = first.choices[0].message.tool_calls[0]
+    follow = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                          "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    out = c.chat.completions.create(model="any", messages=follow, tools=[WEATHER], tool_choice="none",
+                                    temperature=0, max_tokens=12)
+    assert out.choices[0].message.content and out.choices[0].message.tool_calls is None
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0].function.name"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+])
+def test_bad_tool_requests_are_400(real, extra, param):
+    status, answer = http(real, "/v1/chat/completions", {"model": "any", "max_tokens": 2, "messages": ASK, **extra})
+    assert status == 400, answer
+    assert answer["error"]["param"] == param

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, LowgearError
 from . import logprobs as lp
-from . import metrics, structured
+from . import metrics, structured, tools
 from .engine import Engine, Event, JobHandle
 from .openai_types import (APIError, ChatCompletionRequest, CompletionRequest, SamplingSpec, find_lone_surrogate,
                            format_validation_error, sampling_spec)
@@ -202,23 +202,30 @@ def _add_generation_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await gate.parse(request, ChatCompletionRequest)
+        tool_plan = tools.plan(req, engine.tokenizer)
         try:
-            text = engine.tokenizer.apply_chat_template(req.chat_messages(), add_generation_prompt=True)
-        except LowgearError:
+            text = engine.tokenizer.apply_chat_template(tools.template_messages(req, tool_plan), add_generation_prompt=True,
+                                                        **(tool_plan.template_variables() if tool_plan else {}))
+        except (LowgearError, APIError):
             raise
         except Exception as exc:
             raise APIError(400, f"the messages do not fit the model's chat template: {exc}", param="messages")
         ids = _encode(engine, text, special=True)
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         spec = _spec_for(engine, req, len(ids), req.token_limit, limit_param, "messages")
+        if tool_plan is not None:
+            spec = _with_tools(engine, spec, tool_plan)
         jobs = await _start_jobs(engine, [(ids, spec)] * req.n, req.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _JobsResponse(jobs, _chat_stream(jobs, rid, now, engine, req.include_usage))
+            return _JobsResponse(jobs, _chat_stream(jobs, rid, now, engine, req.include_usage, tool_plan))
         texts, reasons, usage, logprobs = await _collect(request, jobs)
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": {"content": lp.chat_content(engine.tokenizer, logprobs[i])} if spec.logprobs is not None
-                    else None, "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
+        choices = []
+        for i in range(len(jobs.handles)):
+            message, reason = tools.chat_message(tool_plan, texts[i], reasons[i])
+            choices.append({"index": i, "message": message, "finish_reason": reason,
+                            "logprobs": {"content": lp.chat_content(engine.tokenizer, logprobs[i])}
+                            if spec.logprobs is not None else None})
         return {"id": rid, "object": "chat.completion", "created": now, "model": engine.model_name,
                 "choices": choices, "usage": usage, "system_fingerprint": None}
 
@@ -303,6 +310,16 @@ def _spec_for(engine: Engine, req, prompt_len: int, limit: int | None, limit_par
                             f"completion). Please reduce the length of the {prompt_param} or {limit_param}.",
                        param=limit_param, code="context_length_exceeded")
     return replace(sampling_spec(req, limit), grammar=structured.request_grammar(engine.tokenizer, req))
+
+
+def _with_tools(engine: Engine, spec: SamplingSpec, tool_plan: "tools.ToolPlan") -> SamplingSpec:
+    """A forced tool call's grammar (a request cannot force both a call and a response format)."""
+    grammar = tool_plan.grammar(engine.tokenizer)
+    if grammar is not None and spec.grammar is not None:
+        raise APIError(400, "tool_choice forces a tool call, which cannot be combined with a response format "
+                            "(response_format / guided_* / structured_outputs)", param="tool_choice",
+                       code="invalid_value")
+    return replace(spec, grammar=grammar or spec.grammar, decode_special_tokens=tool_plan.decode_special_tokens)
 
 
 class _Jobs:
@@ -404,8 +421,10 @@ async def _events(jobs: _Jobs) -> AsyncIterator[Event]:
         yield ev
 
 
-async def _chat_stream(jobs: _Jobs, rid: str, created: int, engine: Engine, include_usage: bool):
+async def _chat_stream(jobs: _Jobs, rid: str, created: int, engine: Engine, include_usage: bool,
+                       tool_plan: "tools.ToolPlan | None" = None):
     model = engine.model_name
+    shapers = {h.index: tools.ToolStream(tool_plan) for h in jobs.handles} if tool_plan is not None else {}
 
     def chunk(choices: list[dict]) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -422,13 +441,20 @@ async def _chat_stream(jobs: _Jobs, rid: str, created: int, engine: Engine, incl
         if ev.done and ev.finish_reason in ("error", "cancelled"):
             yield _sse(_server_error(ev).body())
             return
-        if ev.text or ev.logprobs:
-            logprobs = {"content": lp.chat_content(engine.tokenizer, ev.logprobs)} if ev.logprobs else None
-            yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": logprobs,
-                          "finish_reason": None}])
+        shaper = shapers.get(ev.index)
+        deltas = ([{"content": ev.text}] if ev.text else []) if shaper is None else shaper.push(ev.text)
+        if ev.done and shaper is not None:
+            deltas += shaper.finish()
+        logprobs = {"content": lp.chat_content(engine.tokenizer, ev.logprobs)} if ev.logprobs else None
+        if logprobs and not deltas:
+            deltas = [{}]
+        for delta in deltas:
+            yield chunk([{"index": ev.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+            logprobs = None
         if ev.done:
             last[ev.index] = ev
-            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+            reason = "tool_calls" if shaper is not None and shaper.called else ev.finish_reason
+            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
     if include_usage:
         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "system_fingerprint": None, "choices": [], "usage": _usage(jobs, last)})

@@ -115,7 +115,7 @@ def lowgear_job_factory(tokenizer) -> Callable[[list[int], SamplingSpec, Any], A
             stop_conditions=stop_tokens + list(spec.stop),
             seed=spec.seed,
             identifier=identifier,
-            decode_special_tokens=False,
+            decode_special_tokens=spec.decode_special_tokens,
             logprobs=spec.logprobs,
             constraint=constraint,
         )

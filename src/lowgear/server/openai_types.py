@@ -84,7 +84,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-_UNSUPPORTED = {"tools": "tools are", "suffix": "suffix is"}
+_UNSUPPORTED = {"suffix": "suffix is"}
 
 
 def _refuse_if_set(cls, v, info):
@@ -164,6 +164,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # an assistant's earlier calls (server/tools.py reads them)
+    tool_call_id: str | None = None  # a tool message's answer to that call
 
     def text(self) -> str:
         if self.content is None:
@@ -183,8 +185,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
-    _refuse_unsupported = field_validator("tools")(_refuse_if_set)
-
     @field_validator("top_logprobs")
     @classmethod
     def _check_top_logprobs(cls, v):
@@ -202,14 +202,6 @@ class ChatCompletionRequest(_SamplingFields):
     def logprobs_count(self) -> int | None:
         """How many alternatives per token to report: None when logprobs are off."""
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def chat_messages(self) -> list[dict]:
-        """Messages as the tokenizer's chat template wants them ('developer' is OpenAI's new 'system')."""
-        out = []
-        for m in self.messages:
-            role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
-        return out
 
     @property
     def token_limit(self) -> int | None:
@@ -283,6 +275,7 @@ class SamplingSpec:
     seed: int | None
     logprobs: int | None = None  # None: off; k: each token's logprob and its k most likely alternatives
     grammar: str | None = None  # structured output: an llguidance grammar (server/structured.py)
+    decode_special_tokens: bool = False  # keep special tokens in the text (tool-call markers)
 
 
 def sampling_spec(req: _SamplingFields, max_tokens: int) -> SamplingSpec:

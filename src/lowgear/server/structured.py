@@ -129,6 +129,11 @@ def request_grammar(tokenizer, req) -> str | None:
     return checked(tokenizer, _grammar(_llguidance(), kind, value, param), param)
 
 
+def lark_grammar(lark: str) -> str:
+    """An llguidance grammar from Lark text (checked later, by `checked`)."""
+    return _llguidance().LLMatcher.grammar_from_lark(lark)
+
+
 def checked(tokenizer, grammar: str, param: str) -> str:
     """`grammar` once llguidance has compiled it for this vocabulary; else a 400 naming `param`."""
     llg = _llguidance()
