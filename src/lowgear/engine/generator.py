@@ -222,12 +222,14 @@ class DynamicGenerator:
             message = f"job {job.serial}: logits not finite"
         except NonFiniteError as exc:
             message = str(exc)
-        if job.constraint is not None and job.constraint.error():  # the grammar allowed no token
-            message = f"job {job.serial}: {job.constraint.error()}"
+        grammar = job.constraint is not None and job.constraint.error()
+        if grammar:  # finite logits, every token masked: the grammar allowed none
+            message = f"job {job.serial}: {grammar}"
         job.finished, job.eos_reason, job.error = True, "error", message
         self.scheduler.release(job)
         result = self._result(job, "", [], eos=True)
         result["error"] = message
+        result["grammar_error"] = bool(grammar)
         return result
 
     def _accept(self, job: DynamicJob, token: int, logprobs=None) -> dict:

@@ -369,6 +369,8 @@ def _usage(jobs: _Jobs, last: dict[int, Event]) -> dict:
 
 
 def _server_error(ev: Event) -> APIError:
+    if isinstance(ev.error, APIError):  # a failure of the request's own making (its grammar)
+        return ev.error
     return APIError(500, f"generation failed: {ev.error or ev.finish_reason}", type="server_error",
                     code="generation_failed")
 

@@ -305,6 +305,11 @@ class Engine:
                 from ..errors import LowgearError
 
                 event.finish_reason, event.error = "error", LowgearError(result.get("error") or "generation failed")
+                if result.get("grammar_error"):  # the request's own grammar, not the server: a 4xx
+                    from .openai_types import APIError
+
+                    event.error = APIError(422, f"structured output stopped: {result.get('error')}; the format "
+                                                "constraint left no token to continue with", code="grammar_dead_end")
             if result.get("new_tokens") is not None:
                 event.completion_tokens = handle.completion_tokens = int(result["new_tokens"])
             handle.finished = True

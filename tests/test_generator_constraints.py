@@ -1,0 +1,109 @@
+"""The engine's per-job hooks for structured output and logprobs: a grammar's mask touches its own
+row only, a free job beside it is unchanged and costs no mask work, a grammar with no way on ends
+that job alone; logprobs come from the unmasked logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lowgear as lg
+from lowgear.engine.runner import apply_constraints, token_logprobs
+
+from test_generator import make, prompts, tiny_gguf  # noqa: F401  (the fixture)
+
+
+class OnlyThese:
+    """A stand-in grammar: allows a fixed set of tokens (none: a dead end)."""
+
+    def __init__(self, allowed: set[int]):
+        self.ids = sorted(allowed)
+        self.calls = 0
+        self.accepted: list[int] = []
+
+    def allowed(self, width: int) -> torch.Tensor:
+        self.calls += 1
+        mask = torch.zeros(width, dtype=torch.bool)
+        mask[self.ids] = True
+        return mask
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+    def error(self):
+        return None if self.ids else "the grammar allows nothing here"
+
+
+def greedy_job(ids, n=6, **kw):
+    return lg.DynamicJob(ids, max_new_tokens=n, gen_settings=lg.Sampler.Settings.greedy(), **kw)
+
+
+def finish(gen, jobs):
+    gen.enqueue(jobs)
+    while not all(j.finished for j in jobs):
+        gen.iterate()
+
+
+def test_a_constraint_masks_its_row_only(tiny_gguf):
+    gen = make(tiny_gguf)
+    a, b = prompts(2)
+    alone = greedy_job(b)
+    finish(gen, [alone])
+    grammar = OnlyThese({7, 11, 13})
+    constrained, free = greedy_job(a, constraint=grammar), greedy_job(b)
+    finish(gen, [constrained, free])
+    assert set(constrained.generated) <= {7, 11, 13}
+    assert grammar.accepted == constrained.generated
+    assert grammar.calls == len(constrained.generated)  # one mask per token of its own, no more
+    assert free.generated == alone.generated
+
+
+def test_no_constrained_row_means_no_mask_work():
+    logits = torch.randn(3, 10)
+    jobs = [greedy_job([1]) for _ in range(3)]
+    assert apply_constraints(logits, jobs) is logits  # not even a copy
+
+
+def test_a_dead_end_grammar_ends_its_job_alone(tiny_gguf):
+    gen = make(tiny_gguf)
+    a, b = prompts(2, seed=1)
+    alone = greedy_job(b)
+    finish(gen, [alone])
+    stuck, free = greedy_job(a, constraint=OnlyThese(set())), greedy_job(b)
+    finish(gen, [stuck, free])
+    assert stuck.eos_reason == "error" and "the grammar allows nothing here" in stuck.error
+    assert free.generated == alone.generated
+    assert gen.pool.num_used == 0
+
+
+def test_logprobs_are_of_the_raw_logits():
+    """Hand-made logits: the logprob of a masked row's token is the unmasked distribution's."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    jobs = [greedy_job([1], logprobs=2), greedy_job([1])]
+    rows, chosen, values, ids = token_logprobs(logits, torch.tensor([2, 0]), jobs)
+    z = math.log(sum(math.exp(x) for x in (2.0, 1.0, 0.0, -1.0)))
+    assert rows == [0]
+    assert chosen.tolist() == pytest.approx([0.0 - z], abs=1e-6)
+    assert ids.tolist() == [[0, 1]] and values.tolist()[0] == pytest.approx([2.0 - z, 1.0 - z], abs=1e-6)
+
+
+def test_a_dead_end_is_the_requests_4xx_not_a_server_error():
+    """The server answers a grammar dead end with a 422 naming it, never a 5xx."""
+    import asyncio
+
+    from lowgear.server.app import _server_error
+    from lowgear.server.engine import Engine, JobHandle
+
+    async def route():
+        engine = Engine(None, None, model_name="m", max_seq_len=8)
+        sink = asyncio.Queue()
+        handle = JobHandle(engine, None, 0, sink, asyncio.get_running_loop(), prompt_tokens=1)
+        engine._active[handle.id] = handle
+        engine._route({"identifier": handle.id, "eos": True, "eos_reason": "error", "grammar_error": True,
+                       "error": "job 1: the grammar allows nothing here", "token_ids": []})
+        return await asyncio.wait_for(sink.get(), 5)
+
+    err = _server_error(asyncio.run(route()))
+    assert err.status == 422 and "the grammar allows nothing here" in err.message
