@@ -107,3 +107,34 @@ def test_a_dead_end_is_the_requests_4xx_not_a_server_error():
 
     err = _server_error(asyncio.run(route()))
     assert err.status == 422 and "the grammar allows nothing here" in err.message
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_with_graphs_a_constraint_touches_its_row_only(tmp_path):
+    """CUDA graphs and run-ahead on: a constrained row beside a free one; the free row's tokens equal
+    those it makes beside an unconstrained twin (same batch shape), its logprobs are reported."""
+    from lowgear.bench.synthetic import write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", arch="llama", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=512, qtype="Q4_0", seed=5)
+    config = lg.Config(path)
+    config.devices, config.dtype = ["0"], "float16"
+    model = lg.Model(config)
+    cache = lg.Cache(model, max_seq_len=1024, page_size=16)
+    model.load_autosplit(cache)
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(config), max_batch_size=4)
+    assert gen.graphs is not None, gen.graphs_off_reason
+    a, b = prompts(2, seed=2)
+    twin, free = greedy_job(a, n=12), greedy_job(b, n=12)
+    finish(gen, [twin, free])
+    grammar = OnlyThese({7, 11, 13})
+    constrained, free2 = greedy_job(a, n=12, constraint=grammar), greedy_job(b, n=12, logprobs=2)
+    results = []
+    gen.enqueue([constrained, free2])
+    while not all(j.finished for j in (constrained, free2)):
+        results += gen.iterate()
+    assert set(constrained.generated) <= {7, 11, 13} and grammar.calls == 12
+    assert free2.generated == free.generated
+    reported = [e for r in results if r["job"] is free2 for e in r.get("logprobs", [])]
+    assert [t for t, _, _ in reported] == free2.generated
+    assert all(lp <= 0 and len(top) == 2 and top[0][1] >= lp - 1e-3 for _, lp, top in reported)
