@@ -349,3 +349,26 @@ def test_bad_tool_requests_are_400(real, extra, param):
     status, answer = http(real, "/v1/chat/completions", {"model": "any", "max_tokens": 2, "messages": ASK, **extra})
     assert status == 400, answer
     assert answer["error"]["param"] == param
+
+
+def test_langchain_bind_tools_turn(real):
+    """LangChain's ChatOpenAI with bind_tools: a forced call, the tool's answer sent back, a reply."""
+    pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather of a city."""
+        return f"sunny in {city}"
+
+    llm = ChatOpenAI(base_url=real + "/v1", api_key="none", model="any", temperature=0, max_tokens=60, max_retries=0)
+    messages = [HumanMessage("What is the weather in Paris?")]
+    ai = llm.bind_tools([get_weather], tool_choice="required").invoke(messages)
+    assert [c["name"] for c in ai.tool_calls] == ["get_weather"]
+    call = ai.tool_calls[0]
+    assert isinstance(call["args"].get("city"), str)
+    messages += [ai, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])]
+    reply = llm.bind_tools([get_weather]).invoke(messages)
+    assert reply.content or reply.tool_calls

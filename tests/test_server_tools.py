@@ -184,3 +184,15 @@ def test_streamed_plain_text_is_content_and_markers_are_held_back():
     assert stream.push("Hello <tool") == [{"content": "Hello "}]  # "<tool" may begin a call
     assert stream.push("s are fun") == [{"content": "<tools are fun"}]
     assert stream.finish() == [] and not stream.called
+
+
+def test_forced_call_schemas_are_closed():
+    """Objects without additionalProperties get false (hand-written expectation); stated ones stay."""
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                               "c": {"type": "array", "items": {"type": "object"}},
+                                               "d": {"type": "object", "additionalProperties": True}}}
+    assert tools.closed(schema) == {
+        "type": "object", "additionalProperties": False, "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "string"}}, "additionalProperties": False},
+            "c": {"type": "array", "items": {"type": "object", "additionalProperties": False}},
+            "d": {"type": "object", "additionalProperties": True}}}

@@ -147,7 +147,7 @@ class ToolPlan:
         if isinstance(self.choice, dict):
             tools = [f for f in tools if f["name"] == self.choice["name"]]
         key = "parameters" if self.family == LLAMA3 else "arguments"
-        calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
+        calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: closed(f["parameters"])},
                   "required": ["name", key], "additionalProperties": False} for f in tools]
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
         schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
@@ -173,6 +173,26 @@ class ToolPlan:
         if not self.parallel:
             calls = calls[:1]
         return content, [openai_call(c) for c in calls]
+
+
+def closed(schema: Any) -> Any:
+    """A parameter schema whose objects take only the properties they list, unless they say otherwise
+    (as OpenAI's strict function calling asks): a forced call names no argument the function lacks,
+    and a small model cannot wander into inventing them."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ("items", "anyOf", "oneOf", "allOf", "prefixItems"):  # schemas, or lists of them
+        if key in out:
+            out[key] = closed(out[key])
+    for key in ("properties", "$defs", "definitions"):  # name -> schema
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(v) for k, v in out[key].items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _literal(tokenizer, text: str) -> str:
