@@ -372,3 +372,26 @@ def test_langchain_bind_tools_turn(real):
     messages += [ai, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])]
     reply = llm.bind_tools([get_weather]).invoke(messages)
     assert reply.content or reply.tool_calls
+
+
+ODD = [
+    {"guided_json": "not json"}, {"guided_json": {"type": ["object", 5]}}, {"guided_json": {"$ref": "#/nope"}},
+    {"guided_json": {"type": "string", "pattern": "("}}, {"guided_grammar": "%%%"}, {"guided_grammar": "root ::= ("},
+    {"guided_choice": [""]}, {"guided_regex": ""}, {"structured_outputs": {"json": 5}},
+    {"structured_outputs": {"json_object": True}}, {"response_format": {"type": "json_schema"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}},
+    {"tools": [5]}, {"tools": []}, {"tools": [{"type": "function", "function": {"name": "a", "parameters": "x"}}]},
+    {"tools": [{"type": "retrieval"}]}, {"tool_choice": 5}, {"tools": [WEATHER], "tool_choice": {"type": "function"}},
+    {"messages": [{"role": "assistant", "tool_calls": [5]}]},
+    {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": "{bad"}}]}]},
+    {"messages": [{"role": "tool", "content": "x", "tool_call_id": "c"}], "tools": [WEATHER]},
+]
+
+
+@pytest.mark.parametrize("extra", ODD)
+def test_odd_constraint_and_tool_fields_never_5xx(real, extra):
+    body = {"model": "any", "max_tokens": 3, "messages": ASK, **extra}
+    status, answer = http(real, "/v1/chat/completions", body)
+    assert status < 500, answer
+    if status >= 400:
+        assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]

@@ -48,6 +48,9 @@ def ll_tokenizer(tokenizer):
     with _lock:
         hit = _tokenizers.get(id(tokenizer))
         if hit is None or hit[0] is not tokenizer:
+            if not hasattr(tokenizer, "to_json"):
+                raise APIError(400, "structured output needs a Hugging Face tokenizers vocabulary, which this "
+                                    "model's tokenizer does not give", code="structured_output_unavailable")
             stops = sorted(tokenizer.stop_token_ids)
             hit = (tokenizer, llg.LLTokenizer(tokenizer.to_json(), n_vocab=tokenizer.vocab_size, eos_token=stops))
             _tokenizers[id(tokenizer)] = hit
@@ -64,7 +67,7 @@ def _schema_grammar(llg, schema: Any, param: str) -> str:
         raise APIError(400, f"{param} must be a JSON schema object", param=param, code="invalid_value")
     try:
         return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # the library's report on a schema it cannot read
         raise APIError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
 
 
@@ -77,12 +80,12 @@ def _grammar(llg, kind: str, value: Any, param: str) -> str:
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
             raise APIError(400, f"{param} must be a non-empty list of strings", param=param, code="invalid_value")
-        return llg.grammar_from("choice", json.dumps(value))
+        return llg.grammar_from("choice", json.dumps(value))  # never raises for a list of strings
     if not isinstance(value, str) or not value:
         raise APIError(400, f"{param} must be a non-empty string", param=param, code="invalid_value")
     try:
         return llg.grammar_from("regex" if kind == "regex" else "grammar", value)
-    except ValueError as exc:
+    except Exception as exc:  # the library's report on a grammar it cannot read
         raise APIError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
 
 
