@@ -13,7 +13,9 @@
   (`[TOOL_CALLS]` then a JSON list of {"name", "arguments"}). `parse_tool_calls` reads all three.
 - Forcing: `tool_choice` "required" or a named function compiles the family's format, with each
   tool's parameter schema, into an llguidance grammar (server/structured.py), so even a small model
-  answers with a valid call. "auto" parses whatever the model wrote; "none" renders no tools.
+  answers with a valid call. Its objects take only the properties they list unless they say
+  otherwise (`closed`, as OpenAI's strict mode). "auto" parses whatever the model wrote; "none"
+  renders no tools.
 - Streaming (`ToolStream`): text is streamed as content until a call marker appears (a tail that
   may start one is held back); each call is then sent as OpenAI does: a delta with its index, id,
   type and function name (arguments ""), then deltas with fragments of its arguments.
