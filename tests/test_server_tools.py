@@ -196,3 +196,15 @@ def test_forced_call_schemas_are_closed():
             "a": {"type": "object", "properties": {"b": {"type": "string"}}, "additionalProperties": False},
             "c": {"type": "array", "items": {"type": "object", "additionalProperties": False}},
             "d": {"type": "object", "additionalProperties": True}}}
+
+
+def test_markers_that_are_special_tokens_are_named_by_id_in_grammars():
+    class Tok:
+        special_ids = {9}
+
+        def piece_to_id(self, piece):
+            return {"[TOOL_CALLS]": 9, "<tool_call>": 4}.get(piece)
+
+    assert tools._literal(Tok(), "[TOOL_CALLS]") == "<[9]>"  # llguidance's syntax for token 9
+    assert tools._literal(Tok(), "<tool_call>") == '"<tool_call>"'  # a plain token: its text
+    assert tools._literal(Tok(), "</tool_call>") == '"</tool_call>"'

@@ -115,10 +115,9 @@ class ToolPlan:
     in_template: bool
     names: set[str] = field(default_factory=set)
 
-    @property
-    def decode_special_tokens(self) -> bool:
-        # Llama's <|python_tag|> and Mistral's [TOOL_CALLS] are special tokens: keep them in the text
-        return self.family in (LLAMA3, MISTRAL)
+    # Call markers are special tokens in many vocabularies (Llama's <|python_tag|>, Mistral's
+    # [TOOL_CALLS], Qwen's <tool_call> in some files): the answer keeps them in its text for parsing.
+    decode_special_tokens = True
 
     # -- the prompt -----------------------------------------------------------------------
 
@@ -160,7 +159,8 @@ class ToolPlan:
             return item + (f' ({json.dumps(sep)} {item}){{0,{more}}}' if more else "")
 
         if self.family == HERMES:
-            lark = f'start: {calls_of("block", chr(10))}\nblock: "<tool_call>\\n" call "\\n</tool_call>"\ncall: {call}'
+            open_, close = _literal(tokenizer, "<tool_call>"), _literal(tokenizer, "</tool_call>")
+            lark = f'start: {calls_of("block", chr(10))}\nblock: {open_} "\\n" call "\\n" {close}\ncall: {call}'
         elif self.family == MISTRAL:
             lark = f'start: {_literal(tokenizer, MARKERS[MISTRAL])} "[" {calls_of("call", ",")} "]"\ncall: {call}'
         else:
