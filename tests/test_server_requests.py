@@ -1,4 +1,5 @@
-"""OpenAI request fields the server does not implement are refused with a clear message (a 400 upstream)."""
+"""OpenAI request fields the server does not implement, or values past its limits, are refused with a
+clear message (a 400 upstream)."""
 
 import pytest
 from pydantic import ValidationError
@@ -12,9 +13,8 @@ COMPLETION = {"model": "m", "prompt": "hi"}
 @pytest.mark.parametrize(
     "cls, base, field, value, message",
     [
-        (ChatCompletionRequest, CHAT, "logprobs", True, "logprobs are not supported by this server"),
-        (ChatCompletionRequest, CHAT, "tools", [{"type": "function"}], "tools are not supported by this server"),
-        (CompletionRequest, COMPLETION, "logprobs", 2, "logprobs are not supported by this server"),
+        (ChatCompletionRequest, CHAT, "top_logprobs", 21, "top_logprobs must be between 0 and 20"),
+        (CompletionRequest, COMPLETION, "logprobs", 21, "logprobs must be between 0 and 20"),
         (CompletionRequest, COMPLETION, "suffix", "x", "suffix is not supported by this server"),
     ],
 )

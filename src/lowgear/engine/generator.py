@@ -193,6 +193,8 @@ class DynamicGenerator:
         none at its last token or still under min_new_tokens, and no queued job to admit first."""
         if not (self.run_ahead and step.jobs and step.greedy and not self.queue):
             return False
+        if any(j.constraint is not None for j in step.jobs):  # its mask needs this step's token on the host
+            return False
         if len(step.batch) != len(step.jobs) or {id(j) for j in step.jobs} != {id(j) for j in self.running}:
             return False
         return all(n == 1 for _, n in step.batch) and all(
@@ -207,9 +209,10 @@ class DynamicGenerator:
         if not step.jobs:
             return results
         values = self.runner.read(step)
+        logprobs = self.runner.read_logprobs(step)
         for i, (job, (token, good)) in enumerate(zip(step.jobs, values)):
             if not job.finished:
-                results.append(self._accept(job, token) if good else self._fail(job, step.picked[i]))
+                results.append(self._accept(job, token, logprobs.get(i)) if good else self._fail(job, step.picked[i]))
         return results
 
     def _fail(self, job: DynamicJob, logits: torch.Tensor) -> dict:
@@ -219,14 +222,20 @@ class DynamicGenerator:
             message = f"job {job.serial}: logits not finite"
         except NonFiniteError as exc:
             message = str(exc)
+        grammar = job.constraint is not None and job.constraint.error()
+        if grammar:  # finite logits, every token masked: the grammar allowed none
+            message = f"job {job.serial}: {grammar}"
         job.finished, job.eos_reason, job.error = True, "error", message
         self.scheduler.release(job)
         result = self._result(job, "", [], eos=True)
         result["error"] = message
+        result["grammar_error"] = bool(grammar)
         return result
 
-    def _accept(self, job: DynamicJob, token: int) -> dict:
+    def _accept(self, job: DynamicJob, token: int, logprobs=None) -> dict:
         job.generated.append(token)
+        if job.constraint is not None:
+            job.constraint.accept(token)
         self.tokens_generated += 1
         text, reason = "", None
         if token in job.stop_tokens:
@@ -244,7 +253,11 @@ class DynamicGenerator:
         if reason is not None:
             job.finished, job.eos_reason = True, reason
             self.scheduler.release(job)
-        return self._result(job, text, [token], eos=reason is not None)
+        result = self._result(job, text, [token], eos=reason is not None)
+        if logprobs is not None:
+            chosen, top = logprobs
+            result["logprobs"] = [(token, chosen, top[: job.logprobs])]
+        return result
 
     @staticmethod
     def _drain(job: DynamicJob) -> str:

@@ -24,6 +24,8 @@ class DynamicJob:
         identifier=None,
         decode_special_tokens: bool = False,
         min_new_tokens: int = 0,
+        logprobs: int | None = None,
+        constraint=None,
         **_ignored,
     ):
         if isinstance(input_ids, torch.Tensor):
@@ -51,6 +53,12 @@ class DynamicJob:
                 self.stop_tokens.add(cond)
             else:
                 raise ConfigError(f"stop condition {cond!r} is neither a token id nor a string")
+        if logprobs is not None and (not isinstance(logprobs, int) or logprobs < 0):
+            raise ConfigError(f"logprobs must be None or a count >= 0 of alternatives per token, got {logprobs!r}")
+        self.logprobs = logprobs  # None: off; k: each token's logprob and its k most likely alternatives
+        # structured output: an object with allowed(vocab) -> bool tensor [vocab] of the tokens its
+        # grammar allows next, accept(token) after each token, and error() -> why nothing is allowed
+        self.constraint = constraint
         self.seed = seed
         self.identifier = identifier
         self.decode_special_tokens = decode_special_tokens

@@ -32,6 +32,7 @@ class Step:
     greedy: bool
     host: torch.Tensor | None  # [2, jobs]: tokens and finite flags, (being) copied to the host
     ready: object  # the CUDA event after that copy (None on the CPU)
+    logprobs: tuple | None = None  # (rows, chosen [r], top values [r, k], top ids [r, k]) for jobs that ask
 
 
 class Runner:
@@ -75,8 +76,10 @@ class Runner:
         """The tokens of the jobs whose logits `picked` holds, as device tensors (see `read`)."""
         if not jobs:
             return Step(batch, jobs, picked, None, None, True, None, None)
+        raw = picked
         if suppress:
             picked = suppress_early_stops(picked, jobs)
+        picked = apply_constraints(picked, jobs)
         # fp16 overflow shows as NaN/+inf logits (-inf alone is a masked token): a row's max is then
         # not finite (max propagates NaN), as it is when every logit is -inf. One reduction gives
         # the flags and, for greedy batches, the tokens; other batches sample rows made safe (zeros
@@ -90,6 +93,7 @@ class Runner:
         else:
             safe = torch.where(ok[:, None], picked, torch.zeros_like(picked))
             tokens = sample(safe, settings, [j.all_ids for j in jobs], [j.rng for j in jobs])
+        logprobs = token_logprobs(raw, tokens, jobs)
         # tokens and flags start for the host now, before a step run ahead is queued behind them
         both = torch.stack((tokens, ok.long()))
         event = None
@@ -100,7 +104,7 @@ class Runner:
             event.record()
         else:
             host = both
-        return Step(batch, jobs, picked, tokens, ok, greedy, host, event)
+        return Step(batch, jobs, picked, tokens, ok, greedy, host, event, logprobs)
 
     @staticmethod
     def read(step: Step) -> list[list[int]]:
@@ -108,6 +112,15 @@ class Runner:
         if step.ready is not None:
             step.ready.synchronize()
         return step.host.T.tolist()
+
+    @staticmethod
+    def read_logprobs(step: Step) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """Per job index of the step that asked: (its token's logprob, [(token id, logprob)] best first)."""
+        if step.logprobs is None:
+            return {}
+        rows, chosen, values, ids = step.logprobs
+        chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+        return {r: (chosen[i], list(zip(ids[i], values[i]))) for i, r in enumerate(rows)}
 
 
 def suppress_early_stops(logits: torch.Tensor, jobs: list) -> torch.Tensor:
@@ -119,3 +132,38 @@ def suppress_early_stops(logits: torch.Tensor, jobs: list) -> torch.Tensor:
     for i in early:
         logits[i, sorted(jobs[i].stop_tokens)] = float("-inf")
     return logits
+
+
+def apply_constraints(logits: torch.Tensor, jobs: list) -> torch.Tensor:
+    """Mask, for each job with a `constraint` (structured output), the tokens its grammar forbids now.
+
+    Only constrained rows cost anything: a batch with none returns `logits` as it is; otherwise a
+    copy with -inf outside each constrained row's allowed set (`constraint.allowed(vocab)`, a bool
+    tensor on the host). A row whose grammar allows nothing becomes all -inf, which `choose` flags
+    as not finite, so that job alone ends with an error (the generator asks the constraint why)."""
+    rows = [i for i, j in enumerate(jobs) if getattr(j, "constraint", None) is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    allowed = torch.stack([jobs[i].constraint.allowed(vocab) for i in rows]).to(logits.device, non_blocking=True)
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, jobs: list):
+    """Log-probabilities for the jobs that ask (`job.logprobs`: how many alternatives, 0 for none).
+
+    Taken from the model's own logits, before penalties, temperature, filters and grammar masks (the
+    distribution the model gives, as vLLM's default "raw" logprobs): the chosen token's value and the
+    `k` most likely tokens, k the largest any row asks (each row keeps its own count when read)."""
+    rows = [i for i, j in enumerate(jobs) if getattr(j, "logprobs", None) is not None]
+    if not rows:
+        return None
+    index = torch.tensor(rows, device=logits.device)
+    lp = torch.log_softmax(logits[index].float(), dim=-1)
+    chosen = lp.gather(-1, tokens[index][:, None]).squeeze(-1)
+    k = max(jobs[i].logprobs for i in rows)
+    values, ids = lp.topk(k, dim=-1)
+    return rows, chosen, values, ids

@@ -25,7 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, LowgearError
-from . import anthropic, metrics
+from . import anthropic, metrics, structured, tools
+from . import logprobs as lp
 from .engine import Engine, Event, JobHandle
 from .openai_types import (APIError, ChatCompletionRequest, CompletionRequest, SamplingSpec, find_lone_surrogate,
                            format_validation_error, sampling_spec)
@@ -205,22 +206,30 @@ def _add_generation_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await gate.parse(request, ChatCompletionRequest)
+        tool_plan = tools.plan(req, engine.tokenizer)
         try:
-            text = engine.tokenizer.apply_chat_template(req.chat_messages(), add_generation_prompt=True)
-        except LowgearError:
+            text = engine.tokenizer.apply_chat_template(tools.template_messages(req, tool_plan), add_generation_prompt=True,
+                                                        **(tool_plan.template_variables() if tool_plan else {}))
+        except (LowgearError, APIError):
             raise
         except Exception as exc:
             raise APIError(400, f"the messages do not fit the model's chat template: {exc}", param="messages")
         ids = _encode(engine, text, special=True)
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         spec = _spec_for(engine, req, len(ids), req.token_limit, limit_param, "messages")
+        if tool_plan is not None:
+            spec = _with_tools(engine, spec, tool_plan)
         jobs = await _start_jobs(engine, [(ids, spec)] * req.n, req.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _JobsResponse(jobs, _chat_stream(jobs, rid, now, engine.model_name, req.include_usage))
-        texts, reasons, usage = await _collect(request, jobs)
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": None, "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
+            return _JobsResponse(jobs, _chat_stream(jobs, rid, now, engine, req.include_usage, tool_plan))
+        texts, reasons, usage, logprobs = await _collect(request, jobs)
+        choices = []
+        for i in range(len(jobs.handles)):
+            message, reason = tools.chat_message(tool_plan, texts[i], reasons[i])
+            choices.append({"index": i, "message": message, "finish_reason": reason,
+                            "logprobs": {"content": lp.chat_content(engine.tokenizer, logprobs[i])}
+                            if spec.logprobs is not None else None})
         return {"id": rid, "object": "chat.completion", "created": now, "model": engine.model_name,
                 "choices": choices, "usage": usage, "system_fingerprint": None}
 
@@ -243,11 +252,11 @@ def _add_generation_routes(app: FastAPI, engine: Engine, gate: _Gate) -> None:
             echoes = [e for e in echoes for _ in range(req.n)]
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _JobsResponse(jobs, _completion_stream(jobs, rid, now, engine.model_name, req.include_usage,
-                                                          echoes))
-        texts, reasons, usage = await _collect(request, jobs)
-        choices = [{"index": i, "text": (echoes[i] if echoes else "") + texts[i], "logprobs": None,
-                    "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
+            return _JobsResponse(jobs, _completion_stream(jobs, rid, now, engine, req.include_usage, echoes))
+        texts, reasons, usage, logprobs = await _collect(request, jobs)
+        choices = [{"index": i, "text": (echoes[i] if echoes else "") + texts[i],
+                    "logprobs": lp.completion_lists(engine.tokenizer, logprobs[i])[0] if req.logprobs is not None
+                    else None, "finish_reason": reasons[i]} for i in range(len(jobs.handles))]
         return {"id": rid, "object": "text_completion", "created": now, "model": engine.model_name,
                 "choices": choices, "usage": usage, "system_fingerprint": None}
 
@@ -304,7 +313,17 @@ def _spec_for(engine: Engine, req, prompt_len: int, limit: int | None, limit_par
                             f"{prompt_len + limit} tokens ({prompt_len} in the {prompt_param}, {limit} in the "
                             f"completion). Please reduce the length of the {prompt_param} or {limit_param}.",
                        param=limit_param, code="context_length_exceeded")
-    return sampling_spec(req, limit)
+    return replace(sampling_spec(req, limit), grammar=structured.request_grammar(engine.tokenizer, req))
+
+
+def _with_tools(engine: Engine, spec: SamplingSpec, tool_plan: "tools.ToolPlan") -> SamplingSpec:
+    """A forced tool call's grammar (a request cannot force both a call and a response format)."""
+    grammar = tool_plan.grammar(engine.tokenizer)
+    if grammar is not None and spec.grammar is not None:
+        raise APIError(400, "tool_choice forces a tool call, which cannot be combined with a response format "
+                            "(response_format / guided_* / structured_outputs)", param="tool_choice",
+                       code="invalid_value")
+    return replace(spec, grammar=grammar or spec.grammar, decode_special_tokens=tool_plan.decode_special_tokens)
 
 
 class _Jobs:
@@ -354,14 +373,17 @@ def _usage(jobs: _Jobs, last: dict[int, Event]) -> dict:
 
 
 def _server_error(ev: Event) -> APIError:
+    if isinstance(ev.error, APIError):  # a failure of the request's own making (its grammar)
+        return ev.error
     return APIError(500, f"generation failed: {ev.error or ev.finish_reason}", type="server_error",
                     code="generation_failed")
 
 
-async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str], dict]:
+async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str], dict, list[list]]:
     """Wait for every choice to finish; cancel everything if the client goes away meanwhile."""
     n = len(jobs.handles)
     texts = [[] for _ in range(n)]
+    logprobs = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     last: dict[int, Event] = {}
     pending = n
@@ -380,6 +402,7 @@ async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str],
             if ev is None:
                 continue
             texts[ev.index].append(ev.text)
+            logprobs[ev.index].extend(ev.logprobs)
             if ev.done:
                 if ev.finish_reason in ("error", "cancelled"):
                     raise _server_error(ev)
@@ -388,7 +411,7 @@ async def _collect(request: Request, jobs: _Jobs) -> tuple[list[str], list[str],
                 pending -= 1
     finally:
         jobs.cancel()
-    return ["".join(t) for t in texts], reasons, _usage(jobs, last)
+    return ["".join(t) for t in texts], reasons, _usage(jobs, last), logprobs
 
 
 def _sse(obj: Any) -> str:
@@ -404,7 +427,11 @@ async def _events(jobs: _Jobs) -> AsyncIterator[Event]:
         yield ev
 
 
-async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_usage: bool):
+async def _chat_stream(jobs: _Jobs, rid: str, created: int, engine: Engine, include_usage: bool,
+                       tool_plan: "tools.ToolPlan | None" = None):
+    model = engine.model_name
+    shapers = {h.index: tools.ToolStream(tool_plan) for h in jobs.handles} if tool_plan is not None else {}
+
     def chunk(choices: list[dict]) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choices}
@@ -420,11 +447,20 @@ async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_
         if ev.done and ev.finish_reason in ("error", "cancelled"):
             yield _sse(_server_error(ev).body())
             return
-        if ev.text:
-            yield chunk([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}])
+        shaper = shapers.get(ev.index)
+        deltas = ([{"content": ev.text}] if ev.text else []) if shaper is None else shaper.push(ev.text)
+        if ev.done and shaper is not None:
+            deltas += shaper.finish()
+        logprobs = {"content": lp.chat_content(engine.tokenizer, ev.logprobs)} if ev.logprobs else None
+        if logprobs and not deltas:
+            deltas = [{}]
+        for delta in deltas:
+            yield chunk([{"index": ev.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+            logprobs = None
         if ev.done:
             last[ev.index] = ev
-            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason,
+            reason = "tool_calls" if shaper is not None and shaper.called else ev.finish_reason
+            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": reason,
                           "stop_reason": ev.stop_reason}])
     if include_usage:
         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -432,12 +468,18 @@ async def _chat_stream(jobs: _Jobs, rid: str, created: int, model: str, include_
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(jobs: _Jobs, rid: str, created: int, model: str, include_usage: bool,
+async def _completion_stream(jobs: _Jobs, rid: str, created: int, engine: Engine, include_usage: bool,
                              echoes: list[str] | None):
-    def chunk(index: int, text: str, finish: str | None) -> str:
+    model = engine.model_name
+    offsets: dict[int, int] = {}  # each choice's text_offset so far
+
+    def chunk(index: int, text: str, finish: str | None, entries: list = ()) -> str:
+        logprobs = None
+        if entries:
+            logprobs, offsets[index] = lp.completion_lists(engine.tokenizer, entries, offsets.get(index, 0))
         body = {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": None,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
         if include_usage:
             body["usage"] = None
         return _sse(body)
@@ -450,9 +492,9 @@ async def _completion_stream(jobs: _Jobs, rid: str, created: int, model: str, in
         if ev.done and ev.finish_reason in ("error", "cancelled"):
             yield _sse(_server_error(ev).body())
             return
-        if ev.text or ev.done:
+        if ev.text or ev.done or ev.logprobs:
             last.update({ev.index: ev} if ev.done else {})
-            yield chunk(ev.index, ev.text, ev.finish_reason if ev.done else None)
+            yield chunk(ev.index, ev.text, ev.finish_reason if ev.done else None, ev.logprobs)
     if include_usage:
         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                     "system_fingerprint": None, "choices": [], "usage": _usage(jobs, last)})

@@ -43,6 +43,7 @@ class Event:
     completion_tokens: int = 0
     error: BaseException | None = None
     stop_reason: str | None = None  # the stop string that ended the choice (vLLM's `stop_reason`)
+    logprobs: list = field(default_factory=list)  # (token, logprob, [(id, logprob)] best first) per token
 
 
 class JobHandle:
@@ -103,6 +104,11 @@ def lowgear_job_factory(tokenizer) -> Callable[[list[int], SamplingSpec, Any], A
 
     def make(input_ids: list[int], spec: SamplingSpec, identifier: Any):
         settings = sampler_settings(spec)
+        constraint = None
+        if spec.grammar is not None:
+            from .structured import GrammarConstraint
+
+            constraint = GrammarConstraint(tokenizer, spec.grammar)
         return lg.DynamicJob(
             input_ids=torch.tensor([input_ids], dtype=torch.long),
             max_new_tokens=spec.max_tokens,
@@ -110,7 +116,9 @@ def lowgear_job_factory(tokenizer) -> Callable[[list[int], SamplingSpec, Any], A
             stop_conditions=stop_tokens + list(spec.stop),
             seed=spec.seed,
             identifier=identifier,
-            decode_special_tokens=False,
+            decode_special_tokens=spec.decode_special_tokens,
+            logprobs=spec.logprobs,
+            constraint=constraint,
         )
 
     return make
@@ -288,7 +296,8 @@ class Engine:
         if result.get("prompt_tokens"):
             handle.prompt_tokens = int(result["prompt_tokens"])
         event = Event(index=handle.index, text=result.get("text") or "", token_ids=token_ids,
-                      prompt_tokens=handle.prompt_tokens, completion_tokens=handle.completion_tokens)
+                      prompt_tokens=handle.prompt_tokens, completion_tokens=handle.completion_tokens,
+                      logprobs=list(result.get("logprobs") or ()))
         if result.get("eos"):
             reason = result.get("eos_reason") or "stop_token"
             event.done = True
@@ -298,6 +307,11 @@ class Engine:
                 from ..errors import LowgearError
 
                 event.finish_reason, event.error = "error", LowgearError(result.get("error") or "generation failed")
+                if result.get("grammar_error"):  # the request's own grammar, not the server: a 4xx
+                    from .openai_types import APIError
+
+                    event.error = APIError(422, f"structured output stopped: {result.get('error')}; the format "
+                                                "constraint left no token to continue with", code="grammar_dead_end")
             if result.get("new_tokens") is not None:
                 event.completion_tokens = handle.completion_tokens = int(result["new_tokens"])
             handle.finished = True

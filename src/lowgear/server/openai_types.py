@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # most likely token, as the floor does.
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs (its /v1/completions allows 5; vLLM 20 on both)
 
 
 class APIError(Exception):
@@ -83,7 +84,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-_UNSUPPORTED = {"logprobs": "logprobs are", "tools": "tools are", "suffix": "suffix is"}
+_UNSUPPORTED = {"suffix": "suffix is"}
 
 
 def _refuse_if_set(cls, v, info):
@@ -115,6 +116,12 @@ class _SamplingFields(_Strict):
     store: bool | None = None
     service_tier: str | None = None
     logit_bias: dict[str, float] | None = None
+    # structured output, vLLM's extension fields (server/structured.py turns them into a grammar)
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -157,6 +164,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # an assistant's earlier calls (server/tools.py reads them)
+    tool_call_id: str | None = None  # a tool message's answer to that call
 
     def text(self) -> str:
         if self.content is None:
@@ -176,22 +185,23 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
-    _refuse_unsupported = field_validator("logprobs", "tools")(_refuse_if_set)
-
-    @field_validator("response_format")
+    @field_validator("top_logprobs")
     @classmethod
-    def _check_response_format(cls, v):
-        if v and v.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported by this server")
+    def _check_top_logprobs(cls, v):
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {v}")
         return v
 
-    def chat_messages(self) -> list[dict]:
-        """Messages as the tokenizer's chat template wants them ('developer' is OpenAI's new 'system')."""
-        out = []
-        for m in self.messages:
-            role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
-        return out
+    @model_validator(mode="after")
+    def _check_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: set logprobs to true to use top_logprobs")
+        return self
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """How many alternatives per token to report: None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -214,13 +224,27 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("token-id prompts must not be empty")
         return v
 
-    _refuse_unsupported = field_validator("logprobs", "suffix")(_refuse_if_set)
+    _refuse_unsupported = field_validator("suffix")(_refuse_if_set)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _check_logprobs(cls, v):
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _check_best_of(self):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("logprobs: logprobs together with echo (the prompt's logprobs) are not supported; "
+                             "drop echo or logprobs")
         return self
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt as a list of prompts, each a string or a list of token ids."""
@@ -249,6 +273,9 @@ class SamplingSpec:
     frequency_penalty: float
     stop: tuple[str, ...]
     seed: int | None
+    logprobs: int | None = None  # None: off; k: each token's logprob and its k most likely alternatives
+    grammar: str | None = None  # structured output: an llguidance grammar (server/structured.py)
+    decode_special_tokens: bool = False  # keep special tokens in the text (tool-call markers)
 
 
 def sampling_spec(req: _SamplingFields, max_tokens: int) -> SamplingSpec:
@@ -262,4 +289,5 @@ def sampling_spec(req: _SamplingFields, max_tokens: int) -> SamplingSpec:
         frequency_penalty=req.frequency_penalty or 0.0,
         stop=tuple(req.stop or ()),
         seed=req.seed,
+        logprobs=req.logprobs_count,
     )

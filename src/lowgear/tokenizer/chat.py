@@ -58,6 +58,17 @@ def compile_template(source: str):
         raise ChatTemplateError(f"the model's chat template is not valid Jinja ({e}): pass a template of your own") from e
 
 
+@lru_cache(maxsize=8)
+def template_variables(source: str | None) -> frozenset[str]:
+    """The variables a template reads from its caller (e.g. whether it renders `tools`)."""
+    import jinja2
+    from jinja2 import meta
+
+    compile_template(source or CHATML_TEMPLATE)  # a broken template raises ChatTemplateError here
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    return frozenset(meta.find_undeclared_variables(env.parse(source or CHATML_TEMPLATE)))
+
+
 def render_chat(
     messages: list[dict],
     template: str | None = None,

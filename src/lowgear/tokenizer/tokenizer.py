@@ -164,6 +164,10 @@ class Tokenizer:
                 return candidate
         return 0
 
+    def to_json(self) -> str:
+        """The tokenizer as Hugging Face tokenizers' JSON (what grammar libraries read)."""
+        return self._tok.to_str()
+
     # ------------------------------------------------------------------ encode
 
     def encode_ids(self, text: str, add_bos: bool = False, add_eos: bool = False, encode_special_tokens: bool = False) -> list[int]:
