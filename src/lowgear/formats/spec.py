@@ -11,6 +11,8 @@ Canonical tensor names:
     layers.{i}.q_norm / k_norm  [head_dim]: RMSNorm of each q / k head before RoPE (qwen3)
     layers.{i}.ffn_norm         [hidden]
     layers.{i}.gate / up / down linear weights
+    (phi3 stores q|k|v and gate|up each as one tensor; its readers hand the parts out as row views of
+    it, formats/fused.py, and the model fuses them again)
     norm                        [hidden]
     lm_head                     [vocab, hidden] (absent when embeddings are tied)
 """
@@ -22,11 +24,11 @@ from typing import Any, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # architectures whose attention RMS-normalises each q and k head (weights q_norm / k_norm) before RoPE
 QK_NORM_ARCHITECTURES = ("qwen3",)
 # architectures whose GGUF q/k rows are not permuted by llama.cpp's converter: RoPE rotates halves
-NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3")
+NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "phi3")
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,15 @@ class ModelSpec:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # None, {"type": "linear", "factor": f} or
-    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} or
+    # {"type": "longrope", "short_factor": (...), "long_factor": (...), "original_max_position_embeddings",
+    #  "attention_factor"} (Phi-3's LongRoPE: per-pair divisors, rotary_dim / 2 of each; model/rope.py)
     rope_scaling: dict[str, Any] | None = None
     # "neox": rotate halves (HF layout). "interleaved": rotate adjacent pairs (llama.cpp's layout
     # for llama/mistral GGUF, whose q/k rows are permuted at conversion).
     rope_style: str = "neox"
     max_position_embeddings: int = 4096
+    rotary_dim: int | None = None  # dims of each q/k head that RoPE rotates (the first ones); None: all (head_dim)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     sliding_window: int | None = None

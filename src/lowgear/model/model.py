@@ -17,7 +17,7 @@ from ..formats.spec import ModelSpec
 from .fuse import fuse_linear
 from .layers import MLP, Attention, DecoderLayer, RMSNorm
 from .linear import QuantLinear
-from .rope import cos_sin, inv_frequencies
+from .rope import attention_factor, cos_sin, inv_frequencies, uses_long_factors
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -38,8 +38,7 @@ class Model:
         self.layer_ops: list = []  # each layer's device's Ops
         self.plan = None
         self.cpu_weights = None  # platform.placement.CpuWeights when a CPU holds layers: unpacked or packed, and why
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
-        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
     # ---------------------------------------------------------------- loading
     @property
@@ -147,24 +146,22 @@ class Model:
         h, _ = self.norm.forward(pending.index_select(0, rows), ops, residual=h.index_select(0, rows))
         return self.lm_head(h).float()
 
-    def _freqs(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
-            self._inv_freq[device] = inv_frequencies(self.spec).to(device)
-        return self._inv_freq[device]
-
     def _rope_table(self, device: torch.device, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [positions, head_dim/2] float32 for every position the cache can hold, built once.
+        """cos, sin [positions, rot/2] float32 for every position the cache can hold, built once.
 
-        The first (eager) step builds it, before any graph capture; a larger cache rebuilds it.
+        The first (eager) step builds it, before any graph capture; a larger cache rebuilds it (and
+        LongRoPE's choice of factors follows the cache, model/rope.py).
         """
         # positions stay below the cache's capacity (a sequence must fit in it); the kernel does not
         # bounds-check, so a cache without one gets the model's whole context
         n = getattr(cache, "capacity_tokens", 0) or self.spec.max_position_embeddings
+        long = uses_long_factors(self.spec, n)
         table = self._rope_tables.get(device)
-        if table is None or table[0].shape[0] < n:
+        if table is None or table[0].shape[0] < n or table[2] != long:
             positions = torch.arange(n, device=device)
-            table = self._rope_tables[device] = cos_sin(positions, self._freqs(device))
-        return table
+            freqs = inv_frequencies(self.spec, long).to(device)
+            table = self._rope_tables[device] = (*cos_sin(positions, freqs, attention_factor(self.spec)), long)
+        return table[0], table[1]
 
     def unload(self) -> None:
         self.layers, self.layer_devices, self.embed, self.norm, self.lm_head = [], [], None, None, None

@@ -52,7 +52,7 @@ def codes_and_scales(qtype: str, data: torch.Tensor, in_features: int) -> tuple[
 
 def gguf_to_gptq(qtype: str, data: torch.Tensor, in_features: int) -> GPTQWeight:
     """A Q4_0 / Q8_0 layer (GGUF rows [N, row_bytes], on any device) as the equal GPTQWeight."""
-    from .gptq_gemv import pack_codes
+    from ...formats.gptq import pack_codes
 
     bits, zero = EXACT[qtype]
     n = data.shape[0]
