@@ -159,7 +159,7 @@ def test_tiny_gptq_llama_matches_transformers_on_dequantized_weights(tmp_path, g
 
 
 @pytest.mark.parametrize("quant,words", [
-    ({"quant_method": "awq"}, ["'awq'", "GPTQ", "EXL2"]),
+    ({"quant_method": "hqq"}, ["'hqq'", "GPTQ", "AWQ", "EXL2"]),
     ({"quant_method": "bitsandbytes"}, ["'bitsandbytes'", "GPTQ"]),
     ({"bits": 5}, ["5 bits", "2, 3, 4, 8"]),
     ({"checkpoint_format": "marlin"}, ["'marlin'", "gptq_v2"]),

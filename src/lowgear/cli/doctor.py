@@ -409,6 +409,8 @@ def _render_quantization(q: dict) -> str:
     if method == "GPTQ":
         group = "one group per column" if q["group_size"] in (-1, 0) else f"group size {q['group_size']}"
         return f"GPTQ {q['bits']}-bit, {group}, {'symmetric' if q['sym'] else 'asymmetric'}, format {q['checkpoint_format']}"
+    if method == "AWQ":
+        return f"AWQ {q['bits']}-bit, group size {q['group_size']}, version {q['version']} (run as GPTQ, repacked at load)"
     if q.get("types"):
         mix = ", ".join(f"{k} {v:.0%}" for k, v in q["types"].items())
         text = f"{method} type mix by bytes: {mix}"
