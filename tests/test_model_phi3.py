@@ -220,15 +220,15 @@ def test_gguf_gives_the_folders_logits(phi3, tmp_path):
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_triton_ops_paged_steps_match_transformers(phi3, fuse):
-    """The Triton ops (rms_norm, the partial-rotary rope + KV write; interpreted without a GPU), prefilled
-    together and decoded a token at a time through a paged cache."""
+    """The Triton ops (rms_norm, the partial-rotary rope + KV write, 6 of 8 pairs rotated in the 0.75 variant;
+    interpreted without a GPU), prefilled together and decoded a token at a time through a paged cache."""
     from lowgear.attention.metadata import build_metadata
     from lowgear.ops import dispatch
 
     pytest.importorskip("triton")
     variant, hf, folder = phi3
-    if variant != "longrope-partial50":
-        pytest.skip("the power-of-two partial rotary variant covers the kernel; the others take its torch form")
+    if variant == "window" and not fuse:
+        pytest.skip("the unfused linears are covered by the other variants")
     model, cache = load(folder, max_seq_len=ORIGINAL, page_size=4, no_fuse=not fuse)
     use_ops(model, dispatch.triton_ops())
     seqs, tables, done = [ids_of(11, 5), ids_of(7, 6)], [[2, 0, 3], [1, 4]], [0, 0]
@@ -305,3 +305,39 @@ def test_phi3_chat_template_renders_like_transformers(tmp_path):
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
                                                   chat_template=PHI3_TEMPLATE)
     assert ours == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ------------------------------------------------------------------ configs as published
+
+
+def phi4_mini_config(**changes) -> dict:
+    """Phi-4-mini-instruct's config.json in the transformers-4 style it ships in (factor values made up)."""
+    return {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+            "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+            "partial_rotary_factor": 0.75, "rope_theta": 10000.0, "sliding_window": 262144,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
+            "tie_word_embeddings": True, "rms_norm_eps": 1e-5, **changes}
+
+
+def test_phi4_mini_config_as_published(tmp_path):
+    from lowgear.formats.hf import spec_from_config
+    from lowgear.model.rope import uses_long_factors
+
+    spec = spec_from_config(phi4_mini_config(), str(tmp_path), has_lm_head=False)
+    assert (spec.head_dim, spec.rotary_dim, spec.tie_word_embeddings, spec.sliding_window) == (128, 96, True, 262144)
+    # sqrt(1 + ln(131072 / 4096) / ln(4096)) = sqrt(1 + 5 ln 2 / (12 ln 2)) = sqrt(17 / 12)
+    assert spec.rope_scaling["attention_factor"] == pytest.approx(math.sqrt(17 / 12), rel=1e-12)
+    assert spec.rope_scaling["original_max_position_embeddings"] == 4096
+    assert not uses_long_factors(spec, 4096) and uses_long_factors(spec, 4097)
+
+
+def test_wrong_number_of_rope_factors_is_one_clear_error(tmp_path):
+    from lowgear.errors import ModelFormatError
+    from lowgear.formats.hf import spec_from_config
+    from lowgear.formats.validate import check_spec
+
+    scaling = {"type": "su", "short_factor": [1.0] * 48, "long_factor": [2.0] * 64}  # 64: a full head's pairs
+    spec = spec_from_config(phi4_mini_config(rope_scaling=scaling), str(tmp_path), has_lm_head=False)
+    with pytest.raises(ModelFormatError, match=r"rope long_factor is '64 values', but LongRoPE needs 48 positive factors"):
+        check_spec(spec, "config.json")
