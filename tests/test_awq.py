@@ -104,6 +104,20 @@ def test_random_layer_torch_and_triton(group):
 QUANT = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
 
 
+def awq_quantize(p: torch.Tensor, prefix: str, group: int) -> dict:
+    """Linear weight p [N, K] as AWQ tensors (asymmetric 4-bit per group of K); p becomes what they decode to."""
+    w = p.data.double().t().numpy()  # [K, N], as AWQ stores it
+    groups = w.reshape(w.shape[0] // group, group, -1)
+    lo, hi = groups.min(axis=1), groups.max(axis=1)
+    s = ((hi - lo) / 15).astype(np.float16)
+    z = np.clip(np.round(-lo / s.astype(np.float64)), 0, 15).astype(np.int64)
+    g = np.arange(w.shape[0]) // group
+    q = np.clip(np.round(w / s[g].astype(np.float64)) + z[g], 0, 15).astype(np.int64)
+    p.copy_(reference(q, z, s, group).float())
+    return {f"{prefix}.qweight": awq_pack(q), f"{prefix}.qzeros": awq_pack(z),
+            f"{prefix}.scales": torch.from_numpy(np.ascontiguousarray(s))}
+
+
 def write_awq_llama(tmp_path, quant=None):
     """A tiny llama as an AWQ folder, and transformers' model on the float64-dequantized weights."""
 
@@ -111,15 +125,7 @@ def write_awq_llama(tmp_path, quant=None):
         prefix = name[: -len(".weight")]
         if not any(prefix.endswith(lin) for lin in LLAMA_LINEARS):
             return {name: p.data.clone()}
-        w = p.data.double().t().numpy()  # [K, N], as AWQ stores it
-        groups = w.reshape(w.shape[0] // 32, 32, -1)
-        lo, hi = groups.min(axis=1), groups.max(axis=1)
-        s = ((hi - lo) / 15).astype(np.float16)
-        z = np.clip(np.round(-lo / s.astype(np.float64)), 0, 15).astype(np.int64)
-        g = np.arange(w.shape[0]) // 32
-        q = np.clip(np.round(w / s[g].astype(np.float64)) + z[g], 0, 15).astype(np.int64)
-        p.copy_(reference(q, z, s, 32).float())
-        return {f"{prefix}.qweight": awq_pack(q), f"{prefix}.qzeros": awq_pack(z), f"{prefix}.scales": torch.from_numpy(np.ascontiguousarray(s))}
+        return awq_quantize(p, prefix, 32)
 
     return write_quantized_llama(tmp_path, "awq", store, quant or QUANT)
 
@@ -136,6 +142,35 @@ def test_tiny_awq_llama_matches_transformers_on_dequantized_weights(tmp_path):
     assert model.layers[0].attn.qkv is not None  # q|k|v fused as GPTQ tensors
     ids = torch.randint(0, 300, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_phi3_awq_folder_splits_its_fused_linears(tmp_path):
+    """Phi-3 AWQ folders store qkv_proj and gate_up_proj packed: q, k, v, gate and up are column bands
+    of the repacked tensors, fused back as GPTQ tensors."""
+    from safetensors.torch import save_file
+    from test_model_phi3 import ORIGINAL, write_phi3
+
+    hf = write_phi3(tmp_path / "float", "longrope-partial75-tied")
+    folder = tmp_path / "awq"
+    folder.mkdir()
+    tensors = {}
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            prefix = name[: -len(".weight")]
+            if prefix.rsplit(".", 1)[-1] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                tensors.update(awq_quantize(p, prefix, 16))  # 16: ffn_down's 112 inputs are whole groups
+            else:
+                tensors[name] = p.data.clone()
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    config["quantization_config"] = {**QUANT, "group_size": 16}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    source = HFSource(folder)
+    assert source.info("layers.1.v").shape == (32, 64) and source.info("layers.1.up").qtype == "AWQ4g16"
+    model, cache = load(folder, max_seq_len=ORIGINAL, cpu_weights="packed")
+    assert model.layers[0].attn.qkv.qtype == "AWQ4g16" and model.layers[0].mlp.gate_up.out_features == 224
+    ids = torch.randint(3, 300, (29,), generator=torch.Generator().manual_seed(2)).tolist()
+    torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("change,words", [

@@ -77,8 +77,12 @@ def write_phi3(folder, variant: str):
     return hf
 
 
-def write_phi3_gguf(path, hf) -> str:
-    """`hf`'s weights as llama.cpp's convert_hf_to_gguf.py writes a Phi-3 (F32, q/k not permuted)."""
+def write_phi3_gguf(path, hf, qtype: str | None = None) -> str:
+    """`hf`'s weights as llama.cpp's convert_hf_to_gguf.py writes a Phi-3 (F32, q/k not permuted). With
+    `qtype` the layers' linears are stored quantized by gguf-py, and `hf`'s weights become gguf-py's
+    dequantization of them (so that `hf` stays the reference for the file)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
     from lowgear.bench.synthetic import byte_vocab, write_gguf_tokenizer
 
     cfg = hf.config
@@ -113,7 +117,16 @@ def write_phi3_gguf(path, hf) -> str:
             out = f"blk.{i}.{layer[part]}.weight"
         else:
             out = f"{ends[base]}.weight"
-        w.add_tensor(out, t.detach().float().numpy().astype(np.float32))
+        values = t.detach().float().numpy().astype(np.float32)
+        ty = GGMLQuantizationType[qtype] if qtype is not None else None
+        # rows that are not whole blocks (ffn_down's 112) stay F32, as llama.cpp's quantizer leaves them
+        if ty is not None and out.startswith("blk.") and values.ndim == 2 and values.shape[1] % GGML_QUANT_SIZES[ty][0] == 0:
+            packed = quants.quantize(values, ty)
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(quants.dequantize(packed, ty).reshape(values.shape)))
+            w.add_tensor(out, packed, raw_dtype=ty)
+        else:
+            w.add_tensor(out, values)
     write_gguf_tokenizer(w, byte_vocab(VOCAB))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -216,6 +229,20 @@ def test_gguf_gives_the_folders_logits(phi3, tmp_path):
         from_gguf = all_logits(*load(path, max_seq_len=max_seq_len), ids)
         from_folder = all_logits(*load(folder, max_seq_len=max_seq_len), ids)
         torch.testing.assert_close(from_gguf, from_folder, atol=1e-5, rtol=1e-5)  # same float32 weights, same code
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_quantized_gguf_matches_transformers_on_its_dequantized_weights(tmp_path, qtype):
+    """attn_qkv and ffn_up stored packed: the parts are block rows of them, fused back without unpacking."""
+    hf = write_phi3(tmp_path / "hf", "longrope-partial75-tied")
+    path = write_phi3_gguf(tmp_path / "q.gguf", hf, qtype)  # hf now holds gguf-py's dequantized weights
+    source = lg.Config(path).source
+    info = source.info("layers.0.k")
+    assert info.qtype == qtype and info.shape == (2 * HEAD_DIM, 64)
+    model, cache = load(path, max_seq_len=ORIGINAL, cpu_weights="packed")
+    assert model.layers[0].attn.qkv.qtype == qtype and model.layers[0].mlp.gate_up.packed
+    ids = ids_of(31, seed=8)
+    torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
