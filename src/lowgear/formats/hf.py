@@ -109,7 +109,8 @@ def _rope(cfg: dict, folder: str) -> tuple[float, dict | None]:
     if kind in (None, "default"):
         return theta, None
     if kind in ("longrope", "su"):  # Phi-3's LongRoPE ("su" in older configs)
-        original = int(scaling.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings")))
+        # transformers prefers the top-level value phi3 configs carry over the one in the rope parameters
+        original = int(cfg.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"])
         # like transformers: the ratio of the contexts, unless a factor is given
         factor = float(scaling.get("factor") or _whole(cfg, "max_position_embeddings", folder) / original)
         attention = scaling.get("attention_factor")
@@ -345,6 +346,12 @@ class HFSource(FusedParts):
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ModelFormatError(f"{self.path}: weights are missing ({shown}); download every safetensors shard")
         check_spec(self.spec, f"{self.path}/config.json")
+        fused_exl2 = [self._exl2_prefix[n] for n in self._exl2_prefix if n.rpartition(".")[2] in ("qkv", "gate_up")]
+        if fused_exl2:
+            raise UnsupportedError(
+                f"{self.path}: EXL2 linears stored fused ({fused_exl2[0]}, phi3's qkv_proj / gate_up_proj) are not "
+                "supported: use the model as GPTQ, AWQ, GGUF or unquantized"
+            )
         self._split_fused(self.path, self._stored_name)
         check_tensors(self, self.path, self._stored_name)
 
