@@ -368,3 +368,34 @@ def test_wrong_number_of_rope_factors_is_one_clear_error(tmp_path):
     spec = spec_from_config(phi4_mini_config(rope_scaling=scaling), str(tmp_path), has_lm_head=False)
     with pytest.raises(ModelFormatError, match=r"rope long_factor is '64 values', but LongRoPE needs 48 positive factors"):
         check_spec(spec, "config.json")
+
+
+def test_fused_exl2_linears_are_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowgear.errors import UnsupportedError
+
+    folder = tmp_path / "exl2"
+    write_phi3(folder, "window")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.self_attn.qkv_proj.q_weight"] = torch.zeros(4, 128, dtype=torch.int32)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnsupportedError, match=r"EXL2 linears stored fused \(model\.layers\.0\.self_attn\.qkv_proj") as e:
+        lg.Config(str(folder))
+    assert "\n" not in str(e.value)
+
+
+def test_fused_tensor_of_the_wrong_size_names_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowgear.errors import ModelFormatError
+
+    folder = tmp_path / "bad"
+    write_phi3(folder, "window")
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.2.mlp.gate_up_proj.weight"
+    tensors[name] = tensors[name][:-16].clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelFormatError, match=r"'model\.layers\.2\.mlp\.gate_up_proj\.weight' has 208 rows, but the "
+                                               r"header's sizes need 224 \(gate \+ up\)"):
+        lg.Config(str(folder))
