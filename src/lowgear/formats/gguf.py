@@ -66,7 +66,7 @@ _LAYER_NAMES = {
 _GGUF_PART = {short: part for part, short in _LAYER_NAMES.items()}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
-# architectures whose `ffn_up` holds gate|up (llama.cpp writes no ffn_gate for them)
+# architectures whose `ffn_up` holds gate|up when the file has no ffn_gate (llama.cpp writes none for them)
 FUSED_UP_ARCHITECTURES = ("phi3",)
 _ROPE_FACTORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 
@@ -220,7 +220,8 @@ class GGUFSource(FusedParts):
         self._rope_freqs = None
         self._rope_factors: dict[str, Any] = {}  # LongRoPE: "short_factor" / "long_factor" -> ReaderTensor
         self._values: dict[str, Any] = {}
-        fused_up = self.metadata("general.architecture") in FUSED_UP_ARCHITECTURES
+        fused_up = self.metadata("general.architecture") in FUSED_UP_ARCHITECTURES and not any(
+            t.name.endswith(".ffn_gate.weight") for t in self.reader.tensors)
         for t in self.reader.tensors:
             canon = canonical_name(t.name)
             if canon is not None and fused_up and canon.endswith(".up"):
