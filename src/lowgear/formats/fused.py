@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from ..errors import ModelFormatError
-from .gptq import GPTQWeight
+from .gptq import GPTQWeight, pack_codes, unpack_bits
 from .spec import ModelSpec, PackedTensor, TensorInfo
 
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
@@ -51,10 +53,15 @@ def rows_of(weight, start: int, stop: int):
     """Output rows start..stop of a linear weight (float [N, K], PackedTensor or GPTQWeight), as views."""
     if isinstance(weight, GPTQWeight):
         per_word = 32 // weight.bits
-        if 32 % weight.bits or start % per_word or stop % per_word:
-            raise ValueError(f"GPTQ columns {start}..{stop} do not fall on whole zero-point words")
-        return replace(weight, qweight=weight.qweight[:, start:stop], scales=weight.scales[:, start:stop],
-                       qzeros=weight.qzeros[:, start // per_word: stop // per_word])
+        if 32 % weight.bits == 0 and start % per_word == 0 and stop % per_word == 0:
+            qzeros = weight.qzeros[:, start // per_word: stop // per_word]
+        else:  # zero points that straddle words (3-bit): the band's, unpacked and packed again
+            if (stop - start) % 32:
+                raise ModelFormatError(f"a {weight.bits}-bit GPTQ part of {stop - start} outputs does not fill whole "
+                                       "zero-point words; the checkpoint's fused tensor cannot be split")
+            zeros = unpack_bits(weight.qzeros, weight.bits, torch.arange(start, stop))  # [groups, stop - start]
+            qzeros = pack_codes(zeros.t(), weight.bits).t().contiguous()
+        return replace(weight, qweight=weight.qweight[:, start:stop], scales=weight.scales[:, start:stop], qzeros=qzeros)
     if isinstance(weight, PackedTensor):
         return PackedTensor(weight.qtype, weight.data[start:stop], (stop - start, weight.shape[1]))
     return weight[start:stop]
