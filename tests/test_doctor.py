@@ -178,6 +178,19 @@ def test_gptq_folder_shows_bits_and_group(monkeypatch, tmp_path):
     assert "quantization: GPTQ 4-bit, group size 32, asymmetric, format gptq" in doctor.render(report)
 
 
+def test_awq_folder_and_phi3_rope_are_said(monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    from test_awq import write_awq_llama
+    from test_model_phi3 import write_phi3
+
+    _, folder = write_awq_llama(tmp_path)
+    text = doctor.render(t4_report(monkeypatch, model_path=str(folder)))
+    assert "quantization: AWQ 4-bit, group size 32, version gemm (run as GPTQ, repacked at load)" in text
+    write_phi3(tmp_path / "phi3", "longrope-partial75-tied")
+    text = doctor.render(t4_report(monkeypatch, model_path=str(tmp_path / "phi3")))
+    assert "rope: rotates 12 of 16 dims a head; LongRoPE: long factors when the cache holds more than 160 tokens" in text
+
+
 def test_cli_hooks_json(monkeypatch, capsys):
     monkeypatch.setenv("LOWGEAR_SIMULATE", "t4")
     parser = argparse.ArgumentParser()

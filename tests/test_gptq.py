@@ -159,7 +159,7 @@ def test_tiny_gptq_llama_matches_transformers_on_dequantized_weights(tmp_path, g
 
 
 @pytest.mark.parametrize("quant,words", [
-    ({"quant_method": "awq"}, ["'awq'", "GPTQ", "EXL2"]),
+    ({"quant_method": "hqq"}, ["'hqq'", "GPTQ", "AWQ", "EXL2"]),
     ({"quant_method": "bitsandbytes"}, ["'bitsandbytes'", "GPTQ"]),
     ({"bits": 5}, ["5 bits", "2, 3, 4, 8"]),
     ({"checkpoint_format": "marlin"}, ["'marlin'", "gptq_v2"]),
@@ -190,3 +190,13 @@ def test_missing_or_misshaped_gptq_tensors_name_the_tensor(tmp_path):
     _, folder = write_gptq_llama(tmp_path / "c", drop=bad_qweight)
     with pytest.raises(ModelFormatError, match=r"gate_proj\.qweight must be int32"):
         HFSource(folder).get("layers.0.gate")
+
+
+@pytest.mark.parametrize("bits,start,stop", [(4, 8, 40), (3, 32, 64), (3, 0, 96), (2, 16, 80)])
+def test_a_band_of_columns_is_that_band_of_w(bits, start, stop):
+    """What a fused q|k|v tensor's split hands out (formats/fused.py): 3-bit zero points are repacked."""
+    from lowgear.formats.fused import rows_of
+
+    w, ref = gptq(torch.randn(96, 64), bits, 32, act_order=True, seed=bits)
+    part = rows_of(w, start, stop).validate("part")
+    torch.testing.assert_close(dequantize_gptq(part, dtype=torch.float64), ref[start:stop], rtol=0, atol=0)

@@ -120,13 +120,15 @@ def test_rope_ref_against_the_rotation_written_out():
 
 
 @pytest.mark.parametrize("impl", sorted(OPS))
-@pytest.mark.parametrize("rot", [8, 4])  # 4 < head_dim / 2: partial rotary, the tail written unrotated
+# (head_dim, rotated pairs): 4 < head_dim / 2: partial rotary, the tail written unrotated; 6 of 8 pairs
+# (Phi-4-mini's 96 of 128 dims) and a head of 24 (Phi-3's 96): ranges that are not powers of two, masked
+@pytest.mark.parametrize("d,rot", [(16, 8), (16, 4), (16, 6), (24, 12)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_rope_writes_rotated_k_and_v_into_cache_slots(impl, rot, cache_dtype):
+def test_rope_writes_rotated_k_and_v_into_cache_slots(impl, d, rot, cache_dtype):
     """rope_kv_: q and k rotated in place, and the cache rows at the slots hold rotated k and v (what
     write_kv would store); every other slot is untouched."""
     gen = torch.Generator().manual_seed(5)
-    t, hq, hk, d, pages, page = 5, 6, 3, 16, 4, 4  # GQA 6/3, q heads padded to a block of 8
+    t, hq, hk, pages, page = 5, 6, 3, 4, 4  # GQA 6/3, q heads padded to a block of 8
     qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen)
     split = lambda x: (x[:, : hq * d].view(t, hq, d), x[:, hq * d:(hq + hk) * d].view(t, hk, d),  # noqa: E731
                        x[:, (hq + hk) * d:].view(t, hk, d))

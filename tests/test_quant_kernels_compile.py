@@ -61,8 +61,13 @@ def _specs():
                  "vc_ptr": "*fp16", "slot_ptr": "*i64", "stride_vt": I32, "stride_vh": I32}
     for inter in (False, True):
         specs.append((f"rope_interleaved{int(inter)}", kernels_rope.rope_kernel, rope_args,
-                      {"HALF": 64, "D": 128, "BLOCK_HQ": 32, "BLOCK_HK": 8, "INTERLEAVED": inter,
-                       "TO_CACHE": True, "PDL": False}, 4, False))
+                      {"HALF": 64, "HALF_P": 64, "D": 128, "D_P": 128, "BLOCK_HQ": 32, "BLOCK_HK": 8,
+                       "INTERLEAVED": inter, "TO_CACHE": True, "PDL": False}, 4, False))
+    # Phi-3's head of 96 and Phi-4-mini's 96 rotated dims of 128: masked power-of-two ranges
+    for name, half, d in (("rope_phi3_d96", 48, 96), ("rope_phi4mini_rot96", 48, 128)):
+        specs.append((name, kernels_rope.rope_kernel, rope_args,
+                      {"HALF": half, "HALF_P": 64, "D": d, "D_P": 128, "BLOCK_HQ": 32, "BLOCK_HK": 8,
+                       "INTERLEAVED": False, "TO_CACHE": True, "PDL": False}, 4, False))
     silu_args = {"x_ptr": "*fp16", "out_ptr": "*fp16", "I": I32, "stride_x": I32, "stride_o": I32}
     specs.append(("silu_mul", kernels_act.silu_mul_kernel, silu_args, {"BLOCK": 1024, "PDL": False, "GELU": False}, 4, False))
     specs.append(("gelu_mul", kernels_act.silu_mul_kernel, silu_args, {"BLOCK": 1024, "PDL": False, "GELU": True}, 4, False))

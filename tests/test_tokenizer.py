@@ -282,6 +282,30 @@ def test_number_grouping_follows_pre_name(tmp_path):
     assert pieces("smollm") == ["1", "2", "3", "4", "5"]
 
 
+def tiktoken_o200k_pattern() -> str:
+    """tiktoken's own o200k_base split pattern, read from its source (calling o200k_base() would download
+    the vocabulary)."""
+    import ast
+    import inspect
+
+    tiktoken_ext = pytest.importorskip("tiktoken_ext.openai_public")
+    tree = ast.parse(inspect.getsource(tiktoken_ext.o200k_base))
+    join = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign) and n.targets[0].id == "pat_str").value
+    return "|".join(ast.literal_eval(join.args[0]))
+
+
+def test_gpt4o_split_is_tiktokens_o200k(tmp_path):
+    """Phi-4-mini's GGUFs name their pre-tokenizer "gpt-4o": text is cut where tiktoken's o200k rule cuts it."""
+    regex = pytest.importorskip("regex")
+    pattern = tiktoken_o200k_pattern()
+    text = ("Hello WORLD, it's JSONParser's 1234567 numbers!\n\n  Don'T stop/go\r\n\tCamelCaseHTTPServer "
+            "naïve café ÉCOLE résumé 東京タワー 123abc ab12 x=1/2 ...   end\n")
+    pre = gv.PRE_TOKENIZERS["gpt-4o"]()
+    ours = [text[a:b] for _, (a, b) in pre.pre_tokenize_str(text)]
+    assert ours == regex.findall(pattern, text)
+    assert ours[:4] == ["Hello", " WORLD", ",", " it's"]  # a case change starts a piece; contractions stay
+
+
 def test_unknown_pre_tokenizer_falls_back_with_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lowgear.tokenizer.gguf_vocab"):
         tok = Tokenizer(tiny_gpt2_gguf(tmp_path / "t.gguf", "some-new-model"))

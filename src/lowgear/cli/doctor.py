@@ -163,6 +163,7 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
         "layers": spec.num_layers,
         "heads": [spec.num_heads, spec.num_kv_heads, spec.head_dim],
         "context": spec.max_position_embeddings,
+        "rope": _rope_summary(spec),
         "quant_types": dict(sorted(_collapse_exl2(qtypes).items(), key=lambda kv: -kv[1])),
         "quantization": _quantization(source, qtypes, fmt),
         "dtype": dtype_name(dtype),
@@ -378,6 +379,8 @@ def render(report: dict) -> str:
         lines.append(f"model {m['name'] or m['path'] or ''} ({m['format'] or 'in memory'}, {m['arch']}, {m['layers']} layers, "
                      f"heads {m['heads'][0]}/{m['heads'][1]}×{m['heads'][2]}, context {_fmt_tokens(m['context'])})")
         lines.append(f"  stored: {quant}")
+        if m.get("rope"):
+            lines.append(f"  rope: {m['rope']}")
         q = _render_quantization(m.get("quantization") or {})
         if q:
             lines.append(f"  quantization: {q}")
@@ -418,6 +421,19 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _rope_summary(spec) -> str | None:
+    """A line on RoPE where it is not the plain whole-head kind (partial rotary, LongRoPE), else None."""
+    parts = []
+    if spec.rotary_dim is not None:
+        parts.append(f"rotates {spec.rotary_dim} of {spec.head_dim} dims a head")
+    scaling = spec.rope_scaling or {}
+    if scaling.get("type") == "longrope":
+        original = scaling["original_max_position_embeddings"]
+        parts.append(f"LongRoPE: long factors when the cache holds more than {_fmt_tokens(original)} tokens, short "
+                     f"ones otherwise (--max-seq-len), cos/sin scaled by {scaling['attention_factor']:.4f}")
+    return "; ".join(parts) or None
+
+
 def _render_quantization(q: dict) -> str:
     method = q.get("method")
     if method == "EXL2":
@@ -439,6 +455,8 @@ def _render_quantization(q: dict) -> str:
     if method == "GPTQ":
         group = "one group per column" if q["group_size"] in (-1, 0) else f"group size {q['group_size']}"
         return f"GPTQ {q['bits']}-bit, {group}, {'symmetric' if q['sym'] else 'asymmetric'}, format {q['checkpoint_format']}"
+    if method == "AWQ":
+        return f"AWQ {q['bits']}-bit, group size {q['group_size']}, version {q['version']} (run as GPTQ, repacked at load)"
     if q.get("types"):
         mix = ", ".join(f"{k} {v:.0%}" for k, v in q["types"].items())
         text = f"{method} type mix by bytes: {mix}"

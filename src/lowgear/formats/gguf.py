@@ -25,6 +25,11 @@ Facts a model built from a GGUF must know:
   take no rope scaling. The converter writes no query_pre_attn_scalar: the softmax scale follows
   llama.cpp's rule, (hidden / heads)**-0.5 for the 27B models (46 layers gemma2, 62 gemma3),
   head_dim**-0.5 for the others (query_pre_attn_scalar is one of those in every released Gemma 2 / 3).
+- phi3 (llama.cpp's names): q|k|v in one `blk.N.attn_qkv`, gate|up in one `blk.N.ffn_up` (gate rows
+  first), served as their parts (formats/fused.py); q/k not permuted ("neox"), rotating the first
+  `phi3.rope.dimension_count` dims of each head. LongRoPE is two global tensors,
+  `rope_factors_short` / `rope_factors_long` (rot / 2 floats each), with the original context in
+  `phi3.rope.scaling.original_context_length` and the cos / sin scale in `phi3.rope.scaling.attn_factor`.
 
 A file is checked as it opens: bad magic, a header that does not parse, tensor data running past
 the end of the file (truncated download), tensor types lowgear cannot unpack, and missing layers
@@ -33,6 +38,7 @@ all raise a lowgear error naming the fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -46,6 +52,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import ModelFormatError, UnsupportedError
 from .blocks import FLOAT_TYPES, SUPPORTED_TYPES, is_quantized
+from .fused import FusedParts, fused_in
 from .spec import (GEMMA_ARCHITECTURES, NEOX_GGUF_ARCHITECTURES, QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec,
                    PackedTensor, TensorInfo)
 from .validate import check_spec, check_tensors
@@ -55,6 +62,7 @@ GGUF_MAGIC = b"GGUF"
 _GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
 _LAYER_NAMES = {
     "attn_norm": "attn_norm",
+    "attn_qkv": "qkv",
     "attn_q": "q",
     "attn_k": "k",
     "attn_v": "v",
@@ -75,6 +83,9 @@ REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "
 GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
 GEMMA3_LOCAL_ROPE_BASE = 10000.0
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# architectures whose `ffn_up` holds gate|up when the file has no ffn_gate (llama.cpp writes none for them)
+FUSED_UP_ARCHITECTURES = ("phi3",)
+_ROPE_FACTORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 
 
 def canonical_name(gguf_name: str) -> str | None:
@@ -210,7 +221,7 @@ def check_gguf_magic(path: str) -> None:
         )
 
 
-class GGUFSource:
+class GGUFSource(FusedParts):
     """A WeightSource over one memory-mapped GGUF file."""
 
     def __init__(self, path: str | os.PathLike):
@@ -224,15 +235,22 @@ class GGUFSource:
         self._tensors: dict[str, Any] = {}  # canonical name -> ReaderTensor
         self.unmapped: list[str] = []
         self._rope_freqs = None
+        self._rope_factors: dict[str, Any] = {}  # LongRoPE: "short_factor" / "long_factor" -> ReaderTensor
+        self._values: dict[str, Any] = {}
+        fused_up = self.metadata("general.architecture") in FUSED_UP_ARCHITECTURES and not any(
+            t.name.endswith(".ffn_gate.weight") for t in self.reader.tensors)
         for t in self.reader.tensors:
             canon = canonical_name(t.name)
+            if canon is not None and fused_up and canon.endswith(".up"):
+                canon = canon[: -len("up")] + "gate_up"
             if canon is not None:
                 self._tensors[canon] = t
             elif t.name == "rope_freqs.weight":
                 self._rope_freqs = t
+            elif t.name in _ROPE_FACTORS:
+                self._rope_factors[_ROPE_FACTORS[t.name]] = t
             else:
                 self.unmapped.append(t.name)
-        self._values: dict[str, Any] = {}
         for key, field in self.reader.fields.items():  # every string decodes, or the file says which does not
             if field.types and field.types[-1] == GGUFValueType.STRING:
                 self.metadata(key)
@@ -243,8 +261,12 @@ class GGUFSource:
         check_spec(self.spec, self.path)
         self._check_tensors()
         self._check_vocab()
-        names = {canon: t.name for canon, t in self._tensors.items()}
-        check_tensors(self, self.path, lambda canon: names.get(canon, canon))
+        self._split_fused(self.path, self._stored_name)
+        check_tensors(self, self.path, self._stored_name)
+
+    def _stored_name(self, canon: str) -> str:
+        t = self._tensors.get(self._parts[canon][0] if canon in self._parts else canon)
+        return t.name if t is not None else canon
 
     # metadata ---------------------------------------------------------------------------------
 
@@ -313,6 +335,24 @@ class GGUFSource:
                 "and llama-3 frequency factors (rope_freqs)"
             )
 
+        rotary = self.metadata(f"{arch}.rope.dimension_count")
+        if len(self._rope_factors) == 2:  # LongRoPE (phi3)
+            if scaling_type not in (None, "none"):
+                raise UnsupportedError(f"{self.path}: rope scaling {scaling_type!r} together with LongRoPE factors "
+                                       "is not supported; re-convert the model")
+            context = int(self.metadata(f"{arch}.context_length", 4096))
+            original = int(self.metadata(f"{arch}.rope.scaling.original_context_length", context))
+            attn = self.metadata(f"{arch}.rope.scaling.attn_factor")
+            if attn is None:  # llama.cpp's converter writes it; the formula it uses otherwise
+                attn = math.sqrt(1 + math.log(context / original) / math.log(original)) if context > original else 1.0
+            rope_scaling = {**{key: tuple(float(f) for f in np.asarray(t.data, dtype=np.float32).reshape(-1))
+                               for key, t in self._rope_factors.items()},
+                            "type": "longrope", "original_max_position_embeddings": original,
+                            "attention_factor": _short_float(attn)}
+        elif self._rope_factors:
+            raise ModelFormatError(f"{self.path}: has {', '.join(self._rope_factors)} but not both LongRoPE factor "
+                                   "tensors (rope_factors_short / rope_factors_long); the file is incomplete; re-convert it")
+
         extra: dict[str, Any] = {"format": "gguf", "path": self.path}
         if self._rope_freqs is not None:
             extra["rope_freqs"] = torch.from_numpy(np.array(self._rope_freqs.data, dtype=np.float32).reshape(-1))
@@ -343,6 +383,7 @@ class GGUFSource:
             rope_scaling=rope_scaling,
             rope_style="neox" if arch in NEOX_GGUF_ARCHITECTURES else "interleaved",
             max_position_embeddings=int(self.metadata(f"{arch}.context_length", 4096)),
+            rotary_dim=int(rotary) if rotary is not None and int(rotary) != head_dim else None,
             tie_word_embeddings="lm_head" not in self._tensors,
             attention_bias="layers.0.q_bias" in self._tensors,
             sliding_window=int(window) if window else None,
@@ -401,7 +442,8 @@ class GGUFSource:
         for i in range(self.spec.num_layers):
             required = (REQUIRED_LAYER_TENSORS + (("q_norm", "k_norm") if self.spec.qk_norm else ())
                         + (("post_attn_norm", "post_ffn_norm") if self.spec.gemma_block else ()))
-            missing = [n for n in required if f"layers.{i}.{n}" not in self._tensors]
+            missing = [n for n in required
+                       if f"layers.{i}.{n}" not in self._tensors and not fused_in(f"layers.{i}.{n}", self._tensors)]
             if missing:
                 stored = ", ".join(f"blk.{i}.{_GGUF_PART[n]}.weight" for n in missing)
                 raise ModelFormatError(
@@ -414,7 +456,7 @@ class GGUFSource:
 
     # tensors ----------------------------------------------------------------------------------
 
-    def names(self) -> list[str]:
+    def _raw_names(self) -> list[str]:
         return list(self._tensors)
 
     def _info(self, name: str) -> TensorInfo:
@@ -422,7 +464,7 @@ class GGUFSource:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         return TensorInfo(t.tensor_type.name, shape, int(t.n_bytes))
 
-    def info(self, name: str) -> TensorInfo:
+    def _raw_info(self, name: str) -> TensorInfo:
         """Type, logical shape and stored size of a tensor, without touching its data."""
         return self._info(name)
 
@@ -432,10 +474,7 @@ class GGUFSource:
         except KeyError:
             raise KeyError(f"{self.path} has no tensor {name!r}") from None
 
-    def nbytes(self, name: str) -> int:
-        return int(self._tensor(name).n_bytes)
-
-    def get(self, name: str) -> torch.Tensor | PackedTensor:
+    def _raw_get(self, name: str) -> torch.Tensor | PackedTensor:
         """Zero-copy view: a float tensor [rows, cols] (or [n] for norms), or a PackedTensor."""
         t = self._tensor(name)
         qtype = t.tensor_type.name

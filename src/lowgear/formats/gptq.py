@@ -47,6 +47,7 @@ class GPTQWeight:
     sym: bool = True
     zero_offset: int = 1  # 1 for checkpoint_format "gptq" (v1), 0 for "gptq_v2"
     float_zeros: torch.Tensor | None = None  # float16 [groups, out]: zeros as they are (offset not added)
+    source_format: str = "GPTQ"  # the file's format, for the name lowgear reports ("AWQ": repacked at load, awq.py)
 
     @property
     def in_features(self) -> int:
@@ -66,7 +67,7 @@ class GPTQWeight:
 
     @property
     def qtype(self) -> str:
-        return gptq_qtype(self.bits, self.group_size)
+        return gptq_qtype(self.bits, self.group_size, self.source_format)
 
     @property
     def nbytes(self) -> int:
@@ -104,9 +105,9 @@ def gptq_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size in (-1, 0) or group_size >= in_features else -(-in_features // group_size)
 
 
-def gptq_qtype(bits: int, group_size: int) -> str:
-    """The name lowgear reports: "GPTQ4g128", or "GPTQ4g-1" for one group per column."""
-    return f"GPTQ{bits}g{group_size}"
+def gptq_qtype(bits: int, group_size: int, source_format: str = "GPTQ") -> str:
+    """The name lowgear reports: "GPTQ4g128", or "GPTQ4g-1" for one group per column ("AWQ4g128" for AWQ)."""
+    return f"{source_format}{bits}g{group_size}"
 
 
 def check_gptq_bits(bits: int, where: str) -> None:
@@ -114,6 +115,27 @@ def check_gptq_bits(bits: int, where: str) -> None:
         raise UnsupportedError(
             f"{where}: GPTQ with {bits} bits is not supported: lowgear reads {', '.join(map(str, GPTQ_BITS))}-bit GPTQ"
         )
+
+
+def pack_shape(bits: int) -> tuple[int, int]:
+    """(codes, int32 words) per row-group: 32/bits codes in one word, or 32 codes in 3 words for 3-bit."""
+    return (32, 3) if bits == 3 else (32 // bits, 1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int codes [K, N] (K a multiple of the row-group) -> GPTQ qweight int32 [K * bits / 32, N]."""
+    pack, words = pack_shape(bits)
+    k, n = codes.shape
+    c = codes.to(torch.int64).reshape(k // pack, pack, n)
+    out = torch.zeros((k // pack, words, n), dtype=torch.int64, device=codes.device)
+    for j in range(pack):
+        p = j * bits
+        w, s = divmod(p, 32)
+        out[:, w] |= (c[:, j] << s) & 0xFFFFFFFF
+        if s + bits > 32:
+            out[:, w + 1] |= c[:, j] >> (32 - s)
+    out = torch.where(out >= 1 << 31, out - (1 << 32), out)
+    return out.reshape(k // pack * words, n).to(torch.int32)
 
 
 def unpack_bits(words: torch.Tensor, bits: int, index: torch.Tensor) -> torch.Tensor:

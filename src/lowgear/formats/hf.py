@@ -9,7 +9,11 @@ and transformers >= 5 (`rope_parameters`, `dtype`). HF checkpoints keep q/k in t
 halves) layout. qwen2 always has q/k/v biases; its sliding window only applies with
 `use_sliding_window`. qwen3 has q/k biases only with `attention_bias`, a per-head RMSNorm on q and k
 (`self_attn.q_norm` / `k_norm`, [head_dim]) and its own `head_dim`; its sliding window, when used,
-must cover every layer (`layer_types`).
+must cover every layer (`layer_types`). phi3 stores q|k|v as
+`self_attn.qkv_proj` and gate|up as `mlp.gate_up_proj`; they are read as `layers.{i}.qkv` /
+`gate_up` and served as their parts (formats/fused.py). Its rope may be LongRoPE ("longrope", or
+"su" in older configs: short_factor / long_factor, model/rope.py) over the first
+`partial_rotary_factor` of each head (`spec.rotary_dim`).
 
 gemma2 and gemma3 (`gemma3_text`, or `gemma3` whose `text_config` describes the language model: the
 vision tower's and projector's tensors are left unread, text only) take the fields a Hub config.json
@@ -22,6 +26,10 @@ gemma3's sliding layers rotate with `rope_local_base_freq` (transformers 5: `rop
 GPTQ folders (`quantization_config.quant_method` "gptq" in config.json, or an AutoGPTQ
 `quantize_config.json`) store each linear as `<prefix>.qweight/.qzeros/.scales[/.g_idx]`; `get`
 hands those back as one `GPTQWeight` under the linear's canonical name.
+
+AWQ folders (`quant_method` "awq", AutoAWQ's "gemm" layout, 4-bit with zero points) store each
+linear as `<prefix>.qweight/.qzeros/.scales` packed along the output dim; `get` repacks them into the
+equal `GPTQWeight` (formats/awq.py), so they run as GPTQ layers. Other AWQ versions are refused.
 
 EXL2 folders (ExLlamaV2's converter) are recognised the way ExLlamaV2 recognises them, by tensor
 names: a linear stored as `<prefix>.q_weight/.q_scale/.q_scale_max/.q_groups/.q_invperm` comes back
@@ -47,7 +55,9 @@ from typing import Any
 import torch
 
 from ..errors import ModelFormatError, UnsupportedError
+from .awq import awq_config, awq_to_gptq
 from .exl2 import EXL2Weight, exl2_bits_per_weight, exl2_qtype
+from .fused import FusedParts, fused_in
 from .gptq import GPTQ_FORMATS, GPTQWeight, check_gptq_bits, gptq_qtype
 from .spec import GEMMA_ARCHITECTURES, QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
 from .validate import check_spec, check_tensors
@@ -58,6 +68,7 @@ _LAYER_NAMES = {
     "self_attn.k_proj.weight": "k",
     "self_attn.v_proj.weight": "v",
     "self_attn.o_proj.weight": "o",
+    "self_attn.qkv_proj.weight": "qkv",  # phi3: q|k|v rows in one tensor (formats/fused.py)
     "self_attn.q_proj.bias": "q_bias",
     "self_attn.k_proj.bias": "k_bias",
     "self_attn.v_proj.bias": "v_bias",
@@ -68,6 +79,7 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "gate",
     "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
+    "mlp.gate_up_proj.weight": "gate_up",  # phi3: gate|up rows in one tensor
 }
 # Gemma's layer norms: input (attn_norm), post-attention, pre- and post-feedforward
 _GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_layernorm.weight": "post_attn_norm",
@@ -79,7 +91,7 @@ _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.",
                   ("language_model.lm_head.", "lm_head."))
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                   "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
-                  "Gemma3ForConditionalGeneration": "gemma3"}
+                  "Gemma3ForConditionalGeneration": "gemma3", "Phi3ForCausalLM": "phi3"}
 # transformers' Gemma2Config / Gemma3TextConfig defaults: Hub configs leave these out
 GEMMA_DEFAULTS = {
     "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -135,6 +147,17 @@ def _rope(cfg: dict, folder: str) -> tuple[float, dict | None]:
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if kind in (None, "default"):
         return theta, None
+    if kind in ("longrope", "su"):  # Phi-3's LongRoPE ("su" in older configs)
+        # transformers prefers the top-level value phi3 configs carry over the one in the rope parameters
+        original = int(cfg.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"])
+        # like transformers: the ratio of the contexts, unless a factor is given
+        factor = float(scaling.get("factor") or _whole(cfg, "max_position_embeddings", folder) / original)
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return theta, {"type": "longrope", "short_factor": tuple(float(f) for f in scaling["short_factor"]),
+                       "long_factor": tuple(float(f) for f in scaling["long_factor"]),
+                       "original_max_position_embeddings": original, "attention_factor": float(attention)}
     if kind == "linear":
         return theta, {"type": "linear", "factor": float(scaling["factor"])}
     if kind == "llama3":
@@ -145,7 +168,8 @@ def _rope(cfg: dict, folder: str) -> tuple[float, dict | None]:
             "high_freq_factor": float(scaling["high_freq_factor"]),
             "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
         }
-    raise UnsupportedError(f"{folder}: rope scaling {kind!r} is not supported: lowgear handles linear and llama3")
+    raise UnsupportedError(f"{folder}: rope scaling {kind!r} is not supported: lowgear handles linear, llama3 and "
+                           "longrope (Phi-3)")
 
 
 def _ids(value: Any) -> tuple[int, ...]:
@@ -264,6 +288,8 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
         window = _window(cfg, arch, folder)
         layers = _whole(cfg, "num_hidden_layers", folder)
         bos = _ids(cfg.get("bos_token_id"))
+        head_dim = _whole(cfg, "head_dim", folder, hidden // heads if heads else 0)
+        partial = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
         return ModelSpec(
             arch=arch,
             vocab_size=_whole(cfg, "vocab_size", folder),
@@ -272,12 +298,13 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=_whole(cfg, "num_key_value_heads", folder, heads),
-            head_dim=_whole(cfg, "head_dim", folder, hidden // heads if heads else 0),
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             rope_theta=theta,
             rope_scaling=scaling,
             rope_style="neox",
             max_position_embeddings=_whole(cfg, "max_position_embeddings", folder, 4096),
+            rotary_dim=int(head_dim * partial) if partial != 1.0 else None,  # as transformers rounds it
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)) or not has_lm_head,
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
@@ -311,10 +338,10 @@ def _quantization_config(cfg: dict, folder: str) -> dict | None:
     if q is None:
         return None
     method = str(q.get("quant_method", "gptq")).lower()
-    if method not in ("gptq", "exl2"):
+    if method not in ("gptq", "exl2", "awq"):
         raise UnsupportedError(
             f"{folder}: quantization method {method!r} is not supported: lowgear reads GPTQ (2/3/4/8-bit), "
-            "EXL2 and unquantized (F32/F16/BF16) Hugging Face folders, and GGUF files"
+            "AWQ (4-bit gemm), EXL2 and unquantized (F32/F16/BF16) Hugging Face folders, and GGUF files"
         )
     return {**q, "quant_method": method}
 
@@ -359,8 +386,10 @@ def _weight_files(folder: str) -> list[str]:
     return files
 
 
-class HFSource:
+class HFSource(FusedParts):
     """A WeightSource over a Hugging Face model folder."""
+
+    _copy_parts = True  # safetensors reads copies: a q/k/v part must not keep the whole qkv alive
 
     def __init__(self, folder: str | os.PathLike):
         from safetensors import safe_open
@@ -383,6 +412,7 @@ class HFSource:
         except (TypeError, ValueError, AttributeError) as e:
             raise ModelFormatError(f"{config_path} has a malformed value ({type(e).__name__}: {e}); re-download it") from None
         self.exl2_config = q if q is not None and q["quant_method"] == "exl2" else None
+        self.awq = awq_config(q, self.path) if q is not None and q["quant_method"] == "awq" else None
         arch = _arch(self.config, self.path)
         self._norm_plus_one = arch in GEMMA_ARCHITECTURES  # Gemma stores norms as (multiplier - 1)
         other_towers = 0
@@ -413,7 +443,7 @@ class HFSource:
                     if canon is not None:
                         self._where[canon] = (path, hf_name)
                         self._exl2_prefix[canon] = prefix
-                elif self.gptq is not None and hf_name.endswith(".qweight"):
+                elif (self.gptq is not None or self.awq is not None) and hf_name.endswith(".qweight"):
                     prefix = hf_name[: -len(".qweight")]
                     canon = canonical_name(prefix + ".weight", arch)
                     if canon is not None:
@@ -430,16 +460,26 @@ class HFSource:
             for i in range(self.spec.num_layers)
             for n in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
             + (("post_attn_norm", "post_ffn_norm") if self.spec.gemma_block else ())
-            if f"layers.{i}.{n}" not in self._where
+            if f"layers.{i}.{n}" not in self._where and not fused_in(f"layers.{i}.{n}", self._where)
         ]
         missing += [n for n in ("embed", "norm") if n not in self._where]
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ModelFormatError(f"{self.path}: weights are missing ({shown}); download every safetensors shard")
         check_spec(self.spec, f"{self.path}/config.json")
-        check_tensors(self, self.path, lambda canon: self._where[canon][1])
+        fused_exl2 = [self._exl2_prefix[n] for n in self._exl2_prefix if n.rpartition(".")[2] in ("qkv", "gate_up")]
+        if fused_exl2:
+            raise UnsupportedError(
+                f"{self.path}: EXL2 linears stored fused ({fused_exl2[0]}, phi3's qkv_proj / gate_up_proj) are not "
+                "supported: use the model as GPTQ, AWQ, GGUF or unquantized"
+            )
+        self._split_fused(self.path, self._stored_name)
+        check_tensors(self, self.path, self._stored_name)
 
-    def names(self) -> list[str]:
+    def _stored_name(self, canon: str) -> str:
+        return self._where[self._parts[canon][0] if canon in self._parts else canon][1]
+
+    def _raw_names(self) -> list[str]:
         return list(self._where)
 
     def _slice(self, name: str):
@@ -460,13 +500,15 @@ class HFSource:
 
     def _gptq_info(self, name: str) -> TensorInfo:
         g = self.gptq
-        rows, out = (int(d) for d in self._slice(name).get_shape())
+        rows, cols = (int(d) for d in self._slice(name).get_shape())
         nbytes = 0
         for part in _GPTQ_PARTS:
             sl = self._gptq_part(name, part)
             if sl is not None:
                 nbytes += math.prod(sl.get_shape()) * (2 if sl.get_dtype() in ("F16", "BF16") else 4)
-        return TensorInfo(gptq_qtype(g["bits"], g["group_size"]), (out, rows * 32 // g["bits"]), nbytes)
+        if self.awq is not None:  # AWQ: qweight [in, out / 8]; held repacked as GPTQ, of the same bytes
+            return TensorInfo(gptq_qtype(4, self.awq["group_size"], "AWQ"), (cols * 8, rows), nbytes)
+        return TensorInfo(gptq_qtype(g["bits"], g["group_size"]), (cols, rows * 32 // g["bits"]), nbytes)
 
     def _exl2_part(self, name: str, part: str):
         hf_name = f"{self._exl2_prefix[name]}.{part}"
@@ -537,13 +579,16 @@ class HFSource:
                 "float_linears": sum(1 for n in self._where if _is_linear(n) and n not in per),
                 "converter": {k: q.get(k) for k in ("version", "bits", "head_bits") if k in q},
             }
+        if self.awq is not None:
+            return {"method": "AWQ", "bits": self.awq["bits"], "group_size": self.awq["group_size"], "version": "gemm",
+                    "quantized_linears": len(self._gptq_prefix)}
         if self.gptq is not None:
             fmt = "gptq" if self.gptq["zero_offset"] else "gptq_v2"
             return {"method": "GPTQ", "bits": self.gptq["bits"], "group_size": self.gptq["group_size"],
                     "sym": self.gptq["sym"], "checkpoint_format": fmt, "quantized_linears": len(self._gptq_prefix)}
         return {"method": None}
 
-    def info(self, name: str) -> TensorInfo:
+    def _raw_info(self, name: str) -> TensorInfo:
         if name in self._gptq_prefix:
             return self._gptq_info(name)
         if name in self._exl2_prefix:
@@ -562,10 +607,7 @@ class HFSource:
             n *= d
         return TensorInfo(qtype, shape, n * (4 if qtype == "F32" else 2))
 
-    def nbytes(self, name: str) -> int:
-        return self.info(name).nbytes
-
-    def get(self, name: str) -> torch.Tensor | GPTQWeight | EXL2Weight:
+    def _raw_get(self, name: str) -> torch.Tensor | GPTQWeight | EXL2Weight:
         if name in self._exl2_prefix:
             tensors = {p: (sl[:] if sl is not None else None) for p, sl in self._exl2_slices(name).items()}
             width = int(tensors["q_weight"].shape[1]) if tensors["q_weight"].dim() == 2 else 0
@@ -574,8 +616,11 @@ class HFSource:
         if name in self._gptq_prefix:
             parts = {p: self._gptq_part(name, p) for p in _GPTQ_PARTS}
             tensors = {p: (sl[:] if sl is not None else None) for p, sl in parts.items()}  # reads each part
+            if self.awq is not None:
+                return awq_to_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], self.awq["group_size"],
+                                   self._gptq_prefix[name])
             return GPTQWeight(**tensors, **self.gptq).validate(self._gptq_prefix[name])
-        self.info(name)  # dtype check
+        self._raw_info(name)  # dtype check
         path, hf_name = self._where[name]
         t = self._files[path].get_tensor(hf_name)
         linear = name[: -len("_bias")] if name.endswith("_bias") else None

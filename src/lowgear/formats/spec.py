@@ -13,6 +13,8 @@ Canonical tensor names:
     layers.{i}.post_attn_norm / post_ffn_norm   [hidden]: RMSNorm of the attention / MLP output before
                                 its residual add (gemma2, gemma3)
     layers.{i}.gate / up / down linear weights
+    (phi3 stores q|k|v and gate|up each as one tensor; its readers hand the parts out as row views of
+    it, formats/fused.py, and the model fuses them again)
     norm                        [hidden]
     lm_head                     [vocab, hidden] (absent when embeddings are tied)
 
@@ -28,11 +30,11 @@ from typing import Any, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # architectures whose attention RMS-normalises each q and k head (weights q_norm / k_norm) before RoPE
 QK_NORM_ARCHITECTURES = ("qwen3", "gemma3")
 # architectures whose GGUF q/k rows are not permuted by llama.cpp's converter: RoPE rotates halves
-NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "gemma2", "gemma3")
+NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # Gemma's block: embeddings scaled by sqrt(hidden), RMSNorm after attention and after the MLP too
 # (post_attn_norm / post_ffn_norm), GeGLU (tanh-approximated GELU) for SwiGLU, tied embeddings
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
@@ -51,12 +53,15 @@ class ModelSpec:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # None, {"type": "linear", "factor": f} or
-    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} or
+    # {"type": "longrope", "short_factor": (...), "long_factor": (...), "original_max_position_embeddings",
+    #  "attention_factor"} (Phi-3's LongRoPE: per-pair divisors, rotary_dim / 2 of each; model/rope.py)
     rope_scaling: dict[str, Any] | None = None
     # "neox": rotate halves (HF layout). "interleaved": rotate adjacent pairs (llama.cpp's layout
     # for llama/mistral GGUF, whose q/k rows are permuted at conversion).
     rope_style: str = "neox"
     max_position_embeddings: int = 4096
+    rotary_dim: int | None = None  # dims of each q/k head that RoPE rotates (the first ones); None: all (head_dim)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     sliding_window: int | None = None

@@ -41,6 +41,18 @@ def check_spec(spec: ModelSpec, where: str) -> None:
             continue
         if not math.isfinite(value) or value <= 0:
             raise bad(field, value, "it must be a positive finite number")
+    rot = spec.rotary_dim if spec.rotary_dim is not None else spec.head_dim
+    if not (isinstance(rot, int) and 2 <= rot <= spec.head_dim and rot % 2 == 0):
+        raise bad("rotary_dim", rot, f"RoPE needs an even number of dims, at most head_dim ({spec.head_dim})")
+    scaling = spec.rope_scaling or {}
+    if scaling.get("type") == "longrope":
+        for key in ("short_factor", "long_factor"):
+            factors = scaling[key]
+            if len(factors) != rot // 2 or not all(math.isfinite(f) and f > 0 for f in factors):
+                raise bad(f"rope {key}", f"{len(factors)} values", f"LongRoPE needs {rot // 2} positive factors (rotary dims / 2)")
+        if not 0 < scaling["original_max_position_embeddings"] < 2**31 or not math.isfinite(scaling["attention_factor"]):
+            raise bad("rope original_max_position_embeddings", scaling["original_max_position_embeddings"],
+                      "it must be a positive whole number below 2**31 (and the attention factor finite)")
     if spec.rope_scaling and not (math.isfinite(spec.rope_scaling.get("factor", 1.0)) and spec.rope_scaling.get("factor", 1.0) > 0):
         raise bad("rope scaling factor", spec.rope_scaling.get("factor"), "it must be a positive finite number")
     for name, ids in (("bos_token_id", (spec.bos_token_id,) if spec.bos_token_id is not None else ()), ("eos_token_id", spec.eos_token_ids)):

@@ -122,8 +122,9 @@ def _fuse_gptq(parts: Sequence[GPTQWeight]) -> GPTQWeight | None:
         group_size=first.group_size,
         sym=first.sym,
         zero_offset=first.zero_offset,
+        source_format=first.source_format,
     ).validate("fused GPTQ weight")
 
 
 def _gptq_facts(w: GPTQWeight) -> tuple:
-    return (w.bits, w.group_size, w.sym, w.zero_offset, w.in_features)
+    return (w.bits, w.group_size, w.sym, w.zero_offset, w.in_features, w.source_format)

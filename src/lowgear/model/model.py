@@ -17,7 +17,7 @@ from ..formats.spec import ModelSpec
 from .fuse import fuse_linear
 from .layers import MLP, Attention, DecoderLayer, RMSNorm
 from .linear import QuantLinear
-from .rope import cos_sin, inv_frequencies
+from .rope import attention_factor, cos_sin, inv_frequencies, uses_long_factors
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -38,8 +38,7 @@ class Model:
         self.layer_ops: list = []  # each layer's device's Ops
         self.plan = None
         self.cpu_weights = None  # platform.placement.CpuWeights when a CPU holds layers: unpacked or packed, and why
-        self._inv_freq: dict[tuple[torch.device, bool], torch.Tensor] = {}
-        self._rope_tables: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_tables: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor, bool]] = {}
         # per layer: whether it rotates with the sliding layers' own RoPE base (gemma3)
         self._local_rope = tuple(self.spec.local_rope(i) for i in range(self.spec.num_layers))
 
@@ -159,24 +158,23 @@ class Model:
         table = self._rope_table(device, cache)
         return (table, self._rope_table(device, cache, local=True) if any(self._local_rope) else table)
 
-    def _freqs(self, device: torch.device, local: bool = False) -> torch.Tensor:
-        if (device, local) not in self._inv_freq:
-            self._inv_freq[device, local] = inv_frequencies(self.spec, local).to(device)
-        return self._inv_freq[device, local]
-
     def _rope_table(self, device: torch.device, cache, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [positions, head_dim/2] float32 for every position the cache can hold, built once.
+        """cos, sin [positions, rot/2] float32 for every position the cache can hold, built once.
 
-        The first (eager) step builds it, before any graph capture; a larger cache rebuilds it.
+        The first (eager) step builds it, before any graph capture; a larger cache rebuilds it (and
+        LongRoPE's choice of factors follows the cache, model/rope.py).
         """
         # positions stay below the cache's capacity (a sequence must fit in it); the kernel does not
         # bounds-check, so a cache without one gets the model's whole context
         n = getattr(cache, "capacity_tokens", 0) or self.spec.max_position_embeddings
+        long = uses_long_factors(self.spec, n) and not local
         table = self._rope_tables.get((device, local))
-        if table is None or table[0].shape[0] < n:
+        if table is None or table[0].shape[0] < n or table[2] != long:
             positions = torch.arange(n, device=device)
-            table = self._rope_tables[device, local] = cos_sin(positions, self._freqs(device, local))
-        return table
+            freqs = inv_frequencies(self.spec, long, local).to(device)
+            scale = 1.0 if local else attention_factor(self.spec)
+            table = self._rope_tables[device, local] = (*cos_sin(positions, freqs, scale), long)
+        return table[0], table[1]
 
     def unload(self) -> None:
         self.layers, self.layer_devices, self.embed, self.norm, self.lm_head = [], [], None, None, None

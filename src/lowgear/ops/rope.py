@@ -51,18 +51,19 @@ if triton is not None:
 
     @triton.jit
     def _rotate_heads(ptr, stride_t, stride_h, t, H, cos, sin, cache_ptr, slot,
-                      HALF: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
-                      TO_CACHE: tl.constexpr):
+                      HALF: tl.constexpr, HALF_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                      BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, TO_CACHE: tl.constexpr):
         """Rotate H heads of token t in place; with TO_CACHE also store the whole rotated heads at
-        cache slot `slot` (rows of H * D elements)."""
+        cache slot `slot` (rows of H * D elements). HALF_P / D_P: HALF / D rounded up to powers of two."""
         heads = tl.arange(0, BLOCK_H)
-        i = tl.arange(0, HALF)
+        i = tl.arange(0, HALF_P)
         if INTERLEAVED:
             i1, i2 = 2 * i, 2 * i + 1
         else:
             i1, i2 = i, i + HALF
         base = ptr + t * stride_t + heads[:, None] * stride_h
-        mask = (heads < H)[:, None]
+        mask = (heads < H)[:, None] & (i < HALF)[None, :]
+        head_mask = (heads < H)[:, None]
         x1 = tl.load(base + i1[None, :], mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(base + i2[None, :], mask=mask, other=0.0).to(tl.float32)
         ty = ptr.dtype.element_ty
@@ -76,8 +77,8 @@ if triton is not None:
             tl.store(cbase + i1[None, :], y1.to(cty), mask=mask)
             tl.store(cbase + i2[None, :], y2.to(cty), mask=mask)
             if 2 * HALF < D:  # partial rotary: the unrotated tail goes to the cache as it is
-                j = 2 * HALF + tl.arange(0, D)
-                tmask = mask & (j < D)[None, :]
+                j = 2 * HALF + tl.arange(0, D_P)
+                tmask = head_mask & (j < D)[None, :]
                 tail = tl.load(base + j[None, :], mask=tmask, other=0.0)
                 tl.store(cbase + j[None, :], tail.to(cty), mask=tmask)
 
@@ -85,25 +86,26 @@ if triton is not None:
     def rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, HQ, HK,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
                     v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_vt, stride_vh,
-                    HALF: tl.constexpr, D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                    HALF: tl.constexpr, HALF_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                     INTERLEAVED: tl.constexpr, TO_CACHE: tl.constexpr, PDL: tl.constexpr):
         pdl.wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
-        i = tl.arange(0, HALF)
-        cos = tl.load(cos_ptr + pos * stride_c + i).to(tl.float32)[None, :]
-        sin = tl.load(sin_ptr + pos * stride_c + i).to(tl.float32)[None, :]
+        i = tl.arange(0, HALF_P)
+        cos = tl.load(cos_ptr + pos * stride_c + i, mask=i < HALF, other=1.0).to(tl.float32)[None, :]
+        sin = tl.load(sin_ptr + pos * stride_c + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
         slot = 0
         if TO_CACHE:
             slot = tl.load(slot_ptr + t).to(tl.int64)
-        _rotate_heads(q_ptr, stride_qt, stride_qh, t, HQ, cos, sin, q_ptr, slot, HALF, D, BLOCK_HQ, INTERLEAVED,
-                      False)
-        _rotate_heads(k_ptr, stride_kt, stride_kh, t, HK, cos, sin, kc_ptr, slot, HALF, D, BLOCK_HK, INTERLEAVED,
-                      TO_CACHE)
+        _rotate_heads(q_ptr, stride_qt, stride_qh, t, HQ, cos, sin, q_ptr, slot, HALF, HALF_P, D, D_P, BLOCK_HQ,
+                      INTERLEAVED, False)
+        _rotate_heads(k_ptr, stride_kt, stride_kh, t, HK, cos, sin, kc_ptr, slot, HALF, HALF_P, D, D_P, BLOCK_HK,
+                      INTERLEAVED, TO_CACHE)
         if TO_CACHE:
             heads = tl.arange(0, BLOCK_HK)
-            d = tl.arange(0, D)
-            vmask = (heads < HK)[:, None]
+            d = tl.arange(0, D_P)
+            vmask = (heads < HK)[:, None] & (d < D)[None, :]
             v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + d[None, :], mask=vmask, other=0.0)
             tl.store(vc_ptr + slot * (HK * D) + heads[:, None] * D + d[None, :], v.to(vc_ptr.dtype.element_ty),
                      mask=vmask)
@@ -118,12 +120,7 @@ def rope_kv_torch(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_ca
 
 
 def rope_kv_triton(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping) -> None:
-    """The Triton op: RoPE on q and k in place and the cache write of k and v, in one launch (the torch
-    op where rot_dim / 2 or head_dim is not a power of two, which the kernel needs)."""
-    half, d = cos_cache.shape[-1], q.shape[-1]
-    if half & (half - 1) or d & (d - 1):
-        rope_kv_torch(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping)
-        return
+    """The Triton op: RoPE on q and k in place and the cache write of k and v, in one launch."""
     apply_rope_triton(q, k, positions, cos_cache, sin_cache, style, kv=(v, k_cache, v_cache, slot_mapping))
 
 
@@ -132,7 +129,8 @@ def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place at `positions` [T]; returns (q, k).
 
     cos_cache / sin_cache: [max_positions, rot_dim / 2], same strides, unit stride along the last dim;
-    rot_dim / 2 and D must be powers of two (every Llama-family head size is). q and k need unit stride
+    any even rot_dim <= D (Phi-3's head of 96, Phi-4-mini's 96 rotated dims of 128: the kernel pads its
+    ranges to powers of two and masks). q and k need unit stride
     along D (views of a fused qkv output are fine). kv = (v, k_cache, v_cache, slot_mapping) also
     writes the rotated k and v [T, Hk, D] into contiguous caches [pages, page_size, Hk, D] at the
     flat slots slot_mapping [T], as `ops.kv_write.write_kv` does.
@@ -151,7 +149,8 @@ def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         rope_kernel[(t,)](q, k, positions, cos_cache, sin_cache, q.shape[1], k.shape[1],
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0),
                           v, k_cache, v_cache, slots, v.stride(0), v.stride(1),
-                          HALF=half, D=d, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
+                          HALF=half, HALF_P=triton.next_power_of_2(half), D=d, D_P=triton.next_power_of_2(d),
+                          BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
                           BLOCK_HK=triton.next_power_of_2(k.shape[1]),
                           INTERLEAVED=style == "interleaved", TO_CACHE=kv is not None, num_warps=4,
                           **pdl.launch(q.device, t))

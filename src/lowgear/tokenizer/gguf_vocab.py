@@ -63,6 +63,17 @@ QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# GPT-4o's o200k rule (Phi-4-mini's tokenizer, GGUF pre "gpt-4o"): letter runs split at case changes,
+# contractions kept with their word, numbers in runs of up to three digits.
+GPT4O_SPLIT = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
 # DeepSeek Coder cuts on newlines, words with one leading space, punctuation runs, CJK runs, digits.
 DEEPSEEK_CODER_SPLITS = [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"]
 
@@ -102,6 +113,7 @@ PRE_TOKENIZERS = {
     "qwen2": lambda: _regex_then_bytes(QWEN2_SPLIT),
     "deepseek-r1-qwen": lambda: _regex_then_bytes(QWEN2_SPLIT),
     "megrez": lambda: _regex_then_bytes(QWEN2_SPLIT),
+    "gpt-4o": lambda: _regex_then_bytes(GPT4O_SPLIT),
     "smollm": _digits_then_gpt2,
     "starcoder": _digits_then_gpt2,
     "refact": _digits_then_gpt2,

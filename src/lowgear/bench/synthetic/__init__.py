@@ -21,8 +21,8 @@ This module does not import transformers (`lowgear bench` uses it at runtime).
 """
 
 from .common import SCALE_FIELDS, WEIGHT_STD, ByteVocab, byte_alphabet, byte_vocab, random_blocks
-from .gguf_writer import write_gguf
+from .gguf_writer import write_gguf, write_gguf_tokenizer
 from .hf_writer import hf_tokenizer_json, write_hf, write_hf_tokenizer
 
 __all__ = ["SCALE_FIELDS", "WEIGHT_STD", "ByteVocab", "byte_alphabet", "byte_vocab", "hf_tokenizer_json",
-           "random_blocks", "write_gguf", "write_hf", "write_hf_tokenizer"]
+           "random_blocks", "write_gguf", "write_gguf_tokenizer", "write_hf", "write_hf_tokenizer"]

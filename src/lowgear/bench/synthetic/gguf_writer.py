@@ -116,17 +116,22 @@ def _write_metadata(w, arch: str, m: dict, vocab) -> None:
         w.add_string(f"{arch}.rope.scaling.type", m["rope_scaling"]["type"])
         w.add_float32(f"{arch}.rope.scaling.factor", float(m["rope_scaling"]["factor"]))
     if vocab is not None:
-        w.add_string("tokenizer.ggml.model", "gpt2")
         # llama.cpp's names: real Qwen3 GGUFs name qwen2's pre-tokenizer; GPT-2's is "gpt-2"
-        w.add_string("tokenizer.ggml.pre", "qwen2" if arch == "qwen3" else "gpt-2")
-        w.add_array("tokenizer.ggml.tokens", vocab.tokens)
-        w.add_array("tokenizer.ggml.token_type", vocab.token_types)
-        w.add_array("tokenizer.ggml.merges", vocab.merges)
-        w.add_uint32("tokenizer.ggml.bos_token_id", vocab.bos_id)
-        w.add_uint32("tokenizer.ggml.eos_token_id", vocab.eos_id)
-        w.add_uint32("tokenizer.ggml.padding_token_id", vocab.pad_id)
-        w.add_bool("tokenizer.ggml.add_bos_token", False)
-        w.add_string("tokenizer.chat_template", CHATML_TEMPLATE)
+        write_gguf_tokenizer(w, vocab, "qwen2" if arch == "qwen3" else "gpt-2")
+
+
+def write_gguf_tokenizer(w, vocab, pre: str = "gpt-2") -> None:
+    """`vocab` (a ByteVocab) as a gpt2-style GGUF tokenizer with a ChatML template, on GGUFWriter `w`."""
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", pre)
+    w.add_array("tokenizer.ggml.tokens", vocab.tokens)
+    w.add_array("tokenizer.ggml.token_type", vocab.token_types)
+    w.add_array("tokenizer.ggml.merges", vocab.merges)
+    w.add_uint32("tokenizer.ggml.bos_token_id", vocab.bos_id)
+    w.add_uint32("tokenizer.ggml.eos_token_id", vocab.eos_id)
+    w.add_uint32("tokenizer.ggml.padding_token_id", vocab.pad_id)
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    w.add_string("tokenizer.chat_template", CHATML_TEMPLATE)
 
 
 def _stored(t: TensorPlan, ty: str) -> tuple[tuple[int, ...], np.dtype, int, object]:

@@ -52,7 +52,7 @@ import triton.language as tl
 from ...platform import hardware
 from .. import pdl
 from ...formats.dequant import banded_matmul
-from ...formats.gptq import gptq_groups
+from ...formats.gptq import gptq_groups, pack_codes, pack_shape  # noqa: F401 (pack_*: re-exported)
 from . import f16x2, gptq_mma, splitk
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
@@ -73,11 +73,6 @@ HALF2_MIN_SPLIT = 8
 PREFILL_BAND_ELEMS = 1 << 24
 # programs to aim for when picking split-K: a few per SM of an H100 (132 SMs); fewer SMs just queue
 TARGET_PROGRAMS = 4 * 132
-
-
-def pack_shape(bits: int) -> tuple[int, int]:
-    """(codes, int32 words) per row-group: 32/bits codes in one word, or 32 codes in 3 words for 3-bit."""
-    return (32, 3) if bits == 3 else (32 // bits, 1)
 
 
 @triton.jit
@@ -266,22 +261,6 @@ def gemv_tile_rows(bits: int, group_size: int, in_features: int, target: int = 1
     while r * 2 <= target and group_rows % (r * 2) == 0:
         r *= 2
     return r
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int codes [K, N] (K a multiple of the row-group) -> GPTQ qweight int32 [K * bits / 32, N]."""
-    pack, words = pack_shape(bits)
-    k, n = codes.shape
-    c = codes.to(torch.int64).reshape(k // pack, pack, n)
-    out = torch.zeros((k // pack, words, n), dtype=torch.int64, device=codes.device)
-    for j in range(pack):
-        p = j * bits
-        w, s = divmod(p, 32)
-        out[:, w] |= (c[:, j] << s) & 0xFFFFFFFF
-        if s + bits > 32:
-            out[:, w + 1] |= c[:, j] >> (32 - s)
-    out = torch.where(out >= 1 << 31, out - (1 << 32), out)
-    return out.reshape(k // pack * words, n).to(torch.int32)
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -121,7 +121,7 @@ def _float_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
 def gguf_to_gptq(qtype: str, data: torch.Tensor, in_features: int) -> GPTQWeight | None:
     """A GGUF layer (rows [N, row_bytes], on any device) as a GPTQWeight (see the table above); None
     where a float zero would overflow fp16 (the layer keeps its block kernel)."""
-    from .gptq_gemv import pack_codes
+    from ...formats.gptq import pack_codes
 
     n = data.shape[0]
     if not can_hold(qtype, n, in_features):
