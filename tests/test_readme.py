@@ -77,8 +77,9 @@ def test_support_table_hf_formats_are_the_readers():
 
     cell = support_table()["Hugging Face folders (safetensors)"]
     words = listed(cell)
-    assert sorted(w for w in words if w not in ("float", "GPTQ", "EXL2")) == sorted(FLOAT_TYPES)
-    assert "GPTQ" in words and "EXL2" in words
+    assert sorted(w for w in words if w not in ("float", "GPTQ", "AWQ", "EXL2")) == sorted(FLOAT_TYPES)
+    assert "GPTQ" in words and "AWQ" in words and "EXL2" in words
+    from lowgear.formats import awq  # noqa: F401  (the AWQ reader the table names)
     with open(os.path.join(ROOT, "docs", "models.md")) as f:  # the formats' details, linked from the README
         formats = section(f.read(), "Weight formats")
     assert set(gptq.GPTQ_FORMATS) == set(re.findall(r'"(gptq\w*)"', formats))
