@@ -1,16 +1,20 @@
-"""A bounded load test of `lowgear serve` on loopback: 64 concurrent streaming clients, some leaving early.
+"""A bounded load test of `lowgear serve` on loopback: 64 concurrent streaming clients, a quarter of them
+held to a JSON schema, a third leaving early.
 
-Every stream that runs to its end must be complete and well-formed; every client that leaves must have
-its job cancelled or finished; afterwards no page is in use, nothing is queued or running, and the
-server still answers. Traffic goes only to 127.0.0.1, the request count is fixed and the whole test has
+Every stream that runs to its end must be complete and well-formed, and every constrained one must
+parse and validate against its schema (jsonschema); every client that leaves must have its job
+cancelled or finished; afterwards no page is in use, nothing is queued or running, and the server
+still answers. (What constrained neighbours cost the free clients' speed: benchmarks/server_load.py.) Traffic goes only to 127.0.0.1, the request count is fixed and the whole test has
 a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+import jsonschema
 import openai
 import pytest
 
@@ -18,6 +22,9 @@ from test_server import get_metrics, start_model_server, stop_model_server, wait
 
 CLIENTS = 64
 MAX_TOKENS = 8
+CONSTRAINED_MAX_TOKENS = 24  # room for the whole document: the grammar ends it
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["ok", "n"], "additionalProperties": False}
 DEADLINE_S = 480
 PROMPTS = [
     "Say hello.",
@@ -35,12 +42,17 @@ def server():
 
 
 async def one_client(c: openai.AsyncOpenAI, i: int) -> dict:
-    """Client i: every 4th leaves after its first words, every 8th (of the rest) right after the headers."""
+    """Client i: every 4th (i % 4 == 0) asks for JSON of SCHEMA; i % 4 == 3 leaves after its first words,
+    i % 8 == 1 right after the headers."""
     leave_after_words = i % 4 == 3
     leave_at_once = i % 8 == 1
+    constrained = i % 4 == 0
+    extra = ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA, "strict": True}}}
+             if constrained else {})
     stream = await c.chat.completions.create(
-        model="any", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=MAX_TOKENS,
-        temperature=0.7, seed=i, stream=True, stream_options={"include_usage": True})
+        model="any", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        max_tokens=CONSTRAINED_MAX_TOKENS if constrained else MAX_TOKENS,
+        temperature=0.7, seed=i, stream=True, stream_options={"include_usage": True}, **extra)
     if leave_at_once:
         await stream.close()
         return {"i": i, "left": True}
@@ -50,7 +62,7 @@ async def one_client(c: openai.AsyncOpenAI, i: int) -> dict:
         if leave_after_words and any(ch.choices and ch.choices[0].delta.content for ch in chunks):
             await stream.close()
             return {"i": i, "left": True}
-    return {"i": i, "left": False, "chunks": chunks}
+    return {"i": i, "left": False, "chunks": chunks, "constrained": constrained}
 
 
 def check_complete(result: dict) -> None:
@@ -64,11 +76,15 @@ def check_complete(result: dict) -> None:
     assert reasons[-1] in ("stop", "length") and all(r is None for r in reasons[:-1]), reasons
     usage = chunks[-1].usage
     assert chunks[-1].choices == [] and usage is not None, "the usage chunk before [DONE] is missing"
-    assert 1 <= usage.completion_tokens <= MAX_TOKENS
+    limit = CONSTRAINED_MAX_TOKENS if result["constrained"] else MAX_TOKENS
+    assert 1 <= usage.completion_tokens <= limit
     if reasons[-1] == "length":
-        assert usage.completion_tokens == MAX_TOKENS
+        assert usage.completion_tokens == limit
     text = "".join(ch.choices[0].delta.content or "" for ch in with_choices)
     assert text or reasons[-1] == "stop"
+    if result["constrained"]:
+        assert reasons[-1] == "stop", (text, reasons[-1])  # the grammar, not the token limit, ended it
+        jsonschema.validate(json.loads(text), SCHEMA)
 
 
 @pytest.mark.slow
@@ -88,6 +104,7 @@ def test_64_streaming_clients_some_leaving(server):
     assert len(finished) + len(left) == CLIENTS and len(left) >= CLIENTS // 4
     for r in finished:
         check_complete(r)
+    assert sum(r["constrained"] for r in finished) == CLIENTS // 4
 
     def settled():
         m = get_metrics(server)

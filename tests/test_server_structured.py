@@ -395,3 +395,24 @@ def test_odd_constraint_and_tool_fields_never_5xx(real, extra):
     assert status < 500, answer
     if status >= 400:
         assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+
+
+# ------------------------------------------------------------------------- vLLM's stopping fields
+
+
+def test_ignore_eos_and_min_tokens(real):
+    """`ignore_eos`: no stop token ends the answer, so it runs to max_tokens; `min_tokens`: at least that
+    many tokens come before a stop token may end it (vLLM's extension fields, as benchmark clients send)."""
+    c = client(real)
+    msgs = [{"role": "user", "content": "Say hi."}]
+    free = c.chat.completions.create(model="any", messages=msgs, max_tokens=40, temperature=0)
+    assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 40  # the model stops early
+    n = free.usage.completion_tokens
+    out = c.chat.completions.create(model="any", messages=msgs, max_tokens=40, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 40 and out.choices[0].finish_reason == "length"
+    longer = c.chat.completions.create(model="any", messages=msgs, max_tokens=40, temperature=0,
+                                       extra_body={"min_tokens": n + 3})
+    assert longer.usage.completion_tokens >= n + 3
+    bad = http(real, "/v1/chat/completions", {"model": "any", "messages": msgs, "min_tokens": -1})
+    assert bad[0] == 400 and "min_tokens" in json.dumps(bad[1])

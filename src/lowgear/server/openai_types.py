@@ -122,6 +122,9 @@ class _SamplingFields(_Strict):
     guided_grammar: str | None = None
     guided_choice: list[str] | None = None
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's extension fields for stopping: no stop token ends the answer; at least this many tokens
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -276,6 +279,8 @@ class SamplingSpec:
     logprobs: int | None = None  # None: off; k: each token's logprob and its k most likely alternatives
     grammar: str | None = None  # structured output: an llguidance grammar (server/structured.py)
     decode_special_tokens: bool = False  # keep special tokens in the text (tool-call markers)
+    ignore_eos: bool = False  # no stop token ends it (stop strings and max_tokens still do)
+    min_tokens: int = 0  # stop tokens and strings are ignored before this many tokens
 
 
 def sampling_spec(req: _SamplingFields, max_tokens: int) -> SamplingSpec:
@@ -290,4 +295,6 @@ def sampling_spec(req: _SamplingFields, max_tokens: int) -> SamplingSpec:
         stop=tuple(req.stop or ()),
         seed=req.seed,
         logprobs=req.logprobs_count,
+        ignore_eos=req.ignore_eos,
+        min_tokens=min(req.min_tokens, max_tokens),
     )
