@@ -331,9 +331,9 @@ def test_missing_or_misshaped_exl2_tensors_name_the_tensor(tmp_path):
 def test_other_quant_methods_are_still_refused(tmp_path):
     _, folder = write_exl2_llama(tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"]["quant_method"] = "awq"
+    cfg["quantization_config"]["quant_method"] = "hqq"
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedError, match=r"'awq' is not supported.*GPTQ.*EXL2"):
+    with pytest.raises(UnsupportedError, match=r"'hqq' is not supported.*GPTQ.*EXL2"):
         HFSource(folder)
 
 
