@@ -15,6 +15,13 @@ Facts a model built from a GGUF must know:
   (head_dim / 2 floats): inv_freq[i] = rope_theta ** (-2i / head_dim) / rope_freqs[i]. When present
   it is in `spec.extra["rope_freqs"]` (float32 tensor) and `spec.rope_scaling` is None.
 - No `output` tensor means the embedding is tied (`tie_word_embeddings`).
+- Mixture of experts: llama.cpp writes Mixtral as architecture `llama` with `llama.expert_count` > 0
+  (lowgear's spec calls it `mixtral`) and Qwen3-MoE as `qwen3moe` (spec: `qwen3_moe`, experts
+  `expert_feed_forward_length` wide). A sparse layer holds the router `blk.N.ffn_gate_inp`
+  ([experts, hidden]) and every expert stacked in one tensor each: `ffn_gate_exps` / `ffn_up_exps`
+  ([experts, expert_ff, hidden] in torch order), `ffn_down_exps`; `{arch}.expert_used_count` is the top-k and
+  `{arch}.expert_weights_norm` (absent: renormalise, as llama.cpp does for both) whether the top-k
+  weights are renormalised. Quantized expert stacks come back as one PackedTensor of E*N rows.
 
 A file is checked as it opens: bad magic, a header that does not parse, tensor data running past
 the end of the file (truncated download), tensor types lowgear cannot unpack, and missing layers
@@ -54,10 +61,16 @@ _LAYER_NAMES = {
     "ffn_gate": "gate",
     "ffn_up": "up",
     "ffn_down": "down",
+    "ffn_gate_inp": "router",
+    "ffn_gate_exps": "gate_exps",
+    "ffn_up_exps": "up_exps",
+    "ffn_down_exps": "down_exps",
 }
+# llama.cpp's architecture names that lowgear's spec calls otherwise (llama with experts is "mixtral")
+_SPEC_ARCH = {"qwen3moe": "qwen3_moe"}
 _GGUF_PART = {short: part for part, short in _LAYER_NAMES.items()}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
+REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm")  # and the layer's spec.ffn_names
 
 
 def canonical_name(gguf_name: str) -> str | None:
@@ -272,10 +285,11 @@ class GGUFSource:
 
     def _build_spec(self) -> ModelSpec:
         arch = self.metadata("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
+        spec_arch = _SPEC_ARCH.get(arch, arch)
+        if spec_arch not in SUPPORTED_ARCHITECTURES or spec_arch == "mixtral":
             raise UnsupportedError(
                 f"{self.path}: architecture {arch!r} is not supported: lowgear runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (mixtral as llama.cpp writes it: 'llama' with experts)"
             )
         hidden = int(self._require(f"{arch}.embedding_length"))
         heads = int(self._require(f"{arch}.attention.head_count"))
@@ -310,8 +324,11 @@ class GGUFSource:
         eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
         bos = self.metadata("tokenizer.ggml.bos_token_id")
         window = self.metadata(f"{arch}.attention.sliding_window")
+        experts = int(self.metadata(f"{arch}.expert_count", 0) or 0)
+        if arch == "llama" and experts:
+            spec_arch = "mixtral"
         return ModelSpec(
-            arch=arch,
+            arch=spec_arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(self._require(f"{arch}.feed_forward_length")),
@@ -322,17 +339,30 @@ class GGUFSource:
             rms_norm_eps=_short_float(self.metadata(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_short_float(self.metadata(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
-            rope_style="neox" if arch in NEOX_GGUF_ARCHITECTURES else "interleaved",
+            rope_style="neox" if spec_arch in NEOX_GGUF_ARCHITECTURES else "interleaved",
             max_position_embeddings=int(self.metadata(f"{arch}.context_length", 4096)),
             tie_word_embeddings="lm_head" not in self._tensors,
             attention_bias="layers.0.q_bias" in self._tensors,
             sliding_window=int(window) if window else None,
-            qk_norm=arch in QK_NORM_ARCHITECTURES,
+            qk_norm=spec_arch in QK_NORM_ARCHITECTURES,
+            **self._moe(arch),
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=eos_ids,
             name=str(self.metadata("general.name", "")),
             extra=extra,
         )
+
+    def _moe(self, arch: str) -> dict[str, Any]:
+        """The spec's expert fields: {} without `{arch}.expert_count`; the sparse layers are those with a router."""
+        experts = int(self.metadata(f"{arch}.expert_count", 0) or 0)
+        if not experts:
+            return {}
+        layers = int(self._require(f"{arch}.block_count"))
+        width = self.metadata(f"{arch}.expert_feed_forward_length") or self._require(f"{arch}.feed_forward_length")
+        return {"num_experts": experts, "num_experts_per_tok": int(self._require(f"{arch}.expert_used_count")),
+                "moe_intermediate_size": int(width),
+                "norm_topk_prob": bool(self.metadata(f"{arch}.expert_weights_norm", True)),
+                "moe_layers": tuple(i for i in range(layers) if f"layers.{i}.router" in self._tensors)}
 
     def _check_vocab(self) -> None:
         tokens = self.metadata("tokenizer.ggml.tokens")
@@ -352,7 +382,7 @@ class GGUFSource:
                     f"unpack: supported types are {', '.join(SUPPORTED_TYPES)}; use a GGUF quantized to one of those"
                 )
         for i in range(self.spec.num_layers):
-            required = REQUIRED_LAYER_TENSORS + (("q_norm", "k_norm") if self.spec.qk_norm else ())
+            required = REQUIRED_LAYER_TENSORS + (("q_norm", "k_norm") if self.spec.qk_norm else ()) + self.spec.ffn_names(i)
             missing = [n for n in required if f"layers.{i}.{n}" not in self._tensors]
             if missing:
                 stored = ", ".join(f"blk.{i}.{_GGUF_PART[n]}.weight" for n in missing)

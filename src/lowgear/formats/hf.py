@@ -44,6 +44,11 @@ from .spec import QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec, Ten
 from .validate import check_spec, check_tensors
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# one expert's linear of a mixture-of-experts layer: mixtral's block_sparse_moe.experts.E.w1/w3/w2, qwen3_moe's
+# mlp.experts.E.gate_proj/up_proj/down_proj; the model sees them stacked (layers.N.gate_exps, ...: _EXPERT_STACK)
+_EXPERT_RE = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_EXPERT_STACK = re.compile(r"^(layers\.\d+)\.experts\.(\d+)\.(gate|up|down)$")
 _LAYER_NAMES = {
     "self_attn.q_proj.weight": "q",
     "self_attn.k_proj.weight": "k",
@@ -59,10 +64,12 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "gate",
     "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
+    "block_sparse_moe.gate.weight": "router",  # mixtral
+    "mlp.gate.weight": "router",  # qwen3_moe
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                  "Qwen3ForCausalLM": "qwen3"}
+                  "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 _ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 _ST_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
 
@@ -72,7 +79,10 @@ def canonical_name(hf_name: str) -> str | None:
     m = _LAYER_RE.match(hf_name)
     if m:
         short = _LAYER_NAMES.get(m.group(2))
-        return None if short is None else f"layers.{m.group(1)}.{short}"
+        if short is None:
+            expert = _EXPERT_RE.match(m.group(2))
+            return None if expert is None else f"layers.{m.group(1)}.experts.{expert.group(1)}.{_EXPERT_PART[expert.group(2)]}"
+        return f"layers.{m.group(1)}.{short}"
     return _GLOBAL_NAMES.get(hf_name)
 
 
@@ -128,9 +138,9 @@ def _whole(cfg: dict, key: str, folder: str, default: Any = None) -> int:
 def _window(cfg: dict, arch: str, folder: str):
     """The sliding window config.json asks for, or None; qwen2/qwen3 use theirs only with use_sliding_window."""
     window = cfg.get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         return None
-    if arch == "qwen3" and window:
+    if arch in ("qwen3", "qwen3_moe") and window:
         # transformers: layers from max_window_layers on slide, unless layer_types says which
         layers = _whole(cfg, "num_hidden_layers", folder)
         first = cfg.get("max_window_layers", 28)
@@ -142,6 +152,24 @@ def _window(cfg: dict, arch: str, folder: str):
                 "use_sliding_window to false, or max_window_layers to 0"
             )
     return window
+
+
+def _moe(cfg: dict, arch: str, folder: str) -> dict:
+    """The ModelSpec fields of a mixture-of-experts config (transformers' MixtralConfig / Qwen3MoeConfig); {} for dense."""
+    layers = _whole(cfg, "num_hidden_layers", folder)
+    if arch == "mixtral":  # every layer sparse; experts as wide as intermediate_size; top-k always renormalised
+        return {"num_experts": _whole(cfg, "num_local_experts", folder), "num_experts_per_tok": _whole(cfg, "num_experts_per_tok", folder),
+                "moe_intermediate_size": _whole(cfg, "intermediate_size", folder), "norm_topk_prob": True,
+                "moe_layers": tuple(range(layers))}
+    if arch == "qwen3_moe":  # transformers: sparse unless in mlp_only_layers, on every decoder_sparse_step-th layer
+        experts = _whole(cfg, "num_experts" if "num_experts" in cfg else "num_local_experts", folder)
+        step = _whole(cfg, "decoder_sparse_step", folder, 1)
+        dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+        return {"num_experts": experts, "num_experts_per_tok": _whole(cfg, "num_experts_per_tok", folder),
+                "moe_intermediate_size": _whole(cfg, "moe_intermediate_size", folder),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+                "moe_layers": tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)}
+    return {}
 
 
 def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
@@ -179,6 +207,7 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
             qk_norm=arch in QK_NORM_ARCHITECTURES,
+            **_moe(cfg, arch, folder),
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=_ids(cfg.get("eos_token_id")),
             name=str(cfg.get("_name_or_path", os.path.basename(os.path.normpath(folder)))),
@@ -305,11 +334,12 @@ class HFSource:
                         self._where[canon] = (path, hf_name)
                         self._gptq_prefix[canon] = prefix
         self.spec = spec_from_config(self.config, self.path, "lm_head" in self._where)
+        self._stacks = self._expert_stacks()
         missing = [
             f"layers.{i}.{n}"
             for i in range(self.spec.num_layers)
-            for n in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
-            if f"layers.{i}.{n}" not in self._where
+            for n in ("attn_norm", "q", "k", "v", "o", "ffn_norm", *self.spec.ffn_names(i))
+            if f"layers.{i}.{n}" not in self._where and f"layers.{i}.{n}" not in self._stacks
         ]
         missing += [n for n in ("embed", "norm") if n not in self._where]
         if missing:
@@ -318,8 +348,28 @@ class HFSource:
         check_spec(self.spec, f"{self.path}/config.json")
         check_tensors(self, self.path, lambda canon: self._where[canon][1])
 
+    def _expert_stacks(self) -> dict[str, list[str]]:
+        """layers.N.gate_exps / up_exps / down_exps -> the canonical names of experts 0..E-1 (each must be there)."""
+        found: dict[str, dict[int, str]] = {}
+        for canon in self._where:
+            m = _EXPERT_STACK.match(canon)
+            if m:
+                found.setdefault(f"{m.group(1)}.{m.group(3)}_exps", {})[int(m.group(2))] = canon
+        stacks = {}
+        for name, experts in found.items():
+            want = self.spec.num_experts
+            if sorted(experts) != list(range(want)):
+                absent = [e for e in range(want) if e not in experts][:4]
+                raise ModelFormatError(
+                    f"{self.path}: {name} needs experts 0..{want - 1} (num_experts in config.json) but the folder holds "
+                    f"{len(experts)} of them (missing {absent or 'none'}, extra {sorted(set(experts) - set(range(want)))[:4]}); "
+                    "download every safetensors shard, or the config does not belong to the weights"
+                )
+            stacks[name] = [experts[e] for e in range(want)]
+        return stacks
+
     def names(self) -> list[str]:
-        return list(self._where)
+        return [n for n in self._where if not _EXPERT_STACK.match(n)] + list(self._stacks)
 
     def _slice(self, name: str):
         try:
@@ -423,6 +473,13 @@ class HFSource:
         return {"method": None}
 
     def info(self, name: str) -> TensorInfo:
+        if name in self._stacks:  # every expert's linear, stacked: one type and shape, with a leading [experts]
+            infos = [self.info(n) for n in self._stacks[name]]
+            kinds = {(i.qtype, i.shape) for i in infos}
+            if len(kinds) > 1:
+                raise ModelFormatError(f"{self.path}: the experts of {name} differ in type or shape ({sorted(kinds)[:3]}); "
+                                       "lowgear stacks them as one tensor; re-convert the model")
+            return TensorInfo(infos[0].qtype, (len(infos), *infos[0].shape), sum(i.nbytes for i in infos))
         if name in self._gptq_prefix:
             return self._gptq_info(name)
         if name in self._exl2_prefix:
@@ -444,7 +501,13 @@ class HFSource:
     def nbytes(self, name: str) -> int:
         return self.info(name).nbytes
 
-    def get(self, name: str) -> torch.Tensor | GPTQWeight | EXL2Weight:
+    def get(self, name: str) -> torch.Tensor | GPTQWeight | EXL2Weight | tuple:
+        """A tensor or quantized weight; stacked experts come as one float [E, N, K] tensor, or a tuple of
+        each expert's quantized weight (the model stacks those)."""
+        if name in self._stacks:
+            self.info(name)  # one type and shape for all
+            parts = [self.get(n) for n in self._stacks[name]]
+            return torch.stack(parts) if isinstance(parts[0], torch.Tensor) else tuple(parts)
         if name in self._exl2_prefix:
             tensors = {p: (sl[:] if sl is not None else None) for p, sl in self._exl2_slices(name).items()}
             width = int(tensors["q_weight"].shape[1]) if tensors["q_weight"].dim() == 2 else 0

@@ -10,7 +10,10 @@ Canonical tensor names:
     layers.{i}.q_bias / k_bias / v_bias   (qwen2)
     layers.{i}.q_norm / k_norm  [head_dim]: RMSNorm of each q / k head before RoPE (qwen3)
     layers.{i}.ffn_norm         [hidden]
-    layers.{i}.gate / up / down linear weights
+    layers.{i}.gate / up / down linear weights (a dense layer)
+    layers.{i}.router           [experts, hidden]: a mixture-of-experts layer's router (mixtral, qwen3_moe)
+    layers.{i}.gate_exps / up_exps   [experts, moe_intermediate, hidden]: every expert's gate / up, stacked
+    layers.{i}.down_exps        [experts, hidden, moe_intermediate]
     norm                        [hidden]
     lm_head                     [vocab, hidden] (absent when embeddings are tied)
 """
@@ -22,11 +25,13 @@ from typing import Any, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 # architectures whose attention RMS-normalises each q and k head (weights q_norm / k_norm) before RoPE
-QK_NORM_ARCHITECTURES = ("qwen3",)
+QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe")
 # architectures whose GGUF q/k rows are not permuted by llama.cpp's converter: RoPE rotates halves
-NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3")
+NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "qwen3_moe")
+# architectures whose feed-forward is a mixture of experts (on every layer in `ModelSpec.moe_layers`)
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,25 @@ class ModelSpec:
     attention_bias: bool = False
     sliding_window: int | None = None
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (layers.{i}.q_norm / k_norm)
+    # mixture of experts: the router's softmax over num_experts, the top num_experts_per_tok experts
+    # (renormalised to sum 1 when norm_topk_prob), each a SwiGLU of moe_intermediate_size, on the
+    # layers listed in moe_layers (the others are dense, of intermediate_size)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i in self.moe_layers
+
+    def ffn_names(self, i: int) -> tuple[str, ...]:
+        """The feed-forward tensors layer `i` holds: the router and stacked experts, or gate / up / down."""
+        return ("router", "gate_exps", "up_exps", "down_exps") if self.is_moe_layer(i) else ("gate", "up", "down")
 
 
 @dataclass

@@ -34,7 +34,9 @@ class Ops:
     """One device's implementations. rms_norm(x, w, eps, residual=None) -> normed, or with residual
     (normed x + residual, the sum written into residual); rope_kv_(q, k, v, positions, cos, sin, style,
     k_cache, v_cache, slot_mapping) rotates q/k in place and writes k/v to the cache; silu_mul(gate_up)
-    -> silu(gate) * up; linear_kernel(module) -> a QuantLinear kernel hook, or None for torch's."""
+    -> silu(gate) * up; linear_kernel(module) -> a QuantLinear kernel hook, or None for torch's;
+    experts_kernel(moe) -> a mixture-of-experts layer's kernel hook (ops/matmul/moe_gemv.py), or None for
+    its grouped torch path."""
 
     name: str  # "torch" or "triton"
     eligibility: Eligibility
@@ -42,6 +44,7 @@ class Ops:
     rope_kv_: Callable
     silu_mul: Callable
     linear_kernel: Callable
+    experts_kernel: Callable
 
 
 def triton_missing() -> str | None:
@@ -117,13 +120,19 @@ def torch_ops(eligibility: Eligibility | None = None) -> Ops:
     from .rope import rope_kv_torch
 
     eligibility = eligibility or Eligibility(False, "torch ops asked for")
-    return Ops("torch", eligibility, rms_norm_torch, rope_kv_torch, silu_mul_ref, _no_kernel)
+    return Ops("torch", eligibility, rms_norm_torch, rope_kv_torch, silu_mul_ref, _no_kernel, _no_kernel)
 
 
 def _triton_linear_kernel(module):
     from . import matmul
 
     return matmul.kernel_for(module) if module.packed else matmul.float_kernel_for(module)
+
+
+def _triton_experts_kernel(moe):
+    from .matmul.moe_gemv import moe_kernel_for
+
+    return moe_kernel_for(moe)
 
 
 def triton_ops(eligibility: Eligibility | None = None) -> Ops:
@@ -133,7 +142,8 @@ def triton_ops(eligibility: Eligibility | None = None) -> Ops:
     from .rope import rope_kv_triton
 
     eligibility = eligibility or Eligibility(True, "Triton ops asked for")
-    return Ops("triton", eligibility, rms_norm_triton, rope_kv_triton, silu_mul_triton, _triton_linear_kernel)
+    return Ops("triton", eligibility, rms_norm_triton, rope_kv_triton, silu_mul_triton, _triton_linear_kernel,
+               _triton_experts_kernel)
 
 
 def ops_for(device) -> Ops:
