@@ -346,7 +346,7 @@ class HFSource:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ModelFormatError(f"{self.path}: weights are missing ({shown}); download every safetensors shard")
         check_spec(self.spec, f"{self.path}/config.json")
-        check_tensors(self, self.path, lambda canon: self._where[canon][1])
+        check_tensors(self, self.path, self._stored_name)
 
     def _expert_stacks(self) -> dict[str, list[str]]:
         """layers.N.gate_exps / up_exps / down_exps -> the canonical names of experts 0..E-1 (each must be there)."""
@@ -367,6 +367,11 @@ class HFSource:
                 )
             stacks[name] = [experts[e] for e in range(want)]
         return stacks
+
+    def _stored_name(self, canon: str) -> str:
+        if canon in self._stacks:  # the first expert's name stands for the stack
+            return self._where[self._stacks[canon][0]][1]
+        return self._where[canon][1]
 
     def names(self) -> list[str]:
         return [n for n in self._where if not _EXPERT_STACK.match(n)] + list(self._stacks)

@@ -1,0 +1,393 @@
+"""Mixture-of-experts models (mixtral, qwen3_moe) against Hugging Face transformers.
+
+The references are transformers' own MixtralForCausalLM and Qwen3MoeForCausalLM on tiny random models
+they write themselves (per-expert safetensors names), and llama.cpp's GGUF layout written with the
+`gguf` package (experts stacked in `blk.N.ffn_{gate,up,down}_exps`, the router `ffn_gate_inp`,
+Mixtral as architecture `llama` with `llama.expert_count`, Qwen3-MoE as `qwen3moe`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowgear as lg
+from helpers import all_logits, hf_logits, interpreter_index_shim, load, use_ops
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+VOCAB = 300
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
+MIXTRAL = dict(COMMON, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
+# three layers: layer 1 dense (mlp_only_layers), so both kinds of layer meet in one model
+QWEN3_MOE = dict(COMMON, num_hidden_layers=3, intermediate_size=112, moe_intermediate_size=32, num_experts=16,
+                 num_experts_per_tok=4, head_dim=24, norm_topk_prob=True, mlp_only_layers=[1], rope_theta=1e6)
+# float32 on both sides, same weights, same routing: only summation order differs (the experts' sum is
+# in the order of the top-k slots here, in expert order in transformers). Measured below 1e-6 on logits
+# of |x| < 1; 2e-4 is ~200x headroom, while a lost renormalisation, a wrong expert or a swapped gate/up
+# moves logits by 1e-2 and more (planted: see test_a_wrong_routing_is_seen).
+ATOL, RTOL = 2e-4, 1e-4
+
+
+def _perturb_norms(hf, scale: float = 0.3) -> None:
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + scale * torch.randn_like(p))
+
+
+def write_moe(folder, arch: str, edit=None, **overrides):
+    """transformers' tiny random mixtral / qwen3_moe as a float32 folder with a byte tokenizer beside it;
+    `edit(hf)` may change weights before it is saved."""
+    from lowgear.bench.synthetic import byte_vocab, write_hf_tokenizer
+
+    torch.manual_seed(0)
+    if arch == "mixtral":
+        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**MIXTRAL, **overrides}))
+    else:
+        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**{**QWEN3_MOE, **overrides}))
+    hf.eval()
+    _perturb_norms(hf)
+    with torch.no_grad():  # a router of std 0.02 makes near-uniform probabilities; spread them so routing matters
+        for name, p in hf.named_parameters():
+            if name.endswith("gate.weight"):
+                p.mul_(20)
+        if edit is not None:
+            edit(hf)
+    hf.save_pretrained(folder, safe_serialization=True)
+    write_hf_tokenizer(folder, byte_vocab(VOCAB))
+    return hf
+
+
+def experts_of(hf, i: int):
+    """(gate_up [E, 2I, H], down [E, H, I], router [E, H]) of layer i, or None for a dense layer."""
+    layer = hf.model.layers[i]
+    block = getattr(layer, "block_sparse_moe", None) or layer.mlp
+    if not hasattr(block, "experts"):
+        return None
+    return block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight
+
+
+_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's converter's q/k row permutation for llama-architecture GGUFs (RoPE on adjacent pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
+    """`hf`'s weights as llama.cpp's convert_hf_to_gguf.py lays them out; experts in `qtype` (F32, Q8_0, Q4_0)."""
+    cfg = hf.config
+    mixtral = cfg.model_type == "mixtral"
+    arch = "llama" if mixtral else "qwen3moe"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    experts = cfg.num_local_experts if mixtral else cfg.num_experts
+    w.add_expert_count(experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if not mixtral:
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+
+    def add(name, t, q="F32"):
+        t = t.detach().float().numpy().astype(np.float32)
+        if q == "F32":
+            w.add_tensor(name, t)
+        else:
+            kind = getattr(gguf.GGMLQuantizationType, q)
+            w.add_tensor(name, gguf.quantize(t, kind), raw_dtype=kind)
+
+    add("token_embd.weight", hf.model.embed_tokens.weight)
+    add("output_norm.weight", hf.model.norm.weight)
+    add("output.weight", hf.lm_head.weight)
+    for i, layer in enumerate(hf.model.layers):
+        for name, p in layer.named_parameters():
+            base = name.removesuffix(".weight")
+            if base in _GGUF_LAYER:
+                t = p
+                if mixtral and base in ("self_attn.q_proj", "self_attn.k_proj"):
+                    t = _permute(p, cfg.num_attention_heads if base.endswith("q_proj") else cfg.num_key_value_heads)
+                add(f"blk.{i}.{_GGUF_LAYER[base]}.weight", t)
+        moe = experts_of(hf, i)
+        if moe is not None:
+            gate_up, down, router = moe
+            inter = gate_up.shape[1] // 2
+            add(f"blk.{i}.ffn_gate_inp.weight", router)
+            add(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter], qtype)
+            add(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:], qtype)
+            add(f"blk.{i}.ffn_down_exps.weight", down, qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def ids_of(n: int, seed: int = 1) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def moe(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return write_moe(folder, request.param), folder
+
+
+def test_spec_reads_the_experts(moe):
+    hf, folder = moe
+    spec = lg.Config(str(folder)).spec
+    if spec.arch == "mixtral":
+        assert (spec.num_experts, spec.num_experts_per_tok, spec.moe_intermediate_size) == (8, 2, 96)
+        assert spec.norm_topk_prob and spec.moe_layers == (0, 1) and not spec.qk_norm
+    else:
+        assert (spec.arch, spec.num_experts, spec.num_experts_per_tok, spec.moe_intermediate_size) == ("qwen3_moe", 16, 4, 32)
+        assert spec.norm_topk_prob and spec.moe_layers == (0, 2) and spec.qk_norm  # layer 1: mlp_only_layers
+
+
+def test_logits_match_transformers(moe):
+    hf, folder = moe
+    model, cache = load(folder)
+    ids = ids_of(37)
+    torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_greedy_32_tokens_match_transformers(moe):
+    hf, folder = moe
+    model, cache = load(folder)
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(model.config), max_batch_size=4)
+    jobs, refs = [], []
+    for k, n in enumerate((11, 5, 23)):
+        ids = torch.tensor([ids_of(n, seed=10 + k)])
+        refs.append(hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, n:].tolist())
+        jobs.append(lg.DynamicJob(ids, max_new_tokens=32, gen_settings=lg.Sampler.Settings.greedy()))
+    gen.enqueue(jobs)  # together: batching must not change a token either
+    while not all(j.finished for j in jobs):
+        gen.iterate()
+    assert [j.generated for j in jobs] == refs
+
+
+def test_gguf_gives_the_folders_logits(moe, tmp_path):
+    hf, folder = moe
+    path = write_moe_gguf(tmp_path / "moe.gguf", hf)
+    spec, folder_spec = lg.Config(path).spec, lg.Config(str(folder)).spec
+    assert (spec.arch, spec.num_experts, spec.num_experts_per_tok, spec.moe_layers, spec.norm_topk_prob) == \
+        (folder_spec.arch, folder_spec.num_experts, folder_spec.num_experts_per_tok, folder_spec.moe_layers, True)
+    ids = ids_of(29, seed=4)
+    model, cache = load(path)
+    assert model.layers[0].mlp.gate_up.weight.shape[0] == spec.num_experts  # one stacked tensor
+    torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
+
+
+# ------------------------------------------------------------------ the kernel path against the torch path
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+def test_kernel_path_matches_grouped_path(moe, tmp_path, qtype):
+    """The Triton GEMV over chosen experts (interpreted) against the grouped torch path, per step kind:
+    a 1-token decode, a 3-row decode and a prefill; experts held packed (cpu_weights=packed)."""
+    pytest.importorskip("triton")
+    from lowgear.ops import dispatch
+    from lowgear.ops.matmul import moe_gemv
+
+    hf, _ = moe
+    path = write_moe_gguf(tmp_path / f"moe-{qtype}.gguf", hf, qtype)
+    model, cache = load(path, cpu_weights="packed")
+    moe_layer = model.layers[0].mlp
+    assert moe_layer.gate_up.qtype == qtype and moe_layer.gate_up.packed == (qtype != "F32")
+    torch.manual_seed(3)
+    with interpreter_index_shim():
+        for t in (1, 3, 20):  # 20 * k rows: past GEMV_ROWS for qwen3_moe, the kernel still takes them here
+            x = torch.randn(t, hf.config.hidden_size)
+            weights, ids = moe_layer.route(x)
+            want = moe_layer.grouped(x, weights, ids, dispatch.torch_ops())
+            got = moe_gemv.moe_step(x, weights, ids, moe_layer, dispatch.torch_ops())
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if qtype != "Q4_0":
+            return
+        use_ops(model, dispatch.triton_ops())  # the whole model on the Triton ops: one 4-bit form is enough
+        assert moe_layer.kernel is moe_gemv.moe_step
+        ids = ids_of(5, seed=8)
+        model_gguf_ref, cache_ref = load(path, cpu_weights="packed")
+        torch.testing.assert_close(all_logits(model, cache, ids), all_logits(model_gguf_ref, cache_ref, ids),
+                                   atol=2e-4, rtol=1e-4)
+
+
+def test_decode_reads_only_the_chosen_experts(moe, tmp_path):
+    """A batch-1 step through the kernel loads rows of the k chosen experts only: experts no token chose
+    hold NaN, and the output stays finite and equal to the grouped path's."""
+    pytest.importorskip("triton")
+    from lowgear.ops import dispatch
+    from lowgear.ops.matmul import moe_gemv
+
+    hf, folder = moe
+    model, _ = load(folder)
+    layer = model.layers[0].mlp
+    x = torch.randn(1, hf.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    weights, ids = layer.route(x)
+    want = layer.grouped(x, weights, ids, dispatch.torch_ops())
+    unused = [e for e in range(layer.num_experts) if e not in ids.tolist()[0]]
+    with torch.no_grad():
+        layer.gate_up.weight[unused] = float("nan")
+        layer.down.weight[unused] = float("nan")
+    with interpreter_index_shim():
+        got = moe_gemv.moe_step(x, weights, ids, layer, dispatch.torch_ops())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert layer.bytes_read(ids) == layer.router.nbytes + layer.top_k * (layer.gate_up.nbytes + layer.down.nbytes) // layer.num_experts
+
+
+# ------------------------------------------------------------------ routing edge cases, against transformers
+
+
+def _tie(hf):
+    """Experts 1 and 2 of every layer get the same router row, below a dominant expert 0 (mixtral: top-2), so
+    the second slot is a tie; their weights differ, so the winner shows in the logits."""
+    for i in range(len(hf.model.layers)):
+        moe = experts_of(hf, i)
+        if moe is not None:
+            router = moe[2]
+            router[2] = router[1]
+            router[0] = router[1] + 0.5 * router[1].abs()
+
+
+def test_router_tie_takes_the_lower_expert_as_transformers(tmp_path):
+    """Equal router logits: torch.topk (transformers' and ours) keeps the lower expert id; logits agree."""
+    hf = write_moe(tmp_path / "tie", "mixtral", edit=_tie)
+    model, cache = load(tmp_path / "tie")
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    _, ids = model.layers[0].mlp.route(x)
+    probs = torch.softmax(model.layers[0].mlp.router(x), -1)
+    assert torch.equal(probs[:, 1], probs[:, 2])
+    chosen = ids.tolist()
+    assert all(1 in row and 2 not in row for row in chosen if 0 in row), chosen
+    ids = ids_of(21, seed=6)
+    torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
+
+
+def _never_chosen(hf):
+    """Expert 3 of every layer: a router row far below the others, so no token picks it, and NaN weights."""
+    for i in range(len(hf.model.layers)):
+        moe = experts_of(hf, i)
+        if moe is not None:
+            gate_up, down, router = moe
+            router[3] = -1e3 * router[3].sign().clamp(min=0.5)
+            gate_up[3] = float("nan")
+            down[3] = float("nan")
+
+
+def test_expert_chosen_by_no_token_changes_nothing(tmp_path):
+    hf = write_moe(tmp_path / "idle", "mixtral", edit=_never_chosen)
+    model, cache = load(tmp_path / "idle")
+    ids = ids_of(33, seed=2)
+    ours = all_logits(model, cache, ids)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
+
+
+# ------------------------------------------------------------------ batched == alone on every CPU rung
+
+
+@pytest.fixture(scope="module")
+def moe_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    hf = write_moe(folder / "hf", "qwen3_moe")
+    return write_moe_gguf(folder / "q3moe.gguf", hf, "Q8_0")
+
+
+@pytest.fixture(scope="module")
+def alone(moe_gguf):
+    from test_generator import make, prompts, run
+
+    gen = make(moe_gguf, "eager", max_batch_size=1, paged=False)
+    ids = prompts(4, lengths=(5, 17, 33, 9))
+    return ids, [run(gen, [p])[0] for p in ids]
+
+
+@pytest.mark.parametrize("rung", ["eager", "sdpa", "triton"])
+def test_batch_equals_alone(moe_gguf, alone, rung):
+    from test_generator import make, run
+
+    ids, want = alone
+    gen = make(moe_gguf, rung, max_batch_size=len(ids), max_chunk_size=12)
+    assert gen.model.selections["cpu"].backend.name == rung
+    assert gen.model.layers[0].mlp.num_experts == 16
+    assert run(gen, ids, arrive_late=(2,), late_after=2) == want
+
+
+# ------------------------------------------------------------------ a NaN router ends its job only
+
+
+def test_nan_router_ends_that_job_only(moe):
+    hf, folder = moe
+    model, cache = load(folder)
+    poison = VOCAB - 1
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(model.config), max_batch_size=4)
+    marked = {}
+    lookup, router = model.embed.lookup, model.layers[0].mlp.router
+
+    def marking_lookup(ids, dtype=None):
+        marked["rows"] = ids.reshape(-1) == poison
+        return lookup(ids, dtype)
+
+    class NanRouter(torch.nn.Module):  # the router's logits of the poisoned token's rows become NaN
+        def forward(self, x):
+            return router(x).masked_fill(marked["rows"][:, None], float("nan"))
+
+    model.embed.lookup = marking_lookup
+    model.layers[0].mlp.router = NanRouter()
+    healthy = [lg.DynamicJob(torch.tensor([ids_of(7, seed=s)]), max_new_tokens=5,
+                             gen_settings=lg.Sampler.Settings.greedy()) for s in (1, 2)]
+    bad = lg.DynamicJob(torch.tensor([ids_of(6, seed=3) + [poison]]), max_new_tokens=5,
+                        gen_settings=lg.Sampler.Settings.greedy())
+    gen.enqueue([healthy[0], bad, healthy[1]])
+    results = []
+    while gen.num_remaining_jobs():
+        results.extend(gen.iterate())
+    failed = [r for r in results if r["eos"] and r["eos_reason"] == "error"]
+    assert [r["job"] for r in failed] == [bad] and "non-finite" in failed[0]["error"]
+    for job, s in zip(healthy, (1, 2)):
+        ids = torch.tensor([ids_of(7, seed=s)])
+        assert job.generated == hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                                            pad_token_id=0)[0, 7:].tolist()
+
+
+# ------------------------------------------------------------------ bytes
+
+
+def test_step_bytes_count_chosen_experts(moe):
+    """All experts are stored (placement's per-layer bytes); a step reads the router and the distinct chosen ones."""
+    from lowgear.bench.measure import step_weight_bytes
+    from lowgear.platform.placement import device_bytes
+
+    hf, folder = moe
+    model, _ = load(folder)
+    spec = model.spec
+    per_layer, _, _ = device_bytes(model.config.source, spec, 4)
+    layer = model.layers[0]
+    expert = 3 * spec.moe_intermediate_size * spec.hidden_size * 4  # gate, up, down in float32
+    assert layer.mlp.gate_up.nbytes + layer.mlp.down.nbytes == spec.num_experts * expert
+    attn = sum(p.numel() * 4 for n, p in layer.named_parameters() if not n.startswith("mlp."))
+    assert per_layer[0] == attn + spec.num_experts * expert + spec.num_experts * spec.hidden_size * 4
+    ids = torch.tensor([[0, 1], [1, 0], [1, 5]])[:, : spec.num_experts_per_tok]
+    assert layer.mlp.bytes_read(ids) == spec.num_experts * spec.hidden_size * 4 + len(set(ids.flatten().tolist())) * expert
+    dense_all = step_weight_bytes(model, 1, all_experts=True)
+    one_token = step_weight_bytes(model, 1)
+    moe_layers = len(spec.moe_layers)
+    assert dense_all - one_token == moe_layers * (spec.num_experts - spec.num_experts_per_tok) * expert
