@@ -29,6 +29,8 @@ QWEN3_MOE = dict(COMMON, num_hidden_layers=3, intermediate_size=112, moe_interme
 # in the order of the top-k slots here, in expert order in transformers). Measured below 1e-6 on logits
 # of |x| < 1; 2e-4 is ~200x headroom, while a lost renormalisation, a wrong expert or a swapped gate/up
 # moves logits by 1e-2 and more (planted: see test_a_wrong_routing_is_seen).
+QWEN2_MOE = dict(COMMON, intermediate_size=112, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                 num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, rope_theta=1e6)
 ATOL, RTOL = 2e-4, 1e-4
 
 
@@ -47,6 +49,8 @@ def write_moe(folder, arch: str, edit=None, **overrides):
     torch.manual_seed(0)
     if arch == "mixtral":
         hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**MIXTRAL, **overrides}))
+    elif arch == "qwen2_moe":
+        hf = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**{**QWEN2_MOE, **overrides}))
     else:
         hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**{**QWEN3_MOE, **overrides}))
     hf.eval()
@@ -74,7 +78,8 @@ def experts_of(hf, i: int):
 _GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
                "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+               "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp"}
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -86,7 +91,7 @@ def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
     """`hf`'s weights as llama.cpp's convert_hf_to_gguf.py lays them out; experts in `qtype` (F32, Q8_0, Q4_0)."""
     cfg = hf.config
     mixtral = cfg.model_type == "mixtral"
-    arch = "llama" if mixtral else "qwen3moe"
+    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[cfg.model_type]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -94,7 +99,7 @@ def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
@@ -114,6 +119,8 @@ def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
     if not mixtral:
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+    if cfg.model_type == "qwen2_moe":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
     def add(name, t, q="F32"):
         t = t.detach().float().numpy().astype(np.float32)
@@ -128,12 +135,14 @@ def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
     add("output.weight", hf.lm_head.weight)
     for i, layer in enumerate(hf.model.layers):
         for name, p in layer.named_parameters():
-            base = name.removesuffix(".weight")
+            base, _, kind = name.rpartition(".")
             if base in _GGUF_LAYER:
                 t = p
                 if mixtral and base in ("self_attn.q_proj", "self_attn.k_proj"):
                     t = _permute(p, cfg.num_attention_heads if base.endswith("q_proj") else cfg.num_key_value_heads)
-                add(f"blk.{i}.{_GGUF_LAYER[base]}.weight", t)
+                add(f"blk.{i}.{_GGUF_LAYER[base]}.{kind}", t)
+            elif base == "mlp.shared_expert_gate":  # llama.cpp keeps it as a [hidden] vector
+                add(f"blk.{i}.ffn_gate_inp_shexp.weight", p.reshape(-1))
         moe = experts_of(hf, i)
         if moe is not None:
             gate_up, down, router = moe
@@ -203,6 +212,20 @@ def test_gguf_gives_the_folders_logits(moe, tmp_path):
     model, cache = load(path)
     assert model.layers[0].mlp.gate_up.weight.shape[0] == spec.num_experts  # one stacked tensor
     torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_qwen2_moe_shared_expert_matches_transformers(tmp_path):
+    """qwen2_moe: q/k/v biases, top-k not renormalised, and a shared expert scaled by sigmoid(gate . x); the
+    folder and its GGUF (`qwen2moe`, `ffn_*_shexp`, `ffn_gate_inp_shexp` as a [hidden] vector) against transformers."""
+    hf = write_moe(tmp_path / "q2", "qwen2_moe")
+    spec = lg.Config(str(tmp_path / "q2")).spec
+    assert (spec.shared_expert_intermediate_size, spec.norm_topk_prob, spec.attention_bias) == (48, False, True)
+    ids = ids_of(23, seed=9)
+    want = hf_logits(hf, ids)
+    torch.testing.assert_close(all_logits(*load(tmp_path / "q2"), ids), want, atol=ATOL, rtol=RTOL)
+    path = write_moe_gguf(tmp_path / "q2.gguf", hf)
+    assert lg.Config(path).spec.shared_expert_intermediate_size == 48
+    torch.testing.assert_close(all_logits(*load(path), ids), want, atol=ATOL, rtol=RTOL)
 
 
 # ------------------------------------------------------------------ the kernel path against the torch path

@@ -22,6 +22,8 @@ Facts a model built from a GGUF must know:
   ([experts, expert_ff, hidden] in torch order), `ffn_down_exps`; `{arch}.expert_used_count` is the top-k and
   `{arch}.expert_weights_norm` (absent: renormalise, as llama.cpp does for both) whether the top-k
   weights are renormalised. Quantized expert stacks come back as one PackedTensor of E*N rows.
+  Qwen2-MoE (`qwen2moe`) adds a shared expert (`ffn_{gate,up,down}_shexp`,
+  `expert_shared_feed_forward_length` wide) scaled by sigmoid(`ffn_gate_inp_shexp` . x).
 
 A file is checked as it opens: bad magic, a header that does not parse, tensor data running past
 the end of the file (truncated download), tensor types lowgear cannot unpack, and missing layers
@@ -65,9 +67,13 @@ _LAYER_NAMES = {
     "ffn_gate_exps": "gate_exps",
     "ffn_up_exps": "up_exps",
     "ffn_down_exps": "down_exps",
+    "ffn_gate_shexp": "shared_gate",  # qwen2moe's shared expert
+    "ffn_up_shexp": "shared_up",
+    "ffn_down_shexp": "shared_down",
+    "ffn_gate_inp_shexp": "shared_expert_gate",
 }
 # llama.cpp's architecture names that lowgear's spec calls otherwise (llama with experts is "mixtral")
-_SPEC_ARCH = {"qwen3moe": "qwen3_moe"}
+_SPEC_ARCH = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
 _GGUF_PART = {short: part for part, short in _LAYER_NAMES.items()}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm")  # and the layer's spec.ffn_names
@@ -362,7 +368,8 @@ class GGUFSource:
         return {"num_experts": experts, "num_experts_per_tok": int(self._require(f"{arch}.expert_used_count")),
                 "moe_intermediate_size": int(width),
                 "norm_topk_prob": bool(self.metadata(f"{arch}.expert_weights_norm", True)),
-                "moe_layers": tuple(i for i in range(layers) if f"layers.{i}.router" in self._tensors)}
+                "moe_layers": tuple(i for i in range(layers) if f"layers.{i}.router" in self._tensors),
+                "shared_expert_intermediate_size": int(self.metadata(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
 
     def _check_vocab(self) -> None:
         tokens = self.metadata("tokenizer.ggml.tokens")
@@ -402,6 +409,8 @@ class GGUFSource:
     def _info(self, name: str) -> TensorInfo:
         t = self._tensor(name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if name.endswith(".shared_expert_gate") and len(shape) == 1:  # llama.cpp's [hidden]: the [1, hidden] linear
+            shape = (1, *shape)
         return TensorInfo(t.tensor_type.name, shape, int(t.n_bytes))
 
     def info(self, name: str) -> TensorInfo:

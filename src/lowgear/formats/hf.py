@@ -65,11 +65,16 @@ _LAYER_NAMES = {
     "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
     "block_sparse_moe.gate.weight": "router",  # mixtral
-    "mlp.gate.weight": "router",  # qwen3_moe
+    "mlp.gate.weight": "router",  # qwen2_moe, qwen3_moe
+    "mlp.shared_expert.gate_proj.weight": "shared_gate",  # qwen2_moe
+    "mlp.shared_expert.up_proj.weight": "shared_up",
+    "mlp.shared_expert.down_proj.weight": "shared_down",
+    "mlp.shared_expert_gate.weight": "shared_expert_gate",
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                  "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
+                  "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe",
+                  "Qwen2MoeForCausalLM": "qwen2_moe"}
 _ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 _ST_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
 
@@ -138,7 +143,7 @@ def _whole(cfg: dict, key: str, folder: str, default: Any = None) -> int:
 def _window(cfg: dict, arch: str, folder: str):
     """The sliding window config.json asks for, or None; qwen2/qwen3 use theirs only with use_sliding_window."""
     window = cfg.get("sliding_window")
-    if arch in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         return None
     if arch in ("qwen3", "qwen3_moe") and window:
         # transformers: layers from max_window_layers on slide, unless layer_types says which
@@ -161,14 +166,15 @@ def _moe(cfg: dict, arch: str, folder: str) -> dict:
         return {"num_experts": _whole(cfg, "num_local_experts", folder), "num_experts_per_tok": _whole(cfg, "num_experts_per_tok", folder),
                 "moe_intermediate_size": _whole(cfg, "intermediate_size", folder), "norm_topk_prob": True,
                 "moe_layers": tuple(range(layers))}
-    if arch == "qwen3_moe":  # transformers: sparse unless in mlp_only_layers, on every decoder_sparse_step-th layer
+    if arch in ("qwen2_moe", "qwen3_moe"):  # transformers: sparse unless in mlp_only_layers, on every decoder_sparse_step-th layer
         experts = _whole(cfg, "num_experts" if "num_experts" in cfg else "num_local_experts", folder)
         step = _whole(cfg, "decoder_sparse_step", folder, 1)
         dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
         return {"num_experts": experts, "num_experts_per_tok": _whole(cfg, "num_experts_per_tok", folder),
                 "moe_intermediate_size": _whole(cfg, "moe_intermediate_size", folder),
                 "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
-                "moe_layers": tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)}
+                "moe_layers": tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0),
+                "shared_expert_intermediate_size": _whole(cfg, "shared_expert_intermediate_size", folder) if arch == "qwen2_moe" else 0}
     return {}
 
 
@@ -204,7 +210,7 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
             rope_style="neox",
             max_position_embeddings=_whole(cfg, "max_position_embeddings", folder, 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
-            attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            attention_bias=arch in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
             qk_norm=arch in QK_NORM_ARCHITECTURES,
             **_moe(cfg, arch, folder),

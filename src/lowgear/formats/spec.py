@@ -14,6 +14,8 @@ Canonical tensor names:
     layers.{i}.router           [experts, hidden]: a mixture-of-experts layer's router (mixtral, qwen3_moe)
     layers.{i}.gate_exps / up_exps   [experts, moe_intermediate, hidden]: every expert's gate / up, stacked
     layers.{i}.down_exps        [experts, hidden, moe_intermediate]
+    layers.{i}.shared_gate / shared_up / shared_down   qwen2_moe's shared expert, a SwiGLU beside the routed ones
+    layers.{i}.shared_expert_gate   [1, hidden]: sigmoid(this . x) scales the shared expert's output
     norm                        [hidden]
     lm_head                     [vocab, hidden] (absent when embeddings are tied)
 """
@@ -25,13 +27,13 @@ from typing import Any, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 # architectures whose attention RMS-normalises each q and k head (weights q_norm / k_norm) before RoPE
 QK_NORM_ARCHITECTURES = ("qwen3", "qwen3_moe")
 # architectures whose GGUF q/k rows are not permuted by llama.cpp's converter: RoPE rotates halves
-NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "qwen3_moe")
+NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # architectures whose feed-forward is a mixture of experts (on every layer in `ModelSpec.moe_layers`)
-MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     moe_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0  # qwen2_moe: a shared expert on every sparse layer (0: none)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
@@ -75,7 +78,10 @@ class ModelSpec:
 
     def ffn_names(self, i: int) -> tuple[str, ...]:
         """The feed-forward tensors layer `i` holds: the router and stacked experts, or gate / up / down."""
-        return ("router", "gate_exps", "up_exps", "down_exps") if self.is_moe_layer(i) else ("gate", "up", "down")
+        if not self.is_moe_layer(i):
+            return ("gate", "up", "down")
+        shared = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate") if self.shared_expert_intermediate_size else ()
+        return ("router", "gate_exps", "up_exps", "down_exps", *shared)
 
 
 @dataclass

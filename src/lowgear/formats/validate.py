@@ -68,6 +68,10 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             e, mi = spec.num_experts, spec.moe_intermediate_size
             shapes.update({p + "router": (e, h), p + "gate_exps": (e, mi, h), p + "up_exps": (e, mi, h),
                            p + "down_exps": (e, h, mi)})
+            si = spec.shared_expert_intermediate_size
+            if si:
+                shapes.update({p + "shared_gate": (si, h), p + "shared_up": (si, h), p + "shared_down": (h, si),
+                               p + "shared_expert_gate": (1, h)})
         else:
             shapes.update({p + "gate": (inter, h), p + "up": (inter, h), p + "down": (h, inter)})
         if spec.qk_norm:
@@ -88,6 +92,9 @@ def _field_of(name: str) -> str:
         "gate_exps": "num_experts x moe_intermediate_size x hidden_size",
         "up_exps": "num_experts x moe_intermediate_size x hidden_size",
         "down_exps": "num_experts x hidden_size x moe_intermediate_size",
+        "shared_gate": "shared_expert_intermediate_size x hidden_size",
+        "shared_up": "shared_expert_intermediate_size x hidden_size",
+        "shared_down": "hidden_size x shared_expert_intermediate_size", "shared_expert_gate": "1 x hidden_size",
     }.get(short, "")
 
 

@@ -95,8 +95,10 @@ class Model:
         if spec.is_moe_layer(i):  # experts stay stacked and packed; gate|up fused per expert
             e = spec.num_experts
             experts = ExpertLinear([get(pre + "gate_exps"), get(pre + "up_exps")], e)
+            shared = ((MLP(linears(("shared_gate", "shared_up")), linear("shared_down")), linear("shared_expert_gate"))
+                      if spec.shared_expert_intermediate_size else ())
             mlp = SparseMoE(linear("router"), _to(experts, device, dtype), _to(ExpertLinear([get(pre + "down_exps")], e), device, dtype),
-                            spec.num_experts_per_tok, spec.norm_topk_prob)
+                            spec.num_experts_per_tok, spec.norm_topk_prob, *shared)
         else:
             mlp = MLP(linears(("gate", "up")), linear("down"))
         return DecoderLayer(norm("attn_norm"), attn, norm("ffn_norm"), mlp)

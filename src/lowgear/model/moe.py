@@ -5,7 +5,8 @@
     w = w / w.sum(-1) when norm_topk_prob           (mixtral always; qwen3_moe per its config)
     y[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))   with e = ids[t, j]
 
-This is transformers' MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock, in its order. Routing is torch
+This is transformers' MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock, in its order; Qwen2MoeSparseMoeBlock
+adds a shared expert (a plain SwiGLU MLP every token runs) scaled by sigmoid(shared_expert_gate . x). Routing is torch
 on every device (a softmax and a top-k over E values; no host sync). The experts are held packed and
 stacked (`ExpertLinear`: one [E, ...] tensor per stored part, gate|up fused per expert), never as E
 separate float copies. Two ways to run them:
@@ -159,13 +160,15 @@ class ExpertLinear(nn.Module):
 class SparseMoE(nn.Module):
     """The router and the experts of one layer; `forward(x, ops)` as MLP's."""
 
-    def __init__(self, router: QuantLinear, gate_up: ExpertLinear, down: ExpertLinear, top_k: int, norm_topk_prob: bool):
+    def __init__(self, router: QuantLinear, gate_up: ExpertLinear, down: ExpertLinear, top_k: int, norm_topk_prob: bool,
+                 shared: nn.Module | None = None, shared_gate: QuantLinear | None = None):
         super().__init__()
         if gate_up.out_features != 2 * down.in_features or router.out_features != gate_up.num_experts:
             raise ModelFormatError(f"experts' gate|up ({gate_up.out_features} rows), down ({down.in_features} inputs) and "
                                    f"router ({router.out_features} experts) disagree: the weight file does not match its config")
         self.router, self.gate_up, self.down = router, gate_up, down
         self.num_experts, self.top_k, self.norm_topk_prob = gate_up.num_experts, int(top_k), bool(norm_topk_prob)
+        self.shared, self.shared_gate = shared, shared_gate  # qwen2_moe's shared expert (an MLP) and its gate
         self.kernel = None  # fn(x, weights, ids, moe, ops) -> y, or None where it declines (ops/matmul/moe_gemv.py)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,11 +181,12 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         weights, ids = self.route(x)
-        if self.kernel is not None:
-            y = self.kernel(x, weights, ids, self, ops)
-            if y is not None:
-                return y
-        return self.grouped(x, weights, ids, ops)
+        y = self.kernel(x, weights, ids, self, ops) if self.kernel is not None else None
+        if y is None:
+            y = self.grouped(x, weights, ids, ops)
+        if self.shared is not None:
+            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared.forward(x, ops)
+        return y
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ops) -> torch.Tensor:
         """The torch path: tokens grouped by expert; only experts with tokens run (in expert order, as transformers)."""
@@ -206,4 +210,6 @@ class SparseMoE(nn.Module):
     def bytes_read(self, ids: torch.Tensor) -> int:
         """Weight bytes a step routed as `ids` [T, k] reads: the router and each distinct chosen expert once."""
         chosen = int(torch.unique(ids).numel())
-        return self.router.nbytes + chosen * (self.gate_up.expert_nbytes + self.down.expert_nbytes)
+        shared = 0 if self.shared is None else sum(t.numel() * t.element_size() for t in
+                                                   (*self.shared.parameters(), *self.shared.buffers(), *self.shared_gate.parameters()))
+        return self.router.nbytes + shared + chosen * (self.gate_up.expert_nbytes + self.down.expert_nbytes)
