@@ -436,3 +436,28 @@ def test_step_bytes_count_chosen_experts(moe):
     one_token = step_weight_bytes(model, 1)
     moe_layers = len(spec.moe_layers)
     assert dense_all - one_token == moe_layers * (spec.num_experts - spec.num_experts_per_tok) * expert
+
+
+def test_doctor_says_what_a_step_reads(moe, tmp_path):
+    """doctor: every expert stored; a batch-1 step reads the dense parts and top_k of num_experts of each stack.
+    The expected figure is summed here from the GGUF's own tensor sizes (the gguf package's reader)."""
+    from lowgear.cli import doctor
+
+    hf, _ = moe
+    path = write_moe_gguf(tmp_path / "d.gguf", hf, "Q8_0")
+    report = doctor.collect(model_path=path, devices=["cpu"])
+    spec = lg.Config(path).spec
+    elt = {"float32": 4, "float16": 2, "bfloat16": 2}[report["model"]["dtype"]]
+    stored = read = 0
+    for t in gguf.GGUFReader(path).tensors:
+        n = int(t.n_bytes)
+        if t.tensor_type == gguf.GGMLQuantizationType.F32 and not t.name.endswith("norm.weight"):
+            n = n // 4 * elt  # float weights are held in the model's dtype, norms in float32
+        stored += n
+        if t.name != "token_embd.weight":  # a step reads one row of the (untied) embedding: not counted
+            read += n * spec.num_experts_per_tok // spec.num_experts if "_exps" in t.name else n
+    e = report["model"]["experts"]
+    assert (e["experts"], e["top_k"], e["moe_layers"]) == (spec.num_experts, spec.num_experts_per_tok, len(spec.moe_layers))
+    assert report["model"]["weight_bytes"] == stored
+    assert e["bytes_read_per_token"] == read
+    assert "a batch-1 decode step reads" in doctor.render(report)
