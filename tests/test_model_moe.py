@@ -461,3 +461,42 @@ def test_doctor_says_what_a_step_reads(moe, tmp_path):
     assert report["model"]["weight_bytes"] == stored
     assert e["bytes_read_per_token"] == read
     assert "a batch-1 decode step reads" in doctor.render(report)
+
+
+def test_gptq_experts_match_transformers_on_dequantized_weights(tmp_path):
+    """A mixtral folder whose per-expert linears are GPTQ (4-bit, group 32): held stacked and packed, and equal
+    to transformers running the dequantized weights (test_gptq's integer reference)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from test_gptq import quantize
+
+    hf = write_moe(tmp_path / "float", "mixtral")
+    tensors = load_file(str(tmp_path / "float" / "model.safetensors"))
+    inter = hf.config.intermediate_size
+    out = {}
+    with torch.no_grad():
+        for n, (name, t) in enumerate(sorted(tensors.items())):
+            if ".experts." not in name:
+                out[name] = t
+                continue
+            parts, ref = quantize(t, 4, 32, False, False, False, n)
+            out.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in parts.items()})
+            layer, expert, which = int(name.split(".")[2]), int(name.split(".")[5]), name.split(".")[6]
+            experts = hf.model.layers[layer].mlp.experts
+            rows = {"w1": slice(0, inter), "w3": slice(inter, 2 * inter)}.get(which)
+            (experts.down_proj[expert] if rows is None else experts.gate_up_proj[expert, rows]).copy_(ref.float())
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for f in (tmp_path / "float").glob("tokenizer*"):
+        (folder / f.name).write_bytes(f.read_bytes())
+    model, cache = load(folder, cpu_weights="packed")
+    stack = model.layers[0].mlp.gate_up
+    assert stack.qtype == "GPTQ4g32" and stack.packed and stack.qweight.shape == (8, 64 * 4 // 32, 2 * inter)
+    ids = ids_of(19, seed=3)
+    torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
