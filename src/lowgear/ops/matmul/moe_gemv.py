@@ -24,7 +24,7 @@ import triton.language as tl
 
 # (token, expert) rows the GEMV takes outside a graph capture; more (prefill) go to the grouped torch path,
 # which reads each chosen expert once for all its tokens where the GEMV would read it once per row.
-# why: docs/decisions/014-moe-experts-moe.md
+# why: docs/decisions/014-moe-gemv-rows.md
 GEMV_ROWS = 64
 BLOCK_N = 16
 BLOCK_K = 128  # a multiple of the 32-weight GGUF block
