@@ -504,3 +504,32 @@ def test_gptq_experts_match_transformers_on_dequantized_weights(tmp_path):
     assert stack.qtype == "GPTQ4g32" and stack.packed and stack.qweight.shape == (8, 64 * 4 // 32, 2 * inter)
     ids = ids_of(19, seed=3)
     torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_layers_split_over_devices_by_stored_expert_bytes(moe, tmp_path, monkeypatch):
+    """Placement splits MoE layers as dense ones, each layer weighing every expert it stores (the GGUF's own
+    tensor sizes, read with the gguf package)."""
+    from lowgear.platform import hardware, placement
+
+    hf, _ = moe
+    path = write_moe_gguf(tmp_path / "split.gguf", hf, "Q4_0")
+    source = lg.Config(path).source
+    spec = source.spec
+    per_layer, other, _ = placement.device_bytes(source, spec, 2)
+    want = [0] * spec.num_layers
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name.startswith("blk."):
+            n = int(t.n_bytes)
+            float_weight = t.tensor_type == gguf.GGMLQuantizationType.F32 and not t.name.endswith("norm.weight")
+            want[int(t.name.split(".")[1])] += n // 2 if float_weight else n  # float weights held in float16
+    assert per_layer == want
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "t4,t4")
+    t4s = hardware.list_devices()[:2]
+    kv = placement.kv_bytes_per_token_per_layer(spec, 2)
+    reserve = 2**20
+    slack = min(per_layer) // 2  # room for the embedding, one layer and its cache, not two layers
+    first = reserve + other["embed"] + per_layer[0] + 64 * kv + slack
+    plan = placement.plan(spec, per_layer, other, t4s, kv, 64, reserve, per_device_limit=[first, None], page_size=16)
+    assert plan.layer_device == (0,) + (1,) * (spec.num_layers - 1)
+    assert plan.per_device[1].weights == sum(per_layer[1:]) + other["norm"] + other["lm_head"]
