@@ -11,6 +11,14 @@ halves) layout. qwen2 always has q/k/v biases; its sliding window only applies w
 (`self_attn.q_norm` / `k_norm`, [head_dim]) and its own `head_dim`; its sliding window, when used,
 must cover every layer (`layer_types`), as lowgear has one window per model.
 
+Mixture-of-experts folders (mixtral, qwen2_moe, qwen3_moe) store each expert's linears apart
+(`block_sparse_moe.experts.E.w1/w3/w2`, `mlp.experts.E.gate_proj/up_proj/down_proj`); they are handed
+out stacked under `layers.N.gate_exps / up_exps / down_exps` (a float [E, N, K] tensor, or a tuple of
+the E quantized weights), with the router (`block_sparse_moe.gate`, `mlp.gate`) as `layers.N.router`
+and qwen2_moe's shared expert as `shared_gate / shared_up / shared_down / shared_expert_gate`. Which
+layers are sparse follows transformers: all for mixtral; for the qwen MoEs those not in
+`mlp_only_layers` on every `decoder_sparse_step`-th layer.
+
 GPTQ folders (`quantization_config.quant_method` "gptq" in config.json, or an AutoGPTQ
 `quantize_config.json`) store each linear as `<prefix>.qweight/.qzeros/.scales[/.g_idx]`; `get`
 hands those back as one `GPTQWeight` under the linear's canonical name.
