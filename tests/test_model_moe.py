@@ -533,3 +533,28 @@ def test_layers_split_over_devices_by_stored_expert_bytes(moe, tmp_path, monkeyp
     plan = placement.plan(spec, per_layer, other, t4s, kv, 64, reserve, per_device_limit=[first, None], page_size=16)
     assert plan.layer_device == (0,) + (1,) * (spec.num_layers - 1)
     assert plan.per_device[1].weights == sum(per_layer[1:]) + other["norm"] + other["lm_head"]
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_bench_presets_and_peers_are_moe(preset):
+    """`lowgear bench --preset`: random stacked experts of the architecture's shapes (packed, as a GGUF holds them),
+    and a transformers peer of the same architecture; a small version runs through the loader."""
+    import dataclasses
+
+    from lowgear.bench.models import PRESETS, RandomSource, synthetic_model
+    from lowgear.bench.peer import hf_config
+    from lowgear.formats.validate import expected_shapes
+
+    spec = PRESETS[preset]
+    shapes = RandomSource(spec, "Q4_0", torch.device("meta"), torch.float16).shapes
+    expected = expected_shapes(spec)
+    assert set(shapes) <= set(expected) and all(expected[n] == shapes[n] for n in shapes)
+    assert shapes["layers.0.gate_exps"] == (spec.num_experts, spec.moe_intermediate_size, spec.hidden_size)
+    small = dataclasses.replace(spec, num_layers=2, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                vocab_size=VOCAB, num_heads=4, num_kv_heads=2, head_dim=16, moe_layers=(0, 1))
+    peer = transformers.AutoModelForCausalLM.from_config(hf_config(small, "eager"))
+    assert type(peer).__name__ == {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[spec.arch]
+    assert peer.model.layers[0].mlp.experts.gate_up_proj.shape == (spec.num_experts, 64, 64)
+    model, _ = synthetic_model(small, "q4_0", torch.device("cpu"), 64, 16, backend="eager", dtype=torch.float32, label="cpu")
+    stack = model.layers[1].mlp.gate_up
+    assert stack.num_experts == spec.num_experts and stack.out_features == 64
