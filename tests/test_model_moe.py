@@ -558,3 +558,35 @@ def test_bench_presets_and_peers_are_moe(preset):
     model, _ = synthetic_model(small, "q4_0", torch.device("cpu"), 64, 16, backend="eager", dtype=torch.float32, label="cpu")
     stack = model.layers[1].mlp.gate_up
     assert stack.num_experts == spec.num_experts and stack.out_features == 64
+
+
+# ------------------------------------------------------------------ bad files say what is wrong
+
+
+def test_missing_expert_names_itself(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowgear.errors import ModelFormatError
+
+    write_moe(tmp_path / "m", "mixtral")
+    f = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(f))
+    del tensors["model.layers.1.block_sparse_moe.experts.5.w3.weight"]  # transformers saves Mixtral's original names
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ModelFormatError, match=r"layers\.1\.up_exps needs experts 0\.\.7 .* \(missing \[5\]"):
+        lg.Config(str(tmp_path / "m"))
+
+
+def test_gguf_without_an_expert_stack_or_with_too_many_chosen(tmp_path):
+    from lowgear.errors import ModelFormatError
+
+    from gguf_edit import rewrite_gguf
+
+    hf = write_moe(tmp_path / "m", "qwen3_moe")
+    path = write_moe_gguf(tmp_path / "m.gguf", hf)
+    no_up = rewrite_gguf(path, tmp_path / "no_up.gguf", tensors={"blk.2.ffn_up_exps.weight": None})
+    with pytest.raises(ModelFormatError, match=r"layer 2 has no up_exps .*blk\.2\.ffn_up_exps\.weight"):
+        lg.Config(no_up)
+    greedy = rewrite_gguf(path, tmp_path / "k.gguf", meta={"qwen3moe.expert_used_count": 17})
+    with pytest.raises(ModelFormatError, match=r"num_experts_per_tok is 17, .*cannot use more than the 16 experts"):
+        lg.Config(greedy)
