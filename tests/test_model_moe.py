@@ -26,9 +26,10 @@ MIXTRAL = dict(COMMON, intermediate_size=96, num_local_experts=8, num_experts_pe
 QWEN3_MOE = dict(COMMON, num_hidden_layers=3, intermediate_size=112, moe_intermediate_size=32, num_experts=16,
                  num_experts_per_tok=4, head_dim=24, norm_topk_prob=True, mlp_only_layers=[1], rope_theta=1e6)
 # float32 on both sides, same weights, same routing: only summation order differs (the experts' sum is
-# in the order of the top-k slots here, in expert order in transformers). Measured below 1e-6 on logits
-# of |x| < 1; 2e-4 is ~200x headroom, while a lost renormalisation, a wrong expert or a swapped gate/up
-# moves logits by 1e-2 and more (planted: see test_a_wrong_routing_is_seen).
+# accumulated in float32 here, in the hidden dtype in expert order in transformers). Measured: 0 (mixtral),
+# 2.1e-7 (qwen3_moe), 1.5e-7 (qwen2_moe) on logits of |x| < 0.7, so 2e-4 is ~1000x headroom; planted by
+# hand and seen to fail: renormalisation flipped (5e-3 qwen3_moe, 5e-2 mixtral), one expert too many
+# (5e-3, 3e-2), gate and up swapped (1e-2, 3e-2), each 17x and more past the tolerance.
 QWEN2_MOE = dict(COMMON, intermediate_size=112, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                  num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, rope_theta=1e6)
 ATOL, RTOL = 2e-4, 1e-4
