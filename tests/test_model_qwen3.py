@@ -230,11 +230,11 @@ def test_gguf_missing_k_norm_names_the_tensor(qwen3, tmp_path):
 def test_unsupported_qwen_variants_name_themselves(tmp_path):
     from lowgear.bench.synthetic import write_gguf, write_hf
 
-    path = write_gguf(tmp_path / "moe.gguf", arch="qwen3moe", tokenizer=None)
-    with pytest.raises(UnsupportedError, match=r"architecture 'qwen3moe' is not supported: lowgear runs .*qwen3"):
+    path = write_gguf(tmp_path / "moe.gguf", arch="qwen3next", tokenizer=None)
+    with pytest.raises(UnsupportedError, match=r"architecture 'qwen3next' is not supported: lowgear runs .*qwen3"):
         lg.Config(path)
-    folder = write_hf(tmp_path / "moe", arch="qwen3_moe", tokenizer=None)
-    with pytest.raises(UnsupportedError, match=r"architecture 'qwen3_moe' is not supported"):
+    folder = write_hf(tmp_path / "moe", arch="qwen3_next", tokenizer=None)
+    with pytest.raises(UnsupportedError, match=r"architecture 'qwen3_next' is not supported"):
         lg.Config(str(folder))
 
 

@@ -77,12 +77,23 @@ def source_bytes(source, dtype: torch.dtype) -> int:
     return total
 
 
-def step_weight_bytes(model, batch: int) -> int:
-    """Weight bytes one step reads: every layer, the final norm and lm_head; `batch` rows of an untied embedding."""
+def step_weight_bytes(model, batch: int, all_experts: bool = False) -> int:
+    """Weight bytes one step reads: every layer, the final norm and lm_head; `batch` rows of an untied embedding.
+
+    A mixture-of-experts layer reads its router and the experts chosen: at most min(E, batch * top_k) of
+    them (every expert with `all_experts`); a given routing's exact count is `SparseMoE.bytes_read(ids)`."""
     def module_bytes(m) -> int:
         return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
-    total = sum(module_bytes(layer) for layer in model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
+    def layer_bytes(layer) -> int:
+        mlp = layer.mlp
+        if all_experts or not getattr(mlp, "num_experts", 0):
+            return module_bytes(layer)
+        chosen = min(mlp.num_experts, batch * mlp.top_k)
+        experts = module_bytes(mlp.gate_up) + module_bytes(mlp.down)
+        return module_bytes(layer) - experts + chosen * (experts // mlp.num_experts)
+
+    total = sum(layer_bytes(layer) for layer in model.layers) + module_bytes(model.norm) + module_bytes(model.lm_head)
     if model.embed is not model.lm_head:
         total += batch * module_bytes(model.embed) // model.spec.vocab_size
     return total

@@ -34,6 +34,12 @@ PRESETS: dict[str, ModelSpec] = {
                             name="Qwen2-0.5B shape"),
     "qwen3-8b": ModelSpec("qwen3", 151936, 4096, 12288, 36, 32, 8, 128, 1e-6, 1000000.0, None,
                           max_position_embeddings=40960, qk_norm=True, name="Qwen3-8B shape"),
+    "mixtral-8x7b": ModelSpec("mixtral", 32000, 4096, 14336, 32, 32, 8, 128, 1e-5, 1000000.0, None,
+                              max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2,
+                              moe_intermediate_size=14336, moe_layers=tuple(range(32)), name="Mixtral-8x7B shape"),
+    "qwen3-30b-a3b": ModelSpec("qwen3_moe", 151936, 2048, 6144, 48, 32, 4, 128, 1e-6, 1000000.0, None,
+                               max_position_embeddings=40960, qk_norm=True, num_experts=128, num_experts_per_tok=8,
+                               moe_intermediate_size=768, moe_layers=tuple(range(48)), name="Qwen3-30B-A3B shape"),
     "tiny": ModelSpec("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, None, max_position_embeddings=4096,
                       name="tiny test shape"),
 }
@@ -59,8 +65,14 @@ class RandomSource:
         for i in range(s.num_layers):
             p = f"layers.{i}."
             shapes.update({p + "attn_norm": (h,), p + "ffn_norm": (h,), p + "q": (q_out, h), p + "k": (kv_out, h),
-                           p + "v": (kv_out, h), p + "o": (h, q_out), p + "gate": (s.intermediate_size, h),
-                           p + "up": (s.intermediate_size, h), p + "down": (h, s.intermediate_size)})
+                           p + "v": (kv_out, h), p + "o": (h, q_out)})
+            if s.is_moe_layer(i):  # the router (float, as llama.cpp keeps it) and the stacked experts
+                e, mi = s.num_experts, s.moe_intermediate_size
+                shapes.update({p + "router": (e, h), p + "gate_exps": (e, mi, h), p + "up_exps": (e, mi, h),
+                               p + "down_exps": (e, h, mi)})
+            else:
+                shapes.update({p + "gate": (s.intermediate_size, h), p + "up": (s.intermediate_size, h),
+                               p + "down": (h, s.intermediate_size)})
             if s.attention_bias:
                 shapes.update({p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (kv_out,)})
             if s.qk_norm:
@@ -71,22 +83,23 @@ class RandomSource:
         if self.qtype == QUANTS["gptq4"] and name == "lm_head":
             return False  # GPTQ checkpoints keep the output head in float16
         shape = self.shapes[name]
-        if self.qtype is None or len(shape) != 2 or name == "embed":
+        if self.qtype is None or len(shape) == 1 or name == "embed" or name.endswith("router"):
             return False
         # rows narrower than a block multiple stay float, as llama.cpp's quantizer leaves them
-        return self.qtype == QUANTS["gptq4"] or shape[1] % get_format(self.qtype).block_size == 0
+        return self.qtype == QUANTS["gptq4"] or shape[-1] % get_format(self.qtype).block_size == 0
 
     def names(self) -> list[str]:
         return list(self.shapes)
 
     def info(self, name: str) -> TensorInfo:
         shape = self.shapes[name]
+        stack = math.prod(shape[:-2])  # experts of a stacked tensor (1 for a linear)
         if self._packed(name) and self.qtype == QUANTS["gptq4"]:
-            n, k = shape
+            n, k = shape[-2:]
             groups = gptq_groups(k, GPTQ_GROUP)
-            return TensorInfo(self.qtype, shape, k * n * GPTQ_BITS // 8 + groups * n * 2 + groups * n * GPTQ_BITS // 8)
+            return TensorInfo(self.qtype, shape, stack * (k * n * GPTQ_BITS // 8 + groups * n * 2 + groups * n * GPTQ_BITS // 8))
         if self._packed(name):
-            return TensorInfo(self.qtype, shape, shape[0] * get_format(self.qtype).row_bytes(shape[1]))
+            return TensorInfo(self.qtype, shape, stack * shape[-2] * get_format(self.qtype).row_bytes(shape[-1]))
         return TensorInfo("F16", shape, math.prod(shape) * 2)
 
     def nbytes(self, name: str) -> int:
@@ -99,6 +112,14 @@ class RandomSource:
         shape = self.shapes[name]
         if self._generator is None:
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        if len(shape) == 3 and self._packed(name):  # stacked experts: E random weights of one expert's shape
+            parts = [self._random(name, shape[1:]) for _ in range(shape[0])]
+            if isinstance(parts[0], PackedTensor):
+                return PackedTensor(self.qtype, torch.cat([p.data for p in parts]), (shape[0] * shape[1], shape[2]))
+            return tuple(parts)
+        return self._random(name, shape)
+
+    def _random(self, name: str, shape: tuple[int, ...]):
         g, dev = self._generator, self.device
         if self._packed(name) and self.qtype == QUANTS["gptq4"]:
             n, k = shape

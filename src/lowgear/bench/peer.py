@@ -41,7 +41,19 @@ def hf_config(spec: ModelSpec, attn_implementation: str):
         scaling["rope_type"] = scaling.pop("type", "default")
         scaling.setdefault("rope_theta", spec.rope_theta)
         common["rope_scaling"] = scaling
-    if spec.arch == "qwen3":
+    if spec.arch in ("mixtral", "qwen3_moe"):
+        from transformers import MixtralConfig, Qwen3MoeConfig
+
+        moe = dict(num_experts_per_tok=spec.num_experts_per_tok)
+        if spec.arch == "mixtral":
+            common["intermediate_size"] = spec.moe_intermediate_size
+            cfg = MixtralConfig(**common, **moe, num_local_experts=spec.num_experts, head_dim=spec.head_dim)
+        else:
+            dense = [i for i in range(spec.num_layers) if not spec.is_moe_layer(i)]
+            cfg = Qwen3MoeConfig(**common, **moe, num_experts=spec.num_experts, head_dim=spec.head_dim,
+                                 moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
+                                 mlp_only_layers=dense, use_sliding_window=False)
+    elif spec.arch == "qwen3":
         cfg = Qwen3Config(**common, head_dim=spec.head_dim, attention_bias=spec.attention_bias, use_sliding_window=False)
     elif spec.arch == "qwen2":
         cfg = Qwen2Config(**common, use_sliding_window=False)

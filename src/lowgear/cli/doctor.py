@@ -175,7 +175,14 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
         "placement_error": None,
         "decode_ceiling": None,
         "cpu_weights": None,
+        "experts": None,
     }
+    read_layer = per_layer
+    if spec.moe_layers:
+        read_layer = placement.decode_read_bytes(source, spec, dtype_bytes(dtype), per_layer)
+        out["experts"] = {"experts": spec.num_experts, "top_k": spec.num_experts_per_tok, "moe_layers": len(spec.moe_layers),
+                          "shared_expert": bool(spec.shared_expert_intermediate_size),
+                          "bytes_read_per_token": sum(read_layer) + (other["lm_head"] or other["embed"]) + other["norm"]}
     for d in spec_devices:
         row = {"device": d.label, "name": d.name, "tokens": 0, "error": None, "auto": None}
         try:
@@ -209,7 +216,7 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
             ],
             "text": plan.describe(),
         }
-        out["decode_ceiling"] = _decode_ceiling(plan, per_layer, other, kv_layer, spec)
+        out["decode_ceiling"] = _decode_ceiling(plan, read_layer, other, kv_layer, spec)
     out["old_gpus"] = _old_gpus(source)
     return out
 
@@ -232,7 +239,8 @@ def _cpu_weights(source, mode: str, elt: int, cache_bytes: int) -> dict:
 
 
 def _decode_ceiling(plan, per_layer, other, kv_layer, spec) -> dict | None:
-    """Tokens/s for one stream if each step only had to read its bytes once: Σ over devices of bytes ÷ bandwidth."""
+    """Tokens/s for one stream if each step only had to read its bytes once: Σ over devices of bytes ÷ bandwidth
+    (`per_layer`: the bytes a step reads, a mixture-of-experts layer's chosen experts only)."""
     devices = plan.devices
     if any(devices[i].bandwidth is None for i in plan.used_devices):
         return None
@@ -392,6 +400,11 @@ def render(report: dict) -> str:
             else:
                 lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache with --max-seq-len auto "
                              f"({f['auto']})")
+        e = m.get("experts")
+        if e:
+            shared = " + a shared expert" if e["shared_expert"] else ""
+            lines.append(f"  experts: top {e['top_k']} of {e['experts']}{shared} on {e['moe_layers']} layers; every expert is "
+                         f"stored, a batch-1 decode step reads {_gib(e['bytes_read_per_token'])}")
         w = m["cpu_weights"]
         if w is not None:
             how = "unpacked once at load" if w["unpack"] else "packed (dequantized at every step)"

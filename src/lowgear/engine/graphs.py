@@ -115,6 +115,10 @@ def disabled_reason(model, requested: bool) -> str | None:
     device = next(iter(devices))
     if device.type != "cuda":
         return "not on a CUDA device"
+    for layer in model.layers:  # a mixture-of-experts layer without its kernel reads expert counts on the host
+        mlp = getattr(layer, "mlp", None)
+        if getattr(mlp, "num_experts", None) and mlp.kernel is None:
+            return f"the experts ({mlp.gate_up.qtype}) have no device kernel; their grouped torch path syncs with the host"
     backend = model.backend_for(device, is_decode=True)
     if not getattr(backend.capabilities, "capturable", False):
         return f"the {backend.name} attention backend is not capturable"

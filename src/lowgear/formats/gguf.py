@@ -30,6 +30,15 @@ Facts a model built from a GGUF must know:
   `phi3.rope.dimension_count` dims of each head. LongRoPE is two global tensors,
   `rope_factors_short` / `rope_factors_long` (rot / 2 floats each), with the original context in
   `phi3.rope.scaling.original_context_length` and the cos / sin scale in `phi3.rope.scaling.attn_factor`.
+- Mixture of experts: llama.cpp writes Mixtral as architecture `llama` with `llama.expert_count` > 0
+  (lowgear's spec calls it `mixtral`) and Qwen3-MoE as `qwen3moe` (spec: `qwen3_moe`, experts
+  `expert_feed_forward_length` wide). A sparse layer holds the router `blk.N.ffn_gate_inp`
+  ([experts, hidden]) and every expert stacked in one tensor each: `ffn_gate_exps` / `ffn_up_exps`
+  ([experts, expert_ff, hidden] in torch order), `ffn_down_exps`; `{arch}.expert_used_count` is the top-k and
+  `{arch}.expert_weights_norm` (absent: renormalise, as llama.cpp does for both) whether the top-k
+  weights are renormalised. Quantized expert stacks come back as one PackedTensor of E*N rows.
+  Qwen2-MoE (`qwen2moe`) adds a shared expert (`ffn_{gate,up,down}_shexp`,
+  `expert_shared_feed_forward_length` wide) scaled by sigmoid(`ffn_gate_inp_shexp` . x).
 
 A file is checked as it opens: bad magic, a header that does not parse, tensor data running past
 the end of the file (truncated download), tensor types lowgear cannot unpack, and missing layers
@@ -75,10 +84,20 @@ _LAYER_NAMES = {
     "ffn_gate": "gate",
     "ffn_up": "up",
     "ffn_down": "down",
+    "ffn_gate_inp": "router",
+    "ffn_gate_exps": "gate_exps",
+    "ffn_up_exps": "up_exps",
+    "ffn_down_exps": "down_exps",
+    "ffn_gate_shexp": "shared_gate",  # qwen2moe's shared expert
+    "ffn_up_shexp": "shared_up",
+    "ffn_down_shexp": "shared_down",
+    "ffn_gate_inp_shexp": "shared_expert_gate",
 }
+# llama.cpp's architecture names that lowgear's spec calls otherwise (llama with experts is "mixtral")
+_SPEC_ARCH = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
 _GGUF_PART = {short: part for part, short in _LAYER_NAMES.items()}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
+REQUIRED_LAYER_TENSORS = ("attn_norm", "q", "k", "v", "o", "ffn_norm")  # and the layer's spec.ffn_names
 # llama.cpp's Gemma facts the converter does not write (see the module docstring)
 GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
 GEMMA3_LOCAL_ROPE_BASE = 10000.0
@@ -311,10 +330,11 @@ class GGUFSource(FusedParts):
 
     def _build_spec(self) -> ModelSpec:
         arch = self.metadata("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
+        spec_arch = _SPEC_ARCH.get(arch, arch)
+        if spec_arch not in SUPPORTED_ARCHITECTURES or spec_arch == "mixtral":
             raise UnsupportedError(
                 f"{self.path}: architecture {arch!r} is not supported: lowgear runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (mixtral as llama.cpp writes it: 'llama' with experts)"
             )
         hidden = int(self._require(f"{arch}.embedding_length"))
         heads = int(self._require(f"{arch}.attention.head_count"))
@@ -369,8 +389,11 @@ class GGUFSource(FusedParts):
         window = self.metadata(f"{arch}.attention.sliding_window")
         gemma = arch in GEMMA_ARCHITECTURES
         layers = int(self._require(f"{arch}.block_count"))
+        experts = int(self.metadata(f"{arch}.expert_count", 0) or 0)
+        if arch == "llama" and experts:
+            spec_arch = "mixtral"
         return ModelSpec(
-            arch=arch,
+            arch=spec_arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(self._require(f"{arch}.feed_forward_length")),
@@ -381,13 +404,13 @@ class GGUFSource(FusedParts):
             rms_norm_eps=_short_float(self.metadata(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_short_float(self.metadata(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
-            rope_style="neox" if arch in NEOX_GGUF_ARCHITECTURES else "interleaved",
+            rope_style="neox" if spec_arch in NEOX_GGUF_ARCHITECTURES else "interleaved",
             max_position_embeddings=int(self.metadata(f"{arch}.context_length", 4096)),
             rotary_dim=int(rotary) if rotary is not None and int(rotary) != head_dim else None,
             tie_word_embeddings="lm_head" not in self._tensors,
             attention_bias="layers.0.q_bias" in self._tensors,
             sliding_window=int(window) if window else None,
-            qk_norm=arch in QK_NORM_ARCHITECTURES,
+            qk_norm=spec_arch in QK_NORM_ARCHITECTURES,
             sliding_layers=self._gemma_layers(arch, layers) if gemma else None,
             rope_local_theta=(_short_float(self.metadata(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))
                               if arch == "gemma3" else None),
@@ -395,6 +418,7 @@ class GGUFSource(FusedParts):
             attn_softcap=self._positive(f"{arch}.attn_logit_softcapping") if gemma else None,
             final_softcap=self._positive(f"{arch}.final_logit_softcapping") if gemma else None,
             gemma_block=gemma,
+            **self._moe(arch),
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=eos_ids,
             name=str(self.metadata("general.name", "")),
@@ -422,6 +446,19 @@ class GGUFSource(FusedParts):
         """llama.cpp's softmax scale for a Gemma GGUF (it reads no scale from the file for gemma)."""
         return (hidden // heads) ** -0.5 if layers == GEMMA_27B_LAYERS[arch] else head_dim**-0.5
 
+    def _moe(self, arch: str) -> dict[str, Any]:
+        """The spec's expert fields: {} without `{arch}.expert_count`; the sparse layers are those with a router."""
+        experts = int(self.metadata(f"{arch}.expert_count", 0) or 0)
+        if not experts:
+            return {}
+        layers = int(self._require(f"{arch}.block_count"))
+        width = self.metadata(f"{arch}.expert_feed_forward_length") or self._require(f"{arch}.feed_forward_length")
+        return {"num_experts": experts, "num_experts_per_tok": int(self._require(f"{arch}.expert_used_count")),
+                "moe_intermediate_size": int(width),
+                "norm_topk_prob": bool(self.metadata(f"{arch}.expert_weights_norm", True)),
+                "moe_layers": tuple(i for i in range(layers) if f"layers.{i}.router" in self._tensors),
+                "shared_expert_intermediate_size": int(self.metadata(f"{arch}.expert_shared_feed_forward_length", 0) or 0)}
+
     def _check_vocab(self) -> None:
         tokens = self.metadata("tokenizer.ggml.tokens")
         if isinstance(tokens, list) and len(tokens) > self.spec.vocab_size:
@@ -441,7 +478,7 @@ class GGUFSource(FusedParts):
                 )
         for i in range(self.spec.num_layers):
             required = (REQUIRED_LAYER_TENSORS + (("q_norm", "k_norm") if self.spec.qk_norm else ())
-                        + (("post_attn_norm", "post_ffn_norm") if self.spec.gemma_block else ()))
+                        + (("post_attn_norm", "post_ffn_norm") if self.spec.gemma_block else ()) + self.spec.ffn_names(i))
             missing = [n for n in required
                        if f"layers.{i}.{n}" not in self._tensors and not fused_in(f"layers.{i}.{n}", self._tensors)]
             if missing:
@@ -462,6 +499,8 @@ class GGUFSource(FusedParts):
     def _info(self, name: str) -> TensorInfo:
         t = self._tensor(name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if name.endswith(".shared_expert_gate") and len(shape) == 1:  # llama.cpp's [hidden]: the [1, hidden] linear
+            shape = (1, *shape)
         return TensorInfo(t.tensor_type.name, shape, int(t.n_bytes))
 
     def _raw_info(self, name: str) -> TensorInfo:

@@ -23,6 +23,14 @@ pattern (gemma2 every other layer from the first; gemma3 `sliding_window_pattern
 gemma3's sliding layers rotate with `rope_local_base_freq` (transformers 5: `rope_parameters
 ["sliding_attention"]`), unscaled; its global layers with `rope_theta` and any `rope_scaling`.
 
+Mixture-of-experts folders (mixtral, qwen2_moe, qwen3_moe) store each expert's linears apart
+(`block_sparse_moe.experts.E.w1/w3/w2`, `mlp.experts.E.gate_proj/up_proj/down_proj`); they are handed
+out stacked under `layers.N.gate_exps / up_exps / down_exps` (a float [E, N, K] tensor, or a tuple of
+the E quantized weights), with the router (`block_sparse_moe.gate`, `mlp.gate`) as `layers.N.router`
+and qwen2_moe's shared expert as `shared_gate / shared_up / shared_down / shared_expert_gate`. Which
+layers are sparse follows transformers: all for mixtral; for the qwen MoEs those not in
+`mlp_only_layers` on every `decoder_sparse_step`-th layer.
+
 GPTQ folders (`quantization_config.quant_method` "gptq" in config.json, or an AutoGPTQ
 `quantize_config.json`) store each linear as `<prefix>.qweight/.qzeros/.scales[/.g_idx]`; `get`
 hands those back as one `GPTQWeight` under the linear's canonical name.
@@ -63,6 +71,11 @@ from .spec import GEMMA_ARCHITECTURES, QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITEC
 from .validate import check_spec, check_tensors
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# one expert's linear of a mixture-of-experts layer: mixtral's block_sparse_moe.experts.E.w1/w3/w2, qwen3_moe's
+# mlp.experts.E.gate_proj/up_proj/down_proj; the model sees them stacked (layers.N.gate_exps, ...: _EXPERT_STACK)
+_EXPERT_RE = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_EXPERT_STACK = re.compile(r"^(layers\.\d+)\.experts\.(\d+)\.(gate|up|down)$")
 _LAYER_NAMES = {
     "self_attn.q_proj.weight": "q",
     "self_attn.k_proj.weight": "k",
@@ -80,6 +93,12 @@ _LAYER_NAMES = {
     "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
     "mlp.gate_up_proj.weight": "gate_up",  # phi3: gate|up rows in one tensor
+    "block_sparse_moe.gate.weight": "router",  # mixtral
+    "mlp.gate.weight": "router",  # qwen2_moe, qwen3_moe
+    "mlp.shared_expert.gate_proj.weight": "shared_gate",  # qwen2_moe
+    "mlp.shared_expert.up_proj.weight": "shared_up",
+    "mlp.shared_expert.down_proj.weight": "shared_down",
+    "mlp.shared_expert_gate.weight": "shared_expert_gate",
 }
 # Gemma's layer norms: input (attn_norm), post-attention, pre- and post-feedforward
 _GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_layernorm.weight": "post_attn_norm",
@@ -91,7 +110,8 @@ _TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.",
                   ("language_model.lm_head.", "lm_head."))
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                   "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
-                  "Gemma3ForConditionalGeneration": "gemma3", "Phi3ForCausalLM": "phi3"}
+                  "Gemma3ForConditionalGeneration": "gemma3", "Phi3ForCausalLM": "phi3",
+                  "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen2MoeForCausalLM": "qwen2_moe"}
 # transformers' Gemma2Config / Gemma3TextConfig defaults: Hub configs leave these out
 GEMMA_DEFAULTS = {
     "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -121,7 +141,10 @@ def canonical_name(hf_name: str, arch: str | None = None) -> str | None:
     m = _LAYER_RE.match(hf_name)
     if m:
         short = (_GEMMA_LAYER_NAMES if arch in GEMMA_ARCHITECTURES else _LAYER_NAMES).get(m.group(2))
-        return None if short is None else f"layers.{m.group(1)}.{short}"
+        if short is None:
+            expert = _EXPERT_RE.match(m.group(2))
+            return None if expert is None else f"layers.{m.group(1)}.experts.{expert.group(1)}.{_EXPERT_PART[expert.group(2)]}"
+        return f"layers.{m.group(1)}.{short}"
     return _GLOBAL_NAMES.get(hf_name)
 
 
@@ -191,9 +214,9 @@ def _whole(cfg: dict, key: str, folder: str, default: Any = None) -> int:
 def _window(cfg: dict, arch: str, folder: str):
     """The sliding window config.json asks for, or None; qwen2/qwen3 use theirs only with use_sliding_window."""
     window = cfg.get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         return None
-    if arch == "qwen3" and window:
+    if arch in ("qwen3", "qwen3_moe") and window:
         # transformers: layers from max_window_layers on slide, unless layer_types says which
         layers = _whole(cfg, "num_hidden_layers", folder)
         first = cfg.get("max_window_layers", 28)
@@ -264,6 +287,25 @@ def _softcap(cfg: dict, key: str) -> float | None:
     return float(value) if value else None
 
 
+def _moe(cfg: dict, arch: str, folder: str) -> dict:
+    """The ModelSpec fields of a mixture-of-experts config (transformers' MixtralConfig / Qwen3MoeConfig); {} for dense."""
+    layers = _whole(cfg, "num_hidden_layers", folder)
+    if arch == "mixtral":  # every layer sparse; experts as wide as intermediate_size; top-k always renormalised
+        return {"num_experts": _whole(cfg, "num_local_experts", folder), "num_experts_per_tok": _whole(cfg, "num_experts_per_tok", folder),
+                "moe_intermediate_size": _whole(cfg, "intermediate_size", folder), "norm_topk_prob": True,
+                "moe_layers": tuple(range(layers))}
+    if arch in ("qwen2_moe", "qwen3_moe"):  # transformers: sparse unless in mlp_only_layers, on every decoder_sparse_step-th layer
+        experts = _whole(cfg, "num_experts" if "num_experts" in cfg else "num_local_experts", folder)
+        step = _whole(cfg, "decoder_sparse_step", folder, 1)
+        dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+        return {"num_experts": experts, "num_experts_per_tok": _whole(cfg, "num_experts_per_tok", folder),
+                "moe_intermediate_size": _whole(cfg, "moe_intermediate_size", folder),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+                "moe_layers": tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0),
+                "shared_expert_intermediate_size": _whole(cfg, "shared_expert_intermediate_size", folder) if arch == "qwen2_moe" else 0}
+    return {}
+
+
 def spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
     try:
         return _spec_from_config(cfg, folder, has_lm_head)
@@ -306,7 +348,7 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
             max_position_embeddings=_whole(cfg, "max_position_embeddings", folder, 4096),
             rotary_dim=int(head_dim * partial) if partial != 1.0 else None,  # as transformers rounds it
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)) or not has_lm_head,
-            attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            attention_bias=arch in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
             qk_norm=arch in QK_NORM_ARCHITECTURES,
             sliding_layers=_gemma_layers(cfg, arch, layers, folder) if gemma else None,
@@ -315,6 +357,7 @@ def _spec_from_config(cfg: dict, folder: str, has_lm_head: bool) -> ModelSpec:
             attn_softcap=_softcap(cfg, "attn_logit_softcapping") if gemma else None,
             final_softcap=_softcap(cfg, "final_logit_softcapping") if gemma else None,
             gemma_block=gemma,
+            **_moe(cfg, arch, folder),
             bos_token_id=bos[0] if bos else None,
             eos_token_ids=_ids(cfg.get("eos_token_id")),
             name=str(cfg.get("_name_or_path", os.path.basename(os.path.normpath(folder)))),
@@ -455,12 +498,14 @@ class HFSource(FusedParts):
         self.spec = spec_from_config(self.config, self.path, "lm_head" in self._where)
         if other_towers:
             self.spec.extra["text_only"] = f"{other_towers} vision tower / projector tensors not loaded (text only)"
+        self._stacks = self._expert_stacks()
         missing = [
             f"layers.{i}.{n}"
             for i in range(self.spec.num_layers)
-            for n in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
+            for n in ("attn_norm", "q", "k", "v", "o", "ffn_norm", *self.spec.ffn_names(i))
             + (("post_attn_norm", "post_ffn_norm") if self.spec.gemma_block else ())
-            if f"layers.{i}.{n}" not in self._where and not fused_in(f"layers.{i}.{n}", self._where)
+            if f"layers.{i}.{n}" not in self._where and f"layers.{i}.{n}" not in self._stacks
+            and not fused_in(f"layers.{i}.{n}", self._where)
         ]
         missing += [n for n in ("embed", "norm") if n not in self._where]
         if missing:
@@ -476,11 +521,33 @@ class HFSource(FusedParts):
         self._split_fused(self.path, self._stored_name)
         check_tensors(self, self.path, self._stored_name)
 
+    def _expert_stacks(self) -> dict[str, list[str]]:
+        """layers.N.gate_exps / up_exps / down_exps -> the canonical names of experts 0..E-1 (each must be there)."""
+        found: dict[str, dict[int, str]] = {}
+        for canon in self._where:
+            m = _EXPERT_STACK.match(canon)
+            if m:
+                found.setdefault(f"{m.group(1)}.{m.group(3)}_exps", {})[int(m.group(2))] = canon
+        stacks = {}
+        for name, experts in found.items():
+            want = self.spec.num_experts
+            if sorted(experts) != list(range(want)):
+                absent = [e for e in range(want) if e not in experts][:4]
+                raise ModelFormatError(
+                    f"{self.path}: {name} needs experts 0..{want - 1} (num_experts in config.json) but the folder holds "
+                    f"{len(experts)} of them (missing {absent or 'none'}, extra {sorted(set(experts) - set(range(want)))[:4]}); "
+                    "download every safetensors shard, or the config does not belong to the weights"
+                )
+            stacks[name] = [experts[e] for e in range(want)]
+        return stacks
+
     def _stored_name(self, canon: str) -> str:
+        if canon in self._stacks:  # the first expert's name stands for the stack
+            return self._where[self._stacks[canon][0]][1]
         return self._where[self._parts[canon][0] if canon in self._parts else canon][1]
 
     def _raw_names(self) -> list[str]:
-        return list(self._where)
+        return [n for n in self._where if not _EXPERT_STACK.match(n)] + list(self._stacks)
 
     def _slice(self, name: str):
         try:
@@ -589,6 +656,13 @@ class HFSource(FusedParts):
         return {"method": None}
 
     def _raw_info(self, name: str) -> TensorInfo:
+        if name in self._stacks:  # every expert's linear, stacked: one type and shape, with a leading [experts]
+            infos = [self._raw_info(n) for n in self._stacks[name]]
+            kinds = {(i.qtype, i.shape) for i in infos}
+            if len(kinds) > 1:
+                raise ModelFormatError(f"{self.path}: the experts of {name} differ in type or shape ({sorted(kinds)[:3]}); "
+                                       "lowgear stacks them as one tensor; re-convert the model")
+            return TensorInfo(infos[0].qtype, (len(infos), *infos[0].shape), sum(i.nbytes for i in infos))
         if name in self._gptq_prefix:
             return self._gptq_info(name)
         if name in self._exl2_prefix:
@@ -607,7 +681,13 @@ class HFSource(FusedParts):
             n *= d
         return TensorInfo(qtype, shape, n * (4 if qtype == "F32" else 2))
 
-    def _raw_get(self, name: str) -> torch.Tensor | GPTQWeight | EXL2Weight:
+    def _raw_get(self, name: str) -> torch.Tensor | GPTQWeight | EXL2Weight | tuple:
+        """A tensor or quantized weight; stacked experts come as one float [E, N, K] tensor, or a tuple of
+        each expert's quantized weight (the model stacks those)."""
+        if name in self._stacks:
+            self._raw_info(name)  # one type and shape for all
+            parts = [self._raw_get(n) for n in self._stacks[name]]
+            return torch.stack(parts) if isinstance(parts[0], torch.Tensor) else tuple(parts)
         if name in self._exl2_prefix:
             tensors = {p: (sl[:] if sl is not None else None) for p, sl in self._exl2_slices(name).items()}
             width = int(tensors["q_weight"].shape[1]) if tensors["q_weight"].dim() == 2 else 0

@@ -12,9 +12,14 @@ Canonical tensor names:
     layers.{i}.ffn_norm         [hidden]
     layers.{i}.post_attn_norm / post_ffn_norm   [hidden]: RMSNorm of the attention / MLP output before
                                 its residual add (gemma2, gemma3)
-    layers.{i}.gate / up / down linear weights
+    layers.{i}.gate / up / down linear weights (a dense layer)
     (phi3 stores q|k|v and gate|up each as one tensor; its readers hand the parts out as row views of
     it, formats/fused.py, and the model fuses them again)
+    layers.{i}.router           [experts, hidden]: a mixture-of-experts layer's router (mixtral, qwen3_moe)
+    layers.{i}.gate_exps / up_exps   [experts, moe_intermediate, hidden]: every expert's gate / up, stacked
+    layers.{i}.down_exps        [experts, hidden, moe_intermediate]
+    layers.{i}.shared_gate / shared_up / shared_down   qwen2_moe's shared expert, a SwiGLU beside the routed ones
+    layers.{i}.shared_expert_gate   [1, hidden]: sigmoid(this . x) scales the shared expert's output
     norm                        [hidden]
     lm_head                     [vocab, hidden] (absent when embeddings are tied)
 
@@ -30,14 +35,17 @@ from typing import Any, Protocol
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe",
+                           "qwen3_moe")
 # architectures whose attention RMS-normalises each q and k head (weights q_norm / k_norm) before RoPE
-QK_NORM_ARCHITECTURES = ("qwen3", "gemma3")
+QK_NORM_ARCHITECTURES = ("qwen3", "gemma3", "qwen3_moe")
 # architectures whose GGUF q/k rows are not permuted by llama.cpp's converter: RoPE rotates halves
-NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+NEOX_GGUF_ARCHITECTURES = ("qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe")
 # Gemma's block: embeddings scaled by sqrt(hidden), RMSNorm after attention and after the MLP too
 # (post_attn_norm / post_ffn_norm), GeGLU (tanh-approximated GELU) for SwiGLU, tied embeddings
 GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
+# architectures whose feed-forward is a mixture of experts (on every layer in `ModelSpec.moe_layers`)
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,15 @@ class ModelSpec:
     attn_softcap: float | None = None  # scores become cap * tanh(scores / cap) before the softmax (gemma2)
     final_softcap: float | None = None  # logits become cap * tanh(logits / cap) (gemma2)
     gemma_block: bool = False  # GEMMA_ARCHITECTURES' block (see above)
+    # mixture of experts: the router's softmax over num_experts, the top num_experts_per_tok experts
+    # (renormalised to sum 1 when norm_topk_prob), each a SwiGLU of moe_intermediate_size, on the
+    # layers listed in moe_layers (the others are dense, of intermediate_size)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0  # qwen2_moe: a shared expert on every sparse layer (0: none)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
@@ -90,6 +107,16 @@ class ModelSpec:
     def local_rope(self, layer: int) -> bool:
         """Whether layer `layer` rotates with the sliding layers' own RoPE base (rope_local_theta)."""
         return self.rope_local_theta is not None and self.sliding_layers is not None and self.sliding_layers[layer]
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i in self.moe_layers
+
+    def ffn_names(self, i: int) -> tuple[str, ...]:
+        """The feed-forward tensors layer `i` holds: the router and stacked experts, or gate / up / down."""
+        if not self.is_moe_layer(i):
+            return ("gate", "up", "down")
+        shared = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate") if self.shared_expert_intermediate_size else ()
+        return ("router", "gate_exps", "up_exps", "down_exps", *shared)
 
 
 @dataclass

@@ -35,6 +35,13 @@ def check_spec(spec: ModelSpec, where: str) -> None:
         raise bad("num_kv_heads", spec.num_kv_heads, f"it must divide num_heads ({spec.num_heads})")
     if spec.head_dim % 2:
         raise bad("head_dim", spec.head_dim, "RoPE needs an even head size")
+    if spec.moe_layers:
+        for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            value = getattr(spec, field)
+            if not isinstance(value, int) or not 1 <= value < 2**31:
+                raise bad(field, value, "a mixture-of-experts model needs a positive whole number below 2**31")
+        if spec.num_experts_per_tok > spec.num_experts:
+            raise bad("num_experts_per_tok", spec.num_experts_per_tok, f"a token cannot use more than the {spec.num_experts} experts")
     for field in ("rms_norm_eps", "rope_theta", "rope_local_theta", "attn_scale", "attn_softcap", "final_softcap"):
         value = getattr(spec, field)
         if value is None and field not in ("rms_norm_eps", "rope_theta"):
@@ -72,8 +79,17 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             p + "attn_norm": (h,), p + "ffn_norm": (h,),
             p + "q": (q_out, h), p + "k": (kv_out, h), p + "v": (kv_out, h), p + "o": (h, q_out),
             p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (kv_out,),
-            p + "gate": (inter, h), p + "up": (inter, h), p + "down": (h, inter),
         })
+        if spec.is_moe_layer(i):
+            e, mi = spec.num_experts, spec.moe_intermediate_size
+            shapes.update({p + "router": (e, h), p + "gate_exps": (e, mi, h), p + "up_exps": (e, mi, h),
+                           p + "down_exps": (e, h, mi)})
+            si = spec.shared_expert_intermediate_size
+            if si:
+                shapes.update({p + "shared_gate": (si, h), p + "shared_up": (si, h), p + "shared_down": (h, si),
+                               p + "shared_expert_gate": (1, h)})
+        else:
+            shapes.update({p + "gate": (inter, h), p + "up": (inter, h), p + "down": (h, inter)})
         if spec.qk_norm:
             shapes.update({p + "q_norm": (spec.head_dim,), p + "k_norm": (spec.head_dim,)})
         if spec.gemma_block:
@@ -90,7 +106,13 @@ def _field_of(name: str) -> str:
         "v": "num_kv_heads*head_dim x hidden_size", "o": "hidden_size x num_heads*head_dim",
         "q_bias": "num_heads*head_dim", "k_bias": "num_kv_heads*head_dim", "v_bias": "num_kv_heads*head_dim",
         "gate": "intermediate_size x hidden_size", "up": "intermediate_size x hidden_size",
-        "down": "hidden_size x intermediate_size",
+        "down": "hidden_size x intermediate_size", "router": "num_experts x hidden_size",
+        "gate_exps": "num_experts x moe_intermediate_size x hidden_size",
+        "up_exps": "num_experts x moe_intermediate_size x hidden_size",
+        "down_exps": "num_experts x hidden_size x moe_intermediate_size",
+        "shared_gate": "shared_expert_intermediate_size x hidden_size",
+        "shared_up": "shared_expert_intermediate_size x hidden_size",
+        "shared_down": "hidden_size x shared_expert_intermediate_size", "shared_expert_gate": "1 x hidden_size",
     }.get(short, "")
 
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..platform import hardware
 from .linear import QuantLinear
+from .moe import ExpertLinear
 from ..attention.select import model_needs, select_backend
 from ..ops import pdl
 from ..ops.dispatch import ops_for
@@ -83,6 +84,6 @@ def _unpacked(module, unpack: bool, dtype):
     (the CPU's choice: platform.placement.cpu_weights); a tied head is the embedding, unpacked once."""
     if unpack:
         for m in module.modules():
-            if isinstance(m, QuantLinear) and m.packed and m.device.type == "cpu":
+            if isinstance(m, (QuantLinear, ExpertLinear)) and m.packed and m.device.type == "cpu":
                 m.unpack_(dtype)
     return module

@@ -17,6 +17,7 @@ from ..formats.spec import ModelSpec
 from .fuse import fuse_linear
 from .layers import MLP, Attention, DecoderLayer, RMSNorm
 from .linear import QuantLinear
+from .moe import ExpertLinear, SparseMoE
 from .rope import attention_factor, cos_sin, inv_frequencies, uses_long_factors
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -92,7 +93,15 @@ class Model:
 
         qk_norms = (norm("q_norm"), norm("k_norm")) if spec.qk_norm else (None, None)
         attn = Attention(spec, linears(("q", "k", "v")), linear("o"), *qk_norms, layer=i)
-        mlp = MLP(linears(("gate", "up")), linear("down"), gelu=spec.gemma_block)
+        if spec.is_moe_layer(i):  # experts stay stacked and packed; gate|up fused per expert
+            e = spec.num_experts
+            experts = ExpertLinear([get(pre + "gate_exps"), get(pre + "up_exps")], e)
+            shared = ((MLP(linears(("shared_gate", "shared_up")), linear("shared_down")), linear("shared_expert_gate"))
+                      if spec.shared_expert_intermediate_size else ())
+            mlp = SparseMoE(linear("router"), _to(experts, device, dtype), _to(ExpertLinear([get(pre + "down_exps")], e), device, dtype),
+                            spec.num_experts_per_tok, spec.norm_topk_prob, *shared)
+        else:
+            mlp = MLP(linears(("gate", "up")), linear("down"), gelu=spec.gemma_block)
         post = (norm("post_attn_norm"), norm("post_ffn_norm")) if spec.gemma_block else ()
         return DecoderLayer(norm("attn_norm"), attn, norm("ffn_norm"), mlp, *post)
 
@@ -112,7 +121,10 @@ class Model:
         count = 0
         modules = [m for layer in self.layers for m in layer.modules()] + [self.lm_head]
         for m in modules:
-            if isinstance(m, QuantLinear):
+            if isinstance(m, SparseMoE):
+                m.kernel = self.ops[_label(m.router.device)].experts_kernel(m)
+                count += m.kernel is not None
+            elif isinstance(m, QuantLinear):
                 kernel = self.ops[_label(m.device)].linear_kernel(m)
                 if kernel is not None:
                     m.kernel = kernel

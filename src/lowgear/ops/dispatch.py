@@ -35,7 +35,9 @@ class Ops:
     """One device's implementations. rms_norm(x, w, eps, residual=None) -> normed, or with residual
     (normed x + residual, the sum written into residual); rope_kv_(q, k, v, positions, cos, sin, style,
     k_cache, v_cache, slot_mapping) rotates q/k in place and writes k/v to the cache; silu_mul(gate_up)
-    -> silu(gate) * up, gelu_mul(gate_up) -> gelu_tanh(gate) * up (GeGLU); linear_kernel(module) -> a QuantLinear kernel hook, or None for torch's."""
+    -> silu(gate) * up, gelu_mul(gate_up) -> gelu_tanh(gate) * up (GeGLU); linear_kernel(module) -> a
+    QuantLinear kernel hook, or None for torch's; experts_kernel(moe) -> a mixture-of-experts layer's kernel
+    hook (ops/matmul/moe_gemv.py), or None for its grouped torch path."""
 
     name: str  # "torch" or "triton"
     eligibility: Eligibility
@@ -44,6 +46,7 @@ class Ops:
     silu_mul: Callable
     linear_kernel: Callable
     gelu_mul: Callable
+    experts_kernel: Callable
 
 
 def triton_missing() -> str | None:
@@ -119,13 +122,19 @@ def torch_ops(eligibility: Eligibility | None = None) -> Ops:
     from .rope import rope_kv_torch
 
     eligibility = eligibility or Eligibility(False, "torch ops asked for")
-    return Ops("torch", eligibility, rms_norm_torch, rope_kv_torch, silu_mul_ref, _no_kernel, gelu_mul_ref)
+    return Ops("torch", eligibility, rms_norm_torch, rope_kv_torch, silu_mul_ref, _no_kernel, gelu_mul_ref, _no_kernel)
 
 
 def _triton_linear_kernel(module):
     from . import matmul
 
     return matmul.kernel_for(module) if module.packed else matmul.float_kernel_for(module)
+
+
+def _triton_experts_kernel(moe):
+    from .matmul.moe_gemv import moe_kernel_for
+
+    return moe_kernel_for(moe)
 
 
 def triton_ops(eligibility: Eligibility | None = None) -> Ops:
@@ -136,7 +145,7 @@ def triton_ops(eligibility: Eligibility | None = None) -> Ops:
 
     eligibility = eligibility or Eligibility(True, "Triton ops asked for")
     return Ops("triton", eligibility, rms_norm_triton, rope_kv_triton, silu_mul_triton, _triton_linear_kernel,
-               gelu_mul_triton)
+               gelu_mul_triton, _triton_experts_kernel)
 
 
 def ops_for(device) -> Ops:

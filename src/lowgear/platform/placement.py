@@ -115,6 +115,19 @@ def device_bytes(source, spec, elt: int) -> tuple[list[int], dict[str, int], Cou
     return per_layer, other, qtypes
 
 
+def decode_read_bytes(source, spec, elt: int, per_layer: list[int]) -> list[int]:
+    """Per layer, the weight bytes a batch-1 decode step reads: all of a dense layer's; of a mixture-of-experts
+    layer's expert stacks only num_experts_per_tok of num_experts (every expert is stored, in `per_layer`)."""
+    read = list(per_layer)
+    for i in spec.moe_layers:
+        stacks = 0
+        for n in ("gate_exps", "up_exps", "down_exps"):
+            ti = source.info(f"layers.{i}.{n}")
+            stacks += math.prod(ti.shape) * elt if ti.qtype in ("F32", "F16", "BF16") else ti.nbytes
+        read[i] -= stacks * (spec.num_experts - spec.num_experts_per_tok) // spec.num_experts
+    return read
+
+
 def split_other_bytes(spec, other) -> tuple[int, int]:
     """(embedding bytes, norm + lm_head bytes) from a mapping {"embed", "norm", "lm_head"} or a total.
 
