@@ -33,7 +33,7 @@ def start(model: str | None, batch: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lowgear.cli.main", "serve", "--port", str(port), "--max-batch-size", str(batch),
+    cmd = [sys.executable, "-m", "lowgear.cli.main", "serve", "--port", str(port), "--allow-any-model", "--max-batch-size", str(batch),
            "--max-seq-len", "512", "--cache-size", str(512 * batch)] + (["--model", model] if model else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
