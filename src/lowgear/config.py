@@ -139,6 +139,16 @@ class Config:
         return [str(d) for d in devices]
 
 
+def add_speculation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft-model", default=None,
+                   help="a smaller model sharing the tokenizer that proposes tokens the model checks in one step")
+    g.add_argument("--speculate", choices=["ngram"], default=None,
+                   help="ngram: propose the tokens that followed the last few tokens' earlier occurrence (no draft model)")
+    g.add_argument("--num-draft-tokens", type=int, default=defaults.NUM_DRAFT_TOKENS,
+                   help=f"tokens proposed per step (default {defaults.NUM_DRAFT_TOKENS})")
+
+
 def add_device_options(p: argparse.ArgumentParser) -> None:
     """Device, dtype and attention-ladder switches (shared by generate, chat and serve)."""
     g = p.add_argument_group("device and attention ladder")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..platform import hardware
 from .linear import QuantLinear
 from ..attention.select import select_backend
@@ -86,3 +87,25 @@ def _unpacked(module, unpack: bool, dtype):
             if isinstance(m, QuantLinear) and m.packed and m.device.type == "cpu":
                 m.unpack_(dtype)
     return module
+
+
+def speculation_kwargs(args, model, cache, progress: bool = False) -> dict:
+    """The DynamicGenerator's speculative-decoding arguments from the CLI options (the draft loaded here)."""
+    from .. import defaults
+    from ..cache.kv import Cache
+    from ..config import Config
+    from .model import Model
+
+    draft_path = getattr(args, "draft_model", None)
+    speculate = getattr(args, "speculate", None)
+    if draft_path and speculate:
+        raise ConfigError("give either --draft-model or --speculate ngram, not both")
+    kwargs = {"speculate": speculate, "num_draft_tokens": getattr(args, "num_draft_tokens", defaults.NUM_DRAFT_TOKENS)}
+    if draft_path:
+        draft_config = Config(draft_path)
+        draft_config.devices = model.config.devices
+        draft = Model(draft_config)
+        draft_cache = Cache(draft, max_seq_len=cache.max_seq_len, page_size=cache.page_size)
+        draft.load_autosplit(draft_cache, progress=progress)
+        kwargs.update(draft_model=draft, draft_cache=draft_cache)
+    return kwargs
