@@ -37,7 +37,7 @@ def attend_one(q, k, v, scale: float, window: int | None) -> torch.Tensor:
 
 class EagerBackend(AttentionBackend):
     name = "eager"
-    capabilities = Capabilities()
+    capabilities = Capabilities(kv_dtypes=("auto", "int8", "fp8_e4m3"))
 
     def _probe(self, device) -> ProbeResult:
         return ProbeResult(True, "plain torch; always available")

@@ -109,7 +109,7 @@ class SdpaBackend(AttentionBackend):
     name = "sdpa"
     # Not capturable: the padded decode call is static-shape only at a fixed max_kv_len bound, and at
     # the cache's capacity that gathers [B, capacity] keys and values per layer and step.
-    capabilities = Capabilities(min_compute_capability=(5, 0), capturable=False)
+    capabilities = Capabilities(min_compute_capability=(5, 0), capturable=False, kv_dtypes=("auto", "int8", "fp8_e4m3"))
     probe_device: torch.device | None = None  # tests: run the probe's tensors here instead
 
     def __init__(self, batched: str = "decode"):

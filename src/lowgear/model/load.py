@@ -28,7 +28,7 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     devices = hardware.resolve_devices(requested) if requested else hardware.default_devices()
     dtype = common_dtype(devices, config.requested_dtype())
     per_layer, other, _ = device_bytes(source, spec, dtype_bytes(dtype))
-    kv_bytes_per_token_layer = cache.bytes_per_token_per_layer(cache.dtype or dtype)
+    kv_bytes_per_token_layer = cache.bytes_per_token_per_layer(cache.dtype or dtype)  # (8-bit kv_dtype: its own bytes)
     reserve = (config.reserve_memory_mb if reserve_mb is None else reserve_mb) * 2**20
     limits = None
     if device_limits_mb is not None:
@@ -56,7 +56,7 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     pdl.configure(config)
     for idx in used:
         info = devices[idx]
-        model.selections[info.label] = select_backend(info, switches, dtype)
+        model.selections[info.label] = select_backend(info, switches, dtype, cache.kv_dtype)
         model.ops[info.label] = ops_for(info)
 
     layer_devs = [devices[plan.layer_device[i]].torch_device for i in range(spec.num_layers)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import pdl
-from .kv_write import write_kv
+from .kv_write import QuantizedKV, write_kv
 from .norm import triton
 
 if triton is not None:
@@ -123,6 +123,10 @@ def rope_kv_triton(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_c
     half, d = cos_cache.shape[-1], q.shape[-1]
     if half & (half - 1) or d & (d - 1):
         rope_kv_torch(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping)
+        return
+    if isinstance(k_cache, QuantizedKV):  # rope in the kernel, the quantizing write in torch
+        apply_rope_triton(q, k, positions, cos_cache, sin_cache, style)
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
     apply_rope_triton(q, k, positions, cos_cache, sin_cache, style, kv=(v, k_cache, v_cache, slot_mapping))
 
