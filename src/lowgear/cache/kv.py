@@ -14,7 +14,7 @@ from .. import defaults
 from ..platform.dtypes import dtype_bytes
 from ..errors import ConfigError
 from ..platform.placement import kv_bytes_per_token_per_layer
-from ..ops.kv_write import KV_DTYPES, QuantizedKV, kv_bytes_per_element
+from ..ops.kv_write import KV_DTYPES, QuantizedKV
 from .pages import PagePool
 
 DEFAULT_PAGE_SIZE = defaults.PAGE_SIZE
@@ -58,9 +58,7 @@ class Cache:
         return bool(self.k)
 
     def bytes_per_token_per_layer(self, dtype: torch.dtype) -> int:
-        spec = self.model.spec
-        per_element = kv_bytes_per_element(self.kv_dtype, dtype_bytes(dtype), spec.head_dim)
-        return round(kv_bytes_per_token_per_layer(spec, 1) * per_element)
+        return kv_bytes_per_token_per_layer(self.model.spec, dtype_bytes(dtype), self.kv_dtype)
 
     def allocate(self, max_seq_len: int | None = None) -> None:
         """Allocate the pages on each layer's device, sized for `max_seq_len` tokens in all."""

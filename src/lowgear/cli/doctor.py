@@ -168,6 +168,7 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
         "weight_bytes": weights,
         "cache_bytes_per_token": kv_token,
         "cache_bytes_per_1k_tokens": kv_token * 1000,
+        "cache_bytes_per_token_8bit": placement.kv_bytes_per_token(spec, dtype_bytes(dtype), "int8"),
         "fits": [],
         "placement": None,
         "placement_error": None,
@@ -175,12 +176,15 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
         "cpu_weights": None,
     }
     for d in spec_devices:
-        row = {"device": d.label, "name": d.name, "tokens": 0, "error": None, "auto": None}
+        row = {"device": d.label, "name": d.name, "tokens": 0, "tokens_8bit": 0, "error": None, "auto": None}
         try:
             plan = placement.plan(spec, per_layer, other, [d], kv_layer, "auto", reserve)
             row["tokens"] = plan.max_seq_len
             cap = placement.cpu_auto_cap(spec, [d], kv_token)
             row["auto"] = cap[1] if cap else "the largest cache free device memory holds"
+            row["tokens_8bit"] = placement.plan(spec, per_layer, other, [d],
+                                                placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype), "int8"),
+                                                "auto", reserve).max_seq_len
         except LowgearError as exc:
             row["error"] = str(exc)
         out["fits"].append(row)
@@ -358,13 +362,14 @@ def render(report: dict) -> str:
         if q:
             lines.append(f"  quantization: {q}")
         lines.append(f"  weights on device in {m['dtype']}: {_gib(m['weight_bytes'])}; KV cache {_gib(m['cache_bytes_per_token'])} "
-                     f"per token, {_gib(m['cache_bytes_per_1k_tokens'])} per 1k tokens")
+                     f"per token, {_gib(m['cache_bytes_per_1k_tokens'])} per 1k tokens "
+                     f"({_gib(m['cache_bytes_per_token_8bit'])} per token in 8 bits)")
         for f in m["fits"]:
             if f["error"]:
                 lines.append(f"  {f['device']:<8} alone: does not fit — {f['error']}")
             else:
                 lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache with --max-seq-len auto "
-                             f"({f['auto']})")
+                             f"({f['auto']}); {_fmt_tokens(f['tokens_8bit'])} with --kv-cache-dtype int8 or fp8_e4m3")
         w = m["cpu_weights"]
         if w is not None:
             how = "unpacked once at load" if w["unpack"] else "packed (dequantized at every step)"

@@ -76,11 +76,6 @@ class QuantizedKV:
         self.scale.view(-1, kvh, 1).index_copy_(0, slots, scale)
 
 
-def kv_bytes_per_element(kind: str | None, dtype_bytes: int, head_dim: int) -> float:
-    """Bytes a cache stores per K or V element: the model dtype's, or one byte plus a float32 scale per head vector."""
-    return dtype_bytes if kind in (None, "auto") else 1 + 4 / head_dim
-
-
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
     """Scatter new keys/values [T, kv_heads, head_dim] into caches [pages, page_size, kv_heads, head_dim]
     at the flat slots slot_mapping [T] (a step's `StepMetadata.slot_mapping`)."""
