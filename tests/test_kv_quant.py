@@ -12,6 +12,7 @@ import lowgear as lg
 from lowgear.attention.eager import EagerBackend, reference_attention
 from lowgear.attention.metadata import build_metadata
 from lowgear.attention.sdpa import SdpaBackend
+from lowgear.attention.triton import TritonBackend
 from lowgear.errors import BackendUnavailableError, ConfigError
 from lowgear.ops.kv_write import QuantizedKV, write_kv
 from test_generator import make, prompts
@@ -53,12 +54,17 @@ def quantized_case(kind, page_size=16):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", [EagerBackend(), SdpaBackend(), SdpaBackend(batched="always")], ids=["eager", "sdpa", "sdpa-padded"])
+@pytest.mark.parametrize("backend", [EagerBackend(), SdpaBackend(), SdpaBackend(batched="always"), TritonBackend()],
+                         ids=["eager", "sdpa", "sdpa-padded", "triton"])
 def test_attention_over_a_quantized_cache_is_attention_over_its_dequantized_values(kind, backend):
     q, k_cache, v_cache, meta = quantized_case(kind)
     expected = reference_attention(q, k_cache.double(), v_cache.double(), meta, 32**-0.5)
     got = backend.attend(q, k_cache, v_cache, meta, 32**-0.5, None)
     assert (got.double() - expected).abs().max() < 2e-5
+    decode = build_metadata([1, 1, 1], list(meta.kv_lens_host), [[3, 0], [1], [4, 2, 5]], 16)  # a pure decode step
+    q1 = q[meta.cu_q_lens[1:].long() - 1]
+    got = backend.attend(q1, k_cache, v_cache, decode, 32**-0.5, None)
+    assert (got.double() - reference_attention(q1, k_cache.double(), v_cache.double(), decode, 32**-0.5)).abs().max() < 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -89,24 +95,29 @@ def with_kv(path, rung, kind, **kwargs):
     return lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(config), **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["auto"] + KINDS)
-def test_batched_equals_alone_with_each_kv_storage(tiny_gguf, kind):
-    ids = prompts(4)
+@pytest.mark.parametrize("rung, kind", [("sdpa", k) for k in ["auto"] + KINDS] + [("triton", k) for k in KINDS])
+def test_batched_equals_alone_with_each_kv_storage(tiny_gguf, kind, rung):
+    ids = prompts(4 if rung == "sdpa" else 3)  # (the interpreter is slow)
     alone = [generated(with_kv(tiny_gguf, "eager", kind, max_batch_size=1, paged=False), [p])[0] for p in ids]
-    gen = with_kv(tiny_gguf, "sdpa", kind, max_batch_size=4, max_chunk_size=12)
+    gen = with_kv(tiny_gguf, rung, kind, max_batch_size=4, max_chunk_size=12)
     assert isinstance(gen.cache.k[0], torch.Tensor) == (kind == "auto")
-    ids_shared = ids + [ids[3][:32] + [7, 8]]  # a prompt sharing two full pages with another: prefix sharing
+    ids_shared = ids + [ids[-1][:16] + [7, 8]]  # a prompt sharing a full page with another: prefix sharing
     both = generated(gen, ids_shared)
-    assert both[:4] == alone
+    assert both[: len(ids)] == alone
     assert gen.pool.num_cached > 0
-    if kind == "int8":  # speculative steps over a quantized cache: rejected positions written over
+    if kind == "int8" and rung == "sdpa":  # speculative steps over a quantized cache: rejected positions written over
         spec = with_kv(tiny_gguf, "sdpa", kind, max_batch_size=4, speculate="ngram")
         assert generated(spec, ids) == alone and spec.spec_accepted > 0
 
 
-def test_a_rung_that_cannot_read_8_bit_pages_says_so(tiny_gguf):
+def test_a_rung_that_cannot_read_8_bit_pages_says_so(tiny_gguf, monkeypatch):
+    from lowgear.attention import select
+
+    select.clear_cache()
+    monkeypatch.setattr("lowgear.attention.triton.KV_STORAGE", ("auto",))  # as a rung that reads float pages only
     with pytest.raises(BackendUnavailableError, match="does not read a KV cache stored in int8"):
         with_kv(tiny_gguf, "triton", "int8")
+    select.clear_cache()
     with pytest.raises(ConfigError, match="not a KV cache storage"):
         lg.Cache(lg.Model(lg.Config(tiny_gguf)), max_seq_len=64, kv_dtype="int4")
 

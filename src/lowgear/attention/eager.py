@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import defaults
 from .base import AttentionBackend, Capabilities, ProbeResult, gather_kv
 from .metadata import StepMetadata
 
@@ -37,7 +38,7 @@ def attend_one(q, k, v, scale: float, window: int | None) -> torch.Tensor:
 
 class EagerBackend(AttentionBackend):
     name = "eager"
-    capabilities = Capabilities(kv_dtypes=("auto", "int8", "fp8_e4m3"))
+    capabilities = Capabilities(kv_dtypes=defaults.KV_CACHE_DTYPES)
 
     def _probe(self, device) -> ProbeResult:
         return ProbeResult(True, "plain torch; always available")
