@@ -178,3 +178,30 @@ def test_greedy_check_by_hand():
     bad = logits.clone()
     bad[1, 0] = float("nan")
     assert verify(bad, [3, 2], None, settings, [], None) is None
+
+
+def test_smollm2_ngram_greedy_equals_plain(smollm2_path):
+    config = lg.Config(smollm2_path)
+    config.devices = ["cpu"]
+    model = lg.Model(config)
+    cache = lg.Cache(model, max_seq_len=512, page_size=64)
+    model.load_autosplit(cache)
+    tokenizer = lg.Tokenizer(config)
+    prompt = "Count: one, two, three, four, five, six, seven, eight, nine, ten, one, two, three, four,"
+    outs = {}
+    for speculate in (None, "ngram"):
+        gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, speculate=speculate)
+        outs[speculate] = gen.generate(prompt, max_new_tokens=10, gen_settings=lg.Sampler.Settings.greedy(),
+                                       completion_only=True)
+        if speculate:
+            assert gen.spec_accepted > 0
+    assert outs["ngram"] == outs[None]
+
+
+def test_cli_draft_with_another_vocabulary_is_one_line(tiny_gguf):
+    from test_cli import lowgear
+
+    r = lowgear("generate", "hi", "-q", "-n", "2", "--max-seq-len", "256", "--draft-model", tiny_gguf["draft"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lowgear: error:") and "vocabulary" in last and "tokenizer" in last, r.stderr
