@@ -205,3 +205,20 @@ def test_cli_draft_with_another_vocabulary_is_one_line(tiny_gguf):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("lowgear: error:") and "vocabulary" in last and "tokenizer" in last, r.stderr
+
+
+def test_server_speculates_over_an_int8_cache_and_counts_it():
+    """`lowgear serve --speculate ngram --kv-cache-dtype int8`: a greedy completion, and /metrics's counters
+    (Prometheus' text format read back by metrics.parse)."""
+    from test_server import client, get_metrics, start_model_server, stop_model_server
+
+    proc, base = start_model_server("--max-seq-len", "512", "--cache-size", "1024", "--speculate", "ngram",
+                                    "--kv-cache-dtype", "int8")
+    try:
+        text = client(base).completions.create(model="any", prompt="a b c d e f a b c d e f a b c", max_tokens=8,
+                                               temperature=0).choices[0].text
+        assert text.strip()
+        m = get_metrics(base)
+        assert m["lowgear_spec_proposed_tokens_total"] >= m["lowgear_spec_accepted_tokens_total"] > 0
+    finally:
+        stop_model_server(proc)
