@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lowgear as lg
-from lowgear.engine.speculative import ngram_proposal, verify
+from lowgear.engine.speculative import NgramProposer, ngram_proposal, verify
 from lowgear.errors import ConfigError
 from test_generator import make, prompts
 
@@ -69,6 +69,16 @@ def test_ngram_proposal_by_hand():
     assert ngram_proposal([1, 2, 3, 9, 2, 3, 4, 1, 2, 3], k=5) == [9, 2, 3, 4, 1]  # the longest n first
     assert ngram_proposal([1, 2, 3], k=4) == []
     assert ngram_proposal([4], k=4) == []
+
+
+def test_ngram_index_answers_as_the_plain_search():
+    """The proposer's growing index gives the plain search's answer at every length of a sequence."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        tokens = torch.randint(0, 4 + trial % 5, (60,), generator=g).tolist()
+        proposer, job = NgramProposer(), object()
+        for length in range(1, len(tokens) + 1, 1 + trial % 3):
+            assert proposer.lookup(job, tokens[:length], 4) == ngram_proposal(tokens[:length], 4), (trial, length)
 
 
 @pytest.mark.parametrize("rung", ["eager", "sdpa", "triton"])

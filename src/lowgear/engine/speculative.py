@@ -82,16 +82,33 @@ def verify(logits: torch.Tensor, draft: list[int], q: torch.Tensor | None, setti
 
 
 class NgramProposer:
-    """Prompt lookup: proposals from the job's own tokens; no model, no state."""
+    """Prompt lookup: `ngram_proposal`'s answer from an index per job that grows with its tokens
+    (n-gram -> where its latest continuation starts), so a step costs O(new tokens), not O(length)."""
 
     def __init__(self, max_n: int = defaults.NGRAM_MAX):
         self.max_n = max_n
+        self.state: dict[int, list] = {}  # id(job) -> [job, positions indexed, {n-gram: continuation start}]
+
+    def lookup(self, job, tokens: list[int], k: int) -> list[int]:
+        entry = self.state.setdefault(id(job), [job, 1, {}])
+        index = entry[2]
+        for i in range(entry[1], len(tokens)):  # i: a position that follows an n-gram
+            for n in range(1, min(self.max_n, i) + 1):
+                index[tuple(tokens[i - n : i])] = i
+        entry[1] = max(entry[1], len(tokens))
+        for n in range(min(self.max_n, len(tokens) - 1), 0, -1):
+            start = index.get(tuple(tokens[len(tokens) - n :]))
+            if start is not None:
+                return tokens[start : start + k]
+        return []
 
     def propose(self, jobs: list, ks: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
-        return [(ngram_proposal(job.all_ids, k, self.max_n), None) for job, k in zip(jobs, ks)]
+        return [(self.lookup(job, job.all_ids, k), None) for job, k in zip(jobs, ks)]
 
     def retain(self, jobs) -> None:
-        pass
+        keep = {id(j) for j in jobs}
+        for key in [k for k in self.state if k not in keep]:
+            del self.state[key]
 
     def accepted(self, job) -> None:
         pass
