@@ -17,7 +17,7 @@ from lowgear.errors import BackendUnavailableError, ConfigError
 from lowgear.ops.kv_write import QuantizedKV, write_kv
 from test_generator import make, prompts
 
-KINDS = ["int8", "fp8_e4m3"]
+KINDS = ["int8", "fp8_e4m3", "int4"]
 
 
 def test_int8_codes_and_scales_by_hand():
@@ -38,6 +38,15 @@ def test_fp8_codes_by_hand():
     write_kv(x, x, cache, QuantizedKV.zeros((1, 2, 1, 4), "fp8_e4m3", torch.float32, "cpu"), torch.tensor([1]))
     assert cache.scale[0, 1, 0].item() == 1.0
     assert cache.double()[0, 1, 0].tolist() == [112.0, -224.0, 3.0, 448.0]
+
+
+def test_int4_codes_by_hand():
+    cache = QuantizedKV.zeros((1, 2, 1, 4), "int4", torch.float32, "cpu")
+    x = torch.tensor([[[7.0, -3.0, 1.2, -7.0]]])  # scale 1: codes 7, -3, 1, -7 stored + 8, two a byte, even low
+    write_kv(x, x, cache, QuantizedKV.zeros((1, 2, 1, 4), "int4", torch.float32, "cpu"), torch.tensor([1]))
+    assert cache.data.shape == (1, 2, 1, 2) and cache.shape == (1, 2, 1, 4)
+    assert cache.data[0, 1, 0].tolist() == [15 | (5 << 4), 9 | (1 << 4)]
+    assert cache.double()[0, 1, 0].tolist() == [7.0, -3.0, 1.0, -7.0]
 
 
 def quantized_case(kind, page_size=16):
@@ -95,7 +104,7 @@ def with_kv(path, rung, kind, **kwargs):
     return lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(config), **kwargs)
 
 
-@pytest.mark.parametrize("rung, kind", [("sdpa", k) for k in ["auto"] + KINDS] + [("triton", k) for k in KINDS])
+@pytest.mark.parametrize("rung, kind", [("sdpa", k) for k in ["auto"] + KINDS] + [("triton", "int4")])
 def test_batched_equals_alone_with_each_kv_storage(tiny_gguf, kind, rung):
     ids = prompts(4 if rung == "sdpa" else 3)  # (the interpreter is slow)
     alone = [generated(with_kv(tiny_gguf, "eager", kind, max_batch_size=1, paged=False), [p])[0] for p in ids]
@@ -119,14 +128,18 @@ def test_a_rung_that_cannot_read_8_bit_pages_says_so(tiny_gguf, monkeypatch):
         with_kv(tiny_gguf, "triton", "int8")
     select.clear_cache()
     with pytest.raises(ConfigError, match="not a KV cache storage"):
-        lg.Cache(lg.Model(lg.Config(tiny_gguf)), max_seq_len=64, kv_dtype="int4")
+        lg.Cache(lg.Model(lg.Config(tiny_gguf)), max_seq_len=64, kv_dtype="int3")
 
 
-def test_8_bit_pages_take_a_quarter_of_float32s_plus_scales(tiny_gguf):
-    gens = {kind: with_kv(tiny_gguf, "eager", kind, max_seq_len=256) for kind in ("auto", "int8")}
-    # tiny model: 2 layers, 2 kv heads of 16: float32 stores 4 bytes an element; 8 bits 1 byte and 4 per head vector
+def test_quantized_pages_bytes(tiny_gguf):
+    gens = {kind: with_kv(tiny_gguf, "eager", kind, max_seq_len=256) for kind in ("auto", "int8", "int4")}
+    # tiny model: 2 layers, 2 kv heads of 16: float32 stores 4 bytes an element; 8 bits 1 byte and 4 per
+    # head vector; 4 bits half a byte and 4 per head vector
     assert gens["auto"].cache.nbytes() == 2 * 2 * 256 * 2 * 16 * 4
     assert gens["int8"].cache.nbytes() == 2 * 2 * 256 * 2 * (16 + 4)
+    assert gens["int4"].cache.nbytes() == 2 * 2 * 256 * 2 * (8 + 4)
+    for kind, gen in gens.items():
+        assert gen.cache.bytes_per_token_per_layer(torch.float32) * 256 * 2 == gen.cache.nbytes()
 
 
 def test_smollm2_perplexity_with_an_int8_cache(smollm2_path):

@@ -40,7 +40,7 @@ class Config:
         self.no_cuda_graphs = False  # decode steps eager (as LOWGEAR_NO_CUDA_GRAPHS=1)
         self.no_pdl = False  # plain kernel launches on sm_90+ (as LOWGEAR_NO_PDL=1)
         self.pdl_release: str | None = None  # auto | loop | wait | start (as LOWGEAR_PDL_RELEASE); None: auto
-        self.kv_cache_dtype = "auto"  # KV cache storage: auto (the model dtype) | int8 | fp8_e4m3; Cache(kv_dtype=) wins
+        self.kv_cache_dtype = "auto"  # KV cache storage: auto (the model dtype) | int8 | fp8_e4m3 | int4; Cache(kv_dtype=) wins
         self.page_size: int | None = None  # KV cache page, tokens (None: defaults.PAGE_SIZE); Cache(page_size=) wins
         # keep q/k/v and gate/up as separate linears (by default each set that shares a format is
         # fused into one at load, model/fuse.py); for A/B measurements
@@ -157,7 +157,7 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, choices=DTYPE_NAMES)
     g.add_argument("--attn-backend", default=None, choices=BACKEND_NAMES)
     g.add_argument("--kv-cache-dtype", default="auto", choices=defaults.KV_CACHE_DTYPES,
-                   help="KV cache storage: auto (the model dtype), or 8 bits with a scale per token and head")
+                   help="KV cache storage: auto (the model dtype), or 8 / 4 bits with a scale per token and head")
     for name in ("flash-attn", "xformers", "sdpa", "triton"):
         g.add_argument(f"--no-{name}", action="store_true", help=f"skip the {name.replace('-', '_')} rung")
 

@@ -31,5 +31,5 @@ CPU_AUTO_RAM_SHARE = 4
 SPECULATE_MODES = ("ngram", "draft")
 NUM_DRAFT_TOKENS = 4
 NGRAM_MAX = 3
-# KV cache storage (--kv-cache-dtype): the model dtype, or 8 bits with a float32 scale per token and head.
-KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+# KV cache storage (--kv-cache-dtype): the model dtype, or 8 / 4 bits with a float32 scale per token and head.
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "int4")

@@ -29,7 +29,7 @@ class Cache:
         lazy: bool = True,
         contiguous: bool = False,
         dtype: torch.dtype | None = None,
-        kv_dtype: str | None = None,  # "auto" (the model dtype), "int8" or "fp8_e4m3": 8-bit pages, a scale per token and head
+        kv_dtype: str | None = None,  # "auto" (the model dtype), "int8", "fp8_e4m3" or "int4": a scale per token and head
     ):
         self.model = model
         requested = model.config.max_seq_len if max_seq_len is None else max_seq_len

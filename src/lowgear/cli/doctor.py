@@ -169,6 +169,7 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
         "cache_bytes_per_token": kv_token,
         "cache_bytes_per_1k_tokens": kv_token * 1000,
         "cache_bytes_per_token_8bit": placement.kv_bytes_per_token(spec, dtype_bytes(dtype), "int8"),
+        "cache_bytes_per_token_4bit": placement.kv_bytes_per_token(spec, dtype_bytes(dtype), "int4"),
         "fits": [],
         "placement": None,
         "placement_error": None,
@@ -176,15 +177,16 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
         "cpu_weights": None,
     }
     for d in spec_devices:
-        row = {"device": d.label, "name": d.name, "tokens": 0, "tokens_8bit": 0, "error": None, "auto": None}
+        row = {"device": d.label, "name": d.name, "tokens": 0, "tokens_int8": 0, "tokens_int4": 0, "error": None, "auto": None}
         try:
             plan = placement.plan(spec, per_layer, other, [d], kv_layer, "auto", reserve)
             row["tokens"] = plan.max_seq_len
             cap = placement.cpu_auto_cap(spec, [d], kv_token)
             row["auto"] = cap[1] if cap else "the largest cache free device memory holds"
-            row["tokens_8bit"] = placement.plan(spec, per_layer, other, [d],
-                                                placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype), "int8"),
-                                                "auto", reserve).max_seq_len
+            for kind in ("int8", "int4"):
+                row[f"tokens_{kind}"] = placement.plan(
+                    spec, per_layer, other, [d], placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype), kind),
+                    "auto", reserve).max_seq_len
         except LowgearError as exc:
             row["error"] = str(exc)
         out["fits"].append(row)
@@ -363,13 +365,15 @@ def render(report: dict) -> str:
             lines.append(f"  quantization: {q}")
         lines.append(f"  weights on device in {m['dtype']}: {_gib(m['weight_bytes'])}; KV cache {_gib(m['cache_bytes_per_token'])} "
                      f"per token, {_gib(m['cache_bytes_per_1k_tokens'])} per 1k tokens "
-                     f"({_gib(m['cache_bytes_per_token_8bit'])} per token in 8 bits)")
+                     f"({_gib(m['cache_bytes_per_token_8bit'])} per token in 8 bits, "
+                     f"{_gib(m['cache_bytes_per_token_4bit'])} in 4)")
         for f in m["fits"]:
             if f["error"]:
                 lines.append(f"  {f['device']:<8} alone: does not fit — {f['error']}")
             else:
                 lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache with --max-seq-len auto "
-                             f"({f['auto']}); {_fmt_tokens(f['tokens_8bit'])} with --kv-cache-dtype int8 or fp8_e4m3")
+                             f"({f['auto']}); {_fmt_tokens(f['tokens_int8'])} with --kv-cache-dtype int8 or fp8_e4m3, "
+                             f"{_fmt_tokens(f['tokens_int4'])} with int4")
         w = m["cpu_weights"]
         if w is not None:
             how = "unpacked once at load" if w["unpack"] else "packed (dequantized at every step)"

@@ -3,8 +3,9 @@
 The reference every fused write (ops/rope.py's rope + KV kernel) is tested against, and the write
 the torch attention rungs use.
 
-A quantized cache (`QuantizedKV`) stores each token's head vector in 8 bits with one float32 scale
-per token and head: int8 (round(x / s), s = max|x| / 127) or float8 e4m3 (x / s, s = max|x| / 448).
+A quantized cache (`QuantizedKV`) stores each token's head vector in 8 or 4 bits with one float32
+scale per token and head: int8 (round(x / s), s = max|x| / 127), float8 e4m3 (x / s, s = max|x| / 448)
+or int4 (round(x / s), s = max|x| / 7, two codes to a byte).
 It answers the few tensor calls the torch rungs make on a cache (`shape`, `view`, `index_select`,
 `double`), returning dequantized values, so every gather-based rung reads it unchanged.
 """
@@ -13,47 +14,61 @@ from __future__ import annotations
 
 import torch
 
-# name -> (storage dtype, largest stored magnitude); the names are defaults.KV_CACHE_DTYPES' 8-bit ones
+# name -> (storage dtype, largest stored magnitude, codes per byte); the names are defaults.KV_CACHE_DTYPES'
+# quantized ones. int4 codes are stored offset by 8 (0..15), two to a byte, the even element low.
 KV_DTYPES = {
-    "int8": (torch.int8, 127.0),
-    "fp8_e4m3": (torch.float8_e4m3fn, 448.0),
+    "int8": (torch.int8, 127.0, 1),
+    "fp8_e4m3": (torch.float8_e4m3fn, 448.0, 1),
+    "int4": (torch.uint8, 7.0, 2),
 }
 
 
 class QuantizedKV:
-    """K or V pages in 8 bits: data [pages, page_size, kv_heads, head_dim], scale [pages, page_size, kv_heads, 1]
-    float32; read back in `dtype`."""
+    """K or V pages in 8 or 4 bits: data [pages, page_size, kv_heads, head_dim / codes per byte], scale
+    [pages, page_size, kv_heads, 1] float32; `shape` is the logical [pages, page_size, kv_heads, head_dim];
+    read back in `dtype`."""
 
     def __init__(self, data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype):
         self.data, self.scale, self.kind, self.dtype = data, scale, kind, dtype
+        self.per_byte = KV_DTYPES[kind][2]
 
     @classmethod
     def zeros(cls, shape, kind: str, dtype: torch.dtype, device) -> "QuantizedKV":
-        storage, _ = KV_DTYPES[kind]
-        return cls(torch.zeros(shape, dtype=storage, device=device),
+        storage, _, per_byte = KV_DTYPES[kind]
+        if shape[-1] % per_byte:
+            raise ValueError(f"a {kind} KV cache needs an even head_dim, got {shape[-1]}")
+        packed = (*shape[:-1], shape[-1] // per_byte)
+        return cls(torch.zeros(packed, dtype=storage, device=device),
                    torch.zeros(*shape[:-1], 1, dtype=torch.float32, device=device), kind, dtype)
 
     @property
     def shape(self) -> torch.Size:
-        return self.data.shape
+        return torch.Size((*self.data.shape[:-1], self.data.shape[-1] * self.per_byte))
 
     @property
     def device(self) -> torch.device:
         return self.data.device
 
     def numel(self) -> int:
-        return self.data.numel()
+        return self.shape.numel()
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 
     def view(self, *shape) -> "QuantizedKV":
-        return QuantizedKV(self.data.view(*shape), self.scale.view(*shape[:-1], 1), self.kind, self.dtype)
+        return QuantizedKV(self.data.view(*shape[:-1], shape[-1] // self.per_byte), self.scale.view(*shape[:-1], 1),
+                           self.kind, self.dtype)
+
+    def codes(self) -> torch.Tensor:
+        """The stored values before their scale, float32 in the logical shape."""
+        if self.per_byte == 1:
+            return self.data.to(torch.float32)
+        both = torch.stack((self.data & 0xF, self.data >> 4), dim=-1).flatten(-2)
+        return both.to(torch.float32) - 8.0
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.dtype
-        return (self.data.to(torch.float32) * self.scale).to(dtype)
+        return (self.codes() * self.scale).to(dtype or self.dtype)
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
         assert dim == 0
@@ -65,14 +80,20 @@ class QuantizedKV:
 
     def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Quantize x [T, kv_heads, head_dim] and store it at the flat slots [T]."""
-        storage, top = KV_DTYPES[self.kind]
-        kvh, hd = self.data.shape[-2:]
+        storage, top, per_byte = KV_DTYPES[self.kind]
+        kvh, width = self.data.shape[-2:]
         x = x.float()
         scale = x.abs().amax(dim=-1, keepdim=True) / top
-        q = x / torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = q.round().clamp_(-top, top) if storage == torch.int8 else q.clamp_(-top, top)
+        q = (x / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-top, top)
+        if self.kind == "fp8_e4m3":
+            q = q.to(storage)
+        elif per_byte == 1:
+            q = q.round_().to(storage)
+        else:
+            q = (q.round_() + 8).to(torch.uint8)
+            q = q[..., 0::2] | (q[..., 1::2] << 4)
         # (as bytes: CPU index ops do not take float8)
-        self.data.view(torch.uint8).view(-1, kvh, hd).index_copy_(0, slots, q.to(storage).view(torch.uint8))
+        self.data.view(torch.uint8).view(-1, kvh, width).index_copy_(0, slots, q.view(torch.uint8))
         self.scale.view(-1, kvh, 1).index_copy_(0, slots, scale)
 
 

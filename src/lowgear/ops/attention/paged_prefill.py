@@ -7,9 +7,9 @@ BLOCK_N positions from the window's start up to its last query's position, with 
 (FlashAttention's recurrence, in the log2 domain). Mixed batches are fine: a decode sequence is a
 query block with one valid row.
 
-An 8-bit cache (ops/kv_write.QuantizedKV) is read as its codes and per-token-per-head scales and
-dequantized in the kernel: int8 by a multiply, float8 e4m3 from its bits with integer ops (so GPUs
-without FP8 instructions, and the interpreter, read it too).
+An 8- or 4-bit cache (ops/kv_write.QuantizedKV) is read as its codes and per-token-per-head scales
+and dequantized in the kernel: int8 by a multiply, float8 e4m3 from its bits with integer ops (so
+GPUs without FP8 instructions, and the interpreter, read it too), int4 from its byte's nibble.
 
 This is the compute-bound path and uses `tl.dot`. Triton compiles `tl.dot` to tensor-core `mma`
 only on sm_80+; on sm_70/sm_75 it becomes plain FMAs, so there prefill should go to sdpa (the
@@ -31,10 +31,13 @@ NO_WINDOW = 1 << 30
 
 
 @triton.jit
-def dequantize(x, QUANT: tl.constexpr):
-    """8-bit codes as float32 (before their scale): QUANT 1 int8; 2 float8 e4m3 held as its byte."""
+def dequantize(x, shift, QUANT: tl.constexpr):
+    """Codes as float32 (before their scale): QUANT 1 int8; 2 float8 e4m3 held as its byte; 3 int4, the
+    nibble at bit `shift` of its byte, offset by 8."""
     if QUANT == 1:
         return x.to(tl.float32)
+    if QUANT == 3:
+        return ((x.to(tl.int32) >> shift) & 0xF).to(tl.float32) - 8.0
     b = x.to(tl.int32) & 0xFF
     e = (b >> 3) & 0xF
     m = (b & 0x7).to(tl.float32)
@@ -47,7 +50,7 @@ def dequantize(x, QUANT: tl.constexpr):
 def _prefill_block(
     q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, table, k_base, v_base,
     stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok,
-    ks_base, vs_base, stride_sp, stride_st,
+    ks_base, vs_base, stride_sp, stride_st, offs_c, shift,
     PAGE_SIZE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """One block of key positions n0.. (< hi): update the online softmax state (m_i, l_i, acc).
@@ -62,13 +65,13 @@ def _prefill_block(
     slot = k_pos % PAGE_SIZE
     # K loaded transposed, [HEAD_DIM_P, BLOCK_N], so the score tile is one plain dot.
     k_t = tl.load(
-        k_base + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_d[:, None],
+        k_base + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_c[:, None],
         mask=n_ok[None, :] & d_ok[:, None],
         other=0,
     )
     if QUANT != 0:
         ks = tl.load(ks_base + page * stride_sp + slot * stride_st, mask=n_ok, other=0.0)
-        k_t = (dequantize(k_t, QUANT) * ks[None, :]).to(q.dtype)
+        k_t = (dequantize(k_t, shift[:, None], QUANT) * ks[None, :]).to(q.dtype)
     if IEEE:
         s = tl.dot(q, k_t, input_precision="ieee")
     else:
@@ -83,13 +86,13 @@ def _prefill_block(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     v = tl.load(
-        v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_d[None, :],
+        v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_c[None, :],
         mask=n_ok[:, None] & d_ok[None, :],
         other=0,
     )
     if QUANT != 0:
         vs = tl.load(vs_base + page * stride_sp + slot * stride_st, mask=n_ok, other=0.0)
-        v = (dequantize(v, QUANT) * vs[:, None]).to(q.dtype)
+        v = (dequantize(v, shift[None, :], QUANT) * vs[:, None]).to(q.dtype)
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -132,7 +135,7 @@ def paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products in tl.dot
     WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _prefill_block)
-    QUANT: tl.constexpr = 0,  # 0: K/V in a float dtype; 1: int8 codes; 2: float8 e4m3 bytes
+    QUANT: tl.constexpr = 0,  # 0: K/V in a float dtype; 1: int8 codes; 2: float8 e4m3 bytes; 3: int4, two a byte
 ):
     block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -171,6 +174,8 @@ def paged_prefill_kernel(
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
     ks_base = k_scale_ptr + kv_head
+    offs_c = offs_d // 2 if QUANT == 3 else offs_d  # the byte holding element d
+    shift = (offs_d % 2) * 4  # (int4) its nibble
     vs_base = v_scale_ptr + kv_head
     if WHILE_LOOP:
         n0 = lo
@@ -178,7 +183,7 @@ def paged_prefill_kernel(
             m_i, l_i, acc = _prefill_block(
                 q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, table, k_base, v_base,
                 stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok,
-                ks_base, vs_base, stride_sp, stride_st, PAGE_SIZE, IEEE, QUANT,
+                ks_base, vs_base, stride_sp, stride_st, offs_c, shift, PAGE_SIZE, IEEE, QUANT,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
@@ -186,7 +191,7 @@ def paged_prefill_kernel(
             m_i, l_i, acc = _prefill_block(
                 q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, table, k_base, v_base,
                 stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok,
-                ks_base, vs_base, stride_sp, stride_st, PAGE_SIZE, IEEE, QUANT,
+                ks_base, vs_base, stride_sp, stride_st, offs_c, shift, PAGE_SIZE, IEEE, QUANT,
             )  # fmt: skip
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -228,9 +233,9 @@ def paged_prefill(
     _, page_size, kv_heads, _ = k_cache.shape
     quant, k_scale, v_scale = 0, None, None
     if isinstance(k_cache, QuantizedKV):
-        quant = 1 if k_cache.kind == "int8" else 2
+        quant = {"int8": 1, "fp8_e4m3": 2, "int4": 3}[k_cache.kind]
         k_scale, v_scale = k_cache.scale, v_cache.scale
-        storage = torch.int8 if quant == 1 else torch.uint8  # e4m3 as its bytes: decoded in the kernel
+        storage = torch.int8 if quant == 1 else torch.uint8  # e4m3 and int4 as bytes: decoded in the kernel
         k_cache, v_cache = k_cache.data.view(storage), v_cache.data.view(storage)
     compute = q.dtype if quant else k_cache.dtype
     assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
