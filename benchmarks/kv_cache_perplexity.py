@@ -1,4 +1,4 @@
-"""Perplexity of a model with its KV cache in the model dtype and in 8 bits (int8, fp8_e4m3).
+"""Perplexity of a model with its KV cache in the model dtype, in 8 bits (int8, fp8_e4m3) and in 4 (int4).
 
 The text is the standard library's pydoc topics (lowgear.bench.perplexity.pydoc_text), cut into
 windows of --window tokens, each fed in chunks of --chunk tokens so later chunks read the cache's
@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--devices", default=None)
     p.add_argument("--attn-backend", default="sdpa")
-    p.add_argument("--kv-dtypes", default="auto,int8,fp8_e4m3")
+    p.add_argument("--kv-dtypes", default="auto,int8,fp8_e4m3,int4")
     args = p.parse_args()
     path = args.model or lg.default_model_path()
     base = None
