@@ -71,7 +71,11 @@ def verify(logits: torch.Tensor, draft: list[int], q: torch.Tensor | None, setti
     p = distribution(logits, [settings] * (k + 1), [history + draft[:i] for i in range(k + 1)])
     out = []
     for i, d in enumerate(draft):
-        q_i = q[i].to(p.device) if q is not None else torch.zeros_like(p[i]).index_fill_(0, torch.tensor([d], device=p.device), 1.0)
+        if q is not None:
+            q_i = q[i].to(p.device)
+        else:  # a point mass on d
+            q_i = torch.zeros_like(p[i])
+            q_i[d] = 1.0
         u = float(torch.rand(1, generator=rng, device=p.device))
         if u * float(q_i[d]) < float(p[i, d]):  # u < p/q without dividing by a q of 0
             out.append(d)
