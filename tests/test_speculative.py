@@ -120,6 +120,10 @@ def test_draft_with_another_vocabulary_is_one_clear_error(tiny_gguf):
         make(tiny_gguf["target"], "eager", draft_model=draft_model, draft_cache=draft_cache)
     with pytest.raises(ConfigError, match="not a proposer"):
         make(tiny_gguf["target"], "eager", speculate="lookahead")
+    with pytest.raises(ConfigError, match="num_draft_tokens must be a positive integer"):
+        make(tiny_gguf["target"], "eager", speculate="ngram", num_draft_tokens=0)
+    gen = make(tiny_gguf["target"], "eager", use_ngram_draft=True, max_ngram=2)  # ExLlamaV2's names
+    assert gen.proposer.max_n == 2
 
 
 # ---------------------------------------------------------------- rejection sampling, by hand

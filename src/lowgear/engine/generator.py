@@ -41,6 +41,8 @@ class DynamicGenerator:
         draft_cache=None,  # ... on its own cache
         num_draft_tokens: int = defaults.NUM_DRAFT_TOKENS,
         speculate: str | None = None,  # "ngram" (prompt lookup), "draft" (the default when draft_model is given)
+        use_ngram_draft: bool = False,  # ExLlamaV2's name for speculate="ngram"
+        max_ngram: int = defaults.NGRAM_MAX,  # the longest n-gram the lookup matches
         **_ignored,
     ):
         if not model.loaded:
@@ -75,7 +77,9 @@ class DynamicGenerator:
             self.graphs = DecodeGraphs(model, cache, self.max_batch_size, bound)
         self.runner = Runner(model, cache, self.graphs)
         self.num_draft_tokens = num_draft_tokens
-        self.proposer = make_proposer(speculate, draft_model, draft_cache, model, num_draft_tokens)
+        if use_ngram_draft and speculate is None:
+            speculate = "ngram"
+        self.proposer = make_proposer(speculate, draft_model, draft_cache, model, num_draft_tokens, max_ngram)
         self.spec_proposed = 0  # proposed tokens checked, and of those accepted (server metrics read both)
         self.spec_accepted = 0
 

@@ -196,7 +196,8 @@ class DraftProposer:
             entry[2] = min(entry[2], len(job.all_ids) - 1)
 
 
-def make_proposer(speculate: str | None, draft_model, draft_cache, target, num_draft_tokens: int):
+def make_proposer(speculate: str | None, draft_model, draft_cache, target, num_draft_tokens: int,
+                  max_ngram: int = defaults.NGRAM_MAX):
     """The generator's proposer: None (no speculation), an NgramProposer or a DraftProposer."""
     if speculate is None and draft_model is not None:
         speculate = "draft"
@@ -207,7 +208,9 @@ def make_proposer(speculate: str | None, draft_model, draft_cache, target, num_d
     if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or num_draft_tokens < 1:
         raise ConfigError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
     if speculate == "ngram":
-        return NgramProposer()
+        if not isinstance(max_ngram, int) or isinstance(max_ngram, bool) or max_ngram < 1:
+            raise ConfigError(f"max_ngram must be a positive integer, got {max_ngram!r}")
+        return NgramProposer(max_ngram)
     if draft_model is None or draft_cache is None:
         raise ConfigError("speculate='draft' needs draft_model= and draft_cache= (a loaded smaller model and its cache)")
     return DraftProposer(draft_model, draft_cache, target)
