@@ -130,7 +130,7 @@ def test_draft_with_another_vocabulary_is_one_clear_error(tiny_gguf):
 
 LOGITS = [[1.0, 0.2, -0.5, 2.0, 0.0], [0.3, 0.3, 1.5, -1.0, 0.8], [-0.2, 1.1, 0.4, 0.5, 2.2]]
 DRAFT = [[0.1, 0.4, 0.2, 0.2, 0.1], [0.5, 0.1, 0.1, 0.1, 0.2]]  # the proposer's q for d1, d2
-TRIALS = 2000
+TRIALS = 1200
 CHI2_DF4_P001 = 18.467  # the chi-square quantile at 0.999 for 4 degrees of freedom
 
 
