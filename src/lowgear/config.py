@@ -40,6 +40,7 @@ class Config:
         self.no_cuda_graphs = False  # decode steps eager (as LOWGEAR_NO_CUDA_GRAPHS=1)
         self.no_pdl = False  # plain kernel launches on sm_90+ (as LOWGEAR_NO_PDL=1)
         self.pdl_release: str | None = None  # auto | loop | wait | start (as LOWGEAR_PDL_RELEASE); None: auto
+        self.kv_cache_dtype = "auto"  # KV cache storage: auto (the model dtype) | int8 | fp8_e4m3 | int4; Cache(kv_dtype=) wins
         self.page_size: int | None = None  # KV cache page, tokens (None: defaults.PAGE_SIZE); Cache(page_size=) wins
         # keep q/k/v and gate/up as separate linears (by default each set that shares a format is
         # fused into one at load, model/fuse.py); for A/B measurements
@@ -139,12 +140,24 @@ class Config:
         return [str(d) for d in devices]
 
 
+def add_speculation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft-model", default=None,
+                   help="a smaller model sharing the tokenizer that proposes tokens the model checks in one step")
+    g.add_argument("--speculate", choices=["ngram"], default=None,
+                   help="ngram: propose the tokens that followed the last few tokens' earlier occurrence (no draft model)")
+    g.add_argument("--num-draft-tokens", type=int, default=defaults.NUM_DRAFT_TOKENS,
+                   help=f"tokens proposed per step (default {defaults.NUM_DRAFT_TOKENS})")
+
+
 def add_device_options(p: argparse.ArgumentParser) -> None:
     """Device, dtype and attention-ladder switches (shared by generate, chat and serve)."""
     g = p.add_argument_group("device and attention ladder")
     g.add_argument("--devices", default=None, help="comma list: indexes, UUIDs, PCI bus ids, or 'cpu'")
     g.add_argument("--dtype", default=None, choices=DTYPE_NAMES)
     g.add_argument("--attn-backend", default=None, choices=BACKEND_NAMES)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=defaults.KV_CACHE_DTYPES,
+                   help="KV cache storage: auto (the model dtype), or 8 / 4 bits with a scale per token and head")
     for name in ("flash-attn", "xformers", "sdpa", "triton"):
         g.add_argument(f"--no-{name}", action="store_true", help=f"skip the {name.replace('-', '_')} rung")
 
@@ -154,6 +167,7 @@ def apply_device_options(config, args) -> None:
     config.no_flash_attn, config.no_xformers = args.no_flash_attn, args.no_xformers
     config.no_sdpa, config.no_triton = args.no_sdpa, args.no_triton
     config.attn_backend, config.dtype = args.attn_backend, args.dtype
+    config.kv_cache_dtype = getattr(args, "kv_cache_dtype", "auto")
     if args.devices:
         config.devices = args.devices
 

@@ -26,3 +26,10 @@ CPU_WEIGHTS = "auto"
 CPU_UNPACK_RAM_SHARE = 2
 # max_seq_len "auto" on a CPU-only plan: a cache of at most 1/CPU_AUTO_RAM_SHARE of available RAM.
 CPU_AUTO_RAM_SHARE = 4
+# Speculative decoding (engine/speculative.py): proposed tokens checked per step, and the longest
+# n-gram the prompt-lookup proposer matches (it tries shorter ones down to 1).
+SPECULATE_MODES = ("ngram", "draft")
+NUM_DRAFT_TOKENS = 4
+NGRAM_MAX = 3
+# KV cache storage (--kv-cache-dtype): the model dtype, or 8 / 4 bits with a float32 scale per token and head.
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "int4")

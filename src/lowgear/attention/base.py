@@ -33,6 +33,8 @@ class Capabilities:
     # Decode steps can be captured in a CUDA graph: the decode path reads lengths only from device
     # tensors (never q_lens_host / kv_lens_host), takes max_kv_len as a fixed bound, makes no host sync.
     capturable: bool = False
+    # KV cache storage it reads: "auto" (the model dtype); ops/kv_write.KV_DTYPES for 8-bit pages
+    kv_dtypes: tuple[str, ...] = ("auto",)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import defaults
 from .base import AttentionBackend, Capabilities, ProbeResult, gather_kv
 from .metadata import StepMetadata
 
@@ -40,7 +41,7 @@ def attend_one(q, k, v, scale: float, window: int | None, softcap: float | None 
 
 class EagerBackend(AttentionBackend):
     name = "eager"
-    capabilities = Capabilities(softcap=True)
+    capabilities = Capabilities(softcap=True, kv_dtypes=defaults.KV_CACHE_DTYPES)
 
     def _probe(self, device) -> ProbeResult:
         return ProbeResult(True, "plain torch; always available")

@@ -85,11 +85,12 @@ def build_metadata(
     block_tables: list[list[int]],
     page_size: int,
     device: torch.device | str = "cpu",
-    logits: str = "last",
+    logits: str | list[int] = "last",
 ) -> StepMetadata:
     """Build a step's metadata from per-sequence facts (host side, once per step).
 
-    `logits`: "last" wants the last new token of each sequence, "all" every new token.
+    `logits`: "last" wants the last new token of each sequence, "all" every new token, a list the
+    last logits[s] new tokens of sequence s (a speculative check wants all of its k+1).
     """
     assert len(q_lens) == len(kv_lens) == len(block_tables)
     positions, slots = token_slots(q_lens, kv_lens, block_tables, page_size)
@@ -98,8 +99,10 @@ def build_metadata(
         cu.append(cu[-1] + q)
     if logits == "all":
         logit_rows = list(range(cu[-1]))
-    else:
+    elif logits == "last":
         logit_rows = [c - 1 for c in cu[1:]]
+    else:
+        logit_rows = [row for n, c in zip(logits, cu[1:]) for row in range(c - n, c)]
     width = max((len(t) for t in block_tables), default=1) or 1
     tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
     dev = torch.device(device)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import defaults
 from .base import AttentionBackend, Capabilities, ProbeResult, gather_kv, no_softcap
 from .eager import causal_mask, reference_attention
 from .metadata import StepMetadata, build_metadata
@@ -113,7 +114,8 @@ class SdpaBackend(AttentionBackend):
     name = "sdpa"
     # Not capturable: the padded decode call is static-shape only at a fixed max_kv_len bound, and at
     # the cache's capacity that gathers [B, capacity] keys and values per layer and step.
-    capabilities = Capabilities(min_compute_capability=(5, 0), capturable=False)
+    capabilities = Capabilities(min_compute_capability=(5, 0), capturable=False,
+                                kv_dtypes=defaults.KV_CACHE_DTYPES)
     probe_device: torch.device | None = None  # tests: run the probe's tensors here instead
 
     def __init__(self, batched: str = "decode"):

@@ -114,9 +114,13 @@ def capabilities_of(backend: AttentionBackend, device):
     return per_device(device) if per_device is not None else backend.capabilities
 
 
-def capability_reason(backend: AttentionBackend, device, dtype: torch.dtype) -> str | None:
-    """Why `device` cannot run `backend` in `dtype`, judged from declared capabilities; None when it can."""
+def capability_reason(backend: AttentionBackend, device, dtype: torch.dtype, kv_dtype: str = "auto") -> str | None:
+    """Why `device` cannot run `backend` in `dtype` over a `kv_dtype` cache, judged from declared capabilities;
+    None when it can."""
     caps = capabilities_of(backend, device)
+    if kv_dtype not in caps.kv_dtypes:
+        return (f"does not read a KV cache stored in {kv_dtype} (it reads: {', '.join(caps.kv_dtypes)}); "
+                "use the eager or sdpa rung, or --kv-cache-dtype auto")
     if device.kind == "cpu":
         if not caps.cpu:
             return "needs a CUDA GPU"
@@ -169,16 +173,17 @@ def _default_switches():
     return Config().effective_switches()
 
 
-def select_backend(device, switches=None, dtype: torch.dtype | None = None, needs: tuple[str, ...] = ()) -> Selection:
-    """The first rung of the ladder that runs on `device` (hardware.DeviceInfo) in `dtype` and has what the
-    model `needs` (NEEDS' keys), with the log of every rung."""
+def select_backend(device, switches=None, dtype: torch.dtype | None = None, needs: tuple[str, ...] = (),
+                   kv_dtype: str = "auto") -> Selection:
+    """The first rung of the ladder that runs on `device` (hardware.DeviceInfo) in `dtype` over a `kv_dtype`
+    cache and has what the model `needs` (NEEDS' keys), with the log of every rung."""
     if switches is None:
         switches = _default_switches()
     if dtype is None:
         from ..platform.dtypes import default_dtype
 
         dtype = default_dtype(device)
-    key = (device, dtype, switches, tuple(needs))
+    key = (device, dtype, switches, tuple(needs), kv_dtype)
     if key in _CACHE:
         return _CACHE[key]
     if device.kind == "cuda" and not hardware.torch_arch_supported(device):
@@ -194,7 +199,7 @@ def select_backend(device, switches=None, dtype: torch.dtype | None = None, need
         if forced and name != forced:
             log.append(Decision(name, "not tried", f"attn_backend forces {forced}"))
             continue
-        decision, backend = _consider(name, device, dtype, switches, needs)
+        decision, backend = _consider(name, device, dtype, switches, needs, kv_dtype)
         log.append(decision)
         if decision.status == "chosen":
             chosen = backend
@@ -204,7 +209,8 @@ def select_backend(device, switches=None, dtype: torch.dtype | None = None, need
         if forced:
             raise BackendUnavailableError(
                 f"attention backend {forced!r} is forced (config.attn_backend / LOWGEAR_ATTN_BACKEND) but cannot run on "
-                f"{device.describe()} in {str(dtype).removeprefix('torch.')}: {forced_reason}. "
+                f"{device.describe()} in {str(dtype).removeprefix('torch.')}"
+                f"{'' if kv_dtype == 'auto' else ' with its KV cache in ' + kv_dtype}: {forced_reason}. "
                 "Unset it to let lowgear pick a rung that works."
             )
         table = "; ".join(f"{d.name}: {d.reason}" for d in log)
@@ -212,7 +218,7 @@ def select_backend(device, switches=None, dtype: torch.dtype | None = None, need
     decode, decode_reason = None, ""
     if device.kind == "cuda" and not forced and not capabilities_of(chosen, device).capturable:
         for name in LADDER[LADDER.index(chosen.name) + 1 :]:
-            decision, backend = _consider(name, device, dtype, switches, needs)
+            decision, backend = _consider(name, device, dtype, switches, needs, kv_dtype)
             if decision.status == "chosen" and capabilities_of(backend, device).capturable:
                 decode = backend
                 decode_reason = (f"{chosen.name} cannot be captured in a CUDA graph; {name} runs the decode steps "
@@ -245,7 +251,8 @@ def survey(device, switches=None, dtype: torch.dtype | None = None, needs: tuple
     return decisions
 
 
-def _consider(name: str, device, dtype: torch.dtype, switches, needs: tuple[str, ...] = ()) -> tuple[Decision, AttentionBackend | None]:
+def _consider(name: str, device, dtype: torch.dtype, switches, needs: tuple[str, ...] = (),
+              kv_dtype: str = "auto") -> tuple[Decision, AttentionBackend | None]:
     disabled = _disabled_reason(name, switches)
     if disabled:
         return Decision(name, "disabled", disabled), None
@@ -253,7 +260,7 @@ def _consider(name: str, device, dtype: torch.dtype, switches, needs: tuple[str,
         backend = get_backend(name)
     except Exception as exc:  # a rung whose own module is missing or broken
         return Decision(name, "unavailable", f"cannot load lowgear.attention.{name}: {type(exc).__name__}: {exc}"), None
-    reason = capability_reason(backend, device, dtype)
+    reason = capability_reason(backend, device, dtype, kv_dtype)
     lacking = [NEEDS[n] for n in needs if not getattr(capabilities_of(backend, device), n)]
     if reason or lacking:
         return Decision(name, "skipped", reason or "; ".join(lacking)), None

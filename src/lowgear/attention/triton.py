@@ -21,8 +21,10 @@ import time
 
 import torch
 
+from .. import defaults
 from ..errors import install_hint
 from ..ops.dispatch import MIN_COMPUTE_CAPABILITY, triton_eligibility
+from ..ops.kv_write import QuantizedKV
 from ..platform import env
 from .base import AttentionBackend, Capabilities, ProbeResult
 from .eager import reference_attention
@@ -31,6 +33,7 @@ from .metadata import StepMetadata, build_metadata
 # A tiny call that takes longer than this after compiling means a broken or crawling kernel
 # (what `tl.dot` is reported to do on some sm_70 setups), not a slow GPU.
 PROBE_MAX_SECONDS = 2.0
+KV_STORAGE = defaults.KV_CACHE_DTYPES  # the model dtype, or 8-bit pages dequantized in the prefill kernel
 _PROBE_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
 
 
@@ -62,6 +65,7 @@ class _CapabilitiesNow:
             cpu=_interpret(),
             package="triton",
             capturable=True,
+            kv_dtypes=KV_STORAGE,
         )
 
 
@@ -93,6 +97,7 @@ class TritonBackend(AttentionBackend):
             cpu=caps.cpu,
             package=caps.package,
             capturable=caps.capturable,
+            kv_dtypes=caps.kv_dtypes,
         )
 
     def _probe(self, device) -> ProbeResult:
@@ -180,7 +185,7 @@ class TritonBackend(AttentionBackend):
             q = q.contiguous()
         if meta.num_tokens == 0:
             return torch.empty_like(q)
-        if meta.is_decode:
+        if meta.is_decode and not isinstance(k_cache, QuantizedKV):  # (8-bit pages: the prefill kernel reads them)
             use_dot = (q.device.type == "cuda" and (q.device.index or 0) in self._dot_devices
                        and k_cache.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] >= 16)
             return paged_decode.paged_decode(

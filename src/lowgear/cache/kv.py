@@ -14,6 +14,7 @@ from .. import defaults
 from ..platform.dtypes import dtype_bytes
 from ..errors import ConfigError
 from ..platform.placement import kv_bytes_per_token_per_layer
+from ..ops.kv_write import KV_DTYPES, QuantizedKV
 from .pages import PagePool
 
 DEFAULT_PAGE_SIZE = defaults.PAGE_SIZE
@@ -28,6 +29,7 @@ class Cache:
         lazy: bool = True,
         contiguous: bool = False,
         dtype: torch.dtype | None = None,
+        kv_dtype: str | None = None,  # "auto" (the model dtype), "int8", "fp8_e4m3" or "int4": a scale per token and head
     ):
         self.model = model
         requested = model.config.max_seq_len if max_seq_len is None else max_seq_len
@@ -37,6 +39,10 @@ class Cache:
         self.contiguous = contiguous
         self.page_size = page_size or model.config.effective_page_size()
         self.dtype = dtype
+        kv_dtype = kv_dtype or model.config.kv_cache_dtype
+        if kv_dtype != "auto" and kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv_dtype {kv_dtype!r} is not a KV cache storage: use auto, {', '.join(KV_DTYPES)}")
+        self.kv_dtype = kv_dtype
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.num_pages = 0
@@ -52,7 +58,7 @@ class Cache:
         return bool(self.k)
 
     def bytes_per_token_per_layer(self, dtype: torch.dtype) -> int:
-        return kv_bytes_per_token_per_layer(self.model.spec, dtype_bytes(dtype))
+        return kv_bytes_per_token_per_layer(self.model.spec, dtype_bytes(dtype), self.kv_dtype)
 
     def allocate(self, max_seq_len: int | None = None) -> None:
         """Allocate the pages on each layer's device, sized for `max_seq_len` tokens in all."""
@@ -67,8 +73,12 @@ class Cache:
             self.page_size = self.max_seq_len
         self.num_pages = -(-self.max_seq_len // self.page_size)
         shape = (self.num_pages, self.page_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in model.layer_devices]
-        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in model.layer_devices]
+        if self.kv_dtype == "auto":
+            self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in model.layer_devices]
+            self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in model.layer_devices]
+        else:
+            self.k = [QuantizedKV.zeros(shape, self.kv_dtype, dtype, d) for d in model.layer_devices]
+            self.v = [QuantizedKV.zeros(shape, self.kv_dtype, dtype, d) for d in model.layer_devices]
         self.dtype = dtype
         self.pool = PagePool(self.num_pages, self.page_size)
 
@@ -80,4 +90,4 @@ class Cache:
         return self.num_pages * self.page_size
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.nbytes if isinstance(t, QuantizedKV) else t.numel() * t.element_size() for t in self.k + self.v)

@@ -170,6 +170,8 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
         "weight_bytes": weights,
         "cache_bytes_per_token": kv_token,
         "cache_bytes_per_1k_tokens": kv_token * 1000,
+        "cache_bytes_per_token_8bit": placement.kv_bytes_per_token(spec, dtype_bytes(dtype), "int8"),
+        "cache_bytes_per_token_4bit": placement.kv_bytes_per_token(spec, dtype_bytes(dtype), "int4"),
         "fits": [],
         "placement": None,
         "placement_error": None,
@@ -184,12 +186,16 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
                           "shared_expert": bool(spec.shared_expert_intermediate_size),
                           "bytes_read_per_token": sum(read_layer) + (other["lm_head"] or other["embed"]) + other["norm"]}
     for d in spec_devices:
-        row = {"device": d.label, "name": d.name, "tokens": 0, "error": None, "auto": None}
+        row = {"device": d.label, "name": d.name, "tokens": 0, "tokens_int8": 0, "tokens_int4": 0, "error": None, "auto": None}
         try:
             plan = placement.plan(spec, per_layer, other, [d], kv_layer, "auto", reserve)
             row["tokens"] = plan.max_seq_len
             cap = placement.cpu_auto_cap(spec, [d], kv_token)
             row["auto"] = cap[1] if cap else "the largest cache free device memory holds"
+            for kind in ("int8", "int4"):
+                row[f"tokens_{kind}"] = placement.plan(
+                    spec, per_layer, other, [d], placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype), kind),
+                    "auto", reserve).max_seq_len
         except LowgearError as exc:
             row["error"] = str(exc)
         out["fits"].append(row)
@@ -393,13 +399,16 @@ def render(report: dict) -> str:
         if q:
             lines.append(f"  quantization: {q}")
         lines.append(f"  weights on device in {m['dtype']}: {_gib(m['weight_bytes'])}; KV cache {_gib(m['cache_bytes_per_token'])} "
-                     f"per token, {_gib(m['cache_bytes_per_1k_tokens'])} per 1k tokens")
+                     f"per token, {_gib(m['cache_bytes_per_1k_tokens'])} per 1k tokens "
+                     f"({_gib(m['cache_bytes_per_token_8bit'])} per token in 8 bits, "
+                     f"{_gib(m['cache_bytes_per_token_4bit'])} in 4)")
         for f in m["fits"]:
             if f["error"]:
                 lines.append(f"  {f['device']:<8} alone: does not fit — {f['error']}")
             else:
                 lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache with --max-seq-len auto "
-                             f"({f['auto']})")
+                             f"({f['auto']}); {_fmt_tokens(f['tokens_int8'])} with --kv-cache-dtype int8 or fp8_e4m3, "
+                             f"{_fmt_tokens(f['tokens_int4'])} with int4")
         e = m.get("experts")
         if e:
             shared = " + a shared expert" if e["shared_expert"] else ""

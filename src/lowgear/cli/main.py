@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from ..config import add_device_options, add_threads_option, apply_device_options, apply_threads
+from ..config import add_device_options, add_speculation_options, add_threads_option, apply_device_options, apply_threads
 from ..errors import LowgearError
 
 
@@ -20,6 +20,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None, help="a .gguf file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     g.add_argument("--max-seq-len", default=None, help="cache size in tokens, or 'auto' (largest that fits)")
     g.add_argument("--page-size", type=int, default=None, help="paged KV cache page size in tokens (default 256)")
+    add_speculation_options(p)
     add_threads_option(p)
     add_device_options(p)
 
@@ -76,7 +77,10 @@ def build_engine(args, max_batch_size: int = 1, progress: bool = True):
     if max_seq_len == "auto":
         _say_auto_size(model, cache)
     tokenizer = lg.Tokenizer(config)
-    generator = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=True, max_batch_size=max_batch_size)
+    from ..model.load import speculation_kwargs
+
+    generator = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=True, max_batch_size=max_batch_size,
+                                    **speculation_kwargs(args, model, cache, progress))
     return model, cache, tokenizer, generator
 
 

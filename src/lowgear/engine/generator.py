@@ -20,6 +20,7 @@ from .job import DynamicJob
 from .runner import Runner, Step
 from .sampler import SamplerSettings
 from .scheduler import Scheduler
+from .speculative import make_proposer, verify
 from .stops import StopMatcher
 from .textstream import TextStream
 
@@ -36,6 +37,12 @@ class DynamicGenerator:
         max_q_size: int | None = None,  # accepted for ExLlamaV2 compatibility
         cuda_graphs: bool = True,  # capture decode steps on CUDA (ignored on the CPU)
         run_ahead: bool = True,  # launch a known next decode step before reading this one's tokens
+        draft_model=None,  # speculative decoding with a smaller model sharing the tokenizer ...
+        draft_cache=None,  # ... on its own cache
+        num_draft_tokens: int = defaults.NUM_DRAFT_TOKENS,
+        speculate: str | None = None,  # "ngram" (prompt lookup), "draft" (the default when draft_model is given)
+        use_ngram_draft: bool = False,  # ExLlamaV2's name for speculate="ngram"
+        max_ngram: int = defaults.NGRAM_MAX,  # the longest n-gram the lookup matches
         **_ignored,
     ):
         if not model.loaded:
@@ -69,6 +76,12 @@ class DynamicGenerator:
             bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
             self.graphs = DecodeGraphs(model, cache, self.max_batch_size, bound)
         self.runner = Runner(model, cache, self.graphs)
+        self.num_draft_tokens = num_draft_tokens
+        if use_ngram_draft and speculate is None:
+            speculate = "ngram"
+        self.proposer = make_proposer(speculate, draft_model, draft_cache, model, num_draft_tokens, max_ngram)
+        self.spec_proposed = 0  # proposed tokens checked, and of those accepted (server metrics read both)
+        self.spec_accepted = 0
 
     @property
     def model(self):
@@ -114,6 +127,8 @@ class DynamicGenerator:
             self._ahead = None  # its rows are all ended jobs'
             if self.graphs is not None:
                 self.graphs.release_scratch()
+        if self.proposer is not None:
+            self.proposer.retain(self.running)
         job.finished, job.eos_reason = True, "cancelled"
         self.pending_results.append(self._result(job, "", [], eos=True))
 
@@ -133,6 +148,8 @@ class DynamicGenerator:
             "tokens_generated": self.tokens_generated,
             "steps": self.steps,
             "steps_ahead": self.steps_ahead,
+            "spec_proposed": self.spec_proposed,
+            "spec_accepted": self.spec_accepted,
         }
 
     # ---------------------------------------------------------------- admission
@@ -165,7 +182,7 @@ class DynamicGenerator:
             batch = self.scheduler.plan() if self.running else []
             if not batch:
                 return results
-            step = self._launch(batch)
+            step = self._launch(self._propose(batch))
         if self._can_run_ahead(step):
             try:
                 self._ahead = self._run_ahead(step)
@@ -173,6 +190,8 @@ class DynamicGenerator:
                 self._ahead = None  # this step's tokens still count; the next call plans its step as usual
         results += self._finish(step)
         self.running[:] = [j for j in self.running if not j.finished]
+        if self.proposer is not None:
+            self.proposer.retain(self.running)
         if self._ahead is not None and all(j.finished for j in self._ahead.jobs):
             self._ahead = None
         if not self.running and self.graphs is not None:
@@ -191,10 +210,12 @@ class DynamicGenerator:
     def _can_run_ahead(self, step: Step) -> bool:
         """Whether the step after `step` is already known: the same running jobs, one greedy token each,
         none at its last token or still under min_new_tokens, and no queued job to admit first."""
-        if not (self.run_ahead and step.jobs and step.greedy and not self.queue):
+        if not (self.run_ahead and step.jobs and step.greedy and not self.queue and not step.spec):
             return False
         if any(j.constraint is not None for j in step.jobs):  # its mask needs this step's token on the host
             return False
+        if self.proposer is not None and any(j.speculate for j in step.jobs):
+            return False  # its next step checks a proposal, made from this step's tokens
         if len(step.batch) != len(step.jobs) or {id(j) for j in step.jobs} != {id(j) for j in self.running}:
             return False
         return all(n == 1 for _, n in step.batch) and all(
@@ -204,16 +225,60 @@ class DynamicGenerator:
         """Book the step's tokens into its jobs (waiting for the GPU here) and report them."""
         results = []
         for job, n in step.batch:
-            if not job.finished:  # a row of a run-ahead step whose job ended meanwhile is ignored
+            if not job.finished and not job.draft:  # a row of a run-ahead step whose job ended meanwhile is ignored
                 self.scheduler.book(job, n)
-        if not step.jobs:
-            return results
-        values = self.runner.read(step)
-        logprobs = self.runner.read_logprobs(step)
-        for i, (job, (token, good)) in enumerate(zip(step.jobs, values)):
-            if not job.finished:
-                results.append(self._accept(job, token, logprobs.get(i)) if good else self._fail(job, step.picked[i]))
+        if step.jobs:
+            values = self.runner.read(step)
+            logprobs = self.runner.read_logprobs(step)
+            for i, (job, (token, good)) in enumerate(zip(step.jobs, values)):
+                if not job.finished:
+                    results.append(self._accept(job, token, logprobs.get(i)) if good else self._fail(job, step.picked[i]))
+        for job, logits in step.spec:
+            results.append(self._check(job, logits))
         return results
+
+    # ---------------------------------------------------------------- speculative decoding
+    def _propose(self, batch):
+        """Give each speculating decode row its proposal (job.draft): the row then computes 1 + k tokens."""
+        if self.proposer is None:
+            return batch
+        jobs, ks = [], []
+        for job, n in batch:
+            k = min(self.num_draft_tokens, job.max_new_tokens - len(job.generated) - 1)
+            if (n == 1 and len(job.all_ids) - job.computed == 1 and job.speculate and k > 0
+                    and job.constraint is None and job.logprobs is None  # the check applies neither
+                    and len(job.generated) >= job.min_new_tokens):
+                jobs.append(job)
+                ks.append(k)
+        for job, (draft, q) in zip(jobs, self.proposer.propose(jobs, ks)):
+            job.draft, job.draft_q = draft, q
+        return [(job, n + len(job.draft)) for job, n in batch]
+
+    def _check(self, job: DynamicJob, logits: torch.Tensor) -> dict:
+        """Accept a prefix of the job's proposal and one token of the target's (engine/speculative.py).
+
+        Each emitted token books the K/V of the token before it; those of rejected positions are
+        left in the job's pages past `computed`, to be written over."""
+        draft, q = job.draft, job.draft_q
+        job.draft, job.draft_q = [], None
+        tokens = verify(logits, draft, q, job.settings, job.all_ids, job.rng)
+        if tokens is None:
+            return self._fail(job, logits)
+        job.spec_proposed += len(draft)
+        job.spec_accepted += len(tokens) - 1
+        self.spec_proposed += len(draft)
+        self.spec_accepted += len(tokens) - 1
+        results = []
+        for token in tokens:
+            self.scheduler.book(job, 1)
+            results.append(self._accept(job, token))
+            if job.finished:
+                break
+        self.proposer.accepted(job)
+        result = results[-1]
+        result["text"] = "".join(r["text"] for r in results)
+        result["token_ids"] = [t for r in results for t in r["token_ids"]]
+        return result
 
     def _fail(self, job: DynamicJob, logits: torch.Tensor) -> dict:
         """End one job whose logits are not finite, with the reason; the other jobs go on untouched."""
@@ -283,6 +348,9 @@ class DynamicGenerator:
             if job.eos_reason == "stop_string":
                 result["stop_string"] = job.matcher.matched
             result["full_completion"] = job.text
+            if job.spec_proposed:
+                result["spec_proposed"], result["spec_accepted"] = job.spec_proposed, job.spec_accepted
+                result["acceptance_rate"] = job.spec_accepted / job.spec_proposed
         return result
 
     # ---------------------------------------------------------------- conveniences

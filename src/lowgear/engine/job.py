@@ -26,6 +26,7 @@ class DynamicJob:
         min_new_tokens: int = 0,
         logprobs: int | None = None,
         constraint=None,
+        speculate: bool = True,  # False: never propose tokens, whatever the generator's proposer
         **_ignored,
     ):
         if isinstance(input_ids, torch.Tensor):
@@ -78,6 +79,11 @@ class DynamicJob:
         self.eos_reason: str | None = None
         self.error: str | None = None  # set when eos_reason is "error" (e.g. fp16 overflow)
         self.cached_prefix_tokens = 0
+        self.speculate = speculate
+        self.draft: list[int] = []  # tokens proposed for this step (engine/speculative.py)
+        self.draft_q: torch.Tensor | None = None  # the proposer's probabilities for them (None: a point mass)
+        self.spec_proposed = 0
+        self.spec_accepted = 0
 
     @property
     def all_ids(self) -> list[int]:

@@ -9,7 +9,7 @@ so a next pure-greedy decode step can be launched (`run_ahead`) before this one'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ class Step:
     host: torch.Tensor | None  # [2, jobs]: tokens and finite flags, (being) copied to the host
     ready: object  # the CUDA event after that copy (None on the CPU)
     logprobs: tuple | None = None  # (rows, chosen [r], top values [r, k], top ids [r, k]) for jobs that ask
+    spec: list = field(default_factory=list)  # (job, logits [k+1, V]) of each job checking a proposal
 
 
 class Runner:
@@ -46,13 +47,21 @@ class Runner:
         if self.graphs is not None and all(n == 1 for _, n in batch):
             decode_rows = [DecodeRow(job.all_ids[job.computed], job.computed + 1, job.pages) for job, _ in batch]
             logits = self.graphs.run(decode_rows)  # None when no captured bucket fits
+        spec = []
         if logits is None:
             input_ids: list[int] = []
-            for job, n in batch:
-                input_ids.extend(job.all_ids[job.computed : job.computed + n])
-            logits = self.forward_eager(batch, torch.tensor(input_ids, dtype=torch.long))
-        rows = [row for row, (job, n) in enumerate(batch) if job.computed + n == len(job.all_ids)]
-        return self.choose(batch, [batch[r][0] for r in rows], logits[rows] if len(rows) != logits.shape[0] else logits)
+            for job, n in batch:  # a speculating job's row is its last token and its proposal (job.draft)
+                input_ids.extend((job.all_ids + job.draft)[job.computed : job.computed + n])
+            counts = [n if job.draft else 1 for job, n in batch]
+            logits = self.forward_eager(batch, torch.tensor(input_ids, dtype=torch.long), logits=counts)
+            if len(counts) != logits.shape[0]:
+                ends = torch.tensor(counts).cumsum(0).tolist()
+                spec = [(job, logits[e - n : e]) for (job, n), e in zip(batch, ends) if job.draft]
+                logits = logits[[e - 1 for e in ends]]
+        rows = [row for row, (job, n) in enumerate(batch) if not job.draft and job.computed + n == len(job.all_ids)]
+        step = self.choose(batch, [batch[r][0] for r in rows], logits[rows] if len(rows) != logits.shape[0] else logits)
+        step.spec = spec
+        return step
 
     def run_ahead(self, step: Step) -> Step:
         """Launch the next decode step of `step`'s jobs, its input tokens `step`'s (still on the device)."""
@@ -64,12 +73,15 @@ class Runner:
             logits = self.forward_eager(batch, step.tokens, ahead=1)
         return self.choose(batch, step.jobs, logits, suppress=False)  # none under min_new_tokens
 
-    def forward_eager(self, batch: list[tuple[object, int]], ids: torch.Tensor, ahead: int = 0) -> torch.Tensor:
-        """Logits of the batch's last tokens; `ahead` positions past what the jobs have computed."""
+    def forward_eager(self, batch: list[tuple[object, int]], ids: torch.Tensor, ahead: int = 0,
+                      logits: str | list[int] = "last") -> torch.Tensor:
+        """Logits of the batch's last tokens (`logits`: as build_metadata takes it); `ahead` positions
+        past what the jobs have computed."""
         q_lens = [n for _, n in batch]
         kv_lens = [job.computed + ahead + n for job, n in batch]
         device = self.model.layer_devices[0]
-        meta = build_metadata(q_lens, kv_lens, [job.pages for job, _ in batch], self.page_size, device=device)
+        meta = build_metadata(q_lens, kv_lens, [job.pages for job, _ in batch], self.page_size, device=device,
+                              logits=logits)
         return self.model.forward(ids.to(device), meta, self.cache)
 
     def choose(self, batch, jobs: list, picked: torch.Tensor, suppress: bool = True) -> Step:

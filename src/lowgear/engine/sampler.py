@@ -203,6 +203,21 @@ def sample(
         # Every row greedy: the argmax is the whole answer (one kernel, no sort, no draw), and it
         # consumes no random numbers, so nothing later in a seeded stream depends on it.
         return logits.argmax(dim=-1)
+    indices, probs, n_keep, greedy = _candidates(logits, settings, histories)
+    cdf = torch.cumsum(probs, dim=-1)  # [B, K]
+    u = _uniforms(generators, device)  # [B]
+    target = (u[:, None] * cdf[:, -1:]).contiguous()
+    choice = torch.searchsorted(cdf.contiguous(), target, right=True)
+    choice = torch.minimum(choice, n_keep - 1)
+    choice = torch.where(greedy > 0, torch.zeros_like(choice), choice)
+    return indices.gather(-1, choice).squeeze(-1)
+
+
+def _candidates(logits: torch.Tensor, settings: Sequence[SamplerSettings], histories: Sequence[Sequence[int]]):
+    """Each row's candidates after penalties and filters: (token ids [B, K], their unnormalized kept
+    probabilities [B, K] (0 where filtered out), kept count [B, 1], greedy flags [B, 1])."""
+    batch, vocab = logits.shape
+    device = logits.device
     x = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()  # [B, V]
     apply_penalties(x, settings, histories)
 
@@ -237,14 +252,23 @@ def sample(
     keep[:, 0] = True  # the top candidate, also where top_p rounds to 0 in float32 (a subnormal top_p)
     keep &= probs >= min_p * probs[:, :1]
     n_keep = keep.sum(dim=-1, keepdim=True)  # [B, 1], >= 1: the top candidate always survives
+    return indices, probs * keep, n_keep, greedy
 
-    cdf = torch.cumsum(probs * keep, dim=-1)  # [B, K]
-    u = _uniforms(generators, device)  # [B]
-    target = (u[:, None] * cdf[:, -1:]).contiguous()
-    choice = torch.searchsorted(cdf.contiguous(), target, right=True)
-    choice = torch.minimum(choice, n_keep - 1)
-    choice = torch.where(greedy > 0, torch.zeros_like(choice), choice)
-    return indices.gather(-1, choice).squeeze(-1)
+
+def distribution(
+    logits: torch.Tensor,
+    settings: Sequence[SamplerSettings],
+    histories: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """The probabilities [B, V] (float32) `sample` draws row b's token from: a one-hot argmax for a greedy row.
+
+    Speculative decoding's acceptance test reads them (engine/speculative.py)."""
+    batch, vocab = logits.shape
+    histories = histories if histories is not None else [()] * batch
+    out = torch.zeros(batch, vocab, dtype=torch.float32, device=logits.device)
+    indices, probs, _, greedy = _candidates(logits, settings, histories)
+    probs = torch.where(greedy > 0, (torch.arange(probs.shape[1], device=probs.device) == 0).float(), probs)
+    return out.scatter_(1, indices, probs / probs.sum(dim=-1, keepdim=True))
 
 
 def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..platform import hardware
 from .linear import QuantLinear
 from .moe import ExpertLinear
@@ -28,7 +29,7 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     devices = hardware.resolve_devices(requested) if requested else hardware.default_devices()
     dtype = common_dtype(devices, config.requested_dtype())
     per_layer, other, _ = device_bytes(source, spec, dtype_bytes(dtype))
-    kv_bytes_per_token_layer = cache.bytes_per_token_per_layer(cache.dtype or dtype)
+    kv_bytes_per_token_layer = cache.bytes_per_token_per_layer(cache.dtype or dtype)  # (8-bit kv_dtype: its own bytes)
     reserve = (config.reserve_memory_mb if reserve_mb is None else reserve_mb) * 2**20
     limits = None
     if device_limits_mb is not None:
@@ -56,7 +57,7 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     pdl.configure(config)
     for idx in used:
         info = devices[idx]
-        model.selections[info.label] = select_backend(info, switches, dtype, model_needs(spec))
+        model.selections[info.label] = select_backend(info, switches, dtype, model_needs(spec), cache.kv_dtype)
         model.ops[info.label] = ops_for(info)
 
     layer_devs = [devices[plan.layer_device[i]].torch_device for i in range(spec.num_layers)]
@@ -87,3 +88,25 @@ def _unpacked(module, unpack: bool, dtype):
             if isinstance(m, (QuantLinear, ExpertLinear)) and m.packed and m.device.type == "cpu":
                 m.unpack_(dtype)
     return module
+
+
+def speculation_kwargs(args, model, cache, progress: bool = False) -> dict:
+    """The DynamicGenerator's speculative-decoding arguments from the CLI options (the draft loaded here)."""
+    from .. import defaults
+    from ..cache.kv import Cache
+    from ..config import Config
+    from .model import Model
+
+    draft_path = getattr(args, "draft_model", None)
+    speculate = getattr(args, "speculate", None)
+    if draft_path and speculate:
+        raise ConfigError("give either --draft-model or --speculate ngram, not both")
+    kwargs = {"speculate": speculate, "num_draft_tokens": getattr(args, "num_draft_tokens", defaults.NUM_DRAFT_TOKENS)}
+    if draft_path:
+        draft_config = Config(draft_path)
+        draft_config.devices = model.config.devices
+        draft = Model(draft_config)
+        draft_cache = Cache(draft, max_seq_len=cache.max_seq_len, page_size=cache.page_size)
+        draft.load_autosplit(draft_cache, progress=progress)
+        kwargs.update(draft_model=draft, draft_cache=draft_cache)
+    return kwargs

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import pdl
-from .kv_write import write_kv
+from .kv_write import QuantizedKV, write_kv
 from .norm import triton
 
 if triton is not None:
@@ -120,7 +120,12 @@ def rope_kv_torch(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_ca
 
 
 def rope_kv_triton(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping) -> None:
-    """The Triton op: RoPE on q and k in place and the cache write of k and v, in one launch."""
+    """The Triton op: RoPE on q and k in place and the cache write of k and v, in one launch (a quantized
+    cache: RoPE in the kernel, the quantizing write in torch)."""
+    if isinstance(k_cache, QuantizedKV):
+        apply_rope_triton(q, k, positions, cos_cache, sin_cache, style)
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
     apply_rope_triton(q, k, positions, cos_cache, sin_cache, style, kv=(v, k_cache, v_cache, slot_mapping))
 
 

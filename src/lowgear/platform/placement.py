@@ -79,12 +79,16 @@ class Plan:
         return "\n".join(rows)
 
 
-def kv_bytes_per_token(spec, dtype_bytes: int) -> int:
+def kv_bytes_per_token(spec, dtype_bytes: int, kv_dtype: str = "auto") -> int:
     """K and V of every layer for one token: 2 * layers * kv_heads * head_dim * bytes."""
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    return spec.num_layers * kv_bytes_per_token_per_layer(spec, dtype_bytes, kv_dtype)
 
 
-def kv_bytes_per_token_per_layer(spec, dtype_bytes: int) -> int:
+def kv_bytes_per_token_per_layer(spec, dtype_bytes: int, kv_dtype: str = "auto") -> int:
+    """K and V of one layer for one token; an 8-bit kv_dtype stores a byte an element (int4: half a byte) and a
+    float32 scale per head."""
+    if kv_dtype != "auto":
+        return 2 * spec.num_kv_heads * ((spec.head_dim // 2 if kv_dtype == "int4" else spec.head_dim) + 4)
     return 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
 
 

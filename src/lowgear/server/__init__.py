@@ -127,8 +127,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="serve through Ray Serve: one engine per replica behind Ray's HTTP proxy (extra `ray`)")
     p.add_argument("--replicas", type=_positive, default=1, help="Ray Serve replicas with --ray (default 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    from ..config import add_device_options
+    from ..config import add_device_options, add_speculation_options
 
+    add_speculation_options(p)
     add_device_options(p)
     return p
 
@@ -167,8 +168,13 @@ def load_engine(model_path: str, *, max_seq_len="auto", cache_size=None, max_bat
     cache = lg.Cache(model, max_seq_len=cache_size, page_size=PAGE_SIZE)
     model.load_autosplit(cache, progress=progress)
     tokenizer = lg.Tokenizer(config)
+    spec = {}
+    if device_args is not None:
+        from ..model.load import speculation_kwargs
+
+        spec = speculation_kwargs(device_args, model, cache, progress)
     generator = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=True,
-                                    max_batch_size=max_batch_size)
+                                    max_batch_size=max_batch_size, **spec)
     context = int(config.max_seq_len)
     cache_tokens = getattr(cache, "max_seq_len", None)
     if isinstance(cache_tokens, int) and cache_tokens > 0:

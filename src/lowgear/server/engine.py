@@ -347,6 +347,8 @@ class Engine:
             "running": stats.get("running", len(self._active)),
             "pages_in_use": stats.get("pages_in_use", 0),
             "pages_total": stats.get("pages_total", 0),
+            "spec_proposed_total": stats.get("spec_proposed", 0),
+            "spec_accepted_total": stats.get("spec_accepted", 0),
             "active_requests": len(self._active),
         }
         with self._lock:

@@ -27,6 +27,8 @@ METRICS = (
     ("lowgear_requests_cancelled_total", "counter", "Jobs cancelled, mostly by clients that went away", "requests_cancelled_total"),
     ("lowgear_requests_failed_total", "counter", "Jobs ended by a generator error", "requests_failed_total"),
     ("lowgear_steps_total", "counter", "Generator steps run since start", "steps_total"),
+    ("lowgear_spec_proposed_tokens_total", "counter", "Speculative tokens proposed and checked", "spec_proposed_total"),
+    ("lowgear_spec_accepted_tokens_total", "counter", "Speculative tokens the target accepted", "spec_accepted_total"),
 )
 
 

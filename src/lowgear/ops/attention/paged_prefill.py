@@ -7,6 +7,10 @@ BLOCK_N positions from the window's start up to its last query's position, with 
 (FlashAttention's recurrence, in the log2 domain). Mixed batches are fine: a decode sequence is a
 query block with one valid row.
 
+An 8- or 4-bit cache (ops/kv_write.QuantizedKV) is read as its codes and per-token-per-head scales
+and dequantized in the kernel: int8 by a multiply, float8 e4m3 from its bits with integer ops (so
+GPUs without FP8 instructions, and the interpreter, read it too), int4 from its byte's nibble.
+
 This is the compute-bound path and uses `tl.dot`. Triton compiles `tl.dot` to tensor-core `mma`
 only on sm_80+; on sm_70/sm_75 it becomes plain FMAs, so there prefill should go to sdpa (the
 backend says so through `TritonBackend.prefers_sdpa_prefill_below_sm80`). fp32 inputs use IEEE
@@ -30,10 +34,27 @@ NO_WINDOW = 1 << 30
 
 
 @triton.jit
+def dequantize(x, shift, QUANT: tl.constexpr):
+    """Codes as float32 (before their scale): QUANT 1 int8; 2 float8 e4m3 held as its byte; 3 int4, the
+    nibble at bit `shift` of its byte, offset by 8."""
+    if QUANT == 1:
+        return x.to(tl.float32)
+    if QUANT == 3:
+        return ((x.to(tl.int32) >> shift) & 0xF).to(tl.float32) - 8.0
+    b = x.to(tl.int32) & 0xFF
+    e = (b >> 3) & 0xF
+    m = (b & 0x7).to(tl.float32)
+    # normal: (1 + m/8) * 2^(e-7) = (8 + m) * 2^(e-10); subnormal (e == 0): m/8 * 2^-6 = m * 2^-9
+    mag = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2((e - 10).to(tl.float32)))
+    return tl.where((b & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
 def _prefill_block(
     q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, softcap_log2, table, k_base, v_base,
     stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok,
-    PAGE_SIZE: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ks_base, vs_base, stride_sp, stride_st, offs_c, shift,
+    PAGE_SIZE: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """One block of key positions n0.. (< hi): update the online softmax state (m_i, l_i, acc).
 
@@ -47,10 +68,13 @@ def _prefill_block(
     slot = k_pos % PAGE_SIZE
     # K loaded transposed, [HEAD_DIM_P, BLOCK_N], so the score tile is one plain dot.
     k_t = tl.load(
-        k_base + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_d[:, None],
+        k_base + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_c[:, None],
         mask=n_ok[None, :] & d_ok[:, None],
-        other=0.0,
+        other=0,
     )
+    if QUANT != 0:
+        ks = tl.load(ks_base + page * stride_sp + slot * stride_st, mask=n_ok, other=0.0)
+        k_t = (dequantize(k_t, shift[:, None], QUANT) * ks[None, :]).to(q.dtype)
     if IEEE:
         s = tl.dot(q, k_t, input_precision="ieee")
     else:
@@ -67,10 +91,13 @@ def _prefill_block(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     v = tl.load(
-        v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_d[None, :],
+        v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_c[None, :],
         mask=n_ok[:, None] & d_ok[None, :],
-        other=0.0,
+        other=0,
     )
+    if QUANT != 0:
+        vs = tl.load(vs_base + page * stride_sp + slot * stride_st, mask=n_ok, other=0.0)
+        v = (dequantize(v, shift[None, :], QUANT) * vs[:, None]).to(q.dtype)
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -84,6 +111,8 @@ def paged_prefill_kernel(
     q_ptr,  # [T, H, D]
     k_cache_ptr,  # [pages, PAGE_SIZE, KVH, D]
     v_cache_ptr,
+    k_scale_ptr,  # [pages, PAGE_SIZE, KVH] float32 of an 8-bit cache (QUANT > 0; else unread)
+    v_scale_ptr,
     block_tables_ptr,  # [B, max_pages] int32
     cu_q_lens_ptr,  # [B+1] int32
     kv_lens_ptr,  # [B] int32
@@ -102,6 +131,8 @@ def paged_prefill_kernel(
     stride_bt,
     stride_ot,
     stride_oh,
+    stride_sp,  # the scales' page and token strides (their head stride is 1)
+    stride_st,
     GROUP: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
@@ -111,6 +142,7 @@ def paged_prefill_kernel(
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products in tl.dot
     WHILE_LOOP: tl.constexpr,  # the interpreter's form of the loop (see _prefill_block)
     SOFTCAP: tl.constexpr = False,  # scores soft-capped (softcap_log2)
+    QUANT: tl.constexpr = 0,  # 0: K/V in a float dtype; 1: int8 codes; 2: float8 e4m3 bytes; 3: int4, two a byte
 ):
     block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -148,19 +180,25 @@ def paged_prefill_kernel(
     table = block_tables_ptr + seq * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    ks_base = k_scale_ptr + kv_head
+    offs_c = offs_d // 2 if QUANT == 3 else offs_d  # the byte holding element d
+    shift = (offs_d % 2) * 4  # (int4) its nibble
+    vs_base = v_scale_ptr + kv_head
     if WHILE_LOOP:
         n0 = lo
         while n0 < hi:
             m_i, l_i, acc = _prefill_block(
                 q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, softcap_log2, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, IEEE, SOFTCAP,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok,
+                ks_base, vs_base, stride_sp, stride_st, offs_c, shift, PAGE_SIZE, IEEE, SOFTCAP, QUANT,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
         for n0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _prefill_block(
                 q, q_pos, m_ok, m_i, l_i, acc, n0, hi, window, scale_log2, softcap_log2, table, k_base, v_base,
-                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, PAGE_SIZE, IEEE, SOFTCAP,
+                stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok,
+                ks_base, vs_base, stride_sp, stride_st, offs_c, shift, PAGE_SIZE, IEEE, SOFTCAP, QUANT,
             )  # fmt: skip
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -199,31 +237,44 @@ def paged_prefill(
     out: torch.Tensor | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of every new token over its sequence's cache; `max_q_len` is host-side."""
+    """Causal attention of every new token over its sequence's cache; `max_q_len` is host-side.
+
+    The caches may be ops/kv_write.QuantizedKV (8-bit pages, dequantized in the kernel)."""
+    from ..kv_write import QuantizedKV
+
     tokens, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
+    quant, k_scale, v_scale = 0, None, None
+    if isinstance(k_cache, QuantizedKV):
+        quant = {"int8": 1, "fp8_e4m3": 2, "int4": 3}[k_cache.kind]
+        k_scale, v_scale = k_cache.scale, v_cache.scale
+        storage = torch.int8 if quant == 1 else torch.uint8  # e4m3 and int4 as bytes: decoded in the kernel
+        k_cache, v_cache = k_cache.data.view(storage), v_cache.data.view(storage)
+    compute = q.dtype if quant else k_cache.dtype
     assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     if out is None:
         out = torch.empty_like(q)
-    if q.dtype != k_cache.dtype:
-        q = q.to(k_cache.dtype)  # tl.dot needs both operands in one dtype
+    if q.dtype != compute:
+        q = q.to(compute)  # tl.dot needs both operands in one dtype
     batch = cu_q_lens.shape[0] - 1
     if tokens == 0 or batch == 0:
         return out
     block_m, block_n = blocks_for(head_dim, INTERPRETED)
     paged_prefill_kernel[(triton.cdiv(max_q_len, block_m), batch, heads)](
-        q, k_cache, v_cache, block_tables, cu_q_lens, kv_lens, out,
+        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache,
+        block_tables, cu_q_lens, kv_lens, out,
         scale * _LOG2E, window or NO_WINDOW, (softcap or 1.0) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        k_scale.stride(0) if quant else 0, k_scale.stride(1) if quant else 0,
         GROUP=heads // kv_heads,
         HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
         PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=k_cache.dtype == torch.float32, WHILE_LOOP=INTERPRETED, SOFTCAP=bool(softcap),
+        IEEE=compute == torch.float32, WHILE_LOOP=INTERPRETED, SOFTCAP=bool(softcap), QUANT=quant,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
