@@ -138,3 +138,25 @@ def test_on_a_gpu_with_graphs_a_constraint_touches_its_row_only(tmp_path):
     reported = [e for r in results if r["job"] is free2 for e in r.get("logprobs", [])]
     assert [t for t, _, _ in reported] == free2.generated
     assert all(lp <= 0 and len(top) == 2 and top[0][1] >= lp - 1e-3 for _, lp, top in reported)
+
+
+def test_constrained_and_logprob_jobs_do_not_speculate(tiny_gguf):
+    """The speculative check applies no grammar mask and reports no logprobs, so a job with either never
+    takes a proposal: its tokens obey its grammar and its logprobs cover every token, while a free job
+    beside it does speculate (a proposer that always offers two tokens)."""
+    gen = make(tiny_gguf, speculate="ngram")
+    gen.proposer.propose = lambda jobs, ks: [([7, 11][:k], None) for k in ks]
+    a = prompts(1, seed=3)[0]
+    grammar = OnlyThese({7, 11, 13})
+    constrained = greedy_job(a, n=8, constraint=grammar)
+    counted = greedy_job(a, n=8, logprobs=1)
+    free = greedy_job(a, n=8)
+    results = []
+    gen.enqueue([constrained, counted, free])
+    while not all(j.finished for j in (constrained, counted, free)):
+        results += gen.iterate()
+    assert constrained.spec_proposed == 0 and counted.spec_proposed == 0
+    assert set(constrained.generated) <= {7, 11, 13} and grammar.accepted == constrained.generated
+    reported = [t for r in results if r["job"] is counted for t, _, _ in r.get("logprobs", [])]
+    assert reported == counted.generated
+    assert free.spec_proposed > 0
