@@ -311,15 +311,28 @@ def test_tool_call_chunks_become_tool_use_events():
     assert (message.usage.input_tokens, message.usage.output_tokens) == (30, 12)
 
 
-def test_tools_reach_the_chat_route(served):
-    """Seam: the chat route decides about tools. Until it supports them it refuses them, and the refusal
-    comes back in Anthropic's shape naming `tools`; once it does, the answer is a valid message."""
+def test_a_named_tool_is_called_through_the_anthropic_client(served):
+    """tool_choice naming a tool: the official client gets a tool_use block whose input validates against
+    the tool's input_schema (jsonschema), streamed and not, and the tool's result goes back in."""
+    import jsonschema
+
     _, base, _ = served
-    code, answer = http(base, "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": ASK, "tools": TOOLS})
-    if code == 400:
-        assert answer["type"] == "error" and "tools" in answer["error"]["message"]
-    else:
-        assert code == 200 and anthropic.types.Message.model_validate(answer).role == "assistant"
+    c = claude(base)
+    choice = {"type": "tool", "name": "get_weather"}
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    msg = c.messages.create(model=MODEL, max_tokens=48, messages=ask, tools=TOOLS, tool_choice=choice, extra_body=GREEDY)
+    uses = [b for b in msg.content if b.type == "tool_use"]
+    assert msg.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "get_weather"
+    jsonschema.validate(uses[0].input, TOOLS[0]["input_schema"])
+    with c.messages.stream(model=MODEL, max_tokens=48, messages=ask, tools=TOOLS, tool_choice=choice,
+                           extra_body=GREEDY) as stream:
+        streamed = stream.get_final_message()
+    assert [(b.name, b.input) for b in streamed.content if b.type == "tool_use"] == [(uses[0].name, uses[0].input)]
+    back = ask + [{"role": "assistant", "content": [{"type": "tool_use", "id": uses[0].id, "name": "get_weather",
+                                                      "input": uses[0].input}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "Sunny, 21 C"}]}]
+    reply = c.messages.create(model=MODEL, max_tokens=16, messages=back, tools=TOOLS, extra_body=GREEDY)
+    assert reply.role == "assistant" and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 
 def test_the_route_is_in_the_openapi_schema(served):
