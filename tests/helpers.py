@@ -135,3 +135,22 @@ def use_ops(model, ops) -> None:
     model.ops = {label: ops for label in model.ops}
     model.layer_ops = [ops] * len(model.layers)
     model.attach_kernels()
+
+
+def hf_greedy(hf_model, ids: list[int], n: int = 32) -> list[int]:
+    """transformers' n greedy tokens after `ids` (no stop token; the explicit mask keeps it from masking
+    a prompt's pad id, 0, out)."""
+    x = torch.tensor([ids])
+    return hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(ids):].tolist()
+
+
+def greedy_together(model, cache, prompts: list[list[int]], n: int = 32) -> list[list[int]]:
+    """lowgear's n greedy tokens for each prompt, all run as one batch by the DynamicGenerator (so a
+    comparison with transformers, one prompt at a time, also shows batching changes no token)."""
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(model.config), max_batch_size=len(prompts))
+    jobs = [lg.DynamicJob(torch.tensor([p]), max_new_tokens=n, gen_settings=lg.Sampler.Settings.greedy()) for p in prompts]
+    gen.enqueue(jobs)
+    while not all(j.finished for j in jobs):
+        gen.iterate()
+    return [j.generated for j in jobs]

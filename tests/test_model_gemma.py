@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowgear as lg
-from helpers import all_logits, hf_logits, interpreter_index_shim, load, use_ops
+from helpers import all_logits, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
 from lowgear.errors import BackendUnavailableError, ModelFormatError
 
 transformers = pytest.importorskip("transformers")
@@ -176,25 +176,12 @@ def test_query_pre_attn_scalar_is_the_softmax_scale(tmp_path):
     torch.testing.assert_close(all_logits(model, cache, ids), hf_logits(hf, ids), atol=ATOL, rtol=RTOL)
 
 
-def greedy(hf, ids, n=32):
-    """transformers' greedy tokens; the explicit mask keeps it from masking a prompt's pad id (0) out."""
-    x = torch.tensor([ids])
-    return hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)[0, len(ids):].tolist()
-
-
 @pytest.mark.parametrize("which", ["gemma2", "gemma3"])
 def test_greedy_32_tokens_match_transformers(which, gemma2, gemma3):
     hf, folder = gemma2 if which == "gemma2" else gemma3
     model, cache = load(folder, attn_backend="eager")  # the rungs: test_batch_equals_alone_equals_transformers
-    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(model.config), max_batch_size=4)
     prompts = [ids_of(n, seed=10 + k) for k, n in enumerate((11, 3, 23))]
-    jobs = [lg.DynamicJob(torch.tensor([p]), max_new_tokens=32, gen_settings=lg.Sampler.Settings.greedy())
-            for p in prompts]
-    gen.enqueue(jobs)  # together: batching must not change a token either
-    while not all(j.finished for j in jobs):
-        gen.iterate()
-    assert [j.generated for j in jobs] == [greedy(hf, p) for p in prompts]
+    assert greedy_together(model, cache, prompts) == [hf_greedy(hf, p) for p in prompts]
 
 
 @pytest.mark.parametrize("which", ["gemma2", "gemma3"])
@@ -245,7 +232,7 @@ def _generator(folder, rung, batch):
 def alone(gemma2, gemma3):
     """Per model: prompts longer and shorter than the window, and transformers' greedy tokens for each."""
     ids = [ids_of(n, seed=20 + k) for k, n in enumerate((5, 19, 11))]
-    return ids, {"gemma2": [greedy(gemma2[0], p, 6) for p in ids], "gemma3": [greedy(gemma3[0], p, 6) for p in ids]}
+    return ids, {"gemma2": [hf_greedy(gemma2[0], p, 6) for p in ids], "gemma3": [hf_greedy(gemma3[0], p, 6) for p in ids]}
 
 
 @pytest.mark.parametrize("rung", ["eager", "sdpa", "triton"])

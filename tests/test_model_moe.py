@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lowgear as lg
-from helpers import all_logits, hf_logits, interpreter_index_shim, load, use_ops
+from helpers import all_logits, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -189,18 +189,8 @@ def test_logits_match_transformers(moe):
 
 def test_greedy_32_tokens_match_transformers(moe):
     hf, folder = moe
-    model, cache = load(folder)
-    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(model.config), max_batch_size=4)
-    jobs, refs = [], []
-    for k, n in enumerate((11, 5, 23)):
-        ids = torch.tensor([ids_of(n, seed=10 + k)])
-        refs.append(hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, n:].tolist())
-        jobs.append(lg.DynamicJob(ids, max_new_tokens=32, gen_settings=lg.Sampler.Settings.greedy()))
-    gen.enqueue(jobs)  # together: batching must not change a token either
-    while not all(j.finished for j in jobs):
-        gen.iterate()
-    assert [j.generated for j in jobs] == refs
+    prompts = [ids_of(n, seed=10 + k) for k, n in enumerate((11, 5, 23))]
+    assert greedy_together(*load(folder), prompts) == [hf_greedy(hf, p) for p in prompts]
 
 
 def test_gguf_gives_the_folders_logits(moe, tmp_path):
