@@ -12,7 +12,7 @@ one page per sequence whose page size is max_seq_len. `slot_mapping[t]` is the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,9 @@ class StepMetadata:
     max_kv_len: int
     # True when every sequence has q_len == 1 (a pure decode step).
     is_decode: bool = False
+    # What a torch rung derives from the step once and every layer reuses (sdpa's gather slots and
+    # masks), keyed by what it depends on; filled on first use, never part of equality.
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def batch_size(self) -> int:

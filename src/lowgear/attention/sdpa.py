@@ -46,10 +46,14 @@ def gather_padded(cache: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
     # only the max_kv_len rows are copied (indexing whole pages copied page_size rows per page: a
     # 256-token page per sequence per layer dominated CPU decode at batch 8)
     page_size, kvh, hd = cache.shape[1], cache.shape[2], cache.shape[3]
-    pos = torch.arange(meta.max_kv_len, device=cache.device)
-    tables = meta.block_tables.to(cache.device).long()[:, pos // page_size]  # [B, max_kv]
-    slots = (tables * page_size + pos % page_size).clamp_(min=0)  # an unused (-1) page entry reads junk, as before
-    return cache.view(-1, kvh, hd).index_select(0, slots.reshape(-1)).view(tables.shape[0], meta.max_kv_len, kvh, hd)
+    key = ("padded_slots", page_size, cache.device)
+    slots = meta.memo.get(key)
+    if slots is None:  # once a step: every layer's K and V gather the same slots
+        pos = torch.arange(meta.max_kv_len, device=cache.device)
+        tables = meta.block_tables.to(cache.device).long()[:, pos // page_size]  # [B, max_kv]
+        slots = (tables * page_size + pos % page_size).clamp_(min=0).reshape(-1)  # an unused (-1) page reads junk
+        meta.memo[key] = slots
+    return cache.view(-1, kvh, hd).index_select(0, slots).view(meta.batch_size, meta.max_kv_len, kvh, hd)
 
 
 def gather_packed(cache: torch.Tensor, meta: StepMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +161,10 @@ class SdpaBackend(AttentionBackend):
             qp[seq, row] = q
         k = gather_padded(k_cache, meta).to(q.dtype)  # [B, K, KVH, D]
         v = gather_padded(v_cache, meta).to(q.dtype)
-        mask = padded_mask(meta, window, dev)
+        key = ("padded_mask", window, dev)
+        mask = meta.memo.get(key)
+        if mask is None:  # once a step per window: the layers share it
+            mask = meta.memo[key] = padded_mask(meta, window, dev)
         out = sdpa(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, mask, expand_kv=self._expand(True, dev))
         out = out.transpose(1, 2)  # [B, Q, H, D]
         return out.reshape(T, heads, hd) if meta.is_decode else out[seq, row]
