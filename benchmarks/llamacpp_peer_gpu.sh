@@ -8,7 +8,13 @@
 # 1. builds llama.cpp's tools (llama-quantize, llama-batched-bench) with CUDA for this GPU from
 #    .peer/llama-src.tar.gz (llama.cpp's source from PyPI's llama-cpp-python sdist, vendor/llama.cpp,
 #    without models/ docs/ media/ gguf-py/ benches/ tests/ and the non-CUDA ggml backends: ~9 MB),
-#    once, into .peer/llama.cpp/build (kept while the machine is);
+#    once, into .peer/llama.cpp/build (kept while the machine is). Make the tarball where PyPI is
+#    reachable (.peer/ is git-ignored; carry it to a machine without a network):
+#      pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/l && tar -xzf /tmp/l/*.tar.gz -C /tmp/l
+#      cd /tmp/l/llama_cpp_python-0.3.36/vendor && tar -czf $REPO/.peer/llama-src.tar.gz \
+#        $(for d in models docs media gguf-py benches build tests .git; do echo --exclude=llama.cpp/$d; done) \
+#        $(for b in blas cann et hexagon hip metal musa opencl openvino rpc sycl virtgpu vulkan webgpu zdnn zendnn; \
+#          do echo --exclude=llama.cpp/ggml/src/ggml-$b; done) llama.cpp
 # 2. writes a random Llama-3-8B-shape model as F16 GGUF (lowgear's synthetic writer) and quantizes it
 #    with llama.cpp's own llama-quantize to each type (so Q4_K_M holds llama.cpp's real Q6_K / Q4_K mix);
 # 3. `lowgear bench --model FILES --llama-cpp BIN` times both engines on each file: graphed decode at
@@ -29,6 +35,7 @@ BIN="$LC/build/bin"
 
 if [ ! -x "$BIN/llama-batched-bench" ] || [ ! -x "$BIN/llama-quantize" ]; then
     echo "== building llama.cpp (CUDA) $(date +%T)"
+    [ -s .peer/llama-src.tar.gz ] || { echo "no .peer/llama-src.tar.gz: see the top of this script" >&2; exit 2; }
     [ -d "$LC" ] || tar -xzf .peer/llama-src.tar.gz -C .peer
     arch="$("$PY" -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")')"
     cmake -S "$LC" -B "$LC/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
