@@ -32,4 +32,5 @@ SPECULATE_MODES = ("ngram", "draft")
 NUM_DRAFT_TOKENS = 4
 NGRAM_MAX = 3
 # KV cache storage (--kv-cache-dtype): the model dtype, or 8 / 4 bits with a float32 scale per token and head.
+# why (these and the two above): docs/decisions/020-speculative-and-8-bit-kv.md
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "int4")

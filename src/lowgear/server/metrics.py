@@ -33,6 +33,7 @@ METRICS = (
 
 
 # kind: (type, help, default names); the picker's defaults, both names of vLLM's KV usage gauge
+# why: docs/decisions/016-server-packages-and-gateway-metric-names.md
 ROUTER_METRICS = {
     "queued": ("gauge", "Requests waiting for a batch slot (model server protocol: TotalQueuedRequests)",
                ("vllm:num_requests_waiting",)),

@@ -6,6 +6,7 @@ Sources, one per request: OpenAI's `response_format` ({"type": "json_object"} or
 object with keys json / regex / grammar / choice / json_object). `request_grammar` compiles the one
 given into an llguidance grammar and checks it against the model's vocabulary, so a schema the
 library cannot handle is a 400 naming the field before any job starts.
+why llguidance: docs/decisions/017-structured-grammar-library.md
 
 `GrammarConstraint` is what the engine sees (engine/job.py `constraint`): `allowed(width)` gives the
 tokens the grammar allows next as a bool tensor, `accept(token)` advances it, `error()` says why it
