@@ -65,8 +65,10 @@ def hf_run(model, ids: list[int], batch: int, new_tokens: int) -> tuple[float, l
     x = torch.tensor([ids] * batch)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        # no stop token (eos_token_id=None), as lowgear's jobs here: the end-of-text token is an ordinary
+        # token. (min_new_tokens would instead forbid it, and change the greedy choice where it wins.)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, eos_token_id=None,
+                             do_sample=False, pad_token_id=0)
     return time.perf_counter() - t0, out[:, len(ids):].tolist()
 
 
