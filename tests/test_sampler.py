@@ -284,3 +284,41 @@ def test_subnormal_top_p_keeps_the_top_token():
     for seed in range(5):
         out = sample(logits, rows, generators=[torch.Generator().manual_seed(seed)] * 2)
         assert out.tolist() == [1, 0]
+
+
+# ---------------------------------------------------------------- edges with hand-worked answers
+
+
+def test_top_p_of_one_filters_nothing_even_where_float32_mass_reaches_one():
+    """logits [30, 0, 0, 0]: the top token's float32 probability is 1.0, so the mass before every other
+    token is 1.0 too; top_p = 1 (no filtering, as OpenAI and transformers mean it) must keep them
+    anyway, each at e**-30 / (1 + 3 e**-30) ~ 9.4e-14 (a cut at `mass_before < 1` would zero them)."""
+    from lowgear.engine.sampler import distribution
+
+    p = distribution(torch.tensor([[30.0, 0.0, 0.0, 0.0]]), [SamplerSettings(temperature=1.0, top_p=1.0)])
+    tail = math.exp(-30) / (1 + 3 * math.exp(-30))
+    assert p[0, 1:].tolist() == pytest.approx([tail] * 3, rel=1e-3, abs=0)
+
+
+def test_half_precision_logits_are_penalized_in_float32():
+    """bfloat16 logits [1000, 992], token 0 seen, presence penalty 2: in float32 its logit becomes 998
+    and p1 / p0 = e**-6; penalized in bfloat16 (a step of 4 at 1000) 998 would round to 996 or 1000,
+    giving e**-4 or e**-8."""
+    from lowgear.engine.sampler import distribution
+
+    logits = torch.tensor([[1000.0, 992.0]], dtype=torch.bfloat16)
+    p = distribution(logits, [SamplerSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=2.0)], [[0]])
+    assert float(p[0, 1] / p[0, 0]) == pytest.approx(math.exp(-6.0), rel=1e-4)
+
+
+def test_unseeded_rows_draw_from_torchs_default_generator_and_seeded_rows_from_their_own():
+    """A batch with an unseeded row and a seeded one: the unseeded row's uniform is torch.rand's next
+    number after torch.manual_seed, the seeded row's its own generator's next, whatever sits beside it."""
+    from lowgear.engine.sampler import _uniforms
+
+    torch.manual_seed(123)
+    want_default = torch.rand(1).item()
+    want_own = torch.rand(1, generator=torch.Generator().manual_seed(7)).item()
+    torch.manual_seed(123)
+    u = _uniforms([None, torch.Generator().manual_seed(7)], torch.device("cpu"))
+    assert u.tolist() == pytest.approx([want_default, want_own], abs=0)
