@@ -69,17 +69,20 @@ def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
     return ((qh[..., :, None] >> shifts) & 1).flatten(-2)
 
 
+def q5_codes(b: torch.Tensor, qh: int) -> torch.Tensor:
+    """A Q5_0 / Q5_1 block's 5-bit codes [..., 32] (uint8): fifth bits at byte qh, low nibbles after them."""
+    return _nibbles(b[..., qh + 4 : qh + 20]) | (_fifth_bits(b[..., qh : qh + 4]) << 4)
+
+
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[..., 0:2])
-    q = _nibbles(b[..., 6:22]) | (_fifth_bits(b[..., 2:6]) << 4)
-    return d[..., None] * (q.float() - 16.0)
+    return d[..., None] * (q5_codes(b, 2).float() - 16.0)
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[..., 0:2])
     m = _f16(b[..., 2:4])
-    q = _nibbles(b[..., 8:24]) | (_fifth_bits(b[..., 4:8]) << 4)
-    return d[..., None] * q.float() + m[..., None]
+    return d[..., None] * q5_codes(b, 4).float() + m[..., None]
 
 
 def _k_scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,27 +117,36 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     return w.flatten(-2)
 
 
+def q5_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """A Q5_K super-block's 5-bit codes [..., 8 sub-blocks, 32] (uint8)."""
+    shifts = torch.arange(8, device=b.device, dtype=torch.uint8).view(8, 1)
+    high = (b[..., None, 16:48] >> shifts) & 1  # [..., 8 sub-blocks, 32]: bit i of qh[l]
+    return _k_low_nibbles(b[..., 48:176]) | (high << 4)
+
+
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[..., 0:2])
     dmin = _f16(b[..., 2:4])
     sc, mn = _k_scales_mins(b[..., 4:16])
-    qh = b[..., 16:48]
-    shifts = torch.arange(8, device=b.device, dtype=torch.uint8).view(8, 1)
-    high = (qh[..., None, :] >> shifts) & 1  # [..., 8 sub-blocks, 32]: bit i of qh[l]
-    q = (_k_low_nibbles(b[..., 48:176]) | (high << 4)).float()
+    q = q5_k_codes(b).float()
     w = (d[..., None] * sc)[..., None] * q - (dmin[..., None] * mn)[..., None]
     return w.flatten(-2)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def q6_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """A Q6_K super-block's 6-bit codes [..., 16 groups of 16] (uint8, 0..63: w = d * sc * (q - 32))."""
     ql = b[..., 0:128].unflatten(-1, (2, 2, 32))  # [half, a, 32]
     qh = b[..., 128:192].unflatten(-1, (2, 32))  # [half, 32]
-    sc = b[..., 192:208].contiguous().view(torch.int8).float()  # one per 16 weights
-    d = _f16(b[..., 208:210])
     # shifts as separate ops, not a constant tensor: no host data inside a captured graph
     low = torch.stack((ql & 0x0F, ql >> 4), dim=-3).flatten(-3, -2)  # [half, 4 groups, 32]; g = nibble*2 + a
     high = torch.stack([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=-2)  # group g takes bits 2g..2g+1
-    q = ((low | (high << 4)).to(torch.int16) - 32).float().reshape(*b.shape[:-1], 16, 16)
+    return (low | (high << 4)).reshape(*b.shape[:-1], 16, 16)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()  # one per 16 weights
+    d = _f16(b[..., 208:210])
+    q = (q6_k_codes(b).to(torch.int16) - 32).float()
     return ((d[..., None] * sc)[..., None] * q).flatten(-2)
 
 

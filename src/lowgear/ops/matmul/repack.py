@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import torch
 
-from ...formats.dequant import _fifth_bits, _k_low_nibbles, _k_scales_mins, _nibbles
+from ...formats.blocks import get_format
+from ...formats.dequant import _f16, _k_low_nibbles, _k_scales_mins, _nibbles, q5_codes, q5_k_codes, q6_k_codes
 from ...formats.gptq import GPTQWeight
 
 EXACT = {"Q4_0": (4, 8), "Q8_0": (8, 128)}  # integer zeros, packed as GPTQ does: type -> (bits, zero point)
 FLOAT_ZERO = {"Q5_0": (8, 32), "Q6_K": (8, 16), "Q4_1": (4, 32), "Q5_1": (8, 32), "Q4_K": (4, 32),
               "Q5_K": (8, 32)}  # type -> (GPTQ bits, group size)
-BLOCK = {"Q4_0": 32, "Q8_0": 32, "Q5_0": 32, "Q4_1": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34, "Q5_0": 22, "Q4_1": 20, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 # output columns converted at a time: bounds the temporaries of the packer
 BAND = 4096
 
@@ -51,21 +50,18 @@ def can_hold(qtype: str, out_features: int, in_features: int) -> bool:
     integer zeros) N * bits a multiple of 32, GPTQ's packing of N zero points into int32 words."""
     if qtype not in EXACT and qtype not in FLOAT_ZERO:
         return False
-    if in_features % BLOCK[qtype]:
+    if in_features % get_format(qtype).block_size:
         return False
     return qtype not in EXACT or (out_features * EXACT[qtype][0]) % 32 == 0
-
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).squeeze(-1).float()
 
 
 def parts(qtype: str, data: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF rows [N, row_bytes] uint8 -> (codes int32 [N, K], scale float32 [N, K / group], offset float32
     [N, K / group]) with w = code * scale - offset for each group (offset = zero * scale)."""
     n = data.shape[0]
-    b = data.reshape(n, in_features // BLOCK[qtype], BLOCK_BYTES[qtype])
-    zero = {"Q4_0": 8.0, "Q8_0": 128.0, "Q5_0": 16.0, "Q6_K": 32.0}
+    fmt = get_format(qtype)
+    b = data.reshape(n, in_features // fmt.block_size, fmt.block_bytes)
+    zero = {"Q5_0": 16, "Q6_K": 32, **{t: z for t, (_, z) in EXACT.items()}}  # the integer zero points
     if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         d = _f16(b[..., 0:2])
         if qtype == "Q8_0":
@@ -74,29 +70,19 @@ def parts(qtype: str, data: torch.Tensor, in_features: int) -> tuple[torch.Tenso
             q = _nibbles(b[..., 2:18])
         elif qtype == "Q4_1":
             q = _nibbles(b[..., 4:20])
-        elif qtype == "Q5_0":
-            q = _nibbles(b[..., 6:22]) | (_fifth_bits(b[..., 2:6]) << 4)
         else:
-            q = _nibbles(b[..., 8:24]) | (_fifth_bits(b[..., 4:8]) << 4)
+            q = q5_codes(b, 2 if qtype == "Q5_0" else 4)
         scale = d
         offset = -_f16(b[..., 2:4]) if qtype in ("Q4_1", "Q5_1") else zero[qtype] * d
     elif qtype in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         sc, mn = _k_scales_mins(b[..., 4:16])
-        if qtype == "Q4_K":
-            q = _k_low_nibbles(b[..., 16:144])
-        else:
-            shifts = torch.arange(8, device=b.device, dtype=torch.uint8).view(8, 1)
-            q = _k_low_nibbles(b[..., 48:176]) | (((b[..., None, 16:48] >> shifts) & 1) << 4)
+        q = _k_low_nibbles(b[..., 16:144]) if qtype == "Q4_K" else q5_k_codes(b)
         scale, offset = d[..., None] * sc, dmin[..., None] * mn
     elif qtype == "Q6_K":
-        ql = b[..., 0:128].unflatten(-1, (2, 2, 32))
-        qh = b[..., 128:192].unflatten(-1, (2, 32))
-        low = torch.stack((ql & 0x0F, ql >> 4), dim=-3).flatten(-3, -2)
-        high = torch.stack([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=-2)
-        q = (low | (high << 4)).reshape(*b.shape[:-1], 16, 16)
+        q = q6_k_codes(b)
         scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].contiguous().view(torch.int8).float()
-        offset = 32.0 * scale
+        offset = zero[qtype] * scale
     else:
         raise ValueError(f"{qtype} has no GPTQ form")
     return q.to(torch.int32).reshape(n, in_features), scale.reshape(n, -1), offset.reshape(n, -1)
