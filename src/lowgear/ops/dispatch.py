@@ -150,9 +150,5 @@ def triton_ops(eligibility: Eligibility | None = None) -> Ops:
 
 def ops_for(device) -> Ops:
     """The ops `device` (a hardware.DeviceInfo) runs: Triton's where triton_eligibility allows, else torch's."""
-    if device.native_capability is not None and triton_missing() is None:  # LOWGEAR_EMULATE_SM: Triton's target too
-        from .emulate import install
-
-        install(device.compute_capability, device.native_capability)
     eligibility = triton_eligibility(device)
     return triton_ops(eligibility) if eligibility.triton else torch_ops(eligibility)

@@ -4,8 +4,8 @@ card's code paths and arithmetic on the GPU at hand.
 Two parts. `platform/hardware.py` reports the emulated compute capability for every real CUDA device
 (its name says "as sm_75"), so every decision made from it follows: the attention ladder, the matmul
 routes (no tl.dot tensor-core kernel below sm_80), no programmatic dependent launch, torch's sdpa
-without its sm_80+ kernels. And `install` (called before the process compiles any Triton kernel:
-`ops.dispatch.ops_for`) makes Triton compile for the emulated target: its driver reports that
+without its sm_80+ kernels. And `install` (called when `lowgear.ops` is imported, before the
+process compiles any Triton kernel: `install_from_env`) makes Triton compile for the emulated target: its driver reports that
 target, so the kernels are lowered as for that card (tl.dot as FMAs, no cp.async or wgmma), and a
 ptxas wrapper assembles that PTX for the real GPU's architecture (PTX is forward compatible; the
 machine code for sm_75 is not), so the sm_75 code runs on the newer card. The FP32-FMA-per-byte
