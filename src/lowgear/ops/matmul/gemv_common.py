@@ -25,3 +25,12 @@ def _row_base(N, bpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # clamp rather than mask: the loads stay unmasked (vectorizable), the store drops the extras
     return rows, tl.minimum(rows, N - 1).to(tl.int64) * bpr
+
+
+@triton.jit
+def _halves_dot(x_ptr, row, xoff, lo, hi, HALF: tl.constexpr):
+    """Per block of two halves, sum(lo * x[first half]) + sum(hi * x[second half]) for the activation
+    row at x_ptr + row: lo / hi [BN, J, HALF] the halves' values, xoff [J, HALF] the first half's offsets."""
+    xl = tl.load(x_ptr + row + xoff).to(tl.float32)
+    xh = tl.load(x_ptr + row + xoff + HALF).to(tl.float32)
+    return tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ...formats.dequant import iq4_table
 from . import unpack
-from .gemv_common import _add_column, _row_base, _store
+from .gemv_common import _add_column, _halves_dot, _row_base, _store
 from .gguf_gemv_low import LOW_BIT_KERNELS, TABLE_QTYPES
 
 MAX_M = 16
@@ -58,9 +58,7 @@ def gemv_q4_0_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
         lo, hi, d = unpack.q4_0_tile(w, wh, row_base, blk, e)
         xoff = blk[:, None] * 32 + e[None, :]
         for m in tl.static_range(M):
-            xl = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
-            xh = tl.load(x_ptr + m * stride_xm + xoff + 16).to(tl.float32)
-            s = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)
+            s = _halves_dot(x_ptr, m * stride_xm, xoff, lo, hi, 16)
             acc = _add_column(acc, tl.sum(s * d, axis=1), m, M_PAD)
     _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
 

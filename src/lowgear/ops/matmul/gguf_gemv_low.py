@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gemv_common import _add_column, _row_base, _store
+from .gemv_common import _add_column, _halves_dot, _row_base, _store
 
 
 @triton.jit
@@ -104,9 +104,7 @@ def gemv_iq4_nl_kernel(x_ptr, w, wh, tab, y_ptr, N, K, bpr, stride_xm, stride_ym
         d = tl.load(wh + (row_base // 2)[:, None] + (blk * 9)[None, :]).to(tl.float32)
         xoff = blk[:, None] * 32 + e[None, :]
         for m in tl.static_range(M):
-            xl = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
-            xh = tl.load(x_ptr + m * stride_xm + xoff + 16).to(tl.float32)
-            s = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)
+            s = _halves_dot(x_ptr, m * stride_xm, xoff, lo, hi, 16)
             acc = _add_column(acc, tl.sum(s * d, axis=1), m, M_PAD)
     _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
 
@@ -131,9 +129,7 @@ def gemv_iq4_xs_kernel(x_ptr, w, wh, tab, y_ptr, N, K, bpr, stride_xm, stride_ym
         sc = d * ((s_lo | (s_hi << 4)).to(tl.float32) - 32.0)
         xoff = (blk * 256 + ib * 32)[:, None] + t[None, :]
         for m in tl.static_range(M):
-            xl = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
-            xh = tl.load(x_ptr + m * stride_xm + xoff + 16).to(tl.float32)
-            s = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)
+            s = _halves_dot(x_ptr, m * stride_xm, xoff, lo, hi, 16)
             acc = _add_column(acc, tl.sum(s * sc, axis=1), m, M_PAD)
     _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
 
