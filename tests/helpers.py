@@ -154,3 +154,31 @@ def greedy_together(model, cache, prompts: list[list[int]], n: int = 32) -> list
     while not all(j.finished for j in jobs):
         gen.iterate()
     return [j.generated for j in jobs]
+
+
+def gguf_writer_for(path, arch: str, cfg, head_dim: int | None = None):
+    """A gguf.GGUFWriter for `arch` with the hyperparameters llama.cpp's converter writes from every
+    transformers config (key / value length only where `head_dim` is given); the caller adds the rest."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    return w
+
+
+def close_gguf(w, path) -> str:
+    """Write a GGUFWriter's header, metadata and tensors, close it, and return the file's path."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowgear as lg
-from helpers import all_logits, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
+from helpers import all_logits, close_gguf, gguf_writer_for, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
 from lowgear.errors import BackendUnavailableError, ModelFormatError
 
 transformers = pytest.importorskip("transformers")
@@ -88,16 +88,7 @@ def write_gemma_gguf(path, hf, drop: tuple[str, ...] = ()) -> str:
     tensor), every *norm.weight stored + 1, q/k not permuted, the keys its set_gguf_parameters writes."""
     cfg = hf.config
     arch = "gemma2" if cfg.model_type == "gemma2" else "gemma3"
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w = gguf_writer_for(path, arch, cfg, cfg.head_dim)
     w.add_sliding_window(cfg.sliding_window)
     if arch == "gemma2":
         w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
@@ -119,11 +110,7 @@ def write_gemma_gguf(path, hf, drop: tuple[str, ...] = ()) -> str:
             t = t + 1  # llama.cpp's converter: "norm weights + 1", as Gemma's RMSNorm scales by 1 + w
         if gguf_name(name) not in drop:
             w.add_tensor(gguf_name(name), t.numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return close_gguf(w, path)
 
 
 def ids_of(n: int, seed: int = 1) -> list[int]:

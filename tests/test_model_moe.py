@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lowgear as lg
-from helpers import all_logits, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
+from helpers import all_logits, close_gguf, gguf_writer_for, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -93,30 +93,15 @@ def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
     cfg = hf.config
     mixtral = cfg.model_type == "mixtral"
     arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[cfg.model_type]
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
+    w = gguf_writer_for(path, arch, cfg, head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     experts = cfg.num_local_experts if mixtral else cfg.num_experts
     w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
-    from lowgear.bench.synthetic import byte_vocab
+    from lowgear.bench.synthetic import byte_vocab, write_gguf_tokenizer
 
-    vocab = byte_vocab(VOCAB)  # the folder's tokenizer, as GGUF metadata (gpt2-style, byte-level)
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "gpt-2")
-    w.add_array("tokenizer.ggml.tokens", vocab.tokens)
-    w.add_array("tokenizer.ggml.token_type", vocab.token_types)
-    w.add_array("tokenizer.ggml.merges", vocab.merges)
-    w.add_uint32("tokenizer.ggml.eos_token_id", vocab.eos_id)
+    write_gguf_tokenizer(w, byte_vocab(VOCAB))  # the folder's tokenizer, as GGUF metadata (gpt2-style, byte-level)
     if not mixtral:
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
@@ -152,11 +137,7 @@ def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
             add(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter], qtype)
             add(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:], qtype)
             add(f"blk.{i}.ffn_down_exps.weight", down, qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return close_gguf(w, path)
 
 
 def ids_of(n: int, seed: int = 1) -> list[int]:

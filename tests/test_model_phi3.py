@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lowgear as lg
-from helpers import all_logits, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
+from helpers import all_logits, close_gguf, gguf_writer_for, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -87,15 +87,8 @@ def write_phi3_gguf(path, hf, qtype: str | None = None) -> str:
 
     cfg = hf.config
     rope = cfg.rope_parameters
-    w = gguf.GGUFWriter(str(path), "phi3")
-    w.add_context_length(cfg.max_position_embeddings)
+    w = gguf_writer_for(path, "phi3", cfg)
     w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(int(HEAD_DIM * rope.get("partial_rotary_factor", 1.0)))
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_sliding_window(cfg.sliding_window or 0)
@@ -128,11 +121,7 @@ def write_phi3_gguf(path, hf, qtype: str | None = None) -> str:
         else:
             w.add_tensor(out, values)
     write_gguf_tokenizer(w, byte_vocab(VOCAB))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return close_gguf(w, path)
 
 
 def ids_of(n: int, seed: int = 1) -> list[int]:

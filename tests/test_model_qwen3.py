@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lowgear as lg
-from helpers import all_logits, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
+from helpers import all_logits, close_gguf, gguf_writer_for, greedy_together, hf_greedy, hf_logits, interpreter_index_shim, load, use_ops
 from lowgear.errors import ModelFormatError, UnsupportedError
 
 transformers = pytest.importorskip("transformers")
@@ -64,29 +64,16 @@ def gguf_name(hf_name: str) -> str:
 def write_qwen3_gguf(path, hf, drop: tuple[str, ...] = ()) -> str:
     """`hf`'s weights as llama.cpp's convert_hf_to_gguf.py writes a Qwen3 (F32, no q/k permutation)."""
     cfg = hf.config
-    w = gguf.GGUFWriter(str(path), "qwen3")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    w = gguf_writer_for(path, "qwen3", cfg, cfg.head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
                          else float(cfg.rope_theta))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     state = hf.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for name, t in state.items():
         if gguf_name(name) not in drop:
             w.add_tensor(gguf_name(name), t.detach().float().numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return close_gguf(w, path)
 
 
 def ids_of(n: int, seed: int = 1) -> list[int]:
