@@ -89,3 +89,12 @@ def test_jsonl_lines_are_read_and_log_lines_skipped():
     text = 'main: log\n{"pp": 512, "tg": 32, "pl": 16, "speed_pp": 9000.5, "speed_tg": 1600.0}\nllama_perf: done\n'
     rows = llamacpp.parse_jsonl(text)
     assert llamacpp.decode_figures(rows) == [{"batch": 16, "context": 512, "tokens_per_s": 1600.0, "ms_per_step": 10.0}]
+
+
+def test_llama_cpp_without_gguf_files_is_one_clear_error(tmp_path, fake_llama_cpp):
+    """llama.cpp can only time files: with a synthetic preset (no --model) the bench says so before it runs."""
+    args = make_parser().parse_args(["bench", "--preset", "tiny", "--device", "cpu", "--quick", "--no-peer",
+                                     "--llama-cpp", str(fake_llama_cpp), "--out", str(tmp_path / "out")])
+    with pytest.raises(LowgearError, match="--model FILE.gguf"):
+        args.func(args)
+    assert not (fake_llama_cpp / "llama-batched-bench.calls").exists()
