@@ -34,6 +34,11 @@ PRESETS: dict[str, ModelSpec] = {
                             name="Qwen2-0.5B shape"),
     "qwen3-8b": ModelSpec("qwen3", 151936, 4096, 12288, 36, 32, 8, 128, 1e-6, 1000000.0, None,
                           max_position_embeddings=40960, qk_norm=True, name="Qwen3-8B shape"),
+    "gemma3-12b": ModelSpec("gemma3", 262208, 3840, 15360, 48, 16, 8, 256, 1e-6, 1000000.0,
+                            {"type": "linear", "factor": 8.0}, max_position_embeddings=131072,
+                            tie_word_embeddings=True, sliding_window=1024, qk_norm=True,
+                            sliding_layers=tuple((i + 1) % 6 != 0 for i in range(48)), rope_local_theta=10000.0,
+                            attn_scale=256 ** -0.5, gemma_block=True, name="Gemma-3-12B shape"),
     "mixtral-8x7b": ModelSpec("mixtral", 32000, 4096, 14336, 32, 32, 8, 128, 1e-5, 1000000.0, None,
                               max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2,
                               moe_intermediate_size=14336, moe_layers=tuple(range(32)), name="Mixtral-8x7B shape"),
@@ -77,6 +82,8 @@ class RandomSource:
                 shapes.update({p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (kv_out,)})
             if s.qk_norm:
                 shapes.update({p + "q_norm": (s.head_dim,), p + "k_norm": (s.head_dim,)})
+            if s.gemma_block:
+                shapes.update({p + "post_attn_norm": (h,), p + "post_ffn_norm": (h,)})
         self.shapes = shapes
 
     def _packed(self, name: str) -> bool:
