@@ -18,10 +18,11 @@ SERVER_CACHE_TOKENS = 8192
 # Where sm_90+ decode kernels let the next kernel in (ops/pdl.py); auto: wait at one token row, loop above.
 PDL_RELEASE_MODES = ("auto", "loop", "wait", "start")
 PDL_RELEASE = "auto"
-# How packed weights live on a CPU (model/load.py decides, doctor says): "auto" unpacks each packed
-# linear once at load into a float weight when those weights fit in 1/CPU_UNPACK_RAM_SHARE of the RAM
-# left after the cache, else keeps them packed; "unpacked" / "packed" force one.
-CPU_WEIGHTS_MODES = ("auto", "unpacked", "packed")
+# How packed weights live on a CPU (platform/placement.cpu_weights decides, doctor says): "auto" holds 4-bit
+# GGUF layers for torch's int4 kernel where it runs and unpacks the other packed linears once at load
+# into float weights when those fit in 1/CPU_UNPACK_RAM_SHARE of the RAM left after the cache, else keeps
+# them packed; "int4" / "unpacked" / "packed" force one (docs/decisions/021-cpu-int4-weights.md).
+CPU_WEIGHTS_MODES = ("auto", "int4", "unpacked", "packed")
 CPU_WEIGHTS = "auto"
 CPU_UNPACK_RAM_SHARE = 2
 # max_seq_len "auto" on a CPU-only plan: a cache of at most 1/CPU_AUTO_RAM_SHARE of available RAM.

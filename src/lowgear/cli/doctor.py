@@ -239,8 +239,11 @@ def _old_gpus(source) -> list[dict]:
 
 def _cpu_weights(source, mode: str, elt: int, cache_bytes: int) -> dict:
     """What a CPU does with the packed weights (the same call model/load.py makes), for the cache it would hold."""
-    c = placement.cpu_weights(source, mode, elt, cache_bytes)
-    return {"unpack": c.unpack, "mode": c.mode, "why": c.why, "packed_bytes": c.packed_bytes,
+    from ..ops.matmul import cpu_int4
+
+    c = placement.cpu_weights(source, mode, elt, cache_bytes, int4_bytes=cpu_int4.sizer())
+    return {"unpack": c.unpack, "int4": c.int4, "int4_layers": c.int4_layers, "mode": c.mode, "why": c.why,
+            "packed_bytes": c.packed_bytes,
             "unpacked_bytes": c.unpacked_bytes, "held_bytes": c.held_bytes, "cache_bytes": cache_bytes}
 
 
@@ -416,7 +419,8 @@ def render(report: dict) -> str:
                          f"stored, a batch-1 decode step reads {_gib(e['bytes_read_per_token'])}")
         w = m["cpu_weights"]
         if w is not None:
-            how = "unpacked once at load" if w["unpack"] else "packed (dequantized at every step)"
+            how = ("4-bit layers as int4" + (", the rest unpacked once at load" if w["unpack"] else "")
+                   if w.get("int4") else "unpacked once at load" if w["unpack"] else "packed (dequantized at every step)")
             lines.append(f"  cpu      weights {how}: {_gib(w['held_bytes'])} held — {w['why']}")
         if m["placement_error"]:
             lines.append(f"  at the model's context: {m['placement_error']}")

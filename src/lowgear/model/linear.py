@@ -56,6 +56,7 @@ class QuantLinear(nn.Module):
         self._gptq: dict | None = None  # GPTQ facts (bits, group_size, ...) when weight is a GPTQWeight
         self.unpacked_from: str | None = None  # the file's quant type once unpack_() made the weight float
         self._exl2: dict | None = None  # EXL2 facts (bits_per_weight, bits histogram) when weight is an EXL2Weight
+        self.int4_cpu = False  # held for torch's int4 CPU kernel (hold_int4_cpu: ops/matmul/cpu_int4.py)
         if isinstance(weight, EXL2Weight):
             weight.validate()
             self._packed_qtype = weight.qtype
@@ -119,6 +120,8 @@ class QuantLinear(nn.Module):
         """Bytes the weight occupies as held (packed or float), bias excluded."""
         if self._gptq is not None:
             return self.gptq_weight().nbytes
+        if self.int4_cpu:
+            return self.qweight.numel() * self.qweight.element_size() + self.i4_scales_zeros.numel() * 2
         if self._exl2 is not None:
             return self.exl2_weight().nbytes
         w = self.qweight if self.packed else self.weight
@@ -159,6 +162,15 @@ class QuantLinear(nn.Module):
                                                                                        self.in_features)
         self._hold_gptq(w)
 
+    def hold_int4_cpu(self, packed: torch.Tensor, scales_zeros: torch.Tensor, kernel: Kernel) -> None:
+        """Hold the weight as torch's int4 CPU kernel takes it (ops/matmul/cpu_int4.py), in place of the GGUF rows:
+        `qweight` its packed codes, `i4_scales_zeros` the bfloat16 [groups, N, 2] scale and zero, kept as int16
+        bits so that `.to(dtype)` cannot change them; `kernel` the matmul. `qtype` still names the file's type."""
+        assert self.packed and self._gptq is None and self._exl2 is None and self.device.type == "cpu"
+        self.register_buffer("qweight", packed)
+        self.register_buffer("i4_scales_zeros", scales_zeros.view(torch.int16))
+        self.int4_cpu, self.kernel = True, kernel
+
     def gptq_weight(self) -> GPTQWeight:
         """The held GPTQ tensors (on the module's device) as a GPTQWeight."""
         return GPTQWeight(self.qweight, self.qzeros, self.scales.view(torch.float16), self.g_idx, **self._gptq,
@@ -181,6 +193,10 @@ class QuantLinear(nn.Module):
             return out
         if self._exl2 is not None:
             return dequantize_exl2(self.exl2_weight(), rows, dtype)
+        if self.int4_cpu:  # the kernel's own product with the identity: its weights as it computes them
+            eye = torch.eye(self.in_features, dtype=dtype)
+            w = self.kernel(eye, self).t().to(dtype)
+            return w if rows is None else w[rows]
         if rows is None:
             return dequantize_data(self.qtype, self.qweight, dtype)
         if isinstance(rows, slice):
@@ -193,6 +209,7 @@ class QuantLinear(nn.Module):
         values are those the packed path makes at every step. `unpacked_from` keeps the file's type."""
         if not self.packed:
             return self
+        assert not self.int4_cpu, "an int4 CPU layer is not unpacked (its GGUF rows are gone)"
         # stored [in, out] (weight is its transposed view): the CPU GEMM reads it as x @ w_t without a
         # transpose, 1.5-2x faster at 8 rows than [out, in] (measured on 2 cores, 576x3072 fp32)
         w_t = torch.empty(self.in_features, self.out_features, dtype=dtype, device=self.device)

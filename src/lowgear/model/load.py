@@ -17,6 +17,7 @@ from ..attention.select import model_needs, select_backend
 from ..ops import pdl
 from ..ops.dispatch import ops_for
 from ..platform.dtypes import common_dtype, dtype_bytes
+from ..ops.matmul import cpu_int4
 from ..platform.placement import cpu_weights, device_bytes
 from ..platform.placement import plan as plan_placement
 
@@ -49,8 +50,9 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     model.cpu_weights = None
     if any(devices[i].kind == "cpu" for i in set(plan.layer_device)):
         cache_bytes = kv_bytes_per_token_layer * spec.num_layers * plan.max_seq_len
-        model.cpu_weights = cpu_weights(source, config.cpu_weights_mode(), dtype_bytes(dtype), cache_bytes)
-    unpack = model.cpu_weights is not None and model.cpu_weights.unpack
+        model.cpu_weights = cpu_weights(source, config.cpu_weights_mode(), dtype_bytes(dtype), cache_bytes,
+                                        int4_bytes=cpu_int4.sizer())
+    choice = model.cpu_weights
     switches = config.effective_switches()
     used = sorted({plan.layer_device[i] for i in range(spec.num_layers)})
     model.selections, model.ops = {}, {}
@@ -66,13 +68,15 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     bar = tqdm(total=spec.num_layers + 1, desc=f"loading {spec.name or spec.arch}", unit="layer", disable=not progress)
     try:
         for i in range(spec.num_layers):
-            model.layers.append(_unpacked(model.build_layer(i, get, layer_devs[i], dtype), unpack, dtype))
+            model.layers.append(_held_on_cpu(model.build_layer(i, get, layer_devs[i], dtype), choice, dtype))
             model.layer_devices.append(layer_devs[i])
             model.layer_ops.append(model.ops[devices[plan.layer_device[i]].label])
             bar.update(1)
         model.build_ends(get, set(source.names()), layer_devs[0], layer_devs[-1], dtype)
-        for m in {id(m): m for m in (model.embed, model.lm_head)}.values():
-            _unpacked(m, unpack, dtype)
+        tied = model.lm_head is model.embed
+        _held_on_cpu(model.embed, choice, dtype, int4=False)  # looked up by row: never the int4 kernel's
+        if not tied:
+            _held_on_cpu(model.lm_head, choice, dtype)
         bar.update(1)
     finally:
         bar.close()
@@ -80,13 +84,19 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     cache.allocate(plan.max_seq_len)
 
 
-def _unpacked(module, unpack: bool, dtype):
-    """Unpack every packed linear of `module` that sits on a CPU into a float weight, when `unpack`
-    (the CPU's choice: platform.placement.cpu_weights); a tied head is the embedding, unpacked once."""
-    if unpack:
-        for m in module.modules():
-            if isinstance(m, (QuantLinear, ExpertLinear)) and m.packed and m.device.type == "cpu":
-                m.unpack_(dtype)
+def _held_on_cpu(module, choice, dtype, int4: bool = True):
+    """Hold every packed linear of `module` that sits on a CPU as the CPU's choice says
+    (platform.placement.cpu_weights): 4-bit layers for the int4 kernel (ops/matmul/cpu_int4.py), the
+    others unpacked into float weights, or left packed. A tied head is the embedding (int4=False)."""
+    if choice is None:
+        return module
+    for m in module.modules():
+        if not (isinstance(m, (QuantLinear, ExpertLinear)) and m.packed and m.device.type == "cpu"):
+            continue
+        if int4 and choice.int4 and isinstance(m, QuantLinear) and cpu_int4.hold(m):
+            continue
+        if choice.unpack:
+            m.unpack_(dtype)
     return module
 
 

@@ -351,46 +351,71 @@ def plan_tokens_fit(layer_bytes, embed, head, budgets, c, page: int = 16, tied: 
 
 @dataclass(frozen=True)
 class CpuWeights:
-    """How packed weights live on a CPU: unpacked once at load into float weights, or kept packed."""
+    """How packed weights live on a CPU: 4-bit layers for torch's int4 kernel, the others unpacked once at load
+    into float weights or kept packed."""
 
-    unpack: bool
-    mode: str  # the setting asked for: auto | unpacked | packed
+    unpack: bool  # the packed layers not held as int4 are unpacked to float at load
+    mode: str  # the setting asked for: auto | int4 | unpacked | packed
     why: str
     packed_bytes: int  # the packed tensors as stored
     unpacked_bytes: int  # the same tensors as float weights (0 when nothing is packed)
     held_bytes: int  # every weight as it will be held on the CPU under this choice
+    int4: bool = False  # 4-bit layers (ops/matmul/cpu_int4.TYPES) held for torch's int4 kernel
+    int4_layers: int = 0
 
 
-def cpu_weights(source, mode: str, elt: int, cache_bytes: int = 0, ram: int | None = None) -> CpuWeights:
-    """Decide whether a CPU unpacks its packed weights at load (model/load.py, doctor).
+def cpu_weights(source, mode: str, elt: int, cache_bytes: int = 0, ram: int | None = None,
+                int4_bytes=None) -> CpuWeights:
+    """Decide how a CPU holds its packed weights (model/load.py, doctor).
 
-    Unpacking costs `elt` bytes an element once and saves dequantizing every weight at every step
-    (86% of a 135M model's CPU decode was that). "auto" unpacks when the float weights take at most
-    1/CPU_UNPACK_RAM_SHARE of the available RAM left after the cache."""
-    packed = unpacked = floats = 0
+    A decode step reads every weight once, so bytes decide: 4-bit GGUF layers stay 4-bit for torch's
+    int4 kernel where it runs (`auto`, `int4`; not the embedding table, which is looked up by row);
+    other packed layers are unpacked once into float (`elt` bytes an element) when they take at most
+    1/CPU_UNPACK_RAM_SHARE of the RAM left after the cache, else stay packed and are dequantized at
+    every step (86% of a 135M model's CPU decode was that). `int4_bytes(qtype, shape)`: what a layer held for
+    the int4 kernel takes, None where it cannot be (ops/matmul/cpu_int4.int4_bytes where the kernel runs, else
+    None). why: docs/decisions/021-cpu-int4-weights.md"""
+    int4_kernel = mode in ("auto", "int4") and int4_bytes is not None
+    packed = unpacked = floats = rest_unpacked = rest_packed = held4 = layers4 = 0
     info = getattr(source, "info", None)
     for name in source.names():
         stored = source.nbytes(name)
         ti = info(name) if info is not None else None
         if ti is None or ti.qtype in ("F32", "F16", "BF16"):
             floats += stored if ti is None else math.prod(ti.shape) * (4 if name.endswith("norm") else elt)
+            continue
+        packed += stored
+        unpacked += math.prod(ti.shape) * elt
+        four_bytes = int4_bytes(ti.qtype, tuple(ti.shape)) if int4_kernel and name != "embed" else None
+        if four_bytes is not None:
+            held4 += four_bytes
+            layers4 += 1
         else:
-            packed += stored
-            unpacked += math.prod(ti.shape) * elt
+            rest_packed += stored
+            rest_unpacked += math.prod(ti.shape) * elt
     share = defaults.CPU_UNPACK_RAM_SHARE
     ram = _host_memory() if ram is None else int(ram)
     room = max(ram - int(cache_bytes), 0) // share
+    int4 = layers4 > 0
+    four = (f"{layers4} 4-bit layers stay 4-bit for torch's int4 kernel (activations rounded to bfloat16 inside "
+            f"it; cpu_weights=unpacked for float32 throughout)") if int4 else ""
+    if mode == "int4" and not int4_kernel:
+        four = "cpu_weights=int4 asked for, but this torch has no int4 CPU kernel"
     if packed == 0:
         unpack, why = False, "no packed weights"
     elif mode == "unpacked":
         unpack, why = True, "asked for (cpu_weights=unpacked)"
     elif mode == "packed":
         unpack, why = False, "asked for (cpu_weights=packed): every step dequantizes the weights it reads"
-    elif unpacked <= room:
-        unpack, why = True, (f"auto: the float weights ({gib(unpacked)}) fit in 1/{share} of the RAM available after "
-                             f"the cache ({gib(room * share)}); no weight is dequantized per step")
+    elif rest_packed == 0:
+        unpack, why = False, f"{mode}: {four}"
+    elif rest_unpacked <= room:
+        unpack, why = True, (f"{mode}: {four + '; the other ' if four else ''}float weights ({gib(rest_unpacked)}) fit "
+                             f"in 1/{share} of the RAM available after the cache ({gib(room * share)}); no weight is "
+                             f"dequantized per step")
     else:
-        unpack, why = False, (f"auto: the float weights ({gib(unpacked)}) would not fit in 1/{share} of the RAM available "
-                              f"after the cache ({gib(room * share)}); every step dequantizes the weights it reads")
-    held = floats + (unpacked if unpack else packed)
-    return CpuWeights(unpack, mode, why, packed, unpacked, held)
+        unpack, why = False, (f"{mode}: {four + '; the other ' if four else ''}float weights ({gib(rest_unpacked)}) "
+                              f"would not fit in 1/{share} of the RAM available after the cache ({gib(room * share)}); "
+                              f"every step dequantizes the weights it reads")
+    held = floats + held4 + (rest_unpacked if unpack else rest_packed)
+    return CpuWeights(unpack, mode, why, packed, unpacked, held, int4, layers4)
