@@ -132,3 +132,14 @@ def test_q4_k_m_model_decodes_alike_on_kernel_and_grouped_path(q4_k_m, monkeypat
     # of logits of |x| < 1)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert tokens == greedy_together(grouped_model, grouped_cache, [ids], n=4)
+
+
+def test_q4_k_m_step_reads_the_chosen_experts_stored_bytes(q4_k_m):
+    """The kernel reads blocks as stored, so a step's bytes are the GGUF's own tensor sizes (gguf-py's reader):
+    the router and each distinct chosen expert's share of the three stacks."""
+    model, _ = load(q4_k_m, cpu_weights="packed")
+    layer = model.layers[1].mlp
+    stored = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(q4_k_m).tensors}
+    expert = sum(stored[f"blk.1.ffn_{p}_exps.weight"] for p in ("gate", "up", "down")) // layer.num_experts
+    ids = torch.tensor([[2, 5], [5, 7]])  # three distinct experts
+    assert layer.bytes_read(ids) == stored["blk.1.ffn_gate_inp.weight"] + 3 * expert
