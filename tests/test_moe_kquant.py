@@ -1,4 +1,4 @@
-"""The expert GEMV (ops/matmul/moe_gemv.py) on the GGUF block types of a Q4_K_M / Q5_K_M / Q6_K file.
+"""The expert GEMV (ops/matmul/moe_gemv.py) on the GGUF block types of the K-quant files (Q2_K .. Q6_K mixes).
 
 Stacks of E experts are built from blocks made by gguf-py's own quantizer where it has one (Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0) and from random bits with sane f16 scales where it has none (the K types); the reference
@@ -30,7 +30,7 @@ E, N = 5, 12  # 12 output rows: the second program of 8 rows is partly past the 
 IDS = [3, 0, 3, 4, 3, 1]  # expert 3 three times, expert 2 never
 QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # gguf-py quantizes these; the K types get random blocks
 # (type, K): K of 160 is 5 blocks of 32 (one block a step), 256 is 8 (eight a step), 512 two super-blocks
-CASES = [(q, k) for q in QUANTIZED for k in (160, 256)] + [(q, 512) for q in ("Q4_K", "Q5_K", "Q6_K")]
+CASES = [(q, k) for q in QUANTIZED for k in (160, 256)] + [(q, 512) for q in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,9 +86,9 @@ def test_half_activations():
 
 
 def test_which_stacks_the_kernel_takes():
-    for qtype in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q4_1", "Q4_0", "Q8_0"):
+    for qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q4_1", "Q4_0", "Q8_0"):
         assert moe_gemv.supports(expert_stack(qtype, stack_of(qtype, 256)[0]))
-    for qtype in ("Q2_K", "Q3_K", "IQ4_XS"):  # no block_dot for these: the grouped torch path
+    for qtype in ("IQ4_XS", "IQ4_NL"):  # no block_dot for these (a level table): the grouped torch path
         assert not moe_gemv.supports(expert_stack(qtype, random_blocks(np.random.default_rng(0), qtype, E * N, 256)))
 
 

@@ -6,7 +6,7 @@ in registers (`unpack.py`), and keeps an fp32 accumulator per activation row (M 
 `tl.dot`: Triton lowers it to plain FMAs on sm_70/75 anyway, and a GEMV has no reuse for tensor
 cores to exploit, so the same kernels serve a V100, a T4 and an H100. The block scale is factored out
 of each block's sum (sum(code * x) * scale), so the per-element work is one multiply-add.
-One kernel, `gemv_block_kernel`, serves Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K: its K loop
+One kernel, `gemv_block_kernel`, serves every type but IQ4_NL / IQ4_XS (gguf_gemv_low.py): its K loop
 is `block_dot` (per format at compile time), which the experts' GEMV (`moe_gemv.py`) also runs on
 the rows of an expert chosen on the device.
 
@@ -23,7 +23,7 @@ import triton.language as tl
 from ...formats.dequant import iq4_table
 from . import unpack
 from .gemv_common import _add_column, _halves_dot, _row_base, _store
-from .gguf_gemv_low import LOW_BIT_KERNELS, TABLE_QTYPES
+from .gguf_gemv_low import LOW_BIT_KERNELS, TABLE_QTYPES, dot_q2_k, dot_q3_k
 
 MAX_M = 16
 BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256,
@@ -141,6 +141,10 @@ def block_dot(x_ptr, stride_xm, w, wh, row_base, K, FMT: tl.constexpr, M: tl.con
         acc = _dot_k(x_ptr, stride_xm, w, wh, row_base, K, FMT, M, M_PAD, BLOCK_N, NB)
     elif FMT == "Q6_K":
         acc = _dot_q6_k(x_ptr, stride_xm, w, wh, row_base, K, M, M_PAD, BLOCK_N, NB)
+    elif FMT == "Q2_K":
+        acc = dot_q2_k(x_ptr, stride_xm, w, wh, row_base, K, M, M_PAD, BLOCK_N, NB)
+    elif FMT == "Q3_K":
+        acc = dot_q3_k(x_ptr, stride_xm, w, wh, row_base, K, M, M_PAD, BLOCK_N, NB)
     else:
         acc = _dot_halves(x_ptr, stride_xm, w, wh, row_base, K, FMT, M, M_PAD, BLOCK_N, NB)
     return acc
@@ -179,7 +183,7 @@ def gemv_float_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, stride_xm, stride_ym
     _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
 
 
-BLOCK_DOT_QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # block_dot's FMT values
+BLOCK_DOT_QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # block_dot's FMT
 QUANT_KERNELS = {**{q: gemv_block_kernel for q in BLOCK_DOT_QTYPES}, **LOW_BIT_KERNELS}
 
 

@@ -9,11 +9,11 @@ takes the expert ids as a device tensor instead:
 X_DIV is k for gate|up (every slot of a token reads the token's hidden state) and 1 for down (each
 slot reads its own SwiGLU output). W is the layer's stack as held (model/moe.py, ExpertLinear):
 float16 / bfloat16 / float32 [E, N, K], or GGUF blocks uint8 [E, N, row_bytes] of Q8_0, Q4_0, Q4_1,
-Q5_0, Q5_1, Q4_K, Q5_K or Q6_K (every expert type of a Q4_K_M, Q5_K_M, Q6_K or Q8_0 file), read in
-their stored blocks and unpacked in registers by the dense GGUF GEMV's own K loop
-(gguf_gemv.block_dot, layouts in unpack.py), from the row offset e * stride_we + n * row_bytes. Only
-rows of chosen experts are loaded, so a batch-1 step reads k experts' stored bytes per layer. GPTQ
-stacks (and Q2_K, Q3_K, IQ4 ones) keep the grouped torch path. Accumulation is float32; the k slots
+Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K (every expert type of the Q2_K .. Q6_K and Q8_0 files),
+read in their stored blocks and unpacked in registers by the dense GGUF GEMV's own K loop
+(gguf_gemv.block_dot, layouts in unpack.py and gguf_gemv_low.py), from the row offset
+e * stride_we + n * row_bytes. Only rows of chosen experts are loaded, so a batch-1 step reads k
+experts' stored bytes per layer. GPTQ and IQ4 stacks keep the grouped torch path. Accumulation is float32; the k slots
 are then weighted and summed in torch. Kernels need a CUDA tensor, or the Triton interpreter
 (TRITON_INTERPRET=1) for CPU tensors in tests. why the blocks are read as stored rather than repacked
 to GPTQ tensors as dense layers are: docs/decisions/021-moe-kquant-experts.md

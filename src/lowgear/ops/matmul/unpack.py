@@ -4,8 +4,8 @@ Each helper takes the packed weight as two views of the same bytes (`w`: uint8, 
 a tile of (row, block) coordinates, and returns the tile's small integer codes and scales in float32,
 still factored (codes per element, scales per block or sub-block) so a GEMV can sum code * x over a
 block before multiplying by the scale. The decode GEMVs (`gguf_gemv.py`, the experts' `moe_gemv.py`)
-and the prefill tile dequantizer (`dequant_tile.py`) read the layouts only through these helpers, so the facts about the
-formats live in one place:
+and the prefill tile dequantizer (`dequant_tile.py`) read the layouts only through these helpers, so
+the facts about the formats live in one place:
 
     Q8_0  34 bytes / 32 elems: f16 d, int8 q[32];                value = d * q
     Q4_0  18 bytes / 32 elems: f16 d, 16 bytes of nibbles;       value = d * (q - 8)
