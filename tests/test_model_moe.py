@@ -88,8 +88,14 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
-    """`hf`'s weights as llama.cpp's convert_hf_to_gguf.py lays them out; experts in `qtype` (F32, Q8_0, Q4_0)."""
+def write_moe_gguf(path, hf, qtype: str | tuple[str, str] = "F32") -> str:
+    """`hf`'s weights as llama.cpp's convert_hf_to_gguf.py lays them out; experts in `qtype`, or gate and up in
+    qtype[0] and down in qtype[1]. A type gguf-py cannot quantize (the K types) gets random blocks of the
+    weights' spread (bench.synthetic's random_blocks), so such a file matches `hf` in shape, not in values."""
+    from lowgear.bench.synthetic.common import random_blocks
+
+    gate_up_type, down_type = (qtype, qtype) if isinstance(qtype, str) else qtype
+    rng = np.random.default_rng(0)
     cfg = hf.config
     mixtral = cfg.model_type == "mixtral"
     arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[cfg.model_type]
@@ -114,7 +120,12 @@ def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
             w.add_tensor(name, t)
         else:
             kind = getattr(gguf.GGMLQuantizationType, q)
-            w.add_tensor(name, gguf.quantize(t, kind), raw_dtype=kind)
+            try:
+                data = gguf.quantize(t, kind)
+            except NotImplementedError:
+                rows = random_blocks(rng, q, int(np.prod(t.shape[:-1])), t.shape[-1], std=float(t.std()))
+                data = rows.reshape(*t.shape[:-1], -1)
+            w.add_tensor(name, data, raw_dtype=kind)
 
     add("token_embd.weight", hf.model.embed_tokens.weight)
     add("output_norm.weight", hf.model.norm.weight)
@@ -134,9 +145,9 @@ def write_moe_gguf(path, hf, qtype: str = "F32") -> str:
             gate_up, down, router = moe
             inter = gate_up.shape[1] // 2
             add(f"blk.{i}.ffn_gate_inp.weight", router)
-            add(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter], qtype)
-            add(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:], qtype)
-            add(f"blk.{i}.ffn_down_exps.weight", down, qtype)
+            add(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter], gate_up_type)
+            add(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:], gate_up_type)
+            add(f"blk.{i}.ffn_down_exps.weight", down, down_type)
     return close_gguf(w, path)
 
 

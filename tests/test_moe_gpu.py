@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def moe_files(tmp_path_factory):
-    """A qwen3_moe-shaped random model as GGUFs whose experts are F16, Q8_0 and Q4_0 (test_model_moe's writer)."""
+    """A qwen3_moe-shaped random model as GGUFs whose experts are F32, Q8_0 and Q4_0 (test_model_moe's writer), and
+    the K-quant files' mixes: Q4_K_M (gate|up Q4_K, down Q6_K), Q5_K_M (Q5_K, Q6_K), Q3_K_M (Q3_K, Q5_K), Q2_K
+    (Q2_K, Q3_K), and Q5_0 / Q5_1 / Q4_1 stacks."""
     import transformers
 
     from test_model_moe import write_moe, write_moe_gguf
@@ -26,7 +28,12 @@ def moe_files(tmp_path_factory):
                    num_experts_per_tok=4, intermediate_size=512, num_hidden_layers=2, mlp_only_layers=[], head_dim=64,
                    num_attention_heads=8, num_key_value_heads=2)
     assert isinstance(hf, transformers.Qwen3MoeForCausalLM)
-    return {q: write_moe_gguf(folder / f"{q}.gguf", hf, q) for q in ("F32", "Q8_0", "Q4_0")}
+    files = {q: write_moe_gguf(folder / f"{q}.gguf", hf, q) for q in ("F32", "Q8_0", "Q4_0")}
+    for name, types in (("Q4_K_M", ("Q4_K", "Q6_K")), ("Q5_K_M", ("Q5_K", "Q6_K")), ("Q3_K_M", ("Q3_K", "Q5_K")),
+                        ("Q2_K", ("Q2_K", "Q3_K")), ("Q5_0", ("Q5_0", "Q5_1")),
+                        ("Q4_1", ("Q4_1", "Q4_1"))):
+        files[name] = write_moe_gguf(folder / f"{name}.gguf", hf, types)
+    return files
 
 
 def _load(path, dtype="float16", max_seq_len=512):
@@ -38,7 +45,10 @@ def _load(path, dtype="float16", max_seq_len=512):
     return model, cache
 
 
-@pytest.mark.parametrize("qtype,dtype", [("F32", "float16"), ("F32", "bfloat16"), ("Q8_0", "float16"), ("Q4_0", "float16")])
+@pytest.mark.parametrize("qtype,dtype", [("F32", "float16"), ("F32", "bfloat16"), ("Q8_0", "float16"), ("Q4_0", "float16"),
+                                         ("Q4_K_M", "float16"), ("Q4_K_M", "bfloat16"), ("Q5_K_M", "float16"),
+                                         ("Q3_K_M", "float16"), ("Q2_K", "float16"), ("Q5_0", "float16"),
+                                         ("Q4_1", "float16")])
 def test_compiled_kernel_matches_grouped_path(moe_files, qtype, dtype):
     from lowgear.ops import dispatch
     from lowgear.ops.matmul import moe_gemv
@@ -55,8 +65,9 @@ def test_compiled_kernel_matches_grouped_path(moe_files, qtype, dtype):
         torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
 
 
-def test_graphed_decode_equals_eager(moe_files):
-    model, cache = _load(moe_files["Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K_M"])
+def test_graphed_decode_equals_eager(moe_files, qtype):
+    model, cache = _load(moe_files[qtype])
     from lowgear.engine.graphs import disabled_reason
 
     assert disabled_reason(model, True) is None

@@ -23,7 +23,10 @@ LAYOUTS = {
     "Q8_0": (32, 34, (0,)),
     "Q4_0": (32, 18, (0,)),
     "Q4_1": (32, 20, (0, 2)),
+    "Q5_0": (32, 22, (0,)),
+    "Q5_1": (32, 24, (0, 2)),
     "Q4_K": (256, 144, (0, 2)),
+    "Q5_K": (256, 176, (0, 2)),
     "Q6_K": (256, 210, (208,)),
     "Q2_K": (256, 84, (80, 82)),
     "Q3_K": (256, 110, (108,)),
@@ -70,7 +73,7 @@ def test_packed_matmul_matches_gguf(qtype, m, dtype):
     assert rel_err(y, ref) < (2e-3 if dtype == torch.float16 else 1e-5)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "Q4_K", "Q5_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
 def test_packed_matmul_leading_dims_and_odd_block_count(qtype):
     bs = LAYOUTS[qtype][0]
     n, k = 9, bs * 3  # 3 blocks: the K loop takes one block per step
@@ -118,7 +121,7 @@ def test_prefill_path_uses_tiles(monkeypatch, qtype):
 
 def test_supports_and_launch_params():
     assert all(supports(q) for q in QTYPES + ["F16", "BF16", "F32"])
-    assert not supports("Q5_K") and not supports("IQ2_XXS")
+    assert not supports("Q8_1") and not supports("IQ2_XXS")
     assert blocks_per_step(128, 8) == 8 and blocks_per_step(28, 8) == 4
     assert blocks_per_step(56, 8) == 8 and blocks_per_step(3, 8) == 1
     assert launch_params("Q4_K", 4096, 14336)["NB"] == 1
@@ -132,4 +135,4 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError):
         packed_matmul(torch.randn(1, 64).to(DEVICE), "Q4_0", data[:, :18].to(DEVICE), 4, 64)
     with pytest.raises(ValueError):
-        packed_matmul(torch.randn(1, 64).to(DEVICE), "Q5_K", data.to(DEVICE), 4, 64)
+        packed_matmul(torch.randn(1, 64).to(DEVICE), "IQ2_XXS", data.to(DEVICE), 4, 64)

@@ -6,6 +6,9 @@ in registers (`unpack.py`), and keeps an fp32 accumulator per activation row (M 
 `tl.dot`: Triton lowers it to plain FMAs on sm_70/75 anyway, and a GEMV has no reuse for tensor
 cores to exploit, so the same kernels serve a V100, a T4 and an H100. The block scale is factored out
 of each block's sum (sum(code * x) * scale), so the per-element work is one multiply-add.
+One kernel, `gemv_block_kernel`, serves every type but IQ4_NL / IQ4_XS (gguf_gemv_low.py): its K loop
+is `block_dot` (per format at compile time), which the experts' GEMV (`moe_gemv.py`) also runs on
+the rows of an expert chosen on the device.
 
 Larger M (prefill) belongs to `dequant_tile.py` + cuBLAS; `packed_matmul` does that itself past
 MAX_M so it is always correct, but a caller that knows it is prefilling should tile on its own.
@@ -20,20 +23,19 @@ import triton.language as tl
 from ...formats.dequant import iq4_table
 from . import unpack
 from .gemv_common import _add_column, _halves_dot, _row_base, _store
-from .gguf_gemv_low import LOW_BIT_KERNELS, TABLE_QTYPES
+from .gguf_gemv_low import LOW_BIT_KERNELS, TABLE_QTYPES, dot_q2_k, dot_q3_k
 
 MAX_M = 16
-BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256,
+BLOCK_SIZES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256,
                "Q2_K": 256, "Q3_K": 256, "IQ4_NL": 32, "IQ4_XS": 256}
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210,
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
                "Q2_K": 84, "Q3_K": 110, "IQ4_NL": 18, "IQ4_XS": 136}
 FLOAT_QTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 @triton.jit
-def gemv_q8_0_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
-                     M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    rows, row_base = _row_base(N, bpr, BLOCK_N)
+def _dot_q8_0(x_ptr, stride_xm, w, wh, row_base, K, M: tl.constexpr, M_PAD: tl.constexpr,
+              BLOCK_N: tl.constexpr, NB: tl.constexpr):
     e = tl.arange(0, 32)
     acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
     for b0 in range(0, K // 32, NB):
@@ -44,55 +46,54 @@ def gemv_q8_0_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
             xv = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
             part = tl.sum(tl.sum(q * xv[None, :, :], axis=2) * d, axis=1)
             acc = _add_column(acc, part, m, M_PAD)
-    _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
+    return acc
 
 
 @triton.jit
-def gemv_q4_0_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
-                     M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    rows, row_base = _row_base(N, bpr, BLOCK_N)
+def _dot_halves(x_ptr, stride_xm, w, wh, row_base, K, FMT: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+                BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """The 32-element blocks of two 16-element halves: Q4_0 / Q5_0 (d * code) and Q4_1 / Q5_1 (d * code + m)."""
     e = tl.arange(0, 16)
     acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
     for b0 in range(0, K // 32, NB):
         blk = b0 + tl.arange(0, NB)
-        lo, hi, d = unpack.q4_0_tile(w, wh, row_base, blk, e)
         xoff = blk[:, None] * 32 + e[None, :]
-        for m in tl.static_range(M):
-            s = _halves_dot(x_ptr, m * stride_xm, xoff, lo, hi, 16)
-            acc = _add_column(acc, tl.sum(s * d, axis=1), m, M_PAD)
-    _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
+        if FMT == "Q4_0" or FMT == "Q5_0":
+            if FMT == "Q4_0":
+                lo, hi, d = unpack.q4_0_tile(w, wh, row_base, blk, e)
+            else:
+                lo, hi, d = unpack.q5_0_tile(w, wh, row_base, blk, e)
+            for m in tl.static_range(M):
+                s = _halves_dot(x_ptr, m * stride_xm, xoff, lo, hi, 16)
+                acc = _add_column(acc, tl.sum(s * d, axis=1), m, M_PAD)
+        else:
+            if FMT == "Q4_1":
+                lo, hi, d, mn = unpack.q4_1_tile(w, wh, row_base, blk, e)
+            else:
+                lo, hi, d, mn = unpack.q5_1_tile(w, wh, row_base, blk, e)
+            for m in tl.static_range(M):
+                xl = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
+                xh = tl.load(x_ptr + m * stride_xm + xoff + 16).to(tl.float32)
+                s = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)
+                xsum = tl.sum(xl + xh, axis=1)  # [NB]: the min term needs only sum(x) per block
+                acc = _add_column(acc, tl.sum(s * d + mn * xsum[None, :], axis=1), m, M_PAD)
+    return acc
 
 
 @triton.jit
-def gemv_q4_1_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
-                     M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    rows, row_base = _row_base(N, bpr, BLOCK_N)
-    e = tl.arange(0, 16)
-    acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
-    for b0 in range(0, K // 32, NB):
-        blk = b0 + tl.arange(0, NB)
-        lo, hi, d, mn = unpack.q4_1_tile(w, wh, row_base, blk, e)
-        xoff = blk[:, None] * 32 + e[None, :]
-        for m in tl.static_range(M):
-            xl = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
-            xh = tl.load(x_ptr + m * stride_xm + xoff + 16).to(tl.float32)
-            s = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], axis=2)
-            xsum = tl.sum(xl + xh, axis=1)  # [NB]: the min term needs only sum(x) per block
-            acc = _add_column(acc, tl.sum(s * d + mn * xsum[None, :], axis=1), m, M_PAD)
-    _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
-
-
-@triton.jit
-def gemv_q4_k_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
-                     M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    rows, row_base = _row_base(N, bpr, BLOCK_N)
+def _dot_k(x_ptr, stride_xm, w, wh, row_base, K, FMT: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+           BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """Q4_K / Q5_K: 64-element chunks of two 32-element sub-blocks, d * sc * code - dmin * m."""
     j = tl.arange(0, NB * 4)  # 64-element chunks: super-block j // 4, chunk j % 4
     c = j % 4
     l = tl.arange(0, 32)
     acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
     for b0 in range(0, K // 256, NB):
         blk = b0 + j // 4
-        lo, hi, s_lo, s_hi, m_lo, m_hi = unpack.q4_k_tile(w, wh, row_base, blk, c, l)
+        if FMT == "Q4_K":
+            lo, hi, s_lo, s_hi, m_lo, m_hi = unpack.q4_k_tile(w, wh, row_base, blk, c, l)
+        else:
+            lo, hi, s_lo, s_hi, m_lo, m_hi = unpack.q5_k_tile(w, wh, row_base, blk, c, l)
         xoff = (blk * 256 + c * 64)[:, None] + l[None, :]
         for m in tl.static_range(M):
             xl = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
@@ -100,13 +101,12 @@ def gemv_q4_k_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
             part = (s_lo * tl.sum(lo * xl[None, :, :], axis=2) + s_hi * tl.sum(hi * xh[None, :, :], axis=2)
                     - m_lo * tl.sum(xl, axis=1)[None, :] - m_hi * tl.sum(xh, axis=1)[None, :])
             acc = _add_column(acc, tl.sum(part, axis=1), m, M_PAD)
-    _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
+    return acc
 
 
 @triton.jit
-def gemv_q6_k_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
-                     M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    rows, row_base = _row_base(N, bpr, BLOCK_N)
+def _dot_q6_k(x_ptr, stride_xm, w, wh, row_base, K, M: tl.constexpr, M_PAD: tl.constexpr,
+              BLOCK_N: tl.constexpr, NB: tl.constexpr):
     j = tl.arange(0, NB * 4)  # 16-lane groups: super-block j // 4, half (j // 2) % 2, group j % 2
     h = (j // 2) % 2
     g = j % 2
@@ -125,14 +125,43 @@ def gemv_q6_k_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
             part = (s0 * tl.sum(q0 * x0[None, :, :], axis=2) + s1 * tl.sum(q1 * x1[None, :, :], axis=2)
                     + s2 * tl.sum(q2 * x2[None, :, :], axis=2) + s3 * tl.sum(q3 * x3[None, :, :], axis=2))
             acc = _add_column(acc, tl.sum(part, axis=1), m, M_PAD)
+    return acc
+
+
+@triton.jit
+def block_dot(x_ptr, stride_xm, w, wh, row_base, K, FMT: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+              BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """acc [BLOCK_N, M_PAD] float32: column m is the dot of activation row x_ptr + m * stride_xm with each of
+    the BLOCK_N weight rows starting at byte row_base [BLOCK_N] (int64) of `w` (`wh`: the same bytes as
+    float16), K elements of FMT's blocks, NB blocks a step (K a multiple of NB blocks). The whole K loop
+    of a GGUF block GEMV, shared by the dense kernel below and the experts' (moe_gemv.py)."""
+    if FMT == "Q8_0":
+        acc = _dot_q8_0(x_ptr, stride_xm, w, wh, row_base, K, M, M_PAD, BLOCK_N, NB)
+    elif FMT == "Q4_K" or FMT == "Q5_K":
+        acc = _dot_k(x_ptr, stride_xm, w, wh, row_base, K, FMT, M, M_PAD, BLOCK_N, NB)
+    elif FMT == "Q6_K":
+        acc = _dot_q6_k(x_ptr, stride_xm, w, wh, row_base, K, M, M_PAD, BLOCK_N, NB)
+    elif FMT == "Q2_K":
+        acc = dot_q2_k(x_ptr, stride_xm, w, wh, row_base, K, M, M_PAD, BLOCK_N, NB)
+    elif FMT == "Q3_K":
+        acc = dot_q3_k(x_ptr, stride_xm, w, wh, row_base, K, M, M_PAD, BLOCK_N, NB)
+    else:
+        acc = _dot_halves(x_ptr, stride_xm, w, wh, row_base, K, FMT, M, M_PAD, BLOCK_N, NB)
+    return acc
+
+
+@triton.jit
+def gemv_block_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym, FMT: tl.constexpr,
+                      M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    rows, row_base = _row_base(N, bpr, BLOCK_N)
+    acc = block_dot(x_ptr, stride_xm, w, wh, row_base, K, FMT, M, M_PAD, BLOCK_N, NB)
     _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
 
 
 @triton.jit
-def gemv_float_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, stride_xm, stride_ym,
-                      M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_base = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn
+def float_dot(x_ptr, stride_xm, w_ptr, row_base, K, M: tl.constexpr, M_PAD: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """block_dot for float rows (row_base in elements); any K (the tail is masked)."""
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -142,17 +171,20 @@ def gemv_float_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, stride_xm, stride_ym
         for m in tl.static_range(M):
             xv = tl.load(x_ptr + m * stride_xm + kk, mask=kmask, other=0.0).to(tl.float32)
             acc = _add_column(acc, tl.sum(wv * xv[None, :], axis=1), m, M_PAD)
+    return acc
+
+
+@triton.jit
+def gemv_float_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, stride_xm, stride_ym,
+                      M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_base = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn
+    acc = float_dot(x_ptr, stride_xm, w_ptr, row_base, K, M, M_PAD, BLOCK_N, BLOCK_K)
     _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
 
 
-QUANT_KERNELS = {
-    "Q8_0": gemv_q8_0_kernel,
-    "Q4_0": gemv_q4_0_kernel,
-    "Q4_1": gemv_q4_1_kernel,
-    "Q4_K": gemv_q4_k_kernel,
-    "Q6_K": gemv_q6_k_kernel,
-    **LOW_BIT_KERNELS,
-}
+BLOCK_DOT_QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # block_dot's FMT
+QUANT_KERNELS = {**{q: gemv_block_kernel for q in BLOCK_DOT_QTYPES}, **LOW_BIT_KERNELS}
 
 
 def supports(qtype: str) -> bool:
@@ -218,7 +250,8 @@ def packed_gemv(x: torch.Tensor, qtype: str, data: torch.Tensor, n: int, k: int,
         return y
     bpr = data.shape[1]
     table = (iq4_table(x.device),) if qtype in TABLE_QTYPES else ()
+    fmt = {"FMT": qtype} if qtype in BLOCK_DOT_QTYPES else {}
     QUANT_KERNELS[qtype][grid](x, data, data.view(torch.float16), *table, y, n, k, bpr, x.stride(0), y.stride(0),
                                M=m, M_PAD=m_pad, BLOCK_N=p["BLOCK_N"], NB=p["NB"],
-                               num_warps=p["num_warps"])
+                               num_warps=p["num_warps"], **fmt)
     return y

@@ -2,7 +2,8 @@
 
 Built like the kernels in `gguf_gemv.py` (one program owns BLOCK_N rows, walks K a few blocks at a
 time, unpacks in registers, one fp32 accumulator per activation row, the scale factored out of each
-sub-block's sum). The layouts (formats/blocks.py has the byte counts):
+sub-block's sum). Q2_K and Q3_K are K loops (`dot_q2_k`, `dot_q3_k`) that gguf_gemv.block_dot calls,
+so the dense GEMV and the experts' one share them; the IQ4 types are kernels of their own. The layouts (formats/blocks.py has the byte counts):
 
     Q2_K   84 bytes / 256: scales[16] (low nibble scale, high nibble min, one per 16 elements),
            qs[64] (2-bit), f16 d, f16 dmin.  Element 16*sb + t (sb = 8h + 2s + half) is bits 2s..2s+1
@@ -40,9 +41,9 @@ def _k2_codes(w, base, qoff, sb, t):
 
 
 @triton.jit
-def gemv_q2_k_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
-                     M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    rows, row_base = _row_base(N, bpr, BLOCK_N)
+def dot_q2_k(x_ptr, stride_xm, w, wh, row_base, K, M: tl.constexpr, M_PAD: tl.constexpr,
+             BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """Q2_K's K loop, as gguf_gemv.block_dot's (which calls it)."""
     j = tl.arange(0, NB * 16)  # 16-element sub-blocks: super-block j // 16, sub-block j % 16
     sb = j % 16
     t = tl.arange(0, 16)
@@ -60,13 +61,13 @@ def gemv_q2_k_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
             xv = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
             part = sc * tl.sum(q * xv[None, :, :], axis=2) - mn * tl.sum(xv, axis=1)[None, :]
             acc = _add_column(acc, tl.sum(part, axis=1), m, M_PAD)
-    _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
+    return acc
 
 
 @triton.jit
-def gemv_q3_k_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
-                     M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    rows, row_base = _row_base(N, bpr, BLOCK_N)
+def dot_q3_k(x_ptr, stride_xm, w, wh, row_base, K, M: tl.constexpr, M_PAD: tl.constexpr,
+             BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """Q3_K's K loop, as gguf_gemv.block_dot's (which calls it)."""
     j = tl.arange(0, NB * 16)
     sb = j % 16
     t = tl.arange(0, 16)
@@ -87,7 +88,7 @@ def gemv_q3_k_kernel(x_ptr, w, wh, y_ptr, N, K, bpr, stride_xm, stride_ym,
         for m in tl.static_range(M):
             xv = tl.load(x_ptr + m * stride_xm + xoff).to(tl.float32)
             acc = _add_column(acc, tl.sum(sc * tl.sum(q * xv[None, :, :], axis=2), axis=1), m, M_PAD)
-    _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
+    return acc
 
 
 @triton.jit
@@ -134,9 +135,7 @@ def gemv_iq4_xs_kernel(x_ptr, w, wh, tab, y_ptr, N, K, bpr, stride_xm, stride_ym
     _store(y_ptr, acc, rows, N, stride_ym, M, M_PAD)
 
 
-LOW_BIT_KERNELS = {
-    "Q2_K": gemv_q2_k_kernel,
-    "Q3_K": gemv_q3_k_kernel,
+LOW_BIT_KERNELS = {  # Q2_K and Q3_K run in gguf_gemv.gemv_block_kernel through dot_q2_k / dot_q3_k
     "IQ4_NL": gemv_iq4_nl_kernel,
     "IQ4_XS": gemv_iq4_xs_kernel,
 }

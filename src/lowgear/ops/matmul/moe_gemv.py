@@ -8,12 +8,15 @@ takes the expert ids as a device tensor instead:
 
 X_DIV is k for gate|up (every slot of a token reads the token's hidden state) and 1 for down (each
 slot reads its own SwiGLU output). W is the layer's stack as held (model/moe.py, ExpertLinear):
-float16 / bfloat16 / float32 [E, N, K], or GGUF Q8_0 / Q4_0 blocks uint8 [E, N, row_bytes]
-dequantized in the loop (Q8_0: fp16 scale, 32 int8; Q4_0: fp16 scale, 16 bytes whose low nibbles are
-weights 0-15 and high nibbles 16-31, each minus 8). Only rows of chosen experts are loaded, so a
-batch-1 step reads k experts' bytes per layer. Other stacked formats (GPTQ, the K-quants) keep the
-grouped torch path. Accumulation is float32; the k slots are then weighted and summed in torch.
-Kernels need a CUDA tensor, or the Triton interpreter (TRITON_INTERPRET=1) for CPU tensors in tests.
+float16 / bfloat16 / float32 [E, N, K], or GGUF blocks uint8 [E, N, row_bytes] of Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K (every expert type of the Q2_K .. Q6_K and Q8_0 files),
+read in their stored blocks and unpacked in registers by the dense GGUF GEMV's own K loop
+(gguf_gemv.block_dot, layouts in unpack.py and gguf_gemv_low.py), from the row offset
+e * stride_we + n * row_bytes. Only rows of chosen experts are loaded, so a batch-1 step reads k
+experts' stored bytes per layer. GPTQ and IQ4 stacks keep the grouped torch path. Accumulation is float32; the k slots
+are then weighted and summed in torch. Kernels need a CUDA tensor, or the Triton interpreter
+(TRITON_INTERPRET=1) for CPU tensors in tests. why the blocks are read as stored rather than repacked
+to GPTQ tensors as dense layers are: docs/decisions/021-moe-kquant-experts.md
 """
 
 from __future__ import annotations
@@ -22,67 +25,52 @@ import torch
 import triton
 import triton.language as tl
 
+from .gguf_gemv import BLOCK_DOT_QTYPES, FLOAT_QTYPES, block_dot, float_dot, launch_params
+
 # (token, expert) rows the GEMV takes outside a graph capture; more (prefill) go to the grouped torch path,
 # which reads each chosen expert once for all its tokens where the GEMV would read it once per row.
 # why: docs/decisions/019-moe-gemv-rows.md
 GEMV_ROWS = 64
-BLOCK_N = 16
-BLOCK_K = 128  # a multiple of the 32-weight GGUF block
-
-_FMT = {"F16": 0, "BF16": 0, "F32": 0, "Q8_0": 1, "Q4_0": 2}
 
 
 @triton.jit
-def moe_gemv_kernel(x_ptr, ids_ptr, w_ptr, y_ptr, N, K, stride_x, stride_we, stride_wn, stride_y,
-                    X_DIV: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def moe_gemv_kernel(x_ptr, ids_ptr, w, wh, y_ptr, N, K, stride_x, stride_we, stride_wn, stride_y,
+                    X_DIV: tl.constexpr, FMT: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     r = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
     e = tl.load(ids_ptr + r).to(tl.int64)
-    w_base = w_ptr + e * stride_we + rows.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-    x_base = x_ptr + (r // X_DIV).to(tl.int64) * stride_x
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        kmask = k < K
-        m = rmask[:, None] & kmask[None, :]
-        x = tl.load(x_base + k, mask=kmask, other=0.0).to(tl.float32)
-        if FMT == 0:
-            w = tl.load(w_base + k[None, :], mask=m, other=0.0).to(tl.float32)
-        else:
-            blk = k // 32
-            i = k % 32
-            if FMT == 1:  # Q8_0: 34-byte blocks
-                p = w_base + (blk * 34)[None, :]
-                q = tl.load(p + 2 + i[None, :], mask=m, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-            else:  # Q4_0: 18-byte blocks
-                p = w_base + (blk * 18)[None, :]
-                byte = tl.load(p + 2 + (i % 16)[None, :], mask=m, other=0).to(tl.int32)
-                q = ((byte >> ((i // 16) * 4)[None, :]) & 15).to(tl.float32) - 8.0
-            lo = tl.load(p, mask=m, other=0).to(tl.uint16)
-            hi = tl.load(p + 1, mask=m, other=0).to(tl.uint16)
-            d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-            w = q * d
-        acc += w * x[None, :]
-    tl.store(y_ptr + r.to(tl.int64) * stride_y + rows, tl.sum(acc, axis=1), mask=rmask)
+    # clamp rather than mask: the loads stay unmasked, the store drops the extra rows
+    row_base = e * stride_we + tl.minimum(rows, N - 1).to(tl.int64) * stride_wn  # bytes, or float elements
+    x_row = x_ptr + (r // X_DIV).to(tl.int64) * stride_x
+    if FMT == "float":
+        acc = float_dot(x_row, 0, w, row_base, K, 1, 1, BLOCK_N, BLOCK_K)
+    else:
+        acc = block_dot(x_row, 0, w, wh, row_base, K, FMT, 1, 1, BLOCK_N, NB)
+    tl.store(y_ptr + r.to(tl.int64) * stride_y + rows, tl.sum(acc, axis=1), mask=rows < N)
 
 
 def supports(stack) -> bool:
-    """Whether the kernel reads this ExpertLinear as held."""
-    return stack.qtype in _FMT and (stack.packed or stack.weight.stride(-1) == 1)
+    """Whether the kernel reads this ExpertLinear as held (GPTQ stacks are packed too, under another qtype)."""
+    if stack.packed:
+        return stack.qtype in BLOCK_DOT_QTYPES and stack.qweight.dtype == torch.uint8 and stack.qweight.stride(-1) == 1
+    return stack.qtype in FLOAT_QTYPES and stack.weight.stride(-1) == 1
 
 
 def moe_gemv(x: torch.Tensor, ids: torch.Tensor, stack, x_div: int) -> torch.Tensor:
     """y [R, N] float32: row r is x[r // x_div] @ W[ids[r]].T, for ids [R] (int) and x [R / x_div, K]."""
     w = stack.qweight if stack.packed else stack.weight
     x = x if x.stride(-1) == 1 else x.contiguous()
-    rows, n = ids.numel(), stack.out_features
+    rows, n, k = ids.numel(), stack.out_features, stack.in_features
     y = torch.empty((rows, n), dtype=torch.float32, device=x.device)
     if rows:
-        moe_gemv_kernel[(rows, triton.cdiv(n, BLOCK_N))](
-            x, ids, w, y, n, stack.in_features, x.stride(0), w.stride(0), w.stride(1), y.stride(0),
-            X_DIV=x_div, FMT=_FMT[stack.qtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
+        p = launch_params(stack.qtype, n, k)  # the dense GEMV's rows and K step per program
+        fmt = stack.qtype if stack.packed else "float"
+        wh = w.view(torch.float16) if stack.packed else w  # the blocks' f16 fields
+        moe_gemv_kernel[(rows, triton.cdiv(n, p["BLOCK_N"]))](
+            x, ids, w, wh, y, n, k, x.stride(0), w.stride(0), w.stride(1), y.stride(0),
+            X_DIV=x_div, FMT=fmt, BLOCK_N=p["BLOCK_N"], NB=p.get("NB", 1), BLOCK_K=p.get("BLOCK_K", 1),
+            num_warps=p["num_warps"])
     return y
 
 
