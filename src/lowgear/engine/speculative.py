@@ -215,10 +215,10 @@ def make_proposer(speculate: str | None, draft_model, draft_cache, target, num_d
         return NgramProposer(max_ngram)
     if draft_model is None or draft_cache is None:
         raise ConfigError("speculate='draft' needs draft_model= and draft_cache= (a loaded smaller model and its cache)")
-    if draft_cache is target_cache:
-        raise ConfigError("draft_cache is the target's own cache: the draft needs a cache of its own, "
-                          "Cache(draft_model, max_seq_len=...)")
     if getattr(draft_cache, "model", draft_model) is not draft_model:
         raise ConfigError("draft_cache was made for another model: build it from the draft, "
+                          "Cache(draft_model, max_seq_len=...)")
+    if draft_cache is target_cache:
+        raise ConfigError("draft_cache is the target's own cache: the draft needs a cache of its own, "
                           "Cache(draft_model, max_seq_len=...)")
     return DraftProposer(draft_model, draft_cache, target)
