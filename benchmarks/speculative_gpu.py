@@ -19,8 +19,10 @@ Each speculating mode runs once per draft length in `--draft-lengths`. After the
 and two more steps (the draft's prefill, first compiles), the rest of its tokens are timed (`--tokens` or more; fewer if the
 model stops); the best
 of `--rounds` interleaved rounds is kept. Reported per row: tokens/s, × against plain, the acceptance
-rate (accepted / proposed tokens), tokens per target step, and whether the job's tokens equal
-plain's (greedy speculation must not change them).
+rate (accepted / proposed tokens), tokens per target step, wall ms per target step, and whether the
+job's tokens equal plain's (greedy speculation must not change them). On the CPU also tokens per
+second of the process's CPU time, which other processes on a shared machine disturb less than the
+wall clock.
 
     python benchmarks/speculative_gpu.py --preset llama3-8b --quant gptq4 --draft-preset llama3.2-1b \\
         --draft-lengths 2,4,6 --tokens 128 --out $OUT/spec
@@ -163,17 +165,21 @@ def main(argv=None) -> dict:
         rows.append(dict(mode=mode, draft_length=k, tok_s=tok_s, x_plain=tok_s / base,
                          acceptance=r["accepted"] / r["proposed"] if r["proposed"] else None,
                          tokens_per_step=r["tokens"] / r["steps"], tokens=r["tokens"], steps=r["steps"],
-                         proposed=r["proposed"], accepted=r["accepted"], seconds=r["seconds"],
+                         ms_per_step=r["seconds"] / r["steps"] * 1e3, proposed=r["proposed"], accepted=r["accepted"],
+                         seconds=r["seconds"], cpu_seconds=r["cpu_seconds"], tok_per_cpu_s=r["tokens"] / r["cpu_seconds"],
                          same_as_plain=r["ids"] == plain["ids"], first_difference=diverge,
                          same_every_round=r.get("same_every_round", True), ids=r["ids"]))
     print(f"\n{name} ({a.quant if not a.model else 'file'}) on {device_name(device)}, batch 1 greedy, "
           f"prompt {len(prompt)} tokens, {backend}")
-    print(f"{'mode':12s}{'k':>3s}{'tok/s':>10s}{'x plain':>9s}{'accept':>8s}{'tok/step':>10s}  same tokens as plain")
+    cpu_col = "" if cuda else f"{'tok/cpu-s':>11s}"  # on a shared CPU the process's CPU time moves less than the wall's
+    print(f"{'mode':12s}{'k':>3s}{'tok/s':>10s}{'x plain':>9s}{'accept':>8s}{'tok/step':>10s}{'ms/step':>9s}{cpu_col}"
+          "  same tokens as plain")
     for r in rows:
         accept = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
         same = "yes" if r["same_as_plain"] else f"no (from token {r['first_difference']})"
+        cpu_col = "" if cuda else f"{r['tok_per_cpu_s']:11.1f}"
         print(f"{r['mode']:12s}{r['draft_length']:3d}{r['tok_s']:10.1f}{r['x_plain']:9.3f}{accept:>8s}"
-              f"{r['tokens_per_step']:10.2f}  {same}")
+              f"{r['tokens_per_step']:10.2f}{r['ms_per_step']:9.2f}{cpu_col}  {same}")
     result = dict(device=device_name(device), target=name, quant=None if a.model else a.quant, backend=backend,
                   prompt_tokens=len(prompt), timed_tokens=a.tokens, rounds=a.rounds, threads=torch.get_num_threads(),
                   target_vocab=model.spec.vocab_size, rows=rows)
@@ -203,11 +209,12 @@ def timed(gen, prompt: list[int], max_new: int, stops: list[int], sync) -> dict:
     sync()
     n0, proposed0, accepted0 = len(job.generated), gen.spec_proposed, gen.spec_accepted
     steps0 = gen.steps - (gen._ahead is not None)  # a step run ahead, launched already, makes a timed token
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while not job.finished:
         gen.iterate()
     sync()
-    return dict(tokens=len(job.generated) - n0, seconds=time.perf_counter() - t0, steps=gen.steps - steps0,
+    return dict(tokens=len(job.generated) - n0, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
+                steps=gen.steps - steps0,
                 proposed=gen.spec_proposed - proposed0, accepted=gen.spec_accepted - accepted0, ids=list(job.generated))
 
 
