@@ -16,13 +16,12 @@ through its chat template (a paragraph to summarise by default). Modes (`--modes
 - ngram: prompt lookup, no draft model.
 
 Each speculating mode runs once per draft length in `--draft-lengths`. After the job's first token
-and two more steps (the draft's prefill, first compiles), the rest of its tokens are timed (`--tokens` or more; fewer if the
-model stops); the best
-of `--rounds` interleaved rounds is kept. Reported per row: tokens/s, × against plain, the acceptance
-rate (accepted / proposed tokens), tokens per target step, wall ms per target step, and whether the
-job's tokens equal plain's (greedy speculation must not change them). On the CPU also tokens per
-second of the process's CPU time, which other processes on a shared machine disturb less than the
-wall clock.
+and two more steps (the draft's prefill, first compiles) the rest of its tokens are timed (`--tokens`
+or a few more; fewer if the model stops); the best of `--rounds` interleaved rounds is kept.
+Reported per row: tokens/s, × against plain, the acceptance rate (accepted / proposed tokens),
+tokens and wall ms per target step, and whether the job's tokens equal plain's (greedy speculation
+must not change them); on CUDA how many steps replayed a captured graph, on the CPU tokens per
+second of the process's CPU time (which other processes on a shared machine disturb less).
 
     python benchmarks/speculative_gpu.py --preset llama3-8b --quant gptq4 --draft-preset llama3.2-1b \\
         --draft-lengths 2,4,6 --tokens 128 --out $OUT/spec
@@ -88,6 +87,8 @@ def main(argv=None) -> dict:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         ap.error(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}")
+    if "plain" not in modes:
+        modes.insert(0, "plain")  # the baseline every row is measured against
     if not cuda and "plain-eager" in modes:
         modes.remove("plain-eager")  # the CPU has no graphs: the same as plain
     lengths = [int(k) for k in a.draft_lengths.split(",")]
@@ -120,7 +121,8 @@ def main(argv=None) -> dict:
         prompt = torch.randint(3, spec.vocab_size, (a.context,), generator=torch.Generator().manual_seed(0)).tolist()
         stops, name = [], a.preset
     new_tokens = a.tokens + 2 * (max(lengths) + 1) + 1  # the untimed start, then the timed tokens
-    cache_tokens = -(-(len(prompt) + new_tokens + max(lengths) + 1) // a.page_size) * a.page_size
+    # the job's pages and one more: the scratch page graphed decode steps pad with
+    cache_tokens = (-(-(len(prompt) + new_tokens + max(lengths) + 1) // a.page_size) + 1) * a.page_size
     model, cache = build(config)
 
     # the drafts: the target itself on a cache of the same size (so its RoPE table serves both), a smaller model
@@ -142,44 +144,26 @@ def main(argv=None) -> dict:
             kwargs["draft_model"], kwargs["draft_cache"] = drafts[mode]
         gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, **kwargs)
         gen.warmup()
+        count_graphed(gen)
         return gen
 
     runs = [(m, 0) for m in modes if m.startswith("plain")]
     runs += [(m, k) for m in modes if not m.startswith("plain") for k in lengths]
     gens = {run: generator(*run) for run in runs}
     best: dict = {}
+    varied = set()  # runs whose tokens were not the same in every round
     for _ in range(a.rounds):
         for run in runs:
             r = timed(gens[run], prompt, new_tokens, stops, sync)
-            if run not in best or r["seconds"] / max(r["tokens"], 1) < best[run]["seconds"] / max(best[run]["tokens"], 1):
+            if run in best and best[run]["ids"] != r["ids"]:
+                varied.add(run)
+            if run not in best or r["seconds"] / r["tokens"] < best[run]["seconds"] / best[run]["tokens"]:
                 best[run] = r
-            if best[run]["ids"] != r["ids"]:
-                best[run]["same_every_round"] = False
 
-    plain = best[runs[0]]
-    base = plain["tokens"] / plain["seconds"]
-    rows = []
-    for (mode, k), r in best.items():
-        tok_s = r["tokens"] / r["seconds"]
-        diverge = next((i for i, (x, y) in enumerate(zip(r["ids"], plain["ids"])) if x != y), None)
-        rows.append(dict(mode=mode, draft_length=k, tok_s=tok_s, x_plain=tok_s / base,
-                         acceptance=r["accepted"] / r["proposed"] if r["proposed"] else None,
-                         tokens_per_step=r["tokens"] / r["steps"], tokens=r["tokens"], steps=r["steps"],
-                         ms_per_step=r["seconds"] / r["steps"] * 1e3, proposed=r["proposed"], accepted=r["accepted"],
-                         seconds=r["seconds"], cpu_seconds=r["cpu_seconds"], tok_per_cpu_s=r["tokens"] / r["cpu_seconds"],
-                         same_as_plain=r["ids"] == plain["ids"], first_difference=diverge,
-                         same_every_round=r.get("same_every_round", True), ids=r["ids"]))
+    rows = report(best, ("plain", 0), varied)
     print(f"\n{name} ({a.quant if not a.model else 'file'}) on {device_name(device)}, batch 1 greedy, "
           f"prompt {len(prompt)} tokens, {backend}")
-    cpu_col = "" if cuda else f"{'tok/cpu-s':>11s}"  # on a shared CPU the process's CPU time moves less than the wall's
-    print(f"{'mode':12s}{'k':>3s}{'tok/s':>10s}{'x plain':>9s}{'accept':>8s}{'tok/step':>10s}{'ms/step':>9s}{cpu_col}"
-          "  same tokens as plain")
-    for r in rows:
-        accept = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
-        same = "yes" if r["same_as_plain"] else f"no (from token {r['first_difference']})"
-        cpu_col = "" if cuda else f"{r['tok_per_cpu_s']:11.1f}"
-        print(f"{r['mode']:12s}{r['draft_length']:3d}{r['tok_s']:10.1f}{r['x_plain']:9.3f}{accept:>8s}"
-              f"{r['tokens_per_step']:10.2f}{r['ms_per_step']:9.2f}{cpu_col}  {same}")
+    print_table(rows, cuda)
     result = dict(device=device_name(device), target=name, quant=None if a.model else a.quant, backend=backend,
                   prompt_tokens=len(prompt), timed_tokens=a.tokens, rounds=a.rounds, threads=torch.get_num_threads(),
                   target_vocab=model.spec.vocab_size, rows=rows)
@@ -195,6 +179,37 @@ def main(argv=None) -> dict:
     return result
 
 
+def report(best: dict, baseline, varied: set) -> list[dict]:
+    """A row per run from its best round, against the baseline run's (plain) tokens/s and tokens."""
+    plain = best[baseline]
+    base = plain["tokens"] / plain["seconds"]
+    rows = []
+    for (mode, k), r in best.items():
+        tok_s = r["tokens"] / r["seconds"]
+        diverge = next((i for i, (x, y) in enumerate(zip(r["ids"], plain["ids"])) if x != y), None)
+        rows.append(dict(
+            mode=mode, draft_length=k, tok_s=tok_s, x_plain=tok_s / base,
+            acceptance=r["accepted"] / r["proposed"] if r["proposed"] else None,
+            tokens_per_step=r["tokens"] / r["steps"], ms_per_step=r["seconds"] / r["steps"] * 1e3,
+            tokens=r["tokens"], steps=r["steps"], graphed_steps=r["graphed_steps"], proposed=r["proposed"],
+            accepted=r["accepted"], seconds=r["seconds"], cpu_seconds=r["cpu_seconds"],
+            tok_per_cpu_s=r["tokens"] / r["cpu_seconds"], same_as_plain=r["ids"] == plain["ids"],
+            first_difference=diverge, same_every_round=(mode, k) not in varied, ids=r["ids"]))
+    return rows
+
+
+def print_table(rows: list[dict], cuda: bool) -> None:
+    last = "graphed" if cuda else "tok/cpu-s"
+    print(f"{'mode':12s}{'k':>3s}{'tok/s':>10s}{'x plain':>9s}{'accept':>8s}{'tok/step':>10s}{'ms/step':>9s}"
+          f"{last:>11s}  same tokens as plain")
+    for r in rows:
+        accept = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
+        extra = f"{r['graphed_steps']}/{r['steps']}" if cuda else f"{r['tok_per_cpu_s']:.1f}"
+        same = "yes" if r["same_as_plain"] else f"no (from token {r['first_difference']})"
+        print(f"{r['mode']:12s}{r['draft_length']:3d}{r['tok_s']:10.1f}{r['x_plain']:9.3f}{accept:>8s}"
+              f"{r['tokens_per_step']:10.2f}{r['ms_per_step']:9.2f}{extra:>11s}  {same}")
+
+
 def timed(gen, prompt: list[int], max_new: int, stops: list[int], sync) -> dict:
     """One greedy job of `max_new` tokens: its first token and two steps untimed, then the rest timed."""
     from lowgear import DynamicJob, SamplerSettings
@@ -207,15 +222,32 @@ def timed(gen, prompt: list[int], max_new: int, stops: list[int], sync) -> dict:
         if not job.finished:
             gen.iterate()
     sync()
-    n0, proposed0, accepted0 = len(job.generated), gen.spec_proposed, gen.spec_accepted
+    n0, proposed0, accepted0, graphed0 = len(job.generated), gen.spec_proposed, gen.spec_accepted, gen.graphed_steps
     steps0 = gen.steps - (gen._ahead is not None)  # a step run ahead, launched already, makes a timed token
     t0, c0 = time.perf_counter(), time.process_time()
     while not job.finished:
         gen.iterate()
     sync()
+    if len(job.generated) == n0:
+        raise SystemExit("the model stopped before the timed part: give a prompt with a longer answer")
     return dict(tokens=len(job.generated) - n0, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
-                steps=gen.steps - steps0,
+                steps=gen.steps - steps0, graphed_steps=gen.graphed_steps - graphed0,
                 proposed=gen.spec_proposed - proposed0, accepted=gen.spec_accepted - accepted0, ids=list(job.generated))
+
+
+def count_graphed(gen) -> None:
+    """Count the generator's steps that replayed a captured graph (gen.graphed_steps)."""
+    gen.graphed_steps = 0
+    if gen.graphs is None:
+        return
+    run = gen.graphs.run
+
+    def counted(*args, **kwargs):
+        logits = run(*args, **kwargs)
+        gen.graphed_steps += logits is not None
+        return logits
+
+    gen.graphs.run = counted
 
 
 def device_name(device: torch.device) -> str:
