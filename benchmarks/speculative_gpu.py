@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
         result.update(draft=a.draft_model or a.draft_preset, draft_seed=None if a.draft_model else a.draft_seed,
                       draft_vocab=drafts["draft"][0].spec.vocab_size)
     if a.model:
-        result["prompt"], result["output"] = a.prompt, tokenizer.decode(plain["ids"])
+        result["prompt"], result["output"] = a.prompt, tokenizer.decode(best["plain", 0]["ids"])
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "speculative.json"), "w") as f:

@@ -61,3 +61,16 @@ def test_llama_presets_pass_the_draft_vocabulary_check():
     DraftProposer(stub("llama3.2-1b"), cache, stub("llama3-8b"))  # accepted
     with pytest.raises(ConfigError, match="vocabulary has 151936 tokens but the target's has 128256"):
         DraftProposer(stub("qwen2-0.5b"), cache, stub("llama3-8b"))
+
+
+def test_embedded_model_ngram_run(tmp_path):
+    """`--model embedded`: the summarising prompt through the chat template; the model copies phrases of
+    the paragraph, so n-gram proposals are accepted, and the tokens are plain decoding's."""
+    result = bench().main(["--model", "embedded", "--device", "cpu", "--modes", "ngram", "--draft-lengths", "3",
+                           "--tokens", "12", "--rounds", "1", "--out", str(tmp_path)])
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert set(rows) == {"plain", "ngram"}  # plain is always the baseline
+    assert rows["ngram"]["same_as_plain"] and rows["ngram"]["accepted"] > 0
+    assert result["prompt_tokens"] > 150 and "paged KV cache" in result["prompt"] and result["output"]
+    with open(tmp_path / "speculative.json") as f:
+        assert json.load(f)["rows"][1]["ids"] == rows["plain"]["ids"]
