@@ -120,3 +120,33 @@ def test_graphed_decode_with_packed_embedding_and_head(packed_ends, qtype):
     got = _run(graphed, prompts, max_new=12)
     graphed.graphs.release()
     assert got == want
+
+
+def test_graphs_keep_their_rope_tables_when_the_model_serves_a_larger_cache(loaded):
+    """The target as its own draft, on a cache larger than its own: the draft's first forward rebuilds the
+    model's RoPE table for the larger cache, after the decode steps were captured reading the old one.
+    The graphs hold that table (freed, its memory would be handed out again: here it would be, to
+    tensors of its size filled with junk), so graphed steps after still make the eager tokens."""
+    model, cache, tok = loaded
+    prompts = _prompts(4)
+
+    def greedy(gen, speculate):
+        jobs = [lg.DynamicJob(p, max_new_tokens=16, gen_settings=lg.Sampler.Settings.greedy(), speculate=speculate)
+                for p in prompts]
+        gen.enqueue(jobs)
+        while any(not j.finished for j in jobs):
+            gen.iterate()
+        return [j.generated for j in jobs]
+
+    want = greedy(lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=4, cuda_graphs=False), True)
+    big = lg.Cache(model, max_seq_len=4 * cache.capacity_tokens, page_size=16)
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tok, max_batch_size=4, draft_model=model,
+                              draft_cache=big, num_draft_tokens=3)
+    assert gen.graphs is not None, gen.graphs_off_reason
+    gen.warmup()  # captured with the table of `cache` (warm-up jobs are too short to propose)
+    greedy(gen, True)  # speculating (its (k+1)-token checks may part from decode steps at near ties, float16)
+    assert gen.spec_proposed > 0  # so the draft ran its forwards, on `big`: the model's table was rebuilt
+    junk = [torch.full((cache.capacity_tokens, model.spec.head_dim // 2), 1e4, device="cuda") for _ in range(8)]
+    assert greedy(gen, False) == want  # graphed decode steps only
+    del junk
+    gen.graphs.release()

@@ -120,10 +120,37 @@ def test_draft_with_another_vocabulary_is_one_clear_error(tiny_gguf):
         make(tiny_gguf["target"], "eager", draft_model=draft_model, draft_cache=draft_cache)
     with pytest.raises(ConfigError, match="not a proposer"):
         make(tiny_gguf["target"], "eager", speculate="lookahead")
-    with pytest.raises(ConfigError, match="num_draft_tokens must be a positive integer"):
-        make(tiny_gguf["target"], "eager", speculate="ngram", num_draft_tokens=0)
+    for k in (0, -3, 2.0, "4", True):
+        with pytest.raises(ConfigError, match="num_draft_tokens must be a positive integer"):
+            make(tiny_gguf["target"], "eager", speculate="ngram", num_draft_tokens=k)
+    for n in (0, -1, 1.5):
+        with pytest.raises(ConfigError, match="max_ngram must be a positive integer"):
+            make(tiny_gguf["target"], "eager", speculate="ngram", max_ngram=n)
     gen = make(tiny_gguf["target"], "eager", use_ngram_draft=True, max_ngram=2)  # ExLlamaV2's names
     assert gen.proposer.max_n == 2
+
+
+def test_draft_and_cache_mismatches_are_one_clear_error(tiny_gguf):
+    """Each is one ConfigError when the generator is made, before any job could be harmed: n-gram lookup
+    and a draft model together, a draft cache made for another model (the draft has 1 layer, the
+    target 2: its forward would fail mid-step), the target's own cache as the draft's (the draft's pages
+    would come out of the pool the running jobs' reservations count on)."""
+    target, target_cache = load_draft(tiny_gguf["target"])
+    draft, draft_cache = load_draft(tiny_gguf["draft"])
+    tokenizer = lg.Tokenizer(target.config)
+
+    def gen(**kwargs):
+        return lg.DynamicGenerator(model=target, cache=target_cache, tokenizer=tokenizer, **kwargs)
+
+    for kwargs in (dict(speculate="ngram"), dict(use_ngram_draft=True)):
+        with pytest.raises(ConfigError, match="give either it or draft_model=, not both"):
+            gen(draft_model=draft, draft_cache=draft_cache, **kwargs)
+    with pytest.raises(ConfigError, match="draft_cache was made for another model"):
+        gen(draft_model=draft, draft_cache=target_cache)
+    with pytest.raises(ConfigError, match="the target's own cache"):
+        gen(draft_model=target, draft_cache=target_cache)
+    gen(draft_model=target, draft_cache=lg.Cache(target, max_seq_len=2048, page_size=16))  # its own draft: accepted
+    assert target_cache.pool.num_used == 0
 
 
 # ---------------------------------------------------------------- rejection sampling, by hand

@@ -151,12 +151,13 @@ class RandomSource:
         return torch.empty(shape, dtype=self.dtype, device=dev).normal_(0.0, 0.02, generator=g)
 
 
-def synthetic_config(spec: ModelSpec, quant: str, device: torch.device, dtype: torch.dtype, label: str):
-    """A lowgear Config whose weights come from a RandomSource (no model file)."""
+def synthetic_config(spec: ModelSpec, quant: str, device: torch.device, dtype: torch.dtype, label: str,
+                     seed: int = 0):
+    """A lowgear Config whose weights come from a RandomSource (no model file); one seed, one set of weights."""
     from ..config import Config
 
     config = Config()
-    config.spec, config._source = spec, RandomSource(spec, QUANTS[quant], device, dtype)
+    config.spec, config._source = spec, RandomSource(spec, QUANTS[quant], device, dtype, seed)
     config.max_seq_len = spec.max_position_embeddings
     config.devices = [label]
     config.dtype = str(dtype).removeprefix("torch.")

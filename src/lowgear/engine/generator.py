@@ -79,7 +79,8 @@ class DynamicGenerator:
         self.num_draft_tokens = num_draft_tokens
         if use_ngram_draft and speculate is None:
             speculate = "ngram"
-        self.proposer = make_proposer(speculate, draft_model, draft_cache, model, num_draft_tokens, max_ngram)
+        self.proposer = make_proposer(speculate, draft_model, draft_cache, model, num_draft_tokens, max_ngram,
+                                      target_cache=cache)
         self.spec_proposed = 0  # proposed tokens checked, and of those accepted (server metrics read both)
         self.spec_accepted = 0
 

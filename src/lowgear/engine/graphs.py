@@ -146,6 +146,8 @@ class DecodeGraphs:
         self._tables = self._tables.to(torch.int32)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._metas: dict[int, StepMetadata] = {}  # held: the graphs read their tensors
+        self._rope: list = []  # held: the RoPE tables the graphs read (the model rebuilds its own for a larger
+        # cache, e.g. the target as its own draft on a second cache, and would free these)
         self._logits: dict[int, torch.Tensor] = {}
         self._pool = None
 
@@ -169,6 +171,7 @@ class DecodeGraphs:
         self._graphs.clear()
         self._logits.clear()
         self._metas.clear()
+        self._rope.clear()
 
     def _meta(self, b: int) -> StepMetadata:
         dev = self.device
@@ -220,6 +223,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             self._logits[b] = self._step(b, meta)
         self._graphs[b] = graph
+        self._rope.append(self.model.rope_tables())
 
     def capture_all(self) -> None:
         for b in sorted(self.buckets, reverse=True):  # largest first: smaller ones reuse its pool

@@ -197,7 +197,7 @@ class DraftProposer:
 
 
 def make_proposer(speculate: str | None, draft_model, draft_cache, target, num_draft_tokens: int,
-                  max_ngram: int = defaults.NGRAM_MAX):
+                  max_ngram: int = defaults.NGRAM_MAX, target_cache=None):
     """The generator's proposer: None (no speculation), an NgramProposer or a DraftProposer."""
     if speculate is None and draft_model is not None:
         speculate = "draft"
@@ -208,9 +208,17 @@ def make_proposer(speculate: str | None, draft_model, draft_cache, target, num_d
     if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or num_draft_tokens < 1:
         raise ConfigError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
     if speculate == "ngram":
+        if draft_model is not None:
+            raise ConfigError("speculate='ngram' proposes without a model: give either it or draft_model=, not both")
         if not isinstance(max_ngram, int) or isinstance(max_ngram, bool) or max_ngram < 1:
             raise ConfigError(f"max_ngram must be a positive integer, got {max_ngram!r}")
         return NgramProposer(max_ngram)
     if draft_model is None or draft_cache is None:
         raise ConfigError("speculate='draft' needs draft_model= and draft_cache= (a loaded smaller model and its cache)")
+    if getattr(draft_cache, "model", draft_model) is not draft_model:
+        raise ConfigError("draft_cache was made for another model: build it from the draft, "
+                          "Cache(draft_model, max_seq_len=...)")
+    if draft_cache is target_cache:
+        raise ConfigError("draft_cache is the target's own cache: the draft needs a cache of its own, "
+                          "Cache(draft_model, max_seq_len=...)")
     return DraftProposer(draft_model, draft_cache, target)

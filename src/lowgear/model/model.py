@@ -170,6 +170,10 @@ class Model:
         table = self._rope_table(device, cache)
         return (table, self._rope_table(device, cache, local=True) if any(self._local_rope) else table)
 
+    def rope_tables(self) -> tuple:
+        """The RoPE tables built so far (what a captured step reads: its holder keeps them alive)."""
+        return tuple(self._rope_tables.values())
+
     def _rope_table(self, device: torch.device, cache, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [positions, rot/2] float32 for every position the cache can hold, built once.
 
