@@ -21,7 +21,7 @@ PDL_RELEASE = "auto"
 # How packed weights live on a CPU (platform/placement.cpu_weights decides, doctor says): "auto" holds 4-bit
 # GGUF layers for torch's int4 kernel where it runs and unpacks the other packed linears once at load
 # into float weights when those fit in 1/CPU_UNPACK_RAM_SHARE of the RAM left after the cache, else keeps
-# them packed; "int4" / "unpacked" / "packed" force one (docs/decisions/021-cpu-int4-weights.md).
+# them packed; "int4" / "unpacked" / "packed" force one (docs/decisions/022-cpu-int4-weights.md).
 CPU_WEIGHTS_MODES = ("auto", "int4", "unpacked", "packed")
 CPU_WEIGHTS = "auto"
 CPU_UNPACK_RAM_SHARE = 2

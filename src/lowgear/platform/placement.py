@@ -374,7 +374,7 @@ def cpu_weights(source, mode: str, elt: int, cache_bytes: int = 0, ram: int | No
     1/CPU_UNPACK_RAM_SHARE of the RAM left after the cache, else stay packed and are dequantized at
     every step (86% of a 135M model's CPU decode was that). `int4_bytes(qtype, shape)`: what a layer held for
     the int4 kernel takes, None where it cannot be (ops/matmul/cpu_int4.int4_bytes where the kernel runs, else
-    None). why: docs/decisions/021-cpu-int4-weights.md"""
+    None). why: docs/decisions/022-cpu-int4-weights.md"""
     int4_kernel = mode in ("auto", "int4") and int4_bytes is not None
     packed = unpacked = floats = rest_unpacked = rest_packed = held4 = layers4 = 0
     info = getattr(source, "info", None)

@@ -10,7 +10,7 @@ Every GGUF type whose codes are 4-bit is that, per group of 32 (`repack.parts`: 
 offset, so zero = 8 * scale - offset): Q4_0, Q4_1 and Q4_K. The kernel takes bfloat16 activations (its
 float32 form runs 20-30x slower), so inside these matmuls x and the group's scale and zero are rounded
 to bfloat16 (2**-9 relative); the codes are exact and the sums are float32. why:
-docs/decisions/021-cpu-int4-weights.md
+docs/decisions/022-cpu-int4-weights.md
 
 `hold(module)` converts one packed QuantLinear in place (its `qweight` becomes the kernel's packed
 codes, `i4_scales_zeros` [groups, N, 2] the bfloat16 scale and zero); `matmul` is the kernel hook.
