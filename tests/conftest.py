@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPU models are float32 references: packed layers unpacked to float32, not held for the int4 kernel (whose
+# bfloat16 activations tests/test_cpu_int4.py checks on its own, with cpu_weights set explicitly)
+os.environ.setdefault("LOWGEAR_CPU_WEIGHTS", "unpacked")
 try:
     import torch
 
