@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--cpu-weights", default=None, help="lowgear's config.cpu_weights (auto | unpacked | packed)")
+    p.add_argument("--cpu-weights", default=None, help="lowgear's config.cpu_weights (auto | int4 | unpacked | packed)")
     p.add_argument("--no-hf", action="store_true", help="lowgear alone")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -109,3 +109,37 @@ def test_smollm2_greedy_32_tokens_match_transformers(smollm2, smollm2_path):
     while not all(j.finished for j in jobs):
         gen.iterate()
     assert [j.generated for j in jobs] == refs
+
+
+def test_smollm2_int4_cpu_weights_greedy_tokens_follow_transformers(smollm2, smollm2_path):
+    """The CPU's default for 4-bit layers (ops/matmul/cpu_int4.py: bfloat16 activations inside the matmul) follows
+    transformers' float32 greedy tokens on the embedded model, batched, up to near-ties: where a token differs,
+    transformers' own logits put the two within 0.1 (bfloat16's rounding of a logit of ~36 is ~0.07; a real
+    error, such as a wrong zero point, moves logits by whole units). On the demo prompt, 64 tokens equal
+    (benchmarks/cpu_vs_transformers.py)."""
+    import lowgear as lg
+
+    hf, _, _ = smollm2
+    model, cache = load(smollm2_path, max_seq_len=1024, page_size=64, cpu_weights="int4")
+    assert model.cpu_weights.int4
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path))
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=lg.Tokenizer(model.config), max_batch_size=4)
+    jobs, refs, prompts = [], [], []
+    for prompt in PROMPTS:
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        prompts.append(ids[0].tolist())
+        refs.append(hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist())
+        jobs.append(lg.DynamicJob(ids, max_new_tokens=32, gen_settings=lg.Sampler.Settings.greedy()))
+    gen.enqueue(jobs)
+    while not all(j.finished for j in jobs):
+        gen.iterate()
+    equal = 0
+    for ids, ref, job in zip(prompts, refs, jobs):
+        ours = list(job.generated)
+        j = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+        if j is None:
+            equal += 1
+            continue
+        logits = hf_logits(hf, ids + ref[:j])[-1]
+        assert (logits[ref[j]] - logits[ours[j]]).item() < 0.1, (j, ref[j], ours[j])
+    assert equal >= 2  # most prompts are not near a tie at all
