@@ -111,7 +111,9 @@ GGUF_TYPES = ["F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6
 def test_every_gguf_type_graphed_gives_the_torch_paths_tokens(tmp_path, monkeypatch, qtype):
     """Each GGUF type, graphed on the default path (triton rung, GPTQ-form or block kernels, CUDA graphs),
     in float16, gives the greedy tokens of the eager torch path (torch ops and dequantization, eager
-    attention, no graphs) on the same GPU: logits close at the prompt, the 16 tokens equal."""
+    attention, no graphs) on the same GPU: logits close at the prompt, the 16 tokens equal up to a near-tie
+    (where they part, the torch path's own logits put the two tokens within float16's noise: a random
+    model's logits are flat, and the two paths sum in different orders)."""
     from lowgear.bench.synthetic import write_gguf
     from lowgear.model import load as model_load
     from lowgear.ops import dispatch
@@ -134,7 +136,14 @@ def test_every_gguf_type_graphed_gives_the_torch_paths_tokens(tmp_path, monkeypa
             while gen.num_remaining_jobs():
                 gen.iterate()
             runs[name] = job.generated
+            if name == "torch":
+                ref_model = (model, cache)
             del gen, model, cache
     ref = logits["torch"]
     assert ((logits["default"] - ref).norm() / ref.norm()).item() < 1e-2
-    assert runs["default"] == runs["torch"], qtype
+    ours, want = runs["default"], runs["torch"]
+    assert len(ours) == len(want) == 16
+    j = next((i for i, (a, b) in enumerate(zip(ours, want)) if a != b), None)
+    if j is not None:
+        at = all_logits(*ref_model, prompt + want[:j])[-1].float()
+        assert (at[want[j]] - at[ours[j]]).item() < 2e-2 * at.abs().max().item(), (qtype, j, want[j], ours[j])

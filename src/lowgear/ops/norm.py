@@ -55,12 +55,19 @@ if triton is not None:
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """The torch op, with rms_norm_triton's contract: with `residual`, residual += x in place and
-    returns (normed residual, residual); without it, returns normed x."""
+    returns (normed residual, residual); without it, returns normed x. float32 rows take torch's own
+    rms_norm (one op, the reference's math in float32: on a CPU the per-op cost is what a small model's
+    step is made of); other dtypes compute in float32 as the reference does."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (residual is not None and residual.dtype != torch.float32):
+        if residual is None:
+            return rms_norm_ref(x, weight, eps)
+        out, h = rms_norm_ref(x, weight, eps, residual)
+        residual.copy_(h)
+        return out, residual
     if residual is None:
-        return rms_norm_ref(x, weight, eps)
-    out, h = rms_norm_ref(x, weight, eps, residual)
-    residual.copy_(h)
-    return out, residual
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
+    residual.add_(x)
+    return torch.nn.functional.rms_norm(residual, weight.shape, weight, eps), residual
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -112,11 +112,43 @@ if triton is not None:
 
 
 def rope_kv_torch(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping) -> None:
-    """The torch op: rotate q and k in place (apply_rope_ref), then write k and v to the cache (write_kv)."""
-    q_new, k_new = apply_rope_ref(q, k, positions, cos_cache, sin_cache, style)
-    q.copy_(q_new)
-    k.copy_(k_new)
+    """The torch op: rotate q and k in place (apply_rope_ref's math), then write k and v to the cache (write_kv).
+
+    float32 heads rotate in place with five ops per tensor, q and k as one tensor where they are
+    adjacent views of a fused q|k|v output (a CPU step is made of per-op costs); other dtypes go through
+    apply_rope_ref's float32 copies."""
+    if q.dtype == k.dtype == torch.float32:
+        pos = positions.long()
+        cos, sin = cos_cache[pos][:, None, :], sin_cache[pos][:, None, :]  # [T, 1, half]
+        for x in _adjacent(q, k) or (q, k):
+            _rotate_(x, cos, sin, style)
+    else:
+        q_new, k_new = apply_rope_ref(q, k, positions, cos_cache, sin_cache, style)
+        q.copy_(q_new)
+        k.copy_(k_new)
     write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _adjacent(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor] | None:
+    """q [T, Hq, D] and k [T, Hk, D] as one [T, Hq + Hk, D] view where k's heads follow q's in memory."""
+    d = q.shape[-1]
+    if (q.stride(-1) == k.stride(-1) == 1 and q.stride(1) == k.stride(1) == d and q.stride(0) == k.stride(0)
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * d * q.element_size()):
+        return (q.as_strided((q.shape[0], q.shape[1] + k.shape[1], d), q.stride()),)
+    return None
+
+
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> None:
+    """x [T, H, D] in place: each pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the first 2 * half
+    dims; pairs are (i, i + half) for neox, (2i, 2i + 1) for interleaved (strided views: no copies)."""
+    half = cos.shape[-1]
+    if style == "neox":
+        x1, x2 = x[..., :half], x[..., half : 2 * half]
+    else:
+        x1, x2 = x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]
+    x1c = x1.clone()
+    x1.mul_(cos).addcmul_(x2, sin, value=-1.0)
+    x2.mul_(cos).addcmul_(x1c, sin)
 
 
 def rope_kv_triton(q, k, v, positions, cos_cache, sin_cache, style, k_cache, v_cache, slot_mapping) -> None:
