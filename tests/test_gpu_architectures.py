@@ -1,4 +1,5 @@
-"""On a CUDA GPU: each architecture beyond llama (qwen3, gemma2, gemma3 with head_dim 256) in float16 on
+"""On a CUDA GPU: each architecture beyond llama (qwen3, gemma2, gemma3 with head_dim 256, Phi-3 with a
+sliding window and Phi-4-mini-like LongRoPE over 0.75 of a head) in float16 on
 the sdpa, triton and eager rungs, and as a T4 / V100 runs it (the ladder walked as for sm_75), against
 the CPU float32 eager path on the same weights (transformers' own tiny random models, written by the
 CPU tests' writers). A rung the model cannot use (sdpa with Gemma 2's soft-capping) must refuse with
@@ -24,13 +25,18 @@ def _folder(tmp_path, arch):
 
     if arch == "qwen3":
         write_qwen3(tmp_path)
+    elif arch.startswith("phi3-"):  # test_model_phi3's variants: a sliding window; LongRoPE over 0.75 of a head, tied
+        from test_model_phi3 import write_phi3
+
+        write_phi3(tmp_path, arch.removeprefix("phi3-"))
     else:
         shape = dict(MODELS[arch])
         write_gemma(tmp_path, shape.pop("arch"), **shape)
     return tmp_path
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "gemma3_hd256"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3", "gemma3_hd256", "phi3-window",
+                                  "phi3-longrope-partial75-tied"])
 @pytest.mark.parametrize("rung", ["sdpa", "triton", "eager", "t4-v100"])
 def test_fp16_rung_matches_cpu_float32(tmp_path, arch, rung):
     if not torch.cuda.is_available():
