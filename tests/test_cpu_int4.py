@@ -89,8 +89,9 @@ def test_held_layer_keeps_its_values_through_dtype_moves_and_dequantizes():
 
 
 def test_types_and_shapes_it_takes():
-    assert cpu_int4.can_hold("Q4_0", 8, 64) and cpu_int4.can_hold("Q4_K", 8, 512)
-    assert not cpu_int4.can_hold("Q4_K", 8, 288)  # not whole 256-weight blocks
+    assert cpu_int4.can_hold("Q4_0", 16, 64) and cpu_int4.can_hold("Q4_K", 32, 512)
+    assert not cpu_int4.can_hold("Q4_K", 16, 288)  # not whole 256-weight blocks
+    assert not cpu_int4.can_hold("Q4_0", 24, 64)  # the packer takes rows in multiples of 16
     assert not cpu_int4.can_hold("Q8_0", 8, 64) and not cpu_int4.can_hold("Q6_K", 8, 256)
     lin = QuantLinear(PackedTensor("Q8_0", torch.zeros(4, 34, dtype=torch.uint8), (4, 32)))
     assert not cpu_int4.hold(lin) and not lin.int4_cpu

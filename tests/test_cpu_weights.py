@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from lowgear.ops.matmul import cpu_int4
+
 import lowgear as lg
 from lowgear.bench.synthetic import random_blocks
 from lowgear.errors import ConfigError
@@ -51,9 +53,15 @@ def test_unpack_matches_float64_reference(qtype):
     torch.testing.assert_close(lin.lookup(ids), packed.lookup(ids), rtol=0, atol=0)
 
 
-def test_the_three_settings(tiny, monkeypatch):
+def test_the_settings(tiny, monkeypatch):
+    monkeypatch.delenv("LOWGEAR_CPU_WEIGHTS", raising=False)  # conftest pins the float32 reference
+    auto, _ = load(tiny, max_seq_len=256)  # 4-bit layers for the int4 kernel (test_cpu_int4.py), the table unpacked
+    assert auto.cpu_weights.mode == "auto" and auto.cpu_weights.int4
+    assert all(m.int4_cpu and m.qtype == "Q4_1" for m in _linears(auto)[:-2])
+    assert not auto.embed.packed and auto.embed.unpacked_from == "Q4_1"
+    monkeypatch.setattr(cpu_int4, "sizer", lambda: None)  # a torch without the int4 kernel: auto unpacks
     auto, _ = load(tiny, max_seq_len=256)
-    assert auto.cpu_weights.mode == "auto" and auto.cpu_weights.unpack
+    assert auto.cpu_weights.mode == "auto" and auto.cpu_weights.unpack and not auto.cpu_weights.int4
     assert all(not m.packed and m.unpacked_from == "Q4_1" for m in _linears(auto))
     assert auto.lm_head is auto.embed or auto.lm_head.weight.dtype == torch.float32
     packed, _ = load(tiny, max_seq_len=256, cpu_weights="packed")
@@ -72,6 +80,8 @@ def test_the_three_settings(tiny, monkeypatch):
 
 
 def test_auto_keeps_packed_when_ram_is_short(tiny, monkeypatch):
+    monkeypatch.delenv("LOWGEAR_CPU_WEIGHTS", raising=False)
+    monkeypatch.setattr(cpu_int4, "sizer", lambda: None)  # the float rule alone (4-bit layers aside)
     model, _ = load(tiny, max_seq_len=256)
     need = model.cpu_weights.unpacked_bytes
     cache = model.plan.max_seq_len * 2 * 2 * model.spec.num_kv_heads * model.spec.head_dim * 4  # K and V, 2 layers

@@ -264,8 +264,17 @@ def test_cpu_weights_choice_is_said(tmp_path, monkeypatch):
     """doctor says whether a CPU unpacks the packed weights at load, why, and the memory they take."""
     from lowgear.bench.synthetic import write_gguf
 
+    from lowgear.ops.matmul import cpu_int4
+
     monkeypatch.setenv("LOWGEAR_SIMULATE", "cpu")
+    monkeypatch.delenv("LOWGEAR_CPU_WEIGHTS", raising=False)
     path = write_gguf(tmp_path / "m.gguf", hidden_size=64, num_layers=1, num_heads=4, qtype="Q4_1")
+    four = doctor.collect(Config(), str(path), ["cpu"])["model"]["cpu_weights"]
+    # q k v o gate up down: 7 (the head, rows not a multiple of 16, and the looked-up table are unpacked)
+    assert four["int4"] and four["int4_layers"] == 7 and "4-bit layers stay 4-bit" in four["why"]
+    assert "cpu      weights 4-bit layers as int4, the rest unpacked once at load" in doctor.render(
+        doctor.collect(Config(), str(path), ["cpu"]))
+    monkeypatch.setattr(cpu_int4, "sizer", lambda: None)  # a torch without the int4 kernel: the float rule
     w = doctor.collect(Config(), str(path), ["cpu"])["model"]["cpu_weights"]
     assert w["unpack"] and w["mode"] == "auto" and "fit in 1/2 of the RAM" in w["why"]
     assert w["held_bytes"] > w["unpacked_bytes"] > w["packed_bytes"] > 0

