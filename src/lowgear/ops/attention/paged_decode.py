@@ -23,6 +23,10 @@ live in the log2 domain (exp2).
 SOFTCAP (a constexpr: models without it compile the kernel unchanged) soft-caps each score, cap *
 tanh(score / cap), before the softmax (gemma2); `softcapped` is that map in the log2 domain, shared
 with the prefill kernel.
+
+QUANT (a constexpr too) reads an 8- or 4-bit cache (ops/kv_write.QuantizedKV: int8, float8 e4m3 or
+int4 codes, a float32 scale per token and head) in any form, decoding the codes as each tile loads
+with `dequantize`, which the prefill kernel shares; paged_decode_kernel says where the scales enter.
 """
 
 from __future__ import annotations
@@ -159,7 +163,7 @@ def _decode_block(
         )  # [BLOCK_N, HEAD_DIM_P]
         if QUANT != 0:
             k = dequantize(k, shift_k[None, :], QUANT)
-        if DOT:  # q in the cache's (or a quantized cache's compute) dtype, GROUP_P >= 16 rows (the heads past GROUP are zeros)
+        if DOT:  # q in the cache dtype (quantized: q's), GROUP_P >= 16 rows (the heads past GROUP are zeros)
             s = tl.dot(q, tl.trans(k.to(q.dtype)))  # [GROUP_P, BLOCK_N] fp32
         else:
             s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]

@@ -9,7 +9,8 @@ query block with one valid row.
 
 An 8- or 4-bit cache (ops/kv_write.QuantizedKV) is read as its codes and per-token-per-head scales
 and dequantized in the kernel: int8 by a multiply, float8 e4m3 from its bits with integer ops (so
-GPUs without FP8 instructions, and the interpreter, read it too), int4 from its byte's nibble.
+GPUs without FP8 instructions, and the interpreter, read it too), int4 from its byte's nibble
+(`dequantize` and `kv_operands`, shared with the decode kernel).
 
 This is the compute-bound path and uses `tl.dot`. Triton compiles `tl.dot` to tensor-core `mma`
 only on sm_80+; on sm_70/sm_75 it becomes plain FMAs, so there prefill should go to sdpa (the
