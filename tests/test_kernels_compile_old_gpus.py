@@ -206,7 +206,8 @@ def test_quantized_decode_compiles_for_old_gpus_without_mma(compiled, arch, quan
     bits with integer ops, so no FP8 instruction is needed) in the FMA forms V100 / T4 run (split-D,
     and int4 in the whole-warp form's direct launch): plain FMAs, no tensor-core mma, shared memory
     within their limits."""
-    for r in [find(compiled, f"decode_q{quant}", arch)] + ([find(compiled, "decode_q3_direct", arch)] if quant == 3 else []):
+    names = [f"decode_q{quant}"] + (["decode_q3_direct"] if quant == 3 else [])
+    for r in (find(compiled, name, arch) for name in names):
         assert r["cubin"] > 0 and r["mma"] == 0 and r["fma"] > 0, r
         assert r["shared"] <= (64 if arch == 75 else 96) * 1024, r
 
