@@ -18,10 +18,13 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from lowgear.attention.eager import reference_attention  # noqa: E402
 from lowgear.attention.metadata import build_metadata  # noqa: E402
 from lowgear.attention.triton import TritonBackend  # noqa: E402
+from lowgear.ops.attention.paged_decode import dequantize  # noqa: E402
 from lowgear.ops.kv_write import QuantizedKV, write_kv  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -62,6 +65,30 @@ def quantized_problem(kind, kv_lens, *, kv_heads=2, group=2, head_dim=32, page_s
     meta = build_metadata([1] * len(kv_lens), kv_lens, tables, page_size)
     q = torch.randn(len(kv_lens), kv_heads * group, head_dim, generator=gen).to(dtype)
     return q, k_cache, v_cache, meta
+
+
+@triton.jit
+def dequantize_kernel(x_ptr, out_ptr, shift, QUANT: tl.constexpr):
+    offs = tl.arange(0, 256)
+    tl.store(out_ptr + offs, dequantize(tl.load(x_ptr + offs), shift, QUANT))
+
+
+def test_dequantize_every_code():
+    """The kernels' shared `dequantize` on every byte: float8 e4m3 as torch decodes it (subnormals and
+    both zeros included; the two NaN codes, never written, left out), int4 as its low and high nibble
+    less 8, int8 as itself."""
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+
+    def run(x, quant, shift=0):
+        out = torch.empty(256)
+        dequantize_kernel[(1,)](x, out, shift, QUANT=quant)
+        return out
+
+    e4m3 = every.view(torch.float8_e4m3fn).float()
+    finite = ~torch.isnan(e4m3)
+    assert finite.sum() == 254 and torch.equal(run(every, 2)[finite], e4m3[finite])
+    assert torch.equal(run(every, 3, 0), (every & 0xF).float() - 8) and torch.equal(run(every, 3, 4), (every >> 4).float() - 8)
+    assert torch.equal(run(every.view(torch.int8), 1), every.view(torch.int8).float())
 
 
 def assert_close(out, ref, tol):
