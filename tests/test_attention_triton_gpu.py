@@ -113,7 +113,9 @@ def test_quantized_decode_forms_on_gpu(kind):
                            PAGE, device="cuda").slot_mapping
     write_kv(kc.view(-1, KV_HEADS, HEAD_DIM)[slots], vc.view(-1, KV_HEADS, HEAD_DIM)[slots], k_cache, v_cache, slots)
     ref = reference_attention(q, k_cache.double(), v_cache.double(), meta, 0.088)
-    forms = [{"split_d": 0}, {"split_d": 4}] + ([{"use_dot": True}] if torch.cuda.get_device_capability() >= (8, 0) else [])
+    forms = [{"split_d": 0}, {"split_d": 4}]
+    if torch.cuda.get_device_capability() >= (8, 0):
+        forms.append({"use_dot": True})
     for form in forms:
         out = decode.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens, 0.088, 65536, **form)
         check(out, ref, torch.float16)
