@@ -97,6 +97,30 @@ def test_decode_fma_forms_on_gpu(heads, kv_heads, split_d):
     check(out, ref, torch.float16)
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3", "int4"])
+def test_quantized_decode_forms_on_gpu(kind):
+    """Decode over a quantized cache (QuantizedKV) compiled for this GPU, in the FMA forms (whole-warp
+    and split-D) and, from sm_80, the tl.dot form, against the reference over the dequantized cache;
+    a graph-style bound far past the lengths."""
+    from lowgear.ops.attention import load
+    from lowgear.ops.kv_write import QuantizedKV, write_kv
+
+    decode, _ = load(interpret=False)
+    lens = [1, 255, 257, 1000, 4096]
+    q, kc, vc, meta = problem([1] * len(lens), lens)
+    k_cache, v_cache = (QuantizedKV.zeros(kc.shape, kind, torch.float16, "cuda") for _ in range(2))
+    slots = build_metadata(lens, lens, [t[: -(-n // PAGE)] for t, n in zip(meta.block_tables.tolist(), lens)],
+                           PAGE, device="cuda").slot_mapping
+    write_kv(kc.view(-1, KV_HEADS, HEAD_DIM)[slots], vc.view(-1, KV_HEADS, HEAD_DIM)[slots], k_cache, v_cache, slots)
+    ref = reference_attention(q, k_cache.double(), v_cache.double(), meta, 0.088)
+    forms = [{"split_d": 0}, {"split_d": 4}]
+    if torch.cuda.get_device_capability() >= (8, 0):
+        forms.append({"use_dot": True})
+    for form in forms:
+        out = decode.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens, 0.088, 65536, **form)
+        check(out, ref, torch.float16)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (24, 8), (32, 4)])
 def test_decode_gqa_ratios_on_gpu(heads, kv_heads):
     q, kc, vc, meta = problem([1] * 4, [17, 512, 777, 4000], heads=heads, kv_heads=kv_heads)

@@ -24,7 +24,10 @@ from lowgear.ops.attention import paged_decode as D, paged_prefill as P
 assert not D.INTERPRETED and not P.INTERPRETED
 
 INT_PTRS = {"block_tables_ptr", "kv_lens_ptr", "cu_q_lens_ptr"}
-FP32_PTRS = {"part_o_ptr", "part_lse_ptr"}
+FP32_PTRS = {"part_o_ptr", "part_lse_ptr", "k_scale_ptr", "v_scale_ptr"}
+# a quantized cache's codes as kv_operands passes them (QUANT 1 int8; 2 e4m3 and 3 int4 as bytes)
+CODE_PTRS = {"k_cache_ptr", "v_cache_ptr"}
+CODES = {1: "*i8", 2: "*u8", 3: "*u8"}
 
 def signature(kernel, dtype, constexprs):
     sig = {}
@@ -35,6 +38,8 @@ def signature(kernel, dtype, constexprs):
             sig[name] = "*i32"
         elif name in FP32_PTRS:
             sig[name] = "*fp32"
+        elif name in CODE_PTRS and constexprs.get("QUANT"):
+            sig[name] = CODES[constexprs["QUANT"]]
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype
         elif name in ("scale_log2", "softcap_log2"):
@@ -43,20 +48,23 @@ def signature(kernel, dtype, constexprs):
             sig[name] = "i32"
     return sig
 
-def decode(group, head_dim, splits, dot=False, split_d=None, d_vec=8, softcap=False):
+def decode(group, head_dim, splits, dot=False, split_d=None, d_vec=8, softcap=False, quant=0):
     # the constexprs paged_decode passes: by default the FMA form it launches with this Triton
+    # (a quantized cache: 16 codes a thread, its storage being bytes)
     split_d = 0 if dot else D.fma_form()[0] if split_d is None else split_d
     block_n = D.DOT_BLOCK_N if dot else D.FMA_BLOCK_N if split_d else D.block_n_for(group, head_dim)
     return dict(GROUP=group, GROUP_P=max(16 if dot else 1, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 HEAD_DIM_P=head_dim, PAGE_SIZE=256, BLOCK_N=block_n, NUM_SPLITS=splits, DIRECT=splits == 1,
-                WHILE_LOOP=False, DOT=dot, PDL=False, SPLIT_D=split_d, D_VEC=d_vec, SOFTCAP=softcap)
+                WHILE_LOOP=False, DOT=dot, PDL=False, SPLIT_D=split_d, D_VEC=16 if quant else d_vec,
+                SOFTCAP=softcap, QUANT=quant)
 
 def aligned(kernel, sig):
     # What a launch specializes for fp16 head_dim-128 caches: 16-byte aligned pointers and strides
     # divisible by 16 elements (the block table's row stride need not be). Without it a thread loads
     # one element at a time and Triton's coalescing lays the split-D form's keys out differently.
+    # (nor the scales' token stride: kv_heads, e.g. 8)
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-            if sig[name].startswith("*") or (name.startswith("stride") and name != "stride_bt")}
+            if sig[name].startswith("*") or (name.startswith("stride") and name not in ("stride_bt", "stride_st"))}
 
 def reduce(head_dim, splits):
     return dict(HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, NUM_SPLITS=splits, NUM_SPLITS_P=triton.next_power_of_2(splits),
@@ -86,6 +94,11 @@ for arch in (70, 75):
         ("decode_split4", D.paged_decode_kernel, arch, "fp16", decode(4, 128, 8, split_d=4)),
         ("decode_split8", D.paged_decode_kernel, arch, "fp16", decode(4, 128, 8, split_d=8)),
     ]
+    # a quantized cache (int8, fp8_e4m3, int4 codes): the split-D form (Triton 3.6's default), and the
+    # whole-warp form's direct launch (the other versions' default) with int4's nibbles
+    CASES += [(f"decode_q{quant}", D.paged_decode_kernel, arch, "fp16", decode(4, 128, 8, split_d=4, quant=quant))
+              for quant in (1, 2, 3)]
+    CASES += [("decode_q3_direct", D.paged_decode_kernel, arch, "fp16", decode(4, 128, 1, split_d=0, quant=3))]
 CASES += [
     ("decode", D.paged_decode_kernel, 75, "fp32", decode(8, 128, 4, d_vec=4)),
     ("prefill", P.paged_prefill_kernel, 75, "fp32", prefill(1, 64, True)),
@@ -93,11 +106,14 @@ CASES += [
     ("decode_dot", D.paged_decode_kernel, 80, "fp16", decode(4, 128, 8, dot=True)),
     ("decode_dot", D.paged_decode_kernel, 90, "fp16", decode(4, 128, 1, dot=True)),
 ]
+CASES += [(f"decode_dot_q{quant}", D.paged_decode_kernel, 80, "fp16", decode(4, 128, 8, dot=True, quant=quant))
+          for quant in (1, 2, 3)]
 results = []
 for name, kernel, arch, dtype, constexprs in CASES:
     sig = signature(kernel, dtype, constexprs)
     # aligned, one warp (NUM_WARPS)
-    as_launched = name in ("decode_aligned", "decode_split4", "decode_split8", "decode_256", "decode_direct_256")
+    as_launched = name in ("decode_aligned", "decode_split4", "decode_split8", "decode_256", "decode_direct_256",
+                           "decode_q1", "decode_q2", "decode_q3", "decode_q3_direct")
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
                                     attrs=aligned(kernel, sig) if as_launched else None)
     options = ({"num_warps": D.NUM_WARPS} if as_launched
@@ -181,3 +197,23 @@ def test_split_d_form_compiles_without_mma_and_with_fewer_shuffles(compiled, arc
     assert fewer or D.fma_form()[0] == 0, (r, whole)
     if D.triton_version() == (3, 6):  # the version the form was measured with: it is the default there
         assert fewer and D.fma_form()[0] == 4, (r, whole)
+
+
+@pytest.mark.parametrize("arch", [70, 75])
+@pytest.mark.parametrize("quant", [1, 2, 3], ids=["int8", "fp8_e4m3", "int4"])
+def test_quantized_decode_compiles_for_old_gpus_without_mma(compiled, arch, quant):
+    """The decode kernel over a quantized cache (QUANT: the codes decoded as tiles load, fp8 from its
+    bits with integer ops, so no FP8 instruction is needed) in the FMA forms V100 / T4 run (split-D,
+    and int4 in the whole-warp form's direct launch): plain FMAs, no tensor-core mma, shared memory
+    within their limits."""
+    names = [f"decode_q{quant}"] + (["decode_q3_direct"] if quant == 3 else [])
+    for r in (find(compiled, name, arch) for name in names):
+        assert r["cubin"] > 0 and r["mma"] == 0 and r["fma"] > 0, r
+        assert r["shared"] <= (64 if arch == 75 else 96) * 1024, r
+
+
+@pytest.mark.parametrize("quant", [1, 2, 3], ids=["int8", "fp8_e4m3", "int4"])
+def test_quantized_decode_dot_form_is_tensor_core_mma_on_sm80(compiled, quant):
+    """On sm_80+ a quantized cache's decode takes the tl.dot form too (fp16 q, the codes' tiles in fp16)."""
+    r = find(compiled, f"decode_dot_q{quant}", 80)
+    assert r["mma"] > 0 and r["shared"] <= 96 * 1024, r

@@ -132,7 +132,8 @@ def mma(pdl):
 
 def decode(pdl):
     return dict(GROUP=4, GROUP_P=16, HEAD_DIM=128, HEAD_DIM_P=128, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N,
-                NUM_SPLITS=4, DIRECT=False, WHILE_LOOP=False, DOT=True, PDL=pdl, SPLIT_D=0, D_VEC=8, SOFTCAP=False)
+                NUM_SPLITS=4, DIRECT=False, WHILE_LOOP=False, DOT=True, PDL=pdl, SPLIT_D=0, D_VEC=8, SOFTCAP=False,
+                QUANT=0)
 
 CASES = [("gemv", G.gptq_gemv_kernel, GEMV, gemv), ("rms_norm", kernels_norm.rms_norm_kernel, NORM,
           lambda pdl: dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl)),

@@ -9,6 +9,11 @@ chunked prefill, mixed prefill+decode batches) goes to a paged prefill kernel th
 of this rung runs on CUDA cores: `prefers_sdpa_prefill_below_sm80` tells the model/selector to send
 prefill to sdpa there and keep this rung for decode.
 
+A quantized KV cache (ops/kv_write.QuantizedKV: int8, fp8_e4m3 or int4 codes with a float32 scale
+per token and head) takes the same routes: decode steps to the split-K decode kernel (in the form
+the device would take for the model dtype: tl.dot from sm_80 for fp16 / bf16, else the FMA form),
+everything else to the prefill kernel; both decode the codes as they load each tile.
+
 Triton is imported only inside functions (never at lowgear import time). On the CPU the rung runs
 in Triton's interpreter, and only when TRITON_INTERPRET=1 is set (tests); on a GPU the rung needs
 ops/dispatch.py's Triton decision for the device (the one the model's ops come from), then runs
@@ -24,7 +29,6 @@ import torch
 from .. import defaults
 from ..errors import install_hint
 from ..ops.dispatch import MIN_COMPUTE_CAPABILITY, triton_eligibility
-from ..ops.kv_write import QuantizedKV
 from ..platform import env
 from .base import AttentionBackend, Capabilities, ProbeResult
 from .eager import reference_attention
@@ -33,7 +37,7 @@ from .metadata import StepMetadata, build_metadata
 # A tiny call that takes longer than this after compiling means a broken or crawling kernel
 # (what `tl.dot` is reported to do on some sm_70 setups), not a slow GPU.
 PROBE_MAX_SECONDS = 2.0
-KV_STORAGE = defaults.KV_CACHE_DTYPES  # the model dtype, or 8-bit pages dequantized in the prefill kernel
+KV_STORAGE = defaults.KV_CACHE_DTYPES  # the model dtype, or 8- / 4-bit pages dequantized in both kernels
 _PROBE_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
 
 
@@ -185,7 +189,7 @@ class TritonBackend(AttentionBackend):
             q = q.contiguous()
         if meta.num_tokens == 0:
             return torch.empty_like(q)
-        if meta.is_decode and not isinstance(k_cache, QuantizedKV):  # (8-bit pages: the prefill kernel reads them)
+        if meta.is_decode:  # float or quantized pages (QuantizedKV: decoded in the kernel, every form)
             use_dot = (q.device.type == "cuda" and (q.device.index or 0) in self._dot_devices
                        and k_cache.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] >= 16)
             return paged_decode.paged_decode(

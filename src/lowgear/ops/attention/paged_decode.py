@@ -23,6 +23,10 @@ live in the log2 domain (exp2).
 SOFTCAP (a constexpr: models without it compile the kernel unchanged) soft-caps each score, cap *
 tanh(score / cap), before the softmax (gemma2); `softcapped` is that map in the log2 domain, shared
 with the prefill kernel.
+
+QUANT (a constexpr too) reads an 8- or 4-bit cache (ops/kv_write.QuantizedKV: int8, float8 e4m3 or
+int4 codes, a float32 scale per token and head) in any form, decoding the codes as each tile loads
+with `dequantize`, which the prefill kernel shares; paged_decode_kernel says where the scales enter.
 """
 
 from __future__ import annotations
@@ -53,11 +57,50 @@ def softcapped(s, cap_log2):
 
 
 @triton.jit
+def dequantize(x, shift, QUANT: tl.constexpr):
+    """Codes as float32 (before their scale): QUANT 1 int8; 2 float8 e4m3 held as its byte; 3 int4, the
+    nibble at bit `shift` of its byte, offset by 8. Shared by the decode and prefill kernels."""
+    if QUANT == 1:
+        return x.to(tl.float32)
+    if QUANT == 3:
+        return ((x.to(tl.int32) >> shift) & 0xF).to(tl.float32) - 8.0
+    # e4m3 (sign, 4 exponent bits biased by 7, 3 mantissa bits) moved into float16's fields (biased by
+    # 15, 10 mantissa bits) reads as the value times 2^-8, subnormals included: normal (1 + m/8) *
+    # 2^(e-15) and subnormal m/8 * 2^-14 against e4m3's (1 + m/8) * 2^(e-7) and m/8 * 2^-6. Integer
+    # ops and one conversion, which every GPU (and the interpreter) has.
+    b = x.to(tl.int32)
+    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+# QuantizedKV.kind -> the kernels' QUANT constexpr (0: a float cache)
+QUANT_CODES = {"int8": 1, "fp8_e4m3": 2, "int4": 3}
+
+
+def kv_operands(k_cache, v_cache):
+    """(QUANT, k, v, k_scale, v_scale, scale strides) a kernel launch takes for caches that are tensors
+    or ops/kv_write.QuantizedKV: the codes as int8 (int8) or bytes (e4m3 and int4, decoded in the
+    kernel) and the float32 scales [pages, page_size, kv_heads, 1] with their page and token strides
+    (their head stride is 1). A float cache passes itself for the unread scales, and strides 0."""
+    from ..kv_write import QuantizedKV
+
+    if not isinstance(k_cache, QuantizedKV):
+        return 0, k_cache, v_cache, k_cache, v_cache, (0, 0)
+    quant = QUANT_CODES[k_cache.kind]
+    storage = torch.int8 if quant == 1 else torch.uint8
+    k_scale, v_scale = k_cache.scale, v_cache.scale
+    assert k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1, (k_scale.stride(), v_scale.stride())
+    return (quant, k_cache.data.view(storage), v_cache.data.view(storage), k_scale, v_scale,
+            (k_scale.stride(0), k_scale.stride(1)))
+
+
+@triton.jit
 def _decode_block(
     q, m_i, l_i, acc, n0, end, table, k_base, v_base,
     stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, softcap_log2,
+    ks_base, vs_base, stride_sp, stride_st, offs_kc, shift_k, offs_vc, shift_v,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, SPLIT_D: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """One block of positions n0.. (< end): update the online softmax state (m_i, l_i, acc).
 
@@ -97,6 +140,8 @@ def _decode_block(
             v_page = v_base + page0 * stride_vp
             k_row = tl.where(in1, (page1 - page0) * stride_kp, 0) + slot * stride_kt
             v_row = tl.where(in1, (page1 - page0) * stride_vp, 0) + slot * stride_vt
+            if QUANT != 0:
+                page = tl.where(in1, page1, page0)  # (the scales' rows)
         else:
             page = tl.load(table + pos // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
             slot = pos % PAGE_SIZE
@@ -104,21 +149,29 @@ def _decode_block(
             v_page = v_base
             k_row = page * stride_kp + slot * stride_kt
             v_row = page * stride_vp + slot * stride_vt
-        k = tl.load(k_page + k_row[None, None, :, None, None] + offs_dk, mask=n_ok[None, None, :, None, None] & dk_ok,
+        k = tl.load(k_page + k_row[None, None, :, None, None] + offs_kc, mask=n_ok[None, None, :, None, None] & dk_ok,
                     other=0.0)  # [1, SPLIT_D, BLOCK_N, D_HI, D_VEC]
+        if QUANT != 0:
+            k = dequantize(k, shift_k, QUANT)
         s = tl.sum(q[:, :, None, :, :] * k.to(tl.float32), axis=4)  # [GROUP_P, SPLIT_D, BLOCK_N, D_HI], in-thread
         s = tl.sum(tl.sum(s, axis=3), axis=1)  # [GROUP_P, BLOCK_N]: in-thread, then across the SPLIT_D lanes
     else:
         page = tl.load(table + pos // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
         slot = pos % PAGE_SIZE
         k = tl.load(
-            k_base + page[:, None] * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
+            k_base + page[:, None] * stride_kp + slot[:, None] * stride_kt + offs_kc[None, :],
             mask=n_ok[:, None] & d_ok[None, :], other=0.0,
         )  # [BLOCK_N, HEAD_DIM_P]
-        if DOT:  # q in the cache dtype, GROUP_P >= 16 rows (the heads past GROUP are zeros)
-            s = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] fp32
+        if QUANT != 0:
+            k = dequantize(k, shift_k[None, :], QUANT)
+        if DOT:  # q in the cache dtype (quantized: q's), GROUP_P >= 16 rows (the heads past GROUP are zeros)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))  # [GROUP_P, BLOCK_N] fp32
         else:
             s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
+    if QUANT != 0:
+        # A key's scale multiplies its scores (exact codes in the product, one multiply per position).
+        scale_row = page * stride_sp + slot * stride_st
+        s = s * tl.load(ks_base + scale_row, mask=n_ok, other=0.0)[None, :]
     if SOFTCAP:
         s = softcapped(s, softcap_log2)
     s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -126,21 +179,31 @@ def _decode_block(
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
+    pv = p  # the weights of the values (an FMA form's quantized values: times their scales)
     if SPLIT_D > 0:
         v = tl.load(
-            v_page + v_row[None, :, None] + offs_d[None, None, :], mask=n_ok[None, :, None] & d_ok[None, None, :],
+            v_page + v_row[None, :, None] + offs_vc[None, None, :], mask=n_ok[None, :, None] & d_ok[None, None, :],
             other=0.0,
         )  # [1, BLOCK_N, HEAD_DIM_P]
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=1)
+        if QUANT != 0:
+            v = dequantize(v, shift_v[None, None, :], QUANT)
+            pv = p * tl.load(vs_base + scale_row, mask=n_ok, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.sum(pv[:, :, None] * v.to(tl.float32), axis=1)
     else:
         v = tl.load(
-            v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_d[None, :],
+            v_base + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_vc[None, :],
             mask=n_ok[:, None] & d_ok[None, :], other=0.0,
         )
+        if QUANT != 0:
+            v = dequantize(v, shift_v[None, :], QUANT)
+            if DOT:  # the tile in q's dtype, as tl.dot needs (p could not carry the scales: fp16 p * scale underflows)
+                v = (v * tl.load(vs_base + scale_row, mask=n_ok, other=0.0)[:, None]).to(q.dtype)
+            else:
+                pv = p * tl.load(vs_base + scale_row, mask=n_ok, other=0.0)[None, :]
         if DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.sum(pv[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
 
@@ -150,8 +213,10 @@ def _decode_block(
 @triton.jit(do_not_specialize=["stride_bt"])
 def paged_decode_kernel(
     q_ptr,  # [B, H, D]
-    k_cache_ptr,  # [pages, PAGE_SIZE, KVH, D]
+    k_cache_ptr,  # [pages, PAGE_SIZE, KVH, D] (QUANT 3: D / 2 bytes)
     v_cache_ptr,
+    k_scale_ptr,  # [pages, PAGE_SIZE, KVH] float32 of a quantized cache (QUANT > 0; else unread)
+    v_scale_ptr,
     block_tables_ptr,  # [B, max_pages] int32
     kv_lens_ptr,  # [B] int32
     out_ptr,  # [B, H, D], written when DIRECT
@@ -173,6 +238,8 @@ def paged_decode_kernel(
     stride_bt,
     stride_ob,
     stride_oh,
+    stride_sp,  # the scales' page and token strides (their head stride is 1)
+    stride_st,
     GROUP: tl.constexpr,  # query heads one program serves (all of one kv head's, or a part of them)
     GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
     HEAD_DIM: tl.constexpr,
@@ -187,9 +254,16 @@ def paged_decode_kernel(
     SPLIT_D: tl.constexpr,  # FMA form: lanes across head_dim in a score (0: all 32; see paged_decode)
     D_VEC: tl.constexpr,  # with SPLIT_D: contiguous head_dim elements a thread loads (16 bytes)
     SOFTCAP: tl.constexpr = False,  # scores soft-capped (softcap_log2)
+    QUANT: tl.constexpr = 0,  # 0: K/V in a float dtype; 1: int8 codes; 2: float8 e4m3 bytes; 3: int4, two a byte
 ):
     """Decode attention for (sequence, head group, split) program_id (0, 1, 2): the FMA form with
-    SPLIT_D > 0, else the DOT form or the FMA form that spreads head_dim over the whole warp."""
+    SPLIT_D > 0, else the DOT form or the FMA form that spreads head_dim over the whole warp.
+
+    A quantized cache (QUANT > 0) is read as codes and a float32 scale per token and head, decoded
+    by `dequantize` as its tiles are loaded: the FMA forms multiply a key's scores by its scale and
+    a value's probabilities by its scale (exact codes in the fp32 products, a multiply per position
+    rather than per element); the DOT form puts the codes (exact in fp16 / bf16) through the score
+    dot and then scales the scores, and scales the values' tile before the second dot."""
     pdl.wait(PDL)
     seq = tl.program_id(0)
     head0 = tl.program_id(1) * GROUP
@@ -237,7 +311,16 @@ def paged_decode_kernel(
         ).to(tl.float32)  # [GROUP_P, HEAD_DIM_P]
     q = q * scale_log2
     if DOT:
-        q = q.to(k_cache_ptr.dtype.element_ty)
+        if QUANT != 0:
+            q = q.to(q_ptr.dtype.element_ty)  # the codes are converted to it, exactly
+        else:
+            q = q.to(k_cache_ptr.dtype.element_ty)
+    # where a key's and a value's head_dim elements lie: int4 keeps element d in byte d // 2, at bit
+    # (d % 2) * 4 (the even element low); the other storages one element an entry (shifts unread)
+    offs_kc = offs_dk // 2 if QUANT == 3 else offs_dk
+    shift_k = (offs_dk % 2) * 4
+    offs_vc = offs_d // 2 if QUANT == 3 else offs_d
+    shift_v = (offs_d % 2) * 4
 
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
@@ -246,13 +329,16 @@ def paged_decode_kernel(
     table = block_tables_ptr + seq * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    ks_base = k_scale_ptr + kv_head
+    vs_base = v_scale_ptr + kv_head
     if WHILE_LOOP:
         n0 = start
         while n0 < end:
             m_i, l_i, acc = _decode_block(
                 q, m_i, l_i, acc, n0, end, table, k_base, v_base,
                 stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, softcap_log2,
-                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D, SOFTCAP,
+                ks_base, vs_base, stride_sp, stride_st, offs_kc, shift_k, offs_vc, shift_v,
+                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D, SOFTCAP, QUANT,
             )  # fmt: skip
             n0 += BLOCK_N
     else:
@@ -260,7 +346,8 @@ def paged_decode_kernel(
             m_i, l_i, acc = _decode_block(
                 q, m_i, l_i, acc, n0, end, table, k_base, v_base,
                 stride_kp, stride_kt, stride_vp, stride_vt, offs_n, offs_d, d_ok, offs_dk, dk_ok, softcap_log2,
-                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D, SOFTCAP,
+                ks_base, vs_base, stride_sp, stride_st, offs_kc, shift_k, offs_vc, shift_v,
+                PAGE_SIZE, BLOCK_N, DOT, SPLIT_D, SOFTCAP, QUANT,
             )  # fmt: skip
 
     has = l_i > 0.0  # False only for a split that lies past the end of a short sequence
@@ -383,8 +470,8 @@ def choose_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, targ
 
 def paged_decode(
     q: torch.Tensor,  # [B, H, D], one query per sequence
-    k_cache: torch.Tensor,  # [pages, page_size, KVH, D]
-    v_cache: torch.Tensor,
+    k_cache,  # [pages, page_size, KVH, D]: a tensor or an ops/kv_write.QuantizedKV
+    v_cache,
     block_tables: torch.Tensor,  # [B, max_pages] int32
     kv_lens: torch.Tensor,  # [B] int32, including this step's token
     scale: float,
@@ -411,16 +498,20 @@ def paged_decode(
     tl.dot with a kv head's query heads as the rows of the product.
 
     `split_d` picks the FMA form's lane split (see `_form`). `softcap` soft-caps the scores (cap * tanh(s / cap)).
+    Quantized caches (QuantizedKV: int8, fp8_e4m3, int4) are decoded in the kernel (its QUANT), in
+    every form; their `dtype` (q's) is the one `use_dot` asks about.
     """
     batch, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
+    compute = k_cache.dtype
+    quant, k_cache, v_cache, k_scale, v_scale, scale_strides = kv_operands(k_cache, v_cache)
     assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     group = heads // kv_heads
     per_program = heads_per_program or group
     assert group % per_program == 0, "heads_per_program must divide the query heads per kv head"
     programs = heads // per_program
-    block_n, num_warps, split_d = _form(use_dot, k_cache.dtype, head_dim, group, batch * programs, block_n,
+    block_n, num_warps, split_d = _form(use_dot, compute, head_dim, group, batch * programs, block_n,
                                         num_warps, split_d)
     min_split = triton.cdiv(max(min_split or MIN_SPLIT, block_n), block_n) * block_n
     span = min(max_kv_len, window) if window else max_kv_len
@@ -436,20 +527,22 @@ def paged_decode(
         part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_p = triton.next_power_of_2(head_dim)
     launch = pdl.launch(q.device, batch)
-    d_vec = min(16 // k_cache.element_size(), head_dim_p)
+    d_vec = min(16 // k_cache.element_size(), head_dim_p)  # (quantized: 16 codes, bytes or nibbles)
     split_consts = {"SPLIT_D": min(split_d, head_dim_p // d_vec) if split_d else 0, "D_VEC": d_vec}
     paged_decode_kernel[(batch, programs, num_splits)](
-        q, k_cache, v_cache, block_tables, kv_lens, out, part_o, part_lse,
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, kv_lens, out, part_o, part_lse,
         scale * _LOG2E, window or NO_WINDOW, (softcap or 1.0) * _LOG2E, min_split, group,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        *scale_strides,
         GROUP=per_program, GROUP_P=max(16 if use_dot else 1, triton.next_power_of_2(per_program)),
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DIRECT=direct, WHILE_LOOP=INTERPRETED, DOT=use_dot, SOFTCAP=bool(softcap),
+        QUANT=quant,
         num_warps=num_warps or NUM_WARPS, **({"num_stages": num_stages} if num_stages else {}), **split_consts,
         **launch,
     )  # fmt: skip

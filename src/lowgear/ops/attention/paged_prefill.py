@@ -9,7 +9,8 @@ query block with one valid row.
 
 An 8- or 4-bit cache (ops/kv_write.QuantizedKV) is read as its codes and per-token-per-head scales
 and dequantized in the kernel: int8 by a multiply, float8 e4m3 from its bits with integer ops (so
-GPUs without FP8 instructions, and the interpreter, read it too), int4 from its byte's nibble.
+GPUs without FP8 instructions, and the interpreter, read it too), int4 from its byte's nibble
+(`dequantize` and `kv_operands`, shared with the decode kernel).
 
 This is the compute-bound path and uses `tl.dot`. Triton compiles `tl.dot` to tensor-core `mma`
 only on sm_80+; on sm_70/sm_75 it becomes plain FMAs, so there prefill should go to sdpa (the
@@ -24,29 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_decode import softcapped
+from .paged_decode import dequantize, kv_operands, softcapped
 
 INTERPRETED = False  # set below, from what @triton.jit returned
 
 _LOG2E = 1.4426950408889634
 # "No window" is a window longer than any context, so the kernels need no branch for it.
 NO_WINDOW = 1 << 30
-
-
-@triton.jit
-def dequantize(x, shift, QUANT: tl.constexpr):
-    """Codes as float32 (before their scale): QUANT 1 int8; 2 float8 e4m3 held as its byte; 3 int4, the
-    nibble at bit `shift` of its byte, offset by 8."""
-    if QUANT == 1:
-        return x.to(tl.float32)
-    if QUANT == 3:
-        return ((x.to(tl.int32) >> shift) & 0xF).to(tl.float32) - 8.0
-    b = x.to(tl.int32) & 0xFF
-    e = (b >> 3) & 0xF
-    m = (b & 0x7).to(tl.float32)
-    # normal: (1 + m/8) * 2^(e-7) = (8 + m) * 2^(e-10); subnormal (e == 0): m/8 * 2^-6 = m * 2^-9
-    mag = tl.where(e == 0, m * 0.001953125, (8.0 + m) * tl.exp2((e - 10).to(tl.float32)))
-    return tl.where((b & 0x80) != 0, -mag, mag)
 
 
 @triton.jit
@@ -240,16 +225,9 @@ def paged_prefill(
     """Causal attention of every new token over its sequence's cache; `max_q_len` is host-side.
 
     The caches may be ops/kv_write.QuantizedKV (8-bit pages, dequantized in the kernel)."""
-    from ..kv_write import QuantizedKV
-
     tokens, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
-    quant, k_scale, v_scale = 0, None, None
-    if isinstance(k_cache, QuantizedKV):
-        quant = {"int8": 1, "fp8_e4m3": 2, "int4": 3}[k_cache.kind]
-        k_scale, v_scale = k_cache.scale, v_cache.scale
-        storage = torch.int8 if quant == 1 else torch.uint8  # e4m3 and int4 as bytes: decoded in the kernel
-        k_cache, v_cache = k_cache.data.view(storage), v_cache.data.view(storage)
+    quant, k_cache, v_cache, k_scale, v_scale, scale_strides = kv_operands(k_cache, v_cache)
     compute = q.dtype if quant else k_cache.dtype
     assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
@@ -262,7 +240,7 @@ def paged_prefill(
         return out
     block_m, block_n = blocks_for(head_dim, INTERPRETED)
     paged_prefill_kernel[(triton.cdiv(max_q_len, block_m), batch, heads)](
-        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache,
+        q, k_cache, v_cache, k_scale, v_scale,
         block_tables, cu_q_lens, kv_lens, out,
         scale * _LOG2E, window or NO_WINDOW, (softcap or 1.0) * _LOG2E,
         q.stride(0), q.stride(1),
@@ -270,7 +248,7 @@ def paged_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        k_scale.stride(0) if quant else 0, k_scale.stride(1) if quant else 0,
+        *scale_strides,
         GROUP=heads // kv_heads,
         HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
         PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
