@@ -62,15 +62,39 @@ MIN_SPLIT_STEPS = 8
 
 
 @triton.jit
+def _rows_pass(x_row, dst_ptr, w, wh, y_ptr, part_ptr, cnt_ptr, row_base, rows, t0, end, tile, k_len, N, R, stride_x,
+               stride_y, pid_k, n_split, X_DIV: tl.constexpr, SCATTER: tl.constexpr, FMT: tl.constexpr,
+               BLOCK_N: tl.constexpr, NB: tl.constexpr, BLOCK_K: tl.constexpr, M: tl.constexpr, S_CHUNK: tl.constexpr):
+    """Rows t0 .. min(t0 + M, end) (activations from x_row) against the program's weight rows: each decoded
+    tile applied to M rows; `tile` the pass's split-K counter."""
+    if FMT == "float":
+        acc = float_dot(x_row, stride_x, w, row_base, k_len, M, M, BLOCK_N, BLOCK_K)
+    else:
+        acc = block_dot(x_row, stride_x, w, wh, row_base, k_len, FMT, M, M, BLOCK_N, NB)
+    t = t0 + tl.arange(0, M)
+    t_ok = t < end
+    if SCATTER:
+        t = tl.load(dst_ptr + t, mask=t_ok, other=0).to(tl.int32)
+    offs = t.to(tl.int64)[None, :] * stride_y + rows[:, None]
+    splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, offs, (rows < N)[:, None] & t_ok[None, :], tile, pid_k, n_split,
+                  R * stride_y, S_CHUNK)
+
+
+@triton.jit
 def moe_gemv_kernel(x_ptr, ids_ptr, dst_ptr, w, wh, y_ptr, part_ptr, cnt_ptr, N, K, R, k_per_split, w_per_split,
                     stride_x, stride_we, stride_wn, stride_y,
                     X_DIV: tl.constexpr, GROUPED: tl.constexpr, SCATTER: tl.constexpr, FMT: tl.constexpr,
                     BLOCK_N: tl.constexpr, NB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                     S_CHUNK: tl.constexpr):
-    """ids_ptr: per row its expert (per-row mode), or the bounds [E + 1] of each expert's sorted rows (union)."""
+    """ids_ptr: per row its expert (per-row mode), or the bounds [E + 1] of each expert's sorted rows (union).
+
+    A union pass takes BLOCK_T rows; the last pass of an expert, when it has 1 or at most BLOCK_T // 4 rows
+    left, runs a 1- or BLOCK_T // 4-row instance instead, so rows that do not exist cost little arithmetic
+    (the row loop is unrolled at compile time)."""
     g = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    n_split = tl.num_programs(2)
     if GROUPED:
         e = g.to(tl.int64)
         start = tl.load(ids_ptr + g).to(tl.int32)
@@ -85,21 +109,22 @@ def moe_gemv_kernel(x_ptr, ids_ptr, dst_ptr, w, wh, y_ptr, part_ptr, cnt_ptr, N,
                 + pid_k.to(tl.int64) * w_per_split)  # bytes, or float elements
     k0 = pid_k * k_per_split
     k_len = tl.minimum(k_per_split, K - k0)
-    ts = tl.arange(0, BLOCK_T)
+    MID: tl.constexpr = BLOCK_T // 4
     for t0 in range(start, end, BLOCK_T):
+        left = end - t0
         x_row = x_ptr + (e * 0 + t0 // X_DIV) * stride_x + k0  # int64 (a loop index is a plain int when interpreted)
-        if FMT == "float":
-            acc = float_dot(x_row, stride_x, w, row_base, k_len, BLOCK_T, BLOCK_T, BLOCK_N, BLOCK_K)
+        # the pass's counter: (block of output rows, its first row), unique since experts' rows do not overlap
+        tile = pid_n * R + t0
+        if BLOCK_T > 1 and left == 1:
+            _rows_pass(x_row, dst_ptr, w, wh, y_ptr, part_ptr, cnt_ptr, row_base, rows, t0, end, tile, k_len, N, R,
+                       stride_x, stride_y, pid_k, n_split, X_DIV, SCATTER, FMT, BLOCK_N, NB, BLOCK_K, 1, S_CHUNK)
+        elif MID > 1 and left <= MID:
+            _rows_pass(x_row, dst_ptr, w, wh, y_ptr, part_ptr, cnt_ptr, row_base, rows, t0, end, tile, k_len, N, R,
+                       stride_x, stride_y, pid_k, n_split, X_DIV, SCATTER, FMT, BLOCK_N, NB, BLOCK_K, MID, S_CHUNK)
         else:
-            acc = block_dot(x_row, stride_x, w, wh, row_base, k_len, FMT, BLOCK_T, BLOCK_T, BLOCK_N, NB)
-        t = t0 + ts
-        t_ok = t < end
-        if SCATTER:
-            t = tl.load(dst_ptr + t, mask=t_ok, other=0).to(tl.int32)
-        offs = t.to(tl.int64)[None, :] * stride_y + rows[:, None]
-        # a tile's counter: (block of output rows, its first row), unique since experts' rows do not overlap
-        splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, offs, (rows < N)[:, None] & t_ok[None, :],
-                      pid_n * R + t0, pid_k, tl.num_programs(2), R * stride_y, S_CHUNK)
+            _rows_pass(x_row, dst_ptr, w, wh, y_ptr, part_ptr, cnt_ptr, row_base, rows, t0, end, tile, k_len, N, R,
+                       stride_x, stride_y, pid_k, n_split, X_DIV, SCATTER, FMT, BLOCK_N, NB, BLOCK_K, BLOCK_T,
+                       S_CHUNK)
 
 
 def supports(stack) -> bool:
