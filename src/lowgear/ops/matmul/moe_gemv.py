@@ -14,7 +14,8 @@ The per-row mode reads an expert's weights once per row that chose it; the union
 by expert on the device first (`group`: torch.sort of the ids, per-expert bounds by searchsorted over
 0..E, so every shape is static) and reads each chosen expert's weights once for all its rows (up to
 BLOCK_T rows per pass; a token picks an expert at most once, so BLOCK_T = next_pow2(T) up to 16 is one
-pass), applying each decoded tile, held in registers, to every row: the tile is gguf_gemv.block_dot's,
+pass; an expert's last pass with 1 or at most BLOCK_T / 4 rows left runs a 1- or BLOCK_T / 4-row
+instance), applying each decoded tile, held in registers, to every row: the tile is gguf_gemv.block_dot's,
 whose activation loop already takes M rows at a uniform stride, so the rows are gathered into expert
 order beforehand (`gather`; BLOCK_T - 1 padding rows keep its unmasked loads in bounds, their columns
 are never stored). Programs of experts no row chose exit at once. Outputs go to y in expert order, or
