@@ -117,6 +117,9 @@ def test_union_rule():
     assert moe_gemv.union_pays(4, 2, 8)  # 5.47 of 8: 32%
 
 
+# gate|up's output in expert order has BLOCK_T - 1 padding rows never written (torch.empty); down multiplies
+# them into columns it then drops, which numpy reports when the memory held NaN
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_model_decodes_a_batch_alike_on_union_kernel_and_grouped_path(q4_k_m, monkeypatch):
     kernel_model, kernel_cache = load(q4_k_m, cpu_weights="packed")
     for layer in kernel_model.layers:
