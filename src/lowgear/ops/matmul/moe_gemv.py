@@ -163,7 +163,7 @@ def _launch(x, ids, dst, stack, y, grid_rows: int, active: int, rows: int, x_div
     w_per_split = k_per_split // BLOCK_SIZES[fmt] * BLOCK_BYTES[fmt] if stack.packed else k_per_split
     wh = w.view(torch.float16) if stack.packed else w  # the blocks' f16 fields
     part = splitk.workspace(split, rows, n, x.device)
-    cnt = splitk.counters(x.device, n_blocks * rows) if split > 1 else part
+    cnt = splitk.counters(x.device, n_blocks * rows if split > 1 else 0)  # (untouched where split == 1)
     threads = 32 * p["num_warps"]
     moe_gemv_kernel[(grid_rows, n_blocks, split)](
         x, ids, ids if dst is None else dst, w, wh, y, part, cnt, n, k, rows, k_per_split, w_per_split,
