@@ -45,13 +45,29 @@ def _load(path, dtype="float16", max_seq_len=512):
     return model, cache
 
 
+# the kernel's modes forced (ops/matmul/moe_gemv.py): per row everywhere, union everywhere (batch 1 too),
+# union with K split as far as it goes (one K step a split)
+MODES = {"rows": {"UNION_MIN_SHARED": 2.0}, "union": {"UNION_MIN_SHARED": 0.0},
+         "union_split": {"UNION_MIN_SHARED": 0.0, "TARGET_PROGRAMS": 1 << 30, "MIN_SPLIT_STEPS": 1}}
+
+
+def _force(monkeypatch, mode):
+    from lowgear.ops.matmul import moe_gemv
+
+    for name, value in MODES[mode].items():
+        monkeypatch.setattr(moe_gemv, name, value)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("qtype,dtype", [("F32", "float16"), ("F32", "bfloat16"), ("Q8_0", "float16"), ("Q4_0", "float16"),
                                          ("Q4_K_M", "float16"), ("Q4_K_M", "bfloat16"), ("Q5_K_M", "float16"),
                                          ("Q3_K_M", "float16"), ("Q2_K", "float16"), ("Q5_0", "float16"),
                                          ("Q4_1", "float16")])
-def test_compiled_kernel_matches_grouped_path(moe_files, qtype, dtype):
+def test_compiled_kernel_matches_grouped_path(moe_files, qtype, dtype, mode, monkeypatch):
     from lowgear.ops import dispatch
     from lowgear.ops.matmul import moe_gemv
+
+    _force(monkeypatch, mode)
 
     model, _ = _load(moe_files[qtype], dtype)
     layer = model.layers[0].mlp
@@ -65,8 +81,10 @@ def test_compiled_kernel_matches_grouped_path(moe_files, qtype, dtype):
         torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K_M"])
-def test_graphed_decode_equals_eager(moe_files, qtype):
+def test_graphed_decode_equals_eager(moe_files, qtype, mode, monkeypatch):
+    _force(monkeypatch, mode)  # the union mode's sort and searchsorted, and the split's counters, captured too
     model, cache = _load(moe_files[qtype])
     from lowgear.engine.graphs import disabled_reason
 

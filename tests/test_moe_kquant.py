@@ -118,11 +118,12 @@ def test_q4_k_m_model_decodes_alike_on_kernel_and_grouped_path(q4_k_m, monkeypat
     assert all(layer.mlp.kernel is None for layer in grouped_model.layers)
     # 64 output rows a program instead of 8: a program costs the interpreter about the same at either size,
     # so this is 8x fewer of them; the 8-row launch is what the tests above run
+    monkeypatch.setattr(moe_gemv, "UNION_MIN_SHARED", 2.0)  # the per-row mode at every step (test_moe_union: the other)
     params = moe_gemv.launch_params
     monkeypatch.setattr(moe_gemv, "launch_params", lambda q, n, k: {**params(q, n, k), "BLOCK_N": 64})
     calls = []
     gemv = moe_gemv.moe_gemv
-    monkeypatch.setattr(moe_gemv, "moe_gemv", lambda *a: calls.append(a[2].qtype) or gemv(*a))
+    monkeypatch.setattr(moe_gemv, "moe_gemv", lambda *a, **kw: calls.append(a[2].qtype) or gemv(*a, **kw))
     ids = [5, 77, 130, 9]  # 4 tokens x top-2: 8 (token, expert) rows, within GEMV_ROWS
     got = all_logits(kernel_model, kernel_cache, ids)
     assert calls == ["Q4_K", "Q6_K"] * 2  # gate|up and down of both layers went through the kernel

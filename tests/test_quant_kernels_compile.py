@@ -36,14 +36,19 @@ def _specs():
                           {"M": m, "M_PAD": m, "BLOCK_N": 8, "NB": nb, **fmt}, 4, True))
     from lowgear.ops.matmul import moe_gemv
 
-    moe_args = {"x_ptr": "*fp16", "ids_ptr": "*i64", "w": "*u8", "wh": "*fp16", "y_ptr": "*fp32", "N": I32, "K": I32,
-                "stride_x": I32, "stride_we": I32, "stride_wn": I32, "stride_y": I32}
-    for qtype in gemv.BLOCK_DOT_QTYPES:  # the experts' GEMV, gate|up (X_DIV 8, top-8) of every block type
+    moe_args = {"x_ptr": "*fp16", "ids_ptr": "*i64", "dst_ptr": "*i64", "w": "*u8", "wh": "*fp16", "y_ptr": "*fp32",
+                "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": I32, "K": I32, "R": I32, "k_per_split": I32,
+                "w_per_split": I32, "stride_x": I32, "stride_we": I32, "stride_wn": I32, "stride_y": I32}
+    per_row = {"X_DIV": 8, "GROUPED": False, "SCATTER": False, "BLOCK_T": 1, "S_CHUNK": 16}  # gate|up at top-8
+    union = {"X_DIV": 1, "GROUPED": True, "SCATTER": True, "BLOCK_T": 16, "S_CHUNK": 16}  # down, 16 rows a pass
+    for qtype in gemv.BLOCK_DOT_QTYPES:  # the experts' GEMV of every block type, in both modes
         nb = 1 if gemv.BLOCK_SIZES[qtype] == 256 else 8
-        specs.append((f"moe_gemv_{qtype}", moe_gemv.moe_gemv_kernel, moe_args,
-                      {"X_DIV": 8, "FMT": qtype, "BLOCK_N": 8, "NB": nb, "BLOCK_K": 1}, 4, True))
-    specs.append(("moe_gemv_F16", moe_gemv.moe_gemv_kernel, {**moe_args, "w": "*fp16"},
-                  {"X_DIV": 1, "FMT": "float", "BLOCK_N": 8, "NB": 1, "BLOCK_K": 256}, 4, True))
+        for mode, consts in (("", per_row), ("union_", union)):
+            specs.append((f"moe_gemv_{mode}{qtype}", moe_gemv.moe_gemv_kernel, moe_args,
+                          {**consts, "FMT": qtype, "BLOCK_N": 8, "NB": nb, "BLOCK_K": 1}, 4, True))
+    for mode, consts in (("", {**per_row, "X_DIV": 1}), ("union_", union)):
+        specs.append((f"moe_gemv_{mode}F16", moe_gemv.moe_gemv_kernel, {**moe_args, "w": "*fp16"},
+                      {**consts, "FMT": "float", "BLOCK_N": 8, "NB": 1, "BLOCK_K": 256}, 4, True))
     float_args = {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "N": I32, "K": I32,
                   "stride_wn": I32, "stride_xm": I32, "stride_ym": I32}
     specs.append(("gemv_F16", gemv.gemv_float_kernel, float_args,
@@ -147,7 +152,8 @@ def test_every_kernel_compiles(compiled, sm):
     assert not failed, failed
     assert len(compiled[sm]) >= 20
     assert {f"gemv_{q}_m{m}" for q in ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS") for m in (1, 4)} <= set(compiled[sm])
-    assert {f"moe_gemv_{q}" for q in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q4_1", "F16")} <= set(compiled[sm])
+    assert {f"moe_gemv_{m}{q}" for q in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q4_1", "Q4_0", "F16")
+            for m in ("", "union_")} <= set(compiled[sm])
 
 
 @pytest.mark.parametrize("sm", [f"sm_{cap}" for cap, _ in TARGETS])

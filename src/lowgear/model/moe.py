@@ -16,7 +16,9 @@ separate float copies. Two ways to run them:
   host (one sync), so a CUDA step through it cannot be graphed.
 - a kernel hook (`self.kernel`, set at load from the device's ops: ops/matmul/moe_gemv.py): a GEMV
   over the [T * k] (token, expert) rows that indexes the stacked weights by expert id on the device,
-  so a decode step reads only the chosen experts' bytes and makes no host sync.
+  so a decode step reads only the chosen experts' bytes and makes no host sync. At batch 1 it runs one
+  program per row; where a batch's rows share experts it groups them by expert on the device (a sort,
+  no host sync) and reads each chosen expert once for all its rows, the union `bytes_read` counts.
 
 `bytes_read(ids)` counts the weight bytes a step with that routing reads (router + distinct experts).
 """
