@@ -112,9 +112,11 @@ def test_union_rule():
     """Expected shared rows for uniform routing, worked by hand: 1 - E (1 - (1 - k/E)^T) / (T k)."""
     assert not moe_gemv.union_pays(1, 8, 128)  # batch 1: every row is a distinct expert
     assert not moe_gemv.union_pays(8, 8, 128)  # 51.6 distinct of 64 rows: 19% shared
-    assert moe_gemv.union_pays(16, 8, 128)  # 82.4 of 128: 36%
+    assert not moe_gemv.union_pays(16, 8, 128)  # 82.4 of 128: 36%
+    assert moe_gemv.union_pays(64, 8, 128)  # 125.9 of 512: 75%
     assert not moe_gemv.union_pays(2, 2, 8)  # Mixtral: 3.5 of 4: 12.5%
-    assert moe_gemv.union_pays(4, 2, 8)  # 5.47 of 8: 32%
+    assert not moe_gemv.union_pays(4, 2, 8)  # 5.47 of 8: 32%
+    assert moe_gemv.union_pays(8, 2, 8)  # 7.20 of 16: 55%
 
 
 # gate|up's output in expert order has BLOCK_T - 1 padding rows never written (torch.empty); down multiplies

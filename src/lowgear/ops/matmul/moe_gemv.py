@@ -54,7 +54,7 @@ from .gguf_gemv import BLOCK_BYTES, BLOCK_DOT_QTYPES, BLOCK_SIZES, FLOAT_QTYPES,
 GEMV_ROWS = 64
 # the union mode from this expected share of rows whose expert another row also chose (uniform routing);
 # rows a union pass takes at most. why: docs/decisions/023-moe-union-read.md
-UNION_MIN_SHARED = 0.25
+UNION_MIN_SHARED = 0.5
 MAX_BLOCK_T = 16
 # split K until the launch has about this many programs (a full wave of 4-warp programs on an H100's
 # 132 SMs), keeping at least MIN_SPLIT_STEPS K steps a split. why: docs/decisions/023-moe-union-read.md
