@@ -40,9 +40,9 @@ Facts a model built from a GGUF must know:
   Qwen2-MoE (`qwen2moe`) adds a shared expert (`ffn_{gate,up,down}_shexp`,
   `expert_shared_feed_forward_length` wide) scaled by sigmoid(`ffn_gate_inp_shexp` . x).
 
-A file is checked as it opens: bad magic, a header that does not parse, tensor data running past
-the end of the file (truncated download), tensor types lowgear cannot unpack, and missing layers
-all raise a lowgear error naming the fix.
+A file is checked as it opens (the header in formats/gguf_reader.py): bad magic, a header that does
+not parse, tensor data running past the end of the file (truncated download), tensor types lowgear
+cannot unpack, and missing layers all raise a lowgear error naming the fix.
 """
 
 from __future__ import annotations
@@ -50,23 +50,19 @@ from __future__ import annotations
 import math
 import os
 import re
-import struct
-import sys
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGUFValueType
 
 from ..errors import ModelFormatError, UnsupportedError
 from .blocks import FLOAT_TYPES, SUPPORTED_TYPES, is_quantized
 from .fused import FusedParts, fused_in
+from .gguf_reader import _open_reader, check_gguf_magic
 from .spec import (GEMMA_ARCHITECTURES, NEOX_GGUF_ARCHITECTURES, QK_NORM_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec,
                    PackedTensor, TensorInfo)
 from .validate import check_spec, check_tensors
-
-GGUF_MAGIC = b"GGUF"
 
 _GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
 _LAYER_NAMES = {
@@ -122,122 +118,9 @@ def canonical_name(gguf_name: str) -> str | None:
     return None
 
 
-class _CheckedReader(gguf.GGUFReader):
-    """gguf-py's reader with two additions.
-
-    - Before tensors are mapped, every tensor's type id is checked and its end offset is compared
-      with the file size, so a truncated download says so instead of failing inside numpy.
-    - Metadata arrays are parsed in one pass (one numpy view for a scalar array, a tight loop for
-      string arrays) instead of gguf-py's per-element recursion: a 49k-token vocabulary with its
-      merges opens in ~0.1 s instead of ~3 s. Fields keep gguf-py's shape, so `contents()` works.
-    """
-
-    def __init__(self, path: str):
-        self._file_size = os.path.getsize(path)
-        self._path = path
-        super().__init__(path, mode="c")  # copy-on-write: writable numpy views, no copy until written
-
-    def _get_field_parts(self, orig_offs, raw_type):  # noqa: ANN001 (gguf-py's signature)
-        fast = self.byte_order == "I" and sys.byteorder == "little"
-        if not fast or int(raw_type) != GGUFValueType.ARRAY:
-            return super()._get_field_parts(orig_offs, raw_type)
-        raw_itype = self._get(orig_offs, np.uint32)
-        alen = self._get(orig_offs + 4, np.uint64)
-        itype = GGUFValueType(int(raw_itype[0]))
-        n = int(alen[0])
-        offs = orig_offs + 12
-        base = np.asarray(self.data).view(np.ndarray)  # plain ndarray: slicing it is much cheaper than a memmap
-        parts: list[np.ndarray] = [raw_itype, alen]
-        nptype = self.gguf_scalar_to_np.get(itype)
-        if nptype is not None:
-            size = np.dtype(nptype).itemsize * n
-            parts.append(base[offs : offs + size].view(nptype))
-            return 12 + size, parts, [2], [GGUFValueType.ARRAY, itype]
-        if itype != GGUFValueType.STRING:
-            return super()._get_field_parts(orig_offs, raw_type)
-        buf = memoryview(base)
-        read_len = struct.Struct("<Q").unpack_from
-        idxs = []
-        for _ in range(n):
-            (slen,) = read_len(buf, offs)
-            parts.append(base[offs : offs + 8].view(np.uint64))
-            parts.append(base[offs + 8 : offs + 8 + slen])
-            idxs.append(len(parts) - 1)
-            offs += 8 + slen
-        return offs - orig_offs, parts, idxs, [GGUFValueType.ARRAY, itype]
-
-    def _build_tensors(self, start_offs, fields):  # noqa: ANN001 (gguf-py's signature)
-        need = start_offs
-        for field in fields:
-            _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
-            name = bytes(name_data).decode("utf-8", errors="replace")
-            try:
-                ggml_type = GGMLQuantizationType(int(raw_dtype[0]))
-            except ValueError:
-                raise UnsupportedError(
-                    f"tensor {name!r} in {self._path} has weight type id {int(raw_dtype[0])}, which is not a "
-                    f"known GGUF type: lowgear reads {', '.join(SUPPORTED_TYPES)}; use a GGUF quantized to one of those"
-                ) from None
-            block, type_size = GGML_QUANT_SIZES[ggml_type]
-            n_elems = int(np.prod(dims.astype(np.int64)))
-            need = max(need, start_offs + int(offset_tensor[0]) + n_elems * type_size // block)
-        if need > self._file_size:
-            raise ModelFormatError(
-                f"{self._path}: file is truncated: expected {need} bytes, found {self._file_size}; re-download it"
-            )
-        super()._build_tensors(start_offs, fields)
-
-
-READABLE_VERSIONS = (2, 3)
-
-
-def _check_version(path: str) -> None:
-    """A version this reader does not know is a newer (or very old) format, not a broken file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
-        raise ModelFormatError(f"{path}: the GGUF header is cut off after {len(head)} bytes; the file is truncated; re-download it")
-    version = struct.unpack("<I", head[4:8])[0]
-    if version in READABLE_VERSIONS or version & 0xFFFF == 0:  # 0 low bits: big-endian, said later
-        return
-    if version > max(READABLE_VERSIONS):
-        raise UnsupportedError(
-            f"{path} is GGUF version {version}, newer than the versions lowgear reads "
-            f"({', '.join(map(str, READABLE_VERSIONS))}): upgrade lowgear and its gguf package, or re-convert "
-            "the model with a llama.cpp that writes GGUF version 3"
-        )
-    raise UnsupportedError(
-        f"{path} is GGUF version {version}, an old format lowgear does not read: re-convert the model with a "
-        "current llama.cpp (convert_hf_to_gguf.py)"
-    )
-
-
-def _open_reader(path: str) -> _CheckedReader:
-    _check_version(path)
-    try:
-        return _CheckedReader(path)
-    except (ModelFormatError, UnsupportedError):
-        raise
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError, struct.error, MemoryError, TypeError) as e:
-        raise ModelFormatError(
-            f"{path}: cannot read the GGUF header ({type(e).__name__}: {e}); the file ({os.path.getsize(path)} "
-            "bytes) is truncated or corrupt; re-download it"
-        ) from e
-
-
 def _short_float(value: float) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
     return float(str(np.float32(value)))
-
-
-def check_gguf_magic(path: str) -> None:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != GGUF_MAGIC:
-        raise ModelFormatError(
-            f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF'): give a .gguf model file "
-            "or a Hugging Face model folder (config.json + *.safetensors)"
-        )
 
 
 class GGUFSource(FusedParts):
@@ -344,44 +227,9 @@ class GGUFSource(FusedParts):
             raise ModelFormatError(f"{self.path}: no token_embd.weight tensor; the file is incomplete; re-download it")
         vocab = self._info("embed").shape[0]
 
-        rope_scaling = None
-        scaling_type = self.metadata(f"{arch}.rope.scaling.type")
-        factor = self.metadata(f"{arch}.rope.scaling.factor")
-        if scaling_type == "linear" and factor:
-            rope_scaling = {"type": "linear", "factor": _short_float(factor)}
-        elif scaling_type not in (None, "none", "linear"):
-            raise UnsupportedError(
-                f"{self.path}: rope scaling {scaling_type!r} is not supported: lowgear handles linear scaling "
-                "and llama-3 frequency factors (rope_freqs)"
-            )
-
+        rope_scaling = self._rope_scaling(arch)
         rotary = self.metadata(f"{arch}.rope.dimension_count")
-        if len(self._rope_factors) == 2:  # LongRoPE (phi3)
-            if scaling_type not in (None, "none"):
-                raise UnsupportedError(f"{self.path}: rope scaling {scaling_type!r} together with LongRoPE factors "
-                                       "is not supported; re-convert the model")
-            context = int(self.metadata(f"{arch}.context_length", 4096))
-            original = int(self.metadata(f"{arch}.rope.scaling.original_context_length", context))
-            attn = self.metadata(f"{arch}.rope.scaling.attn_factor")
-            if attn is None:  # llama.cpp's converter writes it; the formula it uses otherwise
-                attn = math.sqrt(1 + math.log(context / original) / math.log(original)) if context > original else 1.0
-            rope_scaling = {**{key: tuple(float(f) for f in np.asarray(t.data, dtype=np.float32).reshape(-1))
-                               for key, t in self._rope_factors.items()},
-                            "type": "longrope", "original_max_position_embeddings": original,
-                            "attention_factor": _short_float(attn)}
-        elif self._rope_factors:
-            raise ModelFormatError(f"{self.path}: has {', '.join(self._rope_factors)} but not both LongRoPE factor "
-                                   "tensors (rope_factors_short / rope_factors_long); the file is incomplete; re-convert it")
-
-        extra: dict[str, Any] = {"format": "gguf", "path": self.path}
-        if self._rope_freqs is not None:
-            extra["rope_freqs"] = torch.from_numpy(np.array(self._rope_freqs.data, dtype=np.float32).reshape(-1))
-        template = self.metadata("tokenizer.chat_template")
-        if template is not None:
-            extra["chat_template"] = template
-        file_type = self.metadata("general.file_type")
-        if file_type is not None:
-            extra["file_type"] = int(file_type)
+        extra = self._extra()
 
         eos = [self.metadata(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
         eos_ids = tuple(dict.fromkeys(int(e) for e in eos if e is not None))
@@ -424,6 +272,49 @@ class GGUFSource(FusedParts):
             name=str(self.metadata("general.name", "")),
             extra=extra,
         )
+
+    def _rope_scaling(self, arch: str) -> dict | None:
+        """The spec's rope_scaling: linear from the metadata, or LongRoPE from the two factor tensors (phi3)."""
+        rope_scaling = None
+        scaling_type = self.metadata(f"{arch}.rope.scaling.type")
+        factor = self.metadata(f"{arch}.rope.scaling.factor")
+        if scaling_type == "linear" and factor:
+            rope_scaling = {"type": "linear", "factor": _short_float(factor)}
+        elif scaling_type not in (None, "none", "linear"):
+            raise UnsupportedError(
+                f"{self.path}: rope scaling {scaling_type!r} is not supported: lowgear handles linear scaling "
+                "and llama-3 frequency factors (rope_freqs)"
+            )
+        if len(self._rope_factors) == 2:  # LongRoPE (phi3)
+            if scaling_type not in (None, "none"):
+                raise UnsupportedError(f"{self.path}: rope scaling {scaling_type!r} together with LongRoPE factors "
+                                       "is not supported; re-convert the model")
+            context = int(self.metadata(f"{arch}.context_length", 4096))
+            original = int(self.metadata(f"{arch}.rope.scaling.original_context_length", context))
+            attn = self.metadata(f"{arch}.rope.scaling.attn_factor")
+            if attn is None:  # llama.cpp's converter writes it; the formula it uses otherwise
+                attn = math.sqrt(1 + math.log(context / original) / math.log(original)) if context > original else 1.0
+            rope_scaling = {**{key: tuple(float(f) for f in np.asarray(t.data, dtype=np.float32).reshape(-1))
+                               for key, t in self._rope_factors.items()},
+                            "type": "longrope", "original_max_position_embeddings": original,
+                            "attention_factor": _short_float(attn)}
+        elif self._rope_factors:
+            raise ModelFormatError(f"{self.path}: has {', '.join(self._rope_factors)} but not both LongRoPE factor "
+                                   "tensors (rope_factors_short / rope_factors_long); the file is incomplete; re-convert it")
+        return rope_scaling
+
+    def _extra(self) -> dict[str, Any]:
+        """spec.extra: the format and path, llama-3's rope_freqs tensor, the chat template and file type."""
+        extra: dict[str, Any] = {"format": "gguf", "path": self.path}
+        if self._rope_freqs is not None:
+            extra["rope_freqs"] = torch.from_numpy(np.array(self._rope_freqs.data, dtype=np.float32).reshape(-1))
+        template = self.metadata("tokenizer.chat_template")
+        if template is not None:
+            extra["chat_template"] = template
+        file_type = self.metadata("general.file_type")
+        if file_type is not None:
+            extra["file_type"] = int(file_type)
+        return extra
 
     def _gemma_layers(self, arch: str, layers: int) -> tuple[bool, ...]:
         """Which layers slide: the file's sliding_window_pattern (a period, or one flag per layer), else llama.cpp's."""
