@@ -4,8 +4,8 @@
 ops — Triton kernels or torch, and why (ops/dispatch.py) —, every attention rung's decision with its
 reason, the environment variables in force and, given a model, its quantization (GGUF type mix,
 GPTQ bits and group size, EXL2 bits per weight and their per-layer range), its bytes, cache cost,
-the tokens that fit per device, the placement and a decode ceiling from the device's bandwidth);
-`render` prints them; `--json` prints `collect`'s dict. Under LOWGEAR_SIMULATE the same report
+the tokens that fit per device, the placement and a decode ceiling from the device's bandwidth:
+cli/doctor_model.py); `render` prints them; `--json` prints `collect`'s dict. Under LOWGEAR_SIMULATE the same report
 describes a simulated machine, which is how "what would happen on a T4" is answered (and tested)
 without one.
 """
@@ -13,17 +13,16 @@ without one.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
 
-from ..platform import env, hardware, placement
+from ..platform import env, hardware
 from ..ops import pdl
 from ..ops.dispatch import triton_eligibility
-from ..platform.dtypes import choose_dtype, common_dtype, dtype_bytes, dtype_name
+from ..platform.dtypes import choose_dtype, dtype_name
 from ..errors import LowgearError, MissingDependencyError, require
-from ..formats.blocks import QUANT_FORMATS
+from .doctor_model import _fmt_tokens, _model
 
 GiB = 2**30
 
@@ -106,170 +105,6 @@ def _attention(d, switches, requested_dtype, needs: tuple[str, ...] = ()) -> dic
                     row["status"] = below[row["name"]].status
                     row["reason"] = below[row["name"]].reason + " (below the chosen rung)"
     return out
-
-
-def _fmt_tokens(n: int) -> str:
-    return f"{n:,}"
-
-
-_FLOAT_TYPES = ("F32", "F16", "BF16", "?")
-
-
-def _quantization(source, qtypes, fmt: str | None) -> dict:
-    """The weights' quantization in brief: the reader's own summary (HF folders), else the GGUF type mix."""
-    summary = getattr(source, "quantization", None)
-    q = summary() if callable(summary) else {"method": None}
-    if q.get("method") is None:
-        total = sum(qtypes.values()) or 1
-        packed = {k: v / total for k, v in sorted(qtypes.items(), key=lambda kv: -kv[1]) if k not in _FLOAT_TYPES}
-        if packed:
-            q = {"method": "GGUF" if fmt in ("gguf", None) else fmt, "types": packed}
-            q.update(_gguf_bits(qtypes))
-    return q
-
-
-def _gguf_bits(qtypes) -> dict:
-    """Bits per weight of each GGUF block format present (its format's fact) and over all of them (by weights)."""
-    bpw = {k: QUANT_FORMATS[k].bits_per_weight for k in qtypes if k in QUANT_FORMATS}
-    weights = sum(8 * qtypes[k] / b for k, b in bpw.items())
-    if not weights:
-        return {}
-    return {"type_bits_per_weight": bpw, "bits_per_weight": 8 * sum(qtypes[k] for k in bpw) / weights}
-
-
-def _collapse_exl2(qtypes) -> dict:
-    """EXL2 layers each have their own bits per weight (EXL2_4.13bpw, ...): one "EXL2" entry for the stored line."""
-    out: dict = {}
-    for k, v in qtypes.items():
-        key = "EXL2" if k.startswith("EXL2_") else k
-        out[key] = out.get(key, 0) + v
-    return out
-
-
-def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cpu_mode: str = "auto") -> dict:
-    spec = source.spec
-    usable = [d for d in spec_devices if hardware.torch_arch_supported(d)]
-    dtype = common_dtype(usable or [hardware.cpu_device()], requested_dtype)
-    per_layer, other, qtypes = placement.device_bytes(source, spec, dtype_bytes(dtype))
-    kv_token = placement.kv_bytes_per_token(spec, dtype_bytes(dtype))
-    kv_layer = placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype))
-    weights = sum(per_layer) + sum(other.values())
-    fmt = "gguf" if path and os.path.isfile(path) else ("hf" if path else None)
-    out: dict = {
-        "path": os.fspath(path) if path else None,
-        "format": fmt,
-        "name": spec.name,
-        "arch": spec.arch,
-        "layers": spec.num_layers,
-        "heads": [spec.num_heads, spec.num_kv_heads, spec.head_dim],
-        "context": spec.max_position_embeddings,
-        "rope": _rope_summary(spec),
-        "quant_types": dict(sorted(_collapse_exl2(qtypes).items(), key=lambda kv: -kv[1])),
-        "quantization": _quantization(source, qtypes, fmt),
-        "dtype": dtype_name(dtype),
-        "weight_bytes": weights,
-        "cache_bytes_per_token": kv_token,
-        "cache_bytes_per_1k_tokens": kv_token * 1000,
-        "cache_bytes_per_token_8bit": placement.kv_bytes_per_token(spec, dtype_bytes(dtype), "int8"),
-        "cache_bytes_per_token_4bit": placement.kv_bytes_per_token(spec, dtype_bytes(dtype), "int4"),
-        "fits": [],
-        "placement": None,
-        "placement_error": None,
-        "decode_ceiling": None,
-        "cpu_weights": None,
-        "experts": None,
-    }
-    read_layer = per_layer
-    if spec.moe_layers:
-        read_layer = placement.decode_read_bytes(source, spec, dtype_bytes(dtype), per_layer)
-        out["experts"] = {"experts": spec.num_experts, "top_k": spec.num_experts_per_tok, "moe_layers": len(spec.moe_layers),
-                          "shared_expert": bool(spec.shared_expert_intermediate_size),
-                          "bytes_read_per_token": sum(read_layer) + (other["lm_head"] or other["embed"]) + other["norm"]}
-    for d in spec_devices:
-        row = {"device": d.label, "name": d.name, "tokens": 0, "tokens_int8": 0, "tokens_int4": 0, "error": None, "auto": None}
-        try:
-            plan = placement.plan(spec, per_layer, other, [d], kv_layer, "auto", reserve)
-            row["tokens"] = plan.max_seq_len
-            cap = placement.cpu_auto_cap(spec, [d], kv_token)
-            row["auto"] = cap[1] if cap else "the largest cache free device memory holds"
-            for kind in ("int8", "int4"):
-                row[f"tokens_{kind}"] = placement.plan(
-                    spec, per_layer, other, [d], placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype), kind),
-                    "auto", reserve).max_seq_len
-        except LowgearError as exc:
-            row["error"] = str(exc)
-        out["fits"].append(row)
-        if d.kind == "cpu":
-            out["cpu_weights"] = _cpu_weights(source, cpu_mode, dtype_bytes(dtype), kv_token * row["tokens"])
-    target = max_seq_len or spec.max_position_embeddings
-    plan = None
-    try:
-        plan = placement.plan(spec, per_layer, other, usable, kv_layer, target, reserve)
-    except LowgearError as exc:
-        out["placement_error"] = str(exc)
-        try:
-            plan = placement.plan(spec, per_layer, other, usable, kv_layer, "auto", reserve)
-        except LowgearError:
-            plan = None
-    if plan is not None:
-        out["placement"] = {
-            "max_seq_len": plan.max_seq_len,
-            "kv_tokens_fit": plan.kv_tokens_fit,
-            "devices": [
-                {"device": p.label, "name": p.name, "layers": [p.layers[0], p.layers[-1]] if p.layers else [],
-                 "embed": p.holds_embed, "head": p.holds_head, "weights": p.weights, "cache": p.cache, "budget": p.budget}
-                for p in plan.per_device if p.layers or p.holds_embed or p.holds_head
-            ],
-            "text": plan.describe(),
-        }
-        out["decode_ceiling"] = _decode_ceiling(plan, read_layer, other, kv_layer, spec)
-    out["old_gpus"] = _old_gpus(source)
-    return out
-
-
-def _old_gpus(source) -> list[dict]:
-    """Predicted decode speed of this model on a T4 and a V100 (bench/costmodel.py): bytes and arithmetic."""
-    from ..bench.costmodel import old_gpu_predictions
-
-    try:
-        return old_gpu_predictions(source)
-    except LowgearError:  # a tensor type the model does not know: no prediction, not a failed doctor
-        return []
-
-
-def _cpu_weights(source, mode: str, elt: int, cache_bytes: int) -> dict:
-    """What a CPU does with the packed weights (the same call model/load.py makes), for the cache it would hold."""
-    from ..ops.matmul import cpu_int4
-
-    c = placement.cpu_weights(source, mode, elt, cache_bytes, int4_bytes=cpu_int4.sizer())
-    return {"unpack": c.unpack, "int4": c.int4, "int4_layers": c.int4_layers, "mode": c.mode, "why": c.why,
-            "packed_bytes": c.packed_bytes,
-            "unpacked_bytes": c.unpacked_bytes, "held_bytes": c.held_bytes, "cache_bytes": cache_bytes}
-
-
-def _decode_ceiling(plan, per_layer, other, kv_layer, spec) -> dict | None:
-    """Tokens/s for one stream if each step only had to read its bytes once: Σ over devices of bytes ÷ bandwidth
-    (`per_layer`: the bytes a step reads, a mixture-of-experts layer's chosen experts only)."""
-    devices = plan.devices
-    if any(devices[i].bandwidth is None for i in plan.used_devices):
-        return None
-    head = other["lm_head"] or other["embed"]  # tied: the embedding is read as lm_head
-
-    def seconds(context: int) -> float:
-        t = 0.0
-        for i, d in enumerate(devices):
-            layers = [j for j, x in enumerate(plan.layer_device) if x == i]
-            read = sum(per_layer[j] for j in layers) + context * kv_layer * len(layers)
-            if i == plan.head_device:
-                read += head + other["norm"]
-            if read:
-                t += read / d.bandwidth
-        return t
-
-    ctx = plan.max_seq_len
-    empty, full = seconds(0), seconds(ctx)
-    bytes_step = sum(per_layer) + head + other["norm"]
-    return {"tokens_per_s_empty": 1 / empty, "tokens_per_s_full": 1 / full, "context": ctx, "bytes_per_step": bytes_step}
 
 
 def collect(config=None, model_path=None, devices=None, source=None) -> dict:
@@ -358,7 +193,27 @@ def render(report: dict) -> str:
         lines.append(f"SIMULATED devices (LOWGEAR_SIMULATE={report['simulated']}): datasheet profiles, nothing is run on them")
     lines.append("")
     lines.append("devices")
-    for d in report["devices"]:
+    lines += _render_devices(report["devices"])
+    lines.append("")
+    lines.append("attention ladder")
+    lines += _render_attention(report["attention"])
+    m = report["model"]
+    if m is not None:
+        lines.append("")
+        lines += _render_model(m, report["selected_devices"])
+    if m is not None and m.get("old_gpus"):
+        lines += _render_old_gpus(m["old_gpus"])
+    set_vars = [f"{k}={v['value']}" for k, v in report["env"].items() if v["value"] is not None]
+    lines.append("")
+    lines.append("environment: " + (" ".join(set_vars) if set_vars else "no lowgear/CUDA variables set"))
+    for e in report["errors"]:
+        lines.append(f"error: {e}")
+    return "\n".join(lines)
+
+
+def _render_devices(devices: list[dict]) -> list[str]:
+    lines = []
+    for d in devices:
         if d["kind"] == "cpu":
             lines.append("  cpu      CPU")
             lines.append(_ops_line(d))
@@ -373,9 +228,12 @@ def render(report: dict) -> str:
         lines.append(_ops_line(d))
         if d["usable"] and d["ops"]["triton_kernels"] and d.get("kernel_launch"):
             lines.append(f"           decode kernels: {d['kernel_launch']}")
-    lines.append("")
-    lines.append("attention ladder")
-    for a in report["attention"]:
+    return lines
+
+
+def _render_attention(ladders: list[dict]) -> list[str]:
+    lines = []
+    for a in ladders:
         if a["chosen"] is None:
             lines.append(f"  {a['device']:<8} no rung: {a['error']}")
             continue
@@ -389,75 +247,61 @@ def render(report: dict) -> str:
         for x in a["log"]:
             if x["status"] != "not tried":
                 lines.append(f"           {x['name']:<10} {x['status']:<11} {x['reason']}")
-    m = report["model"]
-    if m is not None:
-        lines.append("")
-        quant = ", ".join(f"{k} {_gib(v)}" for k, v in m["quant_types"].items())
-        lines.append(f"model {m['name'] or m['path'] or ''} ({m['format'] or 'in memory'}, {m['arch']}, {m['layers']} layers, "
-                     f"heads {m['heads'][0]}/{m['heads'][1]}×{m['heads'][2]}, context {_fmt_tokens(m['context'])})")
-        lines.append(f"  stored: {quant}")
-        if m.get("rope"):
-            lines.append(f"  rope: {m['rope']}")
-        q = _render_quantization(m.get("quantization") or {})
-        if q:
-            lines.append(f"  quantization: {q}")
-        lines.append(f"  weights on device in {m['dtype']}: {_gib(m['weight_bytes'])}; KV cache {_gib(m['cache_bytes_per_token'])} "
-                     f"per token, {_gib(m['cache_bytes_per_1k_tokens'])} per 1k tokens "
-                     f"({_gib(m['cache_bytes_per_token_8bit'])} per token in 8 bits, "
-                     f"{_gib(m['cache_bytes_per_token_4bit'])} in 4)")
-        for f in m["fits"]:
-            if f["error"]:
-                lines.append(f"  {f['device']:<8} alone: does not fit — {f['error']}")
-            else:
-                lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache with --max-seq-len auto "
-                             f"({f['auto']}); {_fmt_tokens(f['tokens_int8'])} with --kv-cache-dtype int8 or fp8_e4m3, "
-                             f"{_fmt_tokens(f['tokens_int4'])} with int4")
-        e = m.get("experts")
-        if e:
-            shared = " + a shared expert" if e["shared_expert"] else ""
-            lines.append(f"  experts: top {e['top_k']} of {e['experts']}{shared} on {e['moe_layers']} layers; every expert is "
-                         f"stored, a batch-1 decode step reads {_gib(e['bytes_read_per_token'])}")
-        w = m["cpu_weights"]
-        if w is not None:
-            how = ("4-bit layers as int4" + (", the rest unpacked once at load" if w["unpack"] else "")
-                   if w.get("int4") else "unpacked once at load" if w["unpack"] else "packed (dequantized at every step)")
-            lines.append(f"  cpu      weights {how}: {_gib(w['held_bytes'])} held — {w['why']}")
-        if m["placement_error"]:
-            lines.append(f"  at the model's context: {m['placement_error']}")
-        p = m["placement"]
-        if p is not None:
-            lines.append(f"  placement on {', '.join(report['selected_devices'])} for {_fmt_tokens(p['max_seq_len'])} tokens "
-                         f"(up to {_fmt_tokens(p['kv_tokens_fit'])} fit with this split):")
-            lines.extend("    " + row for row in p["text"].splitlines())
-        c = m["decode_ceiling"]
-        if c is not None:
-            lines.append(f"  decode ceiling (bandwidth ÷ {_gib(c['bytes_per_step'])} read per step): "
-                         f"{c['tokens_per_s_empty']:.0f} tok/s at empty context, {c['tokens_per_s_full']:.0f} at {_fmt_tokens(c['context'])} tokens")
-    if m is not None and m.get("old_gpus"):
-        lines.append("  on old GPUs (predicted from bytes and arithmetic, not measured; float16, context 512):")
-        for r in m["old_gpus"]:
-            slow = next(iter(r["ms_by_path"]), "-")
-            lines.append(f"    {r['gpu']:<22} batch {r['batch']:<3} ≈ {r['tokens_per_s']:7.1f} tok/s "
-                         f"({r['ms_per_step']:.1f} ms/step, {r['bound']}-bound; most time in {slow})")
-    set_vars = [f"{k}={v['value']}" for k, v in report["env"].items() if v["value"] is not None]
-    lines.append("")
-    lines.append("environment: " + (" ".join(set_vars) if set_vars else "no lowgear/CUDA variables set"))
-    for e in report["errors"]:
-        lines.append(f"error: {e}")
-    return "\n".join(lines)
+    return lines
 
 
-def _rope_summary(spec) -> str | None:
-    """A line on RoPE where it is not the plain whole-head kind (partial rotary, LongRoPE), else None."""
-    parts = []
-    if spec.rotary_dim is not None:
-        parts.append(f"rotates {spec.rotary_dim} of {spec.head_dim} dims a head")
-    scaling = spec.rope_scaling or {}
-    if scaling.get("type") == "longrope":
-        original = scaling["original_max_position_embeddings"]
-        parts.append(f"LongRoPE: long factors when the cache holds more than {_fmt_tokens(original)} tokens, short "
-                     f"ones otherwise (--max-seq-len), cos/sin scaled by {scaling['attention_factor']:.4f}")
-    return "; ".join(parts) or None
+def _render_model(m: dict, selected_devices: list[str]) -> list[str]:
+    quant = ", ".join(f"{k} {_gib(v)}" for k, v in m["quant_types"].items())
+    lines = [f"model {m['name'] or m['path'] or ''} ({m['format'] or 'in memory'}, {m['arch']}, {m['layers']} layers, "
+             f"heads {m['heads'][0]}/{m['heads'][1]}×{m['heads'][2]}, context {_fmt_tokens(m['context'])})"]
+    lines.append(f"  stored: {quant}")
+    if m.get("rope"):
+        lines.append(f"  rope: {m['rope']}")
+    q = _render_quantization(m.get("quantization") or {})
+    if q:
+        lines.append(f"  quantization: {q}")
+    lines.append(f"  weights on device in {m['dtype']}: {_gib(m['weight_bytes'])}; KV cache {_gib(m['cache_bytes_per_token'])} "
+                 f"per token, {_gib(m['cache_bytes_per_1k_tokens'])} per 1k tokens "
+                 f"({_gib(m['cache_bytes_per_token_8bit'])} per token in 8 bits, "
+                 f"{_gib(m['cache_bytes_per_token_4bit'])} in 4)")
+    for f in m["fits"]:
+        if f["error"]:
+            lines.append(f"  {f['device']:<8} alone: does not fit — {f['error']}")
+        else:
+            lines.append(f"  {f['device']:<8} alone: {_fmt_tokens(f['tokens'])} tokens of cache with --max-seq-len auto "
+                         f"({f['auto']}); {_fmt_tokens(f['tokens_int8'])} with --kv-cache-dtype int8 or fp8_e4m3, "
+                         f"{_fmt_tokens(f['tokens_int4'])} with int4")
+    e = m.get("experts")
+    if e:
+        shared = " + a shared expert" if e["shared_expert"] else ""
+        lines.append(f"  experts: top {e['top_k']} of {e['experts']}{shared} on {e['moe_layers']} layers; every expert is "
+                     f"stored, a batch-1 decode step reads {_gib(e['bytes_read_per_token'])}")
+    w = m["cpu_weights"]
+    if w is not None:
+        how = ("4-bit layers as int4" + (", the rest unpacked once at load" if w["unpack"] else "")
+               if w.get("int4") else "unpacked once at load" if w["unpack"] else "packed (dequantized at every step)")
+        lines.append(f"  cpu      weights {how}: {_gib(w['held_bytes'])} held — {w['why']}")
+    if m["placement_error"]:
+        lines.append(f"  at the model's context: {m['placement_error']}")
+    p = m["placement"]
+    if p is not None:
+        lines.append(f"  placement on {', '.join(selected_devices)} for {_fmt_tokens(p['max_seq_len'])} tokens "
+                     f"(up to {_fmt_tokens(p['kv_tokens_fit'])} fit with this split):")
+        lines.extend("    " + row for row in p["text"].splitlines())
+    c = m["decode_ceiling"]
+    if c is not None:
+        lines.append(f"  decode ceiling (bandwidth ÷ {_gib(c['bytes_per_step'])} read per step): "
+                     f"{c['tokens_per_s_empty']:.0f} tok/s at empty context, {c['tokens_per_s_full']:.0f} at {_fmt_tokens(c['context'])} tokens")
+    return lines
+
+
+def _render_old_gpus(predictions: list[dict]) -> list[str]:
+    lines = ["  on old GPUs (predicted from bytes and arithmetic, not measured; float16, context 512):"]
+    for r in predictions:
+        slow = next(iter(r["ms_by_path"]), "-")
+        lines.append(f"    {r['gpu']:<22} batch {r['batch']:<3} ≈ {r['tokens_per_s']:7.1f} tok/s "
+                     f"({r['ms_per_step']:.1f} ms/step, {r['bound']}-bound; most time in {slow})")
+    return lines
 
 
 def _render_quantization(q: dict) -> str:
