@@ -7,7 +7,8 @@ plus a forced "what a T4/V100 gets" rung) it times the model's decode step at fi
 and contexts, a prefill, and the generator end to end (time to first token). Each figure sits
 beside its ceiling, measured in the same run: decode against the memory roofline (bytes a step
 must read ÷ copy bandwidth), prefill against a large matmul's FLOP/s; and beside transformers on
-the same shapes (bench/peer.py). Results go to bench.json and bench.png (see benchmarks/README.md).
+the same shapes (bench/peer.py). Which models and rungs run: bench/variants.py. Results go to bench.json
+and bench.png (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -30,26 +31,12 @@ from .models import DEFAULT_QUANTS, PRESETS, QUANTS, RandomSource, _NullTokenize
 from .report import (_describe, _dt, _flops, _fmt_bytes, _ints, _line, _names, _pages, _spec_dict, plot, summary,
                      write_outputs)
 from ..formats.spec import ModelSpec
+from .variants import T4_RUNG, Variant, _what, plan_variants
 
 GiB = 2**30
-T4_RUNG = "t4-v100"  # the forced rung: float16, no flash_attn, chosen as for an sm_75 device
-
-_QUANT_ALIASES = {"fp16": "float", "f16": "float", "q4": "q4_0"}
 
 
 # ---------------------------------------------------------------- the run
-@dataclasses.dataclass
-class Variant:
-    """One loaded model: which weights, in which dtype, timed on which rungs."""
-
-    label: str  # preset name or model path
-    spec: ModelSpec
-    quant: str  # "float", "q4_0", or "file" for --model
-    dtype: torch.dtype
-    rungs: list[str]
-    path: str | None = None
-
-
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -95,40 +82,6 @@ class Bench:
     def skip(self, what: dict, reason: str) -> None:
         self.skipped.append({**what, "reason": reason})
         self.say(f"  skipped {_describe(what)}: {reason}")
-
-    # ------------------------------------------------------------ plan
-    def variants(self) -> list[Variant]:
-        a = self.args
-        gpu_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        dtype = getattr(torch, a.dtype) if a.dtype else gpu_dtype
-        rungs = _rung_names(a.rungs, self.device)
-        plain = [r for r in rungs if r != T4_RUNG]
-        t4 = [T4_RUNG] if T4_RUNG in rungs else []
-        out: list[Variant] = []
-        if a.model:
-            from ..config import Config
-
-            models = [(path, Config(path).spec, ["file"], path) for path in _names(a.model)]
-        else:
-            presets = _names(a.preset) or (["tiny"] if self.device.type == "cpu" else ["llama3.2-1b"])
-            for p in presets:
-                if p not in PRESETS:
-                    raise LowgearError(f"unknown preset {p!r}: choose from {', '.join(PRESETS)}")
-            quants = [_QUANT_ALIASES.get(q.lower(), q.lower()) for q in _names(a.quant)] or list(DEFAULT_QUANTS)
-            for q in quants:
-                if q not in QUANTS:
-                    raise LowgearError(f"unknown --quant {q!r}: choose from {', '.join(QUANTS)}")
-            models = [(p, PRESETS[p], quants, None) for p in presets]
-        for label, spec, quants, path in models:
-            for q in quants:
-                if dtype == torch.float16:
-                    out.append(Variant(label, spec, q, dtype, plain + t4, path))
-                else:  # the T4/V100 rung runs in float16, so it needs its own load
-                    if plain:
-                        out.append(Variant(label, spec, q, dtype, plain, path))
-                    if t4:
-                        out.append(Variant(label, spec, q, torch.float16, t4, path))
-        return out
 
     def shapes_that_fit(self, v: Variant, weight_bytes: int) -> tuple[list[tuple[int, int]], int]:
         """(batch, context) pairs whose cache fits beside the weights, and the cache size in tokens."""
@@ -405,7 +358,7 @@ class Bench:
     def run(self) -> dict:
         a = self.args
         self.facts = self.device_facts()
-        variants = self.variants()
+        variants = plan_variants(self.args, self.device)
         peers = [] if a.no_peer else list({v.label: v.spec for v in variants}.items())
         per_rung = len(self.batches) * len(self.contexts) + 2
         self.total = 2 + sum(len(v.rungs) * per_rung for v in variants) + len(peers) * len(_names(a.peer_attn)) * (per_rung - 1)
@@ -451,24 +404,6 @@ class Bench:
 
 
 # ---------------------------------------------------------------- small helpers
-def _rung_names(text, device: torch.device) -> list[str]:
-    from ..config import BACKEND_NAMES
-
-    names = _names(text)
-    if not names or names == ["all"]:
-        # Triton on the CPU is its interpreter: a test tool, not something to time.
-        names = [n for n in BACKEND_NAMES if device.type == "cuda" or n != "triton"] + [T4_RUNG]
-    for n in names:
-        if n not in BACKEND_NAMES and n != T4_RUNG:
-            raise LowgearError(f"unknown rung {n!r}: choose from {', '.join(BACKEND_NAMES)}, {T4_RUNG} or all")
-    return names
-
-
-def _what(v: Variant, kind: str, batch: int, context: int, rung: str | None = None, engine: str = "lowgear") -> dict:
-    return {"engine": engine, "model": v.label, "shape": v.spec.name or v.label, "quant": v.quant, "dtype": _dt(v.dtype),
-            "rung": rung, "kind": kind, "batch": batch, "context": context}
-
-
 def _t4_sdpa():
     """torch's own sdpa kernels as an sm_75 GPU has them: no flash or cuDNN kernels (they need sm_80)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
