@@ -93,8 +93,8 @@ def test_a_dead_end_is_the_requests_4xx_not_a_server_error():
     """The server answers a grammar dead end with a 422 naming it, never a 5xx."""
     import asyncio
 
-    from lowgear.server.app import _server_error
     from lowgear.server.engine import Engine, JobHandle
+    from lowgear.server.jobs import _server_error
 
     async def route():
         engine = Engine(None, None, model_name="m", max_seq_len=8)

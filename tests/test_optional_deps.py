@@ -141,7 +141,7 @@ def test_the_demo_install_has_everything_serve_imports():
     installed = _names(project["dependencies"]) | _names(project["optional-dependencies"]["demo"])
     dists = importlib.metadata.packages_distributions()
     stdlib = set(sys.stdlib_module_names)
-    for name in ("server/__init__.py", "server/app.py", "server/engine.py", "server/metrics.py",
+    for name in ("server/__init__.py", "server/app.py", "server/jobs.py", "server/engine.py", "server/metrics.py",
                  "server/openai_types.py", "server/anthropic.py", "cli/main.py"):
         tree = ast.parse((SRC / name).read_text())
         for node in tree.body:  # top-level imports only: lazy ones go through require()
