@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 from lowgear.attention.eager import reference_attention  # noqa: E402
 from lowgear.attention.metadata import build_metadata  # noqa: E402
 from lowgear.attention.triton import TritonBackend  # noqa: E402
-from lowgear.ops.attention.paged_decode import dequantize  # noqa: E402
+from lowgear.ops.attention.common import dequantize  # noqa: E402
 from lowgear.ops.kv_write import QuantizedKV, write_kv  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

@@ -20,13 +20,10 @@ of DOT_BLOCK_N positions, DOT_NUM_WARPS warps a program; the online softmax, the
 reduce are the same. Inputs may be fp16, bf16 or fp32; everything is accumulated in fp32 and scores
 live in the log2 domain (exp2).
 
-SOFTCAP (a constexpr: models without it compile the kernel unchanged) soft-caps each score, cap *
-tanh(score / cap), before the softmax (gemma2); `softcapped` is that map in the log2 domain, shared
-with the prefill kernel.
-
-QUANT (a constexpr too) reads an 8- or 4-bit cache (ops/kv_write.QuantizedKV: int8, float8 e4m3 or
-int4 codes, a float32 scale per token and head) in any form, decoding the codes as each tile loads
-with `dequantize`, which the prefill kernel shares; paged_decode_kernel says where the scales enter.
+SOFTCAP (a constexpr: models without it compile unchanged) soft-caps each score before the softmax
+(gemma2). QUANT (a constexpr too) reads an 8- or 4-bit cache (ops/kv_write.QuantizedKV) in any form,
+decoding codes as each tile loads; paged_decode_kernel says where the scales enter. Both helpers, shared
+with the prefill kernel, are in common.py; the splits' combining kernel in decode_reduce.py.
 """
 
 from __future__ import annotations
@@ -39,60 +36,10 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from .decode_reduce import paged_decode_reduce_kernel
+from .common import _LOG2E, NO_WINDOW, QUANT_CODES, dequantize, kv_operands, softcapped  # noqa: F401
 
 INTERPRETED = False  # set below, from what @triton.jit returned
-
-_LOG2E = 1.4426950408889634
-# "No window" is a window longer than any context, so the kernels need no branch for it.
-NO_WINDOW = 1 << 30
-
-
-@triton.jit
-def softcapped(s, cap_log2):
-    """Scores s in the log2 domain (score * log2(e)) soft-capped: cap * tanh(score / cap), times log2(e),
-    for cap_log2 = cap * log2(e). tanh(x) = 1 - 2 / (1 + e^(2x)): exact at both ends (e^(2x) overflowing
-    to inf gives 1, underflowing to 0 gives -1), with no tanh instruction the interpreter lacks;
-    e^(2x) = 2^(2 log2(e) x), and x = s / cap_log2."""
-    return cap_log2 * (1.0 - 2.0 / (1.0 + tl.exp2(2.8853900817779268 * s / cap_log2)))
-
-
-@triton.jit
-def dequantize(x, shift, QUANT: tl.constexpr):
-    """Codes as float32 (before their scale): QUANT 1 int8; 2 float8 e4m3 held as its byte; 3 int4, the
-    nibble at bit `shift` of its byte, offset by 8. Shared by the decode and prefill kernels."""
-    if QUANT == 1:
-        return x.to(tl.float32)
-    if QUANT == 3:
-        return ((x.to(tl.int32) >> shift) & 0xF).to(tl.float32) - 8.0
-    # e4m3 (sign, 4 exponent bits biased by 7, 3 mantissa bits) moved into float16's fields (biased by
-    # 15, 10 mantissa bits) reads as the value times 2^-8, subnormals included: normal (1 + m/8) *
-    # 2^(e-15) and subnormal m/8 * 2^-14 against e4m3's (1 + m/8) * 2^(e-7) and m/8 * 2^-6. Integer
-    # ops and one conversion, which every GPU (and the interpreter) has.
-    b = x.to(tl.int32)
-    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-
-
-# QuantizedKV.kind -> the kernels' QUANT constexpr (0: a float cache)
-QUANT_CODES = {"int8": 1, "fp8_e4m3": 2, "int4": 3}
-
-
-def kv_operands(k_cache, v_cache):
-    """(QUANT, k, v, k_scale, v_scale, scale strides) a kernel launch takes for caches that are tensors
-    or ops/kv_write.QuantizedKV: the codes as int8 (int8) or bytes (e4m3 and int4, decoded in the
-    kernel) and the float32 scales [pages, page_size, kv_heads, 1] with their page and token strides
-    (their head stride is 1). A float cache passes itself for the unread scales, and strides 0."""
-    from ..kv_write import QuantizedKV
-
-    if not isinstance(k_cache, QuantizedKV):
-        return 0, k_cache, v_cache, k_cache, v_cache, (0, 0)
-    quant = QUANT_CODES[k_cache.kind]
-    storage = torch.int8 if quant == 1 else torch.uint8
-    k_scale, v_scale = k_cache.scale, v_cache.scale
-    assert k_scale.stride() == v_scale.stride() and k_scale.stride(2) == 1, (k_scale.stride(), v_scale.stride())
-    return (quant, k_cache.data.view(storage), v_cache.data.view(storage), k_scale, v_scale,
-            (k_scale.stride(0), k_scale.stride(1)))
-
 
 @triton.jit
 def _decode_block(
@@ -367,36 +314,6 @@ def paged_decode_kernel(
         tl.store(part_lse_ptr + row, lse, mask=g_ok)
 
 
-@triton.jit
-def paged_decode_reduce_kernel(
-    part_o_ptr,  # [B, H, NUM_SPLITS, D] fp32
-    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32, log2 domain
-    out_ptr,  # [B, H, D]
-    stride_ob,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    NUM_SPLITS_P: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    pdl.wait(PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, NUM_SPLITS_P)
-    offs_d = tl.arange(0, HEAD_DIM_P)
-    s_ok = offs_s < NUM_SPLITS
-    d_ok = offs_d < HEAD_DIM
-    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + row + offs_s, mask=s_ok, other=float("-inf"))
-    # Split 0 always holds the window's first position, so the max is finite.
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # [NUM_SPLITS_P], 0 for empty splits
-    full = s_ok & (lse > float("-inf"))  # empty splits wrote no output
-    o = tl.load(part_o_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=full[:, None] & d_ok[None, :], other=0.0)
-    o = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
-
-
 INTERPRETED = type(paged_decode_kernel).__name__ == "InterpretedFunction"
 
 
@@ -517,14 +434,9 @@ def paged_decode(
     span = min(max_kv_len, window) if window else max_kv_len
     if num_splits is None:
         num_splits = choose_splits(batch, programs, span, block_n, target_programs, min_split)
-    if out is None:
-        out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     direct = num_splits == 1
-    if direct:
-        part_o = part_lse = out  # unused
-    else:
-        part_o = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
+    part_o, part_lse = _partials(q, out, num_splits)
     head_dim_p = triton.next_power_of_2(head_dim)
     launch = pdl.launch(q.device, batch)
     d_vec = min(16 // k_cache.element_size(), head_dim_p)  # (quantized: 16 codes, bytes or nibbles)
@@ -554,6 +466,15 @@ def paged_decode(
             num_warps=4, **launch,
         )  # fmt: skip
     return out
+
+
+def _partials(q: torch.Tensor, out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The splits' float32 outputs [B, H, splits, D] and log-sum-exps [B, H, splits] (unread with one split)."""
+    if num_splits == 1:
+        return out, out
+    batch, heads, head_dim = q.shape
+    return (torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device),
+            torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device))
 
 
 def _form(use_dot: bool, dtype: torch.dtype, head_dim: int, group: int, programs: int, block_n: int | None,

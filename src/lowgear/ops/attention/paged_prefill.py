@@ -25,13 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_decode import dequantize, kv_operands, softcapped
+from .common import _LOG2E, NO_WINDOW, dequantize, kv_operands, softcapped  # noqa: F401
 
 INTERPRETED = False  # set below, from what @triton.jit returned
 
-_LOG2E = 1.4426950408889634
 # "No window" is a window longer than any context, so the kernels need no branch for it.
-NO_WINDOW = 1 << 30
 
 
 @triton.jit
