@@ -153,12 +153,61 @@ def test_threads_sets_torch_threads():
         torch.set_num_threads(before)
 
 
+def test_free_cores_reads_the_kernels_idle_time(tmp_path, monkeypatch):
+    """Two reads of /proc/stat's first line: cores = idle share of the interval x online cores, at least 1."""
+    import os
+    import time
+
+    from lowgear.platform import hardware
+
+    stat = tmp_path / "stat"
+    #         user nice system idle iowait irq softirq steal
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    later = {"text": "cpu  250 0 150 1000 0 0 0 0 0 0\n"}  # 200 busy + 200 idle ticks: half idle
+
+    def sleep(_s):
+        stat.write_text(later["text"])
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert hardware.free_cores(stat_path=str(stat)) == 2  # 4 cores, half of their time idle
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\n")
+    later["text"] = "cpu  500 0 100 800 0 0 0 0 0 0\n"  # every tick busy: still one thread
+    assert hardware.free_cores(stat_path=str(stat)) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # this process may use one core
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\n")
+    later["text"] = "cpu  100 0 100 1200 0 0 0 0 0 0\n"
+    assert hardware.free_cores(stat_path=str(stat)) == 1
+    assert hardware.free_cores(stat_path=str(tmp_path / "missing")) is None
+
+
+def test_threads_default_to_the_cores_left_idle(monkeypatch):
+    from lowgear.platform import hardware
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(hardware, "free_cores", lambda: 1)  # another program holds a core
+        apply_threads(SimpleNamespace(threads=None))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        apply_threads(SimpleNamespace(threads=2))  # asked for: as asked
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(hardware, "free_cores", lambda: None)  # unknown: torch's default stays
+        apply_threads(SimpleNamespace(threads=None))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_generate_stats_threads_and_auto(tiny):
     r = lowgear("generate", "-q", "--greedy", "-n", "4", "--stats", "--threads", "1", "--max-seq-len", "auto",
                 "--model", tiny, "hello")
     assert r.returncode == 0, r.stderr
     stats = [line for line in r.lines if line.startswith("lowgear: stats:")]
     assert len(stats) == 1 and "tokens/s" in stats[0] and "time to first token" in stats[0], r.stderr
+    assert stats[0].endswith("; 1 CPU thread"), stats[0]
     auto = [line for line in r.lines if "--max-seq-len auto" in line]
     assert auto and "512 tokens (the model's context" in auto[0], r.stderr  # not all of the RAM
 

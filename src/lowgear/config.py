@@ -184,12 +184,20 @@ def threads_type(value: str) -> int:
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=threads_type, default=None,
-                   help="CPU threads torch may use (default: torch's, one per core); under load from other "
-                        "programs fewer can be faster")
+                   help="CPU threads torch may use (default: one per core that other programs leave idle at start)")
 
 
 def apply_threads(args) -> None:
-    if getattr(args, "threads", None):
-        import torch
+    """--threads, else one thread per core other programs leave idle (platform.hardware.free_cores): never
+    more than torch's own default. Measured on 2 cores with one held by another program: 54 tok/s with one
+    thread against 24 with two (docs/decisions/022-cpu-int4-weights.md)."""
+    import torch
 
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+        return
+    from .platform.hardware import free_cores
+
+    free = free_cores()
+    if free is not None and free < torch.get_num_threads():
+        torch.set_num_threads(free)

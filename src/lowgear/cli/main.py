@@ -11,6 +11,8 @@ import argparse
 import sys
 import time
 
+import torch
+
 from ..config import add_device_options, add_speculation_options, add_threads_option, apply_device_options, apply_threads
 from ..errors import LowgearError
 
@@ -111,8 +113,10 @@ class ReplyStats:
             return f"lowgear: stats: no tokens generated in {end - self.start:.2f} s"
         decode = end - self.first
         rate = f"{(self.tokens - 1) / decode:.1f} tokens/s" if self.tokens > 1 and decode > 0 else "n/a tokens/s"
+        threads = torch.get_num_threads()
         return (f"lowgear: stats: {self.tokens} tokens, {rate} after the first; time to first token "
-                f"{self.first - self.start:.3f} s (prompt {self.prompt_tokens} tokens); total {end - self.start:.2f} s")
+                f"{self.first - self.start:.3f} s (prompt {self.prompt_tokens} tokens); total {end - self.start:.2f} s; "
+                f"{threads} CPU thread{'s' if threads > 1 else ''}")
 
 
 def stream_reply(generator, tokenizer, prompt: str, args, settings, stops, *, add_bos=False, special=False,

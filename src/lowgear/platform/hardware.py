@@ -473,3 +473,30 @@ def _resolve_one(text: str, gpus: list[DeviceInfo]) -> DeviceInfo:
 def with_free_memory(device: DeviceInfo, free: int) -> DeviceInfo:
     """A copy of `device` with another free-memory figure (for planning what-ifs)."""
     return replace(device, free_memory=free)
+
+
+def free_cores(sample_s: float = 0.05, stat_path: str = "/proc/stat") -> int | None:
+    """Cores of this process's affinity that other programs leave idle, from two reads of the kernel's CPU
+    time counters `sample_s` apart (Linux); None where they cannot be read. A CPU step of torch waits for its
+    slowest thread, so a thread per core on a machine where another program holds a core runs at the
+    descheduled thread's pace (docs/decisions/022-cpu-int4-weights.md)."""
+    import os
+    import time
+
+    def idle_total() -> tuple[int, int]:
+        with open(stat_path) as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])  # idle + iowait; no guests
+
+    try:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        i0, t0 = idle_total()
+        time.sleep(sample_s)
+        i1, t1 = idle_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    online = os.cpu_count() or cores
+    idle_cores = (i1 - i0) / (t1 - t0) * online  # the counters sum over every online core
+    return max(1, min(cores, round(idle_cores)))
