@@ -66,7 +66,8 @@ def main(argv=None) -> None:
             print(f"kv={kv:9s} batch {b:3d} ctx {a.context}: {s * 1e3:7.3f} ms/step {b / s:9.1f} tok/s, "
                   f"cache {tokens} tokens ({per_token} B/token)", flush=True)
         del gen, cache, model
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     base = {r["batch"]: r["ms"] for r in rows if r["kv"] == "auto"}
     print(f"\n{'kv':10s}{'batch':>6s}{'ms/step':>10s}{'vs auto':>9s}{'cache tokens':>14s}")
     for r in rows:

@@ -59,11 +59,23 @@ def run(gen, jobs_ids, max_new=10, arrive_late=(), late_after=3):
     return [j.generated for j in jobs]
 
 
+def runs_alone(path, ids):
+    """Each prompt's greedy tokens, run by itself on an unpaged one-sequence eager generator (what batched runs
+    must give), and the prompts."""
+    gen = make(path, "eager", max_batch_size=1, paged=False)
+    return ids, [run(gen, [p])[0] for p in ids]
+
+
+def run_batched(path, rung, ids):
+    """(generator, tokens) of `ids` batched on `rung` in chunks of 12, the third prompt arriving after two steps."""
+    gen = make(path, rung, max_batch_size=len(ids), max_chunk_size=12)
+    assert gen.model.selections["cpu"].backend.name == rung
+    return gen, run(gen, ids, arrive_late=(2,), late_after=2)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_gguf):
-    gen = make(tiny_gguf, "eager", max_batch_size=1, paged=False)
-    ids = prompts(6)
-    return ids, [run(gen, [p])[0] for p in ids]
+    return runs_alone(tiny_gguf, prompts(6))
 
 
 @pytest.mark.parametrize("rung", RUNGS)

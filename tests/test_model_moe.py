@@ -345,22 +345,19 @@ def moe_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(moe_gguf):
-    from test_generator import make, prompts, run
+    from test_generator import prompts, runs_alone
 
-    gen = make(moe_gguf, "eager", max_batch_size=1, paged=False)
-    ids = prompts(4, lengths=(5, 17, 33, 9))
-    return ids, [run(gen, [p])[0] for p in ids]
+    return runs_alone(moe_gguf, prompts(4, lengths=(5, 17, 33, 9)))
 
 
 @pytest.mark.parametrize("rung", ["eager", "sdpa", "triton"])
 def test_batch_equals_alone(moe_gguf, alone, rung):
-    from test_generator import make, run
+    from test_generator import run_batched
 
     ids, want = alone
-    gen = make(moe_gguf, rung, max_batch_size=len(ids), max_chunk_size=12)
-    assert gen.model.selections["cpu"].backend.name == rung
+    gen, got = run_batched(moe_gguf, rung, ids)
     assert gen.model.layers[0].mlp.num_experts == 16
-    assert run(gen, ids, arrive_late=(2,), late_after=2) == want
+    assert got == want
 
 
 # ------------------------------------------------------------------ a NaN router ends its job only

@@ -163,22 +163,19 @@ def synthetic_qwen3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(synthetic_qwen3):
-    from test_generator import make, prompts, run
+    from test_generator import prompts, runs_alone
 
-    gen = make(synthetic_qwen3, "eager", max_batch_size=1, paged=False)
-    ids = prompts(4, lengths=(5, 17, 33, 9))
-    return ids, [run(gen, [p])[0] for p in ids]
+    return runs_alone(synthetic_qwen3, prompts(4, lengths=(5, 17, 33, 9)))
 
 
 @pytest.mark.parametrize("rung", ["eager", "sdpa", "triton"])
 def test_batch_equals_alone(synthetic_qwen3, alone, rung):
-    from test_generator import make, run
+    from test_generator import run_batched
 
     ids, want = alone
-    gen = make(synthetic_qwen3, rung, max_batch_size=len(ids), max_chunk_size=12)
-    assert gen.model.selections["cpu"].backend.name == rung
+    gen, got = run_batched(synthetic_qwen3, rung, ids)
     assert gen.model.layers[0].attn.q_norm is not None
-    assert run(gen, ids, arrive_late=(2,), late_after=2) == want
+    assert got == want
 
 
 def test_synthetic_hf_qwen3_is_transformers_qwen3(tmp_path):
