@@ -155,6 +155,33 @@ def test_rope_writes_rotated_k_and_v_into_cache_slots(impl, d, rot, cache_dtype)
     assert torch.equal(kcd.view(-1, hk, d)[untouched.to(DEVICE)].cpu(), kc.view(-1, hk, d)[untouched])
 
 
+@pytest.mark.parametrize("style", ["neox", "interleaved"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_torch_rope_kv_both_layouts_fused_or_apart(style, fused):
+    """The torch op's in-place float32 rotation (q and k as one view where they are adjacent, else apart), both
+    layouts, a partial rotary, against the float64 reference; v reaches the cache unrotated."""
+    gen = torch.Generator().manual_seed(6)
+    t, hq, hk, d = 3, 4, 2, 16
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen)
+    if fused:
+        q, k, v = (qkv[:, : hq * d].view(t, hq, d), qkv[:, hq * d:(hq + hk) * d].view(t, hk, d),
+                   qkv[:, (hq + hk) * d:].view(t, hk, d))
+    else:
+        q, k, v = (torch.randn(t, hq, d, generator=gen), torch.randn(t, hk, d, generator=gen),
+                   torch.randn(t, hk, d, generator=gen))
+    pos = torch.tensor([2, 0, 7])
+    cos64, sin64 = _cache(8, 6)  # 12 of 16 dims rotated
+    ref_q, ref_k = apply_rope_ref(q.double(), k.double(), pos, cos64, sin64, style, torch.float64)
+    kc, vc = torch.zeros(2, 4, hk, d), torch.zeros(2, 4, hk, d)
+    slots = torch.tensor([5, 0, 3])
+    v_want = v.clone()
+    OPS["torch"].rope_kv_(q, k, v, pos, cos64.float(), sin64.float(), style, kc, vc, slots)
+    close(q, ref_q, torch.float32)
+    close(k, ref_k, torch.float32)
+    close(kc.view(-1, hk, d)[slots], ref_k, torch.float32)
+    assert torch.equal(vc.view(-1, hk, d)[slots], v_want)
+
+
 @pytest.mark.parametrize("impl", sorted(OPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("inter", [96, 1500])  # masked tail; two column blocks
