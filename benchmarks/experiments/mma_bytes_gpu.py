@@ -74,6 +74,47 @@ def mma_bytes_kernel(x_ptr, qb_ptr, zf_ptr, sc_ptr, y_ptr, part_ptr, cnt_ptr,
                   pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
 
 
+
+@triton.jit
+def mma_words_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, y_ptr, part_ptr, cnt_ptr,
+                     M, N, K, k_per_split, group_size, stride_xm,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_CHUNK: tl.constexpr,
+                     MAGIC: tl.constexpr):
+    """GPTQ's own words [K/8, N]: the word tile loads once into the mma operand layout (int32 is what Triton
+    hoists the layout conversion to), and each of the 8 nibbles is one K=16 tl.dot against x's columns 8r + j."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    R: tl.constexpr = BLOCK_K // 8
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        r = k0 // 8 + tl.arange(0, R)
+        rmask = r * 8 < k_hi
+        w = tl.load(qw_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
+        p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            if MAGIC:
+                c = (((w >> (4 * j)) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+            else:
+                c = ((w >> (4 * j)) & 15).to(tl.float16)
+            xj = tl.load(x_ptr + ms[:, None] * stride_xm + (8 * r + j)[None, :], mask=mmask[:, None] & rmask[None, :],
+                         other=0.0)
+            p = tl.dot(xj, c, p)
+            xsum += tl.sum(xj.to(tl.float32), axis=1)
+        g = k0 // group_size
+        s = tl.load(sc_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        zf = tl.load(zf_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc += (p - xsum[:, None] * zf[None, :]) * s[None, :]
+    splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
+                  pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
+
+
 def to_bytes(qweight: torch.Tensor) -> torch.Tensor:
     """GPTQ 4-bit qweight int32 [K/8, N] -> uint8 [K/2, N], byte i = codes 2i (low) and 2i+1 (high)."""
     k8, n = qweight.shape
@@ -81,7 +122,7 @@ def to_bytes(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def mma_bytes(x, qb, zeros, scales, group_size, block_n=128, block_k=128, split=None, num_warps=4, num_stages=3,
-              magic=True, target_programs=264):
+              magic=True, target_programs=264, words=False):
     m, k = x.shape
     n = qb.shape[1]
     block_m = max(16, triton.next_power_of_2(m))
@@ -93,11 +134,12 @@ def mma_bytes(x, qb, zeros, scales, group_size, block_n=128, block_k=128, split=
     split = triton.cdiv(k, k_per_split)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (n_blocks, split)
-    mma_bytes_kernel[grid](x, qb, zeros, scales, y, splitk.workspace(split, m, n, x.device),
-                           splitk.counters(x.device, grid[0]), m, n, k, k_per_split, group_size, x.stride(0),
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                           S_CHUNK=splitk.chunk(block_m * block_n // (32 * num_warps)), MAGIC=magic,
-                           num_warps=num_warps, num_stages=num_stages)
+    kern = mma_words_kernel if words else mma_bytes_kernel
+    kern[grid](x, qb, zeros, scales, y, splitk.workspace(split, m, n, x.device),
+               splitk.counters(x.device, grid[0]), m, n, k, k_per_split, group_size, x.stride(0),
+               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+               S_CHUNK=splitk.chunk(block_m * block_n // (32 * num_warps)), MAGIC=magic,
+               num_warps=num_warps, num_stages=num_stages)
     return y
 
 
@@ -133,34 +175,40 @@ def main() -> None:
                                                facts["mma_block_k"], **kw)
                 row["mma_us"] = bench(lambda: mma())
                 row["mma_err"] = rel(mma())
-            sweep = []
-            for bn, nw, st, tp in itertools.product((64, 128, 256), (4, 8), (3, 4), (132, 264, 528)):
-                f = lambda: mma_bytes(x, qb, lin.gptq_zeros, lin.scales.view(torch.float16), 128,  # noqa: E731
-                                      block_n=bn, num_warps=nw, num_stages=st, target_programs=tp)
-                try:
-                    us = bench(f, rep=5)
-                except Exception as exc:
-                    sweep.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": st, "programs": tp, "error": str(exc)[:120]})
-                    continue
-                sweep.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": st, "programs": tp, "us": us})
-            ok = [s for s in sweep if "us" in s]
-            best = min(ok, key=lambda s: s["us"])
-            f = lambda: mma_bytes(x, qb, lin.gptq_zeros, lin.scales.view(torch.float16), 128,  # noqa: E731
-                                  block_n=best["BLOCK_N"], num_warps=best["num_warps"], num_stages=best["num_stages"],
-                                  target_programs=best["programs"])
-            best["us"] = bench(f)
-            row.update(bytes_best=best, bytes_err=rel(f()), bytes_pct_copy=100 * nbytes / (best["us"] * 1e-6) / copy_bw,
-                       sweep=sweep)
-            rows.append(row)
+            for name, qt in (("bytes", qb), ("words", lin.qweight)):
+                def run(bn, nw, st, tp, rep=5, check=False):
+                    f = lambda: mma_bytes(x, qt, lin.gptq_zeros, lin.scales.view(torch.float16), 128,  # noqa: E731
+                                          block_n=bn, num_warps=nw, num_stages=st, target_programs=tp,
+                                          words=name == "words")
+                    return rel(f()) if check else bench(f, rep=rep)
+                sweep = []
+                for bn, nw, st in itertools.product((64, 128, 256), (4, 8), (3, 4)):
+                    try:
+                        sweep.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": st, "programs": 264,
+                                      "us": run(bn, nw, st, 264)})
+                    except Exception as exc:
+                        sweep.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": st, "error": str(exc)[:120]})
+                best = min((s_ for s_ in sweep if "us" in s_), key=lambda s_: s_["us"])
+                for tp in (132, 528):
+                    sweep.append({**best, "programs": tp, "us": run(best["BLOCK_N"], best["num_warps"],
+                                                                    best["num_stages"], tp)})
+                best = dict(min((s_ for s_ in sweep if "us" in s_), key=lambda s_: s_["us"]))
+                args = (best["BLOCK_N"], best["num_warps"], best["num_stages"], best["programs"])
+                best["us"] = run(*args, rep=20)
+                row[name] = {"best": best, "err": run(*args, check=True),
+                             "pct_copy": 100 * nbytes / (best["us"] * 1e-6) / copy_bw, "sweep": sweep}
             print(f"N {n:5d} K {k:5d} M {m:2d} | gemv {row.get('gemv_us', float('nan')):7.1f} us | mma "
-                  f"{row.get('mma_us', float('nan')):7.1f} us | bytes {best['us']:7.1f} us "
-                  f"({row['bytes_pct_copy']:.0f}% copy; BN {best['BLOCK_N']} w{best['num_warps']} s{best['num_stages']} "
-                  f"p{best['programs']}) err {row['bytes_err']:.1e}", flush=True)
+                  f"{row.get('mma_us', float('nan')):7.1f} us | " + " | ".join(
+                      f"{nm} {row[nm]['best']['us']:7.1f} us ({row[nm]['pct_copy']:.0f}% copy; BN {row[nm]['best']['BLOCK_N']} "
+                      f"w{row[nm]['best']['num_warps']} s{row[nm]['best']['num_stages']} p{row[nm]['best']['programs']}) "
+                      f"err {row[nm]['err']:.1e}" for nm in ("bytes", "words")), flush=True)
+            rows.append(row)
     for m in sorted({r["M"] for r in rows}):
         sel = [r for r in rows if r["M"] == m]
         if len(sel) == len(SHAPES):
             tot = {key: 32 * sum(r.get(key, float("nan")) for r in sel) / 1e3 for key in ("gemv_us", "mma_us")}
-            tot["bytes"] = 32 * sum(r["bytes_best"]["us"] for r in sel) / 1e3
+            for nm in ("bytes", "words"):
+                tot[nm] = 32 * sum(r[nm]["best"]["us"] for r in sel) / 1e3
             print(f"8B step matmuls at M={m}: " + ", ".join(f"{kk} {v:.2f} ms" for kk, v in tot.items()), flush=True)
     if a.out:
         with open(a.out, "w") as f:
