@@ -128,7 +128,7 @@ MMA = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16",
 def mma(pdl):
     p = MM.mma_launch_params(4096, 4096, 16, 4, 128)
     return dict(BITS=4, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], HAS_PERM=False, S_CHUNK=4,
-                PDL=pdl, FP16_MAGIC=True)
+                PDL=pdl, FP16_MAGIC=True, WORDS=p["WORDS"])
 
 def decode(pdl):
     return dict(GROUP=4, GROUP_P=16, HEAD_DIM=128, HEAD_DIM_P=128, PAGE_SIZE=256, BLOCK_N=D.DOT_BLOCK_N,

@@ -110,8 +110,12 @@ def test_block_k_and_launch_params():
             p = MM.mma_launch_params(n, k, m, 4, 128)
             assert p["BLOCK_M"] == max(16, 1 << (m - 1).bit_length())
             assert p["split"] * p["k_per_split"] >= k > (p["split"] - 1) * p["k_per_split"]
+            assert p["WORDS"] == (m <= MM.WORDS_MAX_M)
+            if p["WORDS"]:  # split until about TARGET_PROGRAMS programs run (uncapped: docs/decisions/024)
+                programs = -(-n // p["BLOCK_N"]) * p["split"]
+                assert programs >= MM.TARGET_PROGRAMS // 2 or p["split"] == -(-k // 128), (n, k, m, p)
             # fp32 partials (written + read) stay within MAX_PARTIAL_FRACTION of the packed weight bytes
-            if p["split"] > 1:
+            elif p["split"] > 1:
                 assert 8 * p["split"] * m * n <= MM.MAX_PARTIAL_FRACTION * n * k * 4 / 8
     assert MM.mma_launch_params(4096, 4096, 64, 4, 128)["split"] == 1
 
@@ -196,16 +200,20 @@ def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096):
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
              if a in args and (args[a].startswith("*") or a in DIVISIBLE)}
     consts = dict(BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], HAS_PERM=perm,
-                  S_CHUNK=4, PDL=False, FP16_MAGIC=xdtype == "fp16" or bits <= 4)
+                  S_CHUNK=4, PDL=False, FP16_MAGIC=xdtype == "fp16" or bits <= 4, WORDS=p["WORDS"])
     c = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", cap, 32),
                        options={"num_warps": p["num_warps"], "num_stages": p["num_stages"]})
     ptx = c.asm["ptx"]
-    return dict(cap=cap, bits=bits, m=m, perm=perm, dtype=xdtype, shared=c.metadata.shared,
+    return dict(cap=cap, bits=bits, m=m, perm=perm, dtype=xdtype, shared=c.metadata.shared, words=p["WORDS"],
+                # the largest 16-bit float tile a register tensor stores to shared memory (the unpacked codes', where
+                # they take that way to the mma operand layout; x's small tiles otherwise)
+                f16_to_shared=max((int(a) * int(b) for a, b in re.findall(r"local_alloc %[^ ]+ : \(tensor<(\d+)x(\d+)x(?:b?f16)",
+                                                                            c.asm["ttgir"])), default=0),
                 mma=len(re.findall(r"\b(?:wg)?mma\.", ptx)), fma=len(re.findall(r"\bfma\.", ptx)),
                 cvt_int=len(re.findall(r"cvt\.rn\.f(?:16|32)\.[su]32", ptx)),
                 cvt_down=len(re.findall(r"cvt\.rn\.b?f16(?:x2)?\.f32", ptx)))
 
-out = [case(80, 4, 16, False), case(80, 4, 64, True), case(80, 8, 33, False), case(80, 4, 16, True, "bf16"),
+out = [case(80, 4, 16, False), case(80, 4, 64, True), case(80, 8, 33, False), case(80, 4, 16, True, "bf16"), case(80, 8, 9, False),
        case(90, 4, 16, False), case(90, 4, 64, False), case(75, 4, 16, False)]
 print("RESULTS" + json.dumps(out))
 """
@@ -225,6 +233,19 @@ def test_mma_kernel_uses_tensor_cores_on_sm80_and_sm90(compiled):
             # and straight into x's 16-bit float (no fp32 -> fp16 conversion per code: the fp32 form
             # of the exponent trick had 16-32 of them in these kernels)
             assert r["cvt_down"] == 0, r
+
+
+def test_words_form_keeps_the_code_tile_out_of_shared_memory(compiled):
+    """Up to WORDS_MAX_M rows the word tile goes to the mma operand layout as loaded (docs/decisions/024): no
+    float tile of codes is stored to shared memory, only x's [16, 16] ones; the reshape form (more rows) stores
+    its [BLOCK_K, BLOCK_N] codes there, which shows the check sees such a tile."""
+    tensor_core = [r for r in compiled if r["cap"] >= 80]
+    assert {r["words"] for r in tensor_core} == {True, False}
+    for r in tensor_core:
+        if r["words"]:
+            assert r["f16_to_shared"] <= 16 * 32, r
+        else:
+            assert r["f16_to_shared"] >= 128 * 32, r
 
 
 def test_mma_kernel_on_sm75_has_no_tensor_cores(compiled):

@@ -44,6 +44,24 @@ TARGET_PROGRAMS = 2 * 132
 # split-K stops where the fp32 partials (written and read: 8 * splits * M * N bytes) would pass this
 # fraction of the packed weight bytes (N * K * bits / 8)
 MAX_PARTIAL_FRACTION = 0.25
+# rows up to which the word tile goes to the mma operand as loaded (WORDS), with its own launch shape: BLOCK_N
+# WORDS_BLOCK_N (WORDS_WIDE_BLOCK_N from WORDS_WIDE_N output rows), split to TARGET_PROGRAMS with no partial cap.
+# why: docs/decisions/024-mma-word-operands.md
+WORDS_MAX_M = 16
+WORDS_BLOCK_N = 256
+WORDS_WIDE_N, WORDS_WIDE_BLOCK_N = 16384, 128
+
+
+@triton.jit
+def _as_float(codes, dtype: tl.constexpr, FP16_MAGIC: tl.constexpr):
+    """Integer codes (>= 0) as exact floats of x's 16-bit dtype."""
+    if FP16_MAGIC:  # OR-ed into the mantissa of 1024 (fp16) or 128 (bf16, codes < 16 only), bit-cast, and that
+        # base subtracted: exact, no conversion instruction
+        MAGIC: tl.constexpr = 0x6400 if dtype == tl.float16 else 0x4300
+        BASE: tl.constexpr = 1024.0 if dtype == tl.float16 else 128.0
+        return (codes | MAGIC).to(tl.int16).to(dtype, bitcast=True) - BASE
+    else:  # OR-ed into the mantissa of 2**23 in fp32, subtracted, then converted to x's dtype
+        return ((codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(dtype)
 
 
 @triton.jit
@@ -51,7 +69,7 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
                     M, N, K, k_per_split, group_size, stride_xm,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr,
-                    FP16_MAGIC: tl.constexpr):
+                    FP16_MAGIC: tl.constexpr, WORDS: tl.constexpr = False):
     """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -74,30 +92,42 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
     pdl.prefetch_l2(qw_ptr + prow.to(tl.int64)[:, None] * N + lines[None, :], PDL)
     pdl.wait(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < k_hi
-        rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        wp = qw_ptr + rows.to(tl.int64)[:, None, None] * N + cols[None, None, :]
-        # loaded 3-D [BLOCK_R, 1, BLOCK_N] so that the unpacked tile keeps the load's layout (4 columns a
-        # thread): a 2-D load broadcast to 3-D got one column a thread, hence scalar cvt and shared stores
-        words = tl.load(wp, mask=(rows * PACK < k_hi)[:, None, None] & cmask[None, None, :], other=0)
-        xk = ks
-        if HAS_PERM:
-            xk = tl.load(perm_ptr + ks, mask=kmask, other=0)
-        xt = tl.load(x_ptr + ms[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & kmask[None, :],
-                     other=0.0)  # [BLOCK_M, BLOCK_K] in x's dtype
-        sh = tl.arange(0, PACK) * BITS
-        codes = (words >> sh[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]; mask drops sign bits
-        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PACK + j: input feature k0 + r * PACK + j
-        if FP16_MAGIC:  # the code as x's 16-bit float directly: OR-ed into the mantissa of 1024 (fp16) or
-            # 128 (bf16, codes < 16 only), bit-cast, and that base subtracted: exact, no conversion
-            MAGIC: tl.constexpr = 0x6400 if x_ptr.dtype.element_ty == tl.float16 else 0x4300
-            BASE: tl.constexpr = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
-            q = (codes | MAGIC).to(tl.int16).to(xt.dtype, bitcast=True) - BASE
-        else:  # OR-ed into the mantissa of 2**23 in fp32, subtracted, then converted to x's dtype
-            q = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(xt.dtype)
-        p = tl.dot(xt, q)  # [BLOCK_M, BLOCK_N] fp32: sum_k x * code, exact codes
-        xsum = tl.sum(xt.to(tl.float32), axis=1)  # [BLOCK_M]
+        if WORDS:  # the word tile [BLOCK_K / PACK, BLOCK_N] goes to the mma operand layout as loaded; code j of
+            # word row r is input feature k0 + r * PACK + j, one K = BLOCK_K / PACK dot per j (docs/decisions/024)
+            rows = k0 // PACK + tl.arange(0, NR)
+            rmask = rows * PACK < k_hi
+            words = tl.load(qw_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+                            mask=rmask[:, None] & cmask[None, :], other=0)
+            p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                xk = rows * PACK + j
+                if HAS_PERM:
+                    xk = tl.load(perm_ptr + xk, mask=rmask, other=0)
+                xj = tl.load(x_ptr + ms[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & rmask[None, :],
+                             other=0.0)
+                q = _as_float((words >> (j * BITS)) & MASK, xj.dtype, FP16_MAGIC)
+                p = tl.dot(xj, q, p)
+                xsum += tl.sum(xj.to(tl.float32), axis=1)
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < k_hi
+            rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            wp = qw_ptr + rows.to(tl.int64)[:, None, None] * N + cols[None, None, :]
+            # loaded 3-D [BLOCK_R, 1, BLOCK_N] so that the unpacked tile keeps the load's layout (4 columns a
+            # thread): a 2-D load broadcast to 3-D got one column a thread, hence scalar cvt and shared stores
+            words = tl.load(wp, mask=(rows * PACK < k_hi)[:, None, None] & cmask[None, None, :], other=0)
+            xk = ks
+            if HAS_PERM:
+                xk = tl.load(perm_ptr + ks, mask=kmask, other=0)
+            xt = tl.load(x_ptr + ms[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & kmask[None, :],
+                         other=0.0)  # [BLOCK_M, BLOCK_K] in x's dtype
+            sh = tl.arange(0, PACK) * BITS
+            codes = (words >> sh[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]; mask drops sign bits
+            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PACK + j: input feature k0 + r * PACK + j
+            q = _as_float(codes, xt.dtype, FP16_MAGIC)
+            p = tl.dot(xt, q)  # [BLOCK_M, BLOCK_N] fp32: sum_k x * code, exact codes
+            xsum = tl.sum(xt.to(tl.float32), axis=1)  # [BLOCK_M]
         g = k0 // group_size
         s = tl.load(sc_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
         zf = tl.load(zf_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -126,13 +156,17 @@ def mma_launch_params(n: int, k: int, m: int, bits: int, block_k: int, *, block_
                       num_stages: int | None = None) -> dict[str, int]:
     """BLOCK_M / BLOCK_N / split / num_warps / num_stages for one shape (overrides: the benchmark's sweep).
 
-    Split-K is capped so the fp32 partials stay a small fraction of the packed bytes (at M = 64 and
-    K = 4096 that means no split); BLOCK_N is the widest of 128 / 64 / 32 that still gives about
-    TARGET_PROGRAMS / 2 programs with that split, so small-N layers still spread over the SMs.
+    Up to WORDS_MAX_M rows (and word tiles of 16+ rows) the WORDS form: BLOCK_N WORDS_BLOCK_N, split to
+    about TARGET_PROGRAMS programs. Otherwise split-K is capped so the fp32 partials stay a small fraction of
+    the packed bytes (at M = 64 and K = 4096 that means no split); BLOCK_N is the widest of 128 / 64 / 32 that
+    still gives about TARGET_PROGRAMS / 2 programs with that split, so small-N layers still spread over the SMs.
     """
     block_m = max(16, triton.next_power_of_2(m))
     tiles = triton.cdiv(k, block_k)
-    max_split = max(1, min(tiles, int(MAX_PARTIAL_FRACTION * k * bits / (64 * m))))
+    words = m <= WORDS_MAX_M and block_k // (32 // bits) >= 16  # a word tile of >= 16 rows: one mma K step
+    max_split = tiles if words else max(1, min(tiles, int(MAX_PARTIAL_FRACTION * k * bits / (64 * m))))
+    if block_n is None and words:
+        block_n = WORDS_WIDE_BLOCK_N if n >= WORDS_WIDE_N else WORDS_BLOCK_N
     if block_n is None:
         block_n = 32
         for bn in (128, 64):
@@ -145,7 +179,7 @@ def mma_launch_params(n: int, k: int, m: int, bits: int, block_k: int, *, block_
     split = max(1, min(tiles, split))
     k_per_split = triton.cdiv(tiles, split) * block_k
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split": triton.cdiv(k, k_per_split),
-            "k_per_split": k_per_split, "num_warps": num_warps or 4, "num_stages": num_stages or 3}
+            "k_per_split": k_per_split, "num_warps": num_warps or 4, "num_stages": num_stages or 3, "WORDS": words}
 
 
 def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -173,6 +207,6 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
                           BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
                           HAS_PERM=perm is not None,
                           S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
-                          FP16_MAGIC=x.dtype == torch.float16 or bits <= 4,
+                          FP16_MAGIC=x.dtype == torch.float16 or bits <= 4, WORDS=p["WORDS"],
                           num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(x.device, m))
     return y
