@@ -25,13 +25,16 @@ def main(argv=None) -> None:
     ap.add_argument("--quant", default="gptq4")
     ap.add_argument("--kv", default="auto,int8,fp8_e4m3,int4")
     ap.add_argument("--batch", default="1,16,64")
-    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--context", default="4096", help="one or more contexts, comma-separated")
     ap.add_argument("--cache-gib", type=float, default=8.0)
     ap.add_argument("--page-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-prefill", action="store_true",
+                    help="time graphed decode steps over pages given to each row without computing its prompt "
+                         "(the K/V there is whatever the pool holds: step times, not tokens)")
     a = ap.parse_args(argv)
 
     import lowgear as lg
@@ -52,33 +55,75 @@ def main(argv=None) -> None:
         model = Model(config)
         cache = Cache(model, max_seq_len=tokens, page_size=a.page_size, kv_dtype=kv)
         model.load_autosplit(cache)
-        gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=_NullTokenizer(spec.vocab_size),
-                                  max_batch_size=max(batches))
-        gen.warmup()
-        for b in batches:
-            if b * (a.context + a.steps + 16) > tokens:
-                print(f"kv={kv} batch {b}: {b} x {a.context} tokens do not fit a {tokens}-token cache; skipped", flush=True)
+        mods = [*model.layers, model.embed, model.norm] + ([] if model.lm_head is model.embed else [model.lm_head])
+        weights = sum(t.numel() * t.element_size() for m in mods for t in (*m.parameters(), *m.buffers()))
+        in_16gib = max(0, 16 * 2**30 - weights) // per_token
+        print(f"kv={kv}: weights as held {weights / 2**30:.2f} GiB; a 16 GiB card holds {in_16gib} tokens of this cache "
+              f"beside them (before activations and the CUDA context)", flush=True)
+        gen = None
+        if not a.no_prefill:
+            gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=_NullTokenizer(spec.vocab_size),
+                                      max_batch_size=max(batches))
+            gen.warmup()
+        for b, context in [(b, int(c)) for c in a.context.split(",") for b in batches]:
+            if b * (context + a.steps + 16) > tokens:
+                print(f"kv={kv} batch {b}: {b} x {context} tokens do not fit a {tokens}-token cache; skipped", flush=True)
                 continue
             out: list = []
-            s = generator_step_seconds(gen, b, a.context, spec.vocab_size, a.steps, seed=b, tokens_out=out)
-            rows.append(dict(kv=kv, batch=b, context=a.context, ms=s * 1e3, tok_s=b / s, cache_tokens=tokens,
+            if a.no_prefill:
+                s = graphed_step_seconds(model, cache, b, context, a.steps)
+            else:
+                s = generator_step_seconds(gen, b, context, spec.vocab_size, a.steps, seed=b, tokens_out=out)
+            rows.append(dict(kv=kv, batch=b, context=context, ms=s * 1e3, tok_s=b / s, cache_tokens=tokens, tokens_in_16gib=in_16gib,
+                             prefilled=not a.no_prefill,
                              bytes_per_token=per_token, first_tokens=[t[:4] for t in out[:2]]))
-            print(f"kv={kv:9s} batch {b:3d} ctx {a.context}: {s * 1e3:7.3f} ms/step {b / s:9.1f} tok/s, "
+            print(f"kv={kv:9s} batch {b:3d} ctx {context}: {s * 1e3:7.3f} ms/step {b / s:9.1f} tok/s, "
                   f"cache {tokens} tokens ({per_token} B/token)", flush=True)
         del gen, cache, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = {r["batch"]: r["ms"] for r in rows if r["kv"] == "auto"}
-    print(f"\n{'kv':10s}{'batch':>6s}{'ms/step':>10s}{'vs auto':>9s}{'cache tokens':>14s}")
+    base = {(r["batch"], r["context"]): r["ms"] for r in rows if r["kv"] == "auto"}
+    print(f"\n{'kv':10s}{'batch':>6s}{'context':>8s}{'ms/step':>10s}{'vs auto':>9s}{'cache tokens':>14s}{'in 16 GiB':>11s}")
     for r in rows:
-        rel = r["ms"] / base[r["batch"]] if r["batch"] in base else float("nan")
+        rel = r["ms"] / base[r["batch"], r["context"]] if (r["batch"], r["context"]) in base else float("nan")
         r["vs_auto"] = rel
-        print(f"{r['kv']:10s}{r['batch']:6d}{r['ms']:10.3f}{rel:9.3f}{r['cache_tokens']:14d}")
+        print(f"{r['kv']:10s}{r['batch']:6d}{r['context']:8d}{r['ms']:10.3f}{rel:9.3f}{r['cache_tokens']:14d}"
+              f"{r['tokens_in_16gib']:11d}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         with open(os.path.join(a.out, "kv.json"), "w") as f:
             json.dump(dict(device=name, preset=a.preset, quant=a.quant, cache_gib=a.cache_gib, rows=rows), f, indent=1)
+
+
+def graphed_step_seconds(model, cache, batch: int, context: int, steps: int) -> float:
+    """Mean seconds of `steps` CUDA-graph decode steps of `batch` rows at `context` tokens, the rows' pages
+    taken from the pool without a prefill (engine/graphs.DecodeGraphs, as the generator replays it)."""
+    import time
+
+    from lowgear.cache.pages import pages_needed
+    from lowgear.engine.graphs import DecodeGraphs, DecodeRow
+
+    longest = context + steps + 1
+    graphs = DecodeGraphs(model, cache, batch, longest)
+    per_row = pages_needed(longest, cache.page_size)
+    pages = [cache.pool.allocate(per_row) for _ in range(batch)]
+    try:
+        def rows(i):
+            return [DecodeRow(token=3 + r, kv_len=context + 1 + i, pages=pages[r]) for r in range(batch)]
+
+        for i in range(3):
+            graphs.run(rows(i))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            graphs.run(rows(i))
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps
+    finally:
+        graphs.release()
+        for p in pages:
+            cache.pool.release(p)
 
 
 if __name__ == "__main__":
