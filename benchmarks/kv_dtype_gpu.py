@@ -66,7 +66,7 @@ def main(argv=None) -> None:
                                       max_batch_size=max(batches))
             gen.warmup()
         for b, context in [(b, int(c)) for c in a.context.split(",") for b in batches]:
-            if b * (context + a.steps + 16) > tokens:
+            if b * -(-(context + a.steps + 16) // a.page_size) + 1 > tokens // a.page_size:  # + the padding page
                 print(f"kv={kv} batch {b}: {b} x {context} tokens do not fit a {tokens}-token cache; skipped", flush=True)
                 continue
             out: list = []
@@ -105,7 +105,10 @@ def graphed_step_seconds(model, cache, batch: int, context: int, steps: int) -> 
     from lowgear.engine.graphs import DecodeGraphs, DecodeRow
 
     longest = context + steps + 1
-    graphs = DecodeGraphs(model, cache, batch, longest)
+    # the generator's bound on a step's context (engine/generator.py): the attention kernel splits by it
+    bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
+    graphs = DecodeGraphs(model, cache, batch, bound)
+    assert graphs._take_scratch(), "no page left for the graphs' padding rows"
     per_row = pages_needed(longest, cache.page_size)
     pages = [cache.pool.allocate(per_row) for _ in range(batch)]
     try:
@@ -113,7 +116,7 @@ def graphed_step_seconds(model, cache, batch: int, context: int, steps: int) -> 
             return [DecodeRow(token=3 + r, kv_len=context + 1 + i, pages=pages[r]) for r in range(batch)]
 
         for i in range(3):
-            graphs.run(rows(i))
+            assert graphs.run(rows(i)) is not None, "the graphed step did not run"
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(steps):
