@@ -19,7 +19,14 @@ Proposers:
 - `NgramProposer`: the last n tokens (n = NGRAM_MAX down to 1) matched at their latest earlier
   occurrence in the job's prompt + output; the tokens that followed are the proposal.
 - `DraftProposer`: a smaller model sharing the tokenizer, on its own cache, whose pages each job
-  holds while it runs; it decodes k tokens (greedy or with the job's settings) and gives q.
+  holds while it runs; it decodes k tokens (greedy or with the job's settings) and gives q. Where
+  the generator gives it `graphs` (engine/graphs.DecodeGraphs of the draft model and cache), its
+  single-token steps replay CUDA graphs; a row two tokens behind (all of its last proposal was
+  accepted) catches up by one graphed step first; a row further behind (its prompt) runs eagerly.
+
+On a GPU the target's check steps replay graphs too: the generator's `check_graphs`, DecodeGraphs
+of q_len k+1, with rows of fewer proposals (or none, in a batch with jobs that do not speculate)
+padded (engine/runner.Runner.graphed).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .. import defaults
 from ..attention.metadata import build_metadata
 from ..cache.pages import OutOfPages, SequencePages
 from ..errors import ConfigError
+from .graphs import DecodeRow
 from .sampler import all_greedy, distribution
 
 
@@ -134,6 +142,8 @@ class DraftProposer:
             )
         self.model, self.cache = model, cache
         self.state: dict[int, list] = {}  # id(job) -> [job, SequencePages, tokens whose K/V the draft cache holds]
+        self.graphs = None  # engine.graphs.DecodeGraphs of the draft model and cache (the generator's choice)
+        self.steps = self.graphed_steps = 0  # the draft's forwards, and of those the ones run from its graphs
 
     def retain(self, jobs) -> None:
         """Free the draft pages of jobs no longer in `jobs`."""
@@ -160,20 +170,11 @@ class DraftProposer:
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in live}
         for r in range(max((ks[i] for i in live), default=0)):
             rows = [i for i in live if ks[i] > r]
-            q_lens, kv_lens, ids = [], [], []
-            for i in rows:
-                tokens = jobs[i].all_ids + drafts[i]
-                start = entries[i][2]
-                ids.extend(tokens[start:])
-                q_lens.append(len(tokens) - start)
-                kv_lens.append(len(tokens))
-            device = self.model.layer_devices[0]
-            meta = build_metadata(q_lens, kv_lens, [entries[i][1].page_ids for i in rows], self.cache.page_size,
-                                  device=device)
-            logits = self.model.forward(torch.tensor(ids, dtype=torch.long).to(device), meta, self.cache)
+            feeds = [(jobs[i].all_ids + drafts[i])[entries[i][2] :] for i in rows]
+            logits = self._forward(feeds, [entries[i][2] for i in rows], [entries[i][1].page_ids for i in rows])
             for row, i in enumerate(rows):
                 job = jobs[i]
-                entries[i][2] = kv_lens[row]
+                entries[i][2] += len(feeds[row])
                 if all_greedy([job.settings]):
                     drafts[i].append(int(logits[row].argmax()))
                     continue
@@ -188,6 +189,31 @@ class DraftProposer:
                 continue
             out.append((drafts[i], torch.stack(probs[i]) if probs[i] else None))
         return out
+
+    def _forward(self, feeds: list[list[int]], starts: list[int], pages: list[list[int]]) -> torch.Tensor:
+        """The draft's logits after each row's feed (the tokens past the `starts[r]` its cache holds)."""
+        self.steps += 1
+        logits = self._graphed(feeds, starts, pages) if self.graphs is not None else None
+        if logits is not None:
+            self.graphed_steps += 1
+            return logits
+        q_lens = [len(f) for f in feeds]
+        kv_lens = [s + n for s, n in zip(starts, q_lens)]
+        device = self.model.layer_devices[0]
+        meta = build_metadata(q_lens, kv_lens, pages, self.cache.page_size, device=device)
+        ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long)
+        return self.model.forward(ids.to(device), meta, self.cache)
+
+    def _graphed(self, feeds, starts, pages) -> torch.Tensor | None:
+        """`_forward` from the draft's decode graphs, where each row feeds one token or two: a row two behind
+        (every proposal of its last check accepted) first feeds the older one in a graphed step of its own,
+        logits unused. None where a row feeds more (its prompt) or no graph fits."""
+        if any(len(f) > 2 for f in feeds):
+            return None
+        behind = [r for r, f in enumerate(feeds) if len(f) == 2]
+        if behind and self.graphs.run([DecodeRow(feeds[r][0], starts[r] + 1, pages[r]) for r in behind]) is None:
+            return None
+        return self.graphs.run([DecodeRow(f[-1], s + len(f), p) for f, s, p in zip(feeds, starts, pages)])
 
     def accepted(self, job) -> None:
         """After the check: the draft cache's K/V are good up to the job's tokens but its last."""
