@@ -188,6 +188,9 @@ class DecodeGraphs:
                  scratch: ScratchPage | None = None, captured: bool = True):
         self.model, self.cache = model, cache
         self.device = model.layer_devices[0]
+        backend = model.backend_for(self.device, is_decode=True)
+        if not backend.capabilities.capturable:  # it would read the bound as the lengths
+            raise ValueError(f"the {backend.name} attention rung cannot run static-buffer steps")
         self.buckets = buckets_for(max_batch_size)
         self.page_size = cache.page_size
         self.max_kv_len, self.q_len, self.captured = max_kv_len, q_len, captured
