@@ -98,10 +98,12 @@ class DynamicGenerator:
             self.runner.graphs, self.runner.check_graphs = self.graphs, self.check_graphs
         if draft and isinstance(self.proposer, DraftProposer):
             p = self.proposer
-            p.graphs = DecodeGraphs(p.model, p.cache, self.max_batch_size, kv_bound(p.model, p.cache), captured=captured)
+            args, scratch = (p.model, p.cache, self.max_batch_size, kv_bound(p.model, p.cache)), ScratchPage(p.cache.pool)
+            # q_len 2: rows two tokens behind (their last check accepted every proposal) catch up in the same step
+            p.graphs = {q: DecodeGraphs(*args, q_len=q, scratch=scratch, captured=captured) for q in (1, 2)}
 
     def _step_graphs(self) -> list[DecodeGraphs]:
-        graphs = (self.graphs, self.check_graphs, getattr(self.proposer, "graphs", None))
+        graphs = (self.graphs, self.check_graphs, *getattr(self.proposer, "graphs", {}).values())
         return [g for g in graphs if g is not None]
 
     def _release_scratch(self) -> None:

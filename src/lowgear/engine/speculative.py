@@ -20,9 +20,10 @@ Proposers:
   occurrence in the job's prompt + output; the tokens that followed are the proposal.
 - `DraftProposer`: a smaller model sharing the tokenizer, on its own cache, whose pages each job
   holds while it runs; it decodes k tokens (greedy or with the job's settings) and gives q. Where
-  the generator gives it `graphs` (engine/graphs.DecodeGraphs of the draft model and cache), its
-  single-token steps replay CUDA graphs; a row two tokens behind (all of its last proposal was
-  accepted) catches up by one graphed step first; a row further behind (its prompt) runs eagerly.
+  the generator gives it `graphs` (engine/graphs.DecodeGraphs of the draft model and cache, of
+  q_len 1 and 2), its steps replay CUDA graphs: one token a row, or two where a row is two behind
+  (all of its last proposal was accepted: the draft never computed the last proposal's K/V); a row
+  further behind (a new job's prompt) runs eagerly.
 
 On a GPU the target's check steps replay graphs too: the generator's `check_graphs`, DecodeGraphs
 of q_len k+1, with rows of fewer proposals (or none, in a batch with jobs that do not speculate)
@@ -142,7 +143,7 @@ class DraftProposer:
             )
         self.model, self.cache = model, cache
         self.state: dict[int, list] = {}  # id(job) -> [job, SequencePages, tokens whose K/V the draft cache holds]
-        self.graphs = None  # engine.graphs.DecodeGraphs of the draft model and cache (the generator's choice)
+        self.graphs: dict = {}  # q_len -> engine.graphs.DecodeGraphs of the draft model and cache (the generator's)
         self.steps = self.graphed_steps = 0  # the draft's forwards, and of those the ones run from its graphs
 
     def retain(self, jobs) -> None:
@@ -172,11 +173,13 @@ class DraftProposer:
             rows = [i for i in live if ks[i] > r]
             feeds = [(jobs[i].all_ids + drafts[i])[entries[i][2] :] for i in rows]
             logits = self._forward(feeds, [entries[i][2] for i in rows], [entries[i][1].page_ids for i in rows])
+            greedy = [all_greedy([jobs[i].settings]) for i in rows]
+            best = logits.argmax(dim=-1).tolist() if any(greedy) else None  # one read for every greedy row
             for row, i in enumerate(rows):
                 job = jobs[i]
                 entries[i][2] += len(feeds[row])
-                if all_greedy([job.settings]):
-                    drafts[i].append(int(logits[row].argmax()))
+                if greedy[row]:
+                    drafts[i].append(best[row])
                     continue
                 device = job.rng.device if job.rng is not None else logits.device
                 q = distribution(logits[row : row + 1], [job.settings], [job.all_ids + drafts[i]])[0].to(device)
@@ -193,7 +196,7 @@ class DraftProposer:
     def _forward(self, feeds: list[list[int]], starts: list[int], pages: list[list[int]]) -> torch.Tensor:
         """The draft's logits after each row's feed (the tokens past the `starts[r]` its cache holds)."""
         self.steps += 1
-        logits = self._graphed(feeds, starts, pages) if self.graphs is not None else None
+        logits = self._graphed(feeds, starts, pages)
         if logits is not None:
             self.graphed_steps += 1
             return logits
@@ -205,15 +208,13 @@ class DraftProposer:
         return self.model.forward(ids.to(device), meta, self.cache)
 
     def _graphed(self, feeds, starts, pages) -> torch.Tensor | None:
-        """`_forward` from the draft's decode graphs, where each row feeds one token or two: a row two behind
-        (every proposal of its last check accepted) first feeds the older one in a graphed step of its own,
-        logits unused. None where a row feeds more (its prompt) or no graph fits."""
-        if any(len(f) > 2 for f in feeds):
+        """`_forward` from the draft's graphs of the longest feed's length: one token a row, or two where a row
+        is two behind (every proposal of its last check accepted); None where a row feeds more (its prompt)
+        or no graph fits."""
+        graphs = self.graphs.get(max(len(f) for f in feeds))
+        if graphs is None:
             return None
-        behind = [r for r, f in enumerate(feeds) if len(f) == 2]
-        if behind and self.graphs.run([DecodeRow(feeds[r][0], starts[r] + 1, pages[r]) for r in behind]) is None:
-            return None
-        return self.graphs.run([DecodeRow(f[-1], s + len(f), p) for f, s, p in zip(feeds, starts, pages)])
+        return graphs.run([DecodeRow(f, s + len(f), p) for f, s, p in zip(feeds, starts, pages)])
 
     def accepted(self, job) -> None:
         """After the check: the draft cache's K/V are good up to the job's tokens but its last."""
