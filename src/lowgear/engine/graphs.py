@@ -10,7 +10,8 @@ position come back, of which the caller keeps each row's real ones. Prefill and 
 
 What makes the step static:
 - every per-step fact lives in one device staging buffer (ids, positions, slots, kv_lens, block
-  tables, int64), filled through one pinned host->device copy per step and unpacked inside the graph;
+  tables, int64), filled through one pinned host->device copy per step and unpacked inside the graph
+  (a step's ids may instead come from the device: a greedy step fed the tokens of the step before);
 - block tables are padded to a fixed width (the pages of the longest possible sequence, plus
   q_len - 1 positions), and the attention backend gets a fixed `max_kv_len` bound (never the step's
   real one) and `max_q_len` = q_len, so split counts and grids do not change; kv_lens stay on the
@@ -85,7 +86,8 @@ class DecodeStaging:
     def __init__(self, rows: int, width: int, page_size: int, pin: bool = False, q_len: int = 1):
         self.rows, self.width, self.page_size, self.q_len = rows, width, page_size, q_len
         # two buffers, used in turn: a step launched ahead (DynamicGenerator.iterate) fills one while
-        # the copy of the step before it may still be reading the other
+        # the copy of the step before it may still be reading the other (DecodeGraphs.run waits for a
+        # buffer's last copy before filling it again: a draft's rounds are queued several ahead)
         size = rows * (3 * q_len + 1 + width)
         self._hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.host = self._hosts[0]
@@ -210,6 +212,7 @@ class DecodeGraphs:
         self._rope: list = []  # held: the RoPE tables the graphs read (the model rebuilds its own for a larger
         # cache, e.g. the target as its own draft on a second cache, and would free these)
         self._logits: dict[int, torch.Tensor] = {}
+        self._copied: dict[int, torch.cuda.Event] = {}  # id(host buffer) -> after its last copy to the device
         self._pool = None
 
     @property
@@ -269,6 +272,7 @@ class DecodeGraphs:
         """Capture the step for bucket b (run twice eagerly first, so kernels compile and allocators settle)."""
         if not self.captured or b in self._graphs or not self.scratch.take():
             return
+        torch.cuda.synchronize(self.device)  # no copy from the host buffer is still pending
         self.staging.fill([], self.buckets[-1], self.scratch.page)  # all padding rows
         self._dev_buf.copy_(self.staging.host)
         side = torch.cuda.Stream(self.device)
@@ -312,8 +316,14 @@ class DecodeGraphs:
         if b not in self._graphs:
             self.capture(b)
         self.staging.flip()
+        copied = self._copied.get(id(self.staging.host))
+        if copied is not None:  # the host may be steps ahead (draft rounds fed on the device): wait for that copy
+            copied.synchronize()
         self.staging.fill(rows, b, self.scratch.page)
         self._dev_buf.copy_(self.staging.host, non_blocking=True)
+        if self.device.type == "cuda":
+            event = self._copied[id(self.staging.host)] = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
         if ids is not None:
             assert self.q_len == 1
             self._dev_buf[: len(rows)].copy_(ids)

@@ -169,15 +169,21 @@ class DraftProposer:
         live = [i for i, e in enumerate(entries) if e is not None]
         drafts: dict[int, list[int]] = {i: [] for i in live}
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in live}
-        for r in range(max((ks[i] for i in live), default=0)):
+        rounds, r = max((ks[i] for i in live), default=0), 0
+        while r < rounds:
             rows = [i for i in live if ks[i] > r]
             feeds = [(jobs[i].all_ids + drafts[i])[entries[i][2] :] for i in rows]
             logits = self._forward(feeds, [entries[i][2] for i in rows], [entries[i][1].page_ids for i in rows])
+            r += 1
+            for row, i in enumerate(rows):
+                entries[i][2] += len(feeds[row])
             greedy = [all_greedy([jobs[i].settings]) for i in rows]
+            if all(greedy) and 1 in self.graphs:
+                r = self._greedy_rounds(rows, ks, entries, logits.argmax(dim=-1), drafts, r, rounds)
+                continue
             best = logits.argmax(dim=-1).tolist() if any(greedy) else None  # one read for every greedy row
             for row, i in enumerate(rows):
                 job = jobs[i]
-                entries[i][2] += len(feeds[row])
                 if greedy[row]:
                     drafts[i].append(best[row])
                     continue
@@ -192,6 +198,26 @@ class DraftProposer:
                 continue
             out.append((drafts[i], torch.stack(probs[i]) if probs[i] else None))
         return out
+
+    def _greedy_rounds(self, rows, ks, entries, best: torch.Tensor, drafts, r: int, rounds: int) -> int:
+        """Greedy rows' next rounds from the one-token graph, each fed the round before's argmax on the device
+        (`best`), so no round waits for the host; they stop where a row has its k (or no graph fits), and the
+        tokens of every round are read at once into `drafts`. Returns the next round to run."""
+        picked = [best]
+        while r < rounds and all(ks[i] > r for i in rows):
+            logits = self.graphs[1].run([DecodeRow(0, entries[i][2] + 1, entries[i][1].page_ids) for i in rows],
+                                        ids=picked[-1])
+            if logits is None:
+                break
+            self.steps += 1
+            self.graphed_steps += 1
+            for i in rows:
+                entries[i][2] += 1
+            picked.append(logits.argmax(dim=-1))
+            r += 1
+        for i, tokens in zip(rows, torch.stack(picked, dim=1).tolist()):
+            drafts[i].extend(tokens)
+        return r
 
     def _forward(self, feeds: list[list[int]], starts: list[int], pages: list[list[int]]) -> torch.Tensor:
         """The draft's logits after each row's feed (the tokens past the `starts[r]` its cache holds)."""
