@@ -35,7 +35,7 @@ class DynamicGenerator:
         max_batch_size: int = defaults.MAX_BATCH_SIZE,
         max_chunk_size: int | None = None,
         max_q_size: int | None = None,  # accepted for ExLlamaV2 compatibility
-        cuda_graphs: bool = True,  # capture decode steps on CUDA (ignored on the CPU)
+        cuda_graphs: bool = True,  # capture decode steps, speculative checks and draft steps on CUDA (not on the CPU)
         run_ahead: bool = True,  # launch a known next decode step before reading this one's tokens
         draft_model=None,  # speculative decoding with a smaller model sharing the tokenizer ...
         draft_cache=None,  # ... on its own cache

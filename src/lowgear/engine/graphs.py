@@ -201,7 +201,7 @@ class DecodeGraphs:
         width = pages_needed(max_kv_len + q_len - 1, self.page_size)
         self.staging = DecodeStaging(self.buckets[-1], width, self.page_size, pin=self.device.type == "cuda",
                                      q_len=q_len)
-        self._dev_buf = self.staging.host.to(self.device)
+        self._dev_buf = self.staging.host.to(self.device, copy=True)
         self._ids, self._pos, self._slots, self._kv, self._tables = (
             torch.zeros_like(t) for t in self.staging.sections(self._dev_buf)
         )

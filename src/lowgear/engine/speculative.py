@@ -23,7 +23,8 @@ Proposers:
   the generator gives it `graphs` (engine/graphs.DecodeGraphs of the draft model and cache, of
   q_len 1 and 2), its steps replay CUDA graphs: one token a row, or two where a row is two behind
   (all of its last proposal was accepted: the draft never computed the last proposal's K/V); a row
-  further behind (a new job's prompt) runs eagerly.
+  further behind (a new job's prompt) runs eagerly. Greedy rows' later rounds are fed the argmax of
+  the round before on the device, and all their tokens are read once, after the last round.
 
 On a GPU the target's check steps replay graphs too: the generator's `check_graphs`, DecodeGraphs
 of q_len k+1, with rows of fewer proposals (or none, in a batch with jobs that do not speculate)
