@@ -6,7 +6,8 @@ which reads only what a captured step reads.
 - one check step from the static buffers gives the logits of today's eager check step (a forward
   with each row's real tokens and build_metadata(logits=counts)) and writes the same K/V, padding
   only into the scratch page;
-- through the generator (`use_graphs(captured=False)`), greedy speculation with n-gram lookup (in a
+- through the generator (`use_graphs(captured=False)`), plain decoding (steps run ahead fed their
+  tokens on the device), greedy speculation with n-gram lookup (in a
   batch with jobs that do not speculate) and with a draft model makes the tokens of plain decoding
   run alone on the eager rung (test_speculative.py's reference), and the static steps did run;
 - sampled speculation with a draft gives the eager path's tokens for the same seeds (the acceptance
@@ -108,6 +109,15 @@ def test_static_steps_need_a_capturable_rung(tiny_gguf):  # noqa: F811
 def _static(gen):
     gen.use_graphs(captured=False)
     return gen
+
+
+def test_plain_greedy_from_static_steps_equals_plain(tiny_gguf, reference):  # noqa: F811
+    """The decode steps' own static path (q_len 1), with steps run ahead fed their tokens on the device."""
+    ids, alone = reference
+    gen = _static(make(tiny_gguf["target"], "triton", max_batch_size=3))
+    jobs = greedy(gen, ids[:3], max_new=NEW)
+    assert [j.generated for j in jobs] == [a[:NEW] for a in alone[:3]]
+    assert gen.graphs.replays > 0 and gen.steps_ahead > 0 and gen.check_graphs is None
 
 
 def test_ngram_greedy_from_static_steps_equals_plain(tiny_gguf, reference):  # noqa: F811

@@ -275,6 +275,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)  # no copy from the host buffer is still pending
         self.staging.fill([], self.buckets[-1], self.scratch.page)  # all padding rows
         self._dev_buf.copy_(self.staging.host)
+        self._meta(b)  # its tensors made here, before the side stream
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
