@@ -6,8 +6,7 @@ prompt tokens, or a model file `--model` (`embedded`: the embedded SmolLM2-135M)
 through its chat template (a paragraph to summarise by default). Modes (`--modes`):
 
 - plain: no speculation (CUDA-graphed decode steps with run-ahead, where the device has them);
-- plain-eager: the same without CUDA graphs; a speculating step is never graphed, so this row
-  separates the graphs' share from the proposals' own cost (CUDA only);
+- plain-eager: the same without CUDA graphs, the graphs' share of plain decoding (CUDA only);
 - perfect: the target model itself as the draft, on a second cache (the model object holds weights
   only; each forward is given its cache): every proposal is accepted, so the row is the ceiling of
   draft speculation and shows what k draft forwards plus a (k+1)-token check cost;
@@ -20,7 +19,8 @@ and two more steps (the draft's prefill, first compiles) the rest of its tokens 
 or a few more; fewer if the model stops); the best of `--rounds` interleaved rounds is kept.
 Reported per row: tokens/s, × against plain, the acceptance rate (accepted / proposed tokens),
 tokens and wall ms per target step, and whether the job's tokens equal plain's (greedy speculation
-must not change them); on CUDA how many steps replayed a captured graph, on the CPU tokens per
+must not change them); on CUDA how many target steps replayed a captured graph (decode steps and
+checks of proposals, engine/graphs.py) and how many of a draft model's steps did, on the CPU tokens per
 second of the process's CPU time (which other processes on a shared machine disturb less).
 
     python benchmarks/speculative_gpu.py --preset llama3-8b --quant gptq4 --draft-preset llama3.2-1b \\
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
         prompt = torch.randint(3, spec.vocab_size, (a.context,), generator=torch.Generator().manual_seed(0)).tolist()
         stops, name = [], a.preset
     new_tokens = a.tokens + 2 * (max(lengths) + 1) + 1  # the untimed start, then the timed tokens
-    # the job's pages and one more: the scratch page graphed decode steps pad with
+    # the job's pages and one more: the scratch page graphed steps pad with (decode and check steps share it)
     cache_tokens = (-(-(len(prompt) + new_tokens + max(lengths) + 1) // a.page_size) + 1) * a.page_size
     model, cache = build(config)
 
@@ -144,7 +144,6 @@ def main(argv=None) -> dict:
             kwargs["draft_model"], kwargs["draft_cache"] = drafts[mode]
         gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, **kwargs)
         gen.warmup()
-        count_graphed(gen)
         return gen
 
     runs = [(m, 0) for m in modes if m.startswith("plain")]
@@ -191,7 +190,8 @@ def report(best: dict, baseline, varied: set) -> list[dict]:
             mode=mode, draft_length=k, tok_s=tok_s, x_plain=tok_s / base,
             acceptance=r["accepted"] / r["proposed"] if r["proposed"] else None,
             tokens_per_step=r["tokens"] / r["steps"], ms_per_step=r["seconds"] / r["steps"] * 1e3,
-            tokens=r["tokens"], steps=r["steps"], graphed_steps=r["graphed_steps"], proposed=r["proposed"],
+            tokens=r["tokens"], steps=r["steps"], graphed_steps=r["graphed_steps"], draft_steps=r["draft_steps"],
+            draft_graphed_steps=r["draft_graphed_steps"], proposed=r["proposed"],
             accepted=r["accepted"], seconds=r["seconds"], cpu_seconds=r["cpu_seconds"],
             tok_per_cpu_s=r["tokens"] / r["cpu_seconds"], same_as_plain=r["ids"] == plain["ids"],
             first_difference=diverge, same_every_round=(mode, k) not in varied, ids=r["ids"]))
@@ -199,15 +199,17 @@ def report(best: dict, baseline, varied: set) -> list[dict]:
 
 
 def print_table(rows: list[dict], cuda: bool) -> None:
-    last = "graphed" if cuda else "tok/cpu-s"
+    last = f"{'graphed':>11s}{'draft gr.':>11s}" if cuda else f"{'tok/cpu-s':>11s}"
     print(f"{'mode':12s}{'k':>3s}{'tok/s':>10s}{'x plain':>9s}{'accept':>8s}{'tok/step':>10s}{'ms/step':>9s}"
-          f"{last:>11s}  same tokens as plain")
+          f"{last}  same tokens as plain")
     for r in rows:
         accept = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
-        extra = f"{r['graphed_steps']}/{r['steps']}" if cuda else f"{r['tok_per_cpu_s']:.1f}"
+        draft = f"{r['draft_graphed_steps']}/{r['draft_steps']}" if r["draft_steps"] else "-"
+        graphed = f"{r['graphed_steps']}/{r['steps']}"
+        extra = f"{graphed:>11s}{draft:>11s}" if cuda else f"{r['tok_per_cpu_s']:11.1f}"
         same = "yes" if r["same_as_plain"] else f"no (from token {r['first_difference']})"
         print(f"{r['mode']:12s}{r['draft_length']:3d}{r['tok_s']:10.1f}{r['x_plain']:9.3f}{accept:>8s}"
-              f"{r['tokens_per_step']:10.2f}{r['ms_per_step']:9.2f}{extra:>11s}  {same}")
+              f"{r['tokens_per_step']:10.2f}{r['ms_per_step']:9.2f}{extra}  {same}")
 
 
 def timed(gen, prompt: list[int], max_new: int, stops: list[int], sync) -> dict:
@@ -223,6 +225,7 @@ def timed(gen, prompt: list[int], max_new: int, stops: list[int], sync) -> dict:
             gen.iterate()
     sync()
     n0, proposed0, accepted0, graphed0 = len(job.generated), gen.spec_proposed, gen.spec_accepted, gen.graphed_steps
+    draft0 = draft_steps(gen)
     steps0 = gen.steps - (gen._ahead is not None)  # a step run ahead, launched already, makes a timed token
     t0, c0 = time.perf_counter(), time.process_time()
     while not job.finished:
@@ -232,22 +235,13 @@ def timed(gen, prompt: list[int], max_new: int, stops: list[int], sync) -> dict:
         raise SystemExit("the model stopped before the timed part: give a prompt with a longer answer")
     return dict(tokens=len(job.generated) - n0, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
                 steps=gen.steps - steps0, graphed_steps=gen.graphed_steps - graphed0,
+                draft_steps=draft_steps(gen)[0] - draft0[0], draft_graphed_steps=draft_steps(gen)[1] - draft0[1],
                 proposed=gen.spec_proposed - proposed0, accepted=gen.spec_accepted - accepted0, ids=list(job.generated))
 
 
-def count_graphed(gen) -> None:
-    """Count the generator's steps that replayed a captured graph (gen.graphed_steps)."""
-    gen.graphed_steps = 0
-    if gen.graphs is None:
-        return
-    run = gen.graphs.run
-
-    def counted(*args, **kwargs):
-        logits = run(*args, **kwargs)
-        gen.graphed_steps += logits is not None
-        return logits
-
-    gen.graphs.run = counted
+def draft_steps(gen) -> tuple[int, int]:
+    """A draft model's forwards so far, and of those the ones replayed from its graphs ((0, 0) without one)."""
+    return getattr(gen.proposer, "steps", 0), getattr(gen.proposer, "graphed_steps", 0)
 
 
 def device_name(device: torch.device) -> str:

@@ -30,8 +30,9 @@ class Capabilities:
     softcap: bool = False
     cpu: bool = True  # can run on the CPU
     package: str | None = None  # the kernel library it imports, if any
-    # Decode steps can be captured in a CUDA graph: the decode path reads lengths only from device
-    # tensors (never q_lens_host / kv_lens_host), takes max_kv_len as a fixed bound, makes no host sync.
+    # Decode steps, and steps of a fixed q_len per row (speculative checks), can be captured in a CUDA graph:
+    # those paths read lengths only from device tensors (never q_lens_host / kv_lens_host), take max_q_len and
+    # max_kv_len as fixed bounds, make no host sync.
     capturable: bool = False
     # KV cache storage it reads: "auto" (the model dtype); ops/kv_write.KV_DTYPES for 8-bit pages
     kv_dtypes: tuple[str, ...] = ("auto",)

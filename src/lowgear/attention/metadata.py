@@ -33,6 +33,9 @@ class StepMetadata:
     max_kv_len: int
     # True when every sequence has q_len == 1 (a pure decode step).
     is_decode: bool = False
+    # True for a step of engine/graphs.py (fixed shapes, captured in a CUDA graph): the model runs it on the
+    # device's capturable rung, as it runs decode steps, whatever its q_lens.
+    graphed: bool = False
     # What a torch rung derives from the step once and every layer reuses (sdpa's gather slots and
     # masks), keyed by what it depends on; filled on first use, never part of equality.
     memo: dict = field(default_factory=dict, compare=False, repr=False)
@@ -62,6 +65,7 @@ class StepMetadata:
             max_q_len=self.max_q_len,
             max_kv_len=self.max_kv_len,
             is_decode=self.is_decode,
+            graphed=self.graphed,
         )
 
 

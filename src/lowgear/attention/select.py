@@ -69,7 +69,7 @@ class Selection:
     device: hardware.DeviceInfo
     dtype: torch.dtype
     probed: bool  # False on a simulated device: chosen by capability, never run
-    decode: AttentionBackend | None = None  # a capturable rung for pure decode steps, when `backend` is not
+    decode: AttentionBackend | None = None  # a capturable rung for pure decode and graphed steps, when `backend` is not
     decode_reason: str = ""
 
     @property

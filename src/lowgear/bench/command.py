@@ -217,12 +217,11 @@ class Bench:
 
     def _graphs(self, model, cache, batch: int):
         """A DecodeGraphs for this batch, as the generator would build it; None where steps run eagerly."""
-        from ..engine.graphs import DecodeGraphs, disabled_reason
+        from ..engine.graphs import DecodeGraphs, disabled_reason, kv_bound
 
-        if self.args.no_graphs or disabled_reason(model, True) is not None:
+        if self.args.no_graphs or disabled_reason(model, True, cache) is not None:
             return None
-        bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
-        return DecodeGraphs(model, cache, batch, bound)
+        return DecodeGraphs(model, cache, batch, kv_bound(model, cache))
 
     def prefill_step(self, model, cache, v: Variant, rung: str) -> None:
         from ..attention.metadata import build_metadata

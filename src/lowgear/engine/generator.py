@@ -15,12 +15,12 @@ import torch
 from .. import defaults
 from ..platform.dtypes import NonFiniteError, check_finite
 from ..errors import ConfigError, ContextLengthError
-from .graphs import DecodeGraphs, disabled_reason
+from .graphs import DecodeGraphs, ScratchPage, disabled_reason, kv_bound
 from .job import DynamicJob
 from .runner import Runner, Step
 from .sampler import SamplerSettings
 from .scheduler import Scheduler
-from .speculative import make_proposer, verify
+from .speculative import DraftProposer, make_proposer, verify
 from .stops import StopMatcher
 from .textstream import TextStream
 
@@ -35,7 +35,7 @@ class DynamicGenerator:
         max_batch_size: int = defaults.MAX_BATCH_SIZE,
         max_chunk_size: int | None = None,
         max_q_size: int | None = None,  # accepted for ExLlamaV2 compatibility
-        cuda_graphs: bool = True,  # capture decode steps on CUDA (ignored on the CPU)
+        cuda_graphs: bool = True,  # capture decode steps, speculative checks and draft steps on CUDA (not on the CPU)
         run_ahead: bool = True,  # launch a known next decode step before reading this one's tokens
         draft_model=None,  # speculative decoding with a smaller model sharing the tokenizer ...
         draft_cache=None,  # ... on its own cache
@@ -68,21 +68,53 @@ class DynamicGenerator:
             False: tokenizer.token_bytes_table(decode_special_tokens=False),
             True: None,
         }
-        self.graphs: DecodeGraphs | None = None
-        self.graphs_off_reason = disabled_reason(model, cuda_graphs)
-        if self.graphs_off_reason is None and (not paged or cache.contiguous):
-            self.graphs_off_reason = "a contiguous cache has no spare page for padding rows"
-        if self.graphs_off_reason is None:
-            bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
-            self.graphs = DecodeGraphs(model, cache, self.max_batch_size, bound)
-        self.runner = Runner(model, cache, self.graphs)
+        self.graphs: DecodeGraphs | None = None  # the target's decode steps
+        self.check_graphs: DecodeGraphs | None = None  # its steps that check proposals (k + 1 tokens a row)
+        self.graphs_off_reason = disabled_reason(model, cuda_graphs, cache, paged)
+        self.runner = Runner(model, cache)
         self.num_draft_tokens = num_draft_tokens
         if use_ngram_draft and speculate is None:
             speculate = "ngram"
         self.proposer = make_proposer(speculate, draft_model, draft_cache, model, num_draft_tokens, max_ngram,
                                       target_cache=cache)
+        self.draft_graphs_off_reason = None
+        if isinstance(self.proposer, DraftProposer):
+            self.draft_graphs_off_reason = disabled_reason(draft_model, cuda_graphs, draft_cache)
+        self.use_graphs(target=self.graphs_off_reason is None, draft=self.draft_graphs_off_reason is None)
         self.spec_proposed = 0  # proposed tokens checked, and of those accepted (server metrics read both)
         self.spec_accepted = 0
+
+    def use_graphs(self, target: bool = True, draft: bool = True, captured: bool = True) -> None:
+        """Run steps from static buffers (engine/graphs.py): the target's decode steps and, with a proposer,
+        its checks of up to k proposals a row (q_len k + 1); a draft model's decode steps. captured=False
+        runs the same static-buffer steps without capturing them (how the CPU tests take the graphed path)."""
+        if target:
+            scratch = ScratchPage(self.pool)  # the decode and check graphs pad into one page
+            args = (self.model, self.cache, self.max_batch_size, kv_bound(self.model, self.cache))
+            self.graphs = DecodeGraphs(*args, scratch=scratch, captured=captured)
+            if self.proposer is not None:
+                self.check_graphs = DecodeGraphs(*args, q_len=self.num_draft_tokens + 1, scratch=scratch,
+                                                 captured=captured)
+            self.runner.graphs, self.runner.check_graphs = self.graphs, self.check_graphs
+        if draft and isinstance(self.proposer, DraftProposer):
+            p = self.proposer
+            args, scratch = (p.model, p.cache, self.max_batch_size, kv_bound(p.model, p.cache)), ScratchPage(p.cache.pool)
+            # q_len 2: rows two tokens behind (their last check accepted every proposal) catch up in the same step
+            p.graphs = {q: DecodeGraphs(*args, q_len=q, scratch=scratch, captured=captured) for q in (1, 2)}
+
+    def _step_graphs(self) -> list[DecodeGraphs]:
+        graphs = (self.graphs, self.check_graphs, *getattr(self.proposer, "graphs", {}).values())
+        return [g for g in graphs if g is not None]
+
+    def _release_scratch(self) -> None:
+        """Give the graphs' scratch pages back (an idle generator holds no page)."""
+        for graphs in self._step_graphs():
+            graphs.release_scratch()
+
+    @property
+    def graphed_steps(self) -> int:
+        """The target's steps run from its graphs (decode and check steps; a draft's are the proposer's)."""
+        return sum(g.replays for g in (self.graphs, self.check_graphs) if g is not None)
 
     @property
     def model(self):
@@ -126,8 +158,7 @@ class DynamicGenerator:
             return
         if was_running and not self.running:
             self._ahead = None  # its rows are all ended jobs'
-            if self.graphs is not None:
-                self.graphs.release_scratch()
+            self._release_scratch()
         if self.proposer is not None:
             self.proposer.retain(self.running)
         job.finished, job.eos_reason = True, "cancelled"
@@ -195,8 +226,8 @@ class DynamicGenerator:
             self.proposer.retain(self.running)
         if self._ahead is not None and all(j.finished for j in self._ahead.jobs):
             self._ahead = None
-        if not self.running and self.graphs is not None:
-            self.graphs.release_scratch()  # an idle generator holds no page
+        if not self.running:
+            self._release_scratch()  # an idle generator holds no page
         return results
 
     def _launch(self, batch) -> Step:
@@ -415,16 +446,17 @@ class DynamicGenerator:
 
     def warmup(self) -> None:
         """Run a small batch through every path the generator uses (prefill, mixed, decode, sampling),
-        and capture the decode step of every batch-size bucket where CUDA graphs are on."""
+        and capture the steps of every batch-size bucket where CUDA graphs are on (decode; with a proposer,
+        checks; with a draft model, its decode steps)."""
         ids = list(range(1, 1 + min(8, self.cache.capacity_tokens // 4)))
         jobs = [DynamicJob(ids[: 3 + i], max_new_tokens=2, gen_settings=SamplerSettings.greedy()) for i in range(min(2, self.max_batch_size))]
         self.enqueue(jobs)
         while any(not j.finished for j in jobs):
             self.iterate()
-        if self.graphs is not None:
-            self.graphs.capture_all()
-            if not self.running:
-                self.graphs.release_scratch()
+        for graphs in self._step_graphs():
+            graphs.capture_all()
+        if not self.running:
+            self._release_scratch()
 
 
 class Generator(DynamicGenerator):

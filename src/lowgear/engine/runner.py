@@ -1,7 +1,8 @@
 """`Runner`: executes a scheduled step on the model and queues its token choice on the device.
 
-It builds the step's metadata (attention.metadata.build_metadata; graphed decode steps stage the
-same positions and slots through engine.graphs), runs `model.forward` or a captured graph, and
+It builds the step's metadata (attention.metadata.build_metadata; graphed steps stage the same
+positions and slots through engine.graphs: pure decode steps, and steps whose rows check proposals
+of up to k tokens, padded to k+1 a row), runs `model.forward` or a captured graph, and
 hands the logits of the jobs that make a token to sampling (engine.sampler). Nothing here waits
 for the GPU until `read`: the chosen tokens and their finite flags travel to the host together,
 so a next pure-greedy decode step can be launched (`run_ahead`) before this one's tokens are read.
@@ -37,31 +38,38 @@ class Step:
 
 
 class Runner:
-    def __init__(self, model, cache, graphs=None):
-        self.model, self.cache, self.graphs = model, cache, graphs
+    def __init__(self, model, cache, graphs=None, check_graphs=None):
+        self.model, self.cache = model, cache
+        self.graphs = graphs  # engine.graphs.DecodeGraphs: pure decode steps
+        self.check_graphs = check_graphs  # the same with q_len = k + 1: steps that check proposals
         self.page_size = cache.page_size
 
     def launch(self, batch: list[tuple[object, int]]) -> Step:
         """Queue the step's forward and its token choice on the device; nothing waits for the GPU."""
-        logits = None
-        if self.graphs is not None and all(n == 1 for _, n in batch):
-            decode_rows = [DecodeRow(job.all_ids[job.computed], job.computed + 1, job.pages) for job, _ in batch]
-            logits = self.graphs.run(decode_rows)  # None when no captured bucket fits
-        spec = []
+        counts = [n if job.draft else 1 for job, n in batch]  # logits rows: a speculating job's k+1, else its last
+        logits = self.graphed(batch, counts)
         if logits is None:
-            input_ids: list[int] = []
-            for job, n in batch:  # a speculating job's row is its last token and its proposal (job.draft)
-                input_ids.extend((job.all_ids + job.draft)[job.computed : job.computed + n])
-            counts = [n if job.draft else 1 for job, n in batch]
+            input_ids = [t for job, n in batch for t in row_tokens(job, n)]
             logits = self.forward_eager(batch, torch.tensor(input_ids, dtype=torch.long), logits=counts)
-            if len(counts) != logits.shape[0]:
-                ends = torch.tensor(counts).cumsum(0).tolist()
-                spec = [(job, logits[e - n : e]) for (job, n), e in zip(batch, ends) if job.draft]
-                logits = logits[[e - 1 for e in ends]]
+        spec = []
+        if len(counts) != logits.shape[0]:
+            ends = torch.tensor(counts).cumsum(0).tolist()
+            spec = [(job, logits[e - n : e]) for (job, n), e in zip(batch, ends) if job.draft]
+            logits = logits[[e - 1 for e in ends]]
         rows = [row for row, (job, n) in enumerate(batch) if not job.draft and job.computed + n == len(job.all_ids)]
         step = self.choose(batch, [batch[r][0] for r in rows], logits[rows] if len(rows) != logits.shape[0] else logits)
         step.spec = spec
         return step
+
+    def graphed(self, batch: list[tuple[object, int]], counts: list[int]) -> torch.Tensor | None:
+        """The step's logits (`counts` rows a job) from a graph: pure decode steps from the decode graphs,
+        steps with proposals to check from the check graphs; None where none fits (it then runs eagerly)."""
+        if self.graphs is not None and all(n == 1 for _, n in batch):
+            return self.graphs.run([DecodeRow(job.all_ids[job.computed], job.computed + 1, job.pages) for job, _ in batch])
+        if self.check_graphs is not None and any(job.draft for job, _ in batch):
+            rows = [DecodeRow(row_tokens(job, n), job.computed + n, job.pages) for job, n in batch]
+            return self.check_graphs.run(rows, counts=counts)
+        return None
 
     def run_ahead(self, step: Step) -> Step:
         """Launch the next decode step of `step`'s jobs, its input tokens `step`'s (still on the device)."""
@@ -133,6 +141,11 @@ class Runner:
         rows, chosen, values, ids = step.logprobs
         chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
         return {r: (chosen[i], list(zip(ids[i], values[i]))) for i, r in enumerate(rows)}
+
+
+def row_tokens(job, n: int) -> list[int]:
+    """The n tokens a job feeds this step (a speculating job's row: its last token and its proposal, job.draft)."""
+    return (job.all_ids + job.draft)[job.computed : job.computed + n]
 
 
 def suppress_early_stops(logits: torch.Tensor, jobs: list) -> torch.Tensor:

@@ -19,7 +19,16 @@ Proposers:
 - `NgramProposer`: the last n tokens (n = NGRAM_MAX down to 1) matched at their latest earlier
   occurrence in the job's prompt + output; the tokens that followed are the proposal.
 - `DraftProposer`: a smaller model sharing the tokenizer, on its own cache, whose pages each job
-  holds while it runs; it decodes k tokens (greedy or with the job's settings) and gives q.
+  holds while it runs; it decodes k tokens (greedy or with the job's settings) and gives q. Where
+  the generator gives it `graphs` (engine/graphs.DecodeGraphs of the draft model and cache, of
+  q_len 1 and 2), its steps replay CUDA graphs: one token a row, or two where a row is two behind
+  (all of its last proposal was accepted: the draft never computed the last proposal's K/V); a row
+  further behind (a new job's prompt) runs eagerly. Greedy rows' later rounds are fed the argmax of
+  the round before on the device, and all their tokens are read once, after the last round.
+
+On a GPU the target's check steps replay graphs too: the generator's `check_graphs`, DecodeGraphs
+of q_len k+1, with rows of fewer proposals (or none, in a batch with jobs that do not speculate)
+padded (engine/runner.Runner.graphed).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from .. import defaults
 from ..attention.metadata import build_metadata
 from ..cache.pages import OutOfPages, SequencePages
 from ..errors import ConfigError
+from .graphs import DecodeRow
 from .sampler import all_greedy, distribution
 
 
@@ -134,6 +144,8 @@ class DraftProposer:
             )
         self.model, self.cache = model, cache
         self.state: dict[int, list] = {}  # id(job) -> [job, SequencePages, tokens whose K/V the draft cache holds]
+        self.graphs: dict = {}  # q_len -> engine.graphs.DecodeGraphs of the draft model and cache (the generator's)
+        self.steps = self.graphed_steps = 0  # the draft's forwards, and of those the ones run from its graphs
 
     def retain(self, jobs) -> None:
         """Free the draft pages of jobs no longer in `jobs`."""
@@ -158,24 +170,23 @@ class DraftProposer:
         live = [i for i, e in enumerate(entries) if e is not None]
         drafts: dict[int, list[int]] = {i: [] for i in live}
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in live}
-        for r in range(max((ks[i] for i in live), default=0)):
+        rounds, r = max((ks[i] for i in live), default=0), 0
+        while r < rounds:
             rows = [i for i in live if ks[i] > r]
-            q_lens, kv_lens, ids = [], [], []
-            for i in rows:
-                tokens = jobs[i].all_ids + drafts[i]
-                start = entries[i][2]
-                ids.extend(tokens[start:])
-                q_lens.append(len(tokens) - start)
-                kv_lens.append(len(tokens))
-            device = self.model.layer_devices[0]
-            meta = build_metadata(q_lens, kv_lens, [entries[i][1].page_ids for i in rows], self.cache.page_size,
-                                  device=device)
-            logits = self.model.forward(torch.tensor(ids, dtype=torch.long).to(device), meta, self.cache)
+            feeds = [(jobs[i].all_ids + drafts[i])[entries[i][2] :] for i in rows]
+            logits = self._forward(feeds, [entries[i][2] for i in rows], [entries[i][1].page_ids for i in rows])
+            r += 1
+            for row, i in enumerate(rows):
+                entries[i][2] += len(feeds[row])
+            greedy = [all_greedy([jobs[i].settings]) for i in rows]
+            if all(greedy) and 1 in self.graphs:
+                r = self._greedy_rounds(rows, ks, entries, logits.argmax(dim=-1), drafts, r, rounds)
+                continue
+            best = logits.argmax(dim=-1).tolist() if any(greedy) else None  # one read for every greedy row
             for row, i in enumerate(rows):
                 job = jobs[i]
-                entries[i][2] = kv_lens[row]
-                if all_greedy([job.settings]):
-                    drafts[i].append(int(logits[row].argmax()))
+                if greedy[row]:
+                    drafts[i].append(best[row])
                     continue
                 device = job.rng.device if job.rng is not None else logits.device
                 q = distribution(logits[row : row + 1], [job.settings], [job.all_ids + drafts[i]])[0].to(device)
@@ -188,6 +199,49 @@ class DraftProposer:
                 continue
             out.append((drafts[i], torch.stack(probs[i]) if probs[i] else None))
         return out
+
+    def _greedy_rounds(self, rows, ks, entries, best: torch.Tensor, drafts, r: int, rounds: int) -> int:
+        """Greedy rows' next rounds from the one-token graph, each fed the round before's argmax on the device
+        (`best`), so no round waits for the host; they stop where a row has its k (or no graph fits), and the
+        tokens of every round are read at once into `drafts`. Returns the next round to run."""
+        picked = [best]
+        while r < rounds and all(ks[i] > r for i in rows):
+            logits = self.graphs[1].run([DecodeRow(0, entries[i][2] + 1, entries[i][1].page_ids) for i in rows],
+                                        ids=picked[-1])
+            if logits is None:
+                break
+            self.steps += 1
+            self.graphed_steps += 1
+            for i in rows:
+                entries[i][2] += 1
+            picked.append(logits.argmax(dim=-1))
+            r += 1
+        for i, tokens in zip(rows, torch.stack(picked, dim=1).tolist()):
+            drafts[i].extend(tokens)
+        return r
+
+    def _forward(self, feeds: list[list[int]], starts: list[int], pages: list[list[int]]) -> torch.Tensor:
+        """The draft's logits after each row's feed (the tokens past the `starts[r]` its cache holds)."""
+        self.steps += 1
+        logits = self._graphed(feeds, starts, pages)
+        if logits is not None:
+            self.graphed_steps += 1
+            return logits
+        q_lens = [len(f) for f in feeds]
+        kv_lens = [s + n for s, n in zip(starts, q_lens)]
+        device = self.model.layer_devices[0]
+        meta = build_metadata(q_lens, kv_lens, pages, self.cache.page_size, device=device)
+        ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long)
+        return self.model.forward(ids.to(device), meta, self.cache)
+
+    def _graphed(self, feeds, starts, pages) -> torch.Tensor | None:
+        """`_forward` from the draft's graphs of the longest feed's length: one token a row, or two where a row
+        is two behind (every proposal of its last check accepted); None where a row feeds more (its prompt)
+        or no graph fits."""
+        graphs = self.graphs.get(max(len(f) for f in feeds))
+        if graphs is None:
+            return None
+        return graphs.run([DecodeRow(f, s + len(f), p) for f, s, p in zip(feeds, starts, pages)])
 
     def accepted(self, job) -> None:
         """After the check: the draft cache's K/V are good up to the job's tokens but its last."""

@@ -132,7 +132,8 @@ class Model:
         return count
 
     def backend_for(self, device: torch.device, is_decode: bool = False):
-        """The attention rung for a step on `device`: the chosen one, or its decode rung for pure decode steps."""
+        """The attention rung for a step on `device`: the chosen one, or its decode rung (the capturable one)
+        for pure decode steps and graphed steps."""
         return self.selections[_label(device)].backend_for(is_decode)
 
     # ---------------------------------------------------------------- forward
@@ -158,7 +159,7 @@ class Model:
                 tables = self._rope_tables_on(device, cache)
             k_cache, v_cache = cache.layer(i)
             h, pending = layer.forward(h, pending, tables[self._local_rope[i]], meta_here, k_cache, v_cache,
-                                       self.backend_for(device, meta.is_decode), ops)
+                                       self.backend_for(device, meta.is_decode or meta.graphed), ops)
         rows = meta_here.logit_indices
         h, _ = self.norm.forward(pending.index_select(0, rows), ops, residual=h.index_select(0, rows))
         logits = self.lm_head(h).float()
