@@ -108,7 +108,7 @@ def graphed_step_seconds(model, cache, batch: int, context: int, steps: int) -> 
     # the generator's bound on a step's context (engine/generator.py): the attention kernel splits by it
     bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
     graphs = DecodeGraphs(model, cache, batch, bound)
-    assert graphs._take_scratch(), "no page left for the graphs' padding rows"
+    assert graphs.scratch.take(), "no page left for the graphs' padding rows"
     per_row = pages_needed(longest, cache.page_size)
     pages = [cache.pool.allocate(per_row) for _ in range(batch)]
     try:

@@ -163,3 +163,27 @@ def test_random_source_packed_weights_have_the_float_spread(quant):
     narrow = bench.RandomSource(bench.PRESETS["tiny"], bench.QUANTS[quant], torch.device("cpu"), torch.float32)
     # the tiny preset's 64-wide rows are a multiple of 32 (Q4_0, Q8_0 blocks), not of 256 (K blocks)
     assert isinstance(narrow.get("layers.0.q"), PackedTensor) == (quant in ("q4_0", "q8_0"))
+
+
+def test_step_timer_times_every_row_when_prefill_takes_many_chunks():
+    """generator_step_seconds at a context many chunks long: jobs whose prompt ends first decode during the
+    others' chunks, so with max_new_tokens = steps + 8 they ended before the timing did and the 'batch 16'
+    steps timed fewer rows (8k-token KV runs read well above the memory roofline). Every job must run
+    through the timed steps: each one's tokens go past the untimed and timed steps."""
+    import lowgear as lg
+    from lowgear.bench.models import PRESETS, _NullTokenizer, generator_step_seconds, synthetic_model
+
+    spec = PRESETS["tiny"]
+    model, cache = synthetic_model(spec, "float", torch.device("cpu"), 4096, 16, backend="eager",
+                                   dtype=torch.float32, label="cpu")
+    gen = lg.DynamicGenerator(model=model, cache=cache, tokenizer=_NullTokenizer(spec.vocab_size), max_batch_size=6,
+                              max_chunk_size=32)
+    out: list = []
+    steps = 3
+    generator_step_seconds(gen, 6, 96, spec.vocab_size, steps, seed=1, tokens_out=out)  # 18 prefill chunks
+    assert len(out) == 6
+    # the last job's first token, 2 untimed steps, `steps` timed ones (a run-ahead step may add one)
+    assert all(len(t) >= 1 + 2 + steps for t in out), [len(t) for t in out]
+    # the first job decoded through the others' prefill and still ran: more tokens than steps + 8
+    assert max(len(t) for t in out) > steps + 8, [len(t) for t in out]
+    assert gen.num_remaining_jobs() == 0

@@ -200,15 +200,22 @@ def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int
     prompt tokens, over `steps` consecutive iterate() calls (prefill and two steps first, untimed; jobs
     cancelled after). Steady state, as a caller streaming tokens sees it: a step the generator runs ahead
     overlaps the host's work on the step before, so a sync between calls would hide or double-count it.
-    `tokens_out`, if given, receives each job's generated tokens (a list per job) before the cancel."""
+    `tokens_out`, if given, receives each job's generated tokens (a list per job) before the cancel.
+
+    Jobs whose prefill ends early decode while the others' chunks run, so each may make a token per prefill
+    step before the timing starts: max_new_tokens covers those steps, and every job must still be running
+    when the timing ends (else the timed steps had fewer rows than `batch`: a RuntimeError)."""
     import time
 
     from ..engine.job import DynamicJob
     from ..engine.sampler import Sampler
 
     g = torch.Generator().manual_seed(batch if seed is None else seed)
-    jobs = [DynamicJob(input_ids=torch.randint(3, vocab, (context,), generator=g).tolist(), max_new_tokens=steps + 8,
-                       gen_settings=Sampler.Settings.greedy()) for _ in range(batch)]
+    chunk = max(1, int(getattr(gen, "max_chunk_size", 0) or context))
+    prefill_steps = -(-batch * context // chunk) + batch  # chunks, and a partial one per prompt at most
+    jobs = [DynamicJob(input_ids=torch.randint(3, vocab, (context,), generator=g).tolist(),
+                       max_new_tokens=prefill_steps + steps + 8, gen_settings=Sampler.Settings.greedy())
+            for _ in range(batch)]
     gen.enqueue(jobs)
     while any(len(j.generated) == 0 for j in jobs):
         gen.iterate()
@@ -223,9 +230,12 @@ def generator_step_seconds(gen, batch: int, context: int, vocab: int, steps: int
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / steps
+    ended = sum(j.finished for j in jobs)
     if tokens_out is not None:
         tokens_out.extend(list(j.generated) for j in jobs)
     for j in jobs:
         gen.cancel(j)
     gen.iterate()
+    if ended:
+        raise RuntimeError(f"{ended} of {batch} jobs ended before the timed steps did: the steps timed fewer rows")
     return seconds
