@@ -15,7 +15,9 @@ entry declares the arch list of a hypothetical torch build (default: a CUDA 12.6
 
 from __future__ import annotations
 
+import os
 import re
+import time
 import uuid as _uuid
 from dataclasses import dataclass, replace
 
@@ -61,9 +63,7 @@ class DeviceInfo:
         return None if cc is None else f"sm_{cc[0]}{cc[1]}"
 
     def describe(self) -> str:
-        if self.kind == "cpu":
-            return "cpu (CPU)"
-        return f"{self.label} ({self.name}, {self.sm})"
+        return "cpu (CPU)" if self.kind == "cpu" else f"{self.label} ({self.name}, {self.sm})"
 
 
 def cpu_device() -> DeviceInfo:
@@ -480,9 +480,6 @@ def free_cores(sample_s: float = 0.05, stat_path: str = "/proc/stat") -> int | N
     time counters `sample_s` apart (Linux); None where they cannot be read. A CPU step of torch waits for its
     slowest thread, so a thread per core on a machine where another program holds a core runs at the
     descheduled thread's pace (docs/decisions/022-cpu-int4-weights.md)."""
-    import os
-    import time
-
     def idle_total() -> tuple[int, int]:
         with open(stat_path) as f:
             fields = [int(v) for v in f.readline().split()[1:]]
