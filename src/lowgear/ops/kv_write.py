@@ -8,9 +8,24 @@ scale per token and head: int8 (round(x / s), s = max|x| / 127), float8 e4m3 (x 
 or int4 (round(x / s), s = max|x| / 7, two codes to a byte).
 It answers the few tensor calls the torch rungs make on a cache (`shape`, `view`, `index_select`,
 `double`), returning dequantized values, so every gather-based rung reads it unchanged.
+
+Before quantizing, a cache may move each head vector into a frame where it quantizes better; both
+moves leave attention's output unchanged in exact arithmetic, so no kernel knows about them:
+- a shift: a fixed vector per kv head (`shift` [kv_heads, head_dim]) is subtracted. For keys, q.(k - mu)
+  differs from q.k by q.mu, the same for every key a query sees, which softmax ignores (not so under a
+  soft-cap, which the cache therefore never shifts); for values, sum p (v - mu) = o - mu (the
+  probabilities sum to 1), so the output gets mu back (`restore_output`).
+- a rotation: x R for a fixed orthogonal R [head_dim, head_dim] (`head_rotation`: a normalized
+  Hadamard matrix), shared by keys and values; queries are rotated the same way before attention
+  (`rotate_query`: (q R).(k R) = q.k) and the output is rotated back by R^T after it (`restore_output`).
+  Outlier channels are spread over every element, so the per-token scale no longer serves a few of them.
+The stored (and dequantized) values are (x - shift) R; the shift is calibrated once per cache
+(cache/kv.py), so every sequence and every shared prefix page sees the same one.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -23,23 +38,54 @@ KV_DTYPES = {
 }
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """The normalized Sylvester Hadamard matrix of order n (a power of two), float64: entries +-1/sqrt(n),
+    symmetric and orthogonal (H H^T = I)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard matrix of Sylvester's construction needs a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(n)
+
+
+def dct(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix of order n as columns (x @ dct(n) transforms x), float64."""
+    k = torch.arange(n, dtype=torch.float64)
+    c = torch.cos(math.pi * (k[:, None] + 0.5) * k[None, :] / n) * math.sqrt(2.0 / n)
+    c[:, 0] = 1.0 / math.sqrt(n)
+    return c
+
+
+def head_rotation(d: int) -> torch.Tensor:
+    """The orthogonal matrix [d, d] (float64) a rotated cache applies to each head vector: the normalized
+    Hadamard matrix when d is a power of two; else, for d = 2^a * m (m odd), the Kronecker product of
+    the order-2^a Hadamard matrix with the order-m DCT-II (head_dim 96: 32 x 3), still orthogonal."""
+    p = d & -d
+    return hadamard(d) if p == d else torch.kron(hadamard(p), dct(d // p))
+
+
 class QuantizedKV:
     """K or V pages in 8 or 4 bits: data [pages, page_size, kv_heads, head_dim / codes per byte], scale
     [pages, page_size, kv_heads, 1] float32; `shape` is the logical [pages, page_size, kv_heads, head_dim];
-    read back in `dtype`."""
+    read back in `dtype`. `shift` [kv_heads, head_dim] and `rotation` [head_dim, head_dim] (float32, or
+    None) are the frame the values are stored in: (x - shift) @ rotation (see the module's docstring)."""
 
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype):
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, kind: str, dtype: torch.dtype,
+                 shift: torch.Tensor | None = None, rotation: torch.Tensor | None = None):
         self.data, self.scale, self.kind, self.dtype = data, scale, kind, dtype
+        self.shift, self.rotation = shift, rotation
         self.per_byte = KV_DTYPES[kind][2]
 
     @classmethod
-    def zeros(cls, shape, kind: str, dtype: torch.dtype, device) -> "QuantizedKV":
+    def zeros(cls, shape, kind: str, dtype: torch.dtype, device, rotate: bool = False) -> "QuantizedKV":
         storage, _, per_byte = KV_DTYPES[kind]
         if shape[-1] % per_byte:
             raise ValueError(f"a {kind} KV cache needs an even head_dim, got {shape[-1]}")
         packed = (*shape[:-1], shape[-1] // per_byte)
+        rotation = head_rotation(shape[-1]).to(device=device, dtype=torch.float32) if rotate else None
         return cls(torch.zeros(packed, dtype=storage, device=device),
-                   torch.zeros(*shape[:-1], 1, dtype=torch.float32, device=device), kind, dtype)
+                   torch.zeros(*shape[:-1], 1, dtype=torch.float32, device=device), kind, dtype, rotation=rotation)
 
     @property
     def shape(self) -> torch.Size:
@@ -58,7 +104,7 @@ class QuantizedKV:
 
     def view(self, *shape) -> "QuantizedKV":
         return QuantizedKV(self.data.view(*shape[:-1], shape[-1] // self.per_byte), self.scale.view(*shape[:-1], 1),
-                           self.kind, self.dtype)
+                           self.kind, self.dtype, self.shift, self.rotation)
 
     def codes(self) -> torch.Tensor:
         """The stored values before their scale, float32 in the logical shape."""
@@ -68,7 +114,16 @@ class QuantizedKV:
         return both.to(torch.float32) - 8.0
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stored values, (x - shift) @ rotation as quantized (what every attention rung reads)."""
         return (self.codes() * self.scale).to(dtype or self.dtype)
+
+    def restore(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored values [..., kv_heads, head_dim] back in the model's frame, float64: stored @ rotation^T + shift
+        (the inverse of the frame change; for tests and references, never on the step's path)."""
+        x = stored.double()
+        if self.rotation is not None:
+            x = x @ self.rotation.double().T
+        return x if self.shift is None else x + self.shift.double()
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
         assert dim == 0
@@ -83,6 +138,10 @@ class QuantizedKV:
         storage, top, per_byte = KV_DTYPES[self.kind]
         kvh, width = self.data.shape[-2:]
         x = x.float()
+        if self.shift is not None:
+            x = x - self.shift
+        if self.rotation is not None:
+            x = x @ self.rotation
         scale = x.abs().amax(dim=-1, keepdim=True) / top
         q = (x / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-top, top)
         if self.kind == "fp8_e4m3":
@@ -107,3 +166,25 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: t
     kvh, hd = k_cache.shape[-2:]
     k_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kvh, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def rotate_query(q: torch.Tensor, k_cache) -> torch.Tensor:
+    """Queries [T, heads, head_dim] in the frame of a rotated key cache (q @ rotation, in q's dtype);
+    q itself for every other cache."""
+    rotation = getattr(k_cache, "rotation", None)
+    return q if rotation is None else (q.float() @ rotation).to(q.dtype)
+
+
+def restore_output(out: torch.Tensor, v_cache) -> torch.Tensor:
+    """Attention output [T, heads, head_dim] over a value cache stored as (v - shift) @ rotation, back to
+    the model's frame: out @ rotation^T + shift (each query head takes its kv head's shift); out itself
+    for a cache with neither."""
+    rotation, shift = getattr(v_cache, "rotation", None), getattr(v_cache, "shift", None)
+    if rotation is None and shift is None:
+        return out
+    x = out.float()
+    if rotation is not None:
+        x = x @ rotation.T
+    if shift is not None:
+        x = x + shift.repeat_interleave(out.shape[1] // shift.shape[0], dim=0)
+    return x.to(out.dtype)
