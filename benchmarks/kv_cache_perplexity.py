@@ -17,6 +17,7 @@ import time
 
 import lowgear as lg
 from lowgear.bench.perplexity import perplexity, pydoc_text
+from lowgear.cache.kv import SCHEME_PARTS
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
         ppl = perplexity(model, cache, ids, window=args.window, chunk=args.chunk)
         base = base or ppl
         if kv != "auto":
-            entry = f"{kv}:{'+'.join(sorted(cache.kv_scheme, key=('rot', 'k', 'v').index)) or 'none'}"
+            entry = f"{kv}:{'+'.join(sorted(cache.kv_scheme, key=SCHEME_PARTS.index)) or 'none'}"
         print(f"kv {entry:<18} {len(ids)} tokens ({model.dtype}, {model.selections[next(iter(model.selections))].name}): "
               f"perplexity {ppl:.4f} ({100 * (ppl / base - 1):+.3f}%)  [{time.time() - start:.0f} s]", flush=True)
 

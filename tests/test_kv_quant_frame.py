@@ -153,7 +153,7 @@ def test_calibrated_shifts_are_the_mean_keys_and_values_of_the_calibration_ids(t
         for i, (mk, mv) in enumerate(means):
             assert torch.allclose(cache.k[i].shift, mk, atol=1e-5) and cache.v[i].shift is None
             assert torch.equal(cache.k[i].shift, gens[0].cache.k[i].shift)  # the same bits on every allocation
-            assert cache.k[i].rotation is cache.k[i].rotation and torch.equal(cache.v[i].rotation, cache.k[i].rotation)
+            assert torch.equal(cache.k[i].rotation, hadamard(16).float()) and torch.equal(cache.v[i].rotation, cache.k[i].rotation)
     with pytest.raises(ConfigError, match="not a KV frame"):
         lg.Cache(gens[0].model, max_seq_len=64, kv_dtype="int8", kv_scheme="rot+q")
 

@@ -94,8 +94,7 @@ class Cache:
         self.pool = PagePool(self.num_pages, self.page_size)
         shift_k = "k" in self.kv_scheme and not model.spec.attn_softcap
         if shift_k or "v" in self.kv_scheme:
-            means = channel_means(model, self.capacity_tokens)
-            for i, (mk, mv) in enumerate(means):
+            for i, (mk, mv) in enumerate(channel_means(model, self.capacity_tokens)):
                 self.k[i].shift = mk if shift_k else None
                 self.v[i].shift = mv if "v" in self.kv_scheme else None
 

@@ -36,6 +36,10 @@ KV_DTYPES = {
     "fp8_e4m3": (torch.float8_e4m3fn, 448.0, 1),
     "int4": (torch.uint8, 7.0, 2),
 }
+# An integer storage's candidate scales, as fractions of max|x| / top: each vector keeps the one that
+# quantizes it with the least squared error (clipping its largest element or two buys finer steps
+# for the rest: 4 bits have few). int8's steps are fine enough at max|x| / 127.
+CLIP_RATIOS = {"int4": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)}
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -143,17 +147,38 @@ class QuantizedKV:
         if self.rotation is not None:
             x = x @ self.rotation
         scale = x.abs().amax(dim=-1, keepdim=True) / top
-        q = (x / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-top, top)
         if self.kind == "fp8_e4m3":
-            q = q.to(storage)
-        elif per_byte == 1:
-            q = q.round_().to(storage)
+            q = (x / _nonzero(scale)).clamp_(-top, top).to(storage)
         else:
-            q = (q.round_() + 8).to(torch.uint8)
-            q = q[..., 0::2] | (q[..., 1::2] << 4)
+            scale, q = _integer_codes(x, scale, top, CLIP_RATIOS.get(self.kind, (1.0,)))
+            if per_byte == 1:
+                q = q.to(storage)
+            else:
+                q = (q + 8).to(torch.uint8)
+                q = q[..., 0::2] | (q[..., 1::2] << 4)
         # (as bytes: CPU index ops do not take float8)
         self.data.view(torch.uint8).view(-1, kvh, width).index_copy_(0, slots, q.view(torch.uint8))
         self.scale.view(-1, kvh, 1).index_copy_(0, slots, scale)
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _integer_codes(x: torch.Tensor, scale: torch.Tensor, top: float, ratios) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, codes) per vector of x [..., head_dim]: of the scales ratio * `scale`, the one whose codes
+    (round(x / s) in [-top - 1, top]) leave the smallest squared error; the first (largest) on a tie."""
+    best = None
+    for r in ratios:
+        s = scale * r
+        q = (x / _nonzero(s)).round_().clamp_(-top - 1, top)
+        err = (q * s - x).square_().sum(-1, keepdim=True)
+        if best is None:
+            best = (s, q, err)
+        else:
+            better = err < best[2]
+            best = (torch.where(better, s, best[0]), torch.where(better, q, best[1]), torch.minimum(err, best[2]))
+    return best[0], best[1]
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
