@@ -66,6 +66,23 @@ def test_a_write_in_the_frame_by_hand():
     assert torch.allclose(cache.restore(cache.double())[0, 1, 0], x[0, 0].double(), atol=0.5 * 3 / 127)
 
 
+def test_int4_takes_the_clipped_scale_with_the_least_error_by_hand():
+    cache = QuantizedKV.zeros((1, 1, 2, 4), "int4", torch.float32, "cpu")
+    x = torch.tensor([[[7.5, 2.9, 2.9, 2.9], [7.0, -3.0, 1.2, -7.0]]])
+    write_kv(x, x, cache, QuantizedKV.zeros((1, 1, 2, 4), "int4", torch.float32, "cpu"), torch.tensor([0]))
+    # first vector: at s = 7.5 / 7 the 2.9s read 3 * 1.0714 (squared error 3 * 0.099 = 0.296); at 0.95 of
+    # it (s = 1.0179) 7.5 is held by 7 (0.141) and the 2.9s by 3 (3 * 0.024): 0.212, the least (0.9: 0.58)
+    assert cache.scale[0, 0, 0].item() == pytest.approx(7.5 * 0.95 / 7)
+    assert cache.codes()[0, 0, 0].tolist() == [7, 3, 3, 3]
+    # second: s = 1 holds every element but 1.2 exactly (0.04); any smaller scale loses more on the 7s
+    assert cache.scale[0, 0, 1].item() == 1.0 and cache.codes()[0, 0, 1].tolist() == [7, -3, 1, -7]
+    # the whole code range: -8 is a code. The first vector negated: at 0.9 (s = 0.9643) -7.5 reads -8 * s
+    # (0.046) and the 2.9s 3 * s (3 * 0.00005), less than at 0.95 (0.212) or 0.85 (0.13)
+    cache.write(torch.tensor([0]), torch.tensor([[[-7.5, 2.9, 2.9, 2.9], [0.0, 0.0, 0.0, 0.0]]]))
+    assert cache.codes()[0, 0, 0].tolist() == [-8, 3, 3, 3] and cache.scale[0, 0, 0].item() == pytest.approx(7.5 * 0.9 / 7)
+    assert cache.scale[0, 0, 1].item() == 0 and cache.codes()[0, 0, 1].tolist() == [0, 0, 0, 0]  # zero stays zero
+
+
 def framed_case(kind, rotate=True, shift=True, page_size=16, hd=32):
     """Caches in the frame, holding keys with a few large channels (as real keys have) and values with an
     offset; q for 3 sequences (a prefill chunk and two decode rows)."""
