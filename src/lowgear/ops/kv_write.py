@@ -5,7 +5,8 @@ the torch attention rungs use.
 
 A quantized cache (`QuantizedKV`) stores each token's head vector in 8 or 4 bits with one float32
 scale per token and head: int8 (round(x / s), s = max|x| / 127), float8 e4m3 (x / s, s = max|x| / 448)
-or int4 (round(x / s), s = max|x| / 7, two codes to a byte).
+or int4 (round(x / s) in -8..7, two codes to a byte, s the one of max|x| / 7 times 1, 0.95, ..., 0.7 that
+quantizes the vector with the least squared error: `CLIP_RATIOS`).
 It answers the few tensor calls the torch rungs make on a cache (`shape`, `view`, `index_select`,
 `double`), returning dequantized values, so every gather-based rung reads it unchanged.
 
@@ -20,7 +21,8 @@ moves leave attention's output unchanged in exact arithmetic, so no kernel knows
   (`rotate_query`: (q R).(k R) = q.k) and the output is rotated back by R^T after it (`restore_output`).
   Outlier channels are spread over every element, so the per-token scale no longer serves a few of them.
 The stored (and dequantized) values are (x - shift) R; the shift is calibrated once per cache
-(cache/kv.py), so every sequence and every shared prefix page sees the same one.
+(cache/kv.py), so every sequence and every shared prefix page sees the same one. Which moves each
+storage makes: defaults.KV_SCHEMES; why: docs/decisions/024-kv-quality-rotated-shifted-kv.md.
 """
 
 from __future__ import annotations
@@ -196,17 +198,18 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: t
 def rotate_query(q: torch.Tensor, k_cache) -> torch.Tensor:
     """Queries [T, heads, head_dim] in the frame of a rotated key cache (q @ rotation, in q's dtype);
     q itself for every other cache."""
-    rotation = getattr(k_cache, "rotation", None)
-    return q if rotation is None else (q.float() @ rotation).to(q.dtype)
+    if not isinstance(k_cache, QuantizedKV) or k_cache.rotation is None:
+        return q
+    return (q.float() @ k_cache.rotation).to(q.dtype)
 
 
 def restore_output(out: torch.Tensor, v_cache) -> torch.Tensor:
     """Attention output [T, heads, head_dim] over a value cache stored as (v - shift) @ rotation, back to
     the model's frame: out @ rotation^T + shift (each query head takes its kv head's shift); out itself
     for a cache with neither."""
-    rotation, shift = getattr(v_cache, "rotation", None), getattr(v_cache, "shift", None)
-    if rotation is None and shift is None:
+    if not isinstance(v_cache, QuantizedKV) or (v_cache.rotation is None and v_cache.shift is None):
         return out
+    rotation, shift = v_cache.rotation, v_cache.shift
     x = out.float()
     if rotation is not None:
         x = x @ rotation.T
