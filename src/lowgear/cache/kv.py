@@ -121,7 +121,7 @@ def parse_scheme(scheme: str) -> frozenset:
 
 
 def calibration_ids(vocab_size: int, n: int) -> torch.Tensor:
-X
+    """n fixed pseudo-random token ids (torch's CPU generator, seed 0: the same ids on every device)."""
     return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(0))
 
 
