@@ -83,6 +83,29 @@ def test_decode_splits_on_gpu(num_splits):
 
 
 @pytest.mark.parametrize("split_d", [0, 4, 8])
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3", "int4"])
+def test_quantized_cache_in_a_frame_on_gpu(kind):
+    """A cache storing (x - shift) @ Hadamard (ops/kv_write.py), keys with large channels: the triton rung's
+    prefill and decode kernels given rotated queries, the output rotated and shifted back, against float64
+    attention over the cache restored to the model's frame."""
+    from lowgear.ops.kv_write import QuantizedKV, restore_output, rotate_query, write_kv
+
+    lens = [1, 255, 257, 1000, 4096]
+    for q_lens in ([1] * len(lens), [1, 100, 257, 3, 64]):
+        q, kc, vc, meta = problem(q_lens, lens)
+        k_cache, v_cache = (QuantizedKV.zeros(kc.shape, kind, torch.float16, "cuda", rotate=True) for _ in range(2))
+        big = torch.zeros(KV_HEADS, HEAD_DIM, device="cuda")
+        big[:, 5], big[:, 70] = 15.0, -8.0
+        k_cache.shift, v_cache.shift = big, torch.full((KV_HEADS, HEAD_DIM), 0.5, device="cuda")
+        slots = build_metadata(lens, lens, [t[: -(-n // PAGE)] for t, n in zip(meta.block_tables.tolist(), lens)],
+                               PAGE, device="cuda").slot_mapping
+        k, v = kc.view(-1, KV_HEADS, HEAD_DIM)[slots] + big.half(), vc.view(-1, KV_HEADS, HEAD_DIM)[slots] + 0.5
+        write_kv(k, v, k_cache, v_cache, slots)
+        ref = reference_attention(q, k_cache.restore(k_cache.double()), v_cache.restore(v_cache.double()), meta, 0.088)
+        out = TritonBackend().attend(rotate_query(q, k_cache), k_cache, v_cache, meta, 0.088, None)
+        check(restore_output(out, v_cache), ref, torch.float16)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (24, 8), (32, 4)])
 def test_decode_fma_forms_on_gpu(heads, kv_heads, split_d):
     """The FMA forms (what sm_70 / sm_75 run; the default split_d and the whole-warp form) compiled for

@@ -35,3 +35,9 @@ NGRAM_MAX = 3
 # KV cache storage (--kv-cache-dtype): the model dtype, or 8 / 4 bits with a float32 scale per token and head.
 # why (these and the two above): docs/decisions/020-speculative-and-8-bit-kv.md
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "int4")
+# The frame each quantized storage stores head vectors in (ops/kv_write.py): "rot" a Hadamard rotation of
+# the head, "k" / "v" keys / values less a fixed per-channel mean; "none" as they are. Calibrated on
+# KV_CALIBRATION_TOKENS fixed token ids when the cache is allocated (cache/kv.py).
+# why: docs/decisions/024-kv-quality-rotated-shifted-kv.md
+KV_SCHEMES = {"int8": "rot+k", "fp8_e4m3": "rot+k", "int4": "rot+k"}
+KV_CALIBRATION_TOKENS = 512

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.kv_write import write_kv
+from ..ops.kv_write import restore_output, rotate_query, write_kv
 from .metadata import StepMetadata
 
 
@@ -82,7 +82,9 @@ class AttentionBackend:
         softcap: float | None = None,
     ) -> torch.Tensor:  # [T, heads, head_dim]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale, window, softcap)
+        # (a quantized cache's frame, ops/kv_write.py: q into it, the output out of it; `attend` reads stored values)
+        out = self.attend(rotate_query(q, k_cache), k_cache, v_cache, meta, scale, window, softcap)
+        return restore_output(out, v_cache)
 
     def attend(self, q, k_cache, v_cache, meta: StepMetadata, scale: float, window: int | None,
                softcap: float | None = None) -> torch.Tensor:

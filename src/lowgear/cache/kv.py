@@ -4,6 +4,13 @@ Layout per layer: [num_pages, page_size, kv_heads, head_dim]. A contiguous cache
 with one page of max_seq_len tokens, so every attention rung reads one layout through block tables.
 `max_seq_len` is the cache's total token capacity (shared by all running jobs), as in ExLlamaV2.
 Page bookkeeping (which page belongs to whom) lives in cache.pages; this file owns only tensors.
+
+A quantized cache (kv_dtype int8, fp8_e4m3, int4) stores head vectors in the frame its scheme names
+(defaults.KV_SCHEMES, ops/kv_write.py): a Hadamard rotation and/or keys and values less a per-layer,
+per-kv-head, per-channel mean. The means are calibrated when the pages are allocated, from one forward
+of KV_CALIBRATION_TOKENS fixed pseudo-random token ids over float pages, so they are the same for
+every sequence the cache holds and for every run of the same model on the same device. Keys are
+never shifted for a model that soft-caps attention scores (cap * tanh(q.k / cap) is not shift-invariant).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from .. import defaults
 from ..platform.dtypes import dtype_bytes
 from ..errors import ConfigError
 from ..platform.placement import kv_bytes_per_token_per_layer
+from ..attention.metadata import build_metadata
 from ..ops.kv_write import KV_DTYPES, QuantizedKV
 from .pages import PagePool
 
@@ -30,6 +38,7 @@ class Cache:
         contiguous: bool = False,
         dtype: torch.dtype | None = None,
         kv_dtype: str | None = None,  # "auto" (the model dtype), "int8", "fp8_e4m3" or "int4": a scale per token and head
+        kv_scheme: str | None = None,  # a quantized cache's frame: "rot", "k", "v" joined by "+", or "none"
     ):
         self.model = model
         requested = model.config.max_seq_len if max_seq_len is None else max_seq_len
@@ -43,6 +52,7 @@ class Cache:
         if kv_dtype != "auto" and kv_dtype not in KV_DTYPES:
             raise ConfigError(f"kv_dtype {kv_dtype!r} is not a KV cache storage: use auto, {', '.join(KV_DTYPES)}")
         self.kv_dtype = kv_dtype
+        self.kv_scheme = parse_scheme(kv_scheme or defaults.KV_SCHEMES.get(kv_dtype, "none"))
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.num_pages = 0
@@ -77,10 +87,16 @@ class Cache:
             self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in model.layer_devices]
             self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in model.layer_devices]
         else:
-            self.k = [QuantizedKV.zeros(shape, self.kv_dtype, dtype, d) for d in model.layer_devices]
-            self.v = [QuantizedKV.zeros(shape, self.kv_dtype, dtype, d) for d in model.layer_devices]
+            rotate = "rot" in self.kv_scheme
+            self.k = [QuantizedKV.zeros(shape, self.kv_dtype, dtype, d, rotate) for d in model.layer_devices]
+            self.v = [QuantizedKV.zeros(shape, self.kv_dtype, dtype, d, rotate) for d in model.layer_devices]
         self.dtype = dtype
         self.pool = PagePool(self.num_pages, self.page_size)
+        shift_k = "k" in self.kv_scheme and not model.spec.attn_softcap
+        if shift_k or "v" in self.kv_scheme:
+            for i, (mk, mv) in enumerate(channel_means(model, self.capacity_tokens)):
+                self.k[i].shift = mk if shift_k else None
+                self.v[i].shift = mv if "v" in self.kv_scheme else None
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
@@ -91,3 +107,44 @@ class Cache:
 
     def nbytes(self) -> int:
         return sum(t.nbytes if isinstance(t, QuantizedKV) else t.numel() * t.element_size() for t in self.k + self.v)
+
+
+SCHEME_PARTS = ("rot", "k", "v")
+
+
+def parse_scheme(scheme: str) -> frozenset:
+    """"rot+k" -> {"rot", "k"}; "none" -> {} (see defaults.KV_SCHEMES)."""
+    parts = frozenset() if scheme == "none" else frozenset(scheme.split("+"))
+    if not parts <= set(SCHEME_PARTS):
+        raise ConfigError(f"kv_scheme {scheme!r} is not a KV frame: join {', '.join(SCHEME_PARTS)} with '+', or give 'none'")
+    return parts
+
+
+def calibration_ids(vocab_size: int, n: int) -> torch.Tensor:
+    """n fixed pseudo-random token ids (torch's CPU generator, seed 0: the same ids on every device)."""
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+
+
+class _FloatPages:
+    """Float K/V pages for one sequence of n tokens, in the model's dtype: what calibration runs over.
+    `capacity_tokens` is the real cache's, so the model keeps the RoPE table that cache reads."""
+
+    def __init__(self, model, n: int, capacity_tokens: int):
+        spec = model.spec
+        shape = (1, n, spec.num_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=model.dtype, device=d) for d in model.layer_devices]
+        self.v = [torch.zeros(shape, dtype=model.dtype, device=d) for d in model.layer_devices]
+        self.capacity_tokens = capacity_tokens
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+
+def channel_means(model, capacity_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the mean key and value [kv_heads, head_dim] (float32, on the layer's device) over one forward
+    of defaults.KV_CALIBRATION_TOKENS fixed token ids (calibration_ids) through float pages."""
+    n = min(defaults.KV_CALIBRATION_TOKENS, capacity_tokens)
+    pages = _FloatPages(model, n, capacity_tokens)
+    meta = build_metadata([n], [n], [[0]], n, device=model.layer_devices[0])
+    model.forward(calibration_ids(model.spec.vocab_size, n), meta, pages)
+    return [(k[0].float().mean(0), v[0].float().mean(0)) for k, v in zip(pages.k, pages.v)]

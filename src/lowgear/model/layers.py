@@ -24,6 +24,7 @@ from torch import nn
 from ..attention.metadata import StepMetadata
 from ..errors import ModelFormatError
 from ..formats.spec import ModelSpec
+from ..ops.kv_write import restore_output, rotate_query
 from .linear import QuantLinear
 
 
@@ -88,7 +89,9 @@ class Attention(nn.Module):
         # RoPE and the cache write in one op; then the backend only attends
         ops.rope_kv_(q, k, v, meta.positions, rope_table[0], rope_table[1], self.rope_style, k_cache, v_cache,
                      meta.slot_mapping)
-        out = backend.attend(q, k_cache, v_cache, meta, self.scale, self.window, self.softcap)
+        # a quantized cache may store K/V rotated and shifted (ops/kv_write.py): q goes into its frame, the output out of it
+        out = backend.attend(rotate_query(q, k_cache), k_cache, v_cache, meta, self.scale, self.window, self.softcap)
+        out = restore_output(out, v_cache)
         return self.o(out.reshape(t, self.heads * self.head_dim))
 
 
