@@ -38,6 +38,6 @@ KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "int4")
 # The frame each quantized storage stores head vectors in (ops/kv_write.py): "rot" a Hadamard rotation of
 # the head, "k" / "v" keys / values less a fixed per-channel mean; "none" as they are. Calibrated on
 # KV_CALIBRATION_TOKENS fixed token ids when the cache is allocated (cache/kv.py).
-# why: docs/decisions/024-kv-quality-rotated-shifted-kv.md
+# why: docs/decisions/025-kv-quality-rotated-shifted-kv.md
 KV_SCHEMES = {"int8": "rot+k", "fp8_e4m3": "rot+k", "int4": "rot+k"}
 KV_CALIBRATION_TOKENS = 512

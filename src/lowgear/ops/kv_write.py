@@ -22,7 +22,7 @@ moves leave attention's output unchanged in exact arithmetic, so no kernel knows
   Outlier channels are spread over every element, so the per-token scale no longer serves a few of them.
 The stored (and dequantized) values are (x - shift) R; the shift is calibrated once per cache
 (cache/kv.py), so every sequence and every shared prefix page sees the same one. Which moves each
-storage makes: defaults.KV_SCHEMES; why: docs/decisions/024-kv-quality-rotated-shifted-kv.md.
+storage makes: defaults.KV_SCHEMES; why: docs/decisions/025-kv-quality-rotated-shifted-kv.md.
 """
 
 from __future__ import annotations
