@@ -124,9 +124,12 @@ SOURCE = _Source({"embed": ("Q4_0", (1000, 64)), "layers.0.q": ("Q4_1", (64, 64)
 def test_choice_counts_what_each_layer_is_held_as():
     c = placement.cpu_weights(SOURCE, "auto", 4, ram=1 << 34, int4_bytes=cpu_int4.int4_bytes)
     assert c.int4 and c.int4_layers == 1 and c.unpack  # the embedding is looked up by row: never int4
-    # by hand: q as int4 (64 * 64 / 2 + 2 groups * 64 rows * 4 bytes), embed and down unpacked to float32, the norm
-    assert c.held_bytes == (64 * 64 // 2 + 2 * 64 * 4) + (1000 * 64 + 64 * 128) * 4 + 64 * 4
-    assert "1 4-bit layers stay 4-bit" in c.why and "cpu_weights=unpacked" in c.why
+    # by hand: q as int4 (64 * 64 / 2 + 2 groups * 64 rows * 4 bytes), embed and down unpacked to float32, the norm,
+    # and the tied head's bfloat16 copy (ops/matmul/cpu_head.py)
+    assert c.held_bytes == (64 * 64 // 2 + 2 * 64 * 4) + (1000 * 64 + 64 * 128) * 4 + 64 * 4 + 1000 * 64 * 2
+    assert "1 4-bit layers stay 4-bit" in c.why and "cpu_weights=unpacked" in c.why and "head also held" in c.why
+    half = placement.cpu_weights(SOURCE, "auto", 2, ram=1 << 34, int4_bytes=cpu_int4.int4_bytes)  # a 16-bit model
+    assert half.held_bytes == (64 * 64 // 2 + 2 * 64 * 4) + (1000 * 64 + 64 * 128) * 2 + 64 * 4  # no copy
     u = placement.cpu_weights(SOURCE, "unpacked", 4, ram=1 << 34, int4_bytes=cpu_int4.int4_bytes)
     assert not u.int4 and u.held_bytes == (1000 * 64 + 64 * 64 + 64 * 128) * 4 + 64 * 4
     none = placement.cpu_weights(SOURCE, "int4", 4, ram=1 << 34, int4_bytes=None)  # a torch without the kernel
@@ -145,5 +148,36 @@ def test_default_choice_on_the_embedded_model_and_doctor_says_it(smollm2_path, m
     held = [m for layer in model.layers for m in layer.modules() if isinstance(m, QuantLinear)]
     assert model.cpu_weights.int4 and all(m.int4_cpu for m in held)  # every Q4_1 layer, fused q|k|v and gate|up
     assert not getattr(model.embed, "int4_cpu", False) and model.embed.weight is not None  # the tied Q8_0 table
+    assert model.lm_head.head_bf16.dtype == torch.bfloat16 and model.embed.weight.is_contiguous()  # cpu_head.hold
     main(["doctor", "--model", smollm2_path, "--device", "cpu"])
     assert "4-bit layers as int4" in capsys.readouterr().out
+
+
+
+def test_cpu_head_recomputes_the_leading_logits_in_float32():
+    """ops/matmul/cpu_head.py: two tokens whose logits are 30.000 and 30.010 (hand-made rows) round to one
+    bfloat16 value (steps of 0.125 there), so the bfloat16 product alone ties them and argmax takes the first;
+    the float32 recompute of the leading logits keeps them apart and picks the second. At one row the float32
+    product runs as it is. The other logits stay within bfloat16's rounding of the float64 product."""
+    from lowgear.ops.matmul import cpu_head
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 64, generator=g) * 0.05
+    x = torch.zeros(3, 64)
+    x[:, 0] = 1.0
+    w[7, 0], w[9, 0] = 30.0, 30.01  # logits 30.000 (token 7) and 30.010 (token 9) for every row
+    w[7, 1:], w[9, 1:] = 0.0, 0.0
+    assert float(torch.tensor(30.0).bfloat16()) == float(torch.tensor(30.01).bfloat16())  # one bfloat16 value
+    m = QuantLinear(w.t().contiguous().t())  # as unpack_ leaves a float head: [out, in] over [in, out]
+    assert cpu_head.hold(m) and m.weight.is_contiguous()
+    ref = x.double() @ w.double().t()
+    y = m(x)
+    assert y.dtype == torch.float32 and y.shape == (3, 300)
+    assert torch.equal(y.argmax(-1), torch.full((3,), 9))
+    assert abs(float(y[0, 9]) - 30.01) < 1e-5 and abs(float(y[0, 7]) - 30.0) < 1e-5
+    assert (y.double() - ref).abs().max() <= 2**-8 * ref.abs().max()  # bfloat16 inputs and output elsewhere
+    bf16_only = torch.mm(x.bfloat16(), m.head_bf16).float()  # what the product alone would give
+    assert int(bf16_only[0].argmax()) == 7
+    one = m(x[:1])  # below MIN_ROWS: the float32 product
+    assert torch.allclose(one.double(), ref[:1], atol=1e-5)
+    assert not cpu_head.hold(m)  # once

@@ -17,7 +17,7 @@ from ..attention.select import model_needs, select_backend
 from ..ops import pdl
 from ..ops.dispatch import ops_for
 from ..platform.dtypes import common_dtype, dtype_bytes
-from ..ops.matmul import cpu_int4
+from ..ops.matmul import cpu_head, cpu_int4
 from ..platform.placement import cpu_weights, device_bytes
 from ..platform.placement import plan as plan_placement
 
@@ -77,6 +77,8 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
         _held_on_cpu(model.embed, choice, dtype, int4=False)  # looked up by row: never the int4 kernel's
         if not tied:
             _held_on_cpu(model.lm_head, choice, dtype)
+        if choice is not None and choice.int4:  # a float32 head read in bfloat16 at 2+ rows (ops/matmul/cpu_head.py)
+            cpu_head.hold(model.lm_head)
         bar.update(1)
     finally:
         bar.close()

@@ -418,4 +418,20 @@ def cpu_weights(source, mode: str, elt: int, cache_bytes: int = 0, ram: int | No
                               f"would not fit in 1/{share} of the RAM available after the cache ({gib(room * share)}); "
                               f"every step dequantizes the weights it reads")
     held = floats + held4 + (rest_unpacked if unpack else rest_packed)
-    return CpuWeights(unpack, mode, why, packed, unpacked, held, int4, layers4)
+    head_copy = _head_copy_bytes(source, info, int4, unpack, int4_bytes) if elt == 4 else 0
+    if head_copy:
+        why += f"; the float32 head also held in bfloat16 ({gib(head_copy)}) for steps of 2+ rows"
+    return CpuWeights(unpack, mode, why, packed, unpacked, held + head_copy, int4, layers4)
+
+
+def _head_copy_bytes(source, info, int4: bool, unpack: bool, int4_bytes) -> int:
+    """Bytes of the bfloat16 copy ops/matmul/cpu_head.py makes of a float32 head in int4 mode (0 where none)."""
+    names = set(source.names())
+    head = "lm_head" if "lm_head" in names else "embed"
+    ti = info(head) if (int4 and info is not None and head in names) else None
+    if ti is None:
+        return 0
+    floating = ti.qtype in ("F32", "F16", "BF16")
+    if head == "lm_head" and not floating and int4_bytes(ti.qtype, tuple(ti.shape)) is not None:
+        return 0  # a 4-bit head: held for the int4 kernel
+    return 2 * math.prod(ti.shape) if (floating or unpack) else 0
