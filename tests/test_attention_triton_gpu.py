@@ -82,7 +82,6 @@ def test_decode_splits_on_gpu(num_splits):
     check(out, ref, torch.float16)
 
 
-@pytest.mark.parametrize("split_d", [0, 4, 8])
 @pytest.mark.parametrize("kind", ["int8", "fp8_e4m3", "int4"])
 def test_quantized_cache_in_a_frame_on_gpu(kind):
     """A cache storing (x - shift) @ Hadamard (ops/kv_write.py), keys with large channels: the triton rung's
@@ -106,6 +105,7 @@ def test_quantized_cache_in_a_frame_on_gpu(kind):
         check(restore_output(out, v_cache), ref, torch.float16)
 
 
+@pytest.mark.parametrize("split_d", [0, 4, 8])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (24, 8), (32, 4)])
 def test_decode_fma_forms_on_gpu(heads, kv_heads, split_d):
     """The FMA forms (what sm_70 / sm_75 run; the default split_d and the whole-warp form) compiled for
