@@ -94,7 +94,7 @@ class Cache:
         self.pool = PagePool(self.num_pages, self.page_size)
         shift_k = "k" in self.kv_scheme and not model.spec.attn_softcap
         if shift_k or "v" in self.kv_scheme:
-            for i, (mk, mv) in enumerate(channel_means(model, self.capacity_tokens)):
+            for i, (mk, mv) in enumerate(channel_means(model, self.capacity_tokens, self.page_size)):
                 self.k[i].shift = mk if shift_k else None
                 self.v[i].shift = mv if "v" in self.kv_scheme else None
 
@@ -126,12 +126,15 @@ def calibration_ids(vocab_size: int, n: int) -> torch.Tensor:
 
 
 class _FloatPages:
-    """Float K/V pages for one sequence of n tokens, in the model's dtype: what calibration runs over.
-    `capacity_tokens` is the real cache's, so the model keeps the RoPE table that cache reads."""
+    """Float K/V pages for one sequence of n tokens, in the model's dtype and the real cache's page size (the
+    layout every attention rung already runs): what calibration runs over. `capacity_tokens` is the real
+    cache's, so the model keeps the RoPE table that cache reads."""
 
-    def __init__(self, model, n: int, capacity_tokens: int):
+    def __init__(self, model, n: int, page_size: int, capacity_tokens: int):
         spec = model.spec
-        shape = (1, n, spec.num_kv_heads, spec.head_dim)
+        self.page_size = page_size
+        self.num_pages = -(-n // page_size)
+        shape = (self.num_pages, page_size, spec.num_kv_heads, spec.head_dim)
         self.k = [torch.zeros(shape, dtype=model.dtype, device=d) for d in model.layer_devices]
         self.v = [torch.zeros(shape, dtype=model.dtype, device=d) for d in model.layer_devices]
         self.capacity_tokens = capacity_tokens
@@ -140,11 +143,11 @@ class _FloatPages:
         return self.k[i], self.v[i]
 
 
-def channel_means(model, capacity_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def channel_means(model, capacity_tokens: int, page_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the mean key and value [kv_heads, head_dim] (float32, on the layer's device) over one forward
     of defaults.KV_CALIBRATION_TOKENS fixed token ids (calibration_ids) through float pages."""
     n = min(defaults.KV_CALIBRATION_TOKENS, capacity_tokens)
-    pages = _FloatPages(model, n, capacity_tokens)
-    meta = build_metadata([n], [n], [[0]], n, device=model.layer_devices[0])
+    pages = _FloatPages(model, n, page_size, capacity_tokens)
+    meta = build_metadata([n], [n], [list(range(pages.num_pages))], page_size, device=model.layer_devices[0])
     model.forward(calibration_ids(model.spec.vocab_size, n), meta, pages)
-    return [(k[0].float().mean(0), v[0].float().mean(0)) for k, v in zip(pages.k, pages.v)]
+    return [(k.flatten(0, 1)[:n].float().mean(0), v.flatten(0, 1)[:n].float().mean(0)) for k, v in zip(pages.k, pages.v)]
