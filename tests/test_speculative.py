@@ -17,6 +17,7 @@ import torch
 import lowgear as lg
 from lowgear.engine.speculative import NgramProposer, ngram_proposal, verify
 from lowgear.errors import ConfigError
+from helpers import load
 from test_generator import make, prompts
 
 
@@ -35,13 +36,9 @@ def tiny_gguf(tmp_path_factory):
     return paths
 
 
-def load_draft(path):
-    config = lg.Config(path)
-    config.attn_backend, config.devices = "eager", ["cpu"]
-    model = lg.Model(config)
-    cache = lg.Cache(model, max_seq_len=1024, page_size=16)
-    model.load_autosplit(cache)
-    return model, cache
+def load_draft(path, rung: str = "eager"):
+    """A model and its own cache on the CPU, attention on `rung`."""
+    return load(path, max_seq_len=1024, page_size=16, attn_backend=rung, devices=["cpu"])
 
 
 def greedy(gen, ids, max_new=24, speculate=None):

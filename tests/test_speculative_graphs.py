@@ -23,6 +23,7 @@ import lowgear as lg
 from lowgear.attention.metadata import build_metadata
 from lowgear.engine.graphs import DecodeGraphs, DecodeRow, DecodeStaging
 from test_speculative import greedy, reference, tiny_gguf  # noqa: F401  (fixtures)
+from test_speculative import load_draft
 from test_generator import make
 
 K = 3  # proposals a check step holds
@@ -89,17 +90,6 @@ def test_static_check_step_equals_the_eager_check(tiny_gguf):  # noqa: F811
     assert cache.pool.num_used == 0
 
 
-def load_draft(path):
-    """A draft on the triton rung (static-buffer steps read only what a captured step reads: the eager
-    and sdpa rungs read the host lengths, which there are a bound)."""
-    config = lg.Config(path)
-    config.attn_backend, config.devices = "triton", ["cpu"]
-    model = lg.Model(config)
-    cache = lg.Cache(model, max_seq_len=1024, page_size=16)
-    model.load_autosplit(cache)
-    return model, cache
-
-
 def test_static_steps_need_a_capturable_rung(tiny_gguf):  # noqa: F811
     gen = make(tiny_gguf["target"], "eager", speculate="ngram")
     with pytest.raises(ValueError, match="eager attention rung cannot run static-buffer steps"):
@@ -137,7 +127,7 @@ def test_draft_greedy_from_static_steps_equals_plain(tiny_gguf, reference, draft
     and a different model (few accepted)."""
     ids, alone = reference
     n = 2
-    draft_model, draft_cache = load_draft(tiny_gguf[draft])
+    draft_model, draft_cache = load_draft(tiny_gguf[draft], "triton")
     gen = _static(make(tiny_gguf["target"], "triton", max_batch_size=n, draft_model=draft_model,
                        draft_cache=draft_cache, num_draft_tokens=K))
     jobs = greedy(gen, ids[:n], max_new=NEW)
@@ -157,7 +147,7 @@ def test_sampled_draft_from_static_steps_equals_eager(tiny_gguf):  # noqa: F811
     ids = [[5, 9, 14, 3, 77, 21, 9, 14], [40, 2, 2, 31]]
     outs = {}
     for static in (False, True):
-        draft_model, draft_cache = load_draft(tiny_gguf["draft"])
+        draft_model, draft_cache = load_draft(tiny_gguf["draft"], "triton")
         gen = make(tiny_gguf["target"], "triton", max_batch_size=2, draft_model=draft_model,
                    draft_cache=draft_cache, num_draft_tokens=K)
         if static:
