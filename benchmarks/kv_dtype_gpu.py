@@ -102,12 +102,10 @@ def graphed_step_seconds(model, cache, batch: int, context: int, steps: int) -> 
     import time
 
     from lowgear.cache.pages import pages_needed
-    from lowgear.engine.graphs import DecodeGraphs, DecodeRow
+    from lowgear.engine.graphs import DecodeGraphs, DecodeRow, kv_bound
 
     longest = context + steps + 1
-    # the generator's bound on a step's context (engine/generator.py): the attention kernel splits by it
-    bound = min(cache.capacity_tokens, model.config.max_seq_len or cache.capacity_tokens)
-    graphs = DecodeGraphs(model, cache, batch, bound)
+    graphs = DecodeGraphs(model, cache, batch, kv_bound(model, cache))  # the generator's bound on a step's context
     assert graphs.scratch.take(), "no page left for the graphs' padding rows"
     per_row = pages_needed(longest, cache.page_size)
     pages = [cache.pool.allocate(per_row) for _ in range(batch)]
