@@ -7,9 +7,12 @@ Here byte i of a column holds codes 2i (low nibble) and 2i + 1 (high); a tile is
 columns against the low nibbles and its odd columns against the high ones. Only elementwise ops lie between
 the load and the dot, so Triton loads the int8 tile from shared memory straight into the operand layout
 (checked in the TTGIR: no fp16 tile in shared memory) and unpacks there. Same bytes as GPTQ (a repack, not
-an unpack). This script times both kernels (and the batch-1 GEMV) on the Llama-3-8B fused layer shapes,
-4-bit group 128, as CUDA-graph replays, over a small sweep of the byte kernel's launch choices, and checks
-each result against dequantize + matmul in float32.
+an unpack). Beside it, the "words" column: GPTQ's own words handed to the mma as loaded, 8 K=16 dots a tile,
+which became gptq_mma_kernel's WORDS form (decision 024) and is launched here from there (the results in
+benchmarks/results/h100-llama3-8b-mma-operand-layouts/ came from this script's standalone copy of that loop,
+before it moved into the kernel). This script times them (and the GEMV, and the kernel's first form) on the
+Llama-3-8B fused layer shapes, 4-bit group 128, as CUDA-graph replays, over a small sweep of launch choices,
+and checks each result against dequantize + matmul in float32.
 
     python benchmarks/experiments/mma_bytes_gpu.py --out $OUT/mma_bytes.json
 """
@@ -75,46 +78,6 @@ def mma_bytes_kernel(x_ptr, qb_ptr, zf_ptr, sc_ptr, y_ptr, part_ptr, cnt_ptr,
 
 
 
-@triton.jit
-def mma_words_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, y_ptr, part_ptr, cnt_ptr,
-                     M, N, K, k_per_split, group_size, stride_xm,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, S_CHUNK: tl.constexpr,
-                     MAGIC: tl.constexpr):
-    """GPTQ's own words [K/8, N]: the word tile loads once into the mma operand layout (int32 is what Triton
-    hoists the layout conversion to), and each of the 8 nibbles is one K=16 tl.dot against x's columns 8r + j."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    ms = tl.arange(0, BLOCK_M)
-    mmask = ms < M
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    R: tl.constexpr = BLOCK_K // 8
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        r = k0 // 8 + tl.arange(0, R)
-        rmask = r * 8 < k_hi
-        w = tl.load(qw_ptr + r.to(tl.int64)[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0)
-        p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for j in tl.static_range(8):
-            if MAGIC:
-                c = (((w >> (4 * j)) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-            else:
-                c = ((w >> (4 * j)) & 15).to(tl.float16)
-            xj = tl.load(x_ptr + ms[:, None] * stride_xm + (8 * r + j)[None, :], mask=mmask[:, None] & rmask[None, :],
-                         other=0.0)
-            p = tl.dot(xj, c, p)
-            xsum += tl.sum(xj.to(tl.float32), axis=1)
-        g = k0 // group_size
-        s = tl.load(sc_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
-        zf = tl.load(zf_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc += (p - xsum[:, None] * zf[None, :]) * s[None, :]
-    splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
-                  pid_n, pid_k, tl.num_programs(1), M * N, S_CHUNK)
-
-
 def to_bytes(qweight: torch.Tensor) -> torch.Tensor:
     """GPTQ 4-bit qweight int32 [K/8, N] -> uint8 [K/2, N], byte i = codes 2i (low) and 2i+1 (high)."""
     k8, n = qweight.shape
@@ -134,12 +97,17 @@ def mma_bytes(x, qb, zeros, scales, group_size, block_n=128, block_k=128, split=
     split = triton.cdiv(k, k_per_split)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (n_blocks, split)
-    kern = mma_words_kernel if words else mma_bytes_kernel
-    kern[grid](x, qb, zeros, scales, y, splitk.workspace(split, m, n, x.device),
-               splitk.counters(x.device, grid[0]), m, n, k, k_per_split, group_size, x.stride(0),
-               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-               S_CHUNK=splitk.chunk(block_m * block_n // (32 * num_warps)), MAGIC=magic,
-               num_warps=num_warps, num_stages=num_stages)
+    s_chunk = splitk.chunk(block_m * block_n // (32 * num_warps))
+    part, cnt = splitk.workspace(split, m, n, x.device), splitk.counters(x.device, grid[0])
+    if words:  # the product's WORDS form (ops/matmul/gptq_mma.py, decision 024) over GPTQ's own words
+        MM.gptq_mma_kernel[grid](x, qb, zeros, scales, x, y, part, cnt, m, n, k, k_per_split, group_size, x.stride(0),
+                                 BITS=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_PERM=False,
+                                 S_CHUNK=s_chunk, PDL=False, FP16_MAGIC=magic, WORDS=True,
+                                 num_warps=num_warps, num_stages=num_stages)
+    else:
+        mma_bytes_kernel[grid](x, qb, zeros, scales, y, part, cnt, m, n, k, k_per_split, group_size, x.stride(0),
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, S_CHUNK=s_chunk, MAGIC=magic,
+                               num_warps=num_warps, num_stages=num_stages)
     return y
 
 
