@@ -172,7 +172,7 @@ def _integer_codes(x: torch.Tensor, scale: torch.Tensor, top: float, ratios) -> 
     (round(x / s) in [-top - 1, top]) leave the smallest squared error; the first (largest) on a tie. All
     ratios at once along a new axis: a fixed handful of ops per write, whatever their number (a decode step
     on a GPU launches each one per layer)."""
-    if len(ratios) == 1:
+    if len(ratios) == 1:  # int8: nothing to choose, so no search axis (fewer launches per write)
         s = scale * ratios[0]
         return s, (x / _nonzero(s)).round_().clamp_(-top - 1, top)
     s = scale.unsqueeze(-2) * _ratios(ratios, x.device).view(-1, 1)  # [..., R, 1]
