@@ -1,0 +1,132 @@
+"""The mma.sync kernel (ops/matmul/qmma.py) beside the GPTQ GEMV and the Triton tl.dot kernel, per layer.
+
+Llama-3-8B's fused layer shapes in three GPTQ forms (4-bit group 128 as GPTQ files hold; 4-bit group 32 with
+float zeros as a Q4_K / Q4_0 GGUF becomes; 8-bit group 16 as Q6_K becomes), 1-16 rows. Each kernel runs over
+enough copies of the layer that the copies pass the GPU's L2 twice (a decode step reads every layer once,
+cold), as one CUDA graph; the time is a call's share. % of copy bandwidth counts the codes, scales and zeros.
+Also the sm_75 build (two m16n8k8 mmas, JIT-compiled from PTX for this GPU) and a sweep of launch shapes.
+
+    python benchmarks/qmma_gpu.py --out OUT/qmma.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+
+from lowgear.ops.matmul import gptq_gemv as G, gptq_mma as MM, qmma as Q
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+FORMS = {"gptq4_g128": (4, 128), "q4k_g32": (4, 32), "q6k_g16": (8, 16)}
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * 10 * (1 << 30) / (time.perf_counter() - t)
+
+
+def layers(n, k, bits, gs, copies):
+    out = []
+    for c in range(copies):
+        g = torch.Generator(device="cuda").manual_seed(c)
+        qw = torch.randint(-(1 << 31), 1 << 31, (k * bits // 32, n), generator=g, device="cuda",
+                           dtype=torch.int64).to(torch.int32)
+        z = (torch.rand((k // gs, n), generator=g, device="cuda") * (1 << bits)).half()
+        s = (torch.rand((k // gs, n), generator=g, device="cuda") * 0.01 + 0.001).half()
+        out.append((qw, z, s))
+    return out
+
+
+def timed(fn, ls, reps=5) -> float:
+    """Microseconds a call, fn(layer) over every copy in one graph, `reps` replays after a warm one."""
+    for lay in ls:
+        fn(lay)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for lay in ls:
+            fn(lay)
+    graph.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        graph.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / (reps * len(ls))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="1,2,4,8,12,16")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=240)
+    a = ap.parse_args()
+    t0 = time.time()
+    cap = torch.cuda.get_device_capability()
+    bw = copy_bandwidth()
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    print(f"{torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}, copy {bw / 1e9:.0f} GB/s, L2 {l2 >> 20} MB", flush=True)
+    rows = []
+    for (form, (bits, gs)), (shape, (n, k)) in itertools.product(FORMS.items(), SHAPES.items()):
+        if time.time() - t0 > a.budget_s:
+            print("budget spent", flush=True)
+            break
+        nbytes = n * k * bits // 8 + 2 * 2 * n * (k // gs)
+        copies = max(2, -(-2 * l2 // nbytes))
+        ls = layers(n, k, bits, gs, copies)
+        block_r = G.gemv_tile_rows(bits, gs, k)
+        block_k = MM.mma_block_k(bits, gs, k)
+        for m in [int(v) for v in a.ms.split(",")]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            row = {"form": form, "shape": shape, "N": n, "K": k, "M": m, "bytes": nbytes}
+            row["qmma_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap), ls)
+            row["qmma_sm75_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, (7, 5)), ls)
+            if m <= G.MAX_M and block_r is not None:
+                row["gemv_us"] = timed(lambda L: G.gptq_gemv(x, L[0], L[1], L[2], None, bits, gs, block_r,
+                                                             float_z=True), ls)
+            if m >= 4 and block_k is not None:
+                row["tldot_us"] = timed(lambda L: MM.gptq_mma(x, L[0], L[1], L[2], None, bits, gs, block_k), ls)
+            for key in [c for c in row if c.endswith("_us")]:
+                row[key.replace("_us", "_pct")] = round(100 * nbytes / (row[key] * 1e-6) / bw, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    sweep = []
+    if a.sweep:
+        for shape in ("o", "gate_up"):
+            n, k = SHAPES[shape]
+            bits, gs = 4, 128
+            nbytes = n * k * bits // 8 + 2 * 2 * n * (k // gs)
+            ls = layers(n, k, bits, gs, max(2, -(-2 * l2 // nbytes)))
+            for m, warps, stages, bps in itertools.product((1, 16), (2, 4, 8), (2, 4), (1, 2, 4)):
+                if time.time() - t0 > a.budget_s + 100:
+                    break
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                us = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap, warps=warps, stages=stages,
+                                            blocks_per_sm=bps), ls)
+                r = {"shape": shape, "M": m, "warps": warps, "stages": stages, "blocks_per_sm": bps, "us": us,
+                     "pct": round(100 * nbytes / (us * 1e-6) / bw, 1)}
+                sweep.append(r)
+                print(json.dumps(r), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": rows, "sweep": sweep},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

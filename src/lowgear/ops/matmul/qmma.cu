@@ -1,0 +1,343 @@
+// Batched-decode 4/8-bit matmul on tensor cores with mma.sync (sm_75+), compiled at run time by NVRTC
+// (ops/nvrtc.py; the Python side and the layout's reasoning: ops/matmul/qmma.py).
+//
+//   y[m, n] = sum_k x[m, k] * (q[k, n] - zf[g, n]) * sc[g, n],   g = k / group_size
+//
+// Operands as the GPTQ GEMV holds them: qw int32 [K / PACK, N] (code j of word (r, n) is input feature
+// r * PACK + j), zf and sc fp16 [groups, N]. No header is included (NVRTC finds none on a bare wheel):
+// halves travel as 16-bit integers and every half op is inline PTX.
+//
+// Compile-time: BITS (4 | 8), MT (x's rows in 8-row mma tiles: 1 | 2), WARPS, STAGES (K chunks a thread has
+// in flight), BF16 (x, y bfloat16: 4-bit codes, sm_80+).
+//
+// A warp owns 64 output features: lane (g = lane / 4, t = lane % 4) owns features n0 .. n0 + 7, n0 = 8 g.
+// Per K chunk of SC = 4 * PACK features, it loads word row t of its 8 features (two 16-byte loads; a warp reads
+// 4 rows x 256 contiguous bytes), so every code it unpacks is an operand of its own mma fragment:
+// tile i (i < 4) puts feature n0 + 2i at fragment row g and n0 + 2i + 1 at row g + 8, and the fragment's K
+// order is a permutation of the chunk's (pairs of codes (j, j + PACK/2) share a half2); x's chunk is staged
+// in shared memory in the same permutation, so the dot is unchanged. Codes enter the mma exact (0..255 as
+// halves), the group's zero and scale are applied once per group in fp32: acc += sc * p - sc * zf * sum(x).
+
+#ifndef BITS
+#define BITS 4
+#endif
+#ifndef MT
+#define MT 1
+#endif
+#ifndef WARPS
+#define WARPS 4
+#endif
+#ifndef STAGES
+#define STAGES 4
+#endif
+#ifndef BF16
+#define BF16 0
+#endif
+
+#define PACK (32 / BITS)
+#define SC (4 * PACK)          // K features per chunk: 4 lanes x PACK codes
+#define KSTEPS (PACK / 4)      // k16 mma steps per chunk
+#define XR (8 * MT)            // x rows staged (rows >= M are zeros)
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+struct Stage {
+  u32 w[8];   // word row t of features n0..n0+7
+  u32 s[4];   // their scales (8 halves)
+  u32 z[4];   // their float zeros (8 halves)
+};
+
+__device__ __forceinline__ void ld16(const void* p, u32* r) {
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+__device__ __forceinline__ float h2f(u16 h) {
+  float f;
+#if BF16
+  f = __uint_as_float(((u32)h) << 16);
+#else
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+#endif
+  return f;
+}
+
+__device__ __forceinline__ float half_of(u32 v, int hi) { return h2f((u16)(hi ? v >> 16 : v & 0xffff)); }
+
+__device__ __forceinline__ float f16f(u32 v, int hi) {  // scales and zeros are fp16 whatever x is
+  float f;
+  u16 h = (u16)(hi ? v >> 16 : v & 0xffff);
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+  u16 h;
+#if BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+
+// two codes (bits [sh, sh + BITS) of each 16-bit half of w) as exact halves: OR-ed into the mantissa of
+// 1024 (fp16) or 128 (bf16, 4-bit codes only), that base then taken off with one fma
+__device__ __forceinline__ u32 codes2(u32 w, int sh) {
+  const u32 mask = (1u << BITS) - 1;
+  u32 v = (w >> sh) & (mask | (mask << 16));
+  u32 r;
+#if BF16
+  v |= 0x43004300u;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3f803f80u), "r"(0xc300c300u));
+#else
+  v |= 0x64006400u;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3c003c00u), "r"(0xe400e400u));
+#endif
+  return r;
+}
+
+// c += A (16 x 16, row) * B (16 x 8, col); sm_75 has m16n8k8 only: two of them, K halves in order
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+#if BF16
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+#else
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(b0));
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a2), "r"(a3), "r"(b1));
+#endif
+}
+
+__device__ __forceinline__ void load_stage(Stage& st, const u32* qw, const u16* zf, const u16* sc, long row,
+                                           long grow, int N, int n0, bool ok) {
+  if (ok) {
+    const u32* p = qw + row * N + n0;
+    ld16(p, st.w);
+    ld16(p + 4, st.w + 4);
+    ld16(sc + grow * N + n0, st.s);
+    ld16(zf + grow * N + n0, st.z);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) st.w[j] = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) st.s[j] = st.z[j] = 0;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __restrict__ zf,
+            const u16* __restrict__ sc, u16* __restrict__ y, float* __restrict__ part, int* __restrict__ cnt,
+            int M, int N, int K, int stride_xm, int k_per_split, int group_size) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * (WARPS * 64) + warp * 64 + 8 * g;
+  const bool nok = n0 < N;  // N % 8 == 0
+  const int split = blockIdx.y, nsplit = gridDim.y;
+  const int k_lo = split * k_per_split;
+  const int k_hi = min(k_lo + k_per_split, K);
+  const int nch = (k_hi - k_lo) / SC;
+  // x's rows in shared memory, row stride XS halves with 2 * XS = 2 * SC (mod 128): the 8 lanes of a 16-byte
+  // load phase (two rows, four 16-byte pieces each) hit distinct banks
+  const int xs_pad = ((2 * SC - (2 * k_per_split) % 128) + 128) % 128 / 2;
+  const int XS = k_per_split + xs_pad;
+  u16* xsh = (u16*)smem;
+  float* csum = (float*)(smem + ((XR * XS * 2 + 15) / 16) * 16);  // [nch][XR]: each chunk's sum of x per row
+
+  // the first STAGES chunks of weights asked for before anything an earlier kernel wrote is read
+  Stage st[STAGES];
+#pragma unroll
+  for (int u = 0; u < STAGES; ++u) {
+    int k = k_lo + u * SC;
+    if (u < nch) load_stage(st[u], qw, zf, sc, k / PACK + t, k / group_size, N, n0, nok);
+  }
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+
+  // stage x[:, k_lo:k_hi] in the fragment's K order: within each run of PACK features, position p holds
+  // feature (p >> 1) + (p & 1) * PACK / 2, so a lane's PACK halves are its b-fragment registers in order;
+  // an item is one row's chunk (4 runs), whose sum goes to csum
+  for (int idx = tid; idx < XR * nch; idx += WARPS * 32) {
+    int r = idx / nch, c = idx - r * nch;
+    float sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      u32 e[PACK / 2], v[PACK / 2];
+#pragma unroll
+      for (int j = 0; j < PACK / 2; ++j) e[j] = 0;
+      if (r < M) {
+        const u16* src = x + (long)r * stride_xm + k_lo + c * SC + q * PACK;
+#if BITS == 4
+        uint4 l = *(const uint4*)src;
+        e[0] = l.x; e[1] = l.y; e[2] = l.z; e[3] = l.w;
+#else
+        uint2 l = *(const uint2*)src;
+        e[0] = l.x; e[1] = l.y;
+#endif
+      }
+      // e[j] holds features 2j, 2j + 1; v[j] takes features j and j + PACK / 2
+#pragma unroll
+      for (int j = 0; j < PACK / 2; ++j) {
+        u32 lo = e[j / 2], hi = e[(j + PACK / 2) / 2];
+        u32 a = (j & 1) ? lo >> 16 : lo & 0xffff, bb = (j & 1) ? hi >> 16 : hi & 0xffff;
+        v[j] = a | (bb << 16);
+        sum += h2f((u16)a) + h2f((u16)bb);
+      }
+      u32* dst = (u32*)(xsh + r * XS + c * SC + q * PACK);
+#if BITS == 4
+      *(uint4*)dst = make_uint4(v[0], v[1], v[2], v[3]);
+#else
+      *(uint2*)dst = make_uint2(v[0], v[1]);
+#endif
+    }
+    csum[c * XR + r] = sum;
+  }
+  __syncthreads();
+
+  float acc[4][MT][4], p[4][MT][4], xg[MT][2];  // xg: the group's sum of x so far, rows 2 t, 2 t + 1
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][mt][r] = p[i][mt][r] = 0.f;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) xg[mt][0] = xg[mt][1] = 0.f;
+
+  for (int c0 = 0; c0 < nch; c0 += STAGES) {
+#pragma unroll
+    for (int u = 0; u < STAGES; ++u) {
+      const int c = c0 + u;
+      if (c < nch) {
+        Stage cur = st[u];
+        const int k = k_lo + c * SC;
+        if (c + STAGES < nch) {
+          int kn = k + STAGES * SC;
+          load_stage(st[u], qw, zf, sc, kn / PACK + t, kn / group_size, N, n0, nok);
+        }
+        // x's b fragments: row mt * 8 + g, this lane's PACK halves of the chunk
+        u32 b[MT][PACK / 2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const u32* src = (const u32*)(xsh + (mt * 8 + g) * XS + c * SC + t * PACK);
+#if BITS == 4
+          uint4 v = *(const uint4*)src;
+          b[mt][0] = v.x; b[mt][1] = v.y; b[mt][2] = v.z; b[mt][3] = v.w;
+#else
+          uint2 v = *(const uint2*)src;
+          b[mt][0] = v.x; b[mt][1] = v.y;
+#endif
+          float2 cs = *(const float2*)(csum + c * XR + mt * 8 + 2 * t);
+          xg[mt][0] += cs.x;
+          xg[mt][1] += cs.y;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int ks = 0; ks < KSTEPS; ++ks) {
+            // k16 step ks takes code pairs 2 ks and 2 ks + 1: shifts (2 ks) * BITS and (2 ks + 1) * BITS
+            u32 a0 = codes2(cur.w[2 * i], (2 * ks) * BITS), a1 = codes2(cur.w[2 * i + 1], (2 * ks) * BITS);
+            u32 a2 = codes2(cur.w[2 * i], (2 * ks + 1) * BITS), a3 = codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma(p[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
+          }
+        }
+        const int kend = k + SC;
+        if (kend % group_size == 0 || kend >= k_hi) {  // the group ends here: fold its zero and scale in
+          float s[8], sz[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            s[j] = f16f(cur.s[j >> 1], j & 1);
+            sz[j] = s[j] * f16f(cur.z[j >> 1], j & 1);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            float x0 = xg[mt][0], x1 = xg[mt][1];
+            xg[mt][0] = xg[mt][1] = 0.f;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) {
+                int j = 2 * i + (r >> 1);
+                acc[i][mt][r] += s[j] * p[i][mt][r] - sz[j] * ((r & 1) ? x1 : x0);
+                p[i][mt][r] = 0.f;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+
+  // this lane's outputs: features n0 + j (j = 2 i + r / 2), rows mt * 8 + 2 t + r % 2
+  if (nsplit == 1) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int m = mt * 8 + 2 * t + h;
+        if (m < M && nok) {
+          u32 o[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) o[i] = (u32)f2h(acc[i][mt][h]) | ((u32)f2h(acc[i][mt][2 + h]) << 16);
+          *(uint4*)(y + (long)m * N + n0) = make_uint4(o[0], o[1], o[2], o[3]);
+        }
+      }
+    return;
+  }
+  // split K: partials [nsplit, M, N] fp32; the block that finishes a column block last adds them in split
+  // order (deterministic) and puts the counter back to 0
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int m = mt * 8 + 2 * t + h;
+      if (m < M && nok) {
+        float* dst = part + ((long)split * M + m) * N + n0;
+        *(float4*)dst = make_float4(acc[0][mt][h], acc[0][mt][2 + h], acc[1][mt][h], acc[1][mt][2 + h]);
+        *(float4*)(dst + 4) = make_float4(acc[2][mt][h], acc[2][mt][2 + h], acc[3][mt][h], acc[3][mt][2 + h]);
+      }
+    }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  if (tid == 0) last = atomicAdd(cnt + blockIdx.x, 1) == nsplit - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int m = mt * 8 + 2 * t + h;
+      if (m < M && nok) {
+        float tot[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) tot[j] = 0.f;
+        for (int s = 0; s < nsplit; ++s) {
+          const float* src = part + ((long)s * M + m) * N + n0;
+          float4 a = __ldcg((const float4*)src), b2 = __ldcg((const float4*)(src + 4));
+          tot[0] += a.x; tot[1] += a.y; tot[2] += a.z; tot[3] += a.w;
+          tot[4] += b2.x; tot[5] += b2.y; tot[6] += b2.z; tot[7] += b2.w;
+        }
+        u32 o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[i] = (u32)f2h(tot[2 * i]) | ((u32)f2h(tot[2 * i + 1]) << 16);
+        *(uint4*)(y + (long)m * N + n0) = make_uint4(o[0], o[1], o[2], o[3]);
+      }
+    }
+  if (tid == 0) atomicExch(cnt + blockIdx.x, 0);
+}

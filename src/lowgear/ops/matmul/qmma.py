@@ -1,0 +1,119 @@
+"""Batched-decode 4/8-bit matmul on tensor cores for sm_75+: a CUDA C kernel (`qmma.cu`) built by NVRTC.
+
+Why not Triton: on sm_75 Triton lowers tl.dot to FMAs, and on sm_80+ its tl.dot kernel (gptq_mma.py) pays
+per tile for moving the codes into the mma operand layout (decision 024). Here every lane loads exactly the
+codes of its own mma fragment, so nothing goes through shared memory but x:
+
+    block (256 output features, K-split s)    4 warps x 64 features, all over the same K-slice
+      x[:, slice] -> shared memory, in the fragment's K order, with each 32-feature chunk's row sums
+      per chunk of 4 * PACK features, per lane:  word row t of its 8 features (two 16-byte loads, STAGES
+          chunks in flight), 8 codes -> 4 half2 (mask, OR into 1024's mantissa, one fma) -> 4 mma tiles
+      at each group's end:  acc += scale * p - scale * zero * sum(x)      (codes exact in the mma)
+      split-K partials as the Triton kernels' (`splitk.py`): the last block of a column adds them in order
+
+The 16 x 8 x 16 mma (two 16 x 8 x 8 on sm_75) takes the weights as its 16-row operand and x's rows as its
+8 columns, so one to eight decode rows cost the same mma work (MT = 2 tiles serve 9-16 rows).
+
+Serves the GPTQ form of GPTQ, AWQ and GGUF layers (Q4_0 / Q4_1 / Q4_K at 4 bits; Q5_x / Q6_K / Q8_0 at 8) when:
+codes of 4 or 8 bits, groups a multiple of the chunk (32 features at 4 bits, 16 at 8; or one group), no
+act-order permutation, N a multiple of 8, fp16 activations (bf16 at 4 bits on sm_80+), 1-16 rows.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from ...formats.gptq import gptq_groups
+from .. import nvrtc
+from . import splitk
+
+MAX_M = 16
+BITS = (4, 8)
+WARPS = 4
+STAGES = 4
+# blocks to aim for per SM (each holds STAGES chunks x 8 KB of codes, scales and zeros in flight)
+BLOCKS_PER_SM = 2
+# x's slice staged in shared memory stays under this (no opt-in above 48 KB, as a T4's 64 KB SM needs)
+SMEM_BYTES = 48 * 1024
+
+
+@lru_cache(maxsize=1)
+def source() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "qmma.cu")) as f:
+        return f.read()
+
+
+def chunk(bits: int) -> int:
+    return 4 * (32 // bits)
+
+
+def serves(m: int, k: int, n: int, bits: int, group_size: int, dtype: torch.dtype, capability, sorted_: bool) -> bool:
+    """Whether `qmma` can take this call (see the module docstring)."""
+    if capability is None or tuple(capability) < (7, 5) or bits not in BITS or sorted_ or not 1 <= m <= MAX_M:
+        return False
+    if dtype == torch.bfloat16:
+        if bits != 4 or tuple(capability) < (8, 0):
+            return False
+    elif dtype != torch.float16:
+        return False
+    sc = chunk(bits)
+    gs = k if gptq_groups(k, group_size) == 1 else group_size
+    return n % 8 == 0 and k % sc == 0 and gs % sc == 0
+
+
+def smem_bytes(m_tiles: int, k_per_split: int, bits: int) -> int:
+    sc = chunk(bits)
+    pad = ((2 * sc - (2 * k_per_split) % 128) + 128) % 128 // 2
+    xr = 8 * m_tiles
+    return (xr * (k_per_split + pad) * 2 + 15) // 16 * 16 + (k_per_split // sc) * xr * 4
+
+
+def launch_params(m: int, n: int, k: int, bits: int, sms: int, *, warps: int | None = None, split: int | None = None,
+                  stages: int | None = None, blocks_per_sm: int | None = None) -> dict[str, int]:
+    """MT, WARPS, STAGES, the K split and its slice for one shape (keywords: the benchmark's sweep)."""
+    sc = chunk(bits)
+    mt = 1 if m <= 8 else 2
+    warps = warps or WARPS
+    n_blocks = -(-n // (64 * warps))
+    chunks = k // sc
+    if split is None:
+        split = max(1, -(-(blocks_per_sm or BLOCKS_PER_SM) * sms // n_blocks))
+    split = max(1, min(chunks, split))
+    while True:  # the slice's x must fit the shared-memory budget
+        kps = -(-chunks // split) * sc
+        if smem_bytes(mt, kps, bits) <= SMEM_BYTES or kps == sc:
+            break
+        split += 1
+    split = -(-k // kps)
+    return {"MT": mt, "WARPS": warps, "STAGES": stages or STAGES, "split": split, "k_per_split": kps,
+            "n_blocks": n_blocks, "smem": smem_bytes(mt, kps, bits)}
+
+
+@lru_cache(maxsize=16)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
+         group_size: int, capability: tuple[int, int], **overrides) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W.T on a CUDA device (`serves` must hold); the operands are the GPTQ GEMV's
+    (qweight [K / PACK, N] int32, zeros `float_zeros` fp16 [groups, N], scales fp16). capability: the
+    target the kernel is built for (the device's, or the emulated one's)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous()
+    gs = k if gptq_groups(k, group_size) == 1 else group_size
+    p = launch_params(m, n, k, bits, _sms(x.device.index or 0), **overrides)
+    defines = {"BITS": bits, "MT": p["MT"], "WARPS": p["WARPS"], "STAGES": p["STAGES"],
+               "BF16": int(x.dtype == torch.bfloat16)}
+    kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    part = splitk.workspace(p["split"], m, n, x.device)
+    cnt = splitk.counters(x.device, p["n_blocks"])
+    kern((p["n_blocks"], p["split"], 1), 32 * p["WARPS"], p["smem"],
+         [x, qweight, zeros, scales, y, part, cnt, m, n, k, x.stride(0), p["k_per_split"], gs])
+    return y

@@ -1,0 +1,159 @@
+"""ops/matmul/qmma: the NVRTC-built mma.sync kernel, against W = (q - z) * s in float64.
+
+On the GPU: odd row counts, N not a multiple of a block, groups of 16 / 32 / 128 / one group, float
+(GGUF-like) zeros, forced K splits, bf16, the sm_75 build (two m16n8k8 mmas, PTX the driver JITs for the GPU
+at hand, as an emulated T4 runs), and a CUDA-graph replay. On the CPU: the kernel compiles to sm_75 / sm_80 /
+sm_90 cubins (NVRTC runs ptxas, so the inline PTX is checked) and the launch shapes hold their bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowgear.ops import nvrtc
+from lowgear.ops.matmul import qmma as Q
+from lowgear.ops.matmul.gptq_gemv import float_zeros
+
+from test_quant_kernels_gptq import pack_stream  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def make(bits, n, k, gs, seed=0, float_z=False):
+    """(qweight, zf, scales) on the GPU and W [n, k] float64 from random codes (gs -1: one group)."""
+    rng = np.random.default_rng(seed)
+    groups = 1 if gs == -1 else k // gs
+    g = np.arange(k) // (k if groups == 1 else gs)
+    q = rng.integers(0, 1 << bits, (k, n))
+    if float_z:  # a K-quant's minimum over its scale: not an integer
+        z = (rng.random((groups, n)) * (1 << bits)).astype(np.float16)
+    else:
+        z = rng.integers(0, 1 << bits, (groups, n)).astype(np.float16)
+    s = (rng.random((groups, n)) * 0.02 + 0.002).astype(np.float16)
+    w = ((q - z[g].astype(np.float64)) * s[g].astype(np.float64)).T
+    qweight = torch.from_numpy(pack_stream(q, bits)).cuda()
+    return qweight, torch.from_numpy(z).cuda(), torch.from_numpy(s).cuda(), torch.from_numpy(np.ascontiguousarray(w))
+
+
+def check(y, x, w, tol=2e-3):
+    ref = x.double().cpu() @ w.t()
+    err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+    assert err < tol, err
+
+
+CASES = [  # bits, m, n, k, group
+    (4, 1, 256, 128, 32), (4, 3, 328, 96, 32), (4, 5, 4096, 4096, 128), (4, 8, 520, 4096, -1),
+    (4, 9, 264, 160, 32), (4, 16, 6144, 4096, 128), (4, 13, 1032, 14336, 128), (4, 16, 28672, 4096, 128),
+    (8, 1, 264, 64, 16), (8, 7, 512, 4096, 16), (8, 16, 1032, 1024, 32), (8, 11, 4096, 14336, 16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,m,n,k,gs", CASES)
+@pytest.mark.parametrize("split", [None, 1, 7])
+@pytest.mark.parametrize("float_z", [False, True])
+def test_matches_float64(bits, m, n, k, gs, split, float_z):
+    qw, z, s, w = make(bits, n, k, gs, seed=m + n, float_z=float_z)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    y = Q.qmma(x, qw, z, s, bits, gs, torch.cuda.get_device_capability(), split=split)
+    check(y, x, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,m,n,k,gs", [(4, 1, 256, 128, 32), (4, 9, 264, 160, 32), (4, 16, 6144, 4096, 128),
+                                           (8, 7, 512, 4096, 16), (8, 16, 1032, 1024, 32)])
+def test_sm75_build(bits, m, n, k, gs):
+    """The build an sm_75 card runs (m16n8k8 pairs), JIT-compiled from its PTX for the GPU at hand."""
+    qw, z, s, w = make(bits, n, k, gs, seed=3, float_z=True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    check(Q.qmma(x, qw, z, s, bits, gs, (7, 5)), x, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 6, 16])
+def test_bf16(m):
+    qw, z, s, w = make(4, 1032, 4096, 128, seed=5, float_z=True)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    check(Q.qmma(x, qw, z, s, 4, 128, torch.cuda.get_device_capability()), x, w, tol=3e-3)
+
+
+@pytest.mark.gpu
+def test_strided_rows_and_graph_replay():
+    qw, z, s, w = make(4, 4096, 4096, 128, seed=7)
+    big = torch.randn(12, 4096 + 64, device="cuda", dtype=torch.float16)
+    x = big[:, 8:8 + 4096]  # rows 4160 halves apart, 16-byte aligned
+    check(Q.qmma(x, qw, z, s, 4, 128, torch.cuda.get_device_capability()), x, w)
+    static = torch.randn(12, 4096, device="cuda", dtype=torch.float16)
+    Q.qmma(static, qw, z, s, 4, 128, torch.cuda.get_device_capability())  # compiled and counters made
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = Q.qmma(static, qw, z, s, 4, 128, torch.cuda.get_device_capability())
+    for seed in range(3):
+        static.copy_(torch.randn(12, 4096, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, static, w)
+
+
+@pytest.mark.gpu
+def test_gptq_layer_zeros():
+    """Through a GPTQ layer's own tensors (`float_zeros` of packed qzeros, v1's offset of 1)."""
+    from test_quant_kernels_gptq import make_gptq
+
+    gw, w = make_gptq(4, 512, 1024, 128)
+    zf = float_zeros(gw.qzeros, 4, gw.zero_offset).cuda()
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.float16)
+    check(Q.qmma(x, gw.qweight.cuda(), zf, gw.scales.cuda(), 4, 128, torch.cuda.get_device_capability()), x, w)
+
+
+# ---------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_86", "sm_90"])
+@pytest.mark.parametrize("bits,mt,bf16", [(4, 1, 0), (4, 2, 0), (8, 1, 0), (8, 2, 0), (4, 2, 1)])
+def test_compiles(arch, bits, mt, bf16):
+    if bf16 and arch == "sm_75":
+        pytest.skip("bf16 mma needs sm_80 (serves() never asks for it)")
+    if nvrtc.available() is not None:
+        pytest.fail(nvrtc.available())
+    cubin = nvrtc.compile_source(Q.source(), {"BITS": bits, "MT": mt, "BF16": bf16, "WARPS": Q.WARPS,
+                                              "STAGES": Q.STAGES}, arch)
+    assert cubin[:4] == b"\x7fELF"
+
+
+def test_sm75_build_uses_m16n8k8():
+    ptx = nvrtc.compile_source(Q.source(), {"BITS": 4, "MT": 1}, "compute_75").decode()
+    assert "m16n8k8" in ptx and "m16n8k16" not in ptx
+    ptx = nvrtc.compile_source(Q.source(), {"BITS": 4, "MT": 1}, "compute_80").decode()
+    assert "m16n8k16" in ptx and "m16n8k8" not in ptx
+
+
+@pytest.mark.parametrize("m,n,k,bits", [(1, 4096, 4096, 4), (16, 6144, 4096, 4), (16, 128256, 4096, 8),
+                                        (9, 4096, 14336, 4), (3, 264, 96, 4)])
+def test_launch_params(m, n, k, bits):
+    p = Q.launch_params(m, n, k, bits, 132)
+    assert p["smem"] <= Q.SMEM_BYTES
+    assert p["k_per_split"] % Q.chunk(bits) == 0
+    assert (p["split"] - 1) * p["k_per_split"] < k <= p["split"] * p["k_per_split"]  # no empty split
+    assert p["n_blocks"] * 64 * p["WARPS"] >= n
+    assert p["MT"] == (1 if m <= 8 else 2)
+
+
+@pytest.mark.parametrize("args,ok", [
+    ((16, 4096, 4096, 4, 128, torch.float16, (7, 5), False), True),
+    ((17, 4096, 4096, 4, 128, torch.float16, (9, 0), False), False),  # past MAX_M
+    ((4, 4096, 4096, 4, 128, torch.float16, (7, 0), False), False),  # V100: no m16n8k8
+    ((4, 4096, 4096, 3, 128, torch.float16, (9, 0), False), False),  # 3-bit codes straddle words
+    ((4, 4096, 4096, 4, 128, torch.float16, (9, 0), True), False),  # act-order
+    ((4, 4096, 4096, 4, 128, torch.bfloat16, (7, 5), False), False),  # no bf16 mma on sm_75
+    ((4, 4096, 4096, 4, 128, torch.bfloat16, (8, 0), False), True),
+    ((4, 4096, 4096, 8, 128, torch.bfloat16, (9, 0), False), False),  # 8-bit codes are not exact in bf16 + 128
+    ((4, 4100, 4096, 4, 128, torch.float16, (9, 0), False), False),  # N % 8
+    ((4, 4096, 4096, 4, 16, torch.float16, (9, 0), False), False),  # groups under a 32-feature chunk
+    ((4, 4096, 4096, 8, 16, torch.float16, (9, 0), False), True),  # 8 bits: 16-feature chunks
+    ((4, 4096, 4096, 4, 128, torch.float32, (9, 0), False), False),
+])
+def test_serves(args, ok):
+    assert Q.serves(*args) is ok
