@@ -6,7 +6,8 @@ enough copies of the layer that the copies pass the GPU's L2 twice (a decode ste
 cold), as one CUDA graph; the time is a call's share. % of copy bandwidth counts the codes, scales and zeros.
 Also the sm_75 build (two m16n8k8 mmas, JIT-compiled from PTX for this GPU) and a sweep of launch shapes.
 
-    python benchmarks/qmma_gpu.py --out OUT/qmma.json
+    python benchmarks/qmma_gpu.py --table --out OUT/qmma.json
+    python benchmarks/qmma_gpu.py --sweep --sweep-ms 1,16 --sweep-shapes o,gate_up --out OUT/sweep.json
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,2,4,8,12,16")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--table", action="store_true", help="qmma beside the GEMV and tl.dot kernels, every form")
+    ap.add_argument("--sweep", action="store_true", help="qmma's launch shapes, 4-bit group 128")
+    ap.add_argument("--sweep-ms", default="1,16")
+    ap.add_argument("--sweep-shapes", default="o,gate_up")
+    ap.add_argument("--grid", default="warps=2,4;stages=2,4;minb=1;bps=1,2,4")
     ap.add_argument("--budget-s", type=float, default=240)
     a = ap.parse_args()
     t0 = time.time()
@@ -82,7 +87,7 @@ def main() -> None:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     print(f"{torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}, copy {bw / 1e9:.0f} GB/s, L2 {l2 >> 20} MB", flush=True)
     rows = []
-    for (form, (bits, gs)), (shape, (n, k)) in itertools.product(FORMS.items(), SHAPES.items()):
+    for (form, (bits, gs)), (shape, (n, k)) in itertools.product(FORMS.items() if a.table else [], SHAPES.items()):
         if time.time() - t0 > a.budget_s:
             print("budget spent", flush=True)
             break
@@ -107,18 +112,21 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     sweep = []
     if a.sweep:
-        for shape in ("o", "gate_up"):
+        grid = {kv.split("=")[0]: [int(v) for v in kv.split("=")[1].split(",")] for kv in a.grid.split(";")}
+        for shape in a.sweep_shapes.split(","):
             n, k = SHAPES[shape]
             bits, gs = 4, 128
             nbytes = n * k * bits // 8 + 2 * 2 * n * (k // gs)
             ls = layers(n, k, bits, gs, max(2, -(-2 * l2 // nbytes)))
-            for m, warps, stages, bps in itertools.product((1, 16), (2, 4, 8), (2, 4), (1, 2, 4)):
-                if time.time() - t0 > a.budget_s + 100:
+            for m, warps, stages, minb, bps in itertools.product([int(v) for v in a.sweep_ms.split(",")],
+                                                                 grid["warps"], grid["stages"], grid["minb"], grid["bps"]):
+                if time.time() - t0 > a.budget_s:
                     break
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 us = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap, warps=warps, stages=stages,
-                                            blocks_per_sm=bps), ls)
-                r = {"shape": shape, "M": m, "warps": warps, "stages": stages, "blocks_per_sm": bps, "us": us,
+                                            blocks_per_sm=bps, min_blocks=minb), ls)
+                r = {"shape": shape, "M": m, "warps": warps, "stages": stages, "minb": minb, "blocks_per_sm": bps,
+                     "us": us,
                      "pct": round(100 * nbytes / (us * 1e-6) / bw, 1)}
                 sweep.append(r)
                 print(json.dumps(r), flush=True)

@@ -129,7 +129,8 @@ class Kernel:
             _cu(_cuda().cuFuncSetAttribute(self.func, 8, ctypes.c_int(nbytes)), "cuFuncSetAttribute")
             self.max_shared = nbytes
 
-    def __call__(self, grid: tuple[int, int, int], block: int, shared: int, args: list) -> None:
+    def __call__(self, grid: tuple[int, int, int], block: int, shared: int, args: list, pdl: bool = False) -> None:
+        """Launch on torch's current stream; pdl: with programmatic stream serialization (sm_90+, ops/pdl.py)."""
         vals = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -141,8 +142,29 @@ class Kernel:
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
         self.set_max_shared(shared)
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        _cu(_cuda().cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block, 1, 1, shared,
-                                   ctypes.c_void_p(stream), ptrs, None), "cuLaunchKernel")
+        if not pdl:
+            _cu(_cuda().cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block, 1, 1, shared,
+                                       ctypes.c_void_p(stream), ptrs, None), "cuLaunchKernel")
+            return
+        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1
+        cfg = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared, ctypes.c_void_p(stream),
+                            ctypes.pointer(attr), 1)
+        _cu(_cuda().cuLaunchKernelEx(ctypes.byref(cfg), self.func, ptrs, None), "cuLaunchKernelEx")
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
 def kernel(source: str, name: str, defines: dict[str, int], device: torch.device,

@@ -32,7 +32,10 @@ its `g_idx` becomes None (groups are now k // group_size) and `gptq_perm` (int32
 is input feature perm[i]) is registered, which QuantLinear's torch path reads to put W's columns
 back (`QuantLinear._dequant`). So an act-order layer holds its codes once, as stored.
 
-Batched decode (MMA_FROM_M <= M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on
+Decode rows QMMA_FROM_M <= M <= qmma.MAX_M of 4- and 8-bit layers (fp16; bf16 at 4 bits on sm_80+) on compute
+capability >= 7.5 go to `qmma.qmma`, a CUDA C mma.sync kernel built by NVRTC (the one tensor-core route an
+sm_75 card has; on newer cards faster than the GEMV and tl.dot at those rows). Past it, batched decode
+(MMA_FROM_M <= M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on
 compute capability >= 8.0 goes to `gptq_mma.gptq_mma`: the same operands, codes unpacked in registers and
 multiplied with tl.dot (tensor-core mma there). It lives in its own file because tl.dot is what
 sm_70 / sm_75 must not run (Triton lowers it to FMAs); `gptq_matmul` checks the capability.
@@ -53,7 +56,7 @@ from ...platform import hardware
 from .. import pdl
 from ...formats.dequant import banded_matmul
 from ...formats.gptq import gptq_groups, pack_codes, pack_shape  # noqa: F401 (pack_*: re-exported)
-from . import f16x2, gptq_mma, splitk
+from . import f16x2, gptq_mma, qmma, splitk
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
 # it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
@@ -61,6 +64,9 @@ MAX_M = 8
 # on sm >= 8.0 the tl.dot kernel (gptq_mma.py) takes M from here on
 # why: docs/decisions/004-gemv-row-limits.md
 MMA_FROM_M = 5
+# the mma.sync kernel (qmma.py) takes M from here to qmma.MAX_M where it serves the layer
+# why: docs/decisions/026-mma-sync-decode.md
+QMMA_FROM_M = 3
 # GEMV launch: num_warps for every M, row-groups per tile at most (8 = 64 inputs at 4 bits), K split
 # into at least MIN_SPLIT parts; the packed-half2 unpack (f16x2.py) takes HALF2_* at one activation
 # row and GEMV_TILE_ROWS past it. why: docs/decisions/005-gptq-gemv-launch.md
@@ -450,6 +456,15 @@ def uses_mma(m: int, dtype: torch.dtype, facts: dict, capability: tuple[int, int
             and facts["mma_block_k"] is not None and capability is not None and tuple(capability) >= (8, 0))
 
 
+def uses_qmma(m: int, x: torch.Tensor, module, facts: dict, capability: tuple[int, int] | None) -> bool:
+    """Whether `gptq_matmul` sends M rows to the mma.sync kernel: QMMA_FROM_M <= M, a CUDA tensor, a layer
+    with the GEMV's buffers that `qmma.serves`, and NVRTC at hand (else the Triton routes, as before)."""
+    return (m >= QMMA_FROM_M and x.is_cuda and facts["block_r"] is not None
+            and qmma.serves(m, module.in_features, module.out_features, module._gptq["bits"],
+                            module._gptq["group_size"], x.dtype, capability, facts["sorted"])
+            and qmma.usable())
+
+
 def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = None) -> torch.Tensor:
     """The QuantLinear hook: x [..., K] -> [..., N] in x's dtype (bias is the module's business).
 
@@ -466,7 +481,11 @@ def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = No
     if m == 0:
         return x.new_empty((*lead, n))
     perm = module.gptq_perm if facts["sorted"] else None
-    mma = uses_mma(m, x2.dtype, facts, facts["capability"] if capability is None else capability)
+    cap = facts["capability"] if capability is None else capability
+    if uses_qmma(m, x2, module, facts, cap):
+        y = qmma.qmma(x2, module.qweight, module.gptq_zeros, module.scales, g["bits"], g["group_size"], cap)
+        return y.reshape(*lead, n)
+    mma = uses_mma(m, x2.dtype, facts, cap)
     if m <= MAX_M and facts["block_r"] is not None and not mma:
         y = gptq_gemv(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],
                       facts["block_r"], float_z=module.qzeros is None)

@@ -10,10 +10,10 @@
 // Compile-time: BITS (4 | 8), MT (x's rows in 8-row mma tiles: 1 | 2), WARPS, STAGES (K chunks a thread has
 // in flight), BF16 (x, y bfloat16: 4-bit codes, sm_80+).
 //
-// A warp owns 64 output features: lane (g = lane / 4, t = lane % 4) owns features n0 .. n0 + 7, n0 = 8 g.
-// Per K chunk of SC = 4 * PACK features, it loads word row t of its 8 features (two 16-byte loads; a warp reads
-// 4 rows x 256 contiguous bytes), so every code it unpacks is an operand of its own mma fragment:
-// tile i (i < 4) puts feature n0 + 2i at fragment row g and n0 + 2i + 1 at row g + 8, and the fragment's K
+// A warp owns 64 output features: lane (g = lane / 4, t = lane % 4) owns features f_j = 4 g + j and
+// 32 + 4 g + j - 4 (j < 4, j >= 4) of them. Per K chunk of SC = 4 * PACK features, it loads word row t of its 8
+// features (two 16-byte loads, each a warp's 4 rows x 128 contiguous bytes), so every code it unpacks is an
+// operand of its own mma fragment: tile i (i < 4) puts f_2i at fragment row g and f_2i+1 at row g + 8; the fragment's K
 // order is a permutation of the chunk's (pairs of codes (j, j + PACK/2) share a half2); x's chunk is staged
 // in shared memory in the same permutation, so the dot is unchanged. Codes enter the mma exact (0..255 as
 // halves), the group's zero and scale are applied once per group in fp32: acc += sc * p - sc * zf * sum(x).
@@ -33,6 +33,12 @@
 #ifndef BF16
 #define BF16 0
 #endif
+#ifndef MINB
+#define MINB 1         // blocks an SM must hold (caps registers)
+#endif
+#ifndef PDL
+#define PDL 0          // ops/pdl.py's release modes: 0 plain launch, 1 after the main loop, 2 after the wait, 3 before it
+#endif
 
 #define PACK (32 / BITS)
 #define SC (4 * PACK)          // K features per chunk: 4 lanes x PACK codes
@@ -43,13 +49,17 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 
 struct Stage {
-  u32 w[8];   // word row t of features n0..n0+7
-  u32 s[4];   // their scales (8 halves)
-  u32 z[4];   // their float zeros (8 halves)
+  u32 w[8];   // word row t of features f_0..f_7
+  u32 s[4];   // their scales (8 halves), loaded for the chunk that ends a group
+  u32 z[4];   // their float zeros (8 halves), likewise
 };
 
 __device__ __forceinline__ void ld16(const void* p, u32* r) {
   asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
+__device__ __forceinline__ void ld8(const void* p, u32* r) {
+  asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "l"(p));
 }
 
 __device__ __forceinline__ float h2f(u16 h) {
@@ -118,30 +128,36 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 }
 
 __device__ __forceinline__ void load_stage(Stage& st, const u32* qw, const u16* zf, const u16* sc, long row,
-                                           long grow, int N, int n0, bool ok) {
-  if (ok) {
-    const u32* p = qw + row * N + n0;
-    ld16(p, st.w);
-    ld16(p + 4, st.w + 4);
-    ld16(sc + grow * N + n0, st.s);
-    ld16(zf + grow * N + n0, st.z);
-  } else {
+                                           long grow, int N, int na, int nb, bool oka, bool okb, bool ends) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) st.w[j] = 0;
+  for (int j = 0; j < 8; ++j) st.w[j] = 0;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) st.s[j] = st.z[j] = 0;
+  for (int j = 0; j < 4; ++j) st.s[j] = st.z[j] = 0;
+  if (oka) {
+    ld16(qw + row * N + na, st.w);
+    if (ends) {
+      ld8(sc + grow * N + na, st.s);
+      ld8(zf + grow * N + na, st.z);
+    }
+  }
+  if (okb) {
+    ld16(qw + row * N + nb, st.w + 4);
+    if (ends) {
+      ld8(sc + grow * N + nb, st.s + 2);
+      ld8(zf + grow * N + nb, st.z + 2);
+    }
   }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __restrict__ zf,
             const u16* __restrict__ sc, u16* __restrict__ y, float* __restrict__ part, int* __restrict__ cnt,
             int M, int N, int K, int stride_xm, int k_per_split, int group_size) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * (WARPS * 64) + warp * 64 + 8 * g;
-  const bool nok = n0 < N;  // N % 8 == 0
+  const int na = blockIdx.x * (WARPS * 64) + warp * 64 + 4 * g, nb = na + 32;  // features f_0..3, f_4..7
+  const bool oka = na < N, okb = nb < N;  // N % 8 == 0: all four or none
   const int split = blockIdx.y, nsplit = gridDim.y;
   const int k_lo = split * k_per_split;
   const int k_hi = min(k_lo + k_per_split, K);
@@ -158,10 +174,18 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
 #pragma unroll
   for (int u = 0; u < STAGES; ++u) {
     int k = k_lo + u * SC;
-    if (u < nch) load_stage(st[u], qw, zf, sc, k / PACK + t, k / group_size, N, n0, nok);
+    if (u < nch)
+      load_stage(st[u], qw, zf, sc, k / PACK + t, k / group_size, N, na, nb, oka, okb,
+                 (k + SC) % group_size == 0 || k + SC >= k_hi);
   }
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 && PDL == 3
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+#if __CUDA_ARCH__ >= 900 && PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#if __CUDA_ARCH__ >= 900 && PDL == 2
+  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
   // stage x[:, k_lo:k_hi] in the fragment's K order: within each run of PACK features, position p holds
@@ -223,7 +247,8 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
         const int k = k_lo + c * SC;
         if (c + STAGES < nch) {
           int kn = k + STAGES * SC;
-          load_stage(st[u], qw, zf, sc, kn / PACK + t, kn / group_size, N, n0, nok);
+          load_stage(st[u], qw, zf, sc, kn / PACK + t, kn / group_size, N, na, nb, oka, okb,
+                     (kn + SC) % group_size == 0 || kn + SC >= k_hi);
         }
         // x's b fragments: row mt * 8 + g, this lane's PACK halves of the chunk
         u32 b[MT][PACK / 2];
@@ -278,22 +303,23 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
       }
     }
   }
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 && PDL == 1
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
-  // this lane's outputs: features n0 + j (j = 2 i + r / 2), rows mt * 8 + 2 t + r % 2
+  // this lane's outputs: features f_j (j = 2 i + r / 2), rows mt * 8 + 2 t + r % 2
   if (nsplit == 1) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         int m = mt * 8 + 2 * t + h;
-        if (m < M && nok) {
+        if (m < M && oka) {
           u32 o[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i) o[i] = (u32)f2h(acc[i][mt][h]) | ((u32)f2h(acc[i][mt][2 + h]) << 16);
-          *(uint4*)(y + (long)m * N + n0) = make_uint4(o[0], o[1], o[2], o[3]);
+          *(uint2*)(y + (long)m * N + na) = make_uint2(o[0], o[1]);
+          if (okb) *(uint2*)(y + (long)m * N + nb) = make_uint2(o[2], o[3]);
         }
       }
     return;
@@ -305,10 +331,11 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       int m = mt * 8 + 2 * t + h;
-      if (m < M && nok) {
-        float* dst = part + ((long)split * M + m) * N + n0;
-        *(float4*)dst = make_float4(acc[0][mt][h], acc[0][mt][2 + h], acc[1][mt][h], acc[1][mt][2 + h]);
-        *(float4*)(dst + 4) = make_float4(acc[2][mt][h], acc[2][mt][2 + h], acc[3][mt][h], acc[3][mt][2 + h]);
+      if (m < M && oka) {
+        float* dst = part + ((long)split * M + m) * N;
+        *(float4*)(dst + na) = make_float4(acc[0][mt][h], acc[0][mt][2 + h], acc[1][mt][h], acc[1][mt][2 + h]);
+        if (okb)
+          *(float4*)(dst + nb) = make_float4(acc[2][mt][h], acc[2][mt][2 + h], acc[3][mt][h], acc[3][mt][2 + h]);
       }
     }
   __threadfence();
@@ -323,20 +350,24 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       int m = mt * 8 + 2 * t + h;
-      if (m < M && nok) {
+      if (m < M && oka) {
         float tot[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) tot[j] = 0.f;
         for (int s = 0; s < nsplit; ++s) {
-          const float* src = part + ((long)s * M + m) * N + n0;
-          float4 a = __ldcg((const float4*)src), b2 = __ldcg((const float4*)(src + 4));
+          const float* src = part + ((long)s * M + m) * N;
+          float4 a = __ldcg((const float4*)(src + na));
           tot[0] += a.x; tot[1] += a.y; tot[2] += a.z; tot[3] += a.w;
-          tot[4] += b2.x; tot[5] += b2.y; tot[6] += b2.z; tot[7] += b2.w;
+          if (okb) {
+            float4 b2 = __ldcg((const float4*)(src + nb));
+            tot[4] += b2.x; tot[5] += b2.y; tot[6] += b2.z; tot[7] += b2.w;
+          }
         }
         u32 o[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) o[i] = (u32)f2h(tot[2 * i]) | ((u32)f2h(tot[2 * i + 1]) << 16);
-        *(uint4*)(y + (long)m * N + n0) = make_uint4(o[0], o[1], o[2], o[3]);
+        *(uint2*)(y + (long)m * N + na) = make_uint2(o[0], o[1]);
+        if (okb) *(uint2*)(y + (long)m * N + nb) = make_uint2(o[2], o[3]);
       }
     }
   if (tid == 0) atomicExch(cnt + blockIdx.x, 0);

@@ -27,17 +27,27 @@ from functools import lru_cache
 import torch
 
 from ...formats.gptq import gptq_groups
-from .. import nvrtc
+from .. import nvrtc, pdl
 from . import splitk
 
 MAX_M = 16
 BITS = (4, 8)
 WARPS = 4
-STAGES = 4
-# blocks to aim for per SM (each holds STAGES chunks x 8 KB of codes, scales and zeros in flight)
+STAGES = 2
+# blocks to aim for per SM (each holds STAGES chunks x 4 KB of codes in flight)
 BLOCKS_PER_SM = 2
+# blocks an SM must be able to hold (the register cap ptxas works to)
+MIN_BLOCKS = 1
 # x's slice staged in shared memory stays under this (no opt-in above 48 KB, as a T4's 64 KB SM needs)
 SMEM_BYTES = 48 * 1024
+
+
+@lru_cache(maxsize=1)
+def usable() -> bool:
+    """NVRTC loads and the driver library is there (LOWGEAR_NO_QMMA=1 turns the kernel off)."""
+    if os.environ.get("LOWGEAR_NO_QMMA", "") not in ("", "0"):
+        return False
+    return nvrtc.available() is None
 
 
 @lru_cache(maxsize=1)
@@ -72,7 +82,8 @@ def smem_bytes(m_tiles: int, k_per_split: int, bits: int) -> int:
 
 
 def launch_params(m: int, n: int, k: int, bits: int, sms: int, *, warps: int | None = None, split: int | None = None,
-                  stages: int | None = None, blocks_per_sm: int | None = None) -> dict[str, int]:
+                  stages: int | None = None, blocks_per_sm: int | None = None,
+                  min_blocks: int | None = None) -> dict[str, int]:
     """MT, WARPS, STAGES, the K split and its slice for one shape (keywords: the benchmark's sweep)."""
     sc = chunk(bits)
     mt = 1 if m <= 8 else 2
@@ -88,7 +99,8 @@ def launch_params(m: int, n: int, k: int, bits: int, sms: int, *, warps: int | N
             break
         split += 1
     split = -(-k // kps)
-    return {"MT": mt, "WARPS": warps, "STAGES": stages or STAGES, "split": split, "k_per_split": kps,
+    return {"MT": mt, "WARPS": warps, "STAGES": stages or STAGES, "MINB": min_blocks or MIN_BLOCKS,
+            "split": split, "k_per_split": kps,
             "n_blocks": n_blocks, "smem": smem_bytes(mt, kps, bits)}
 
 
@@ -108,12 +120,13 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
         x = x.contiguous()
     gs = k if gptq_groups(k, group_size) == 1 else group_size
     p = launch_params(m, n, k, bits, _sms(x.device.index or 0), **overrides)
-    defines = {"BITS": bits, "MT": p["MT"], "WARPS": p["WARPS"], "STAGES": p["STAGES"],
-               "BF16": int(x.dtype == torch.bfloat16)}
+    launch = pdl.launch(x.device, m) if tuple(capability) >= (9, 0) else {"PDL": 0}
+    defines = {"BITS": bits, "MT": p["MT"], "WARPS": p["WARPS"], "STAGES": p["STAGES"], "MINB": p["MINB"],
+               "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"]}
     kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = splitk.workspace(p["split"], m, n, x.device)
     cnt = splitk.counters(x.device, p["n_blocks"])
     kern((p["n_blocks"], p["split"], 1), 32 * p["WARPS"], p["smem"],
-         [x, qweight, zeros, scales, y, part, cnt, m, n, k, x.stride(0), p["k_per_split"], gs])
+         [x, qweight, zeros, scales, y, part, cnt, m, n, k, x.stride(0), p["k_per_split"], gs], pdl=bool(launch["PDL"]))
     return y
