@@ -28,31 +28,48 @@ def test_a_float16_weight_at_batch_one_is_its_bytes_over_the_bandwidth():
     assert c["seconds"] == pytest.approx(want_bytes / (320e9 * 0.8))
 
 
-def test_the_gemv_turns_arithmetic_bound_as_rows_grow_on_a_t4():
+def test_the_gemv_turns_arithmetic_bound_as_rows_grow_on_a_v100():
     lin = cm.Linear("GPTQ4g128", 4096, 4096)
-    one = cm.linear_cost(T4, lin, 1)
-    eight = cm.linear_cost(T4, lin, 8)
+    one = cm.linear_cost(V100, lin, 1)
+    eight = cm.linear_cost(V100, lin, 8)
     assert one["path"] == "half2-gemv" and one["bound"] == "memory"
     assert eight["path"] == "gemv" and eight["bound"] == "arithmetic"
-    # 4096 * 4096 codes, 2 unpack instructions + 8 FMAs each, at 8.1e12 / 2 lane instructions a second x 0.7
-    assert eight["seconds"] == pytest.approx(4096 * 4096 * 10 / (4.05e12 * 0.7))
+    # 4096 * 4096 codes, 2 unpack instructions + 8 FMAs each, at 15.7e12 / 2 lane instructions a second x 0.7
+    assert eight["seconds"] == pytest.approx(4096 * 4096 * 10 / (7.85e12 * 0.7))
+    # a T4 at 8 rows takes the mma.sync kernel: the codes' bytes over its bandwidth
+    t4 = cm.linear_cost(T4, lin, 8)
+    assert t4["path"] == "qmma" and t4["bound"] == "memory"
 
 
 def test_routes_follow_ops_matmul():
-    from lowgear.ops.matmul.gptq_gemv import MAX_M, MMA_FROM_M
+    from lowgear.ops.matmul import qmma
+    from lowgear.ops.matmul.gptq_gemv import MAX_M, MMA_FROM_M, QMMA_FROM_M
 
-    assert cm.path(T4, "gptq", MAX_M, 4) == "gemv"
+    assert cm.path(T4, "gptq", MAX_M, 4) == "gemv"  # no code width given: not the mma.sync kernel
     assert cm.path(T4, "gptq", MAX_M + 1, 4) == "dequant+cublas"  # no tl.dot tensor cores below sm_80
+    assert cm.path(T4, "gptq", QMMA_FROM_M, 4.25, codes=4) == "qmma"  # mma.sync m16n8k8 on sm_75
+    assert cm.path(T4, "gptq", qmma.MAX_M + 1, 4.25, codes=4) == "dequant+cublas"
+    assert cm.path(V100, "gptq", 16, 4.25, codes=4) == "dequant+cublas"  # sm_70: no m16n8k8
+    assert cm.path(T4, "gptq", 16, 3.25, codes=3) == "dequant+cublas"  # 3-bit codes straddle words
     assert cm.path(AMPERE, "gptq", MMA_FROM_M, 4) == "mma"
+    assert cm.path(AMPERE, "gptq", qmma.MAX_M + 1, 4.25, codes=4) == "mma"
     assert cm.path(T4, "block", 5, 4) == "dequant+cublas"
+    assert cm.code_bits("Q4_K") == 4 and cm.code_bits("Q6_K") == 8 and cm.code_bits("GPTQ4g128") == 4
+    assert cm.code_bits("F16") is None and cm.code_bits("IQ4_XS") is None
     # the dequantize path writes W.T in fp16 and reads it back: 4 bytes a weight on top of the codes
-    c = cm.linear_cost(T4, cm.Linear("GPTQ4g128", 4096, 4096), 16)
+    c = cm.linear_cost(V100, cm.Linear("GPTQ4g128", 4096, 4096), 16)
+    assert c["path"] == "dequant+cublas"
     assert c["bytes"] == pytest.approx(4096 * 4096 * (4 + 36 / 128) / 8 + 16 * 8192 * 2 + 4 * 4096 * 4096)
+    # the mma.sync kernel reads the codes once: 16 rows cost the codes' bytes (memory-bound on a T4)
+    c = cm.linear_cost(T4, cm.Linear("GPTQ4g128", 4096, 4096), 16)
+    assert c["path"] == "qmma" and c["bound"] == "memory"
+    assert c["seconds"] == pytest.approx((4096 * 4096 * (4 + 36 / 128) / 8 + 16 * 8192 * 2) / (320e9 * 0.8))
 
 
 def test_llama3_8b_in_4_bit_on_old_gpus():
-    """The shape of the answer for the model users bring: batch 1 memory-bound near bandwidth / bytes,
-    and batch 16 on the dequantize path, which makes 4-bit batched decode slower than float16 there."""
+    """The shape of the answer for the model users bring: batch 1 memory-bound near bandwidth / bytes;
+    batch 16 on a T4 through the mma.sync kernel, memory-bound on the codes (faster than float16 there), and
+    on a V100 (no m16n8k8) through the dequantize path, which makes 4-bit batched decode slower than float16."""
     spec = PRESETS["llama3-8b"]
     q4 = cm.old_gpu_predictions(RandomSource(spec, QUANTS["q4_k"], torch.device("meta"), torch.float16))
     f16 = cm.old_gpu_predictions(RandomSource(spec, None, torch.device("meta"), torch.float16))
@@ -60,7 +77,12 @@ def test_llama3_8b_in_4_bit_on_old_gpus():
     t4_1 = by[(T4.name, 1)]
     assert t4_1["bound"] == "memory" and 40 < t4_1["tokens_per_s"] < 60  # ~5 GB at 256 GB/s
     t4_16 = by[(T4.name, 16)]
-    assert next(iter(t4_16["ms_by_path"])) == "dequant+cublas"
-    f16_16 = {(r["gpu"], r["batch"]): r for r in f16}[(T4.name, 16)]
-    assert t4_16["tokens_per_s"] < f16_16["tokens_per_s"]
+    assert next(iter(t4_16["ms_by_path"])) == "qmma" and t4_16["bound"] == "memory"
+    f16_by = {(r["gpu"], r["batch"]): r for r in f16}
+    assert t4_16["tokens_per_s"] > 3 * f16_by[(T4.name, 16)]["tokens_per_s"] / 2  # ~5 GB read, against 16 GB
+    # batch 16 reads the codes once: its step within 1.5x of batch 1's (KV and the head's float rows aside)
+    assert t4_16["ms_per_step"] < 1.5 * t4_1["ms_per_step"]
+    v100_16 = by[(V100.name, 16)]
+    assert next(iter(v100_16["ms_by_path"])) == "dequant+cublas"
+    assert v100_16["tokens_per_s"] < f16_by[(V100.name, 16)]["tokens_per_s"]
     assert by[(V100.name, 1)]["tokens_per_s"] > 2 * t4_1["tokens_per_s"]  # 900 vs 320 GB/s

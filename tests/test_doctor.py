@@ -99,7 +99,9 @@ def test_t4_fits_8b_q4_and_says_how_much(monkeypatch):
     t4_1 = old[("Tesla T4", 1)]
     # 32 layers of 4-bit weights held at 5 bits (Q4_K as GPTQ) + a Q4_K head, at 0.8 x 320 GB/s: ~19 ms
     assert t4_1["bound"] == "memory" and 40 < t4_1["tokens_per_s"] < 60
-    assert old[("Tesla T4", 16)]["ms_by_path"]["dequant+cublas"] > 5 * t4_1["ms_per_step"]
+    t4_16 = old[("Tesla T4", 16)]  # the codes read once through mma.sync: near batch 1's step
+    assert next(iter(t4_16["ms_by_path"])) == "qmma" and t4_16["ms_per_step"] < 1.5 * t4_1["ms_per_step"]
+    assert old[("Tesla V100-SXM2-16GB", 16)]["ms_by_path"]["dequant+cublas"] > 2 * old[("Tesla V100-SXM2-16GB", 1)]["ms_per_step"]
     assert "on old GPUs (predicted" in text and "Tesla V100-SXM2-16GB   batch 16" in text
 
 

@@ -33,6 +33,7 @@ UNPACK_GPTQ = 2  # mask-or into a float's mantissa, subtract (gptq_gemv.py)
 UNPACK_HALF2 = 2  # the whole packed-half2 path at one fp16 row, FMA included (f16x2.py)
 UNPACK_BLOCK = 4  # GGUF block GEMVs (gguf_gemv.py)
 UNPACK_DEQUANT = 3  # the prefill dequantizer, per code, before cuBLAS
+UNPACK_QMMA = 2  # mma.sync kernel: shift, mask-or and fma per pair of codes, plus the group fold (qmma.cu)
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,29 @@ def held_bits(qtype: str, act_bytes: int = 2) -> tuple[float, str]:
     return 8.0 * fmt.block_bytes / fmt.block_size, "block"
 
 
-def path(gpu: GPU, family: str, m: int, bits: float) -> str:
-    """The kernel path lowgear takes for M rows of one weight family on this GPU (ops/matmul's rules)."""
-    from ..ops.matmul import MAX_M as BLOCK_MAX_M
-    from ..ops.matmul.gptq_gemv import MAX_M as GPTQ_MAX_M, MMA_FROM_M
+def code_bits(qtype: str) -> int | None:
+    """The width of the codes a GPTQ-form weight holds (None for float and block types)."""
+    from ..ops.matmul import repack
+
+    if qtype in repack.EXACT or qtype in repack.FLOAT_ZERO:
+        return repack.layout(qtype)[0]
+    m = re.fullmatch(r"GPTQ(\d)g(-?\d+)", qtype)
+    return int(m.group(1)) if m else None
+
+
+def path(gpu: GPU, family: str, m: int, bits: float, codes: int | None = None) -> str:
+    """The kernel path lowgear takes for M rows of one weight family on this GPU (ops/matmul's rules);
+    codes: the code width of a GPTQ-form weight (4 or 8 can take the mma.sync kernel on sm_75+)."""
+    from ..ops.matmul import MAX_M as BLOCK_MAX_M, qmma
+    from ..ops.matmul.gptq_gemv import MAX_M as GPTQ_MAX_M, MMA_FROM_M, QMMA_FROM_M
     from ..ops.matmul.gptq_mma import MMA_MAX_M
 
     if family == "float":
         return "gemv" if m <= BLOCK_MAX_M else "cublas"
     if family == "block":
         return "gemv" if m <= BLOCK_MAX_M else "dequant+cublas"
+    if gpu.cc >= (7, 5) and codes in qmma.BITS and QMMA_FROM_M <= m <= qmma.MAX_M:
+        return "qmma"
     if gpu.cc >= (8, 0) and MMA_FROM_M <= m <= MMA_MAX_M:
         return "mma"
     if m <= (BLOCK_MAX_M if gpu.cc >= (8, 0) else GPTQ_MAX_M):
@@ -101,7 +115,7 @@ def path(gpu: GPU, family: str, m: int, bits: float) -> str:
 def linear_cost(gpu: GPU, lin: Linear, m: int, act_bytes: int = 2) -> dict:
     """Bytes, instructions, tensor FLOPs and seconds of one linear at M rows."""
     bits, family = held_bits(lin.qtype, act_bytes)
-    route = path(gpu, family, m, bits)
+    route = path(gpu, family, m, bits, code_bits(lin.qtype))
     w = lin.weights
     nbytes = w * bits / 8 + m * (lin.in_features + lin.out_features) * act_bytes
     instr, tensor = 0.0, 0.0
@@ -111,6 +125,8 @@ def linear_cost(gpu: GPU, lin: Linear, m: int, act_bytes: int = 2) -> dict:
         instr = w * UNPACK_HALF2
     elif route == "mma":
         instr, tensor = w * UNPACK_DEQUANT, 2.0 * m * w
+    elif route == "qmma":  # x's rows padded to the mma's 8 columns
+        instr, tensor = w * UNPACK_QMMA, 2.0 * 8 * math.ceil(m / 8) * w
     elif route == "cublas":
         tensor = 2.0 * m * w
     else:  # dequant+cublas: W.T written in fp16 and read back by the matmul
