@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="qmma's launch shapes, 4-bit group 128")
     ap.add_argument("--sweep-ms", default="1,16")
     ap.add_argument("--sweep-shapes", default="o,gate_up")
-    ap.add_argument("--grid", default="warps=2,4;stages=2,4;minb=1;bps=1,2,4")
+    ap.add_argument("--grid", default="warps=2,4;async=0,1;bps=1,2,4",
+                    help="launch choices to cross: warps, stages, minb, bps, async, ring")
     ap.add_argument("--budget-s", type=float, default=240)
     a = ap.parse_args()
     t0 = time.time()
@@ -118,15 +119,17 @@ def main() -> None:
             bits, gs = 4, 128
             nbytes = n * k * bits // 8 + 2 * 2 * n * (k // gs)
             ls = layers(n, k, bits, gs, max(2, -(-2 * l2 // nbytes)))
-            for m, warps, stages, minb, bps in itertools.product([int(v) for v in a.sweep_ms.split(",")],
-                                                                 grid["warps"], grid["stages"], grid["minb"], grid["bps"]):
+            names = {"warps": "warps", "stages": "stages", "minb": "min_blocks", "bps": "blocks_per_sm",
+                     "async": "use_async", "ring": "ring"}
+            keys = list(grid)
+            for m, combo in itertools.product([int(v) for v in a.sweep_ms.split(",")],
+                                              list(itertools.product(*(grid[key] for key in keys)))):
                 if time.time() - t0 > a.budget_s:
                     break
+                kw = {names[key]: v for key, v in zip(keys, combo)}
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                us = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap, warps=warps, stages=stages,
-                                            blocks_per_sm=bps, min_blocks=minb), ls)
-                r = {"shape": shape, "M": m, "warps": warps, "stages": stages, "minb": minb, "blocks_per_sm": bps,
-                     "us": us,
+                us = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap, **kw), ls)
+                r = {"shape": shape, "M": m, **dict(zip(keys, combo)), "us": us,
                      "pct": round(100 * nbytes / (us * 1e-6) / bw, 1)}
                 sweep.append(r)
                 print(json.dumps(r), flush=True)

@@ -8,6 +8,8 @@ sm_90 cubins (NVRTC runs ptxas, so the inline PTX is checked) and the launch sha
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from test_quant_kernels_gptq import pack_stream  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=4)
 def make(bits, n, k, gs, seed=0, float_z=False):
     """(qweight, zf, scales) on the GPU and W [n, k] float64 from random codes (gs -1: one group)."""
     rng = np.random.default_rng(seed)
@@ -45,8 +48,8 @@ def check(y, x, w, tol=2e-3):
 
 CASES = [  # bits, m, n, k, group
     (4, 1, 256, 128, 32), (4, 3, 328, 96, 32), (4, 5, 4096, 4096, 128), (4, 8, 520, 4096, -1),
-    (4, 9, 264, 160, 32), (4, 16, 6144, 4096, 128), (4, 13, 1032, 14336, 128), (4, 16, 28672, 4096, 128),
-    (8, 1, 264, 64, 16), (8, 7, 512, 4096, 16), (8, 16, 1032, 1024, 32), (8, 11, 4096, 14336, 16),
+    (4, 9, 264, 160, 32), (4, 16, 6144, 4096, 128), (4, 13, 1032, 14336, 128), (4, 16, 28672, 1024, 128),
+    (8, 1, 264, 64, 16), (8, 7, 512, 4096, 16), (8, 16, 1032, 1024, 32), (8, 11, 1032, 14336, 16),
 ]
 
 
@@ -54,10 +57,11 @@ CASES = [  # bits, m, n, k, group
 @pytest.mark.parametrize("bits,m,n,k,gs", CASES)
 @pytest.mark.parametrize("split", [None, 1, 7])
 @pytest.mark.parametrize("float_z", [False, True])
-def test_matches_float64(bits, m, n, k, gs, split, float_z):
+@pytest.mark.parametrize("use_async", [True, False])  # the cp.async ring (sm_80+), the register pipeline
+def test_matches_float64(bits, m, n, k, gs, split, float_z, use_async):
     qw, z, s, w = make(bits, n, k, gs, seed=m + n, float_z=float_z)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    y = Q.qmma(x, qw, z, s, bits, gs, torch.cuda.get_device_capability(), split=split)
+    y = Q.qmma(x, qw, z, s, bits, gs, torch.cuda.get_device_capability(), split=split, use_async=use_async)
     check(y, x, w)
 
 
@@ -118,9 +122,17 @@ def test_compiles(arch, bits, mt, bf16):
         pytest.skip("bf16 mma needs sm_80 (serves() never asks for it)")
     if nvrtc.available() is not None:
         pytest.fail(nvrtc.available())
-    cubin = nvrtc.compile_source(Q.source(), {"BITS": bits, "MT": mt, "BF16": bf16, "WARPS": Q.WARPS,
-                                              "STAGES": Q.STAGES}, arch)
-    assert cubin[:4] == b"\x7fELF"
+    for use_async in (0, 1):  # sm_75 compiles the register pipeline either way
+        cubin = nvrtc.compile_source(Q.source(), {"BITS": bits, "MT": mt, "BF16": bf16, "WARPS": Q.WARPS,
+                                                  "STAGES": Q.STAGES, "ASYNC": use_async, "PDL": 1}, arch)
+        assert cubin[:4] == b"\x7fELF"
+
+
+def test_async_ring_only_from_sm80():
+    ptx = nvrtc.compile_source(Q.source(), {"BITS": 4, "MT": 1, "ASYNC": 1}, "compute_80").decode()
+    assert "cp.async.cg.shared.global" in ptx
+    ptx = nvrtc.compile_source(Q.source(), {"BITS": 4, "MT": 1, "ASYNC": 1}, "compute_75").decode()
+    assert "cp.async" not in ptx and "ld.global.nc.v4.u32" in ptx
 
 
 def test_sm75_build_uses_m16n8k8():
@@ -134,7 +146,8 @@ def test_sm75_build_uses_m16n8k8():
                                         (9, 4096, 14336, 4), (3, 264, 96, 4)])
 def test_launch_params(m, n, k, bits):
     p = Q.launch_params(m, n, k, bits, 132)
-    assert p["smem"] <= Q.SMEM_BYTES
+    assert p["smem"] <= Q.SMEM_BYTES + p["WARPS"] * Q.RING * 2048
+    assert Q.launch_params(m, n, k, bits, 40, capability=(7, 5))["smem"] <= Q.SMEM_BYTES  # a T4 holds it
     assert p["k_per_split"] % Q.chunk(bits) == 0
     assert (p["split"] - 1) * p["k_per_split"] < k <= p["split"] * p["k_per_split"]  # no empty split
     assert p["n_blocks"] * 64 * p["WARPS"] >= n

@@ -36,6 +36,16 @@
 #ifndef MINB
 #define MINB 1         // blocks an SM must hold (caps registers)
 #endif
+#ifndef ASYNC
+#define ASYNC 0        // sm_80+: chunks come through a per-warp shared-memory ring filled by cp.async
+#endif
+#ifndef RING
+#define RING 6         // ASYNC: chunks in flight per warp
+#endif
+#if ASYNC && __CUDA_ARCH__ < 800
+#undef ASYNC
+#define ASYNC 0        // no cp.async before sm_80: the register pipeline
+#endif
 #ifndef PDL
 #define PDL 0          // ops/pdl.py's release modes: 0 plain launch, 1 after the main loop, 2 after the wait, 3 before it
 #endif
@@ -149,6 +159,41 @@ __device__ __forceinline__ void load_stage(Stage& st, const u32* qw, const u16* 
   }
 }
 
+#if ASYNC
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+__device__ __forceinline__ void cp16(u32 dst, const void* src, bool ok) {  // zero-filled when !ok
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp8(u32 dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(ok ? 8 : 0));
+}
+
+// a ring slot is 4 pieces of 16 bytes a lane, stored piece-major ([piece][lane]) so that each 16-byte read
+// of 8 lanes covers 128 contiguous bytes: words of f_0..3, words of f_4..7, scales, zeros
+__device__ __forceinline__ void ring_issue(u32 slot, const u32* qw, const u16* zf, const u16* sc, long row, long grow,
+                                           int N, int na, int nb, bool oka, bool okb, bool ends) {
+  cp16(slot, qw + (oka ? row * N + na : 0), oka);
+  cp16(slot + 512, qw + (okb ? row * N + nb : 0), okb);
+  if (ends) {
+    cp8(slot + 1024, sc + (oka ? grow * N + na : 0), oka);
+    cp8(slot + 1024 + 8, sc + (okb ? grow * N + nb : 0), okb);
+    cp8(slot + 1536, zf + (oka ? grow * N + na : 0), oka);
+    cp8(slot + 1536 + 8, zf + (okb ? grow * N + nb : 0), okb);
+  }
+  asm volatile("cp.async.commit_group;");
+}
+
+__device__ __forceinline__ void lds16(u32 addr, u32* r) {
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __restrict__ zf,
             const u16* __restrict__ sc, u16* __restrict__ y, float* __restrict__ part, int* __restrict__ cnt,
@@ -169,15 +214,25 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
   u16* xsh = (u16*)smem;
   float* csum = (float*)(smem + ((XR * XS * 2 + 15) / 16) * 16);  // [nch][XR]: each chunk's sum of x per row
 
-  // the first STAGES chunks of weights asked for before anything an earlier kernel wrote is read
+  // the first chunks of weights asked for before anything an earlier kernel wrote is read
+#define ENDS(k) (((k) + SC) % group_size == 0 || (k) + SC >= k_hi)
+#if ASYNC
+  const int xbytes = ((XR * XS * 2 + 15) / 16) * 16 + ((nch * XR * 4 + 15) / 16) * 16;
+  const u32 ring = smem_addr(smem + xbytes) + (warp * RING * 2048) + lane * 16;
+#pragma unroll
+  for (int u = 0; u < RING - 1; ++u) {
+    int k = k_lo + u * SC;
+    if (u < nch) ring_issue(ring + u * 2048, qw, zf, sc, k / PACK + t, k / group_size, N, na, nb, oka, okb, ENDS(k));
+    else asm volatile("cp.async.commit_group;");
+  }
+#else
   Stage st[STAGES];
 #pragma unroll
   for (int u = 0; u < STAGES; ++u) {
     int k = k_lo + u * SC;
-    if (u < nch)
-      load_stage(st[u], qw, zf, sc, k / PACK + t, k / group_size, N, na, nb, oka, okb,
-                 (k + SC) % group_size == 0 || k + SC >= k_hi);
+    if (u < nch) load_stage(st[u], qw, zf, sc, k / PACK + t, k / group_size, N, na, nb, oka, okb, ENDS(k));
   }
+#endif
 #if __CUDA_ARCH__ >= 900 && PDL == 3
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
@@ -238,6 +293,79 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) xg[mt][0] = xg[mt][1] = 0.f;
 
+#if ASYNC
+  for (int c = 0; c < nch; ++c) {
+    const int k = k_lo + c * SC;
+    {
+      int cn = c + RING - 1, kn = k + (RING - 1) * SC;
+      if (cn < nch) ring_issue(ring + (cn % RING) * 2048, qw, zf, sc, kn / PACK + t, kn / group_size, N, na, nb, oka,
+                               okb, ENDS(kn));
+      else asm volatile("cp.async.commit_group;");
+    }
+    asm volatile("cp.async.wait_group %0;" ::"n"(RING - 1));
+    Stage cur;
+    const u32 slot = ring + (c % RING) * 2048;
+    lds16(slot, cur.w);
+    lds16(slot + 512, cur.w + 4);
+    if (ENDS(k)) {
+      lds16(slot + 1024, cur.s);
+      lds16(slot + 1536, cur.z);
+    }
+    {
+        // x's b fragments: row mt * 8 + g, this lane's PACK halves of the chunk
+        u32 b[MT][PACK / 2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const u32* src = (const u32*)(xsh + (mt * 8 + g) * XS + c * SC + t * PACK);
+#if BITS == 4
+          uint4 v = *(const uint4*)src;
+          b[mt][0] = v.x; b[mt][1] = v.y; b[mt][2] = v.z; b[mt][3] = v.w;
+#else
+          uint2 v = *(const uint2*)src;
+          b[mt][0] = v.x; b[mt][1] = v.y;
+#endif
+          float2 cs = *(const float2*)(csum + c * XR + mt * 8 + 2 * t);
+          xg[mt][0] += cs.x;
+          xg[mt][1] += cs.y;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int ks = 0; ks < KSTEPS; ++ks) {
+            // k16 step ks takes code pairs 2 ks and 2 ks + 1: shifts (2 ks) * BITS and (2 ks + 1) * BITS
+            u32 a0 = codes2(cur.w[2 * i], (2 * ks) * BITS), a1 = codes2(cur.w[2 * i + 1], (2 * ks) * BITS);
+            u32 a2 = codes2(cur.w[2 * i], (2 * ks + 1) * BITS), a3 = codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma(p[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
+          }
+        }
+        const int kend = k + SC;
+        if (kend % group_size == 0 || kend >= k_hi) {  // the group ends here: fold its zero and scale in
+          float s[8], sz[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            s[j] = f16f(cur.s[j >> 1], j & 1);
+            sz[j] = s[j] * f16f(cur.z[j >> 1], j & 1);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            float x0 = xg[mt][0], x1 = xg[mt][1];
+            xg[mt][0] = xg[mt][1] = 0.f;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) {
+                int j = 2 * i + (r >> 1);
+                acc[i][mt][r] += s[j] * p[i][mt][r] - sz[j] * ((r & 1) ? x1 : x0);
+                p[i][mt][r] = 0.f;
+              }
+            }
+          }
+        }
+    }
+  }
+  asm volatile("cp.async.wait_group 0;");
+#else
   for (int c0 = 0; c0 < nch; c0 += STAGES) {
 #pragma unroll
     for (int u = 0; u < STAGES; ++u) {
@@ -303,6 +431,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
       }
     }
   }
+#endif
 #if __CUDA_ARCH__ >= 900 && PDL == 1
   asm volatile("griddepcontrol.launch_dependents;");
 #endif

@@ -38,6 +38,11 @@ STAGES = 2
 BLOCKS_PER_SM = 2
 # blocks an SM must be able to hold (the register cap ptxas works to)
 MIN_BLOCKS = 1
+# sm_80+: chunks come through a shared-memory ring filled by cp.async, RING chunks (2 KB each) in flight a
+# warp, and x's slice is kept under ASYNC_X_BYTES so that a few blocks share an SM
+ASYNC_FROM = (8, 0)
+RING = 6
+ASYNC_X_BYTES = 24 * 1024
 # x's slice staged in shared memory stays under this (no opt-in above 48 KB, as a T4's 64 KB SM needs)
 SMEM_BYTES = 48 * 1024
 
@@ -74,16 +79,18 @@ def serves(m: int, k: int, n: int, bits: int, group_size: int, dtype: torch.dtyp
     return n % 8 == 0 and k % sc == 0 and gs % sc == 0
 
 
-def smem_bytes(m_tiles: int, k_per_split: int, bits: int) -> int:
+def smem_bytes(m_tiles: int, k_per_split: int, bits: int, ring_bytes: int = 0) -> int:
+    """x's staged slice, its chunk sums, and the cp.async ring (qmma.cu's layout)."""
     sc = chunk(bits)
     pad = ((2 * sc - (2 * k_per_split) % 128) + 128) % 128 // 2
     xr = 8 * m_tiles
-    return (xr * (k_per_split + pad) * 2 + 15) // 16 * 16 + (k_per_split // sc) * xr * 4
+    return (xr * (k_per_split + pad) * 2 + 15) // 16 * 16 + ((k_per_split // sc) * xr * 4 + 15) // 16 * 16 + ring_bytes
 
 
 def launch_params(m: int, n: int, k: int, bits: int, sms: int, *, warps: int | None = None, split: int | None = None,
-                  stages: int | None = None, blocks_per_sm: int | None = None,
-                  min_blocks: int | None = None) -> dict[str, int]:
+                  stages: int | None = None, blocks_per_sm: int | None = None, min_blocks: int | None = None,
+                  use_async: bool | None = None, ring: int | None = None,
+                  capability: tuple[int, int] = (9, 0)) -> dict[str, int]:
     """MT, WARPS, STAGES, the K split and its slice for one shape (keywords: the benchmark's sweep)."""
     sc = chunk(bits)
     mt = 1 if m <= 8 else 2
@@ -93,15 +100,18 @@ def launch_params(m: int, n: int, k: int, bits: int, sms: int, *, warps: int | N
     if split is None:
         split = max(1, -(-(blocks_per_sm or BLOCKS_PER_SM) * sms // n_blocks))
     split = max(1, min(chunks, split))
+    use_async = tuple(capability) >= ASYNC_FROM if use_async is None else use_async
+    ring = (ring or RING) if use_async else 0
+    x_budget = ASYNC_X_BYTES if use_async else SMEM_BYTES
     while True:  # the slice's x must fit the shared-memory budget
         kps = -(-chunks // split) * sc
-        if smem_bytes(mt, kps, bits) <= SMEM_BYTES or kps == sc:
+        if smem_bytes(mt, kps, bits) <= x_budget or kps == sc:
             break
         split += 1
     split = -(-k // kps)
     return {"MT": mt, "WARPS": warps, "STAGES": stages or STAGES, "MINB": min_blocks or MIN_BLOCKS,
-            "split": split, "k_per_split": kps,
-            "n_blocks": n_blocks, "smem": smem_bytes(mt, kps, bits)}
+            "ASYNC": int(use_async), "RING": ring or RING, "split": split, "k_per_split": kps, "n_blocks": n_blocks,
+            "smem": smem_bytes(mt, kps, bits, warps * ring * 2048)}
 
 
 @lru_cache(maxsize=16)
@@ -119,9 +129,10 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.contiguous()
     gs = k if gptq_groups(k, group_size) == 1 else group_size
-    p = launch_params(m, n, k, bits, _sms(x.device.index or 0), **overrides)
+    p = launch_params(m, n, k, bits, _sms(x.device.index or 0), capability=tuple(capability), **overrides)
     launch = pdl.launch(x.device, m) if tuple(capability) >= (9, 0) else {"PDL": 0}
     defines = {"BITS": bits, "MT": p["MT"], "WARPS": p["WARPS"], "STAGES": p["STAGES"], "MINB": p["MINB"],
+               "ASYNC": p["ASYNC"], "RING": p["RING"],
                "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"]}
     kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
