@@ -66,7 +66,7 @@ MAX_M = 8
 MMA_FROM_M = 5
 # the mma.sync kernel (qmma.py) takes M from here to qmma.MAX_M where it serves the layer
 # why: docs/decisions/026-mma-sync-decode.md
-QMMA_FROM_M = 1
+QMMA_FROM_M = 4
 # GEMV launch: num_warps for every M, row-groups per tile at most (8 = 64 inputs at 4 bits), K split
 # into at least MIN_SPLIT parts; the packed-half2 unpack (f16x2.py) takes HALF2_* at one activation
 # row and GEMV_TILE_ROWS past it. why: docs/decisions/005-gptq-gemv-launch.md
