@@ -170,3 +170,39 @@ def test_launch_params(m, n, k, bits):
 ])
 def test_serves(args, ok):
     assert Q.serves(*args) is ok
+
+
+def test_build_target_is_a_cubin_unless_emulating():
+    assert nvrtc.target((9, 0), (9, 0)) == "sm_90"  # loads on a driver older than NVRTC
+    assert nvrtc.target((7, 5), (7, 5)) == "sm_75"
+    assert nvrtc.target((7, 5), (9, 0)) == "compute_75"  # LOWGEAR_EMULATE_SM=75: PTX the driver JITs
+
+
+def test_a_failed_build_falls_back_to_the_triton_kernels(monkeypatch):
+    """A BuildError (say, a driver too old for NVRTC's PTX) turns the kernel off with one warning, and the
+    call still answers through the GEMV (run here by Triton's interpreter)."""
+    from test_quant_kernels_gptq import linear, make_gptq
+
+    from lowgear.ops.matmul import gptq_gemv as G
+
+    gw, w = make_gptq(4, 64, 128, 32)
+    lin = linear(gw)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise nvrtc.BuildError("CUDA driver error in cuModuleLoadData: the provided PTX was compiled with an "
+                               "unsupported toolchain")
+
+    monkeypatch.setattr(Q, "_DISABLED", [])
+    monkeypatch.setattr(Q, "qmma", broken)
+    monkeypatch.setattr(G, "uses_qmma", lambda *a: Q.usable())
+    monkeypatch.setattr(Q, "_nvrtc_found", lambda: True)
+    x = torch.randn(4, 128, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="mma.sync decode kernel is off"):
+        y = G.gptq_matmul(x, lin)
+    ref = x.double() @ w.t()
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert calls == [1] and not Q.usable()
+    G.gptq_matmul(x, lin)  # no second try, no second warning
+    assert calls == [1]

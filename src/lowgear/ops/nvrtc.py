@@ -24,6 +24,11 @@ class NvrtcMissing(RuntimeError):
     pass
 
 
+class BuildError(RuntimeError):
+    """A kernel could not be compiled or loaded here (old driver for the PTX, NVRTC failure): callers fall
+    back to another kernel."""
+
+
 def _lib_candidates() -> list[str]:
     names = []
     major = (torch.version.cuda or "12").split(".")[0]
@@ -78,8 +83,8 @@ def compile_source(source: str, defines: dict[str, int], arch: str) -> bytes:
             lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile a lowgear kernel for {arch} ({defines}):\n"
-                               f"{log.value.decode(errors='replace')}")
+            raise BuildError(f"NVRTC could not compile a lowgear kernel for {arch} ({defines}):\n"
+                             f"{log.value.decode(errors='replace')}")
         cubin = arch.startswith("sm_")
         get_size, get = ((lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN) if cubin
                          else (lib.nvrtcGetPTXSize, lib.nvrtcGetPTX))
@@ -103,25 +108,26 @@ def _cuda() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
-def _cu(rc: int, what: str) -> None:
+def _cu(rc: int, what: str, error=RuntimeError) -> None:
     if rc != 0:
         msg = ctypes.c_char_p()
         _cuda().cuGetErrorString(rc, ctypes.byref(msg))
-        raise RuntimeError(f"CUDA driver error in {what}: {msg.value.decode() if msg.value else rc}")
+        raise error(f"CUDA driver error in {what}: {msg.value.decode() if msg.value else rc}")
 
 
 class Kernel:
     """One compiled kernel on one device; call with grid, block, shared bytes and typed arguments."""
 
-    def __init__(self, ptx: bytes, name: str, device: torch.device):
+    def __init__(self, image: bytes, name: str, device: torch.device):
         self.device = device
         with torch.cuda.device(device):
             torch.cuda.current_stream(device)  # the runtime makes the primary context current
             self.module = ctypes.c_void_p()
-            _cu(_cuda().cuModuleLoadData(ctypes.byref(self.module), ctypes.c_char_p(ptx)), "cuModuleLoadData")
+            _cu(_cuda().cuModuleLoadData(ctypes.byref(self.module), ctypes.c_char_p(image)), "cuModuleLoadData",
+                BuildError)
             self.func = ctypes.c_void_p()
             _cu(_cuda().cuModuleGetFunction(ctypes.byref(self.func), self.module, name.encode()),
-                "cuModuleGetFunction")
+                "cuModuleGetFunction", BuildError)
         self.max_shared = 48 * 1024
 
     def set_max_shared(self, nbytes: int) -> None:
@@ -167,14 +173,26 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
                 ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
+def target(capability: tuple[int, int], real: tuple[int, int]) -> str:
+    """What NVRTC makes: a cubin for the device's own architecture (a driver older than NVRTC loads it, where
+    it could not JIT NVRTC's newer PTX), PTX when running as another one (ops/emulate.py: the driver JITs
+    the sm_75 code for the real GPU)."""
+    cc = f"{capability[0]}{capability[1]}"
+    return f"sm_{cc}" if tuple(capability) == tuple(real) else f"compute_{cc}"
+
+
 def kernel(source: str, name: str, defines: dict[str, int], device: torch.device,
            capability: tuple[int, int]) -> Kernel:
-    """The kernel `name` of `source` with `defines`, built for `capability` (PTX the driver JITs for the
-    device's real architecture) and loaded on `device`; cached."""
+    """The kernel `name` of `source` with `defines`, built for `capability` and loaded on `device`; cached.
+    BuildError where it cannot be built or loaded here."""
     device = torch.device(device)
     key = (hash(source), name, tuple(sorted(defines.items())), capability, device.index)
     k = _MODULES.get(key)
     if k is None:
-        ptx = compile_source(source, defines, f"compute_{capability[0]}{capability[1]}")
-        k = _MODULES[key] = Kernel(ptx, name, device)
+        real = torch.cuda.get_device_capability(device)
+        try:
+            image = compile_source(source, defines, target(capability, real))
+        except NvrtcMissing as e:
+            raise BuildError(str(e)) from e
+        k = _MODULES[key] = Kernel(image, name, device)
     return k

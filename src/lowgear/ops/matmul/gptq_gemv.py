@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ...platform import hardware
-from .. import pdl
+from .. import nvrtc, pdl
 from ...formats.dequant import banded_matmul
 from ...formats.gptq import gptq_groups, pack_codes, pack_shape  # noqa: F401 (pack_*: re-exported)
 from . import f16x2, gptq_mma, qmma, splitk
@@ -483,8 +483,11 @@ def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = No
     perm = module.gptq_perm if facts["sorted"] else None
     cap = facts["capability"] if capability is None else capability
     if uses_qmma(m, x2, module, facts, cap):
-        y = qmma.qmma(x2, module.qweight, module.gptq_zeros, module.scales, g["bits"], g["group_size"], cap)
-        return y.reshape(*lead, n)
+        try:
+            y = qmma.qmma(x2, module.qweight, module.gptq_zeros, module.scales, g["bits"], g["group_size"], cap)
+            return y.reshape(*lead, n)
+        except nvrtc.BuildError as e:  # e.g. a driver older than NVRTC's PTX: the Triton kernels below
+            qmma.disable(str(e))
     mma = uses_mma(m, x2.dtype, facts, cap)
     if m <= MAX_M and facts["block_r"] is not None and not mma:
         y = gptq_gemv(x2, module.qweight, module.gptq_zeros, module.scales, perm, g["bits"], g["group_size"],

@@ -47,12 +47,29 @@ ASYNC_X_BYTES = 24 * 1024
 SMEM_BYTES = 48 * 1024
 
 
-@lru_cache(maxsize=1)
+_DISABLED: list[str] = []  # why the kernel was turned off in this process (a failed build or load)
+
+
 def usable() -> bool:
-    """NVRTC loads and the driver library is there (LOWGEAR_NO_QMMA=1 turns the kernel off)."""
-    if os.environ.get("LOWGEAR_NO_QMMA", "") not in ("", "0"):
+    """NVRTC loads, no build failed in this process, and LOWGEAR_NO_QMMA is unset."""
+    if _DISABLED or os.environ.get("LOWGEAR_NO_QMMA", "") not in ("", "0"):
         return False
+    return _nvrtc_found()
+
+
+@lru_cache(maxsize=1)
+def _nvrtc_found() -> bool:
     return nvrtc.available() is None
+
+
+def disable(reason: str) -> None:
+    """Stop using the kernel in this process (the callers' Triton routes take over), saying why once."""
+    if not _DISABLED:
+        import warnings
+
+        warnings.warn(f"lowgear: the mma.sync decode kernel is off for this process ({reason.splitlines()[0]}); "
+                      "batched 4-bit decode falls back to the Triton kernels", RuntimeWarning, stacklevel=3)
+    _DISABLED.append(reason)
 
 
 @lru_cache(maxsize=1)
