@@ -10,8 +10,8 @@ group's scale and zero are loaded once per tile and the scale is factored out of
 Codes become floats without `cvt` (a quarter-rate instruction on recent GPUs, which made the unpack
 compute-bound): a code masked in place at bit `off` of a word is OR-ed with the exponent of
 2**(23 - off), which makes the float 2**(23 - off) + code exactly; subtracting 2**(23 - off) + zero
-gives code - zero (ExLlama's / Marlin's fp16 trick, in fp32). Codes above bit 22 come from the word
-shifted right by 16. Per code that is one LOP3, one FSUB and one FMA per activation row. For 4-bit
+gives code - zero (ExLlama's / Marlin's fp16 trick, in fp32; bits above 22 from the word shifted by 16).
+Per code that is one LOP3, one FSUB and one FMA per activation row. For 4-bit
 codes and fp16 activations the GEMV takes the same trick in packed half2 instead (`f16x2.py`: about
 two instructions a code, fp16 sums of four products added in fp32).
 
@@ -19,7 +19,6 @@ Split-K: an N = 4096 layer has only 8-16 column blocks, far fewer than the 132 S
 the K range is split too. Partial sums go to an fp32 workspace [splits, M, N] (it stays in L2) and
 the last program of each column block adds them in split order (`splitk.py`): one launch, and
 deterministic results (greedy decoding is reproducible, CUDA-graph replays match eager steps).
-Adding into y with float atomics would make sums order-dependent.
 
 Act-order (g_idx): a checkpoint's groups are scattered over K, which would cost a scale and zero
 gather per code. `sort_act_order` (run once, at `prepare`) sorts K by group and repacks the codes,
@@ -32,10 +31,9 @@ its `g_idx` becomes None (groups are now k // group_size) and `gptq_perm` (int32
 is input feature perm[i]) is registered, which QuantLinear's torch path reads to put W's columns
 back (`QuantLinear._dequant`). So an act-order layer holds its codes once, as stored.
 
-Decode rows QMMA_FROM_M <= M <= qmma.MAX_M of 4- and 8-bit layers (fp16; bf16 at 4 bits on sm_80+) on compute
-capability >= 7.5 go to `qmma.qmma`, a CUDA C mma.sync kernel built by NVRTC (the one tensor-core route an
-sm_75 card has; on newer cards faster than the GEMV and tl.dot at those rows). Past it, batched decode
-(MMA_FROM_M <= M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on
+QMMA_FROM_M <= M <= qmma.MAX_M rows of 4/8-bit layers on sm_75+ go to `qmma.qmma` (a CUDA C mma.sync kernel
+built by NVRTC: sm_75's one tensor-core route, and faster than the GEMV and tl.dot there on newer cards).
+Past it, batched decode (MMA_FROM_M <= M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on
 compute capability >= 8.0 goes to `gptq_mma.gptq_mma`: the same operands, codes unpacked in registers and
 multiplied with tl.dot (tensor-core mma there). It lives in its own file because tl.dot is what
 sm_70 / sm_75 must not run (Triton lowers it to FMAs); `gptq_matmul` checks the capability.
@@ -61,12 +59,8 @@ from . import f16x2, gptq_mma, qmma, splitk
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
 # it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
 MAX_M = 8
-# on sm >= 8.0 the tl.dot kernel (gptq_mma.py) takes M from here on
-# why: docs/decisions/004-gemv-row-limits.md
-MMA_FROM_M = 5
-# the mma.sync kernel (qmma.py) takes M from here to qmma.MAX_M where it serves the layer
-# why: docs/decisions/026-mma-sync-decode.md
-QMMA_FROM_M = 4
+MMA_FROM_M = 5  # on sm >= 8.0 the tl.dot kernel (gptq_mma.py) from here on; why: docs/decisions/004-gemv-row-limits.md
+QMMA_FROM_M = 4  # the mma.sync kernel (qmma.py) from here to qmma.MAX_M rows; why: docs/decisions/026-mma-sync-decode.md
 # GEMV launch: num_warps for every M, row-groups per tile at most (8 = 64 inputs at 4 bits), K split
 # into at least MIN_SPLIT parts; the packed-half2 unpack (f16x2.py) takes HALF2_* at one activation
 # row and GEMV_TILE_ROWS past it. why: docs/decisions/005-gptq-gemv-launch.md
@@ -457,8 +451,7 @@ def uses_mma(m: int, dtype: torch.dtype, facts: dict, capability: tuple[int, int
 
 
 def uses_qmma(m: int, x: torch.Tensor, module, facts: dict, capability: tuple[int, int] | None) -> bool:
-    """Whether `gptq_matmul` sends M rows to the mma.sync kernel: QMMA_FROM_M <= M, a CUDA tensor, a layer
-    with the GEMV's buffers that `qmma.serves`, and NVRTC at hand (else the Triton routes, as before)."""
+    """Whether M rows go to the mma.sync kernel: M >= QMMA_FROM_M, CUDA, a layer `qmma.serves`, NVRTC here."""
     return (m >= QMMA_FROM_M and x.is_cuda and facts["block_r"] is not None
             and qmma.serves(m, module.in_features, module.out_features, module._gptq["bits"],
                             module._gptq["group_size"], x.dtype, capability, facts["sorted"])
@@ -484,9 +477,9 @@ def gptq_matmul(x: torch.Tensor, module, capability: tuple[int, int] | None = No
     cap = facts["capability"] if capability is None else capability
     if uses_qmma(m, x2, module, facts, cap):
         try:
-            y = qmma.qmma(x2, module.qweight, module.gptq_zeros, module.scales, g["bits"], g["group_size"], cap)
-            return y.reshape(*lead, n)
-        except nvrtc.BuildError as e:  # e.g. a driver older than NVRTC's PTX: the Triton kernels below
+            return qmma.qmma(x2, module.qweight, module.gptq_zeros, module.scales, g["bits"], g["group_size"],
+                             cap).reshape(*lead, n)
+        except nvrtc.BuildError as e:  # e.g. a driver too old for the image: the Triton kernels below
             qmma.disable(str(e))
     mma = uses_mma(m, x2.dtype, facts, cap)
     if m <= MAX_M and facts["block_r"] is not None and not mma:

@@ -194,6 +194,62 @@ __device__ __forceinline__ void lds16(u32 addr, u32* r) {
 }
 #endif
 
+// one chunk: x's b fragments from shared memory, 4 x KSTEPS mmas a row tile, and the group's fold where it ends
+__device__ __forceinline__ void chunk(const Stage& cur, int c, int k, int k_hi, int group_size, int g, int t,
+                                      const u16* xsh, int XS, const float* csum, float (&acc)[4][MT][4],
+                                      float (&p)[4][MT][4], float (&xg)[MT][2]) {
+  // x's b fragments: row mt * 8 + g, this lane's PACK halves of the chunk
+  u32 b[MT][PACK / 2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const u32* src = (const u32*)(xsh + (mt * 8 + g) * XS + c * SC + t * PACK);
+#if BITS == 4
+    uint4 v = *(const uint4*)src;
+    b[mt][0] = v.x; b[mt][1] = v.y; b[mt][2] = v.z; b[mt][3] = v.w;
+#else
+    uint2 v = *(const uint2*)src;
+    b[mt][0] = v.x; b[mt][1] = v.y;
+#endif
+    float2 cs = *(const float2*)(csum + c * XR + mt * 8 + 2 * t);
+    xg[mt][0] += cs.x;
+    xg[mt][1] += cs.y;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      // k16 step ks takes code pairs 2 ks and 2 ks + 1: shifts (2 ks) * BITS and (2 ks + 1) * BITS
+      u32 a0 = codes2(cur.w[2 * i], (2 * ks) * BITS), a1 = codes2(cur.w[2 * i + 1], (2 * ks) * BITS);
+      u32 a2 = codes2(cur.w[2 * i], (2 * ks + 1) * BITS), a3 = codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma(p[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
+    }
+  }
+  const int kend = k + SC;
+  if (kend % group_size == 0 || kend >= k_hi) {  // the group ends here: fold its zero and scale in
+    float s[8], sz[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s[j] = f16f(cur.s[j >> 1], j & 1);
+      sz[j] = s[j] * f16f(cur.z[j >> 1], j & 1);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      float x0 = xg[mt][0], x1 = xg[mt][1];
+      xg[mt][0] = xg[mt][1] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          int j = 2 * i + (r >> 1);
+          acc[i][mt][r] += s[j] * p[i][mt][r] - sz[j] * ((r & 1) ? x1 : x0);
+          p[i][mt][r] = 0.f;
+        }
+      }
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __restrict__ zf,
             const u16* __restrict__ sc, u16* __restrict__ y, float* __restrict__ part, int* __restrict__ cnt,
@@ -311,58 +367,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
       lds16(slot + 1024, cur.s);
       lds16(slot + 1536, cur.z);
     }
-    {
-        // x's b fragments: row mt * 8 + g, this lane's PACK halves of the chunk
-        u32 b[MT][PACK / 2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const u32* src = (const u32*)(xsh + (mt * 8 + g) * XS + c * SC + t * PACK);
-#if BITS == 4
-          uint4 v = *(const uint4*)src;
-          b[mt][0] = v.x; b[mt][1] = v.y; b[mt][2] = v.z; b[mt][3] = v.w;
-#else
-          uint2 v = *(const uint2*)src;
-          b[mt][0] = v.x; b[mt][1] = v.y;
-#endif
-          float2 cs = *(const float2*)(csum + c * XR + mt * 8 + 2 * t);
-          xg[mt][0] += cs.x;
-          xg[mt][1] += cs.y;
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int ks = 0; ks < KSTEPS; ++ks) {
-            // k16 step ks takes code pairs 2 ks and 2 ks + 1: shifts (2 ks) * BITS and (2 ks + 1) * BITS
-            u32 a0 = codes2(cur.w[2 * i], (2 * ks) * BITS), a1 = codes2(cur.w[2 * i + 1], (2 * ks) * BITS);
-            u32 a2 = codes2(cur.w[2 * i], (2 * ks + 1) * BITS), a3 = codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) mma(p[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
-          }
-        }
-        const int kend = k + SC;
-        if (kend % group_size == 0 || kend >= k_hi) {  // the group ends here: fold its zero and scale in
-          float s[8], sz[8];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            s[j] = f16f(cur.s[j >> 1], j & 1);
-            sz[j] = s[j] * f16f(cur.z[j >> 1], j & 1);
-          }
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            float x0 = xg[mt][0], x1 = xg[mt][1];
-            xg[mt][0] = xg[mt][1] = 0.f;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-#pragma unroll
-              for (int r = 0; r < 4; ++r) {
-                int j = 2 * i + (r >> 1);
-                acc[i][mt][r] += s[j] * p[i][mt][r] - sz[j] * ((r & 1) ? x1 : x0);
-                p[i][mt][r] = 0.f;
-              }
-            }
-          }
-        }
-    }
+    chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
   }
   asm volatile("cp.async.wait_group 0;");
 #else
@@ -375,59 +380,9 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
         const int k = k_lo + c * SC;
         if (c + STAGES < nch) {
           int kn = k + STAGES * SC;
-          load_stage(st[u], qw, zf, sc, kn / PACK + t, kn / group_size, N, na, nb, oka, okb,
-                     (kn + SC) % group_size == 0 || kn + SC >= k_hi);
+          load_stage(st[u], qw, zf, sc, kn / PACK + t, kn / group_size, N, na, nb, oka, okb, ENDS(kn));
         }
-        // x's b fragments: row mt * 8 + g, this lane's PACK halves of the chunk
-        u32 b[MT][PACK / 2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const u32* src = (const u32*)(xsh + (mt * 8 + g) * XS + c * SC + t * PACK);
-#if BITS == 4
-          uint4 v = *(const uint4*)src;
-          b[mt][0] = v.x; b[mt][1] = v.y; b[mt][2] = v.z; b[mt][3] = v.w;
-#else
-          uint2 v = *(const uint2*)src;
-          b[mt][0] = v.x; b[mt][1] = v.y;
-#endif
-          float2 cs = *(const float2*)(csum + c * XR + mt * 8 + 2 * t);
-          xg[mt][0] += cs.x;
-          xg[mt][1] += cs.y;
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int ks = 0; ks < KSTEPS; ++ks) {
-            // k16 step ks takes code pairs 2 ks and 2 ks + 1: shifts (2 ks) * BITS and (2 ks + 1) * BITS
-            u32 a0 = codes2(cur.w[2 * i], (2 * ks) * BITS), a1 = codes2(cur.w[2 * i + 1], (2 * ks) * BITS);
-            u32 a2 = codes2(cur.w[2 * i], (2 * ks + 1) * BITS), a3 = codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) mma(p[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
-          }
-        }
-        const int kend = k + SC;
-        if (kend % group_size == 0 || kend >= k_hi) {  // the group ends here: fold its zero and scale in
-          float s[8], sz[8];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            s[j] = f16f(cur.s[j >> 1], j & 1);
-            sz[j] = s[j] * f16f(cur.z[j >> 1], j & 1);
-          }
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            float x0 = xg[mt][0], x1 = xg[mt][1];
-            xg[mt][0] = xg[mt][1] = 0.f;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-#pragma unroll
-              for (int r = 0; r < 4; ++r) {
-                int j = 2 * i + (r >> 1);
-                acc[i][mt][r] += s[j] * p[i][mt][r] - sz[j] * ((r & 1) ? x1 : x0);
-                p[i][mt][r] = 0.f;
-              }
-            }
-          }
-        }
+        chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
       }
     }
   }
