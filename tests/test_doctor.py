@@ -78,6 +78,22 @@ def test_t4_rung_and_reasons(monkeypatch):
     assert len(text.splitlines()) < 40
 
 
+def test_batched_4bit_decode_line_says_tensor_cores_or_why_not(monkeypatch):
+    from lowgear.ops.matmul import qmma
+
+    monkeypatch.setattr(qmma, "_DISABLED", [])
+    t4 = doctor.render(t4_report(monkeypatch))
+    assert "4/8-bit batched decode: 4-16 rows on tensor cores (mma.sync built by NVRTC)" in t4
+    monkeypatch.setenv("LOWGEAR_SIMULATE", "v100")
+    v100 = doctor.render(doctor.collect())
+    assert "4/8-bit batched decode: off: sm_75+ has the m16n8k8 mma" in v100
+    monkeypatch.setenv("LOWGEAR_NO_QMMA", "1")
+    assert "4/8-bit batched decode: off: LOWGEAR_NO_QMMA=1" in doctor.render(t4_report(monkeypatch))
+    monkeypatch.delenv("LOWGEAR_NO_QMMA")
+    monkeypatch.setattr(qmma, "_DISABLED", ["CUDA driver error in cuModuleLoadData: old driver"])
+    assert "off: CUDA driver error in cuModuleLoadData: old driver" in doctor.render(t4_report(monkeypatch))
+
+
 def test_t4_fits_8b_q4_and_says_how_much(monkeypatch):
     report = t4_report(monkeypatch, config=Config(), source=StubSource())
     m = report["model"]

@@ -19,6 +19,7 @@ import torch
 
 from ..platform import env, hardware
 from ..ops import pdl
+from ..ops.matmul import qmma
 from ..ops.dispatch import triton_eligibility
 from ..platform.dtypes import choose_dtype, dtype_name
 from ..errors import LowgearError, MissingDependencyError, require
@@ -54,6 +55,7 @@ def _device_facts(d) -> dict:
         "usable": usable,
         "problem": None if usable else hardware.torch_build_hint(d),
         "kernel_launch": pdl.decision(d.compute_capability)[1] if d.kind == "cuda" else None,
+        "batched_4bit": qmma.decision(d.compute_capability) if d.kind == "cuda" else None,
         "ops": _ops(d),
     }
 
@@ -228,6 +230,8 @@ def _render_devices(devices: list[dict]) -> list[str]:
         lines.append(_ops_line(d))
         if d["usable"] and d["ops"]["triton_kernels"] and d.get("kernel_launch"):
             lines.append(f"           decode kernels: {d['kernel_launch']}")
+        if d["usable"] and d.get("batched_4bit"):
+            lines.append(f"           4/8-bit batched decode: {d['batched_4bit']}")
     return lines
 
 

@@ -15,6 +15,7 @@ ENV_VARS: dict[str, str] = {
     "LOWGEAR_ATTN_BACKEND": "force one rung: flash_attn | xformers | sdpa | triton | eager",
     "LOWGEAR_NO_PDL": "1 launches decode kernels the plain way on sm_90+ (no programmatic dependent launch)",
     "LOWGEAR_PDL_RELEASE": "auto | loop | wait | start: where sm_90+ decode kernels let the next kernel in (pdl.py)",
+    "LOWGEAR_NO_QMMA": "1 keeps 4/8-bit batched decode off the mma.sync CUDA C kernel (Triton kernels serve it)",
     "LOWGEAR_NO_CUDA_GRAPHS": "1 runs decode steps eagerly instead of replaying captured CUDA graphs",
     "LOWGEAR_DEVICES": "devices to use: indexes, UUIDs (or unique prefixes), PCI bus ids, or 'cpu'",
     "LOWGEAR_DTYPE": "float16 | bfloat16 | float32 (default: chosen per device)",

@@ -28,6 +28,7 @@ import torch
 
 from ...formats.gptq import gptq_groups
 from .. import nvrtc, pdl
+from ...platform import env
 from . import splitk
 
 MAX_M = 16
@@ -52,9 +53,26 @@ _DISABLED: list[str] = []  # why the kernel was turned off in this process (a fa
 
 def usable() -> bool:
     """NVRTC loads, no build failed in this process, and LOWGEAR_NO_QMMA is unset."""
-    if _DISABLED or os.environ.get("LOWGEAR_NO_QMMA", "") not in ("", "0"):
+    if _DISABLED or env.flag("LOWGEAR_NO_QMMA"):
         return False
     return _nvrtc_found()
+
+
+def decision(capability: tuple[int, int] | None) -> str:
+    """What doctor says about this kernel on a CUDA device of this compute capability."""
+    from .gptq_gemv import QMMA_FROM_M
+
+    if capability is None or tuple(capability) < (7, 5):
+        return "off: sm_75+ has the m16n8k8 mma (below it the GEMV, then dequantize + cuBLAS)"
+    if env.flag("LOWGEAR_NO_QMMA"):
+        return "off: LOWGEAR_NO_QMMA=1"
+    if _DISABLED:
+        return f"off: {_DISABLED[0].splitlines()[0]}"
+    why = nvrtc.available()
+    if why is not None:
+        return f"off: {why}"
+    ring = ", cp.async ring" if tuple(capability) >= ASYNC_FROM else ""
+    return f"{QMMA_FROM_M}-{MAX_M} rows on tensor cores (mma.sync built by NVRTC{ring})"
 
 
 @lru_cache(maxsize=1)
