@@ -194,6 +194,27 @@ __device__ __forceinline__ void lds16(u32 addr, u32* r) {
 }
 #endif
 
+struct F8 {
+  float v[8];
+};
+
+// a lane's 8 sums of output row (mt, h), in feature order f_0..f_7 (f_j sits in acc[j / 2][mt][2 (j % 2) + h])
+__device__ __forceinline__ F8 row8(const float (&acc)[4][MT][4], int mt, int h) {
+  F8 r;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) r.v[j] = acc[j >> 1][mt][2 * (j & 1) + h];
+  return r;
+}
+
+// f_0..3 at row[na..], f_4..7 at row[nb..], in x's dtype
+__device__ __forceinline__ void store8(u16* row, int na, int nb, bool okb, const float* v) {
+  u32 o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) o[i] = (u32)f2h(v[2 * i]) | ((u32)f2h(v[2 * i + 1]) << 16);
+  *(uint2*)(row + na) = make_uint2(o[0], o[1]);
+  if (okb) *(uint2*)(row + nb) = make_uint2(o[2], o[3]);
+}
+
 // one chunk: x's b fragments from shared memory, 4 x KSTEPS mmas a row tile, and the group's fold where it ends
 __device__ __forceinline__ void chunk(const Stage& cur, int c, int k, int k_hi, int group_size, int g, int t,
                                       const u16* xsh, int XS, const float* csum, float (&acc)[4][MT][4],
@@ -398,13 +419,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         int m = mt * 8 + 2 * t + h;
-        if (m < M && oka) {
-          u32 o[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) o[i] = (u32)f2h(acc[i][mt][h]) | ((u32)f2h(acc[i][mt][2 + h]) << 16);
-          *(uint2*)(y + (long)m * N + na) = make_uint2(o[0], o[1]);
-          if (okb) *(uint2*)(y + (long)m * N + nb) = make_uint2(o[2], o[3]);
-        }
+        if (m < M && oka) store8(y + (long)m * N, na, nb, okb, row8(acc, mt, h).v);
       }
     return;
   }
@@ -416,10 +431,10 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
     for (int h = 0; h < 2; ++h) {
       int m = mt * 8 + 2 * t + h;
       if (m < M && oka) {
+        F8 v = row8(acc, mt, h);
         float* dst = part + ((long)split * M + m) * N;
-        *(float4*)(dst + na) = make_float4(acc[0][mt][h], acc[0][mt][2 + h], acc[1][mt][h], acc[1][mt][2 + h]);
-        if (okb)
-          *(float4*)(dst + nb) = make_float4(acc[2][mt][h], acc[2][mt][2 + h], acc[3][mt][h], acc[3][mt][2 + h]);
+        *(float4*)(dst + na) = make_float4(v.v[0], v.v[1], v.v[2], v.v[3]);
+        if (okb) *(float4*)(dst + nb) = make_float4(v.v[4], v.v[5], v.v[6], v.v[7]);
       }
     }
   __threadfence();
@@ -447,11 +462,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
             tot[4] += b2.x; tot[5] += b2.y; tot[6] += b2.z; tot[7] += b2.w;
           }
         }
-        u32 o[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) o[i] = (u32)f2h(tot[2 * i]) | ((u32)f2h(tot[2 * i + 1]) << 16);
-        *(uint2*)(y + (long)m * N + na) = make_uint2(o[0], o[1]);
-        if (okb) *(uint2*)(y + (long)m * N + nb) = make_uint2(o[2], o[3]);
+        store8(y + (long)m * N, na, nb, okb, tot);
       }
     }
   if (tid == 0) atomicExch(cnt + blockIdx.x, 0);
