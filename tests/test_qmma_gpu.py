@@ -206,3 +206,13 @@ def test_a_failed_build_falls_back_to_the_triton_kernels(monkeypatch):
     assert calls == [1] and not Q.usable()
     G.gptq_matmul(x, lin)  # no second try, no second warning
     assert calls == [1]
+
+
+def test_launch_structs_have_the_driver_abi_sizes():
+    """cuLaunchKernelEx's CUlaunchConfig (56 bytes on 64-bit) and CUlaunchAttribute (an id, padding and a
+    64-byte value union: 72 bytes), as cuda.h lays them out."""
+    import ctypes
+
+    assert ctypes.sizeof(nvrtc._LaunchAttribute) == 72
+    assert ctypes.sizeof(nvrtc._LaunchConfig) == 56
+    assert nvrtc._LaunchConfig.hStream.offset == 32 and nvrtc._LaunchConfig.numAttrs.offset == 48

@@ -147,16 +147,17 @@ class Kernel:
                 raise TypeError(f"kernel argument of type {type(a).__name__}")
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
         self.set_max_shared(shared)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        if not pdl:
-            _cu(_cuda().cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block, 1, 1, shared,
-                                       ctypes.c_void_p(stream), ptrs, None), "cuLaunchKernel")
-            return
-        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-        attr.value[0] = 1
-        cfg = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared, ctypes.c_void_p(stream),
-                            ctypes.pointer(attr), 1)
-        _cu(_cuda().cuLaunchKernelEx(ctypes.byref(cfg), self.func, ptrs, None), "cuLaunchKernelEx")
+        with torch.cuda.device(self.device):  # the module's context current (a layer on another GPU)
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            if not pdl:
+                _cu(_cuda().cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block, 1, 1, shared,
+                                           ctypes.c_void_p(stream), ptrs, None), "cuLaunchKernel")
+                return
+            attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+            attr.value[0] = 1
+            cfg = _LaunchConfig(grid[0], grid[1], grid[2], block, 1, 1, shared, ctypes.c_void_p(stream),
+                                ctypes.pointer(attr), 1)
+            _cu(_cuda().cuLaunchKernelEx(ctypes.byref(cfg), self.func, ptrs, None), "cuLaunchKernelEx")
 
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
