@@ -16,7 +16,8 @@ The 16 x 8 x 16 mma (two 16 x 8 x 8 on sm_75) takes the weights as its 16-row op
 
 Serves the GPTQ form of GPTQ, AWQ and GGUF layers (Q4_0 / Q4_1 / Q4_K at 4 bits; Q5_x / Q6_K / Q8_0 at 8) when:
 codes of 4 or 8 bits, groups a multiple of the chunk (32 features at 4 bits, 16 at 8; or one group), no
-act-order permutation, N a multiple of 8, fp16 activations (bf16 at 4 bits on sm_80+), 1-16 rows.
+act-order permutation, N a multiple of 8, fp16 activations (bf16 at 4 bits on sm_80+), 1-16 rows (gptq_matmul
+sends it QMMA_FROM_M = 4 and up: the GEMV is faster below; docs/decisions/026-mma-sync-decode.md).
 """
 
 from __future__ import annotations
