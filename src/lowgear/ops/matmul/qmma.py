@@ -2,12 +2,13 @@
 
 Why not Triton: on sm_75 Triton lowers tl.dot to FMAs, and on sm_80+ its tl.dot kernel (gptq_mma.py) pays
 per tile for moving the codes into the mma operand layout (decision 024). Here every lane loads exactly the
-codes of its own mma fragment, so nothing goes through shared memory but x:
+codes of its own mma fragment, so no code tile is rearranged through shared memory:
 
     block (256 output features, K-split s)    4 warps x 64 features, all over the same K-slice
-      x[:, slice] -> shared memory, in the fragment's K order, with each 32-feature chunk's row sums
-      per chunk of 4 * PACK features, per lane:  word row t of its 8 features (two 16-byte loads, STAGES
-          chunks in flight), 8 codes -> 4 half2 (mask, OR into 1024's mantissa, one fma) -> 4 mma tiles
+      x[:, slice] -> shared memory, in the fragment's K order, with each chunk's row sums
+      per chunk of 4 * PACK features, per lane:  word row t of its 8 features (two 16-byte loads; RING chunks
+          in flight through a per-warp cp.async ring on sm_80+, STAGES in registers on sm_75), 8 codes ->
+          4 half2 (mask, OR into 1024's mantissa, one fma) -> 4 mma tiles
       at each group's end:  acc += scale * p - scale * zero * sum(x)      (codes exact in the mma)
       split-K partials as the Triton kernels' (`splitk.py`): the last block of a column adds them in order
 
