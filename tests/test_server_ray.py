@@ -29,6 +29,13 @@ def spread(base: str, n: int = 16) -> tuple[set[str], list]:
     return {r for r, _ in answers}, [a for _, a in answers]
 
 
+def _foreground() -> None:
+    """SIGINT back to its default in the child, as in a terminal's foreground job: a signal ignored by the
+    parent is inherited across exec, and a library used earlier in the suite leaves SIGINT ignored in pytest's
+    process (seen in the full suite: the server's SigIgn mask had SIGINT, so Ctrl-C never reached it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_the_cli(smollm2_path, tmp_path):
     """`lowgear serve --ray --replicas 2` (first in this file: one Ray cluster at a time); Ctrl-C stops it."""
     port = free_port()
@@ -36,7 +43,8 @@ def test_the_cli(smollm2_path, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from lowgear.cli import main; sys.exit(main())",
                              "serve", "--ray", "--replicas", "2", "--port", str(port), "--threads", "1",
                              "--max-seq-len", "512", "--cache-size", "512", "--served-model-name", "smol",
-                             "--model", smollm2_path], env=user_env(), stdout=log, stderr=subprocess.STDOUT)
+                             "--model", smollm2_path], env=user_env(), stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_foreground)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
