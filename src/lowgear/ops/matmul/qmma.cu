@@ -28,7 +28,7 @@
 #define WARPS 4
 #endif
 #ifndef STAGES
-#define STAGES 4
+#define STAGES 2
 #endif
 #ifndef BF16
 #define BF16 0
@@ -72,23 +72,22 @@ __device__ __forceinline__ void ld8(const void* p, u32* r) {
   asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "l"(p));
 }
 
-__device__ __forceinline__ float h2f(u16 h) {
+__device__ __forceinline__ float fp16_to_f32(u16 h) {
   float f;
-#if BF16
-  f = __uint_as_float(((u32)h) << 16);
-#else
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-#endif
   return f;
 }
 
-__device__ __forceinline__ float half_of(u32 v, int hi) { return h2f((u16)(hi ? v >> 16 : v & 0xffff)); }
+__device__ __forceinline__ float h2f(u16 h) {  // one of x's halves
+#if BF16
+  return __uint_as_float(((u32)h) << 16);
+#else
+  return fp16_to_f32(h);
+#endif
+}
 
 __device__ __forceinline__ float f16f(u32 v, int hi) {  // scales and zeros are fp16 whatever x is
-  float f;
-  u16 h = (u16)(hi ? v >> 16 : v & 0xffff);
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
+  return fp16_to_f32((u16)(hi ? v >> 16 : v & 0xffff));
 }
 
 __device__ __forceinline__ u16 f2h(float f) {
