@@ -197,7 +197,7 @@ def test_a_failed_build_falls_back_to_the_triton_kernels(monkeypatch):
     monkeypatch.setattr(Q, "_DISABLED", [])
     monkeypatch.setattr(Q, "qmma", broken)
     monkeypatch.setattr(G, "uses_qmma", lambda *a: Q.usable())
-    monkeypatch.setattr(Q, "_nvrtc_found", lambda: True)
+    monkeypatch.setattr(Q, "_nvrtc_missing", lambda: None)
     x = torch.randn(4, 128, dtype=torch.float32)
     with pytest.warns(RuntimeWarning, match="mma.sync decode kernel is off"):
         y = G.gptq_matmul(x, lin)

@@ -36,6 +36,9 @@ UNPACK_DEQUANT = 3  # the prefill dequantizer, per code, before cuBLAS
 UNPACK_QMMA = 2  # mma.sync kernel: shift, mask-or and fma per pair of codes, plus the group fold (qmma.cu)
 
 
+_GPTQ = re.compile(r"GPTQ(\d)g(-?\d+)")  # a GPTQ folder's qtype: bits, group size
+
+
 @dataclass(frozen=True)
 class GPU:
     name: str
@@ -74,7 +77,7 @@ def held_bits(qtype: str, act_bytes: int = 2) -> tuple[float, str]:
     if qtype in repack.FLOAT_ZERO:  # codes, fp16 scale and fp16 zero per group
         bits, group = repack.FLOAT_ZERO[qtype]
         return bits + 32 / group, "gptq"
-    m = re.fullmatch(r"GPTQ(\d)g(-?\d+)", qtype)
+    m = _GPTQ.fullmatch(qtype)
     if m:
         bits, group = int(m.group(1)), int(m.group(2))
         return bits + ((32 + bits) / group if group > 0 else 0.0), "gptq"
@@ -88,7 +91,7 @@ def code_bits(qtype: str) -> int | None:
 
     if qtype in repack.EXACT or qtype in repack.FLOAT_ZERO:
         return repack.layout(qtype)[0]
-    m = re.fullmatch(r"GPTQ(\d)g(-?\d+)", qtype)
+    m = _GPTQ.fullmatch(qtype)
     return int(m.group(1)) if m else None
 
 
@@ -103,7 +106,7 @@ def path(gpu: GPU, family: str, m: int, bits: float, codes: int | None = None) -
         return "gemv" if m <= BLOCK_MAX_M else "cublas"
     if family == "block":
         return "gemv" if m <= BLOCK_MAX_M else "dequant+cublas"
-    if gpu.cc >= (7, 5) and codes in qmma.BITS and QMMA_FROM_M <= m <= qmma.MAX_M:
+    if gpu.cc >= qmma.MIN_CAPABILITY and codes in qmma.BITS and QMMA_FROM_M <= m <= qmma.MAX_M:
         return "qmma"
     if gpu.cc >= (8, 0) and MMA_FROM_M <= m <= MMA_MAX_M:
         return "mma"

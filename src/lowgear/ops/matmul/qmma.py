@@ -35,6 +35,7 @@ from . import splitk
 
 MAX_M = 16
 BITS = (4, 8)
+MIN_CAPABILITY = (7, 5)  # the m16n8k8 mma
 WARPS = 4
 STAGES = 2
 # blocks to aim for per SM (each holds STAGES chunks x 4 KB of codes in flight)
@@ -53,24 +54,26 @@ SMEM_BYTES = 48 * 1024
 _DISABLED: list[str] = []  # why the kernel was turned off in this process (a failed build or load)
 
 
+def off_reason() -> str | None:
+    """Why the kernel is off in this process (LOWGEAR_NO_QMMA, a failed build or load, no NVRTC), or None."""
+    if env.flag("LOWGEAR_NO_QMMA"):
+        return "LOWGEAR_NO_QMMA=1"
+    if _DISABLED:
+        return _DISABLED[0].splitlines()[0]
+    return _nvrtc_missing()
+
+
 def usable() -> bool:
-    """NVRTC loads, no build failed in this process, and LOWGEAR_NO_QMMA is unset."""
-    if _DISABLED or env.flag("LOWGEAR_NO_QMMA"):
-        return False
-    return _nvrtc_found()
+    return off_reason() is None
 
 
 def decision(capability: tuple[int, int] | None) -> str:
     """What doctor says about this kernel on a CUDA device of this compute capability."""
     from .gptq_gemv import QMMA_FROM_M
 
-    if capability is None or tuple(capability) < (7, 5):
+    if capability is None or tuple(capability) < MIN_CAPABILITY:
         return "off: sm_75+ has the m16n8k8 mma (below it the GEMV, then dequantize + cuBLAS)"
-    if env.flag("LOWGEAR_NO_QMMA"):
-        return "off: LOWGEAR_NO_QMMA=1"
-    if _DISABLED:
-        return f"off: {_DISABLED[0].splitlines()[0]}"
-    why = nvrtc.available()
+    why = off_reason()
     if why is not None:
         return f"off: {why}"
     ring = ", cp.async ring" if tuple(capability) >= ASYNC_FROM else ""
@@ -78,8 +81,8 @@ def decision(capability: tuple[int, int] | None) -> str:
 
 
 @lru_cache(maxsize=1)
-def _nvrtc_found() -> bool:
-    return nvrtc.available() is None
+def _nvrtc_missing() -> str | None:  # looked up once (a missing library would be searched for on every call)
+    return nvrtc.available()
 
 
 def disable(reason: str) -> None:
@@ -104,7 +107,7 @@ def chunk(bits: int) -> int:
 
 def serves(m: int, k: int, n: int, bits: int, group_size: int, dtype: torch.dtype, capability, sorted_: bool) -> bool:
     """Whether `qmma` can take this call (see the module docstring)."""
-    if capability is None or tuple(capability) < (7, 5) or bits not in BITS or sorted_ or not 1 <= m <= MAX_M:
+    if capability is None or tuple(capability) < MIN_CAPABILITY or bits not in BITS or sorted_ or not 1 <= m <= MAX_M:
         return False
     if dtype == torch.bfloat16:
         if bits != 4 or tuple(capability) < (8, 0):
