@@ -3,7 +3,9 @@
 Llama-3-8B's fused layer shapes in three GPTQ forms (4-bit group 128 as GPTQ files hold; 4-bit group 32 with
 float zeros as a Q4_K / Q4_0 GGUF becomes; 8-bit group 16 as Q6_K becomes), 1-16 rows. Each kernel runs over
 enough copies of the layer that the copies pass the GPU's L2 twice (a decode step reads every layer once,
-cold), as one CUDA graph; the time is a call's share. % of copy bandwidth counts the codes, scales and zeros.
+cold), as one CUDA graph; the time is a call's share (`experiments/gemv_cold_gpu.py`'s timer and copy bandwidth;
+the runs in benchmarks/results/h100-llama3-8b-qmma/ timed the same graph with this script's own copy of them).
+% of copy bandwidth counts the codes, scales and zeros.
 Also the sm_75 build (two m16n8k8 mmas, JIT-compiled from PTX for this GPU) and a sweep of launch shapes.
 
     python benchmarks/qmma_gpu.py --table --out OUT/qmma.json
@@ -15,27 +17,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import sys
 import time
 
 import torch
 
-from lowgear.ops.matmul import gptq_gemv as G, gptq_mma as MM, qmma as Q
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+import gemv_cold_gpu as cold  # noqa: E402  the cold-copies graph timer and the copy bandwidth
+from lowgear.ops.matmul import gptq_gemv as G, gptq_mma as MM, qmma as Q  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 FORMS = {"gptq4_g128": (4, 128), "q4k_g32": (4, 32), "q6k_g16": (8, 16)}
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * 10 * (1 << 30) / (time.perf_counter() - t)
 
 
 def layers(n, k, bits, gs, copies):
@@ -50,24 +43,9 @@ def layers(n, k, bits, gs, copies):
     return out
 
 
-def timed(fn, ls, reps=5) -> float:
-    """Microseconds a call, fn(layer) over every copy in one graph, `reps` replays after a warm one."""
-    for lay in ls:
-        fn(lay)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for lay in ls:
-            fn(lay)
-    graph.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        graph.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e3 / (reps * len(ls))
+def timed(fn, ls) -> float:
+    """Microseconds a call: fn(layer) over every copy, replayed as one CUDA graph (gemv_cold_gpu's timer)."""
+    return cold.timed([lambda L=L: fn(L) for L in ls], rep_ms=100)
 
 
 def main() -> None:
@@ -84,7 +62,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.time()
     cap = torch.cuda.get_device_capability()
-    bw = copy_bandwidth()
+    bw = cold.copy_bandwidth()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     print(f"{torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}, copy {bw / 1e9:.0f} GB/s, L2 {l2 >> 20} MB", flush=True)
     rows = []
