@@ -1,9 +1,10 @@
-"""CUDA C kernels compiled at run time: NVRTC to PTX, the driver's JIT to the GPU at hand, a ctypes launch.
+"""CUDA C kernels compiled at run time by NVRTC, loaded through the driver, launched with ctypes.
 
 For the few kernels Triton cannot express on an old card (tensor-core `mma.sync` on sm_75, where Triton's
-tl.dot is FMAs). Nothing is built at install: NVRTC ships with torch's CUDA wheels (nvidia-cuda-nvrtc), and
-the driver turns the PTX, made for the compute capability lowgear sees (an emulated sm_75 included,
-`ops/emulate.py`), into code for the real GPU. Modules are cached per (source, defines, target, device).
+tl.dot is FMAs). Nothing is built at install: NVRTC ships with torch's CUDA wheels (nvidia-cuda-nvrtc). It
+builds for the compute capability lowgear sees (`target`): a cubin for the GPU's own architecture, PTX that
+the driver JITs when the GPU runs as an older one (`ops/emulate.py`). Modules are cached per (source,
+defines, capability, device).
 A launch goes on torch's current stream, so it is captured into CUDA graphs like any other kernel.
 """
 
@@ -70,7 +71,7 @@ def available() -> str | None:
 
 def compile_source(source: str, defines: dict[str, int], arch: str) -> bytes:
     """NVRTC output for `arch`: "compute_75" gives PTX, "sm_75" a cubin (what the compile checks use: it runs
-    ptxas, so inline PTX is checked too). RuntimeError with NVRTC's log on failure."""
+    ptxas, so inline PTX is checked too). BuildError with NVRTC's log when the source does not compile."""
     lib = nvrtc()
     prog = ctypes.c_void_p()
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"lowgear.cu", 0, None, None))
