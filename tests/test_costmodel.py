@@ -48,11 +48,12 @@ def test_routes_follow_ops_matmul():
     assert cm.path(T4, "gptq", MAX_M, 4) == "gemv"  # no code width given: not the mma.sync kernel
     assert cm.path(T4, "gptq", MAX_M + 1, 4) == "dequant+cublas"  # no tl.dot tensor cores below sm_80
     assert cm.path(T4, "gptq", QMMA_FROM_M, 4.25, codes=4) == "qmma"  # mma.sync m16n8k8 on sm_75
-    assert cm.path(T4, "gptq", qmma.MAX_M + 1, 4.25, codes=4) == "dequant+cublas"
+    assert cm.path(T4, "gptq", qmma.ROUTE_MAX_M + 1, 4.25, codes=4) == "dequant+cublas"
     assert cm.path(V100, "gptq", 16, 4.25, codes=4) == "dequant+cublas"  # sm_70: no m16n8k8
     assert cm.path(T4, "gptq", 16, 3.25, codes=3) == "dequant+cublas"  # 3-bit codes straddle words
     assert cm.path(AMPERE, "gptq", MMA_FROM_M, 4) == "mma"
-    assert cm.path(AMPERE, "gptq", qmma.MAX_M + 1, 4.25, codes=4) == "mma"
+    assert cm.path(AMPERE, "gptq", qmma.ROUTE_MAX_M, 4.25, codes=4) == "qmma"
+    assert cm.path(AMPERE, "gptq", qmma.ROUTE_MAX_M + 1, 4.25, codes=4) == "mma"
     assert cm.path(T4, "block", 5, 4) == "dequant+cublas"
     assert cm.code_bits("Q4_K") == 4 and cm.code_bits("Q6_K") == 8 and cm.code_bits("GPTQ4g128") == 4
     assert cm.code_bits("F16") is None and cm.code_bits("IQ4_XS") is None

@@ -54,7 +54,7 @@ CASES = [  # bits, m, n, k, group
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,m,n,k,gs", CASES)
-@pytest.mark.parametrize("split", [None, 1, 7])
+@pytest.mark.parametrize("split", [None, 1, 7], ids=["auto", "s1", "s7"])
 @pytest.mark.parametrize("float_z", [False, True])
 @pytest.mark.parametrize("use_async", [True, False])  # the cp.async ring (sm_80+), the register pipeline
 def test_matches_float64(bits, m, n, k, gs, split, float_z, use_async):
@@ -70,6 +70,35 @@ def test_matches_float64(bits, m, n, k, gs, split, float_z, use_async):
 def test_sm75_build(bits, m, n, k, gs):
     """The build an sm_75 card runs (m16n8k8 pairs), JIT-compiled from its PTX for the GPU at hand."""
     qw, z, s, w = make(bits, n, k, gs, seed=3, float_z=True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    check(Q.qmma(x, qw, z, s, bits, gs, (7, 5)), x, w)
+
+
+DQ_CASES = [  # 17-64 rows: the DQ build (codes made fp16 weights before the mma), 4 or 8 row tiles
+    (4, 17, 264, 160, 32), (4, 32, 4096, 4096, 128), (4, 33, 520, 4096, -1), (4, 64, 6144, 4096, 32),
+    (4, 47, 1032, 14336, 128), (8, 24, 512, 4096, 16), (8, 64, 1032, 1024, 32), (8, 57, 264, 64, 16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,m,n,k,gs", DQ_CASES)
+@pytest.mark.parametrize("split", [None, 5], ids=["auto", "s5"])
+@pytest.mark.parametrize("use_async", [True, False])
+def test_dq_matches_float64(bits, m, n, k, gs, split, use_async):
+    """Weights rounded to fp16 before the mma: the same tolerance as the exact-code fold (2e-3 of the norm).
+    Integer zeros (GPTQ) for odd M, float zeros (K-quants) for even."""
+    qw, z, s, w = make(bits, n, k, gs, seed=m + n, float_z=m % 2 == 0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    p = Q.launch_params(m, n, k, bits, 132)
+    assert p["DQ"] == 1
+    y = Q.qmma(x, qw, z, s, bits, gs, torch.cuda.get_device_capability(), split=split, use_async=use_async)
+    check(y, x, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,m,n,k,gs", [(4, 40, 1032, 4096, 32), (8, 20, 512, 1024, 16)])
+def test_dq_sm75_build(bits, m, n, k, gs):
+    qw, z, s, w = make(bits, n, k, gs, seed=4, float_z=True)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     check(Q.qmma(x, qw, z, s, bits, gs, (7, 5)), x, w)
 
@@ -115,7 +144,8 @@ def test_gptq_layer_zeros():
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_86", "sm_90"])
-@pytest.mark.parametrize("bits,mt,bf16", [(4, 1, 0), (4, 2, 0), (8, 1, 0), (8, 2, 0), (4, 2, 1)])
+@pytest.mark.parametrize("bits,mt,bf16", [(4, 1, 0), (4, 2, 0), (8, 1, 0), (8, 2, 0), (4, 2, 1), (4, 4, 0), (4, 8, 0),
+                                         (8, 8, 0)])
 def test_compiles(arch, bits, mt, bf16):
     if bf16 and arch == "sm_75":
         pytest.skip("bf16 mma needs sm_80 (serves() never asks for it)")
@@ -123,7 +153,8 @@ def test_compiles(arch, bits, mt, bf16):
         pytest.fail(nvrtc.available())
     for use_async in (0, 1):  # sm_75 compiles the register pipeline either way
         cubin = nvrtc.compile_source(Q.source(), {"BITS": bits, "MT": mt, "BF16": bf16, "WARPS": Q.WARPS,
-                                                  "STAGES": Q.STAGES, "ASYNC": use_async, "PDL": 1}, arch)
+                                                  "STAGES": Q.STAGES, "ASYNC": use_async, "PDL": 1,
+                                                  "DQ": int(mt > 2)}, arch)
         assert cubin[:4] == b"\x7fELF"
 
 
@@ -150,12 +181,28 @@ def test_launch_params(m, n, k, bits):
     assert p["k_per_split"] % Q.chunk(bits) == 0
     assert (p["split"] - 1) * p["k_per_split"] < k <= p["split"] * p["k_per_split"]  # no empty split
     assert p["n_blocks"] * 64 * p["WARPS"] >= n
-    assert p["MT"] == (1 if m <= 8 else 2)
+    assert p["MT"] == (1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8)
+    assert p["DQ"] == (m > 16)
+
+
+@pytest.mark.parametrize("m,n,k,bits", [(64, 28672, 4096, 4), (17, 4096, 14336, 4), (40, 6144, 4096, 8)])
+def test_dq_launch_params(m, n, k, bits):
+    """17-64 rows: x's slice takes what an H100 lends a block beyond the ring, and stays inside it."""
+    h100 = 227 * 1024
+    p = Q.launch_params(m, n, k, bits, 132, smem_optin=h100)
+    assert p["DQ"] == 1 and p["smem"] <= h100
+    assert (p["split"] - 1) * p["k_per_split"] < k <= p["split"] * p["k_per_split"]
+    small = Q.launch_params(m, n, k, bits, 132)  # no opt-in known: 48 KB of x, more splits
+    assert small["split"] >= p["split"]
+    t4 = Q.launch_params(m, n, k, bits, 40, smem_optin=64 * 1024, capability=(7, 5))
+    assert t4["ASYNC"] == 0 and t4["smem"] <= Q.SMEM_BYTES
 
 
 @pytest.mark.parametrize("args,ok", [
     ((16, 4096, 4096, 4, 128, torch.float16, (7, 5), False), True),
-    ((17, 4096, 4096, 4, 128, torch.float16, (9, 0), False), False),  # past MAX_M
+    ((65, 4096, 4096, 4, 128, torch.float16, (9, 0), False), False),  # past MAX_M
+    ((64, 4096, 4096, 4, 128, torch.float16, (7, 5), False), True),  # the DQ build
+    ((17, 4096, 4096, 4, 128, torch.bfloat16, (9, 0), False), False),  # DQ makes fp16 weights
     ((4, 4096, 4096, 4, 128, torch.float16, (7, 0), False), False),  # V100: no m16n8k8
     ((4, 4096, 4096, 3, 128, torch.float16, (9, 0), False), False),  # 3-bit codes straddle words
     ((4, 4096, 4096, 4, 128, torch.float16, (9, 0), True), False),  # act-order

@@ -34,6 +34,7 @@ UNPACK_HALF2 = 2  # the whole packed-half2 path at one fp16 row, FMA included (f
 UNPACK_BLOCK = 4  # GGUF block GEMVs (gguf_gemv.py)
 UNPACK_DEQUANT = 3  # the prefill dequantizer, per code, before cuBLAS
 UNPACK_QMMA = 2  # mma.sync kernel: shift, mask-or and fma per pair of codes, plus the group fold (qmma.cu)
+UNPACK_QMMA_DQ = 2.5  # its 17-64-row build: one more half2 fma a pair makes the weights (no fold)
 
 
 _GPTQ = re.compile(r"GPTQ(\d)g(-?\d+)")  # a GPTQ folder's qtype: bits, group size
@@ -106,7 +107,7 @@ def path(gpu: GPU, family: str, m: int, bits: float, codes: int | None = None) -
         return "gemv" if m <= BLOCK_MAX_M else "cublas"
     if family == "block":
         return "gemv" if m <= BLOCK_MAX_M else "dequant+cublas"
-    if gpu.cc >= qmma.MIN_CAPABILITY and codes in qmma.BITS and QMMA_FROM_M <= m <= qmma.MAX_M:
+    if gpu.cc >= qmma.MIN_CAPABILITY and codes in qmma.BITS and QMMA_FROM_M <= m <= qmma.ROUTE_MAX_M:
         return "qmma"
     if gpu.cc >= (8, 0) and MMA_FROM_M <= m <= MMA_MAX_M:
         return "mma"
@@ -129,7 +130,10 @@ def linear_cost(gpu: GPU, lin: Linear, m: int, act_bytes: int = 2) -> dict:
     elif route == "mma":
         instr, tensor = w * UNPACK_DEQUANT, 2.0 * m * w
     elif route == "qmma":  # x's rows padded to the mma's 8 columns
-        instr, tensor = w * UNPACK_QMMA, 2.0 * 8 * math.ceil(m / 8) * w
+        from ..ops.matmul.qmma import FOLD_MAX_M
+
+        instr = w * (UNPACK_QMMA if m <= FOLD_MAX_M else UNPACK_QMMA_DQ)
+        tensor = 2.0 * 8 * math.ceil(m / 8) * w
     elif route == "cublas":
         tensor = 2.0 * m * w
     else:  # dequant+cublas: W.T written in fp16 and read back by the matmul

@@ -31,7 +31,7 @@ its `g_idx` becomes None (groups are now k // group_size) and `gptq_perm` (int32
 is input feature perm[i]) is registered, which QuantLinear's torch path reads to put W's columns
 back (`QuantLinear._dequant`). So an act-order layer holds its codes once, as stored.
 
-QMMA_FROM_M <= M <= qmma.MAX_M rows of 4/8-bit layers on sm_75+ go to `qmma.qmma` (a CUDA C mma.sync kernel
+QMMA_FROM_M <= M <= qmma.ROUTE_MAX_M rows of 4/8-bit layers on sm_75+ go to `qmma.qmma` (a CUDA C mma.sync kernel
 built by NVRTC: sm_75's one tensor-core route, and faster than the GEMV and tl.dot there on newer cards).
 Past it, batched decode (MMA_FROM_M <= M <= gptq_mma.MMA_MAX_M, fp16 / bf16 activations, 2/4/8-bit) on
 compute capability >= 8.0 goes to `gptq_mma.gptq_mma`: the same operands, codes unpacked in registers and
@@ -60,7 +60,7 @@ from . import f16x2, gptq_mma, qmma, splitk
 # it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
 MAX_M = 8
 MMA_FROM_M = 5  # on sm >= 8.0 the tl.dot kernel (gptq_mma.py) from here on; why: docs/decisions/004-gemv-row-limits.md
-QMMA_FROM_M = 4  # the mma.sync kernel (qmma.py) from here to qmma.MAX_M rows; why: docs/decisions/026-mma-sync-decode.md
+QMMA_FROM_M = 4  # the mma.sync kernel (qmma.py) from here to qmma.ROUTE_MAX_M rows; why: docs/decisions/026-mma-sync-decode.md
 # GEMV launch: num_warps for every M, row-groups per tile at most (8 = 64 inputs at 4 bits), K split
 # into at least MIN_SPLIT parts; the packed-half2 unpack (f16x2.py) takes HALF2_* at one activation
 # row and GEMV_TILE_ROWS past it. why: docs/decisions/005-gptq-gemv-launch.md
@@ -452,7 +452,7 @@ def uses_mma(m: int, dtype: torch.dtype, facts: dict, capability: tuple[int, int
 
 def uses_qmma(m: int, x: torch.Tensor, module, facts: dict, capability: tuple[int, int] | None) -> bool:
     """Whether M rows go to the mma.sync kernel: M >= QMMA_FROM_M, CUDA, a layer `qmma.serves`, NVRTC here."""
-    return (m >= QMMA_FROM_M and x.is_cuda and facts["block_r"] is not None
+    return (QMMA_FROM_M <= m <= qmma.ROUTE_MAX_M and x.is_cuda and facts["block_r"] is not None
             and qmma.serves(m, module.in_features, module.out_features, module._gptq["bits"],
                             module._gptq["group_size"], x.dtype, capability, facts["sorted"])
             and qmma.usable())

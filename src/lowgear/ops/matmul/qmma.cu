@@ -7,8 +7,8 @@
 // r * PACK + j), zf and sc fp16 [groups, N]. No header is included (NVRTC finds none on a bare wheel):
 // halves travel as 16-bit integers and every half op is inline PTX.
 //
-// Compile-time: BITS (4 | 8), MT (x's rows in 8-row mma tiles: 1 | 2), WARPS, STAGES (K chunks a thread has
-// in flight), BF16 (x, y bfloat16: 4-bit codes, sm_80+).
+// Compile-time: BITS (4 | 8), MT (x's rows in 8-row mma tiles: 1 | 2, or 4 | 8 with DQ), WARPS, STAGES (K chunks
+// a thread has in flight), BF16 (x, y bfloat16: 4-bit codes, sm_80+), DQ (see below).
 //
 // A warp owns 64 output features: lane (g = lane / 4, t = lane % 4) owns features f_j = 4 g + j and
 // 32 + 4 g + j - 4 (j < 4, j >= 4) of them. Per K chunk of SC = 4 * PACK features, it loads word row t of its 8
@@ -17,6 +17,11 @@
 // order is a permutation of the chunk's (pairs of codes (j, j + PACK/2) share a half2); x's chunk is staged
 // in shared memory in the same permutation, so the dot is unchanged. Codes enter the mma exact (0..255 as
 // halves), the group's zero and scale are applied once per group in fp32: acc += sc * p - sc * zf * sum(x).
+//
+// DQ (17-64 rows, fp16): the fold's second set of accumulators would not fit beside 4-8 row tiles, so each
+// code pair is made a weight pair before the mma instead, (q - zf) * sc = fma(q, sc, -zf * sc) in half2
+// (one more instruction a pair, shared by every row tile), and the mma accumulates the sums directly. x's
+// slice comes in as it is in memory (cp.async on sm_80+) and a lane puts its fragment in K order with prmt.
 
 #ifndef BITS
 #define BITS 4
@@ -32,6 +37,9 @@
 #endif
 #ifndef BF16
 #define BF16 0
+#endif
+#ifndef DQ
+#define DQ 0
 #endif
 #ifndef MINB
 #define MINB 1         // blocks an SM must hold (caps registers)
@@ -53,7 +61,7 @@
 #define PACK (32 / BITS)
 #define SC (4 * PACK)          // K features per chunk: 4 lanes x PACK codes
 #define KSTEPS (PACK / 4)      // k16 mma steps per chunk
-#define XR (8 * MT)            // x rows staged (rows >= M are zeros)
+#define XR (8 * MT)            // x rows staged (rows >= M are zeros; with DQ, left unset: their outputs are dropped)
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -70,6 +78,18 @@ __device__ __forceinline__ void ld16(const void* p, u32* r) {
 
 __device__ __forceinline__ void ld8(const void* p, u32* r) {
   asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "l"(p));
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {  // bytes of {b, a} picked by sel's nibbles
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
 }
 
 __device__ __forceinline__ float fp16_to_f32(u16 h) {
@@ -270,6 +290,51 @@ __device__ __forceinline__ void chunk(const Stage& cur, int c, int k, int k_hi, 
   }
 }
 
+#if DQ
+#if BF16
+#error "DQ makes fp16 weights: fp16 x only"
+#endif
+// one chunk, DQ: x's b fragments from its slice as in memory, each code pair made a weight pair, 4 x KSTEPS
+// mmas a row tile straight into acc
+__device__ __forceinline__ void chunk_dq(const Stage& cur, int c, int g, int t, const u16* xsh, int XS,
+                                         float (&acc)[4][MT][4]) {
+  u32 b[MT][PACK / 2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    // features c * SC + t * PACK + (0..PACK), two a word; register j takes features j and j + PACK / 2
+    const u32* src = (const u32*)(xsh + (mt * 8 + g) * XS + c * SC + t * PACK);
+#if BITS == 4
+    uint4 v = *(const uint4*)src;
+    b[mt][0] = prmt(v.x, v.z, 0x5410); b[mt][1] = prmt(v.x, v.z, 0x7632);
+    b[mt][2] = prmt(v.y, v.w, 0x5410); b[mt][3] = prmt(v.y, v.w, 0x7632);
+#else
+    uint2 v = *(const uint2*)src;
+    b[mt][0] = prmt(v.x, v.y, 0x5410); b[mt][1] = prmt(v.x, v.y, 0x7632);
+#endif
+  }
+  u32 s2[8], nzs2[8];  // feature f_j's (sc, sc) and (-zf * sc, -zf * sc)
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    u32 sh = (j & 1) ? cur.s[j >> 1] >> 16 : cur.s[j >> 1] & 0xffff;
+    u32 nz = f2h(-f16f(cur.z[j >> 1], j & 1) * f16f(cur.s[j >> 1], j & 1));
+    s2[j] = sh | (sh << 16);
+    nzs2[j] = nz | (nz << 16);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      u32 a0 = hfma2(codes2(cur.w[2 * i], (2 * ks) * BITS), s2[2 * i], nzs2[2 * i]);
+      u32 a1 = hfma2(codes2(cur.w[2 * i + 1], (2 * ks) * BITS), s2[2 * i + 1], nzs2[2 * i + 1]);
+      u32 a2 = hfma2(codes2(cur.w[2 * i], (2 * ks + 1) * BITS), s2[2 * i], nzs2[2 * i]);
+      u32 a3 = hfma2(codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS), s2[2 * i + 1], nzs2[2 * i + 1]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma(acc[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
+    }
+  }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __restrict__ zf,
             const u16* __restrict__ sc, u16* __restrict__ y, float* __restrict__ part, int* __restrict__ cnt,
@@ -291,9 +356,9 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
   float* csum = (float*)(smem + ((XR * XS * 2 + 15) / 16) * 16);  // [nch][XR]: each chunk's sum of x per row
 
   // the first chunks of weights asked for before anything an earlier kernel wrote is read
-#define ENDS(k) (((k) + SC) % group_size == 0 || (k) + SC >= k_hi)
+#define ENDS(k) (DQ || ((k) + SC) % group_size == 0 || (k) + SC >= k_hi)  // DQ: every chunk's scales
 #if ASYNC
-  const int xbytes = ((XR * XS * 2 + 15) / 16) * 16 + ((nch * XR * 4 + 15) / 16) * 16;
+  const int xbytes = ((XR * XS * 2 + 15) / 16) * 16 + (DQ ? 0 : ((nch * XR * 4 + 15) / 16) * 16);  // DQ: no csum
   const u32 ring = smem_addr(smem + xbytes) + (warp * RING * 2048) + lane * 16;
 #pragma unroll
   for (int u = 0; u < RING - 1; ++u) {
@@ -319,6 +384,27 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
+#if DQ
+  // x[:, k_lo:k_hi] as in memory, rows < M (16 bytes a copy; all in flight at once through cp.async on sm_80+)
+  {
+    const int segs = (k_hi - k_lo) / 8, mr = min(M, XR);
+#if ASYNC
+    const u32 xa = smem_addr(xsh);
+    for (int idx = tid; idx < mr * segs; idx += WARPS * 32) {
+      int r = idx / segs, q = idx - r * segs;
+      cp16(xa + (r * XS + q * 8) * 2, x + (long)r * stride_xm + k_lo + q * 8, true);
+    }
+    asm volatile("cp.async.commit_group;");
+    asm volatile("cp.async.wait_group 0;");
+#else
+    for (int idx = tid; idx < mr * segs; idx += WARPS * 32) {
+      int r = idx / segs, q = idx - r * segs;
+      *(uint4*)(xsh + r * XS + q * 8) = *(const uint4*)(x + (long)r * stride_xm + k_lo + q * 8);
+    }
+#endif
+  }
+  __syncthreads();
+#else
   // stage x[:, k_lo:k_hi] in the fragment's K order: within each run of PACK features, position p holds
   // feature (p >> 1) + (p & 1) * PACK / 2, so a lane's PACK halves are its b-fragment registers in order;
   // an item is one row's chunk (4 runs), whose sum goes to csum
@@ -358,6 +444,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
     csum[c * XR + r] = sum;
   }
   __syncthreads();
+#endif
 
   float acc[4][MT][4], p[4][MT][4], xg[MT][2];  // xg: the group's sum of x so far, rows 2 t, 2 t + 1
 #pragma unroll
@@ -387,7 +474,11 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
       lds16(slot + 1024, cur.s);
       lds16(slot + 1536, cur.z);
     }
+#if DQ
+    chunk_dq(cur, c, g, t, xsh, XS, acc);
+#else
     chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
+#endif
   }
   asm volatile("cp.async.wait_group 0;");
 #else
@@ -402,7 +493,11 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
           int kn = k + STAGES * SC;
           load_stage(st[u], qw, zf, sc, kn / PACK + t, kn / group_size, N, na, nb, oka, okb, ENDS(kn));
         }
+#if DQ
+        chunk_dq(cur, c, g, t, xsh, XS, acc);
+#else
         chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
+#endif
       }
     }
   }
@@ -443,26 +538,40 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
   __syncthreads();
   if (!last) return;
   __threadfence();
+  // split-major, every row's loads of a few splits in flight (a row-by-row sum waits out rows x splits / 4 L2
+  // round trips: 13 us of a 24 us 16-row layer at 16 splits, docs/decisions/026-mma-sync-decode.md)
+  float tot[MT][2][8];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) tot[mt][h][j] = 0.f;
+#pragma unroll(MT > 2 ? 2 : 4)
+  for (int s = 0; s < nsplit; ++s) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int m = mt * 8 + 2 * t + h;
+        if (m < M && oka) {
+          const float* src = part + ((long)s * M + m) * N;
+          float4 a = __ldcg((const float4*)(src + na));
+          float* o = tot[mt][h];
+          o[0] += a.x; o[1] += a.y; o[2] += a.z; o[3] += a.w;
+          if (okb) {
+            float4 b2 = __ldcg((const float4*)(src + nb));
+            o[4] += b2.x; o[5] += b2.y; o[6] += b2.z; o[7] += b2.w;
+          }
+        }
+      }
+  }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       int m = mt * 8 + 2 * t + h;
-      if (m < M && oka) {
-        float tot[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) tot[j] = 0.f;
-        for (int s = 0; s < nsplit; ++s) {
-          const float* src = part + ((long)s * M + m) * N;
-          float4 a = __ldcg((const float4*)(src + na));
-          tot[0] += a.x; tot[1] += a.y; tot[2] += a.z; tot[3] += a.w;
-          if (okb) {
-            float4 b2 = __ldcg((const float4*)(src + nb));
-            tot[4] += b2.x; tot[5] += b2.y; tot[6] += b2.z; tot[7] += b2.w;
-          }
-        }
-        store8(y + (long)m * N, na, nb, okb, tot);
-      }
+      if (m < M && oka) store8(y + (long)m * N, na, nb, okb, tot[mt][h]);
     }
   if (tid == 0) atomicExch(cnt + blockIdx.x, 0);
 }

@@ -15,10 +15,15 @@ codes of its own mma fragment, so no code tile is rearranged through shared memo
 The 16 x 8 x 16 mma (two 16 x 8 x 8 on sm_75) takes the weights as its 16-row operand and x's rows as its
 8 columns, so one to eight decode rows cost the same mma work (MT = 2 tiles serve 9-16 rows).
 
+17-64 rows (MT = 4 or 8 tiles, fp16) take the DQ build: a second set of accumulators for the fold would not
+fit beside that many tiles, so each code pair becomes a weight pair, fma(q, scale, -zero * scale) in half2,
+before the mma (the rounding of the weights to fp16 that the tl.dot kernel and cuBLAS prefill also make),
+and x's slice may use the shared memory the device lends a block beyond 48 KB (fewer K splits to add up).
+
 Serves the GPTQ form of GPTQ, AWQ and GGUF layers (Q4_0 / Q4_1 / Q4_K at 4 bits; Q5_x / Q6_K / Q8_0 at 8) when:
 codes of 4 or 8 bits, groups a multiple of the chunk (32 features at 4 bits, 16 at 8; or one group), no
-act-order permutation, N a multiple of 8, fp16 activations (bf16 at 4 bits on sm_80+), 1-16 rows (gptq_matmul
-sends it QMMA_FROM_M = 4 and up: the GEMV is faster below; docs/decisions/026-mma-sync-decode.md).
+act-order permutation, N a multiple of 8, fp16 activations (bf16 at 4 bits on sm_80+, up to 16 rows), 1-64 rows.
+gptq_matmul sends it QMMA_FROM_M = 4 to ROUTE_MAX_M rows (the GEMV is faster below; docs/decisions/026-mma-sync-decode.md).
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ from .. import nvrtc, pdl
 from ...platform import env
 from . import splitk
 
-MAX_M = 16
+MAX_M = 64  # what the kernel takes
+FOLD_MAX_M = 16  # past it the DQ build (fp16 only)
+# what gptq_matmul sends it: the DQ build (17-64 rows) is routed once a GPU run has timed it against the tl.dot
+# kernel (docs/decisions/026-mma-sync-decode.md); until then 17-64 rows stay there
+ROUTE_MAX_M = 16
 BITS = (4, 8)
 MIN_CAPABILITY = (7, 5)  # the m16n8k8 mma
 WARPS = 4
@@ -77,7 +86,7 @@ def decision(capability: tuple[int, int] | None) -> str:
     if why is not None:
         return f"off: {why}"
     ring = ", cp.async ring" if tuple(capability) >= ASYNC_FROM else ""
-    return f"{QMMA_FROM_M}-{MAX_M} rows on tensor cores (mma.sync built by NVRTC{ring})"
+    return f"{QMMA_FROM_M}-{ROUTE_MAX_M} rows on tensor cores (mma.sync built by NVRTC{ring})"
 
 
 @lru_cache(maxsize=1)
@@ -110,7 +119,7 @@ def serves(m: int, k: int, n: int, bits: int, group_size: int, dtype: torch.dtyp
     if capability is None or tuple(capability) < MIN_CAPABILITY or bits not in BITS or sorted_ or not 1 <= m <= MAX_M:
         return False
     if dtype == torch.bfloat16:
-        if bits != 4 or tuple(capability) < (8, 0):
+        if bits != 4 or tuple(capability) < (8, 0) or m > FOLD_MAX_M:
             return False
     elif dtype != torch.float16:
         return False
@@ -120,43 +129,52 @@ def serves(m: int, k: int, n: int, bits: int, group_size: int, dtype: torch.dtyp
 
 
 def smem_bytes(m_tiles: int, k_per_split: int, bits: int, ring_bytes: int = 0) -> int:
-    """x's staged slice, its chunk sums, and the cp.async ring (qmma.cu's layout)."""
+    """x's staged slice, its chunk sums (not in the DQ build), and the cp.async ring (qmma.cu's layout)."""
     sc = chunk(bits)
     pad = ((2 * sc - (2 * k_per_split) % 128) + 128) % 128 // 2
     xr = 8 * m_tiles
-    return (xr * (k_per_split + pad) * 2 + 15) // 16 * 16 + ((k_per_split // sc) * xr * 4 + 15) // 16 * 16 + ring_bytes
+    sums = 0 if m_tiles > 2 else ((k_per_split // sc) * xr * 4 + 15) // 16 * 16
+    return (xr * (k_per_split + pad) * 2 + 15) // 16 * 16 + sums + ring_bytes
 
 
 def launch_params(m: int, n: int, k: int, bits: int, sms: int, *, warps: int | None = None, split: int | None = None,
                   stages: int | None = None, blocks_per_sm: int | None = None, min_blocks: int | None = None,
-                  use_async: bool | None = None, ring: int | None = None,
-                  capability: tuple[int, int] = (9, 0)) -> dict[str, int]:
-    """MT, WARPS, STAGES, the K split and its slice for one shape (keywords: the benchmark's sweep)."""
+                  use_async: bool | None = None, ring: int | None = None, x_bytes: int | None = None,
+                  smem_optin: int = SMEM_BYTES, capability: tuple[int, int] = (9, 0)) -> dict[str, int]:
+    """MT, WARPS, STAGES, DQ, the K split and its slice for one shape (keywords: the benchmark's sweep).
+    smem_optin: the shared memory the device lends one block (its x slice may take what the ring leaves of it
+    from 17 rows on, on sm_80+)."""
     sc = chunk(bits)
-    mt = 1 if m <= 8 else 2
+    mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    dq = mt > 2
     warps = warps or WARPS
     n_blocks = -(-n // (64 * warps))
     chunks = k // sc
-    if split is None:
-        split = max(1, -(-(blocks_per_sm or BLOCKS_PER_SM) * sms // n_blocks))
+    if split is None:  # DQ's blocks hold large slices: one an SM
+        split = max(1, -(-(blocks_per_sm or (1 if dq else BLOCKS_PER_SM)) * sms // n_blocks))
     split = max(1, min(chunks, split))
     use_async = tuple(capability) >= ASYNC_FROM if use_async is None else use_async
     ring = (ring or RING) if use_async else 0
     x_budget = ASYNC_X_BYTES if use_async else SMEM_BYTES
+    if dq and use_async:
+        x_budget = max(x_budget, smem_optin - warps * ring * 2048 - 1024)
+    x_budget = x_bytes or x_budget
     while True:  # the slice's x must fit the shared-memory budget
         kps = -(-chunks // split) * sc
         if smem_bytes(mt, kps, bits) <= x_budget or kps == sc:
             break
         split += 1
     split = -(-k // kps)
-    return {"MT": mt, "WARPS": warps, "STAGES": stages or STAGES, "MINB": min_blocks or MIN_BLOCKS,
+    return {"MT": mt, "DQ": int(dq), "WARPS": warps, "STAGES": stages or STAGES, "MINB": min_blocks or MIN_BLOCKS,
             "ASYNC": int(use_async), "RING": ring or RING, "split": split, "k_per_split": kps, "n_blocks": n_blocks,
             "smem": smem_bytes(mt, kps, bits, warps * ring * 2048)}
 
 
 @lru_cache(maxsize=16)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _sms(index: int) -> tuple[int, int]:
+    """The device's multiprocessors, and the shared memory it lends one block."""
+    p = torch.cuda.get_device_properties(index)
+    return p.multi_processor_count, getattr(p, "shared_memory_per_block_optin", SMEM_BYTES)
 
 
 def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
@@ -169,9 +187,10 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.contiguous()
     gs = k if gptq_groups(k, group_size) == 1 else group_size
-    p = launch_params(m, n, k, bits, _sms(x.device.index or 0), capability=tuple(capability), **overrides)
+    sms, optin = _sms(x.device.index or 0)
+    p = launch_params(m, n, k, bits, sms, smem_optin=optin, capability=tuple(capability), **overrides)
     launch = pdl.launch(x.device, m) if tuple(capability) >= (9, 0) else {"PDL": 0}
-    defines = {"BITS": bits, "MT": p["MT"], "WARPS": p["WARPS"], "STAGES": p["STAGES"], "MINB": p["MINB"],
+    defines = {"BITS": bits, "MT": p["MT"], "DQ": p["DQ"], "WARPS": p["WARPS"], "STAGES": p["STAGES"], "MINB": p["MINB"],
                "ASYNC": p["ASYNC"], "RING": p["RING"],
                "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"]}
     kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
