@@ -218,6 +218,22 @@ def test_serves(args, ok):
     assert Q.serves(*args) is ok
 
 
+def test_an_nvrtc_api_error_is_a_build_error():
+    """Any failed NVRTC call (not only a compile error) raises BuildError, which gptq_matmul turns into the
+    Triton fallback (a plain RuntimeError would reach the user)."""
+
+    class Lib:  # NVRTC's error-string lookup, as ctypes would call it
+        class nvrtcGetErrorString:
+            restype = None
+
+            def __new__(cls, rc):
+                return b"NVRTC_ERROR_OUT_OF_MEMORY"
+
+    nvrtc._check(Lib, 0)
+    with pytest.raises(nvrtc.BuildError, match="NVRTC error 1: NVRTC_ERROR_OUT_OF_MEMORY"):
+        nvrtc._check(Lib, 1)
+
+
 def test_build_target_is_a_cubin_unless_emulating():
     assert nvrtc.target((9, 0), (9, 0)) == "sm_90"  # loads on a driver older than NVRTC
     assert nvrtc.target((7, 5), (7, 5)) == "sm_75"

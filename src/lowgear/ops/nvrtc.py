@@ -99,9 +99,10 @@ def compile_source(source: str, defines: dict[str, int], arch: str) -> bytes:
 
 
 def _check(lib, rc: int) -> None:
+    """A failed NVRTC call is a failed build too (the callers' Triton fallback takes over, as for a compile error)."""
     if rc != 0:
         lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-        raise RuntimeError(f"NVRTC error {rc}: {lib.nvrtcGetErrorString(rc).decode()}")
+        raise BuildError(f"NVRTC error {rc}: {lib.nvrtcGetErrorString(rc).decode()}")
 
 
 @lru_cache(maxsize=1)
