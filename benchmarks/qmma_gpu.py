@@ -1,7 +1,8 @@
 """The mma.sync kernel (ops/matmul/qmma.py) beside the GPTQ GEMV and the Triton tl.dot kernel, per layer.
 
 Llama-3-8B's fused layer shapes in three GPTQ forms (4-bit group 128 as GPTQ files hold; 4-bit group 32 with
-float zeros as a Q4_K / Q4_0 GGUF becomes; 8-bit group 16 as Q6_K becomes), 1-16 rows. Each kernel runs over
+float zeros as a Q4_K / Q4_0 GGUF becomes; 8-bit group 16 as Q6_K becomes), 1-16 rows (`--ms` to 64: the DQ
+build). Each kernel runs over
 enough copies of the layer that the copies pass the GPU's L2 twice (a decode step reads every layer once,
 cold), as one CUDA graph; the time is a call's share (`experiments/gemv_cold_gpu.py`'s timer and copy bandwidth;
 the runs in benchmarks/results/h100-llama3-8b-qmma/ timed the same graph with this script's own copy of them).
