@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU run the DQ build (qmma.cu, 17-64 rows) waits for before gptq_matmul routes to it (decision 026):
-# its tests against float64, its per-layer time beside the tl.dot kernel, and whole decode steps of this tree
-# against the same tree with qmma.ROUTE_MAX_M = 64 (interleaved, same greedy tokens checked). About 6 minutes
-# on an H100.
+# The GPU run two written-but-untimed choices of qmma.cu wait for (decision 026): the DQ build (17-64 rows),
+# which gptq_matmul routes to once timed, and the split-major split-K sum for 4-16 rows (SPLIT_MAJOR_SUM).
+# The kernel's tests against float64, the DQ build's per-layer time beside the tl.dot kernel, and whole decode
+# steps of this tree against copies of it with qmma.ROUTE_MAX_M = 64 and with SPLIT_MAJOR_SUM = True
+# (interleaved, same greedy tokens checked). About 8 minutes on an H100.
 #
 #   bash benchmarks/qmma_dq_gpu.sh OUT_DIR
 set -uo pipefail
@@ -15,9 +16,15 @@ echo "qmma tests rc=$?"; tail -3 "$OUT/qmma_tests.log"
 timeout 150 python3 benchmarks/qmma_gpu.py --table --ms 16,32,48,64 --budget-s 120 --out "$OUT/per_layer_dq.json" \
     > "$OUT/per_layer_dq.log" 2>&1
 echo "per layer rc=$?"; tail -12 "$OUT/per_layer_dq.log"
-routed=$(mktemp -d)
-cp -r src "$routed/src"
-sed -i 's/^ROUTE_MAX_M = 16$/ROUTE_MAX_M = 64/' "$routed/src/lowgear/ops/matmul/qmma.py"
-grep -q '^ROUTE_MAX_M = 64$' "$routed/src/lowgear/ops/matmul/qmma.py" || { echo "ROUTE_MAX_M not found"; exit 1; }
-timeout 200 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed/src" --quants gptq4,q4_k \
-    --batch 16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab" 2>&1 | tail -9
+variant() {  # a copy of src with one line of qmma.py changed
+    local dir; dir=$(mktemp -d); cp -r src "$dir/src"
+    sed -i "s/^$1\$/$2/" "$dir/src/lowgear/ops/matmul/qmma.py"
+    grep -q "^$2\$" "$dir/src/lowgear/ops/matmul/qmma.py" || { echo "qmma.py has no line '$1'" >&2; return 1; }
+    echo "$dir/src"
+}
+routed=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
+timeout 200 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --quants gptq4,q4_k \
+    --batch 16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab_dq" 2>&1 | tail -9
+splitmaj=$(variant "SPLIT_MAJOR_SUM = False" "SPLIT_MAJOR_SUM = True") || exit 1
+timeout 150 python3 benchmarks/ab_trees_gpu.py --tree rows=src --tree splits="$splitmaj" --quants gptq4,q4_k \
+    --batch 4,16 --context 512 --rounds 2 --steps 20 --out "$OUT/ab_split_major" 2>&1 | tail -7

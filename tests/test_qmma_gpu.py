@@ -74,6 +74,15 @@ def test_sm75_build(bits, m, n, k, gs):
     check(Q.qmma(x, qw, z, s, bits, gs, (7, 5)), x, w)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,m,n,k,gs", CASES)
+def test_split_major_sum(bits, m, n, k, gs):
+    """The split-K sum split-major (the DQ build's, an option for 1-16 rows): the same answer."""
+    qw, z, s, w = make(bits, n, k, gs, seed=m * n, float_z=True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    check(Q.qmma(x, qw, z, s, bits, gs, torch.cuda.get_device_capability(), split=7, split_major=True), x, w)
+
+
 DQ_CASES = [  # 17-64 rows: the DQ build (codes made fp16 weights before the mma), 4 or 8 row tiles
     (4, 17, 264, 160, 32), (4, 32, 4096, 4096, 128), (4, 33, 520, 4096, -1), (4, 64, 6144, 4096, 32),
     (4, 47, 1032, 14336, 128), (8, 24, 512, 4096, 16), (8, 64, 1032, 1024, 32), (8, 57, 264, 64, 16),
@@ -155,6 +164,13 @@ def test_compiles(arch, bits, mt, bf16):
         cubin = nvrtc.compile_source(Q.source(), {"BITS": bits, "MT": mt, "BF16": bf16, "WARPS": Q.WARPS,
                                                   "STAGES": Q.STAGES, "ASYNC": use_async, "PDL": 1,
                                                   "DQ": int(mt > 2)}, arch)
+        assert cubin[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
+def test_split_major_sum_compiles(arch):
+    for bits, mt in ((4, 1), (4, 2), (8, 2)):
+        cubin = nvrtc.compile_source(Q.source(), {"BITS": bits, "MT": mt, "ASYNC": 1, "SPLITMAJ": 1}, arch)
         assert cubin[:4] == b"\x7fELF"
 
 

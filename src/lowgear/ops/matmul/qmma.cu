@@ -41,6 +41,9 @@
 #ifndef DQ
 #define DQ 0
 #endif
+#ifndef SPLITMAJ
+#define SPLITMAJ DQ    // the split-K sum split-major (see its comment): DQ's; the fold's once it has been timed
+#endif
 #ifndef MINB
 #define MINB 1         // blocks an SM must hold (caps registers)
 #endif
@@ -538,6 +541,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
   __syncthreads();
   if (!last) return;
   __threadfence();
+#if SPLITMAJ
   // split-major, every row's loads of a few splits in flight (a row-by-row sum waits out rows x splits / 4 L2
   // round trips: 13 us of a 24 us 16-row layer at 16 splits, docs/decisions/026-mma-sync-decode.md)
   float tot[MT][2][8];
@@ -573,5 +577,29 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
       int m = mt * 8 + 2 * t + h;
       if (m < M && oka) store8(y + (long)m * N, na, nb, okb, tot[mt][h]);
     }
+#else
+  // row by row (ptxas unrolls the split loop by 4)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int m = mt * 8 + 2 * t + h;
+      if (m < M && oka) {
+        float tot[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) tot[j] = 0.f;
+        for (int s = 0; s < nsplit; ++s) {
+          const float* src = part + ((long)s * M + m) * N;
+          float4 a = __ldcg((const float4*)(src + na));
+          tot[0] += a.x; tot[1] += a.y; tot[2] += a.z; tot[3] += a.w;
+          if (okb) {
+            float4 b2 = __ldcg((const float4*)(src + nb));
+            tot[4] += b2.x; tot[5] += b2.y; tot[6] += b2.z; tot[7] += b2.w;
+          }
+        }
+        store8(y + (long)m * N, na, nb, okb, tot);
+      }
+    }
+#endif
   if (tid == 0) atomicExch(cnt + blockIdx.x, 0);
 }

@@ -56,6 +56,9 @@ MIN_BLOCKS = 1
 ASYNC_FROM = (8, 0)
 RING = 6
 ASYNC_X_BYTES = 24 * 1024
+# the split-K sum split-major (every row's loads of 4 splits in flight) rather than row by row: the DQ build's;
+# the 4-16-row builds keep the row-by-row sum until an A/B times it (docs/decisions/026-mma-sync-decode.md)
+SPLIT_MAJOR_SUM = False
 # x's slice staged in shared memory stays under this (no opt-in above 48 KB, as a T4's 64 KB SM needs)
 SMEM_BYTES = 48 * 1024
 
@@ -178,10 +181,11 @@ def _sms(index: int) -> tuple[int, int]:
 
 
 def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
-         group_size: int, capability: tuple[int, int], **overrides) -> torch.Tensor:
+         group_size: int, capability: tuple[int, int], split_major: bool | None = None, **overrides) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T on a CUDA device (`serves` must hold); the operands are the GPTQ GEMV's
     (qweight [K / PACK, N] int32, zeros `float_zeros` fp16 [groups, N], scales fp16). capability: the
-    target the kernel is built for (the device's, or the emulated one's)."""
+    target the kernel is built for (the device's, or the emulated one's). split_major: the split-K sum's form
+    (default: SPLIT_MAJOR_SUM, always with DQ); overrides: launch_params' keywords."""
     m, k = x.shape
     n = qweight.shape[1]
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
@@ -192,7 +196,8 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
     launch = pdl.launch(x.device, m) if tuple(capability) >= (9, 0) else {"PDL": 0}
     defines = {"BITS": bits, "MT": p["MT"], "DQ": p["DQ"], "WARPS": p["WARPS"], "STAGES": p["STAGES"], "MINB": p["MINB"],
                "ASYNC": p["ASYNC"], "RING": p["RING"],
-               "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"]}
+               "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"],
+               "SPLITMAJ": int(p["DQ"] or (SPLIT_MAJOR_SUM if split_major is None else split_major))}
     kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = splitk.workspace(p["split"], m, n, x.device)
