@@ -40,7 +40,8 @@ def variant(name: str) -> str:
     if "xskip" in name:
         s = s.replace(STAGE_LOOP, "for (int idx = tid; idx < 0; idx += WARPS * 32) {")
     if "stage2" in name:
-        s = s.replace(STAGE_LOOP, "#pragma unroll 2\n  for (int idx = tid; idx < min(M, XR) * nch; idx += WARPS * 32) {")
+        s = s.replace(STAGE_LOOP,
+                      "#pragma unroll 2\n  for (int idx = tid; idx < min(M, XR) * nch; idx += WARPS * 32) {")
     if "nocomp" in name:
         a = s.index("#pragma unroll\n  for (int i = 0; i < 4; ++i) {\n#pragma unroll\n    for (int ks = 0;")
         b = s.index("  const int kend = k + SC;")

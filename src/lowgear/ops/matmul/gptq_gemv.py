@@ -60,7 +60,7 @@ from . import f16x2, gptq_mma, qmma, splitk
 # it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
 MAX_M = 8
 MMA_FROM_M = 5  # on sm >= 8.0 the tl.dot kernel (gptq_mma.py) from here on; why: docs/decisions/004-gemv-row-limits.md
-QMMA_FROM_M = 4  # the mma.sync kernel (qmma.py) from here to qmma.ROUTE_MAX_M rows; why: docs/decisions/026-mma-sync-decode.md
+QMMA_FROM_M = 4  # the mma.sync kernel (qmma.py) from here to qmma.ROUTE_MAX_M rows; why: docs/decisions/026-*.md
 # GEMV launch: num_warps for every M, row-groups per tile at most (8 = 64 inputs at 4 bits), K split
 # into at least MIN_SPLIT parts; the packed-half2 unpack (f16x2.py) takes HALF2_* at one activation
 # row and GEMV_TILE_ROWS past it. why: docs/decisions/005-gptq-gemv-launch.md

@@ -23,7 +23,8 @@ and x's slice may use the shared memory the device lends a block beyond 48 KB (f
 Serves the GPTQ form of GPTQ, AWQ and GGUF layers (Q4_0 / Q4_1 / Q4_K at 4 bits; Q5_x / Q6_K / Q8_0 at 8) when:
 codes of 4 or 8 bits, groups a multiple of the chunk (32 features at 4 bits, 16 at 8; or one group), no
 act-order permutation, N a multiple of 8, fp16 activations (bf16 at 4 bits on sm_80+, up to 16 rows), 1-64 rows.
-gptq_matmul sends it QMMA_FROM_M = 4 to ROUTE_MAX_M rows (the GEMV is faster below; docs/decisions/026-mma-sync-decode.md).
+gptq_matmul sends it QMMA_FROM_M = 4 to ROUTE_MAX_M rows (the GEMV is faster below;
+docs/decisions/026-mma-sync-decode.md).
 """
 
 from __future__ import annotations
@@ -194,8 +195,8 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
     sms, optin = _sms(x.device.index or 0)
     p = launch_params(m, n, k, bits, sms, smem_optin=optin, capability=tuple(capability), **overrides)
     launch = pdl.launch(x.device, m) if tuple(capability) >= (9, 0) else {"PDL": 0}
-    defines = {"BITS": bits, "MT": p["MT"], "DQ": p["DQ"], "WARPS": p["WARPS"], "STAGES": p["STAGES"], "MINB": p["MINB"],
-               "ASYNC": p["ASYNC"], "RING": p["RING"],
+    defines = {"BITS": bits, "MT": p["MT"], "DQ": p["DQ"], "WARPS": p["WARPS"], "STAGES": p["STAGES"],
+               "MINB": p["MINB"], "ASYNC": p["ASYNC"], "RING": p["RING"],
                "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"],
                "SPLITMAJ": int(p["DQ"] or (SPLIT_MAJOR_SUM if split_major is None else split_major))}
     kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
