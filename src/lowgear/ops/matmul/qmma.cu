@@ -238,36 +238,70 @@ __device__ __forceinline__ void store8(u16* row, int na, int nb, bool okb, const
 }
 
 // one chunk: x's b fragments from shared memory, 4 x KSTEPS mmas a row tile, and the group's fold where it ends
+// (DQ: the codes made weights first, the mmas straight into acc, no fold)
 __device__ __forceinline__ void chunk(const Stage& cur, int c, int k, int k_hi, int group_size, int g, int t,
                                       const u16* xsh, int XS, const float* csum, float (&acc)[4][MT][4],
                                       float (&p)[4][MT][4], float (&xg)[MT][2]) {
-  // x's b fragments: row mt * 8 + g, this lane's PACK halves of the chunk
+  // x's b fragments: row mt * 8 + g, this lane's PACK halves of the chunk; DQ's slice lies as in memory
+  // (features 0..PACK, two a word), so register j takes features j and j + PACK / 2 here
   u32 b[MT][PACK / 2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const u32* src = (const u32*)(xsh + (mt * 8 + g) * XS + c * SC + t * PACK);
 #if BITS == 4
     uint4 v = *(const uint4*)src;
+#if DQ
+    b[mt][0] = prmt(v.x, v.z, 0x5410); b[mt][1] = prmt(v.x, v.z, 0x7632);
+    b[mt][2] = prmt(v.y, v.w, 0x5410); b[mt][3] = prmt(v.y, v.w, 0x7632);
+#else
     b[mt][0] = v.x; b[mt][1] = v.y; b[mt][2] = v.z; b[mt][3] = v.w;
+#endif
 #else
     uint2 v = *(const uint2*)src;
+#if DQ
+    b[mt][0] = prmt(v.x, v.y, 0x5410); b[mt][1] = prmt(v.x, v.y, 0x7632);
+#else
     b[mt][0] = v.x; b[mt][1] = v.y;
 #endif
+#endif
+#if !DQ
     float2 cs = *(const float2*)(csum + c * XR + mt * 8 + 2 * t);
     xg[mt][0] += cs.x;
     xg[mt][1] += cs.y;
+#endif
   }
+#if DQ
+  u32 s2[8], nzs2[8];  // feature f_j's (sc, sc) and (-zf * sc, -zf * sc)
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    u32 sh = (j & 1) ? cur.s[j >> 1] >> 16 : cur.s[j >> 1] & 0xffff;
+    u32 nz = f2h(-f16f(cur.z[j >> 1], j & 1) * f16f(cur.s[j >> 1], j & 1));
+    s2[j] = sh | (sh << 16);
+    nzs2[j] = nz | (nz << 16);
+  }
+#define WEIGHTS(f, v) hfma2(v, s2[f], nzs2[f])
+  float (&sums)[4][MT][4] = acc;
+#else
+#define WEIGHTS(f, v) (v)
+  float (&sums)[4][MT][4] = p;
+#endif
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       // k16 step ks takes code pairs 2 ks and 2 ks + 1: shifts (2 ks) * BITS and (2 ks + 1) * BITS
-      u32 a0 = codes2(cur.w[2 * i], (2 * ks) * BITS), a1 = codes2(cur.w[2 * i + 1], (2 * ks) * BITS);
-      u32 a2 = codes2(cur.w[2 * i], (2 * ks + 1) * BITS), a3 = codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS);
+      u32 a0 = WEIGHTS(2 * i, codes2(cur.w[2 * i], (2 * ks) * BITS));
+      u32 a1 = WEIGHTS(2 * i + 1, codes2(cur.w[2 * i + 1], (2 * ks) * BITS));
+      u32 a2 = WEIGHTS(2 * i, codes2(cur.w[2 * i], (2 * ks + 1) * BITS));
+      u32 a3 = WEIGHTS(2 * i + 1, codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS));
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma(p[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
+      for (int mt = 0; mt < MT; ++mt) mma(sums[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
     }
   }
+#undef WEIGHTS
+#if DQ
+  return;
+#endif
   const int kend = k + SC;
   if (kend % group_size == 0 || kend >= k_hi) {  // the group ends here: fold its zero and scale in
     float s[8], sz[8];
@@ -293,49 +327,8 @@ __device__ __forceinline__ void chunk(const Stage& cur, int c, int k, int k_hi, 
   }
 }
 
-#if DQ
-#if BF16
+#if DQ && BF16
 #error "DQ makes fp16 weights: fp16 x only"
-#endif
-// one chunk, DQ: x's b fragments from its slice as in memory, each code pair made a weight pair, 4 x KSTEPS
-// mmas a row tile straight into acc
-__device__ __forceinline__ void chunk_dq(const Stage& cur, int c, int g, int t, const u16* xsh, int XS,
-                                         float (&acc)[4][MT][4]) {
-  u32 b[MT][PACK / 2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    // features c * SC + t * PACK + (0..PACK), two a word; register j takes features j and j + PACK / 2
-    const u32* src = (const u32*)(xsh + (mt * 8 + g) * XS + c * SC + t * PACK);
-#if BITS == 4
-    uint4 v = *(const uint4*)src;
-    b[mt][0] = prmt(v.x, v.z, 0x5410); b[mt][1] = prmt(v.x, v.z, 0x7632);
-    b[mt][2] = prmt(v.y, v.w, 0x5410); b[mt][3] = prmt(v.y, v.w, 0x7632);
-#else
-    uint2 v = *(const uint2*)src;
-    b[mt][0] = prmt(v.x, v.y, 0x5410); b[mt][1] = prmt(v.x, v.y, 0x7632);
-#endif
-  }
-  u32 s2[8], nzs2[8];  // feature f_j's (sc, sc) and (-zf * sc, -zf * sc)
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    u32 sh = (j & 1) ? cur.s[j >> 1] >> 16 : cur.s[j >> 1] & 0xffff;
-    u32 nz = f2h(-f16f(cur.z[j >> 1], j & 1) * f16f(cur.s[j >> 1], j & 1));
-    s2[j] = sh | (sh << 16);
-    nzs2[j] = nz | (nz << 16);
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
-      u32 a0 = hfma2(codes2(cur.w[2 * i], (2 * ks) * BITS), s2[2 * i], nzs2[2 * i]);
-      u32 a1 = hfma2(codes2(cur.w[2 * i + 1], (2 * ks) * BITS), s2[2 * i + 1], nzs2[2 * i + 1]);
-      u32 a2 = hfma2(codes2(cur.w[2 * i], (2 * ks + 1) * BITS), s2[2 * i], nzs2[2 * i]);
-      u32 a3 = hfma2(codes2(cur.w[2 * i + 1], (2 * ks + 1) * BITS), s2[2 * i + 1], nzs2[2 * i + 1]);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma(acc[i][mt], a0, a1, a2, a3, b[mt][2 * ks], b[mt][2 * ks + 1]);
-    }
-  }
-}
 #endif
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
@@ -477,11 +470,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
       lds16(slot + 1024, cur.s);
       lds16(slot + 1536, cur.z);
     }
-#if DQ
-    chunk_dq(cur, c, g, t, xsh, XS, acc);
-#else
     chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
-#endif
   }
   asm volatile("cp.async.wait_group 0;");
 #else
@@ -496,11 +485,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
           int kn = k + STAGES * SC;
           load_stage(st[u], qw, zf, sc, kn / PACK + t, kn / group_size, N, na, nb, oka, okb, ENDS(kn));
         }
-#if DQ
-        chunk_dq(cur, c, g, t, xsh, XS, acc);
-#else
         chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
-#endif
       }
     }
   }
