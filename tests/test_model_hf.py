@@ -111,12 +111,18 @@ def test_smollm2_greedy_32_tokens_match_transformers(smollm2, smollm2_path):
     assert [j.generated for j in jobs] == refs
 
 
+NEAR_TIE = 0.5  # bfloat16's logit noise here is 0.24-0.31; a wrong zero point moves them by units
+
+
 def test_smollm2_int4_cpu_weights_greedy_tokens_follow_transformers(smollm2, smollm2_path):
-    """The CPU's default for 4-bit layers (ops/matmul/cpu_int4.py: bfloat16 activations inside the matmul) follows
-    transformers' float32 greedy tokens on the embedded model, batched, up to near-ties: where a token differs,
-    transformers' own logits put the two within 0.05 (measured: 0.011-0.015 where three of these four prompts
-    part, at tokens 6, 22 and 30, on logits of ~36; a real error, such as a wrong zero point, moves logits by
-    whole units). On the demo prompt all 64 tokens equal (benchmarks/cpu_vs_transformers.py)."""
+    """The CPU's default for 4-bit layers (ops/matmul/cpu_int4.py: bfloat16 activations, scales and zeros inside the
+    matmul) follows transformers' float32 greedy tokens on the embedded model, batched, up to near-ties: where a
+    token differs, transformers' own logits put the two within NEAR_TIE. bfloat16 puts this model's logits 0.24-0.31
+    from float32's (median over positions of the largest difference, on logits of ~40), and which tokens part
+    depends on the CPU's bfloat16 kernel: measured margins 0.011-0.015 (three of these prompts, tokens 6, 22 and
+    30) on one machine, 0.145 (one prompt, token 28) on an AMD EPYC. A real error parts at once: zeros off by a
+    quarter of a code step give margins of 22-25 at the first token. On the demo prompt all 64 tokens equal
+    (benchmarks/cpu_vs_transformers.py)."""
     import lowgear as lg
 
     hf, _, _ = smollm2
@@ -139,4 +145,4 @@ def test_smollm2_int4_cpu_weights_greedy_tokens_follow_transformers(smollm2, smo
         if j is None:
             continue
         logits = hf_logits(hf, ids + ref[:j])[-1]
-        assert (logits[ref[j]] - logits[ours[j]]).item() < 0.05, (j, ref[j], ours[j])
+        assert (logits[ref[j]] - logits[ours[j]]).item() < NEAR_TIE, (j, ref[j], ours[j])
