@@ -237,6 +237,16 @@ __device__ __forceinline__ void store8(u16* row, int na, int nb, bool okb, const
   if (okb) *(uint2*)(row + nb) = make_uint2(o[2], o[3]);
 }
 
+// adds one split's partial sums of a row (features f_0..3 at src[na..], f_4..7 at src[nb..]) into o
+__device__ __forceinline__ void add_partials(float* o, const float* src, int na, int nb, bool okb) {
+  float4 a = __ldcg((const float4*)(src + na));
+  o[0] += a.x; o[1] += a.y; o[2] += a.z; o[3] += a.w;
+  if (okb) {
+    float4 b = __ldcg((const float4*)(src + nb));
+    o[4] += b.x; o[5] += b.y; o[6] += b.z; o[7] += b.w;
+  }
+}
+
 // one chunk: x's b fragments from shared memory, 4 x KSTEPS mmas a row tile, and the group's fold where it ends
 // (DQ: the codes made weights first, the mmas straight into acc, no fold)
 __device__ __forceinline__ void chunk(const Stage& cur, int c, int k, int k_hi, int group_size, int g, int t,
@@ -543,16 +553,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         int m = mt * 8 + 2 * t + h;
-        if (m < M && oka) {
-          const float* src = part + ((long)s * M + m) * N;
-          float4 a = __ldcg((const float4*)(src + na));
-          float* o = tot[mt][h];
-          o[0] += a.x; o[1] += a.y; o[2] += a.z; o[3] += a.w;
-          if (okb) {
-            float4 b2 = __ldcg((const float4*)(src + nb));
-            o[4] += b2.x; o[5] += b2.y; o[6] += b2.z; o[7] += b2.w;
-          }
-        }
+        if (m < M && oka) add_partials(tot[mt][h], part + ((long)s * M + m) * N, na, nb, okb);
       }
   }
 #pragma unroll
@@ -573,15 +574,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
         float tot[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) tot[j] = 0.f;
-        for (int s = 0; s < nsplit; ++s) {
-          const float* src = part + ((long)s * M + m) * N;
-          float4 a = __ldcg((const float4*)(src + na));
-          tot[0] += a.x; tot[1] += a.y; tot[2] += a.z; tot[3] += a.w;
-          if (okb) {
-            float4 b2 = __ldcg((const float4*)(src + nb));
-            tot[4] += b2.x; tot[5] += b2.y; tot[6] += b2.z; tot[7] += b2.w;
-          }
-        }
+        for (int s = 0; s < nsplit; ++s) add_partials(tot, part + ((long)s * M + m) * N, na, nb, okb);
         store8(y + (long)m * N, na, nb, okb, tot);
       }
     }
