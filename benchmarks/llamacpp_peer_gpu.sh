@@ -49,7 +49,7 @@ git -C "$LC" describe --tags 2>/dev/null || grep -m1 -o 'LLAMA_BUILD_NUMBER [0-9
 F16=.peer/models/llama3-8b-f16.gguf
 if [ ! -s "$F16" ]; then
     echo "== writing $F16 $(date +%T)"
-    "$PY" - "$F16" <<'PY'
+    "$PY" - "$F16.part" <<'PY'
 import sys
 from lowgear.bench.models import PRESETS
 from lowgear.bench.synthetic import write_gguf
@@ -58,6 +58,7 @@ write_gguf(sys.argv[1], arch="llama", hidden_size=s.hidden_size, num_layers=s.nu
            num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, vocab_size=s.vocab_size,
            rope_theta=s.rope_theta, qtype="F16", seed=8, std=0.02, progress=False)
 PY
+    mv "$F16.part" "$F16"
 fi
 FILES=""
 for t in ${TYPES//,/ }; do
@@ -65,7 +66,8 @@ for t in ${TYPES//,/ }; do
     if [ "$t" = F16 ]; then f="$F16"
     elif [ ! -s "$f" ]; then
         echo "== llama-quantize $t $(date +%T)"
-        "$BIN/llama-quantize" "$F16" "$f" "$t" "$(nproc)" > "$OUT/quantize-$t.log" 2>&1
+        # into .part, then renamed: a run cut short mid-file leaves no half file that a rerun would take as done
+        "$BIN/llama-quantize" "$F16" "$f.part" "$t" "$(nproc)" > "$OUT/quantize-$t.log" 2>&1 && mv "$f.part" "$f"
         grep -E "^llama_model_quantize_impl: (model|quant) size" "$OUT/quantize-$t.log" || true
     fi
     FILES="$FILES${FILES:+,}$f"
