@@ -82,3 +82,4 @@ for f in ${FILES//,/ }; do
         --batch "$BATCHES" --context 512 --prefill 512 --warmup 2 --iters 10 --out "$OUT/$name" 2>&1 \
         | grep -v "it/s\]\|layer/s\]" | tee "$OUT/$name.log" | grep -E "lowgear|llama.cpp|skipped|Error" || true
 done
+echo; "$PY" benchmarks/llamacpp_table.py "$OUT" --json "$OUT/table.json"
