@@ -1,15 +1,15 @@
-"""Two source trees of lowgear, A/B'd on one GPU: graphed decode steps, interleaved, same greedy tokens.
+"""Two or more source trees of lowgear, A/B'd on one GPU: graphed decode steps, interleaved, same greedy tokens.
 
 Each tree runs in a worker process of its own (two versions of a package can't share one process),
 loaded once per weight format; the driver asks the workers in turn, alternating which goes first
 each round, to time `steps` CUDA-graphed DynamicGenerator decode steps per batch size. Every timing
 uses prompts drawn from a seed the two workers share and neither has seen before (so no prefix
-reuse), and the driver checks that both trees produced the same greedy tokens.
+reuse), and the driver checks that every tree produced the same greedy tokens as the first.
 
     python benchmarks/ab_trees_gpu.py --tree before=/tmp/before/src --tree after=src \
         --quants float,gptq4 --batch 1,16 --context 512 --rounds 5 --out $OUT/ab
 
-Prints a table (median ms per step of each tree, after/before) and writes ab.json under --out.
+Prints a table (median ms per step of each tree, and each over the first) and writes ab.json under --out.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Worker:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--tree", action="append", default=[], help="NAME=SRC_DIR (two of them)")
+    ap.add_argument("--tree", action="append", default=[], help="NAME=SRC_DIR (two or more; the first is the base)")
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--quants", default="float,gptq4")
     ap.add_argument("--batch", default="1,16")
@@ -98,8 +98,8 @@ def main() -> None:
     if a.worker:
         return worker(a.worker)
     trees = [t.split("=", 1) for t in a.tree]
-    if len(trees) != 2:
-        raise SystemExit("give two --tree NAME=SRC")
+    if len(trees) < 2:
+        raise SystemExit("give two or more --tree NAME=SRC")
     batches = [int(b) for b in a.batch.split(",")]
     page = 256
     cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page * 2
@@ -114,7 +114,7 @@ def main() -> None:
             for b in batches:
                 seed = 1000 * (rnd + 1) + b
                 got = {w.name: w.ask(op="time", batch=b, context=a.context, steps=a.steps, seed=seed) for w in order}
-                same = got[trees[0][0]]["tokens"] == got[trees[1][0]]["tokens"]
+                same = all(got[n]["tokens"] == got[trees[0][0]]["tokens"] for n, _ in trees)
                 for name, r in got.items():
                     rows.append({"quant": quant, "batch": b, "round": rnd, "tree": name, "ms": r["ms"],
                                  "tokens_equal": same})
@@ -125,15 +125,18 @@ def main() -> None:
             w.proc.stdin.close()
             w.proc.wait()
     summary = []
-    print(f"\n{'quant':8} {'batch':>5} " + " ".join(f"{n:>12}" for n, _ in trees) + "   ratio  tokens")
+    print(f"\n{'quant':8} {'batch':>5} " + " ".join(f"{n:>12}" for n, _ in trees) +
+          "".join(f" {n + '/' + trees[0][0]:>14}" for n, _ in trees[1:]) + "  tokens")
     for quant in a.quants.split(","):
         for b in batches:
             med = {n: statistics.median(r["ms"] for r in rows if r["quant"] == quant and r["batch"] == b
                                         and r["tree"] == n) for n, _ in trees}
             equal = all(r["tokens_equal"] for r in rows if r["quant"] == quant and r["batch"] == b)
-            ratio = med[trees[1][0]] / med[trees[0][0]]
-            summary.append({"quant": quant, "batch": b, "median_ms": med, "ratio": ratio, "tokens_equal": equal})
-            print(f"{quant:8} {b:>5} " + " ".join(f"{med[n]:>12.3f}" for n, _ in trees) + f"   {ratio:.3f}  {equal}")
+            ratios = {n: med[n] / med[trees[0][0]] for n, _ in trees[1:]}  # each tree's time over the base's
+            summary.append({"quant": quant, "batch": b, "median_ms": med, "ratio": ratios[trees[1][0]],
+                            "ratios": ratios, "tokens_equal": equal})
+            print(f"{quant:8} {b:>5} " + " ".join(f"{med[n]:>12.3f}" for n, _ in trees) +
+                  "".join(f" {r:>14.3f}" for r in ratios.values()) + f"  {equal}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "ab.json"), "w") as f:

@@ -2,8 +2,9 @@
 # The GPU run two written-but-untimed choices of qmma.cu wait for (decision 026): the DQ build (17-64 rows),
 # which gptq_matmul routes to once timed, and the split-major split-K sum for 4-16 rows (SPLIT_MAJOR_SUM).
 # The kernel's tests against float64, the DQ build's per-layer time beside the tl.dot kernel, and whole decode
-# steps of this tree against copies of it with qmma.ROUTE_MAX_M = 64 and with SPLIT_MAJOR_SUM = True
-# (interleaved, same greedy tokens checked). About 8 minutes on an H100.
+# steps of three trees interleaved in one run (same greedy tokens checked): this one, a copy with
+# qmma.ROUTE_MAX_M = 64, and a copy with that and SPLIT_MAJOR_SUM = True. About 7 minutes on an H100
+# (TABLE=0: 5).
 #
 #   bash benchmarks/qmma_dq_gpu.sh OUT_DIR
 set -uo pipefail
@@ -25,8 +26,9 @@ variant() {  # a copy of src with one line of qmma.py changed
     echo "$dir/src"
 }
 routed=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
-timeout 200 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --quants gptq4,q4_k \
-    --batch 16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab_dq" 2>&1 | tail -9
-splitmaj=$(variant "SPLIT_MAJOR_SUM = False" "SPLIT_MAJOR_SUM = True") || exit 1
-timeout 150 python3 benchmarks/ab_trees_gpu.py --tree rows=src --tree splits="$splitmaj" --quants gptq4,q4_k \
-    --batch 4,16 --context 512 --rounds 2 --steps 20 --out "$OUT/ab_split_major" 2>&1 | tail -7
+both=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
+sed -i "s/^SPLIT_MAJOR_SUM = False\$/SPLIT_MAJOR_SUM = True/" "$both/lowgear/ops/matmul/qmma.py"
+grep -q "^SPLIT_MAJOR_SUM = True$" "$both/lowgear/ops/matmul/qmma.py" || { echo "no SPLIT_MAJOR_SUM line" >&2; exit 1; }
+# dq / tldot at 32-64 rows times the DQ build; both / dq at 4-16 rows the split-major sum (DQ serves no row count <= 16)
+timeout 330 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --tree both="$both" \
+    --quants gptq4,q4_k --batch 4,16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab" 2>&1 | tail -10
