@@ -12,7 +12,7 @@ OUT="${1:?usage: bash benchmarks/qmma_dq_gpu.sh OUT_DIR}"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
-timeout -s INT 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_qmma_gpu.py > "$OUT/qmma_tests.log" 2>&1
+timeout -s INT 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_qmma_gpu.py > "$OUT/qmma_tests.log" 2>&1
 echo "qmma tests rc=$?"; tail -3 "$OUT/qmma_tests.log"
 if [ "${TABLE:-1}" = 1 ]; then  # TABLE=0: the decode steps only (2 minutes less)
     timeout 150 python3 benchmarks/qmma_gpu.py --table --ms 16,32,48,64 --budget-s 120 --out "$OUT/per_layer_dq.json" \
@@ -29,6 +29,6 @@ routed=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
 both=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
 sed -i "s/^SPLIT_MAJOR_SUM = False\$/SPLIT_MAJOR_SUM = True/" "$both/lowgear/ops/matmul/qmma.py"
 grep -q "^SPLIT_MAJOR_SUM = True$" "$both/lowgear/ops/matmul/qmma.py" || { echo "no SPLIT_MAJOR_SUM line" >&2; exit 1; }
-# dq / tldot at 32-64 rows times the DQ build; both / dq at 4-16 rows the split-major sum (DQ serves no row count <= 16)
+# dq / tldot at 32-64 rows times the DQ build; both / dq at 16 rows the split-major sum (DQ serves no row count <= 16)
 timeout 330 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --tree both="$both" \
-    --quants gptq4,q4_k --batch 4,16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab" 2>&1 | tail -10
+    --quants gptq4,q4_k --batch 16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab" 2>&1 | tee "$OUT/ab.log" | tail -10
