@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--grid", default="warps=2,4;async=0,1;bps=1,2,4",
                     help="launch choices to cross: warps, stages, minb, bps, async, ring")
     ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--no-sm75", action="store_true", help="--table without the sm_75 build")
+    ap.add_argument("--forms", default=",".join(FORMS), help="weight forms for --table, in order")
     a = ap.parse_args()
     t0 = time.time()
     cap = torch.cuda.get_device_capability()
@@ -67,7 +69,8 @@ def main() -> None:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     print(f"{torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}, copy {bw / 1e9:.0f} GB/s, L2 {l2 >> 20} MB", flush=True)
     rows = []
-    for (form, (bits, gs)), (shape, (n, k)) in itertools.product(FORMS.items() if a.table else [], SHAPES.items()):
+    for (form, (bits, gs)), (shape, (n, k)) in itertools.product(
+            [(f, FORMS[f]) for f in a.forms.split(",")] if a.table else [], SHAPES.items()):
         if time.time() - t0 > a.budget_s:
             print("budget spent", flush=True)
             break
@@ -80,7 +83,11 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             row = {"form": form, "shape": shape, "N": n, "K": k, "M": m, "bytes": nbytes}
             row["qmma_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap), ls)
-            row["qmma_sm75_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, (7, 5)), ls)
+            if m <= Q.FOLD_MAX_M:  # the split-K sum's other form (SPLIT_MAJOR_SUM)
+                row["qmma_rowsum_us" if Q.SPLIT_MAJOR_SUM else "qmma_splitmaj_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap,
+                                                                 split_major=not Q.SPLIT_MAJOR_SUM), ls)
+            if not a.no_sm75:
+                row["qmma_sm75_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, (7, 5)), ls)
             if m <= G.MAX_M and block_r is not None:
                 row["gemv_us"] = timed(lambda L: G.gptq_gemv(x, L[0], L[1], L[2], None, bits, gs, block_r,
                                                              float_z=True), ls)
