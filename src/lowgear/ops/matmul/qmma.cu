@@ -337,6 +337,89 @@ __device__ __forceinline__ void chunk(const Stage& cur, int c, int k, int k_hi, 
   }
 }
 
+// a column block's outputs: y straight from acc (one split), or acc as split `split`'s partials; the block that
+// finishes the column block (tile) last adds every split's partials in split order (deterministic) into y and
+// puts the tile's counter back to 0. last: a shared int
+__device__ __forceinline__ void tile_out(const float (&acc)[4][MT][4], u16* __restrict__ y, float* __restrict__ part,
+                                         int* __restrict__ cnt, int* last, int tile, int M, int N, int na, int nb,
+                                         bool oka, bool okb, int split, int nsplit, int tid, int t) {
+  // this lane's outputs: features f_j (j = 2 i + r / 2), rows mt * 8 + 2 t + r % 2
+  if (nsplit == 1) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int m = mt * 8 + 2 * t + h;
+        if (m < M && oka) store8(y + (long)m * N, na, nb, okb, row8(acc, mt, h).v);
+      }
+    return;
+  }
+  // split K: partials [nsplit, M, N] fp32; the block that finishes a column block last adds them in split
+  // order (deterministic) and puts the counter back to 0
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int m = mt * 8 + 2 * t + h;
+      if (m < M && oka) {
+        F8 v = row8(acc, mt, h);
+        float* dst = part + ((long)split * M + m) * N;
+        *(float4*)(dst + na) = make_float4(v.v[0], v.v[1], v.v[2], v.v[3]);
+        if (okb) *(float4*)(dst + nb) = make_float4(v.v[4], v.v[5], v.v[6], v.v[7]);
+      }
+    }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *last = atomicAdd(cnt + tile, 1) == nsplit - 1;
+  __syncthreads();
+  if (!*last) return;
+  __threadfence();
+#if SPLITMAJ
+  // split-major, every row's loads of a few splits in flight (a row-by-row sum waits out rows x splits / 4 L2
+  // round trips: 13 us of a 24 us 16-row layer at 16 splits, docs/decisions/026-mma-sync-decode.md)
+  float tot[MT][2][8];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) tot[mt][h][j] = 0.f;
+#pragma unroll(MT > 2 ? 2 : 4)
+  for (int s = 0; s < nsplit; ++s) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int m = mt * 8 + 2 * t + h;
+        if (m < M && oka) add_partials(tot[mt][h], part + ((long)s * M + m) * N, na, nb, okb);
+      }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int m = mt * 8 + 2 * t + h;
+      if (m < M && oka) store8(y + (long)m * N, na, nb, okb, tot[mt][h]);
+    }
+#else
+  // row by row (ptxas unrolls the split loop by 4)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int m = mt * 8 + 2 * t + h;
+      if (m < M && oka) {
+        float tot[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) tot[j] = 0.f;
+        for (int s = 0; s < nsplit; ++s) add_partials(tot, part + ((long)s * M + m) * N, na, nb, okb);
+        store8(y + (long)m * N, na, nb, okb, tot);
+      }
+    }
+#endif
+  if (tid == 0) atomicExch(cnt + tile, 0);
+}
+
 #if DQ && BF16
 #error "DQ makes fp16 weights: fp16 x only"
 #endif
@@ -504,80 +587,6 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
-  // this lane's outputs: features f_j (j = 2 i + r / 2), rows mt * 8 + 2 t + r % 2
-  if (nsplit == 1) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        int m = mt * 8 + 2 * t + h;
-        if (m < M && oka) store8(y + (long)m * N, na, nb, okb, row8(acc, mt, h).v);
-      }
-    return;
-  }
-  // split K: partials [nsplit, M, N] fp32; the block that finishes a column block last adds them in split
-  // order (deterministic) and puts the counter back to 0
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int m = mt * 8 + 2 * t + h;
-      if (m < M && oka) {
-        F8 v = row8(acc, mt, h);
-        float* dst = part + ((long)split * M + m) * N;
-        *(float4*)(dst + na) = make_float4(v.v[0], v.v[1], v.v[2], v.v[3]);
-        if (okb) *(float4*)(dst + nb) = make_float4(v.v[4], v.v[5], v.v[6], v.v[7]);
-      }
-    }
-  __threadfence();
-  __syncthreads();
   __shared__ int last;
-  if (tid == 0) last = atomicAdd(cnt + blockIdx.x, 1) == nsplit - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-#if SPLITMAJ
-  // split-major, every row's loads of a few splits in flight (a row-by-row sum waits out rows x splits / 4 L2
-  // round trips: 13 us of a 24 us 16-row layer at 16 splits, docs/decisions/026-mma-sync-decode.md)
-  float tot[MT][2][8];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) tot[mt][h][j] = 0.f;
-#pragma unroll(MT > 2 ? 2 : 4)
-  for (int s = 0; s < nsplit; ++s) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        int m = mt * 8 + 2 * t + h;
-        if (m < M && oka) add_partials(tot[mt][h], part + ((long)s * M + m) * N, na, nb, okb);
-      }
-  }
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int m = mt * 8 + 2 * t + h;
-      if (m < M && oka) store8(y + (long)m * N, na, nb, okb, tot[mt][h]);
-    }
-#else
-  // row by row (ptxas unrolls the split loop by 4)
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int m = mt * 8 + 2 * t + h;
-      if (m < M && oka) {
-        float tot[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) tot[j] = 0.f;
-        for (int s = 0; s < nsplit; ++s) add_partials(tot, part + ((long)s * M + m) * N, na, nb, okb);
-        store8(y + (long)m * N, na, nb, okb, tot);
-      }
-    }
-#endif
-  if (tid == 0) atomicExch(cnt + blockIdx.x, 0);
+  tile_out(acc, y, part, cnt, &last, blockIdx.x, M, N, na, nb, oka, okb, split, nsplit, tid, t);
 }
