@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU run two written-but-untimed choices of qmma.cu wait for (decision 026): the DQ build (17-64 rows),
-# which gptq_matmul routes to once timed, and the split-major split-K sum for 4-16 rows (SPLIT_MAJOR_SUM).
+# The GPU run three written-but-untimed choices of qmma.cu wait for (decision 026): the DQ build (17-64 rows),
+# which gptq_matmul routes to once timed, the split-major split-K sum (SPLIT_MAJOR_SUM) and the persistent grid
+# (PERSISTENT) for 4-16 rows.
 # The kernel's tests against float64, the DQ build's per-layer time beside the tl.dot kernel, and whole decode
-# steps of three trees interleaved in one run (same greedy tokens checked): this one, a copy with
-# qmma.ROUTE_MAX_M = 64, and a copy with that and SPLIT_MAJOR_SUM = True. About 7 minutes on an H100
-# (TABLE=0: 5).
+# steps of four trees interleaved in one run (same greedy tokens checked): this one, a copy with
+# qmma.ROUTE_MAX_M = 64, one with that and SPLIT_MAJOR_SUM = True, and one with those and PERSISTENT = True.
+# About 8 minutes on an H100 (TABLE=0: 6).
 #
 #   bash benchmarks/qmma_dq_gpu.sh OUT_DIR
 set -uo pipefail
@@ -29,6 +30,11 @@ routed=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
 both=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
 sed -i "s/^SPLIT_MAJOR_SUM = False\$/SPLIT_MAJOR_SUM = True/" "$both/lowgear/ops/matmul/qmma.py"
 grep -q "^SPLIT_MAJOR_SUM = True$" "$both/lowgear/ops/matmul/qmma.py" || { echo "no SPLIT_MAJOR_SUM line" >&2; exit 1; }
-# dq / tldot at 32-64 rows times the DQ build; both / dq at 16 rows the split-major sum (DQ serves no row count <= 16)
-timeout 330 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --tree both="$both" \
-    --quants gptq4,q4_k --batch 16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab" 2>&1 | tee "$OUT/ab.log" | tail -10
+persist=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
+sed -i "s/^SPLIT_MAJOR_SUM = False\$/SPLIT_MAJOR_SUM = True/; s/^PERSISTENT = False\$/PERSISTENT = True/" \
+    "$persist/lowgear/ops/matmul/qmma.py"
+[ "$(grep -c "^SPLIT_MAJOR_SUM = True$\|^PERSISTENT = True$" "$persist/lowgear/ops/matmul/qmma.py")" = 2 ] || exit 1
+# dq / tldot at 32-64 rows times the DQ build; both / dq at 4-16 rows the split-major sum (DQ serves no row count
+# <= 16); persist / both at 4-16 rows the persistent grid
+timeout 400 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --tree both="$both" --tree persist="$persist" \
+    --quants gptq4,q4_k --batch 4,16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab" 2>&1 | tee "$OUT/ab.log" | tail -10

@@ -7,7 +7,8 @@ enough copies of the layer that the copies pass the GPU's L2 twice (a decode ste
 cold), as one CUDA graph; the time is a call's share (`experiments/gemv_cold_gpu.py`'s timer and copy bandwidth;
 the runs in benchmarks/results/h100-llama3-8b-qmma/ timed the same graph with this script's own copy of them).
 % of copy bandwidth counts the codes, scales and zeros.
-Also the sm_75 build (two m16n8k8 mmas, JIT-compiled from PTX for this GPU) and a sweep of launch shapes.
+Also, at 1-16 rows, the split-K sum's other form and the persistent grid (`qmma_splitmaj_us`, `qmma_persist_us`),
+the sm_75 build (two m16n8k8 mmas, JIT-compiled from PTX for this GPU) and a sweep of launch shapes.
 
     python benchmarks/qmma_gpu.py --table --out OUT/qmma.json
     python benchmarks/qmma_gpu.py --sweep --sweep-ms 1,16 --sweep-shapes o,gate_up --out OUT/sweep.json
@@ -86,6 +87,9 @@ def main() -> None:
             if m <= Q.FOLD_MAX_M:  # the split-K sum's other form (SPLIT_MAJOR_SUM)
                 row["qmma_rowsum_us" if Q.SPLIT_MAJOR_SUM else "qmma_splitmaj_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap,
                                                                  split_major=not Q.SPLIT_MAJOR_SUM), ls)
+            if m <= Q.FOLD_MAX_M and cap >= Q.ASYNC_FROM:  # the persistent grid (qmma.PERSISTENT)
+                row["qmma_persist_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap,
+                                                                persistent=True), ls)
             if not a.no_sm75:
                 row["qmma_sm75_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, (7, 5)), ls)
             if m <= G.MAX_M and block_r is not None:

@@ -1,9 +1,10 @@
 """ops/matmul/qmma: the NVRTC-built mma.sync kernel, against W = (q - z) * s in float64.
 
 On the GPU: odd row counts, N not a multiple of a block, groups of 16 / 32 / 128 / one group, float
-(GGUF-like) zeros, forced K splits, bf16, the sm_75 build (two m16n8k8 mmas, PTX the driver JITs for the GPU
-at hand, as an emulated T4 runs), and a CUDA-graph replay. On the CPU: the kernel compiles to sm_75 / sm_80 /
-sm_90 cubins (NVRTC runs ptxas, so the inline PTX is checked) and the launch shapes hold their bounds.
+(GGUF-like) zeros, forced K splits, the persistent grid, bf16, the sm_75 build (two m16n8k8 mmas, PTX the
+driver JITs for the GPU at hand, as an emulated T4 runs), and a CUDA-graph replay. On the CPU: the kernel
+compiles to sm_75 / sm_80 / sm_90 cubins (NVRTC runs ptxas, so the inline PTX is checked) and the launch
+shapes hold their bounds.
 """
 
 from __future__ import annotations
@@ -81,6 +82,24 @@ def test_split_major_sum(bits, m, n, k, gs):
     qw, z, s, w = make(bits, n, k, gs, seed=m * n, float_z=True)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     check(Q.qmma(x, qw, z, s, bits, gs, torch.cuda.get_device_capability(), split=7, split_major=True), x, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,m,n,k,gs", CASES)
+@pytest.mark.parametrize("grid_x", [None, 1, 3], ids=["auto", "g1", "g3"])
+@pytest.mark.parametrize("split", [None, 1, 7], ids=["auto", "s1", "s7"])
+def test_persistent_grid(bits, m, n, k, gs, grid_x, split):
+    """The persistent grid (sm_80+): a block takes every grid_x-th column block of its K split, the last one
+    short where N is not a multiple of 256 (grid_x 1: one block a split takes them all)."""
+    qw, z, s, w = make(bits, n, k, gs, seed=m + 2 * n, float_z=True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    cap = torch.cuda.get_device_capability()
+    if cap < Q.ASYNC_FROM:
+        pytest.skip("the persistent grid runs on the cp.async ring (sm_80+)")
+    y = Q.qmma(x, qw, z, s, bits, gs, cap, split=split, persistent=True, grid_x=grid_x)
+    check(y, x, w)
+    # twice more (the counters put back to 0 by the last block of every column block), split-major sum too
+    check(Q.qmma(x, qw, z, s, bits, gs, cap, split=split, persistent=True, grid_x=grid_x, split_major=True), x, w)
 
 
 DQ_CASES = [  # 17-64 rows: the DQ build (codes made fp16 weights before the mma), 4 or 8 row tiles
@@ -165,6 +184,40 @@ def test_compiles(arch, bits, mt, bf16):
                                                   "STAGES": Q.STAGES, "ASYNC": use_async, "PDL": 1,
                                                   "DQ": int(mt > 2)}, arch)
         assert cubin[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_persistent_grid_compiles(arch):
+    if nvrtc.available() is not None:
+        pytest.fail(nvrtc.available())
+    for bits, mt in ((4, 1), (4, 2), (8, 2), (4, 8)):
+        cubin = nvrtc.compile_source(Q.source(), {"BITS": bits, "MT": mt, "DQ": int(mt > 2), "ASYNC": 1, "PDL": 1,
+                                                  "PERSIST": 1}, arch)
+        assert cubin[:4] == b"\x7fELF"
+
+
+def test_persistent_grid_needs_the_ring():
+    """Without the cp.async ring (sm_75's register pipeline) PERSIST is ignored: the same PTX as without it."""
+    if nvrtc.available() is not None:
+        pytest.fail(nvrtc.available())
+    d = {"BITS": 4, "MT": 2, "ASYNC": 0}
+    assert (nvrtc.compile_source(Q.source(), {**d, "PERSIST": 1}, "compute_75")
+            == nvrtc.compile_source(Q.source(), {**d, "PERSIST": 0}, "compute_75"))
+    ring = {"BITS": 4, "MT": 2, "ASYNC": 1}
+    assert (nvrtc.compile_source(Q.source(), {**ring, "PERSIST": 1}, "compute_90")
+            != nvrtc.compile_source(Q.source(), {**ring, "PERSIST": 0}, "compute_90"))
+
+
+def test_persistent_launch_params():
+    """gate|up at 16 rows on 132 SMs: x's 24 KB slice needs 7 splits of 608 features (16 x 608 halves + 19 chunk
+    sums a row = 20,672 bytes; 6 splits of 704 would be 24,960), 112 column blocks; the persistent grid gives
+    each split 3 x 132 // 7 = 56 blocks of two column blocks each (392 blocks in one wave, not 784 in two)."""
+    p = Q.launch_params(16, 28672, 4096, 4, 132, persistent=True)
+    assert (p["split"], p["k_per_split"], p["n_blocks"], p["PERSIST"], p["grid_x"]) == (7, 608, 112, 1, 56)
+    assert Q.launch_params(16, 28672, 4096, 4, 132)["grid_x"] == 112  # off by default: a block a column block
+    assert Q.launch_params(16, 4096, 4096, 4, 132, persistent=True)["grid_x"] == 16  # fewer column blocks than that
+    t4 = Q.launch_params(16, 28672, 4096, 4, 40, persistent=True, capability=(7, 5))
+    assert t4["PERSIST"] == 0 and t4["grid_x"] == t4["n_blocks"]  # no ring below sm_80
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])

@@ -57,6 +57,13 @@
 #undef ASYNC
 #define ASYNC 0        // no cp.async before sm_80: the register pipeline
 #endif
+#ifndef PERSIST
+#define PERSIST 0      // ASYNC: a block takes column blocks blockIdx.x, + gridDim.x, ... of its K split (see the main loop)
+#endif
+#if PERSIST && !ASYNC
+#undef PERSIST
+#define PERSIST 0      // the register pipeline keeps one column block a block
+#endif
 #ifndef PDL
 #define PDL 0          // ops/pdl.py's release modes: 0 plain launch, 1 after the main loop, 2 after the wait, 3 before it
 #endif
@@ -449,12 +456,31 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
 #if ASYNC
   const int xbytes = ((XR * XS * 2 + 15) / 16) * 16 + (DQ ? 0 : ((nch * XR * 4 + 15) / 16) * 16);  // DQ: no csum
   const u32 ring = smem_addr(smem + xbytes) + (warp * RING * 2048) + lane * 16;
+#if PERSIST
+  // item it = (this block's column block it / nch, chunk it % nch of the slice); the ring runs on across column
+  // blocks, so the next one's first chunks are in flight while this one's last are added up and stored
+  const int tiles = (N + WARPS * 64 - 1) / (WARPS * 64);
+  const int items = (tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x * nch;
+  auto issue = [&](int it) {
+    if (it < items) {
+      const int ti = it / nch, kn = k_lo + (it - ti * nch) * SC;
+      const int a = ((int)blockIdx.x + ti * (int)gridDim.x) * (WARPS * 64) + warp * 64 + 4 * g;
+      ring_issue(ring + (it % RING) * 2048, qw, zf, sc, kn / PACK + t, kn / group_size, N, a, a + 32, a < N,
+                 a + 32 < N, ENDS(kn));
+    } else {
+      asm volatile("cp.async.commit_group;");
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < RING - 1; ++u) issue(u);
+#else
 #pragma unroll
   for (int u = 0; u < RING - 1; ++u) {
     int k = k_lo + u * SC;
     if (u < nch) ring_issue(ring + u * 2048, qw, zf, sc, k / PACK + t, k / group_size, N, na, nb, oka, okb, ENDS(k));
     else asm volatile("cp.async.commit_group;");
   }
+#endif
 #else
   Stage st[STAGES];
 #pragma unroll
@@ -545,7 +571,35 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) xg[mt][0] = xg[mt][1] = 0.f;
 
-#if ASYNC
+  __shared__ int last;
+#if PERSIST
+  for (int it = 0; it < items; ++it) {
+    issue(it + RING - 1);
+    asm volatile("cp.async.wait_group %0;" ::"n"(RING - 1));
+    const int ti = it / nch, c = it - ti * nch, k = k_lo + c * SC;
+    Stage cur;
+    const u32 slot = ring + (it % RING) * 2048;
+    lds16(slot, cur.w);
+    lds16(slot + 512, cur.w + 4);
+    if (ENDS(k)) {
+      lds16(slot + 1024, cur.s);
+      lds16(slot + 1536, cur.z);
+    }
+    chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
+    if (c == nch - 1) {  // the column block's slice is done (p and xg are zero: its last chunk ended a group)
+      const int tile = (int)blockIdx.x + ti * (int)gridDim.x;
+      const int a = tile * (WARPS * 64) + warp * 64 + 4 * g;
+      tile_out(acc, y, part, cnt, &last, tile, M, N, a, a + 32, a < N, a + 32 < N, split, nsplit, tid, t);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[i][mt][r] = 0.f;
+    }
+  }
+  asm volatile("cp.async.wait_group 0;");
+#elif ASYNC
   for (int c = 0; c < nch; ++c) {
     const int k = k_lo + c * SC;
     {
@@ -587,6 +641,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
-  __shared__ int last;
+#if !PERSIST
   tile_out(acc, y, part, cnt, &last, blockIdx.x, M, N, na, nb, oka, okb, split, nsplit, tid, t);
+#endif
 }

@@ -60,6 +60,12 @@ ASYNC_X_BYTES = 24 * 1024
 # the split-K sum split-major (every row's loads of 4 splits in flight) rather than row by row: the DQ build's;
 # the 4-16-row builds keep the row-by-row sum until an A/B times it (docs/decisions/026-mma-sync-decode.md)
 SPLIT_MAJOR_SUM = False
+# sm_80+ (the cp.async ring): a persistent grid, each block taking column blocks blockIdx.x, + gridDim.x, ... of its
+# K split with x's slice staged once and its ring running on across them, PERSIST_BLOCKS_PER_SM blocks an SM over
+# the splits (one wave; the kernel's 135-140 registers and ring + slice hold 3 an SM on an H100). Written for
+# the 4-16-row builds' two waves (docs/decisions/026-mma-sync-decode.md); off until a GPU run times it
+PERSISTENT = False
+PERSIST_BLOCKS_PER_SM = 3
 # x's slice staged in shared memory stays under this (no opt-in above 48 KB, as a T4's 64 KB SM needs)
 SMEM_BYTES = 48 * 1024
 
@@ -144,10 +150,11 @@ def smem_bytes(m_tiles: int, k_per_split: int, bits: int, ring_bytes: int = 0) -
 def launch_params(m: int, n: int, k: int, bits: int, sms: int, *, warps: int | None = None, split: int | None = None,
                   stages: int | None = None, blocks_per_sm: int | None = None, min_blocks: int | None = None,
                   use_async: bool | None = None, ring: int | None = None, x_bytes: int | None = None,
-                  smem_optin: int = SMEM_BYTES, capability: tuple[int, int] = (9, 0)) -> dict[str, int]:
-    """MT, WARPS, STAGES, DQ, the K split and its slice for one shape (keywords: the benchmark's sweep).
-    smem_optin: the shared memory the device lends one block (its x slice may take what the ring leaves of it
-    from 17 rows on, on sm_80+)."""
+                  persistent: bool | None = None, grid_x: int | None = None, smem_optin: int = SMEM_BYTES,
+                  capability: tuple[int, int] = (9, 0)) -> dict[str, int]:
+    """MT, WARPS, STAGES, DQ, PERSIST, the K split and its slice, and the grid's column blocks (grid_x) for one
+    shape (keywords: the benchmark's sweep). smem_optin: the shared memory the device lends one block (its x
+    slice may take what the ring leaves of it from 17 rows on, on sm_80+)."""
     sc = chunk(bits)
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     dq = mt > 2
@@ -169,8 +176,14 @@ def launch_params(m: int, n: int, k: int, bits: int, sms: int, *, warps: int | N
             break
         split += 1
     split = -(-k // kps)
+    persist = bool(use_async and (PERSISTENT if persistent is None else persistent))
+    if not persist:
+        grid_x = n_blocks
+    else:  # each block of a split takes every grid_x-th column block (grid_x: the tests' override)
+        grid_x = max(1, min(n_blocks, grid_x or PERSIST_BLOCKS_PER_SM * sms // split))
     return {"MT": mt, "DQ": int(dq), "WARPS": warps, "STAGES": stages or STAGES, "MINB": min_blocks or MIN_BLOCKS,
-            "ASYNC": int(use_async), "RING": ring or RING, "split": split, "k_per_split": kps, "n_blocks": n_blocks,
+            "ASYNC": int(use_async), "RING": ring or RING, "PERSIST": int(persist), "split": split,
+            "k_per_split": kps, "n_blocks": n_blocks, "grid_x": grid_x,
             "smem": smem_bytes(mt, kps, bits, warps * ring * 2048)}
 
 
@@ -186,7 +199,8 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
     """y [M, N] = x [M, K] @ W.T on a CUDA device (`serves` must hold); the operands are the GPTQ GEMV's
     (qweight [K / PACK, N] int32, zeros `float_zeros` fp16 [groups, N], scales fp16). capability: the
     target the kernel is built for (the device's, or the emulated one's). split_major: the split-K sum's form
-    (default: SPLIT_MAJOR_SUM, always with DQ); overrides: launch_params' keywords."""
+    (default: SPLIT_MAJOR_SUM, always with DQ); overrides: launch_params' keywords (persistent=True: the
+    persistent grid on sm_80+)."""
     m, k = x.shape
     n = qweight.shape[1]
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
@@ -197,12 +211,12 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
     launch = pdl.launch(x.device, m) if tuple(capability) >= (9, 0) else {"PDL": 0}
     defines = {"BITS": bits, "MT": p["MT"], "DQ": p["DQ"], "WARPS": p["WARPS"], "STAGES": p["STAGES"],
                "MINB": p["MINB"], "ASYNC": p["ASYNC"], "RING": p["RING"],
-               "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"],
+               "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"], "PERSIST": p["PERSIST"],
                "SPLITMAJ": int(p["DQ"] or (SPLIT_MAJOR_SUM if split_major is None else split_major))}
     kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = splitk.workspace(p["split"], m, n, x.device)
     cnt = splitk.counters(x.device, p["n_blocks"])
-    kern((p["n_blocks"], p["split"], 1), 32 * p["WARPS"], p["smem"],
+    kern((p["grid_x"], p["split"], 1), 32 * p["WARPS"], p["smem"],
          [x, qweight, zeros, scales, y, part, cnt, m, n, k, x.stride(0), p["k_per_split"], gs], pdl=bool(launch["PDL"]))
     return y
