@@ -9,7 +9,8 @@ reuse), and the driver checks that every tree produced the same greedy tokens as
     python benchmarks/ab_trees_gpu.py --tree before=/tmp/before/src --tree after=src \
         --quants float,gptq4 --batch 1,16 --context 512 --rounds 5 --out $OUT/ab
 
-Prints a table (median ms per step of each tree, and each over the first) and writes ab.json under --out.
+Prints a table (median ms per step of each tree, and each over the first) and writes ab.json under --out
+after every weight format (a run cut short keeps the formats it finished).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def main() -> None:
     batches = [int(b) for b in a.batch.split(",")]
     page = 256
     cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page * 2
-    rows = []
+    rows, done = [], []
     for quant in a.quants.split(","):
         workers = [Worker(n, s) for n, s in trees]
         for w in workers:
@@ -124,10 +125,23 @@ def main() -> None:
         for w in workers:
             w.proc.stdin.close()
             w.proc.wait()
-    summary = []
+        done.append(quant)
+        summary = summarize(rows, trees, done, batches)
+        if a.out:  # after every weight format: a run cut short keeps the formats it finished
+            os.makedirs(a.out, exist_ok=True)
+            with open(os.path.join(a.out, "ab.json"), "w") as f:
+                json.dump({"args": vars(a), "rows": rows, "summary": summary}, f, indent=1)
     print(f"\n{'quant':8} {'batch':>5} " + " ".join(f"{n:>12}" for n, _ in trees) +
           "".join(f" {n + '/' + trees[0][0]:>14}" for n, _ in trees[1:]) + "  tokens")
-    for quant in a.quants.split(","):
+    for r in summary:
+        print(f"{r['quant']:8} {r['batch']:>5} " + " ".join(f"{r['median_ms'][n]:>12.3f}" for n, _ in trees) +
+              "".join(f" {v:>14.3f}" for v in r["ratios"].values()) + f"  {r['tokens_equal']}")
+
+
+def summarize(rows: list[dict], trees: list, quants: list[str], batches: list[int]) -> list[dict]:
+    """Per weight format and batch: each tree's median ms, each over the first tree's, tokens all equal."""
+    summary = []
+    for quant in quants:
         for b in batches:
             med = {n: statistics.median(r["ms"] for r in rows if r["quant"] == quant and r["batch"] == b
                                         and r["tree"] == n) for n, _ in trees}
@@ -135,13 +149,7 @@ def main() -> None:
             ratios = {n: med[n] / med[trees[0][0]] for n, _ in trees[1:]}  # each tree's time over the base's
             summary.append({"quant": quant, "batch": b, "median_ms": med, "ratio": ratios[trees[1][0]],
                             "ratios": ratios, "tokens_equal": equal})
-            print(f"{quant:8} {b:>5} " + " ".join(f"{med[n]:>12.3f}" for n, _ in trees) +
-                  "".join(f" {r:>14.3f}" for r in ratios.values()) + f"  {equal}")
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "ab.json"), "w") as f:
-            json.dump({"args": vars(a), "rows": rows, "summary": summary}, f, indent=1)
-
+    return summary
 
 if __name__ == "__main__":
     main()
