@@ -5,7 +5,7 @@
 # The kernel's tests against float64, the DQ build's per-layer time beside the tl.dot kernel, and whole decode
 # steps of four trees interleaved in one run (same greedy tokens checked): this one, a copy with
 # qmma.ROUTE_MAX_M = 64, one with that and SPLIT_MAJOR_SUM = True, and one with those and PERSISTENT = True.
-# About 8 minutes on an H100 (TABLE=0: 6).
+# About 9 minutes on an H100; TABLE=0 (the per-layer table left out) fits one 600 s device command in about 7.
 #
 #   bash benchmarks/qmma_dq_gpu.sh OUT_DIR
 set -uo pipefail
