@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -182,3 +183,12 @@ def close_gguf(w, path) -> str:
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def benchmark_module(name: str):
+    """benchmarks/NAME.py imported as a module (the benchmarks folder is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def table_module():
-    spec = importlib.util.spec_from_file_location("llamacpp_table", os.path.join(ROOT, "benchmarks", "llamacpp_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import benchmark_module
 
 
 def result(engine, kind, batch, tps, ms, roofline=None):
@@ -31,7 +23,7 @@ def test_one_row_a_file(tmp_path):
         result("llama.cpp", "prefill", 1, 8000.0, 64.0), result("transformers", "decode", 1, 30.0, 33.3)]}
     os.makedirs(tmp_path / "llama3-8b-q4_0")
     (tmp_path / "llama3-8b-q4_0" / "bench.json").write_text(json.dumps(report))
-    t = table_module()
+    t = benchmark_module("llamacpp_table")
     text = t.markdown(t.rows(str(tmp_path)))
     lines = text.splitlines()
     assert lines[0] == "| file | batch 1 | batch 16 | prefill 512 | b16 / b1 step |"

@@ -7,10 +7,8 @@ share Llama 3's vocabulary of 128,256 tokens, which the engine's draft check acc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -19,14 +17,11 @@ from lowgear.bench.models import PRESETS
 from lowgear.engine.speculative import DraftProposer
 from lowgear.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import benchmark_module
 
 
 def bench():
-    spec = importlib.util.spec_from_file_location("speculative_gpu", os.path.join(ROOT, "benchmarks", "speculative_gpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("speculative_gpu")
 
 
 def test_tiny_run_on_the_cpu(tmp_path, capsys):
