@@ -454,6 +454,15 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
   // the first chunks of weights asked for before anything an earlier kernel wrote is read
 #define ENDS(k) (DQ || ((k) + SC) % group_size == 0 || (k) + SC >= k_hi)  // DQ: every chunk's scales
 #if ASYNC
+  // a lane's chunk from its ring slot, the scales and zeros only where the chunk ends a group (a macro: as a
+  // function it changed the default builds' code)
+#define RING_READ(cur, slot, k)    \
+  lds16(slot, cur.w);              \
+  lds16(slot + 512, cur.w + 4);    \
+  if (ENDS(k)) {                   \
+    lds16(slot + 1024, cur.s);     \
+    lds16(slot + 1536, cur.z);     \
+  }
   const int xbytes = ((XR * XS * 2 + 15) / 16) * 16 + (DQ ? 0 : ((nch * XR * 4 + 15) / 16) * 16);  // DQ: no csum
   const u32 ring = smem_addr(smem + xbytes) + (warp * RING * 2048) + lane * 16;
 #if PERSIST
@@ -579,12 +588,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
     const int ti = it / nch, c = it - ti * nch, k = k_lo + c * SC;
     Stage cur;
     const u32 slot = ring + (it % RING) * 2048;
-    lds16(slot, cur.w);
-    lds16(slot + 512, cur.w + 4);
-    if (ENDS(k)) {
-      lds16(slot + 1024, cur.s);
-      lds16(slot + 1536, cur.z);
-    }
+    RING_READ(cur, slot, k);
     chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
     if (c == nch - 1) {  // the column block's slice is done (p and xg are zero: its last chunk ended a group)
       const int tile = (int)blockIdx.x + ti * (int)gridDim.x;
@@ -611,12 +615,7 @@ qmma_kernel(const u16* __restrict__ x, const u32* __restrict__ qw, const u16* __
     asm volatile("cp.async.wait_group %0;" ::"n"(RING - 1));
     Stage cur;
     const u32 slot = ring + (c % RING) * 2048;
-    lds16(slot, cur.w);
-    lds16(slot + 512, cur.w + 4);
-    if (ENDS(k)) {
-      lds16(slot + 1024, cur.s);
-      lds16(slot + 1536, cur.z);
-    }
+    RING_READ(cur, slot, k);
     chunk(cur, c, k, k_hi, group_size, g, t, xsh, XS, csum, acc, p, xg);
   }
   asm volatile("cp.async.wait_group 0;");
