@@ -19,12 +19,11 @@ def rows(out_dir: str) -> list[dict]:
     for path in sorted(glob.glob(os.path.join(out_dir, "*", "bench.json"))):
         report = json.load(open(path))
         name = os.path.basename(os.path.dirname(path))
-        row = {"file": name, "device": report["device"]["name"], "decode": {}, "prefill": None}
+        row = {"file": name, "device": report["device"]["name"], "decode": {}, "prefill": {}}
         for r in report["results"]:
             if r["kind"] not in ("decode", "prefill") or r["engine"] not in ("lowgear", "llama.cpp"):
                 continue
-            slot = row["decode"].setdefault(r["batch"], {}) if r["kind"] == "decode" else \
-                row.setdefault("prefill_by", {})
+            slot = row["decode"].setdefault(r["batch"], {}) if r["kind"] == "decode" else row["prefill"]
             slot[r["engine"]] = r["tokens_per_s"]
             if r["engine"] == "lowgear":
                 slot["ms"] = r["ms_per_step"]
@@ -49,7 +48,7 @@ def markdown(table: list[dict]) -> str:
     for row in table:
         d = row["decode"]
         step = f"{d[16]['ms'] / d[1]['ms']:.2f}" if 1 in d and 16 in d and "ms" in d[1] and "ms" in d[16] else "-"
-        cells = [cell(d.get(b, {})) for b in batches] + [cell(row.get("prefill_by", {})), step]
+        cells = [cell(d.get(b, {})) for b in batches] + [cell(row["prefill"]), step]
         lines.append(f"| {row['file']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

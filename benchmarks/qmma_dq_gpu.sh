@@ -20,20 +20,20 @@ if [ "${TABLE:-1}" = 1 ]; then  # TABLE=0: the decode steps only (2 minutes less
         > "$OUT/per_layer_dq.log" 2>&1
     echo "per layer rc=$?"; tail -12 "$OUT/per_layer_dq.log"
 fi
-variant() {  # a copy of src with one line of qmma.py changed
-    local dir; dir=$(mktemp -d); cp -r src "$dir/src"
-    sed -i "s/^$1\$/$2/" "$dir/src/lowgear/ops/matmul/qmma.py"
-    grep -q "^$2\$" "$dir/src/lowgear/ops/matmul/qmma.py" || { echo "qmma.py has no line '$1'" >&2; return 1; }
+variant() {  # a copy of src with lines of qmma.py changed, each argument "OLD LINE=>NEW LINE"
+    local dir f change; dir=$(mktemp -d); cp -r src "$dir/src"; f="$dir/src/lowgear/ops/matmul/qmma.py"
+    for change in "$@"; do
+        sed -i "s/^${change%%=>*}\$/${change##*=>}/" "$f"
+        grep -q "^${change##*=>}\$" "$f" || { echo "qmma.py has no line '${change%%=>*}'" >&2; return 1; }
+    done
     echo "$dir/src"
 }
-routed=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
-both=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
-sed -i "s/^SPLIT_MAJOR_SUM = False\$/SPLIT_MAJOR_SUM = True/" "$both/lowgear/ops/matmul/qmma.py"
-grep -q "^SPLIT_MAJOR_SUM = True$" "$both/lowgear/ops/matmul/qmma.py" || { echo "no SPLIT_MAJOR_SUM line" >&2; exit 1; }
-persist=$(variant "ROUTE_MAX_M = 16" "ROUTE_MAX_M = 64") || exit 1
-sed -i "s/^SPLIT_MAJOR_SUM = False\$/SPLIT_MAJOR_SUM = True/; s/^PERSISTENT = False\$/PERSISTENT = True/" \
-    "$persist/lowgear/ops/matmul/qmma.py"
-[ "$(grep -c "^SPLIT_MAJOR_SUM = True$\|^PERSISTENT = True$" "$persist/lowgear/ops/matmul/qmma.py")" = 2 ] || exit 1
+route="ROUTE_MAX_M = 16=>ROUTE_MAX_M = 64"
+split_major="SPLIT_MAJOR_SUM = False=>SPLIT_MAJOR_SUM = True"
+persistent="PERSISTENT = False=>PERSISTENT = True"
+routed=$(variant "$route") || exit 1
+both=$(variant "$route" "$split_major") || exit 1
+persist=$(variant "$route" "$split_major" "$persistent") || exit 1
 # dq / tldot at 32-64 rows times the DQ build; both / dq at 4-16 rows the split-major sum (DQ serves no row count
 # <= 16); persist / both at 4-16 rows the persistent grid
 timeout 400 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --tree both="$both" --tree persist="$persist" \
