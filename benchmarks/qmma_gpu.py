@@ -85,8 +85,9 @@ def main() -> None:
             row = {"form": form, "shape": shape, "N": n, "K": k, "M": m, "bytes": nbytes}
             row["qmma_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap), ls)
             if m <= Q.FOLD_MAX_M:  # the split-K sum's other form (SPLIT_MAJOR_SUM)
-                row["qmma_rowsum_us" if Q.SPLIT_MAJOR_SUM else "qmma_splitmaj_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap,
-                                                                 split_major=not Q.SPLIT_MAJOR_SUM), ls)
+                other = "qmma_rowsum_us" if Q.SPLIT_MAJOR_SUM else "qmma_splitmaj_us"
+                row[other] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap,
+                                                    split_major=not Q.SPLIT_MAJOR_SUM), ls)
             if m <= Q.FOLD_MAX_M and cap >= Q.ASYNC_FROM:  # the persistent grid (qmma.PERSISTENT)
                 row["qmma_persist_us"] = timed(lambda L: Q.qmma(x, L[0], L[1], L[2], bits, gs, cap,
                                                                 persistent=True), ls)
