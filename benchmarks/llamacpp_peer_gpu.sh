@@ -33,6 +33,23 @@ mkdir -p "$OUT" .peer/models
 LC=.peer/llama.cpp
 BIN="$LC/build/bin"
 
+F16=.peer/models/llama3-8b-f16.gguf
+# the F16 file is written beside the build (one CPU core against ninja's many: ~2 minutes saved)
+WRITER=""
+if [ ! -s "$F16" ]; then
+    echo "== writing $F16 $(date +%T)"
+    ( "$PY" - "$F16.part" <<'PY'
+import sys
+from lowgear.bench.models import PRESETS
+from lowgear.bench.synthetic import write_gguf
+s = PRESETS["llama3-8b"]
+write_gguf(sys.argv[1], arch="llama", hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
+           num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, vocab_size=s.vocab_size,
+           rope_theta=s.rope_theta, qtype="F16", seed=8, std=0.02, progress=False)
+PY
+    mv "$F16.part" "$F16" ) > "$OUT/write-f16.log" 2>&1 &
+    WRITER=$!
+fi
 if [ ! -x "$BIN/llama-batched-bench" ] || [ ! -x "$BIN/llama-quantize" ]; then
     echo "== building llama.cpp (CUDA) $(date +%T)"
     [ -s .peer/llama-src.tar.gz ] || { echo "no .peer/llama-src.tar.gz: see the top of this script" >&2; exit 2; }
@@ -46,20 +63,7 @@ if [ ! -x "$BIN/llama-batched-bench" ] || [ ! -x "$BIN/llama-quantize" ]; then
 fi
 git -C "$LC" describe --tags 2>/dev/null || grep -m1 -o 'LLAMA_BUILD_NUMBER [0-9]*' "$LC/build/CMakeCache.txt" 2>/dev/null || true
 
-F16=.peer/models/llama3-8b-f16.gguf
-if [ ! -s "$F16" ]; then
-    echo "== writing $F16 $(date +%T)"
-    "$PY" - "$F16.part" <<'PY'
-import sys
-from lowgear.bench.models import PRESETS
-from lowgear.bench.synthetic import write_gguf
-s = PRESETS["llama3-8b"]
-write_gguf(sys.argv[1], arch="llama", hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
-           num_kv_heads=s.num_kv_heads, intermediate_size=s.intermediate_size, vocab_size=s.vocab_size,
-           rope_theta=s.rope_theta, qtype="F16", seed=8, std=0.02, progress=False)
-PY
-    mv "$F16.part" "$F16"
-fi
+[ -z "$WRITER" ] || wait "$WRITER" || { echo "writing $F16 failed:"; tail "$OUT/write-f16.log"; exit 1; }
 FILES=""
 for t in ${TYPES//,/ }; do
     f=.peer/models/llama3-8b-$(echo "$t" | tr 'A-Z' 'a-z').gguf
