@@ -67,6 +67,19 @@ def test_routes_follow_ops_matmul():
     assert c["seconds"] == pytest.approx((4096 * 4096 * (4 + 36 / 128) / 8 + 16 * 8192 * 2) / (320e9 * 0.8))
 
 
+
+def test_qmma_instructions_follow_its_build(monkeypatch):
+    """The fold build (to 16 rows) costs 2 instructions a code, the DQ build past it 2.5 (one more half2 fma a
+    code pair), whatever rows gptq_matmul routes to the kernel."""
+    from lowgear.ops.matmul import qmma
+
+    monkeypatch.setattr(qmma, "ROUTE_MAX_M", 64)
+    w = 4096 * 4096
+    at16 = cm.linear_cost(AMPERE, cm.Linear("GPTQ4g128", 4096, 4096), 16)
+    at17 = cm.linear_cost(AMPERE, cm.Linear("GPTQ4g128", 4096, 4096), 17)
+    assert at16["path"] == at17["path"] == "qmma"
+    assert at16["instructions"] == 2 * w and at17["instructions"] == 2.5 * w
+
 def test_llama3_8b_in_4_bit_on_old_gpus():
     """The shape of the answer for the model users bring: batch 1 memory-bound near bandwidth / bytes;
     batch 16 on a T4 through the mma.sync kernel, memory-bound on the codes (faster than float16 there), and

@@ -34,6 +34,7 @@ UNPACK_HALF2 = 2  # the whole packed-half2 path at one fp16 row, FMA included (f
 UNPACK_BLOCK = 4  # GGUF block GEMVs (gguf_gemv.py)
 UNPACK_DEQUANT = 3  # the prefill dequantizer, per code, before cuBLAS
 UNPACK_QMMA = 2  # mma.sync kernel: shift, mask-or and fma per pair of codes, plus the group fold (qmma.cu)
+UNPACK_QMMA_DQ = 2.5  # its DQ build past qmma.FOLD_MAX_M rows: one more half2 fma a code pair (scale, -zero x scale)
 
 
 _GPTQ = re.compile(r"GPTQ(\d)g(-?\d+)")  # a GPTQ folder's qtype: bits, group size
@@ -129,7 +130,9 @@ def linear_cost(gpu: GPU, lin: Linear, m: int, act_bytes: int = 2) -> dict:
     elif route == "mma":
         instr, tensor = w * UNPACK_DEQUANT, 2.0 * m * w
     elif route == "qmma":  # x's rows padded to the mma's 8 columns
-        instr, tensor = w * UNPACK_QMMA, 2.0 * 8 * math.ceil(m / 8) * w
+        from ..ops.matmul.qmma import FOLD_MAX_M
+        instr = w * (UNPACK_QMMA if m <= FOLD_MAX_M else UNPACK_QMMA_DQ)
+        tensor = 2.0 * 8 * math.ceil(m / 8) * w
     elif route == "cublas":
         tensor = 2.0 * m * w
     else:  # dequant+cublas: W.T written in fp16 and read back by the matmul
