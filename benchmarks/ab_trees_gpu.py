@@ -75,13 +75,19 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", os.path.abspath(src)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def ask(self, **cmd) -> dict:
+    def send(self, **cmd) -> None:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
+
+    def reply(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             raise SystemExit(f"worker {self.name} died (see its stderr above)")
         return json.loads(line)
+
+    def ask(self, **cmd) -> dict:
+        self.send(**cmd)
+        return self.reply()
 
 
 def main() -> None:
@@ -103,13 +109,16 @@ def main() -> None:
         raise SystemExit("give two or more --tree NAME=SRC")
     batches = [int(b) for b in a.batch.split(",")]
     page = 256
-    cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page * 2
+    # a sequence's prompt, its timed steps and the tokens it may make while the others prefill, and a page spare;
+    # no more: every tree's worker holds its own cache on the one GPU (four 8B workers at batch 64 fit 80 GB)
+    cache_tokens = max(batches) * (-(-(a.context + a.steps + 16) // page) + 1) * page
     rows, done = [], []
     for quant in a.quants.split(","):
         workers = [Worker(n, s) for n, s in trees]
+        for w in workers:  # all load at once (the random weights are made on the host); timings stay one at a time
+            w.send(op="load", preset=a.preset, quant=quant, cache_tokens=cache_tokens, max_batch=max(batches))
         for w in workers:
-            r = w.ask(op="load", preset=a.preset, quant=quant, cache_tokens=cache_tokens, max_batch=max(batches))
-            print(f"[{quant}] {w.name}: {r}", flush=True)
+            print(f"[{quant}] {w.name}: {w.reply()}", flush=True)
         for rnd in range(a.rounds):
             order = workers if rnd % 2 == 0 else workers[::-1]
             for b in batches:
