@@ -45,6 +45,16 @@ def test_report_structure(report, tmp_path_factory):
     assert report["plot"] in ("bench.png", None)
 
 
+
+def test_each_figure_has_its_wall_time(report):
+    """Every figure records the wall seconds it took (its warmup and first-use kernel builds included): at least
+    its timed steps (two or more steps of the median's length: --quick times three decode steps, two prefill)."""
+    created = [r for r in report["results"] if r["kind"] in ("decode", "prefill")]
+    assert created
+    for r in created:
+        assert r["wall_seconds"] >= 2 * r["ms_per_step"] / 1e3 * 0.99 - 1e-4, r
+
+
 def test_every_rung_accounted_for(report):
     rungs = {r["rung"] for r in report["rungs"]}
     assert {"sdpa", "eager", bench.T4_RUNG} <= rungs

@@ -59,6 +59,7 @@ class Bench:
         self.rung_log: list[dict] = []
         self.models: list[dict] = []
         self.done, self.total = 0, 0
+        self._since = time.perf_counter()  # when the last figure (or model load) ended: each figure's wall time
 
     # ------------------------------------------------------------ bookkeeping
     def say(self, text: str) -> None:
@@ -131,6 +132,7 @@ class Bench:
         self.models.append({"model": v.label, "quant": v.quant, "dtype": _dt(v.dtype), "spec": _spec_dict(v.spec),
                             "weight_bytes": step_weight_bytes(model, 0), "cache_bytes": cache.nbytes(),
                             "load_seconds": round(time.perf_counter() - t0, 2)})
+        self._since = time.perf_counter()
         try:
             for rung in v.rungs:
                 selection = self.use_rung(model, v, rung)
@@ -335,6 +337,8 @@ class Bench:
             r["flops_per_s"] = r["flops"] / seconds
             r["pct_peak_flops"] = 100.0 * r["flops_per_s"] / self.matmul_flops
         r["memory"] = _memory(self.device)
+        now = time.perf_counter()  # the figure's wall time, warmup and first-use kernel builds included
+        r["wall_seconds"], self._since = round(now - self._since, 4), now
         self.results.append(r)
         self.tick(_line(r))
 
