@@ -8,7 +8,7 @@
 # About 9 minutes on an H100; TABLE=0 (the per-layer table left out) fits one 600 s device command in about 7.
 # The four trees' workers load at once and each holds an 8B model and its cache: about 60 GB of an 80 GB card.
 #
-#   bash benchmarks/qmma_dq_gpu.sh OUT_DIR
+#   [TABLE=0] [ALL_TESTS=1] [APPLY=1] bash benchmarks/qmma_dq_gpu.sh OUT_DIR
 set -uo pipefail
 OUT="${1:?usage: bash benchmarks/qmma_dq_gpu.sh OUT_DIR}"
 cd "$(dirname "$0")/.."
@@ -43,3 +43,5 @@ persist=$(variant "$route" "$split_major" "$persistent") || exit 1
 # <= 16); persist / both at 4-16 rows the persistent grid
 timeout 400 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --tree both="$both" --tree persist="$persist" \
     --quants gptq4,q4_k --batch 4,16,32,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab" 2>&1 | tee "$OUT/ab.log" | tail -10
+# the verdict by benchmarks/qmma_decide.py's rule; APPLY=1 also sets the winners in src/ (for a bench after it)
+python3 benchmarks/qmma_decide.py "$OUT" $([ "${APPLY:-0}" = 1 ] && echo --apply) | tee "$OUT/decide.log"
