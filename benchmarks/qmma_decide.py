@@ -78,9 +78,9 @@ def apply(verdict: dict, path: str = QMMA) -> list[str]:
     for choice, (won, _) in verdict.items():
         old, new = LINES[choice]
         if won:
-            if not re.search(rf"^{re.escape(old)}$", text, flags=re.M):
+            if not re.search(rf"^{re.escape(old)}$", text, flags=re.MULTILINE):
                 raise SystemExit(f"{path} has no line '{old}'")
-            text = re.sub(rf"^{re.escape(old)}$", new, text, flags=re.M)
+            text = re.sub(rf"^{re.escape(old)}$", new, text, flags=re.MULTILINE)
             done.append(new)
     with open(path, "w") as f:
         f.write(text)

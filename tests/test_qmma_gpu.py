@@ -66,6 +66,23 @@ def test_matches_float64(bits, m, n, k, gs, split, float_z, use_async):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits,m,n,k,gs", [(4, 5, 328, 96, 32), (4, 16, 6144, 4096, 128), (8, 7, 512, 4096, 16),
+                                           (8, 40, 1032, 1024, 16)])
+@pytest.mark.parametrize("use_async", [True, False])
+def test_one_zero_row(bits, m, n, k, gs, use_async):
+    """Zeros as one row [1, N] for every group (ZROW: Q4_0's 8, Q6_K's 32, symmetric GPTQ), fold and DQ builds."""
+    rng = np.random.default_rng(m + n)
+    q = rng.integers(0, 1 << bits, (k, n))
+    z = rng.integers(0, 1 << bits, (1, n)).astype(np.float16)
+    s = (rng.random((k // gs, n)) * 0.02 + 0.002).astype(np.float16)
+    w = ((q - z.astype(np.float64)) * s[np.arange(k) // gs].astype(np.float64)).T
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    y = Q.qmma(x, torch.from_numpy(pack_stream(q, bits)).cuda(), torch.from_numpy(z).cuda(), torch.from_numpy(s).cuda(),
+               bits, gs, torch.cuda.get_device_capability(), use_async=use_async)
+    check(y, x, torch.from_numpy(np.ascontiguousarray(w)))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("bits,m,n,k,gs", [(4, 1, 256, 128, 32), (4, 9, 264, 160, 32), (4, 16, 6144, 4096, 128),
                                            (8, 7, 512, 4096, 16), (8, 16, 1032, 1024, 32)])
 def test_sm75_build(bits, m, n, k, gs):
@@ -218,6 +235,21 @@ def test_persistent_launch_params():
     assert Q.launch_params(16, 4096, 4096, 4, 132, persistent=True)["grid_x"] == 16  # fewer column blocks than that
     t4 = Q.launch_params(16, 28672, 4096, 4, 40, persistent=True, capability=(7, 5))
     assert t4["PERSIST"] == 0 and t4["grid_x"] == t4["n_blocks"]  # no ring below sm_80
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
+def test_one_zero_row_compiles_and_leaves_other_builds_alone(arch):
+    """ZROW (zeros one row [1, N] for every group) builds for the fold, DQ and persistent forms; without it,
+    or at 0, the PTX is the one built before it existed, so every timed build is unchanged."""
+    if nvrtc.available() is not None:
+        pytest.fail(nvrtc.available())
+    for d in ({"BITS": 4, "MT": 2, "ASYNC": 1}, {"BITS": 8, "MT": 8, "DQ": 1, "ASYNC": 1},
+              {"BITS": 4, "MT": 2, "ASYNC": 1, "PERSIST": 1}, {"BITS": 4, "MT": 1, "ASYNC": 0}):
+        assert nvrtc.compile_source(Q.source(), {**d, "ZROW": 1}, arch)[:4] == b"\x7fELF"
+        target = "compute_" + arch[3:]
+        plain = nvrtc.compile_source(Q.source(), d, target)
+        assert nvrtc.compile_source(Q.source(), {**d, "ZROW": 0}, target) == plain
+        assert nvrtc.compile_source(Q.source(), {**d, "ZROW": 1}, target) != plain
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])

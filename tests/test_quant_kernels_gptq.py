@@ -232,6 +232,11 @@ CASES = [(f"gemv_b{b}_m{m}_perm{int(pm)}", G.gptq_gemv_kernel, GEMV, *gemv(b, m,
 CASES += [(f"gemv_half2_m{m}", G.gptq_gemv_kernel, GEMV, *gemv(4, m, False, True), True) for m in (1, 4)]
 CASES += [(f"dequant_b{b}", G.gptq_dequant_t_kernel, DEQ,
            dict(BITS=b, HAS_GIDX=b == 3, BLOCK_K=32, BLOCK_N=128), 4, False) for b in (3, 4)]
+# zeros as one row for every group (ZROW: Q4_0, Q6_K, symmetric GPTQ), float zeros as Q6_K's are
+_h2, _h2_warps = gemv(4, 1, False, True)
+CASES += [("gemv_half2_m1_zrow", G.gptq_gemv_kernel, GEMV, {**_h2, "ZROW": True}, _h2_warps, True),
+          ("dequant_b8_float_z_zrow", G.gptq_dequant_t_kernel, dict(DEQ, qz_ptr="*fp16"),
+           dict(BITS=8, HAS_GIDX=False, BLOCK_K=32, BLOCK_N=128, FLOAT_Z=True, ZROW=True), 4, False)]
 
 out = {}
 for cap in (70, 75):
@@ -261,7 +266,7 @@ def compiled() -> dict:
 def test_gptq_kernels_compile_for_volta_and_turing(compiled):
     failed = {name: r["error"] for name, r in compiled.items() if not r["ok"]}
     assert not failed, failed
-    assert len(compiled) == 2 * 10
+    assert len(compiled) == 2 * 12
 
 
 def test_gptq_gemv_stays_in_registers(compiled):

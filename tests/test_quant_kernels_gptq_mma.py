@@ -192,7 +192,7 @@ ARGS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "zf_ptr": "*fp16", "sc_ptr": "*fp16"
         "stride_xm": "i32"}
 DIVISIBLE = {"N", "K", "k_per_split", "group_size", "stride_xm"}
 
-def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096):
+def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096, zrow=False):
     p = MM.mma_launch_params(n, k, m, bits, MM.mma_block_k(bits, 128, k))
     args = dict(ARGS, x_ptr="*" + xdtype)
     kernel = MM.gptq_mma_kernel
@@ -200,7 +200,7 @@ def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096):
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
              if a in args and (args[a].startswith("*") or a in DIVISIBLE)}
     consts = dict(BITS=bits, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], HAS_PERM=perm,
-                  S_CHUNK=4, PDL=False, FP16_MAGIC=xdtype == "fp16" or bits <= 4, WORDS=p["WORDS"])
+                  S_CHUNK=4, PDL=False, FP16_MAGIC=xdtype == "fp16" or bits <= 4, WORDS=p["WORDS"], ZROW=zrow)
     c = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", cap, 32),
                        options={"num_warps": p["num_warps"], "num_stages": p["num_stages"]})
     ptx = c.asm["ptx"]
@@ -214,7 +214,7 @@ def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096):
                 cvt_down=len(re.findall(r"cvt\.rn\.b?f16(?:x2)?\.f32", ptx)))
 
 out = [case(80, 4, 16, False), case(80, 4, 64, True), case(80, 8, 33, False), case(80, 4, 16, True, "bf16"), case(80, 8, 9, False),
-       case(90, 4, 16, False), case(90, 4, 64, False), case(75, 4, 16, False)]
+       case(90, 4, 16, False), case(90, 4, 64, False), case(75, 4, 16, False), case(90, 8, 16, False, zrow=True)]
 print("RESULTS" + json.dumps(out))
 """
 

@@ -70,14 +70,38 @@ def test_module_switches_to_the_gptq_kernel_and_keeps_its_answers(qtype):
     assert lin.kernel is G.gptq_matmul and lin._gptq is not None and lin.qtype == qtype
     torch.testing.assert_close(lin.lookup(ids).cpu(), before, rtol=0, atol=0)
     torch.testing.assert_close(lin.dequantized(torch.float64).cpu(), torch.from_numpy(ref), rtol=0, atol=0)
+    # bytes as held: codes, packed zeros (the prefill dequantizer's) and fp16 scales a group of 32, and the
+    # GEMV's fp16 zeros as one row (the layer's zero is 8 / 128 in every group)
+    bits, groups = (4 if qtype == "Q4_0" else 8), k // 32
+    assert lin.gptq_zeros.shape == (1, n) and bool((lin.gptq_zeros == (8 if bits == 4 else 128)).all())
     held = sum(t.numel() * t.element_size() for t in (lin.qweight, lin.qzeros, lin.scales, lin.gptq_zeros))
-    assert held < (0.65 if qtype == "Q4_0" else 1.2) * n * k  # bytes a weight as held, zeros included
+    assert held == n * k * bits // 8 + groups * n * bits // 8 + groups * n * 2 + n * 2
     gen = torch.Generator().manual_seed(3)
     for m in (1, 3, G.MAX_M + 1):
         x = torch.randn(m, k, generator=gen)
         y = lin(x.to(DEVICE)).double().cpu()
         want = x.double() @ torch.from_numpy(ref).T
         assert float((y - want).abs().max() / want.abs().max()) < 1e-5, m
+    x = torch.randn(16, k, generator=gen).half()  # the tl.dot kernel, as on sm_80+
+    want = x.double() @ torch.from_numpy(ref).T
+    y = G.gptq_matmul(x.to(DEVICE), lin, capability=(9, 0)).double().cpu()
+    assert float((y - want).abs().max() / want.abs().max()) < 3e-3
+
+
+def test_a_q6_k_group_with_scale_0_keeps_the_one_zero_row():
+    """A Q6_K sub-block whose int8 scale is 0 is a group of zeros: its zero does not matter, so the layer
+    still holds one zero row (32), and its weights there come out 0."""
+    n, k = 16, 256
+    data, _ = kquant_bytes("Q6_K", n, k, seed=11)
+    data = data.copy()
+    data.reshape(n, 1, 210)[3, 0, 192 + 5] = 0  # row 3, sub-block 5 (weights 80-95): scale 0
+    ref = quants.dequantize(data, GGMLQuantizationType.Q6_K).astype(np.float64)
+    assert (ref[3, 80:96] == 0).all() and (ref[3, :80] != 0).any()
+    w = gguf_to_gptq("Q6_K", torch.from_numpy(data), k)
+    assert w.float_zeros.shape == (1, n) and bool((w.float_zeros == 32).all())
+    got = dequantize_gptq(w, dtype=torch.float64)
+    assert bool((got[3, 80:96] == 0).all())
+    assert bool(((got - torch.from_numpy(ref)).abs() <= group_bound(ref, 16)).all())
 
 
 @pytest.mark.parametrize("qtype,n", [("Q4_0", 70), ("Q8_0", 33)])
@@ -132,7 +156,11 @@ def test_float_zero_types_are_the_same_weights_within_fp16(qtype, monkeypatch):
     w = gguf_to_gptq(qtype, torch.from_numpy(data), k)
     bits, group = repack.layout(qtype)
     assert (w.bits, w.group_size, w.qzeros, w.g_idx) == (bits, group, None, None)
-    assert w.float_zeros.shape == (k // group, n) and w.float_zeros.dtype == torch.float16
+    one_zero = {"Q5_0": 16.0, "Q6_K": 32.0}  # one zero a layer: held as one row
+    assert w.float_zeros.shape == ((1, n) if qtype in one_zero else (k // group, n))
+    assert w.float_zeros.dtype == torch.float16
+    if qtype in one_zero:
+        assert bool((w.float_zeros == one_zero[qtype]).all())
     got = dequantize_gptq(w, dtype=torch.float64)
     err = (got - torch.from_numpy(ref)).abs()
     assert bool((err <= group_bound(ref, group)).all()), float(err.max())

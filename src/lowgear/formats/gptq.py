@@ -16,7 +16,9 @@ stores zero - 1, "gptq_v2" the zero itself, so
 
 A layer converted from a GGUF type whose blocks store a minimum (Q4_1, Q5_1, Q4_K, Q5_K:
 ops/matmul/repack.py) has zero points that are not integers: it holds them as `float_zeros`
-(fp16 [groups, out_features]) and no qzeros.
+(fp16 [groups, out_features]) and no qzeros. Where every group of a column has the same zero (Q6_K's 32,
+Q5_0's 16), float_zeros is the one row [1, out_features] (`one_zero_row`), and the kernels read it for
+every group.
 
 `dequantize_gptq` builds any band of output rows from the packed tensors alone, so a linear layer
 never holds the full float matrix.
@@ -46,7 +48,7 @@ class GPTQWeight:
     group_size: int  # -1: one group over all inputs
     sym: bool = True
     zero_offset: int = 1  # 1 for checkpoint_format "gptq" (v1), 0 for "gptq_v2"
-    float_zeros: torch.Tensor | None = None  # float16 [groups, out]: zeros as they are (offset not added)
+    float_zeros: torch.Tensor | None = None  # float16 [groups or 1, out]: zeros as they are (offset not added)
     source_format: str = "GPTQ"  # the file's format, for the name lowgear reports ("AWQ": repacked at load, awq.py)
 
     @property
@@ -85,7 +87,8 @@ class GPTQWeight:
         out = self.out_features
         expected = {"scales": (self.scales, torch.float16, [self.groups, out])}
         if self.float_zeros is not None:
-            expected["float_zeros"] = (self.float_zeros, torch.float16, [self.groups, out])
+            rows = 1 if self.float_zeros.dim() == 2 and self.float_zeros.shape[0] == 1 else self.groups
+            expected["float_zeros"] = (self.float_zeros, torch.float16, [rows, out])
         if self.qzeros is not None or self.float_zeros is None:
             expected["qzeros"] = (self.qzeros, torch.int32, [self.groups, out * self.bits // 32])
         if self.g_idx is not None:
@@ -99,6 +102,21 @@ class GPTQWeight:
                     "the checkpoint is corrupt or its quantization_config does not match it"
                 )
         return self
+
+
+def one_zero_row(zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp16 zeros [groups, N] as the one row [1, N] where every group of each column has the same zero (a
+    group whose scale is 0 excepted: its weights are 0 whatever its zero), else as they are. Q4_0, Q8_0,
+    Q5_0, Q6_K and symmetric GPTQ have one zero a layer: the row saves a zero a group (16 bits a group:
+    0.5 bits a weight at group 32, 1 at Q6_K's 16). why: docs/decisions/013-gguf-as-gptq.md"""
+    if zeros.shape[0] <= 1:
+        return zeros
+    live = scales.view(torch.float16) != 0
+    first = live.to(torch.uint8).argmax(0)  # each column's first group with a scale (0 where it has none)
+    row = zeros.gather(0, first[None, :])
+    if bool(((zeros == row) | ~live).all()):
+        return row.contiguous()
+    return zeros
 
 
 def gptq_groups(in_features: int, group_size: int) -> int:
@@ -189,5 +207,6 @@ def dequantize_gptq(
         codes = (q.reshape(q.shape[0], -1, g) - zeros.t().unsqueeze(2)).to(work)
         return (codes * sc.t().unsqueeze(2).to(work)).reshape(q.shape[0], -1).to(dtype)
     gi = group_index(w)
-    codes = (q - zeros.t().index_select(1, gi)).to(work)  # [n_rows, in]
+    gz = torch.zeros_like(gi) if zeros.shape[0] == 1 else gi  # one zero row serves every group
+    codes = (q - zeros.t().index_select(1, gz)).to(work)  # [n_rows, in]
     return (codes * sc.t().index_select(1, gi).to(work)).to(dtype)

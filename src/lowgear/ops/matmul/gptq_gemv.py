@@ -26,7 +26,7 @@ so groups are contiguous again; x's columns are gathered through the permutation
 kernel (or by torch first, `x_perm="torch"`).
 
 Buffers: `prepare` adds `gptq_zeros` (fp16 [groups, N], zero + offset: a contiguous load, as big
-as the scales). For act-order it sorts in place: the module's `qweight` becomes the sorted codes,
+as the scales; one row [1, N] where a column's groups share their zero, ZROW in the kernels). For act-order it sorts in place: the module's `qweight` becomes the sorted codes,
 its `g_idx` becomes None (groups are now k // group_size) and `gptq_perm` (int32 [K]: sorted row i
 is input feature perm[i]) is registered, which QuantLinear's torch path reads to put W's columns
 back (`QuantLinear._dequant`). So an act-order layer holds its codes once, as stored.
@@ -53,7 +53,7 @@ import triton.language as tl
 from ...platform import hardware
 from .. import nvrtc, pdl
 from ...formats.dequant import banded_matmul
-from ...formats.gptq import gptq_groups, pack_codes, pack_shape  # noqa: F401 (pack_*: re-exported)
+from ...formats.gptq import gptq_groups, one_zero_row, pack_codes, pack_shape  # noqa: F401 (pack_*: re-exported)
 from . import f16x2, gptq_mma, qmma, splitk
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
@@ -120,12 +120,13 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
-                     PDL: tl.constexpr, F16X2: tl.constexpr, FLOAT_Z: tl.constexpr):
+                     PDL: tl.constexpr, F16X2: tl.constexpr, FLOAT_Z: tl.constexpr, ZROW: tl.constexpr = False):
     """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`).
 
     FLOAT_Z (zeros that are not integers: a GGUF block minimum, ops/matmul/repack.py): the exponent
     trick subtracts no zero (it would round it to an integer), and the tile takes zero * sum(x) off
-    instead, as the tl.dot kernel does: sum((c - z) x) = sum(c x) - z sum(x), one FMA per column."""
+    instead, as the tl.dot kernel does: sum((c - z) x) = sum(c x) - z sum(x), one FMA per column.
+    ZROW: zeros are one row [1, N] for every group (`one_zero_row`)."""
     PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     pid_n = tl.program_id(0)
@@ -154,7 +155,7 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
             w2 = tl.load(wp + 2 * N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
         g = r0 // group_rows
         s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
-        zf = tl.load(zf_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
+        zf = tl.load(zf_ptr + (0 if ZROW else g * N) + s_off, mask=c_ok, other=0.0).to(tl.float32)
         if FLOAT_Z:  # the zero the unpack subtracts
             zc = zf * 0.0
         else:
@@ -202,9 +203,11 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
 @triton.jit
 def gptq_dequant_t_kernel(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, col0, band,
                           group_size, zero_offset, BITS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, FLOAT_Z: tl.constexpr):
+                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, FLOAT_Z: tl.constexpr,
+                          ZROW: tl.constexpr = False):
     """out[k, c] = W[col0 + c, k] for a band of output columns: W.T, ready for x @ out. With FLOAT_Z
-    qz_ptr is fp16 zeros [groups, N] (a GGUF minimum's, not integers) instead of packed qzeros."""
+    qz_ptr is fp16 zeros [groups, N] (a GGUF minimum's, not integers) instead of packed qzeros; with ZROW
+    as well, one row [1, N] of them for every group."""
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = k < K
@@ -226,7 +229,10 @@ def gptq_dequant_t_kernel(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, col0,
     else:
         g = k // group_size
     if FLOAT_Z:
-        z = tl.load(qz_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ZROW:
+            z = tl.load(qz_ptr + n[None, :] + g[:, None] * 0, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = tl.load(qz_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
         zwords = (N * BITS) // 32
         zpos = n * BITS
@@ -306,10 +312,15 @@ def float_zeros(qzeros: torch.Tensor, bits: int, zero_offset: int) -> torch.Tens
     return (z.t() + zero_offset).to(torch.float16).contiguous().reshape(-1, n)
 
 
+def zero_row(zeros: torch.Tensor, k: int, group_size: int) -> bool:
+    """Whether a kernel reads `zeros` as one row [1, N] for all of a layer's groups (`one_zero_row`)."""
+    return zeros.shape[0] == 1 and gptq_groups(k, group_size) > 1
+
+
 def prepare(module) -> dict:
     """Launch facts for a GPTQ QuantLinear (cached on it as `_gptq_kernel`), and its GEMV buffers.
 
-    Registers `gptq_zeros` (`float_zeros`); where g_idx scatters the groups, sorts qweight in place
+    Registers `gptq_zeros` (`float_zeros`, one row where the layer has one zero a column: `one_zero_row`); where g_idx scatters the groups, sorts qweight in place
     and registers `gptq_perm` (see the module docstring); a g_idx that is already k // group_size is
     ignored by the GEMV. Layers the GEMV cannot serve get no buffers (block_r None). The facts also
     hold the tl.dot kernel's BLOCK_K (`gptq_mma.mma_block_k`, None where it cannot serve the layer)
@@ -334,7 +345,8 @@ def prepare(module) -> dict:
                 module.register_buffer("gptq_perm", res[1])
                 sorted_layout = True
     if block_r is not None and module.qzeros is not None:  # (a layer without qzeros holds gptq_zeros already)
-        module.register_buffer("gptq_zeros", float_zeros(module.qzeros, bits, module._gptq["zero_offset"]))
+        zeros = float_zeros(module.qzeros, bits, module._gptq["zero_offset"])
+        module.register_buffer("gptq_zeros", one_zero_row(zeros, module.scales))
     mma_block_k = None if block_r is None else gptq_mma.mma_block_k(bits, gs, k)
     facts = {"block_r": block_r, "sorted": sorted_layout, "mma_block_k": mma_block_k,
              "capability": hardware.compute_capability(module.qweight.device)}
@@ -411,7 +423,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
                            num_warps=p["num_warps"], F16X2=half2, FLOAT_Z=float_z,
-                           **pdl.launch(x.device, m))
+                           ZROW=zero_row(zeros, k, group_size), **pdl.launch(x.device, m))
     return y
 
 
@@ -426,7 +438,7 @@ def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
                  bits: int, group_size: int, zero_offset: int, col0: int, col1: int,
                  dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """W.T [K, col1 - col0] for output columns [col0, col1), from the stored tensors (any g_idx).
-    qzeros: packed int32 [groups, N * bits / 32], or fp16 float zeros [groups, N]."""
+    qzeros: packed int32 [groups, N * bits / 32], or fp16 float zeros [groups, N] (or [1, N]: `one_zero_row`)."""
     k = qweight.shape[0] * 32 // bits
     n = qweight.shape[1]
     band = col1 - col0
@@ -438,7 +450,8 @@ def dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     grid = (triton.cdiv(k, block_k), triton.cdiv(band, block_n))
     gptq_dequant_t_kernel[grid](qweight, qzeros, scales.view(torch.float16), qweight if g_idx is None else g_idx,
                                 out, n, k, col0, band, gs, zero_offset, BITS=bits, HAS_GIDX=g_idx is not None,
-                                BLOCK_K=block_k, BLOCK_N=block_n, FLOAT_Z=qzeros.dtype == torch.float16, num_warps=4)
+                                BLOCK_K=block_k, BLOCK_N=block_n, FLOAT_Z=qzeros.dtype == torch.float16,
+                                ZROW=qzeros.dtype == torch.float16 and zero_row(qzeros, k, group_size), num_warps=4)
     return out
 
 

@@ -69,8 +69,9 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
                     M, N, K, k_per_split, group_size, stride_xm,
                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr, PDL: tl.constexpr,
-                    FP16_MAGIC: tl.constexpr, WORDS: tl.constexpr = False):
-    """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice."""
+                    FP16_MAGIC: tl.constexpr, WORDS: tl.constexpr = False, ZROW: tl.constexpr = False):
+    """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice.
+    ZROW: zf is one row [1, N] for every group."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
@@ -130,7 +131,7 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
             xsum = tl.sum(xt.to(tl.float32), axis=1)  # [BLOCK_M]
         g = k0 // group_size
         s = tl.load(sc_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
-        zf = tl.load(zf_ptr + g * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        zf = tl.load(zf_ptr + (0 if ZROW else g * N) + cols, mask=cmask, other=0.0).to(tl.float32)
         acc += (p - xsum[:, None] * zf[None, :]) * s[None, :]
     pdl.release(PDL)
     splitk.finish(acc, y_ptr, part_ptr, cnt_ptr, ms[:, None] * N + cols[None, :], mmask[:, None] & cmask[None, :],
@@ -208,5 +209,5 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
                           HAS_PERM=perm is not None,
                           S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
                           FP16_MAGIC=x.dtype == torch.float16 or bits <= 4, WORDS=p["WORDS"],
-                          num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(x.device, m))
+                          ZROW=zeros.shape[0] == 1 and gs < k, num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(x.device, m))
     return y

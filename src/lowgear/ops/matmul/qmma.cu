@@ -64,6 +64,10 @@
 #undef PERSIST
 #define PERSIST 0      // the register pipeline keeps one column block a block
 #endif
+#ifndef ZROW
+#define ZROW 0         // 1: zf is one row [1, N] for every group (a layer with one zero a column: formats/gptq.py)
+#endif
+#define ZOFF(grow, N) (ZROW ? 0 : (grow) * (N))
 #ifndef PDL
 #define PDL 0          // ops/pdl.py's release modes: 0 plain launch, 1 after the main loop, 2 after the wait, 3 before it
 #endif
@@ -176,14 +180,14 @@ __device__ __forceinline__ void load_stage(Stage& st, const u32* qw, const u16* 
     ld16(qw + row * N + na, st.w);
     if (ends) {
       ld8(sc + grow * N + na, st.s);
-      ld8(zf + grow * N + na, st.z);
+      ld8(zf + ZOFF(grow, N) + na, st.z);
     }
   }
   if (okb) {
     ld16(qw + row * N + nb, st.w + 4);
     if (ends) {
       ld8(sc + grow * N + nb, st.s + 2);
-      ld8(zf + grow * N + nb, st.z + 2);
+      ld8(zf + ZOFF(grow, N) + nb, st.z + 2);
     }
   }
 }
@@ -212,8 +216,8 @@ __device__ __forceinline__ void ring_issue(u32 slot, const u32* qw, const u16* z
   if (ends) {
     cp8(slot + 1024, sc + (oka ? grow * N + na : 0), oka);
     cp8(slot + 1024 + 8, sc + (okb ? grow * N + nb : 0), okb);
-    cp8(slot + 1536, zf + (oka ? grow * N + na : 0), oka);
-    cp8(slot + 1536 + 8, zf + (okb ? grow * N + nb : 0), okb);
+    cp8(slot + 1536, zf + (oka ? ZOFF(grow, N) + na : 0), oka);
+    cp8(slot + 1536 + 8, zf + (okb ? ZOFF(grow, N) + nb : 0), okb);
   }
   asm volatile("cp.async.commit_group;");
 }

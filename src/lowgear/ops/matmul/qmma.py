@@ -197,7 +197,7 @@ def _sms(index: int) -> tuple[int, int]:
 def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
          group_size: int, capability: tuple[int, int], split_major: bool | None = None, **overrides) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T on a CUDA device (`serves` must hold); the operands are the GPTQ GEMV's
-    (qweight [K / PACK, N] int32, zeros `float_zeros` fp16 [groups, N], scales fp16). capability: the
+    (qweight [K / PACK, N] int32, zeros `float_zeros` fp16 [groups, N] or [1, N], scales fp16). capability: the
     target the kernel is built for (the device's, or the emulated one's). split_major: the split-K sum's form
     (default: SPLIT_MAJOR_SUM, always with DQ); overrides: launch_params' keywords (persistent=True: the
     persistent grid on sm_80+)."""
@@ -213,6 +213,8 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
                "MINB": p["MINB"], "ASYNC": p["ASYNC"], "RING": p["RING"],
                "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"], "PERSIST": p["PERSIST"],
                "SPLITMAJ": int(p["DQ"] or (SPLIT_MAJOR_SUM if split_major is None else split_major))}
+    if zeros.shape[0] == 1 and gs < k:  # one zero row for every group (only then defined: other builds unchanged)
+        defines["ZROW"] = 1
     kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = splitk.workspace(p["split"], m, n, x.device)

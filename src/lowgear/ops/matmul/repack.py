@@ -16,13 +16,14 @@ loads. Every GGUF type below is, per group of 16 or 32 weights of a row, w = (co
 
 Q4_0 and Q8_0 keep GPTQ's packed integer zeros and are the same weights bit for bit. The others hold
 fp16 zeros [groups, N] (`GPTQWeight.float_zeros`) and no qzeros: a block minimum's zero point is not
-an integer. Scales and zeros are fp16, so a weight can differ from llama.cpp's by the rounding of its
+an integer (Q5_0's and Q6_K's zeros, one a layer, are held as one row [1, N]; so are the GEMV's zeros of Q4_0
+and Q8_0: `formats.gptq.one_zero_row`). Scales and zeros are fp16, so a weight can differ from llama.cpp's by the rounding of its
 group's scale (2**-11 of |code * scale|) and zero (2**-11 of |dmin * m|), the size of the rounding an
 fp16 activation path gives every weight anyway (`tests/test_quant_repack.py` bounds it). A group
 whose scale is 0 is the constant -dmin * m (or m): its codes are rewritten to 0 with zero -1 and scale
 the constant. A layer whose zero would overflow fp16 keeps its block kernel (`gguf_to_gptq` -> None).
-5- and 6-bit codes take 8-bit GPTQ codes: a Q6_K layer takes 10 bits a weight instead of 6.56
-(Q4_K: 5 instead of 4.5). why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
+5- and 6-bit codes take 8-bit GPTQ codes: a Q6_K layer takes 9 bits a weight instead of 6.56
+(Q4_K: 5 instead of 4.5; Q4_0 and Q8_0 read what the file holds at decode, 4.5 and 8.5). why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch
 
 from ...formats.blocks import get_format
 from ...formats.dequant import _f16, _k_low_nibbles, _k_scales_mins, _nibbles, q5_codes, q5_k_codes, q6_k_codes
-from ...formats.gptq import GPTQWeight
+from ...formats.gptq import GPTQWeight, one_zero_row
 
 EXACT = {"Q4_0": (4, 8), "Q8_0": (8, 128)}  # integer zeros, packed as GPTQ does: type -> (bits, zero point)
+INTEGER_ZERO = {"Q5_0": 16, "Q6_K": 32}  # float-zero types whose zero point is one integer
 FLOAT_ZERO = {"Q5_0": (8, 32), "Q6_K": (8, 16), "Q4_1": (4, 32), "Q5_1": (8, 32), "Q4_K": (4, 32),
               "Q5_K": (8, 32)}  # type -> (GPTQ bits, group size)
 # output columns converted at a time: bounds the temporaries of the packer
@@ -61,7 +63,7 @@ def parts(qtype: str, data: torch.Tensor, in_features: int) -> tuple[torch.Tenso
     n = data.shape[0]
     fmt = get_format(qtype)
     b = data.reshape(n, in_features // fmt.block_size, fmt.block_bytes)
-    zero = {"Q5_0": 16, "Q6_K": 32, **{t: z for t, (_, z) in EXACT.items()}}  # the integer zero points
+    zero = {**INTEGER_ZERO, **{t: z for t, (_, z) in EXACT.items()}}  # the integer zero points
     if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         d = _f16(b[..., 0:2])
         if qtype == "Q8_0":
@@ -88,9 +90,11 @@ def parts(qtype: str, data: torch.Tensor, in_features: int) -> tuple[torch.Tenso
     return q.to(torch.int32).reshape(n, in_features), scale.reshape(n, -1), offset.reshape(n, -1)
 
 
-def _float_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int):
+def _float_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+                 integer_zero: int | None = None):
     """fp16 (scale, zero) with (code - zero) * scale = code * scale - offset, codes rewritten where the
-    scale is 0; None where a zero overflows fp16."""
+    scale is 0; None where a zero overflows fp16. integer_zero: the type's zero point (Q5_0 16, Q6_K 32),
+    kept exact wherever the scale is held (offset / scale would carry the scale's fp16 rounding)."""
     s16 = scale.to(torch.float16)
     flat = s16 == 0
     if bool(flat.any()):  # the group is the constant -offset: codes 0, zero -1, scale -offset
@@ -98,6 +102,8 @@ def _float_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
         s16 = torch.where(flat, (-offset).to(torch.float16), s16)
     zero = offset / s16.float().masked_fill(s16 == 0, 1.0)  # (a group of zeros: scale 0, zero 0)
     zero = torch.where(flat & (s16 != 0), torch.full_like(zero, -1.0), zero)
+    if integer_zero is not None:
+        zero = torch.where(flat, zero, torch.full_like(zero, float(integer_zero)))
     z16 = zero.to(torch.float16)
     if not bool(torch.isfinite(z16).all()) or not bool(torch.isfinite(s16).all()):
         return None
@@ -123,12 +129,13 @@ def gguf_to_gptq(qtype: str, data: torch.Tensor, in_features: int) -> GPTQWeight
         if zeros is None:
             scales[:, c0:c1] = scale.t().to(torch.float16)  # d itself: exact
         else:
-            held = _float_zeros(codes, scale, offset, group)
+            held = _float_zeros(codes, scale, offset, group, INTEGER_ZERO.get(qtype))
             if held is None:
                 return None
             scales[:, c0:c1], zeros[:, c0:c1] = held[0].t(), held[1].t()
         qweight[:, c0:c1] = pack_codes(codes.t(), bits)
-    if zeros is not None:
+    if zeros is not None:  # Q5_0's and Q6_K's one zero a layer: held as one row
+        zeros = one_zero_row(zeros, scales)
         return GPTQWeight(qweight, None, scales, None, bits, group, True, 0, float_zeros=zeros).validate(f"{qtype} layer as GPTQ")
     zero = EXACT[qtype][1]
     fill = 0
