@@ -14,9 +14,11 @@ AMPERE = cm.GPU("A100-like", (8, 0), 2039e9, 19.5e12, 312e12)
 
 def test_held_bits_are_what_the_gpu_holds():
     assert cm.held_bits("F16") == (16.0, "float")
-    assert cm.held_bits("Q4_0") == (4 + 36 / 32, "gptq")  # 0.64 bytes a weight (decision 007)
+    assert cm.held_bits("Q4_0") == (4 + 20 / 32, "gptq")  # codes + fp16 scale and 4-bit packed zero per 32
+    assert cm.held_bits("Q8_0") == (8 + 24 / 32, "gptq")
     assert cm.held_bits("Q4_K") == (5.0, "gptq")  # codes + fp16 scale and zero per 32
-    assert cm.held_bits("Q6_K") == (10.0, "gptq")  # 8-bit codes + fp16 scale and zero per 16
+    assert cm.held_bits("Q6_K") == (9.0, "gptq")  # 8-bit codes + fp16 scale per 16 (its zero, 32: one row)
+    assert cm.held_bits("Q5_0") == (8.5, "gptq")
     assert cm.held_bits("GPTQ4g128") == (4 + 36 / 128, "gptq")
     assert cm.held_bits("IQ4_XS") == (8 * 136 / 256, "block")
 
