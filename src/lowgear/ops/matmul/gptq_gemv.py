@@ -26,9 +26,10 @@ so groups are contiguous again; x's columns are gathered through the permutation
 kernel (or by torch first, `x_perm="torch"`).
 
 Buffers: `prepare` adds `gptq_zeros` (fp16 [groups, N], zero + offset: a contiguous load, as big
-as the scales; one row [1, N] where a column's groups share their zero, ZROW in the kernels). For act-order it sorts in place: the module's `qweight` becomes the sorted codes,
-its `g_idx` becomes None (groups are now k // group_size) and `gptq_perm` (int32 [K]: sorted row i
-is input feature perm[i]) is registered, which QuantLinear's torch path reads to put W's columns
+as the scales; one row [1, N] where a column's groups share their zero, ZROW in the kernels). For
+act-order it sorts in place: the module's `qweight` becomes the sorted codes, its `g_idx` becomes None
+(groups are now k // group_size) and `gptq_perm` (int32 [K]: sorted row i is input feature perm[i]) is
+registered, which QuantLinear's torch path reads to put W's columns
 back (`QuantLinear._dequant`). So an act-order layer holds its codes once, as stored.
 
 QMMA_FROM_M <= M <= qmma.ROUTE_MAX_M rows of 4/8-bit layers on sm_75+ go to `qmma.qmma` (a CUDA C mma.sync kernel
@@ -320,11 +321,12 @@ def zero_row(zeros: torch.Tensor, k: int, group_size: int) -> bool:
 def prepare(module) -> dict:
     """Launch facts for a GPTQ QuantLinear (cached on it as `_gptq_kernel`), and its GEMV buffers.
 
-    Registers `gptq_zeros` (`float_zeros`, one row where the layer has one zero a column: `one_zero_row`); where g_idx scatters the groups, sorts qweight in place
-    and registers `gptq_perm` (see the module docstring); a g_idx that is already k // group_size is
-    ignored by the GEMV. Layers the GEMV cannot serve get no buffers (block_r None). The facts also
-    hold the tl.dot kernel's BLOCK_K (`gptq_mma.mma_block_k`, None where it cannot serve the layer)
-    and the compute capability of the module's device (None for the CPU).
+    Registers `gptq_zeros` (`float_zeros`, one row where the layer has one zero a column: `one_zero_row`);
+    where g_idx scatters the groups, sorts qweight in place and registers `gptq_perm` (see the module
+    docstring); a g_idx that is already k // group_size is ignored by the GEMV. Layers the GEMV cannot
+    serve get no buffers (block_r None). The facts also hold the tl.dot kernel's BLOCK_K
+    (`gptq_mma.mma_block_k`, None where it cannot serve the layer) and the compute capability of the
+    module's device (None for the CPU).
     """
     facts = getattr(module, "_gptq_kernel", None)
     if facts is not None:

@@ -209,5 +209,6 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
                           HAS_PERM=perm is not None,
                           S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
                           FP16_MAGIC=x.dtype == torch.float16 or bits <= 4, WORDS=p["WORDS"],
-                          ZROW=zeros.shape[0] == 1 and gs < k, num_warps=p["num_warps"], num_stages=p["num_stages"], **pdl.launch(x.device, m))
+                          ZROW=zeros.shape[0] == 1 and gs < k, num_warps=p["num_warps"], num_stages=p["num_stages"],
+                          **pdl.launch(x.device, m))
     return y

@@ -16,14 +16,16 @@ loads. Every GGUF type below is, per group of 16 or 32 weights of a row, w = (co
 
 Q4_0 and Q8_0 keep GPTQ's packed integer zeros and are the same weights bit for bit. The others hold
 fp16 zeros [groups, N] (`GPTQWeight.float_zeros`) and no qzeros: a block minimum's zero point is not
-an integer (Q5_0's and Q6_K's zeros, one a layer, are held as one row [1, N]; so are the GEMV's zeros of Q4_0
-and Q8_0: `formats.gptq.one_zero_row`). Scales and zeros are fp16, so a weight can differ from llama.cpp's by the rounding of its
-group's scale (2**-11 of |code * scale|) and zero (2**-11 of |dmin * m|), the size of the rounding an
-fp16 activation path gives every weight anyway (`tests/test_quant_repack.py` bounds it). A group
-whose scale is 0 is the constant -dmin * m (or m): its codes are rewritten to 0 with zero -1 and scale
-the constant. A layer whose zero would overflow fp16 keeps its block kernel (`gguf_to_gptq` -> None).
-5- and 6-bit codes take 8-bit GPTQ codes: a Q6_K layer takes 9 bits a weight instead of 6.56
-(Q4_K: 5 instead of 4.5; Q4_0 and Q8_0 read what the file holds at decode, 4.5 and 8.5). why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
+an integer. A layer with one zero a column holds its fp16 zeros as one row [1, N] (Q5_0's and Q6_K's
+float zeros here, Q4_0's and Q8_0's GEMV zeros in `gptq_gemv.prepare`: `formats.gptq.one_zero_row`).
+Scales and zeros are fp16, so a weight can differ from llama.cpp's by the rounding of its group's scale
+(2**-11 of |code * scale|) and zero (2**-11 of |dmin * m|), the size of the rounding an fp16 activation
+path gives every weight anyway (`tests/test_quant_repack.py` bounds it). A group whose scale is 0 is the
+constant -dmin * m (or m): its codes are rewritten to 0 with zero -1 and scale the constant. A layer
+whose zero would overflow fp16 keeps its block kernel (`gguf_to_gptq` -> None). 5- and 6-bit codes take
+8-bit GPTQ codes: a Q6_K layer takes 9 bits a weight instead of 6.56 (Q4_K: 5 instead of 4.5; Q4_0 and
+Q8_0 read what the file holds at decode, 4.5 and 8.5).
+why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
 """
 
 from __future__ import annotations
