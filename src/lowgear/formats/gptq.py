@@ -119,6 +119,11 @@ def one_zero_row(zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return zeros
 
 
+def zero_row(zeros: torch.Tensor, in_features: int, group_size: int) -> bool:
+    """Whether a kernel reads `zeros` as one row [1, N] for all of a layer's groups (`one_zero_row`)."""
+    return zeros.shape[0] == 1 and gptq_groups(in_features, group_size) > 1
+
+
 def gptq_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size in (-1, 0) or group_size >= in_features else -(-in_features // group_size)
 

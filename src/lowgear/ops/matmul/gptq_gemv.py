@@ -54,7 +54,8 @@ import triton.language as tl
 from ...platform import hardware
 from .. import nvrtc, pdl
 from ...formats.dequant import banded_matmul
-from ...formats.gptq import gptq_groups, one_zero_row, pack_codes, pack_shape  # noqa: F401 (pack_*: re-exported)
+from ...formats.gptq import gptq_groups, one_zero_row, zero_row
+from ...formats.gptq import pack_codes, pack_shape  # noqa: F401 (re-exported)
 from . import f16x2, gptq_mma, qmma, splitk
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
@@ -311,11 +312,6 @@ def float_zeros(qzeros: torch.Tensor, bits: int, zero_offset: int) -> torch.Tens
     n = qzeros.shape[1] * 32 // bits
     z = unpack_codes(qzeros.t().contiguous(), bits)  # [N, groups]
     return (z.t() + zero_offset).to(torch.float16).contiguous().reshape(-1, n)
-
-
-def zero_row(zeros: torch.Tensor, k: int, group_size: int) -> bool:
-    """Whether a kernel reads `zeros` as one row [1, N] for all of a layer's groups (`one_zero_row`)."""
-    return zeros.shape[0] == 1 and gptq_groups(k, group_size) > 1
 
 
 def prepare(module) -> dict:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
-from ...formats.gptq import gptq_groups
+from ...formats.gptq import gptq_groups, zero_row
 from . import splitk
 
 # rows served here past the GEMV; beyond it prefill (dequantize + cuBLAS) is compute-bound and wins
@@ -209,6 +209,6 @@ def gptq_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
                           HAS_PERM=perm is not None,
                           S_CHUNK=splitk.chunk(p["BLOCK_M"] * p["BLOCK_N"] // (32 * p["num_warps"])),
                           FP16_MAGIC=x.dtype == torch.float16 or bits <= 4, WORDS=p["WORDS"],
-                          ZROW=zeros.shape[0] == 1 and gs < k, num_warps=p["num_warps"], num_stages=p["num_stages"],
+                          ZROW=zero_row(zeros, k, group_size), num_warps=p["num_warps"], num_stages=p["num_stages"],
                           **pdl.launch(x.device, m))
     return y

@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from ...formats.gptq import gptq_groups
+from ...formats.gptq import gptq_groups, zero_row
 from .. import nvrtc, pdl
 from ...platform import env
 from . import splitk
@@ -213,7 +213,7 @@ def qmma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
                "MINB": p["MINB"], "ASYNC": p["ASYNC"], "RING": p["RING"],
                "BF16": int(x.dtype == torch.bfloat16), "PDL": launch["PDL"], "PERSIST": p["PERSIST"],
                "SPLITMAJ": int(p["DQ"] or (SPLIT_MAJOR_SUM if split_major is None else split_major))}
-    if zeros.shape[0] == 1 and gs < k:  # one zero row for every group (only then defined: other builds unchanged)
+    if zero_row(zeros, k, group_size):  # one zero row for every group (only then defined: other builds unchanged)
         defines["ZROW"] = 1
     kern = nvrtc.kernel(source(), "qmma_kernel", defines, x.device, tuple(capability))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
