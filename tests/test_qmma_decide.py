@@ -57,3 +57,23 @@ def test_apply_sets_only_the_winners_lines(tmp_path):
     assert D.apply(verdict, str(path)) == ["ROUTE_MAX_M = 64"]
     text = path.read_text()
     assert "\nROUTE_MAX_M = 64\n" in text and "\nSPLIT_MAJOR_SUM = False\n" in text and "\nPERSISTENT = False\n" in text
+
+
+def test_apply_stops_on_a_line_qmma_py_no_longer_has(tmp_path):
+    path = tmp_path / "qmma.py"
+    path.write_text("ROUTE_MAX_M = 32\n")
+    try:
+        D.apply({"route": (True, "")}, str(path))
+    except SystemExit as e:
+        assert "has no line 'ROUTE_MAX_M = 16'" in str(e)
+    else:
+        raise AssertionError("a missing line must stop the run")
+    assert path.read_text() == "ROUTE_MAX_M = 32\n"  # nothing half-written
+
+
+def test_no_ab_summary_decides_nothing(tmp_path, capsys, monkeypatch):
+    (tmp_path / "qmma_tests.log").write_text(PASSED)
+    monkeypatch.setattr("sys.argv", ["qmma_decide.py", str(tmp_path)])
+    D.main()
+    out = capsys.readouterr().out
+    assert "nothing wins" in out and out.count("stays") == 3
