@@ -239,8 +239,8 @@ def test_persistent_launch_params():
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
 def test_one_zero_row_compiles_and_leaves_other_builds_alone(arch):
-    """ZROW (zeros one row [1, N] for every group) builds for the fold, DQ and persistent forms; without it,
-    or at 0, the PTX is the one built before it existed, so every timed build is unchanged."""
+    """ZROW (zeros one row [1, N] for every group) builds for the fold, DQ and persistent forms, and changes the
+    PTX; at 0 the PTX is the build's without the define (qmma only defines it for such a layer)."""
     if nvrtc.available() is not None:
         pytest.fail(nvrtc.available())
     for d in ({"BITS": 4, "MT": 2, "ASYNC": 1}, {"BITS": 8, "MT": 8, "DQ": 1, "ASYNC": 1},
