@@ -14,9 +14,9 @@ OUT="${1:?usage: bash benchmarks/qmma_dq_gpu.sh OUT_DIR}"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
-# the three choices' own tests (about 2 minutes: each builds its kernel variants with NVRTC); ALL_TESTS=1 also runs
+# the three choices' own tests and the one-zero-row build's (about 2 minutes: each builds its kernel variants with NVRTC); ALL_TESTS=1 also runs
 # the kernel's default builds' 160 tests (2 more minutes)
-tests="dq or persistent or split_major"
+tests="dq or persistent or split_major or one_zero_row"
 [ "${ALL_TESTS:-0}" = 1 ] && tests="$tests or not ($tests)"
 timeout -s INT 200 python3 -m pytest -q -rf -p no:cacheprovider -m gpu -k "$tests" tests/test_qmma_gpu.py > "$OUT/qmma_tests.log" 2>&1
 echo "qmma tests rc=$?"; tail -3 "$OUT/qmma_tests.log"
