@@ -237,6 +237,11 @@ _h2, _h2_warps = gemv(4, 1, False, True)
 CASES += [("gemv_half2_m1_zrow", G.gptq_gemv_kernel, GEMV, {**_h2, "ZROW": True}, _h2_warps, True),
           ("dequant_b8_float_z_zrow", G.gptq_dequant_t_kernel, dict(DEQ, qz_ptr="*fp16"),
            dict(BITS=8, HAS_GIDX=False, BLOCK_K=32, BLOCK_N=128, FLOAT_Z=True, ZROW=True), 4, False)]
+# 6-bit codes (GGUF's 5/6-bit types on sm_80+: ops/matmul/repack.py), with Q6_K's float zeros as one row
+_b6, _b6_warps = gemv(6, 1, False)
+CASES += [("gemv_b6_m1_float_z_zrow", G.gptq_gemv_kernel, GEMV, {**_b6, "FLOAT_Z": True, "ZROW": True}, _b6_warps, True),
+          ("dequant_b6_float_z_zrow", G.gptq_dequant_t_kernel, dict(DEQ, qz_ptr="*fp16"),
+           dict(BITS=6, HAS_GIDX=False, BLOCK_K=32, BLOCK_N=128, FLOAT_Z=True, ZROW=True), 4, False)]
 
 out = {}
 for cap in (70, 75):
@@ -266,7 +271,7 @@ def compiled() -> dict:
 def test_gptq_kernels_compile_for_volta_and_turing(compiled):
     failed = {name: r["error"] for name, r in compiled.items() if not r["ok"]}
     assert not failed, failed
-    assert len(compiled) == 2 * 12
+    assert len(compiled) == 2 * 14
 
 
 def test_gptq_gemv_stays_in_registers(compiled):

@@ -214,7 +214,8 @@ def case(cap, bits, m, perm, xdtype="fp16", n=4096, k=4096, zrow=False):
                 cvt_down=len(re.findall(r"cvt\.rn\.b?f16(?:x2)?\.f32", ptx)))
 
 out = [case(80, 4, 16, False), case(80, 4, 64, True), case(80, 8, 33, False), case(80, 4, 16, True, "bf16"), case(80, 8, 9, False),
-       case(90, 4, 16, False), case(90, 4, 64, False), case(75, 4, 16, False), case(90, 8, 16, False, zrow=True)]
+       case(90, 4, 16, False), case(90, 4, 64, False), case(75, 4, 16, False), case(90, 8, 16, False, zrow=True),
+       case(90, 6, 16, False, zrow=True), case(90, 6, 64, False, zrow=True)]
 print("RESULTS" + json.dumps(out))
 """
 

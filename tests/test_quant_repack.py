@@ -170,8 +170,12 @@ def test_float_zero_types_are_the_same_weights_within_fp16(qtype, monkeypatch):
         assert bool((got[1, :32] == 0).all()) and bool((torch.from_numpy(ref[1, :32]) == 0).all())
 
 
-@pytest.mark.parametrize("qtype", FLOAT_ZERO)
-def test_float_zero_layer_runs_on_every_gptq_path(qtype):
+SIX_BIT = ["Q5_0", "Q5_1", "Q5_K", "Q6_K"]  # 5/6-bit codes: 8-bit codes below sm_80, 6-bit ones from it
+
+
+@pytest.mark.parametrize("qtype,six_bit", [(t, False) for t in FLOAT_ZERO] + [(t, True) for t in SIX_BIT])
+def test_float_zero_layer_runs_on_every_gptq_path(qtype, six_bit, monkeypatch):
+    monkeypatch.setattr(repack, "six_bit", lambda device, capability=None: six_bit)
     n, k = 48, 512
     data, ref = float_zero_bytes(qtype, n, k, seed=7)
     lin = QuantLinear(PackedTensor(qtype, torch.from_numpy(data), (n, k))).to(DEVICE)
@@ -179,6 +183,8 @@ def test_float_zero_layer_runs_on_every_gptq_path(qtype):
     before = lin.lookup(ids).cpu().double()
     lin.kernel = kernels.kernel_for(lin)
     assert lin.kernel is G.gptq_matmul and lin._gptq is not None and lin.qtype == qtype and lin.qzeros is None
+    assert lin._gptq["bits"] == repack.layout(qtype, six_bit)[0] == (6 if six_bit else repack.FLOAT_ZERO[qtype][0])
+    assert lin.qweight.numel() * 4 == n * k * lin._gptq["bits"] // 8  # the codes' bytes: 6 or 8 bits a weight
     refw = torch.from_numpy(ref)
     bound = group_bound(ref, repack.layout(qtype)[1])
     assert bool(((lin.lookup(ids).cpu().double() - before).abs() <= bound[ids] + 2.0**-10 * before.abs()).all())
@@ -223,3 +229,27 @@ def test_an_overflowing_zero_keeps_the_block_kernel():
     lin = QuantLinear(PackedTensor("Q4_1", torch.from_numpy(data), (n, k))).to(DEVICE)
     lin.kernel = kernels.kernel_for(lin)
     assert lin._gptq is None and lin.kernel is not None and lin.kernel is not G.gptq_matmul
+
+
+def test_six_bit_codes_are_the_eight_bit_codes_in_fewer_bytes(monkeypatch):
+    """Q6_K / Q5_K as 6-bit codes: the same weights as the 8-bit form, bit for bit, in 6 / 8 of its code
+    bytes; and the choice follows the device (6-bit from sm_80, where the tl.dot kernel serves batched rows)."""
+    for qtype in ("Q6_K", "Q5_K"):
+        n, k = 24, 256
+        data, _ = kquant_bytes(qtype, n, k, seed=12)
+        w8 = gguf_to_gptq(qtype, torch.from_numpy(data), k)
+        w6 = gguf_to_gptq(qtype, torch.from_numpy(data), k, six_bit=True)
+        assert (w8.bits, w6.bits) == (8, 6) and w6.qweight.shape == (k * 6 // 32, n)
+        torch.testing.assert_close(dequantize_gptq(w6, dtype=torch.float64), dequantize_gptq(w8, dtype=torch.float64),
+                                   rtol=0, atol=0)
+    # one row-group by hand: 16 codes of 6 bits, little end first, fill three words; code 5 (21 = 0b010101)
+    # straddles words 0 and 1: its low 2 bits are bits 30-31 of word 0, its high 4 bits bits 0-3 of word 1
+    codes = torch.arange(16, dtype=torch.int32)[:, None] * 4 + 1  # 1, 5, 9, ..., 61
+    words = G.pack_codes(codes, 6)[:, 0].tolist()
+    stream = sum(int(c) << (6 * i) for i, c in enumerate(codes[:, 0]))
+    assert [w & 0xFFFFFFFF for w in words] == [(stream >> (32 * i)) & 0xFFFFFFFF for i in range(3)]
+    assert (words[0] >> 30) & 3 == 0b01 and words[1] & 0xF == 0b0101
+    monkeypatch.setattr(repack, "SIX_BIT", True)
+    cpu = torch.device("cpu")
+    assert [repack.six_bit(cpu, cc) for cc in ((7, 0), (7, 5), (8, 0), (9, 0))] == [False, False, True, True]
+    assert not repack.six_bit(cpu)  # CPU tensors: the 8-bit form

@@ -26,6 +26,7 @@ never holds the full float matrix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ import torch
 from ..errors import ModelFormatError, UnsupportedError
 
 GPTQ_BITS = (2, 3, 4, 8)
+HELD_BITS = GPTQ_BITS + (6,)  # widths a layer may be held at: GPTQ's, and 6 for GGUF's 6-bit codes (ops/matmul/repack.py)
 GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what to add to stored zeros
 
 
@@ -78,7 +80,7 @@ class GPTQWeight:
 
     def validate(self, name: str = "GPTQ weight") -> GPTQWeight:
         """Raise a clear error unless the four tensors fit each other; returns self."""
-        check_gptq_bits(self.bits, name)
+        check_gptq_bits(self.bits, name, HELD_BITS)
         if self.qweight.dim() != 2 or self.qweight.dtype != torch.int32 or (self.qweight.shape[0] * 32) % self.bits:
             raise ModelFormatError(
                 f"{name}.qweight must be int32 [in_features * {self.bits} / 32, out_features], got "
@@ -133,16 +135,18 @@ def gptq_qtype(bits: int, group_size: int, source_format: str = "GPTQ") -> str:
     return f"{source_format}{bits}g{group_size}"
 
 
-def check_gptq_bits(bits: int, where: str) -> None:
-    if bits not in GPTQ_BITS:
+def check_gptq_bits(bits: int, where: str, widths: tuple[int, ...] = GPTQ_BITS) -> None:
+    if bits not in widths:
         raise UnsupportedError(
-            f"{where}: GPTQ with {bits} bits is not supported: lowgear reads {', '.join(map(str, GPTQ_BITS))}-bit GPTQ"
+            f"{where}: GPTQ with {bits} bits is not supported: lowgear reads {', '.join(map(str, widths))}-bit GPTQ"
         )
 
 
 def pack_shape(bits: int) -> tuple[int, int]:
-    """(codes, int32 words) per row-group: 32/bits codes in one word, or 32 codes in 3 words for 3-bit."""
-    return (32, 3) if bits == 3 else (32 // bits, 1)
+    """(codes, int32 words) per row-group, the fewest codes that fill whole words: 32 / bits codes in one
+    word at 2, 4 and 8 bits; 32 codes in 3 words at 3 bits, 16 in 3 at 6."""
+    words = bits // math.gcd(bits, 32)
+    return words * 32 // bits, words
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -69,7 +69,8 @@ def kernel_for(module):
     # why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
     if (getattr(module, "_gptq", None) is None and getattr(module, "_exl2", None) is None and module.packed
             and _triton_available() and repack.can_hold(module.qtype, module.out_features, module.in_features)):
-        held = repack.gguf_to_gptq(module.qtype, module.qweight, module.in_features)
+        held = repack.gguf_to_gptq(module.qtype, module.qweight, module.in_features,
+                                   repack.six_bit(module.qweight.device))
         if held is not None:
             module.hold_as_gptq(held)
     if getattr(module, "_gptq", None) is not None:

@@ -110,7 +110,7 @@ def _code_minus_zero(w0, w1, w2, zf, J: tl.constexpr, BITS: tl.constexpr):
     elif S + BITS <= 32:  # high bits: from the word shifted down by 16
         src = _word(w0, w1, w2, WI) >> 16
         OFF: tl.constexpr = S - 16
-    else:  # 3-bit codes that straddle two words
+    else:  # 3- and 6-bit codes that straddle two words
         src = (_word(w0, w1, w2, WI) >> S) | (_word(w0, w1, w2, WI + 1) << (32 - S))
         OFF: tl.constexpr = 0
     f = ((src & (MASK << OFF)) | ((150 - OFF) << 23)).to(tl.float32, bitcast=True)
@@ -129,8 +129,8 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
     trick subtracts no zero (it would round it to an integer), and the tile takes zero * sum(x) off
     instead, as the tl.dot kernel does: sum((c - z) x) = sum(c x) - z sum(x), one FMA per column.
     ZROW: zeros are one row [1, N] for every group (`one_zero_row`)."""
-    PACK: tl.constexpr = 32 // BITS if 32 % BITS == 0 else 32
-    WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
+    WORDS: tl.constexpr = 1 if 32 % BITS == 0 else 3  # a row-group: one word, or 3 (32 codes at 3 bits, 16 at 6)
+    PACK: tl.constexpr = 32 * WORDS // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -37,8 +37,8 @@ from . import splitk
 
 # rows served here past the GEMV; beyond it prefill (dequantize + cuBLAS) is compute-bound and wins
 MMA_MAX_M = 64
-# code widths whose codes never straddle an int32 word
-MMA_BITS = (2, 4, 8)
+# code widths served: 2, 4 and 8 (codes within a word) and 6 (16 codes in 3 words; GGUF's 5/6-bit types)
+MMA_BITS = (2, 4, 6, 8)
 # programs to aim for: two per SM of an H100 (132 SMs), enough loads in flight to cover latency
 TARGET_PROGRAMS = 2 * 132
 # split-K stops where the fp32 partials (written and read: 8 * splits * M * N bytes) would pass this
@@ -72,7 +72,8 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
                     FP16_MAGIC: tl.constexpr, WORDS: tl.constexpr = False, ZROW: tl.constexpr = False):
     """y[m, n] = sum over k of x[m, k] * W[n, k], W = (q - zf) * scale; this program sums its K-slice.
     ZROW: zf is one row [1, N] for every group."""
-    PACK: tl.constexpr = 32 // BITS
+    RGW: tl.constexpr = 1 if 32 % BITS == 0 else 3  # int32 words a row-group (PACK codes) takes
+    PACK: tl.constexpr = 32 * RGW // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -89,7 +90,7 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
     NL: tl.constexpr = BLOCK_N // 32 if BLOCK_N > 32 else 1
     NR: tl.constexpr = BLOCK_K // PACK if BLOCK_K > PACK else 1
     lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, NL) * 32, N - 1)  # a word per 128 bytes
-    prow = tl.minimum(k_lo // PACK + tl.arange(0, NR), (K - 1) // PACK)
+    prow = tl.minimum(k_lo // PACK * RGW + tl.arange(0, NR), (K - 1) // PACK * RGW)
     pdl.prefetch_l2(qw_ptr + prow.to(tl.int64)[:, None] * N + lines[None, :], PDL)
     pdl.wait(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -114,17 +115,29 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < k_hi
             rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-            wp = qw_ptr + rows.to(tl.int64)[:, None, None] * N + cols[None, None, :]
+            wp = qw_ptr + (rows * RGW).to(tl.int64)[:, None, None] * N + cols[None, None, :]
             # loaded 3-D [BLOCK_R, 1, BLOCK_N] so that the unpacked tile keeps the load's layout (4 columns a
             # thread): a 2-D load broadcast to 3-D got one column a thread, hence scalar cvt and shared stores
-            words = tl.load(wp, mask=(rows * PACK < k_hi)[:, None, None] & cmask[None, None, :], other=0)
+            wmask = (rows * PACK < k_hi)[:, None, None] & cmask[None, None, :]
+            words = tl.load(wp, mask=wmask, other=0)
             xk = ks
             if HAS_PERM:
                 xk = tl.load(perm_ptr + ks, mask=kmask, other=0)
             xt = tl.load(x_ptr + ms[:, None] * stride_xm + xk[None, :], mask=mmask[:, None] & kmask[None, :],
                          other=0.0)  # [BLOCK_M, BLOCK_K] in x's dtype
-            sh = tl.arange(0, PACK) * BITS
-            codes = (words >> sh[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]; mask drops sign bits
+            pos = tl.arange(0, PACK) * BITS
+            if RGW == 1:
+                codes = (words >> pos[None, :, None]) & MASK  # [BLOCK_R, PACK, BLOCK_N]; mask drops sign bits
+            else:  # 6-bit: code j in word pos // 32 of the row-group at bit pos % 32, and the next word's low bits
+                w1 = tl.load(wp + N, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+                w2 = tl.load(wp + 2 * N, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+                w0 = words.to(tl.uint32, bitcast=True)
+                wi = (pos // 32)[None, :, None]
+                sh = (pos % 32).to(tl.uint32)[None, :, None]
+                lo = tl.where(wi == 0, w0, tl.where(wi == 1, w1, w2))
+                hi = tl.where(wi == 0, w1, w2)
+                codes = ((lo >> sh) | tl.where(sh > 32 - BITS, hi << ((32 - sh) & 31), 0)) & MASK
+                codes = codes.to(tl.int32)
             codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PACK + j: input feature k0 + r * PACK + j
             q = _as_float(codes, xt.dtype, FP16_MAGIC)
             p = tl.dot(xt, q)  # [BLOCK_M, BLOCK_N] fp32: sum_k x * code, exact codes
@@ -164,7 +177,8 @@ def mma_launch_params(n: int, k: int, m: int, bits: int, block_k: int, *, block_
     """
     block_m = max(16, triton.next_power_of_2(m))
     tiles = triton.cdiv(k, block_k)
-    words = m <= WORDS_MAX_M and block_k // (32 // bits) >= 16  # a word tile of >= 16 rows: one mma K step
+    # a word tile of >= 16 rows: one mma K step (codes within a word only)
+    words = m <= WORDS_MAX_M and 32 % bits == 0 and block_k // (32 // bits) >= 16
     max_split = tiles if words else max(1, min(tiles, int(MAX_PARTIAL_FRACTION * k * bits / (64 * m))))
     if block_n is None and words:
         block_n = WORDS_WIDE_BLOCK_N if n >= WORDS_WIDE_N else WORDS_BLOCK_N

@@ -7,12 +7,12 @@ loads. Every GGUF type below is, per group of 16 or 32 weights of a row, w = (co
     type   codes (GPTQ bits)      group  scale        zero              held as
     Q4_0   q (4)                  32     d            8                 packed integer zeros: exact
     Q8_0   q + 128 (8)            32     d            128               packed integer zeros: exact
-    Q5_0   q (8)                  32     d            16                float zeros: exact
-    Q6_K   q (8)                  16     d * sc       32                float zeros; scale rounded to fp16
+    Q5_0   q (6 or 8)             32     d            16                float zeros: exact
+    Q6_K   q (6 or 8)             16     d * sc       32                float zeros; scale rounded to fp16
     Q4_1   q (4)                  32     d            -m / d            float zeros
-    Q5_1   q (8)                  32     d            -m / d            float zeros
+    Q5_1   q (6 or 8)             32     d            -m / d            float zeros
     Q4_K   q (4)                  32     d * sc       dmin * m / scale  float zeros
-    Q5_K   q (8)                  32     d * sc       dmin * m / scale  float zeros
+    Q5_K   q (6 or 8)             32     d * sc       dmin * m / scale  float zeros
 
 Q4_0 and Q8_0 keep GPTQ's packed integer zeros and are the same weights bit for bit. The others hold
 fp16 zeros [groups, N] (`GPTQWeight.float_zeros`) and no qzeros: a block minimum's zero point is not
@@ -23,8 +23,10 @@ Scales and zeros are fp16, so a weight can differ from llama.cpp's by the roundi
 path gives every weight anyway (`tests/test_quant_repack.py` bounds it). A group whose scale is 0 is the
 constant -dmin * m (or m): its codes are rewritten to 0 with zero -1 and scale the constant. A layer
 whose zero would overflow fp16 keeps its block kernel (`gguf_to_gptq` -> None). 5- and 6-bit codes take
-8-bit GPTQ codes: a Q6_K layer takes 9 bits a weight instead of 6.56 (Q4_K: 5 instead of 4.5; Q4_0 and
-Q8_0 read what the file holds at decode, 4.5 and 8.5).
+6-bit codes on sm_80+ (`six_bit`: 16 codes in 3 words, which the GEMV, the tl.dot kernel and the
+dequantizer read) and 8-bit codes below it (the mma.sync kernel's width): a Q6_K layer takes 7 or 9 bits a
+weight against the file's 6.56, Q5_K 7 or 9 against 5.5 (Q4_K: 5 against 4.5; Q4_0 and Q8_0 read what the
+file holds at decode, 4.5 and 8.5).
 why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
 """
 
@@ -40,13 +42,32 @@ EXACT = {"Q4_0": (4, 8), "Q8_0": (8, 128)}  # integer zeros, packed as GPTQ does
 INTEGER_ZERO = {"Q5_0": 16, "Q6_K": 32}  # float-zero types whose zero point is one integer
 FLOAT_ZERO = {"Q5_0": (8, 32), "Q6_K": (8, 16), "Q4_1": (4, 32), "Q5_1": (8, 32), "Q4_K": (4, 32),
               "Q5_K": (8, 32)}  # type -> (GPTQ bits, group size)
+# SIX_BIT: 5- and 6-bit codes take 6-bit codes (16 in 3 words) on GPUs whose tl.dot kernel serves them in
+# batched decode (SIX_BIT_FROM, sm_80+); elsewhere 8-bit ones, which the mma.sync kernel (qmma.cu) takes
+# on sm_75. why: docs/decisions/027-six-bit-codes.md
+SIX_BIT = False
+SIX_BIT_FROM = (8, 0)
 # output columns converted at a time: bounds the temporaries of the packer
 BAND = 4096
 
 
-def layout(qtype: str) -> tuple[int, int]:
-    """(GPTQ bits, group size) of a type that has a GPTQ form."""
-    return (EXACT[qtype][0], 32) if qtype in EXACT else FLOAT_ZERO[qtype]
+def layout(qtype: str, six_bit: bool = False) -> tuple[int, int]:
+    """(GPTQ bits, group size) of a type that has a GPTQ form; six_bit: 5/6-bit codes as 6-bit ones."""
+    if qtype in EXACT:
+        return EXACT[qtype][0], 32
+    bits, group = FLOAT_ZERO[qtype]
+    return (6 if six_bit and bits == 8 else bits), group
+
+
+def six_bit(device: torch.device, capability: tuple[int, int] | None = None) -> bool:
+    """Whether layers on this device hold 5/6-bit codes as 6-bit codes (capability: the device's, if known)."""
+    if not SIX_BIT:
+        return False
+    if capability is None:
+        if device.type != "cuda":
+            return False
+        capability = torch.cuda.get_device_capability(device)
+    return tuple(capability) >= SIX_BIT_FROM
 
 
 def can_hold(qtype: str, out_features: int, in_features: int) -> bool:
@@ -112,15 +133,16 @@ def _float_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
     return s16, z16
 
 
-def gguf_to_gptq(qtype: str, data: torch.Tensor, in_features: int) -> GPTQWeight | None:
-    """A GGUF layer (rows [N, row_bytes], on any device) as a GPTQWeight (see the table above); None
-    where a float zero would overflow fp16 (the layer keeps its block kernel)."""
+def gguf_to_gptq(qtype: str, data: torch.Tensor, in_features: int, six_bit: bool = False) -> GPTQWeight | None:
+    """A GGUF layer (rows [N, row_bytes], on any device) as a GPTQWeight (see the table above; six_bit:
+    5/6-bit codes as 6-bit codes); None where a float zero would overflow fp16 (the layer keeps its block
+    kernel)."""
     from ...formats.gptq import pack_codes
 
     n = data.shape[0]
     if not can_hold(qtype, n, in_features):
         raise ValueError(f"a {qtype} layer of {n} x {in_features} has no GPTQ form (see can_hold)")
-    bits, group = layout(qtype)
+    bits, group = layout(qtype, six_bit)
     groups = in_features // group
     qweight = torch.empty((in_features * bits // 32, n), dtype=torch.int32, device=data.device)
     scales = torch.empty((groups, n), dtype=torch.float16, device=data.device)
