@@ -5,10 +5,11 @@
 # GPU tests against float64 run first (tests/test_quant_repack.py: 6-bit layers through the GEMV, the dequantizer
 # and the tl.dot kernel). why: docs/decisions/027-six-bit-codes.md
 #
-#   bash benchmarks/six_bit_gpu.sh OUT_DIR FILE.gguf[,FILE.gguf...] [BATCHES]
+#   bash benchmarks/six_bit_gpu.sh OUT_DIR MODEL[,MODEL...] [BATCHES]
+#       MODEL: a .gguf file, or PRESET:QUANT for a synthetic model (llama3-8b:q6_k)
 set -uo pipefail
-OUT="${1:?usage: bash benchmarks/six_bit_gpu.sh OUT_DIR FILES [BATCHES]}"
-FILES="${2:?usage: bash benchmarks/six_bit_gpu.sh OUT_DIR FILES [BATCHES]}"
+OUT="${1:?usage: bash benchmarks/six_bit_gpu.sh OUT_DIR MODELS [BATCHES]}"
+FILES="${2:?usage: bash benchmarks/six_bit_gpu.sh OUT_DIR MODELS [BATCHES]}"
 BATCHES="${3:-1,16,64}"
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -26,9 +27,11 @@ for round in $(seq "${ROUNDS:-2}"); do
     for f in ${FILES//,/ }; do
         for tree in eight six; do
             src="$PWD/src"; [ "$tree" = six ] && src="$six/src"
-            name=$(basename "$f" .gguf)-$tree-$round
+            if [[ "$f" == *.gguf ]]; then model=(--model "$f"); name=$(basename "$f" .gguf)
+            else model=(--preset "${f%%:*}" --quant "${f##*:}"); name="${f/:/-}"; fi
+            name="$name-$tree-$round"
             echo "== $name $(date +%T)"
-            PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m lowgear.cli.main bench --model "$f" --rungs triton --no-peer \
+            PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m lowgear.cli.main bench "${model[@]}" --rungs triton --no-peer \
                 --batch "$BATCHES" --context 512 --prefill 512 --warmup 2 --iters 10 --out "$OUT/$name" 2>&1 \
                 | grep -v "it/s\]\|layer/s\]" > "$OUT/$name.log"
             grep -E "lowgear|Error" "$OUT/$name.log" | head -8
