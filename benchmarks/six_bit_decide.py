@@ -20,7 +20,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmma_decide import failed_tests  # noqa: E402
+from qmma_decide import failed_tests
 
 REPACK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "lowgear", "ops", "matmul", "repack.py")
 OFF, ON = "SIX_BIT = False", "SIX_BIT = True"
