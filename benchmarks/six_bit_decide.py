@@ -1,12 +1,15 @@
-"""Whether `bash benchmarks/six_bit_gpu.sh OUT MODELS` makes 6-bit codes the default (repack.SIX_BIT), by one rule.
+"""Whether a GPU run makes 6-bit codes the default (repack.SIX_BIT), by one rule.
 
     python benchmarks/six_bit_decide.py OUT            # each model's batch sizes, 6-bit over 8-bit, and the verdict
     python benchmarks/six_bit_decide.py OUT --apply    # also sets SIX_BIT = True in src/ when it wins (a bench after
                                                        # it in the same device command then runs it)
 
-6-bit codes win when the kernels' GPU tests (OUT/repack_tests.log, where the run made one) ended without a failure,
-every model's batch-1 decode got at least 1% more tokens/s with them, and no decode batch of any model lost more
-than 2% (each figure the median of its rounds).
+OUT is what `bash benchmarks/held_bytes_ab_gpu.sh OUT` wrote (OUT/ab/ab.json: trees `base` and `six` interleaved,
+synthetic models) or `bash benchmarks/six_bit_gpu.sh OUT MODELS` (OUT/<model>-<eight|six>-<round>/bench.json, real
+files too); both are read. 6-bit codes win when the kernels' GPU tests (OUT/repack_tests.log, where the run made one)
+ended without a failure, every model's batch-1 decode got at least 1% more tokens/s with them, and no decode batch
+of any model lost more than 2% (each figure the median of its rounds). Greedy tokens are not compared: the weights
+are the same, but the sums' order is not, and a random model's near-ties flip (the tests hold the numerics).
 """
 
 from __future__ import annotations
@@ -28,8 +31,18 @@ GAIN_B1, LOSS_MAX = 1.01, 0.98
 
 
 def figures(out: str) -> dict:
-    """{(model, batch): {"eight": [tok/s per round], "six": [...]}} from OUT/<model>-<tree>-<round>/bench.json."""
+    """{(model, batch): {"eight": [tok/s per round], "six": [...]}} from OUT/<model>-<tree>-<round>/bench.json
+    and OUT/ab/ab.json's rows (model = the synthetic quant; ms a step of `batch` tokens as tok/s)."""
     got: dict = {}
+    try:
+        with open(os.path.join(out, "ab", "ab.json")) as f:
+            rows = json.load(f).get("rows", [])
+    except (OSError, ValueError):
+        rows = []
+    for r in rows:
+        tree = {"base": "eight", "six": "six"}.get(r.get("tree"))
+        if tree and r.get("ms"):
+            got.setdefault((r["quant"], int(r["batch"])), {}).setdefault(tree, []).append(1e3 * r["batch"] / r["ms"])
     for path in sorted(glob.glob(os.path.join(out, "*", "bench.json"))):
         m = re.fullmatch(r"(.+)-(eight|six)-(\d+)", os.path.basename(os.path.dirname(path)))
         if not m:

@@ -52,3 +52,22 @@ def test_apply_sets_the_line_and_stops_without_it(tmp_path):
     assert "\nSIX_BIT = True\n" in text and "\nSIX_BIT = False\n" not in text
     with pytest.raises(SystemExit, match="no line 'SIX_BIT = False'"):
         D.apply(str(repack))
+
+
+def test_an_ab_run_of_three_trees(tmp_path):
+    """ab_trees_gpu.py's rows (ms a step): `six` over `base`; the `nozrow` tree plays no part."""
+    rows = []
+    for rnd in range(2):
+        for b, base, six in ((1, 4.0, 3.5), (16, 6.0, 6.1), (64, 20.0, 19.0)):
+            rows += [{"quant": "q6_k", "batch": b, "round": rnd, "tree": "base", "ms": base, "tokens_equal": False},
+                     {"quant": "q6_k", "batch": b, "round": rnd, "tree": "six", "ms": six, "tokens_equal": False},
+                     {"quant": "q6_k", "batch": b, "round": rnd, "tree": "nozrow", "ms": 99.0, "tokens_equal": False}]
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "ab.json").write_text(json.dumps({"rows": rows}))
+    got = D.figures(tmp_path)
+    assert got[("q6_k", 16)]["six"] == [16e3 / 6.1] * 2 and set(got[("q6_k", 1)]) == {"eight", "six"}
+    won, lines = D.decide(got, PASSED)
+    assert won, lines  # b1 4.0 / 3.5 = 1.14x, b16 6.0 / 6.1 = 0.984x, b64 1.05x
+    rows[4]["ms"] = rows[13]["ms"] = 6.2  # b16 six 6.2 ms in both rounds: 0.968x
+    (tmp_path / "ab" / "ab.json").write_text(json.dumps({"rows": rows}))
+    assert not D.decide(D.figures(tmp_path), PASSED)[0]
