@@ -94,6 +94,18 @@ def test_batched_4bit_decode_line_says_tensor_cores_or_why_not(monkeypatch):
     assert "off: CUDA driver error in cuModuleLoadData: old driver" in doctor.render(t4_report(monkeypatch))
 
 
+def test_the_plan_counts_q4_k_linears_as_a_gpu_holds_them():
+    """A GPU rewrites Q4_K linears into GPTQ tensors at load: 4-bit codes and an fp16 scale and zero per 32 weights,
+    5 bits a weight against the file's 4.5 (ops/matmul/repack.py). The layers and the head are planned at that; the
+    embedding (looked up by row, not a matmul) and the norms as stored."""
+    per_layer, other, qtypes = placement.device_bytes(StubSource(), LLAMA3_8B, 2)
+    h, kv, inter = 4096, 1024, 14336
+    linears = 2 * h * h + 2 * kv * h + 3 * inter * h
+    assert per_layer == [linears * 5 // 8 + 2 * h * 4] * 32  # (two float32 norms)
+    assert other == {"embed": 128256 * h // 256 * Q4_K_BYTES_PER_256, "lm_head": 128256 * h * 5 // 8, "norm": h * 4}
+    assert qtypes["Q4_K"] == (32 * linears + 2 * 128256 * h) // 256 * Q4_K_BYTES_PER_256  # the file's bytes
+
+
 def test_t4_fits_8b_q4_and_says_how_much(monkeypatch):
     report = t4_report(monkeypatch, config=Config(), source=StubSource())
     m = report["model"]
