@@ -113,7 +113,8 @@ DEC = {"q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "block_
 
 def gemv(pdl):
     p = G.launch_params(4096, 4096, 4, G.gemv_tile_rows(4, 128, 4096), 1)
-    return dict(M=1, M_PAD=1, BITS=4, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"], HAS_PERM=False, S_CHUNK=4, PDL=pdl, F16X2=False)
+    return dict(M=1, M_PAD=1, BITS=4, BLOCK_R=p["BLOCK_R"], BLOCK_N=p["BLOCK_N"], HAS_PERM=False, S_CHUNK=4, PDL=pdl, F16X2=False,
+                SPAN=0)
 
 FGEMV = {"x_ptr": "*fp16", "w_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32",
          "K": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32"}

@@ -95,6 +95,28 @@ def test_gemv_matches_float64(bits, n, k, gs, act_order):
         assert rel_err(y, x.double() @ ref.T) < 1e-5
 
 
+@pytest.mark.parametrize("bits,gs,act_order", [(4, 32, False), (4, 16, True), (8, 16, False), (6, 16, True),
+                                              (3, 32, False), (2, 32, True), (4, 48, False)])
+def test_tiles_that_span_groups(bits, gs, act_order):
+    """span: tiles of GEMV_TILE_ROWS row-groups over groups of 16-32 inputs (1-4 row-groups), each row-group scaled by
+    its own group's scale and zero (asymmetric zeros, so every group's differs). Against float64, at 1-8 rows, with
+    split-K. Groups of 48 (6 row-groups: no power-of-two tile holds whole ones) keep the group's own tiles."""
+    n, k = 96, 384
+    w, ref = make_gptq(bits, n, k, gs, act_order, v2=True, seed=bits + gs)
+    lin = linear(w)
+    pack, _ = G.pack_shape(bits)
+    group_rows = gs // pack
+    for m in (1, 3, G.MAX_M):
+        x = xs(m, k, seed=m).to(DEVICE)
+        p = G.launch_params(n, k, bits, lin._gptq_kernel["block_r"], m, span=True)
+        if m < G.MAX_M and gs != 48:  # (at 8 rows the activation slice caps tiles at 4 row-groups)
+            assert group_rows % p["BLOCK_R"] != 0 and p["BLOCK_R"] % group_rows == 0, (p, group_rows)  # whole groups
+        for split in (None, 5):
+            y = G.gptq_gemv(x, lin.qweight, lin.gptq_zeros, lin.scales, getattr(lin, "gptq_perm", None), bits, gs,
+                            lin._gptq_kernel["block_r"], split=split, span=True)
+            assert rel_err(y, x.double().cpu() @ ref.T) < 1e-5, (m, split)
+
+
 @pytest.mark.parametrize("m", [1, 2, 4, 7, G.MAX_M, G.MAX_M + 1, 40])
 def test_every_row_count_gemv_and_prefill(m):
     """M <= MAX_M runs the GEMV (tile rows shrink as M grows), past it the dequantize + matmul path."""
@@ -237,6 +259,12 @@ _h2, _h2_warps = gemv(4, 1, False, True)
 CASES += [("gemv_half2_m1_zrow", G.gptq_gemv_kernel, GEMV, {**_h2, "ZROW": True}, _h2_warps, True),
           ("dequant_b8_float_z_zrow", G.gptq_dequant_t_kernel, dict(DEQ, qz_ptr="*fp16"),
            dict(BITS=8, HAS_GIDX=False, BLOCK_K=32, BLOCK_N=128, FLOAT_Z=True, ZROW=True), 4, False)]
+# tiles over several groups (SPAN: GGUF's groups of 16 and 32), as Q4_0 (one zero row), Q4_K (float zeros per group)
+# and Q6_K (8-bit codes, float zeros in one row) take them
+CASES += [("gemv_half2_m1_span_zrow", G.gptq_gemv_kernel, GEMV, {**_h2, "ZROW": True, "SPAN": 4}, _h2_warps, True),
+          ("gemv_half2_m1_span_float_z", G.gptq_gemv_kernel, GEMV, {**_h2, "FLOAT_Z": True, "SPAN": 4}, _h2_warps, True),
+          ("gemv_b8_m2_span_float_z_zrow", G.gptq_gemv_kernel, GEMV,
+           {**gemv(8, 2, False)[0], "FLOAT_Z": True, "ZROW": True, "SPAN": 4}, gemv(8, 2, False)[1], True)]
 # 6-bit codes (GGUF's 5/6-bit types on sm_80+: ops/matmul/repack.py), with Q6_K's float zeros as one row
 _b6, _b6_warps = gemv(6, 1, False)
 CASES += [("gemv_b6_m1_float_z_zrow", G.gptq_gemv_kernel, GEMV, {**_b6, "FLOAT_Z": True, "ZROW": True}, _b6_warps, True),
@@ -271,7 +299,7 @@ def compiled() -> dict:
 def test_gptq_kernels_compile_for_volta_and_turing(compiled):
     failed = {name: r["error"] for name, r in compiled.items() if not r["ok"]}
     assert not failed, failed
-    assert len(compiled) == 2 * 14
+    assert len(compiled) == 2 * 17
 
 
 def test_gptq_gemv_stays_in_registers(compiled):

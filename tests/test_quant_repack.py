@@ -273,3 +273,24 @@ def test_the_plan_counts_a_layer_as_the_gpu_holds_it(qtype):
     bits = {"Q4_0": 4.625, "Q8_0": 8.75, "Q5_0": 8.5, "Q6_K": 9}.get(qtype, repack.layout(qtype)[0] + 1)
     assert planned == n * k * bits / 8 >= data.nbytes  # (Q4_1: 5 bits a weight in the file and held)
     assert abs(planned - held) <= 2 * n, (planned, held)  # the one zero row, [1, N] fp16, is left out
+
+
+@pytest.mark.parametrize("qtype,six_bit", [("Q4_0", False), ("Q4_K", False), ("Q6_K", False), ("Q6_K", True),
+                                           ("Q5_0", True), ("Q4_1", False)])
+def test_gguf_layers_on_tiles_that_span_groups(qtype, six_bit, monkeypatch):
+    """gptq_gemv.SPAN_GROUPS: GGUF's groups of 16 and 32 hold 1-4 row-groups, fewer than a tile; with it a tile holds
+    several groups, each row-group with its own scale and zero (per group: Q4_K; one row: Q4_0, Q6_K, Q5_0)."""
+    monkeypatch.setattr(G, "SPAN_GROUPS", True)
+    monkeypatch.setattr(repack, "six_bit", lambda device, capability=None: six_bit)
+    n, k = 48, 512
+    data, ref = float_zero_bytes(qtype, n, k, seed=14) if qtype not in QTYPES else layer_bytes(qtype, n, k, seed=14)
+    lin = QuantLinear(PackedTensor(qtype, torch.from_numpy(data), (n, k))).to(DEVICE)
+    lin.kernel = kernels.kernel_for(lin)
+    bits, group = lin._gptq["bits"], lin._gptq["group_size"]
+    gen = torch.Generator().manual_seed(15)
+    for m in (1, 3):
+        p = G.launch_params(n, k, bits, lin._gptq_kernel["block_r"], m, span=True)
+        assert (group // G.pack_shape(bits)[0]) % p["BLOCK_R"] != 0  # the tiles do span groups
+        x = torch.randn(m, k, generator=gen)
+        want = x.double() @ torch.from_numpy(ref).T
+        assert float((lin(x.to(DEVICE)).double().cpu() - want).abs().max() / want.abs().max()) < 2e-3, m

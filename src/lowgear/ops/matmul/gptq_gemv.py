@@ -71,6 +71,10 @@ GEMV_TILE_ROWS = 8
 MIN_SPLIT = 32
 HALF2_TILE_ROWS = 16
 HALF2_MIN_SPLIT = 8
+# SPAN_GROUPS: tiles of the caps above even where a group is smaller (GGUF's groups of 16 and 32 hold 2-8 row-groups),
+# each row-group scaled by its own group (the kernel's SPAN); off: a tile lies in one group. Not yet timed on a GPU:
+# docs/decisions/005-gptq-gemv-launch.md
+SPAN_GROUPS = False
 # temporary bound for the prefill path: columns per band so that K * band <= this
 PREFILL_BAND_ELEMS = 1 << 24
 # programs to aim for when picking split-K: a few per SM of an H100 (132 SMs); fewer SMs just queue
@@ -122,13 +126,18 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                      N, ROWS, rows_per_split, group_rows, stride_xm,
                      M: tl.constexpr, M_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, S_CHUNK: tl.constexpr,
-                     PDL: tl.constexpr, F16X2: tl.constexpr, FLOAT_Z: tl.constexpr, ZROW: tl.constexpr = False):
+                     PDL: tl.constexpr, F16X2: tl.constexpr, FLOAT_Z: tl.constexpr, ZROW: tl.constexpr = False,
+                     SPAN: tl.constexpr = 0):
     """y[m, n] = sum over k of x[m, k] * W[n, k]; this program sums its K-slice (`splitk.finish`).
 
     FLOAT_Z (zeros that are not integers: a GGUF block minimum, ops/matmul/repack.py): the exponent
     trick subtracts no zero (it would round it to an integer), and the tile takes zero * sum(x) off
     instead, as the tl.dot kernel does: sum((c - z) x) = sum(c x) - z sum(x), one FMA per column.
-    ZROW: zeros are one row [1, N] for every group (`one_zero_row`)."""
+    ZROW: zeros are one row [1, N] for every group (`one_zero_row`). SPAN (a group's row-groups, dividing BLOCK_R;
+    0: a tile lies in one group): a tile holds BLOCK_R / SPAN groups (GGUF's 16 and 32 inputs), each row-group's sum
+    kept apart and scaled by its own group. The groups' scales and zeros are loaded as [1, 1, BLOCK_N] rows, as
+    without SPAN, and spread over the tile's rows in registers (a [1, BLOCK_R, BLOCK_N] load of them made Triton
+    lay the whole tile out anew, through shared memory)."""
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else 3  # a row-group: one word, or 3 (32 codes at 3 bits, 16 at 6)
     PACK: tl.constexpr = 32 * WORDS // BITS
     pid_n = tl.program_id(0)
@@ -155,9 +164,22 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
         if WORDS == 3:
             w1 = tl.load(wp + N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
             w2 = tl.load(wp + 2 * N, mask=lmask, other=0).to(tl.uint32, bitcast=True)
-        g = r0 // group_rows
-        s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)  # [1, 1, BLOCK_N]
-        zf = tl.load(zf_ptr + (0 if ZROW else g * N) + s_off, mask=c_ok, other=0.0).to(tl.float32)
+        if SPAN:  # each row-group's group's scale and zero: [1, BLOCK_R, BLOCK_N], built from the groups' rows
+            s = tl.zeros((1, BLOCK_R, BLOCK_N), dtype=tl.float32)
+            zf = tl.zeros((1, BLOCK_R, BLOCK_N), dtype=tl.float32)
+            if ZROW:
+                zf += tl.load(zf_ptr + s_off, mask=c_ok, other=0.0).to(tl.float32)
+            for gi in tl.static_range(BLOCK_R // SPAN):
+                g = r0 // SPAN + gi
+                ok = c_ok & ((tl.zeros((1, 1, 1), tl.int32) + g * SPAN) < r_hi)  # the group's first row is ours
+                mine = ((tl.arange(0, BLOCK_R) // SPAN) == gi)[None, :, None]
+                s = tl.where(mine, tl.load(sc_ptr + g * N + s_off, mask=ok, other=0.0).to(tl.float32), s)
+                if not ZROW:
+                    zf = tl.where(mine, tl.load(zf_ptr + g * N + s_off, mask=ok, other=0.0).to(tl.float32), zf)
+        else:  # the tile lies in one group: [1, 1, BLOCK_N]
+            g = r0 // group_rows
+            s = tl.load(sc_ptr + g * N + s_off, mask=c_ok, other=0.0).to(tl.float32)
+            zf = tl.load(zf_ptr + (0 if ZROW else g * N) + s_off, mask=c_ok, other=0.0).to(tl.float32)
         if FLOAT_Z:  # the zero the unpack subtracts
             zc = zf * 0.0
         else:
@@ -171,17 +193,24 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                                              tl.load(x32 + xo + 2, mask=xm, other=0), tl.load(x32 + xo + 3, mask=xm, other=0))
             part = f16x2.dot8(w0.to(tl.int32, bitcast=True), x04[:, :, None], x15[:, :, None], x26[:, :, None],
                               x37[:, :, None], f16x2.splat(zc + 1024.0), f16x2.splat(-(zc + 64.0)))
-            dot = tl.sum(part, axis=1, keep_dims=True)  # [M_PAD, 1, BLOCK_N]
+            if SPAN:  # [M_PAD, BLOCK_R, BLOCK_N]: a sum per row-group, scaled below
+                dot = part
+            else:
+                dot = tl.sum(part, axis=1, keep_dims=True)  # [M_PAD, 1, BLOCK_N]
             if FLOAT_Z:  # sum(x) through the same unpack: a word of eight codes 1
                 ones = tl.full((1, 1, 1), 0x11111111, tl.int32)
                 xs = f16x2.dot8(ones, x04[:, :, None], x15[:, :, None], x26[:, :, None], x37[:, :, None],
                                 f16x2.splat(tl.full((1, 1, 1), 1024.0, tl.float32)),
                                 f16x2.splat(tl.full((1, 1, 1), -64.0, tl.float32)))
-                dot -= tl.sum(xs, axis=1, keep_dims=True) * zf
+                if SPAN:
+                    dot -= xs * zf
+                else:
+                    dot -= tl.sum(xs, axis=1, keep_dims=True) * zf
             dot = dot * f16x2.X_SCALE
         else:
-            dot = tl.zeros((M_PAD, 1, BLOCK_N), dtype=tl.float32)
-            xs = tl.zeros((M_PAD, 1, 1), dtype=tl.float32)
+            DR: tl.constexpr = BLOCK_R if SPAN else 1  # SPAN: a sum per row-group, scaled below
+            dot = tl.zeros((M_PAD, DR, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((M_PAD, DR, 1), dtype=tl.float32)
             for j in tl.static_range(PACK):
                 q = _code_minus_zero(w0, w1, w2, zc, j, BITS)  # [1, BLOCK_R, BLOCK_N]
                 k = rows * PACK + j
@@ -190,9 +219,14 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, c
                 # loaded 2-D, then broadcast: a 3-D load would repeat each value in all 4 column slots
                 xj = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :],
                              mask=mmask[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-                dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
-                if FLOAT_Z:
-                    xs += tl.sum(xj[:, :, None], axis=1, keep_dims=True)
+                if SPAN:
+                    dot += q * xj[:, :, None]
+                    if FLOAT_Z:
+                        xs += xj[:, :, None]
+                else:
+                    dot += tl.sum(q * xj[:, :, None], axis=1, keep_dims=True)
+                    if FLOAT_Z:
+                        xs += tl.sum(xj[:, :, None], axis=1, keep_dims=True)
             if FLOAT_Z:
                 dot -= xs * zf
         acc += tl.sum(dot * s, axis=1)
@@ -357,7 +391,7 @@ def prepare(module) -> dict:
 
 def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
                   num_warps: int | None = None, split: int | None = None,
-                  block_r: int | None = None, half2: bool = False) -> dict[str, int]:
+                  block_r: int | None = None, half2: bool = False, span: bool = False) -> dict[str, int]:
     """BLOCK_N / BLOCK_R / num_warps / split for one shape.
 
     Each thread loads 16 bytes (4 columns) of every tile row, so BLOCK_N = 128 * num_warps keeps a
@@ -366,14 +400,15 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
     every code step (checked in the compiled PTX: bar.sync appears), so BLOCK_R shrinks as M grows.
     Tiles hold at most GEMV_TILE_ROWS row-groups. Then K is split until about TARGET_PROGRAMS
     programs run, and into at least MIN_SPLIT parts (HALF2_TILE_ROWS at one row / HALF2_MIN_SPLIT for
-    the half2 unpack). block_r (at most the group's) overrides the tile cap (the benchmarks sweep it).
+    the half2 unpack). block_r (at most the group's) overrides the tile cap (the benchmarks sweep it). span: tiles
+    may hold several groups (the kernel's SPAN), so the cap, not the group, bounds them.
     """
     m_pad = triton.next_power_of_2(m)
     num_warps = num_warps or GEMV_NUM_WARPS
-    br = group_block_r
+    cap = (HALF2_TILE_ROWS if half2 and m_pad == 1 else GEMV_TILE_ROWS) if block_r is None else block_r
+    br = max(group_block_r, cap) if span else group_block_r
     while br > 1 and m_pad * br >= 32 * num_warps:
         br //= 2
-    cap = (HALF2_TILE_ROWS if half2 and m_pad == 1 else GEMV_TILE_ROWS) if block_r is None else block_r
     br = max(1, min(br, cap))
     block_n = 128 * num_warps
     pack, _ = pack_shape(bits)
@@ -388,7 +423,8 @@ def launch_params(n: int, k: int, bits: int, group_block_r: int, m: int = 1,
 def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
               perm: torch.Tensor | None, bits: int, group_size: int, block_r: int,
               *, num_warps: int | None = None, split: int | None = None, x_perm: str = "kernel",
-              tile_r: int | None = None, half2: bool | None = None, float_z: bool = False) -> torch.Tensor:
+              tile_r: int | None = None, half2: bool | None = None, float_z: bool = False,
+              span: bool | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T (meant for M <= MAX_M), x with unit stride along K; in x's dtype.
 
     qweight must have its groups contiguous: stored without act-order, or `sort_act_order`'s output
@@ -396,7 +432,8 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     (an int16 view is accepted), or with float_z a GGUF minimum's zeros as they are (not integers);
     block_r is `gemv_tile_rows`. num_warps / split / tile_r override
     `launch_params` (the benchmarks sweep them); x_perm "torch" gathers x's columns first. half2
-    (default: wherever `uses_half2` allows) picks the packed-half2 unpack (f16x2.py).
+    (default: wherever `uses_half2` allows) picks the packed-half2 unpack (f16x2.py); span (default SPAN_GROUPS)
+    lets a tile hold several groups.
     """
     m, k = x.shape
     n = qweight.shape[1]
@@ -404,10 +441,14 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     can = uses_half2(x, bits, None if x_perm == "torch" else perm)
     assert not half2 or can, "the half2 unpack needs 4-bit codes, fp16 x on CUDA in 4-byte words, no perm"
     half2 = can if half2 is None else half2
-    p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r, half2)
     pack, _ = pack_shape(bits)
     rows = k // pack
     group_rows = rows if gptq_groups(k, group_size) == 1 else group_size // pack
+    span = (SPAN_GROUPS if span is None else span) and gptq_groups(k, group_size) > 1
+    p = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r, half2, span)
+    span = span and group_rows % p["BLOCK_R"] != 0  # a tile holds several groups
+    if span and p["BLOCK_R"] % group_rows:  # ... but not whole ones: the group's own tiles
+        p, span = launch_params(n, k, bits, block_r, m, num_warps, split, tile_r, half2), False
     if perm is not None and x_perm == "torch":
         x, perm = x.index_select(1, perm.long()), None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -421,7 +462,8 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
                            BLOCK_N=p["BLOCK_N"], HAS_PERM=perm is not None,
                            S_CHUNK=splitk.chunk(m_pad * p["BLOCK_N"] // (32 * p["num_warps"])),
                            num_warps=p["num_warps"], F16X2=half2, FLOAT_Z=float_z,
-                           ZROW=zero_row(zeros, k, group_size), **pdl.launch(x.device, m))
+                           ZROW=zero_row(zeros, k, group_size), SPAN=group_rows if span else 0,
+                           **pdl.launch(x.device, m))
     return y
 
 
