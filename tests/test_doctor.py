@@ -98,7 +98,10 @@ def test_the_plan_counts_q4_k_linears_as_a_gpu_holds_them():
     """A GPU rewrites Q4_K linears into GPTQ tensors at load: 4-bit codes and an fp16 scale and zero per 32 weights,
     5 bits a weight against the file's 4.5 (ops/matmul/repack.py). The layers and the head are planned at that; the
     embedding (looked up by row, not a matmul) and the norms as stored."""
-    per_layer, other, qtypes = placement.device_bytes(StubSource(), LLAMA3_8B, 2)
+    from lowgear.ops.matmul import repack
+
+    per_layer, other, qtypes = placement.device_bytes(StubSource(), LLAMA3_8B, 2, repack.gpu_held_bytes)
+    assert placement.device_bytes(StubSource(), LLAMA3_8B, 2)[0][0] == 218_103_808 * 9 // 16 + 2 * 4096 * 4  # as stored
     h, kv, inter = 4096, 1024, 14336
     linears = 2 * h * h + 2 * kv * h + 3 * inter * h
     assert per_layer == [linears * 5 // 8 + 2 * h * 4] * 32  # (two float32 norms)
@@ -112,7 +115,9 @@ def test_t4_fits_8b_q4_and_says_how_much(monkeypatch):
     assert m["quant_types"]["Q4_K"] > 4 * 10**9 and m["dtype"] == "float16"
     assert m["cache_bytes_per_token"] == 131072 and m["cache_bytes_per_1k_tokens"] == 131072000
     t4 = hardware.list_devices()[0]
-    per_layer, other, _ = placement.device_bytes(StubSource(), LLAMA3_8B, 2)  # float16 elements
+    from lowgear.ops.matmul import repack
+
+    per_layer, other, _ = placement.device_bytes(StubSource(), LLAMA3_8B, 2, repack.gpu_held_bytes)  # fp16, as held
     expected = placement.plan(LLAMA3_8B, per_layer, other, [t4], 2 * 8 * 128 * 2, "auto", 512 * 2**20).max_seq_len
     fit = m["fits"][0]
     assert fit["device"] == "cuda:0" and fit["tokens"] == expected and 50_000 < expected < 100_000

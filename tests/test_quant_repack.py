@@ -259,14 +259,12 @@ def test_six_bit_codes_are_the_eight_bit_codes_in_fewer_bytes(monkeypatch):
 def test_the_plan_counts_a_layer_as_the_gpu_holds_it(qtype):
     """platform.placement plans a GPU's memory with a repacked layer's held bytes, not the file's (a Q6_K layer
     holds 9 bits a weight against 6.56 stored): every tensor the module holds after the repack, counted here."""
-    from lowgear.platform.placement import gpu_held_bytes
-
     n, k = 64, 512
     data, _ = float_zero_bytes(qtype, n, k, seed=13) if qtype not in QTYPES else layer_bytes(qtype, n, k, seed=13)
     lin = QuantLinear(PackedTensor(qtype, torch.from_numpy(data), (n, k))).to(DEVICE)
     lin.kernel = kernels.kernel_for(lin)
     held = sum(b.numel() * b.element_size() for b in lin.buffers())
-    planned = gpu_held_bytes(qtype, (n, k), data.nbytes)
+    planned = repack.gpu_held_bytes(qtype, (n, k), data.nbytes)
     if qtype == "Q2_K":  # no GPTQ form: held as stored
         assert lin._gptq is None and planned == held == data.nbytes
         return

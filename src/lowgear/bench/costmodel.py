@@ -73,12 +73,8 @@ def held_bits(qtype: str, act_bytes: int = 2) -> tuple[float, str]:
     if qtype in FLOAT_TYPES:
         return 8.0 * act_bytes, "float"
     # (a layer with one zero a column holds its fp16 zeros as one row: formats.gptq.one_zero_row; not counted)
-    if qtype in repack.EXACT:  # codes, fp16 scale and the packed zero (the prefill dequantizer's) per group of 32
-        bits = repack.EXACT[qtype][0]
-        return bits + (16 + bits) / 32, "gptq"
-    if qtype in repack.FLOAT_ZERO:  # codes, fp16 scale and fp16 zero per group (Q5_0, Q6_K: the scale alone)
-        bits, group = repack.FLOAT_ZERO[qtype]
-        return bits + (16 if qtype in repack.INTEGER_ZERO else 32) / group, "gptq"
+    if qtype in repack.EXACT or qtype in repack.FLOAT_ZERO:  # codes, fp16 scale and zeros per group (repack.held_bits)
+        return repack.held_bits(qtype), "gptq"
     m = _GPTQ.fullmatch(qtype)
     if m:
         bits, group = int(m.group(1)), int(m.group(2))

@@ -58,7 +58,10 @@ def _model(source, path, spec_devices, requested_dtype, reserve, max_seq_len, cp
     spec = source.spec
     usable = [d for d in spec_devices if hardware.torch_arch_supported(d)]
     dtype = common_dtype(usable or [hardware.cpu_device()], requested_dtype)
-    per_layer, other, qtypes = placement.device_bytes(source, spec, dtype_bytes(dtype))
+    from ..ops.matmul import repack  # GPUs rewrite GGUF linears at load: planned at their held bytes
+
+    held = repack.gpu_held_bytes if any(d.kind != "cpu" for d in usable) else None
+    per_layer, other, qtypes = placement.device_bytes(source, spec, dtype_bytes(dtype), held)
     kv_token = placement.kv_bytes_per_token(spec, dtype_bytes(dtype))
     kv_layer = placement.kv_bytes_per_token_per_layer(spec, dtype_bytes(dtype))
     weights = sum(per_layer) + sum(other.values())

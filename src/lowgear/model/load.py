@@ -17,7 +17,7 @@ from ..attention.select import model_needs, select_backend
 from ..ops import pdl
 from ..ops.dispatch import ops_for
 from ..platform.dtypes import common_dtype, dtype_bytes
-from ..ops.matmul import cpu_head, cpu_int4
+from ..ops.matmul import cpu_head, cpu_int4, repack
 from ..platform.placement import cpu_weights, device_bytes
 from ..platform.placement import plan as plan_placement
 
@@ -29,7 +29,8 @@ def load_model(model, cache, progress: bool = False, reserve_mb: int | None = No
     requested = config.requested_devices()
     devices = hardware.resolve_devices(requested) if requested else hardware.default_devices()
     dtype = common_dtype(devices, config.requested_dtype())
-    per_layer, other, _ = device_bytes(source, spec, dtype_bytes(dtype))
+    held = repack.gpu_held_bytes if any(d.kind != "cpu" for d in devices) else None  # GGUF linears a GPU rewrites
+    per_layer, other, _ = device_bytes(source, spec, dtype_bytes(dtype), held)
     kv_bytes_per_token_layer = cache.bytes_per_token_per_layer(cache.dtype or dtype)  # (8-bit kv_dtype: its own bytes)
     reserve = (config.reserve_memory_mb if reserve_mb is None else reserve_mb) * 2**20
     limits = None

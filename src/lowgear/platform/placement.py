@@ -92,27 +92,13 @@ def kv_bytes_per_token_per_layer(spec, dtype_bytes: int, kv_dtype: str = "auto")
     return 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
 
 
-def gpu_held_bytes(qtype: str, shape: Sequence[int], stored: int) -> int:
-    """Bytes a packed linear takes on a GPU: a GGUF type with a GPTQ form is rewritten at load into GPTQ tensors
-    (ops/matmul/repack.py) at its held width (`bench.costmodel.held_bits`: 5/6-bit codes counted at 8 bits, the
-    most any GPU holds; Q6_K 9 bits a weight against the file's 6.56); any other packed weight as stored."""
-    if len(shape) != 2:
-        return stored
-    from ..ops.matmul import repack
-
-    if not repack.can_hold(qtype, int(shape[0]), int(shape[1])):
-        return stored
-    from ..bench.costmodel import held_bits
-
-    return max(stored, math.ceil(math.prod(shape) * held_bits(qtype)[0] / 8))
-
-
-def device_bytes(source, spec, elt: int) -> tuple[list[int], dict[str, int], Counter]:
+def device_bytes(source, spec, elt: int, held=None) -> tuple[list[int], dict[str, int], Counter]:
     """Bytes per decoder layer and of embed / norm / lm_head as they will sit on the device, and bytes per stored type.
 
-    Packed weights keep their stored bytes, but for the linears a GPU rewrites at load (`gpu_held_bytes`: the
-    layers' and the head's; a tied head is the embedding): those are counted as held on a GPU wherever the plan
-    puts them. Float weights take `elt` bytes an element (the model dtype), except norms, kept in float32.
+    Packed weights keep their stored bytes; held(qtype, shape, stored) -> bytes, where given, counts the packed
+    linears a GPU rewrites at load (the layers' and the head's; a head-less model's head is its embedding) as held
+    there, wherever the plan puts them (`ops.matmul.repack.gpu_held_bytes`). Float weights take `elt` bytes an
+    element (the model dtype), except norms, kept in float32.
     """
     per_layer = [0] * spec.num_layers
     other = {"embed": 0, "norm": 0, "lm_head": 0}
@@ -128,8 +114,8 @@ def device_bytes(source, spec, elt: int) -> tuple[list[int], dict[str, int], Cou
             qtypes[ti.qtype] += stored
             if ti.qtype in ("F32", "F16", "BF16"):
                 size = math.prod(ti.shape) * (4 if name.endswith("norm") else elt)
-            elif name.startswith("layers.") or name == "lm_head" or (name == "embed" and tied_head):
-                size = gpu_held_bytes(ti.qtype, ti.shape, stored)
+            elif held is not None and (name.startswith("layers.") or name == "lm_head" or (name == "embed" and tied_head)):
+                size = held(ti.qtype, ti.shape, stored)
         else:
             qtypes["?"] += stored
         if name.startswith("layers."):

@@ -32,6 +32,8 @@ why: docs/decisions/007-q4_0-q8_0-as-gptq.md, docs/decisions/013-gguf-as-gptq.md
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...formats.blocks import get_format
@@ -57,6 +59,25 @@ def layout(qtype: str, six_bit: bool = False) -> tuple[int, int]:
         return EXACT[qtype][0], 32
     bits, group = FLOAT_ZERO[qtype]
     return (6 if six_bit and bits == 8 else bits), group
+
+
+def held_bits(qtype: str, six_bit: bool = False) -> float:
+    """Bits a weight of a type with a GPTQ form takes as held: codes, an fp16 scale a group, and the zeros (packed
+    integer zeros a group for Q4_0 / Q8_0, the prefill dequantizer's; an fp16 zero a group for the float-zero types,
+    none for Q5_0 / Q6_K, whose one zero a column is one row; that row, [1, N], is not counted)."""
+    bits, group = layout(qtype, six_bit)
+    if qtype in EXACT:
+        return bits + (16 + bits) / group
+    return bits + (16 if qtype in INTEGER_ZERO else 32) / group
+
+
+def gpu_held_bytes(qtype: str, shape, stored: int) -> int:
+    """Bytes a packed linear takes on a GPU (`platform.placement.device_bytes`' `held`): a layer of a type with a
+    GPTQ form is rewritten at load (`gguf_to_gptq`), counted at 8-bit codes for 5/6-bit types (the most any GPU
+    holds; Q6_K 9 bits a weight against the file's 6.56); any other packed weight as stored."""
+    if len(shape) != 2 or not can_hold(qtype, int(shape[0]), int(shape[1])):
+        return stored
+    return max(stored, math.ceil(int(shape[0]) * int(shape[1]) * held_bits(qtype) / 8))
 
 
 def six_bit(device: torch.device, capability: tuple[int, int] | None = None) -> bool:
