@@ -45,7 +45,8 @@ def figures(out: str) -> dict:
         rows = []
     for r in rows:
         if r.get("ms"):
-            got.setdefault((r["quant"], int(r["batch"])), {}).setdefault(r["tree"], []).append(1e3 * r["batch"] / r["ms"])
+            by_tree = got.setdefault((r["quant"], int(r["batch"])), {})
+            by_tree.setdefault(r["tree"], []).append(1e3 * r["batch"] / r["ms"])
     for path in sorted(glob.glob(os.path.join(out, "*", "bench.json"))):
         m = re.fullmatch(r"(.+)-(eight|six)-(\d+)", os.path.basename(os.path.dirname(path)))
         if not m:
@@ -66,7 +67,8 @@ def decide(got: dict, log: str | None, tree: str = "six") -> tuple[bool, list[st
         failed = failed_tests(log)
         if failed is None or failed:
             ok = False
-            lines.append("the GPU tests " + ("did not finish" if failed is None else f"failed: {', '.join(sorted(failed))}"))
+            why = "did not finish" if failed is None else f"failed: {', '.join(sorted(failed))}"
+            lines.append(f"the GPU tests {why}")
     judged = re.compile(CHOICES[tree][3], re.IGNORECASE)
     rows = {k: v for k, v in got.items() if v.get("base") and v.get(tree)}
     if not any(b == 1 and judged.search(model) for model, b in rows):
@@ -77,7 +79,8 @@ def decide(got: dict, log: str | None, tree: str = "six") -> tuple[bool, list[st
         good = ratio >= need
         ok &= good
         lines.append(f"{model} batch {batch}: {tree} {statistics.median(v[tree]):.0f} / base "
-                     f"{statistics.median(v['base']):.0f} tok/s = {ratio:.3f}x (needs >= {need})" + ("" if good else "  <-"))
+                     f"{statistics.median(v['base']):.0f} tok/s = {ratio:.3f}x (needs >= {need})"
+                     + ("" if good else "  <-"))
     return ok, lines
 
 

@@ -114,7 +114,8 @@ def device_bytes(source, spec, elt: int, held=None) -> tuple[list[int], dict[str
             qtypes[ti.qtype] += stored
             if ti.qtype in ("F32", "F16", "BF16"):
                 size = math.prod(ti.shape) * (4 if name.endswith("norm") else elt)
-            elif held is not None and (name.startswith("layers.") or name == "lm_head" or (name == "embed" and tied_head)):
+            elif held is not None and (name.startswith("layers.") or name == "lm_head"
+                                       or (name == "embed" and tied_head)):
                 size = held(ti.qtype, ti.shape, stored)
         else:
             qtypes["?"] += stored
