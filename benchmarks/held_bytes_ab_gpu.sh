@@ -4,13 +4,14 @@
 # hold several of GGUF's small groups (gptq_gemv.SPAN_GROUPS, decision 005; off).
 # First the kernels' GPU tests against float64 (tests/test_quant_repack.py: every GGUF type with a GPTQ form, 8- and
 # 6-bit codes, spanning tiles, through the GEMV, the tl.dot kernel and the dequantizer; the mma.sync kernel's
-# one-zero-row build), then graphed decode steps of four trees interleaved in one run (benchmarks/ab_trees_gpu.py):
-# this one (`base`), a copy with SIX_BIT = True (`six`), one with SPAN_GROUPS = True (`span`) and one whose
-# one_zero_row keeps every group's zero (`nozrow`), on synthetic Llama-3-8B Q6_K, Q4_0 and Q4_K, and the verdicts of
+# one-zero-row build), then graphed decode steps of trees interleaved in one run (benchmarks/ab_trees_gpu.py):
+# this one (`base`), a copy with SIX_BIT = True (`six`), one with SPAN_GROUPS = True (`span`) and, with NOZROW=1,
+# one whose one_zero_row keeps every group's zero (`nozrow`: the zero row's own figure; four 8B Q6_K workers with
+# batch-64 caches come near an 80 GB card), on synthetic Llama-3-8B Q6_K, Q4_0 and Q4_K, and the verdicts of
 # benchmarks/held_bytes_decide.py (APPLY=1: the winners set in src/ for a bench after it).
-# About 8 minutes on an H100; LIMIT=seconds cuts the A/B to fit a shorter command.
+# About 7 minutes on an H100; LIMIT=seconds cuts the A/B to fit a shorter command.
 #
-#   [APPLY=1] [LIMIT=420] bash benchmarks/held_bytes_ab_gpu.sh OUT_DIR
+#   [APPLY=1] [NOZROW=1] [LIMIT=420] bash benchmarks/held_bytes_ab_gpu.sh OUT_DIR
 set -uo pipefail
 OUT="${1:?usage: bash benchmarks/held_bytes_ab_gpu.sh OUT_DIR}"
 cd "$(dirname "$0")/.."
@@ -29,8 +30,11 @@ variant() {  # a copy of src with one whole line of FILE (under src/) changed: v
 }
 six=$(variant lowgear/ops/matmul/repack.py "SIX_BIT = False" "SIX_BIT = True") || exit 1
 span=$(variant lowgear/ops/matmul/gptq_gemv.py "SPAN_GROUPS = False" "SPAN_GROUPS = True") || exit 1
-nozrow=$(variant lowgear/formats/gptq.py "    if zeros.shape\[0\] <= 1:" "    if True:") || exit 1
-timeout $((${LIMIT:-600} - SECONDS - 5)) python3 benchmarks/ab_trees_gpu.py --tree base=src --tree six="$six" --tree span="$span" \
-    --tree nozrow="$nozrow" \
+trees=(--tree base=src --tree six="$six" --tree span="$span")
+if [ "${NOZROW:-0}" = 1 ]; then
+    nozrow=$(variant lowgear/formats/gptq.py "    if zeros.shape\[0\] <= 1:" "    if True:") || exit 1
+    trees+=(--tree nozrow="$nozrow")
+fi
+timeout $((${LIMIT:-600} - SECONDS - 5)) python3 benchmarks/ab_trees_gpu.py "${trees[@]}" \
     --quants q6_k,q4_0,q4_k --batch 1,16,64 --context 512 --rounds 2 --steps 20 --out "$OUT/ab" 2>&1 | tee "$OUT/ab.log" | tail -12
 python3 benchmarks/held_bytes_decide.py "$OUT" $([ "${APPLY:-0}" = 1 ] && echo --apply) | tee "$OUT/decide.log"
