@@ -72,7 +72,6 @@ def held_bits(qtype: str, act_bytes: int = 2) -> tuple[float, str]:
 
     if qtype in FLOAT_TYPES:
         return 8.0 * act_bytes, "float"
-    # (a layer with one zero a column holds its fp16 zeros as one row: formats.gptq.one_zero_row; not counted)
     if qtype in repack.EXACT or qtype in repack.FLOAT_ZERO:  # codes, fp16 scale and zeros per group (repack.held_bits)
         return repack.held_bits(qtype), "gptq"
     m = _GPTQ.fullmatch(qtype)

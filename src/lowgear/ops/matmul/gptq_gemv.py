@@ -57,6 +57,7 @@ from ...formats.dequant import banded_matmul
 from ...formats.gptq import gptq_groups, one_zero_row, zero_row
 from ...formats.gptq import pack_codes, pack_shape  # noqa: F401 (re-exported)
 from . import f16x2, gptq_mma, qmma, splitk
+from .unpack import stream_code
 
 # GEMV up to this many activation rows where the tl.dot kernel cannot take over (sm < 8.0, or a layer
 # it cannot serve); past it dequantize + cuBLAS. The GEMV's work grows by one FMA per code per row.
@@ -79,15 +80,6 @@ SPAN_GROUPS = False
 PREFILL_BAND_ELEMS = 1 << 24
 # programs to aim for when picking split-K: a few per SM of an H100 (132 SMs); fewer SMs just queue
 TARGET_PROGRAMS = 4 * 132
-
-
-@triton.jit
-def _unpack_at(lo, hi, sh, BITS: tl.constexpr):
-    """Code at bit `sh` of the little-end stream lo, hi (uint32 tensors; hi only where 32 % BITS)."""
-    v = lo >> sh
-    if 32 % BITS != 0:
-        v = v | tl.where(sh > 32 - BITS, hi << ((32 - sh) & 31), 0)
-    return (v & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -259,7 +251,7 @@ def gptq_dequant_t_kernel(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, col0,
     if 32 % BITS != 0:
         words = (K * BITS) // 32
         hi = tl.load(wp + N, mask=mask & (word + 1 < words)[:, None], other=0).to(tl.uint32, bitcast=True)
-    q = _unpack_at(lo, hi, sh, BITS)
+    q = stream_code(lo, hi, sh, BITS)
     if HAS_GIDX:
         g = tl.load(gidx_ptr + k, mask=kmask, other=0)
     else:
@@ -279,7 +271,7 @@ def gptq_dequant_t_kernel(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, out_ptr, N, K, col0,
         zhi = zlo
         if 32 % BITS != 0:
             zhi = tl.load(zp + 1, mask=mask & (zword + 1 < zwords)[None, :], other=0).to(tl.uint32, bitcast=True)
-        z = (_unpack_at(zlo, zhi, zsh, BITS) + zero_offset).to(tl.float32)
+        z = (stream_code(zlo, zhi, zsh, BITS) + zero_offset).to(tl.float32)
     s = tl.load(sc_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
     w = (q.to(tl.float32) - z) * s
     tl.store(out_ptr + k.to(tl.int64)[:, None] * band + c[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

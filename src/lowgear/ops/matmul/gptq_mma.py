@@ -34,6 +34,7 @@ import triton.language as tl
 from .. import pdl
 from ...formats.gptq import gptq_groups, zero_row
 from . import splitk
+from .unpack import stream_code
 
 # rows served here past the GEMV; beyond it prefill (dequantize + cuBLAS) is compute-bound and wins
 MMA_MAX_M = 64
@@ -136,8 +137,7 @@ def gptq_mma_kernel(x_ptr, qw_ptr, zf_ptr, sc_ptr, perm_ptr, y_ptr, part_ptr, cn
                 sh = (pos % 32).to(tl.uint32)[None, :, None]
                 lo = tl.where(wi == 0, w0, tl.where(wi == 1, w1, w2))
                 hi = tl.where(wi == 0, w1, w2)
-                codes = ((lo >> sh) | tl.where(sh > 32 - BITS, hi << ((32 - sh) & 31), 0)) & MASK
-                codes = codes.to(tl.int32)
+                codes = stream_code(lo, hi, sh, BITS)
             codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # row r * PACK + j: input feature k0 + r * PACK + j
             q = _as_float(codes, xt.dtype, FP16_MAGIC)
             p = tl.dot(xt, q)  # [BLOCK_M, BLOCK_N] fp32: sum_k x * code, exact codes

@@ -1,4 +1,4 @@
-"""Reading llama.cpp's GGUF block layouts inside Triton kernels.
+"""Reading packed layouts inside Triton kernels: llama.cpp's GGUF blocks, and GPTQ's bit stream (`stream_code`).
 
 Each helper takes the packed weight as two views of the same bytes (`w`: uint8, `wh`: float16) and
 a tile of (row, block) coordinates, and returns the tile's small integer codes and scales in float32,
@@ -31,6 +31,16 @@ Row offsets are int64 (`row_base` = row * bytes_per_row): lm_head tensors pass 2
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def stream_code(lo, hi, sh, BITS: tl.constexpr):
+    """The code at bit `sh` of a GPTQ column's little-end bit stream, from its word lo and the next one, hi
+    (uint32 tensors; hi is read only where 32 % BITS, the widths whose codes straddle words: 3 and 6) -> int32."""
+    v = lo >> sh
+    if 32 % BITS != 0:
+        v = v | tl.where(sh > 32 - BITS, hi << ((32 - sh) & 31), 0)
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
