@@ -22,17 +22,12 @@ echo "repack tests rc=$?"; tail -1 "$OUT/repack_tests.log"
 timeout -s INT 50 python3 -m pytest -q -rf -p no:cacheprovider -m gpu -k one_zero_row tests/test_qmma_gpu.py \
     > "$OUT/qmma_zero_row_tests.log" 2>&1
 echo "qmma zero-row tests rc=$?"; tail -1 "$OUT/qmma_zero_row_tests.log"
-variant() {  # a copy of src with one whole line of FILE (under src/) changed: variant FILE OLD_REGEX NEW
-    local dir; dir=$(mktemp -d); cp -r src "$dir/src"
-    sed -i "s/^$2\$/$3/" "$dir/src/$1"
-    grep -q "^$3\$" "$dir/src/$1" || { echo "src/$1 has no line '$2'" >&2; return 1; }
-    echo "$dir/src"
-}
-six=$(variant lowgear/ops/matmul/repack.py "SIX_BIT = False" "SIX_BIT = True") || exit 1
-span=$(variant lowgear/ops/matmul/gptq_gemv.py "SPAN_GROUPS = False" "SPAN_GROUPS = True") || exit 1
+source benchmarks/variant.sh
+six=$(variant ops/matmul/repack.py "SIX_BIT = False=>SIX_BIT = True") || exit 1
+span=$(variant ops/matmul/gptq_gemv.py "SPAN_GROUPS = False=>SPAN_GROUPS = True") || exit 1
 trees=(--tree base=src --tree six="$six" --tree span="$span")
 if [ "${NOZROW:-0}" = 1 ]; then
-    nozrow=$(variant lowgear/formats/gptq.py "    if zeros.shape\[0\] <= 1:" "    if True:") || exit 1
+    nozrow=$(variant formats/gptq.py "    if zeros.shape\[0\] <= 1:=>    if True:") || exit 1
     trees+=(--tree nozrow="$nozrow")
 fi
 timeout $((${LIMIT:-600} - SECONDS - 5)) python3 benchmarks/ab_trees_gpu.py "${trees[@]}" \

@@ -25,20 +25,14 @@ if [ "${TABLE:-1}" = 1 ]; then  # TABLE=0: the decode steps only (2 minutes less
         > "$OUT/per_layer_dq.log" 2>&1
     echo "per layer rc=$?"; tail -12 "$OUT/per_layer_dq.log"
 fi
-variant() {  # a copy of src with lines of qmma.py changed, each argument "OLD LINE=>NEW LINE"
-    local dir f change; dir=$(mktemp -d); cp -r src "$dir/src"; f="$dir/src/lowgear/ops/matmul/qmma.py"
-    for change in "$@"; do
-        sed -i "s/^${change%%=>*}\$/${change##*=>}/" "$f"
-        grep -q "^${change##*=>}\$" "$f" || { echo "qmma.py has no line '${change%%=>*}'" >&2; return 1; }
-    done
-    echo "$dir/src"
-}
+source benchmarks/variant.sh
 route="ROUTE_MAX_M = 16=>ROUTE_MAX_M = 64"
 split_major="SPLIT_MAJOR_SUM = False=>SPLIT_MAJOR_SUM = True"
 persistent="PERSISTENT = False=>PERSISTENT = True"
-routed=$(variant "$route") || exit 1
-both=$(variant "$route" "$split_major") || exit 1
-persist=$(variant "$route" "$split_major" "$persistent") || exit 1
+qmma=ops/matmul/qmma.py
+routed=$(variant $qmma "$route") || exit 1
+both=$(variant $qmma "$route" "$split_major") || exit 1
+persist=$(variant $qmma "$route" "$split_major" "$persistent") || exit 1
 # dq / tldot at 32-64 rows times the DQ build; both / dq at 4-16 rows the split-major sum (DQ serves no row count
 # <= 16); persist / both at 4-16 rows the persistent grid
 timeout 400 python3 benchmarks/ab_trees_gpu.py --tree tldot=src --tree dq="$routed" --tree both="$both" --tree persist="$persist" \

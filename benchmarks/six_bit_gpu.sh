@@ -15,9 +15,8 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
-six=$(mktemp -d); cp -r src "$six/src"
-sed -i 's/^SIX_BIT = False$/SIX_BIT = True/' "$six/src/lowgear/ops/matmul/repack.py"
-grep -q '^SIX_BIT = True$' "$six/src/lowgear/ops/matmul/repack.py" || { echo "repack.py has no line 'SIX_BIT = False'" >&2; exit 1; }
+source benchmarks/variant.sh
+six=$(variant ops/matmul/repack.py "SIX_BIT = False=>SIX_BIT = True") || exit 1
 if [ "${TESTS:-1}" = 1 ]; then  # TESTS=0: the benches only
     PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" timeout -s INT 120 "$PY" -m pytest -q -rf -p no:cacheprovider \
         tests/test_quant_repack.py > "$OUT/repack_tests.log" 2>&1
@@ -26,7 +25,7 @@ fi
 for round in $(seq "${ROUNDS:-2}"); do
     for f in ${FILES//,/ }; do
         for tree in eight six; do
-            src="$PWD/src"; [ "$tree" = six ] && src="$six/src"
+            src="$PWD/src"; [ "$tree" = six ] && src="$six"
             if [[ "$f" == *.gguf ]]; then model=(--model "$f"); name=$(basename "$f" .gguf)
             else model=(--preset "${f%%:*}" --quant "${f##*:}"); name="${f/:/-}"; fi
             name="$name-$tree-$round"
