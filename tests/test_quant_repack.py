@@ -134,8 +134,10 @@ def kquant_bytes(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, np.
     return data, ref
 
 
-def float_zero_bytes(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if qtype in ("Q4_1", "Q5_0", "Q5_1"):
+def gguf_bytes(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layer of any type with a GPTQ form: gguf-py's quantizer for the 32-weight types, random blocks for
+    the K-quants (`kquant_bytes`)."""
+    if qtype in ("Q4_0", "Q8_0", "Q4_1", "Q5_0", "Q5_1"):
         return layer_bytes(qtype, n, k, seed)
     return kquant_bytes(qtype, n, k, seed)
 
@@ -152,7 +154,7 @@ def group_bound(ref: np.ndarray, group: int) -> torch.Tensor:
 def test_float_zero_types_are_the_same_weights_within_fp16(qtype, monkeypatch):
     monkeypatch.setattr(repack, "BAND", 16)  # 40 columns: two whole bands and a part
     n, k = 40, 512
-    data, ref = float_zero_bytes(qtype, n, k, seed=6)
+    data, ref = gguf_bytes(qtype, n, k, seed=6)
     w = gguf_to_gptq(qtype, torch.from_numpy(data), k)
     bits, group = repack.layout(qtype)
     assert (w.bits, w.group_size, w.qzeros, w.g_idx) == (bits, group, None, None)
@@ -177,7 +179,7 @@ SIX_BIT = ["Q5_0", "Q5_1", "Q5_K", "Q6_K"]  # 5/6-bit codes: 8-bit codes below s
 def test_float_zero_layer_runs_on_every_gptq_path(qtype, six_bit, monkeypatch):
     monkeypatch.setattr(repack, "six_bit", lambda device, capability=None: six_bit)
     n, k = 48, 512
-    data, ref = float_zero_bytes(qtype, n, k, seed=7)
+    data, ref = gguf_bytes(qtype, n, k, seed=7)
     lin = QuantLinear(PackedTensor(qtype, torch.from_numpy(data), (n, k))).to(DEVICE)
     ids = torch.tensor([5, 0, 47])
     before = lin.lookup(ids).cpu().double()
@@ -260,7 +262,7 @@ def test_the_plan_counts_a_layer_as_the_gpu_holds_it(qtype):
     """platform.placement plans a GPU's memory with a repacked layer's held bytes, not the file's (a Q6_K layer
     holds 9 bits a weight against 6.56 stored): every tensor the module holds after the repack, counted here."""
     n, k = 64, 512
-    data, _ = float_zero_bytes(qtype, n, k, seed=13) if qtype not in QTYPES else layer_bytes(qtype, n, k, seed=13)
+    data, _ = gguf_bytes(qtype, n, k, seed=13)
     lin = QuantLinear(PackedTensor(qtype, torch.from_numpy(data), (n, k))).to(DEVICE)
     lin.kernel = kernels.kernel_for(lin)
     held = sum(b.numel() * b.element_size() for b in lin.buffers())
@@ -281,7 +283,7 @@ def test_gguf_layers_on_tiles_that_span_groups(qtype, six_bit, monkeypatch):
     monkeypatch.setattr(G, "SPAN_GROUPS", True)
     monkeypatch.setattr(repack, "six_bit", lambda device, capability=None: six_bit)
     n, k = 48, 512
-    data, ref = float_zero_bytes(qtype, n, k, seed=14) if qtype not in QTYPES else layer_bytes(qtype, n, k, seed=14)
+    data, ref = gguf_bytes(qtype, n, k, seed=14)
     lin = QuantLinear(PackedTensor(qtype, torch.from_numpy(data), (n, k))).to(DEVICE)
     lin.kernel = kernels.kernel_for(lin)
     bits, group = lin._gptq["bits"], lin._gptq["group_size"]
